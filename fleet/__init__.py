@@ -1,0 +1,115 @@
+"""fleet: the shared, light state layer (jobs, queue, tenants, files, object store, adapter registry).
+
+Imported by both the HTTP service and the dispatcher; imports no torch, no Ray, nothing from
+service/ or workers/. Build stores from one `Settings` at the edge:
+
+    settings = Settings()
+    r = make_redis(settings)
+    store = make_object_store(settings)
+    jobs = JobStore(r, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
+    tenants = TenantStore(r, admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None)
+    files = FileStore(r, store, max_upload_bytes=settings.max_upload_bytes)
+    registry = AdapterRegistry(r, store)
+    catalog = load_catalog(settings)
+"""
+
+from fleet.catalog import BaseModelSpec, Catalog
+from fleet.checkpoints import checkpoint_prefix, download_checkpoint, upload_checkpoint
+from fleet.events import EventLog
+from fleet.exceptions import (
+    Conflict,
+    FencedOut,
+    FleetError,
+    IdempotencyConflict,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    PayloadTooLarge,
+)
+from fleet.files import FileObject, FileStore
+from fleet.jobs import (
+    ALLOWED_TRANSITIONS,
+    TERMINAL_STATUSES,
+    Checkpoint,
+    ControlSignal,
+    Event,
+    Job,
+    JobError,
+    JobStatus,
+    Progress,
+)
+from fleet.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+from fleet.peft_format import PeftAdapterInfo, validate_peft_adapter_dir
+from fleet.queue import Claim, CreatedJob, ExpiredLease, JobStore, Lease
+from fleet.registry import (
+    AdapterRegistry,
+    AdapterSummary,
+    AdapterVersion,
+    Manifest,
+    adapter_name_for_job,
+    format_adapter_ref,
+    parse_adapter_ref,
+    validate_adapter_name,
+)
+from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue, estimate_queue_position, round_robin
+from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from fleet.tenants import ApiKey, Principal, Tenant, TenantStore
+
+__all__ = [
+    "AdapterRegistry",
+    "AdapterSummary",
+    "AdapterVersion",
+    "adapter_name_for_job",
+    "ALLOWED_TRANSITIONS",
+    "ApiKey",
+    "BaseModelSpec",
+    "Catalog",
+    "Checkpoint",
+    "checkpoint_prefix",
+    "Claim",
+    "ClaimPolicy",
+    "Conflict",
+    "ControlSignal",
+    "CreatedJob",
+    "download_checkpoint",
+    "estimate_queue_position",
+    "Event",
+    "EventLog",
+    "ExpiredLease",
+    "FencedOut",
+    "FileObject",
+    "FileStore",
+    "FleetError",
+    "format_adapter_ref",
+    "IdempotencyConflict",
+    "InvalidRequest",
+    "InvalidState",
+    "Job",
+    "JobError",
+    "JobStatus",
+    "JobStore",
+    "Lease",
+    "load_catalog",
+    "LocalObjectStore",
+    "make_object_store",
+    "make_redis",
+    "Manifest",
+    "NotFound",
+    "ObjectStore",
+    "parse_adapter_ref",
+    "PayloadTooLarge",
+    "PeftAdapterInfo",
+    "Principal",
+    "Progress",
+    "QueueSnapshot",
+    "round_robin",
+    "S3ObjectStore",
+    "Settings",
+    "Tenant",
+    "TenantQueue",
+    "TenantStore",
+    "TERMINAL_STATUSES",
+    "upload_checkpoint",
+    "validate_adapter_name",
+    "validate_peft_adapter_dir",
+]

@@ -1,0 +1,198 @@
+"""The fine-tuning job: its states, allowed transitions, the Job record and its Redis hash form."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "JobStatus",
+    "TERMINAL_STATUSES",
+    "ALLOWED_TRANSITIONS",
+    "can_transition",
+    "ControlSignal",
+    "JobError",
+    "Progress",
+    "Job",
+    "Checkpoint",
+    "Event",
+    "new_job_id",
+    "is_job_id",
+]
+
+
+class JobStatus(str, Enum):
+    """A job's state; the values are OpenAI's fine-tuning job statuses plus `paused`."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# from → the states it may move to. The Lua scripts in fleet.queue implement exactly these moves;
+# running → queued is a requeue (lease expired, or a worker released the job).
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED}
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def can_transition(current: JobStatus, target: JobStatus) -> bool:
+    """Whether a job may move from `current` to `target`."""
+    return target in ALLOWED_TRANSITIONS[current]
+
+
+ControlSignal = Literal["cancel", "pause"]
+
+
+_JOB_ID = re.compile(r"^ftjob-[A-Za-z0-9]{1,64}$")
+
+
+def new_job_id() -> str:
+    """A fresh job id, "ftjob-" + 24 random alphanumerics like OpenAI's."""
+    return "ftjob-" + secrets.token_hex(12)
+
+
+def is_job_id(value: str) -> bool:
+    """Whether `value` is shaped like a job id (checked before it goes into a Redis key name)."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
+class JobError(BaseModel):
+    """Why a job failed, shaped as OpenAI's job error `{code, message, param}`."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Progress(BaseModel):
+    """Training progress as last reported by the worker."""
+
+    step: int = 0
+    total_steps: int | None = None
+    percent: float | None = None
+    eta_s: float | None = None
+    epoch: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+# A job is a Redis hash: scalar fields as plain strings (the Lua scripts in fleet.queue read and write
+# those), structured fields as JSON. A field that is None is absent from the hash.
+_JOB_JSON_FIELDS = frozenset({"metadata", "method", "hyperparameters", "lora", "error", "result_files", "progress"})
+
+
+class Job(BaseModel):
+    """One fine-tuning job: the request as accepted plus everything the system learned since.
+
+    `hyperparameters` and `lora` hold the blocks as validated by the service (their schema is the
+    training engine's, so fleet does not repeat it). `attempt` counts claims; it is the fencing token a
+    worker passes back on every write. Times are Unix seconds except `lease_expires_at_ms`.
+    """
+
+    model_config = ConfigDict(use_enum_values=False)
+
+    id: str
+    tenant_id: str
+    seq: int = 0
+    created_at: int
+    updated_at: int | None = None
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    method: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    lora: dict[str, Any] = Field(default_factory=dict)
+    status: JobStatus = JobStatus.VALIDATING_FILES
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    result_files: list[str] = Field(default_factory=list)
+    trained_tokens: int | None = None
+    progress: Progress | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    estimated_finish: int | None = None
+    attempt: int = 0
+    lease_expirations: int = 0
+    worker_id: str | None = None
+    lease_expires_at_ms: int | None = None
+    control: ControlSignal | None = None
+    last_failure: str | None = None
+    idempotency_key: str | None = None
+    request_sha256: str | None = None
+
+    def to_redis_hash(self) -> dict[str, str]:
+        """The hash fields to HSET; None-valued fields are left out."""
+        data = self.model_dump(mode="json")
+        out: dict[str, str] = {}
+        for name, value in data.items():
+            if value is None:
+                continue
+            if name in _JOB_JSON_FIELDS:
+                out[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_redis_hash(cls, fields: dict[str, str]) -> Job:
+        """Rebuild a Job from HGETALL output (a client with decode_responses=True)."""
+        data: dict[str, Any] = {}
+        for name, value in fields.items():
+            if name not in cls.model_fields:
+                continue  # written by a newer version; ignore rather than fail reads
+            data[name] = json.loads(value) if name in _JOB_JSON_FIELDS else value
+        return cls.model_validate(data)
+
+
+class Checkpoint(BaseModel):
+    """A training checkpoint a worker saved; OpenAI's `fine_tuning.job.checkpoint` carries these fields."""
+
+    id: str
+    job_id: str
+    step: int
+    location: str = Field(description="Where the checkpoint lives (object-store key or shared path).")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: int
+    attempt: int
+
+
+class Event(BaseModel):
+    """One entry of a job's event stream.
+
+    `id` is "ftevent-" + the Redis stream id; `stream_id` is the raw stream id (usable as a cursor).
+    `type` is "message" for log lines and "metrics" for training metrics, as in OpenAI's API.
+    """
+
+    id: str
+    stream_id: str
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None

@@ -1,0 +1,158 @@
+"""Every Redis key lorafleet uses, built in this one module (prefix "lf:"); nowhere else spells a key."""
+
+from __future__ import annotations
+
+__all__ = [
+    "PREFIX",
+    "job",
+    "job_events",
+    "job_checkpoints",
+    "job_publication",
+    "job_seq",
+    "tenant_jobs",
+    "idempotency",
+    "queue",
+    "queue_tenants",
+    "queue_cursor",
+    "running_per_tenant",
+    "leases",
+    "wakeup",
+    "tenant",
+    "tenants",
+    "tenant_names",
+    "tenant_keys",
+    "api_key_by_hash",
+    "api_key",
+    "file",
+    "tenant_files",
+    "adapters",
+    "adapter_versions",
+    "adapter_version_seq",
+]
+
+PREFIX = "lf:"
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+def job(job_id: str) -> str:
+    """Hash: one job's record (see fleet.jobs for the fields)."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    """Stream: the job's events (log lines, metrics), capped."""
+    return f"{PREFIX}job:{job_id}:events"
+
+
+def job_checkpoints(job_id: str) -> str:
+    """Hash: step number → checkpoint JSON."""
+    return f"{PREFIX}job:{job_id}:checkpoints"
+
+
+def job_publication(job_id: str) -> str:
+    """Hash: the adapter version this job published (or is publishing); makes publishing idempotent."""
+    return f"{PREFIX}job:{job_id}:publication"
+
+
+def job_seq() -> str:
+    """Counter: global creation sequence of jobs; orders listings (newest first) without ties."""
+    return f"{PREFIX}jobs:seq"
+
+
+def tenant_jobs(tenant_id: str) -> str:
+    """Sorted set: a tenant's job ids scored by creation sequence."""
+    return f"{PREFIX}tenant:{tenant_id}:jobs"
+
+
+def idempotency(tenant_id: str, idempotency_key: str) -> str:
+    """Hash {job_id, body_sha256}: an Idempotency-Key's outcome, scoped per tenant, expiring."""
+    return f"{PREFIX}idem:{tenant_id}:{idempotency_key}"
+
+
+# --- queue and scheduling -------------------------------------------------------------------------
+def queue(tenant_id: str) -> str:
+    """List: a tenant's queued job ids, head first (FIFO within the tenant)."""
+    return f"{PREFIX}queue:{tenant_id}"
+
+
+def queue_tenants() -> str:
+    """Sorted set: tenants that have queued jobs, scored by when their queue became non-empty (ms)."""
+    return f"{PREFIX}queue:tenants"
+
+
+def queue_cursor() -> str:
+    """String: the tenant the claim policy served last (the round-robin cursor)."""
+    return f"{PREFIX}queue:cursor"
+
+
+def running_per_tenant() -> str:
+    """Hash: tenant id → number of running jobs (input for quota / fair-share policies)."""
+    return f"{PREFIX}queue:running"
+
+
+def leases() -> str:
+    """Sorted set: running job ids scored by lease expiry (epoch ms)."""
+    return f"{PREFIX}queue:leases"
+
+
+def wakeup() -> str:
+    """List: tokens pushed when work appears; idle dispatchers BLPOP it instead of polling."""
+    return f"{PREFIX}queue:wakeup"
+
+
+# --- tenants and API keys -------------------------------------------------------------------------
+def tenant(tenant_id: str) -> str:
+    """Hash: a tenant's record."""
+    return f"{PREFIX}tenant:{tenant_id}"
+
+
+def tenants() -> str:
+    """Sorted set: every tenant id scored by creation time."""
+    return f"{PREFIX}tenants"
+
+
+def tenant_names() -> str:
+    """Hash: tenant name → tenant id (names are unique)."""
+    return f"{PREFIX}tenant_names"
+
+
+def tenant_keys(tenant_id: str) -> str:
+    """Set: ids of a tenant's API keys (revoked included)."""
+    return f"{PREFIX}tenant:{tenant_id}:keys"
+
+
+def api_key_by_hash(key_sha256: str) -> str:
+    """String: sha256 of a live raw API key → key id. Deleted on revocation."""
+    return f"{PREFIX}apikey_hash:{key_sha256}"
+
+
+def api_key(key_id: str) -> str:
+    """Hash: an API key's record (tenant, role, hash, created/revoked times)."""
+    return f"{PREFIX}apikey:{key_id}"
+
+
+# --- files ----------------------------------------------------------------------------------------
+def file(file_id: str) -> str:
+    """String (JSON): an uploaded file's metadata."""
+    return f"{PREFIX}file:{file_id}"
+
+
+def tenant_files(tenant_id: str) -> str:
+    """Sorted set: a tenant's file ids scored by creation time (ms)."""
+    return f"{PREFIX}tenant:{tenant_id}:files"
+
+
+# --- adapter registry -----------------------------------------------------------------------------
+def adapters(tenant_id: str) -> str:
+    """Sorted set: a tenant's adapter names scored by first creation time (ms)."""
+    return f"{PREFIX}tenant:{tenant_id}:adapters"
+
+
+def adapter_versions(tenant_id: str, name: str) -> str:
+    """Hash: version number → version record JSON (state, job id, created_at, deleted_at)."""
+    return f"{PREFIX}tenant:{tenant_id}:adapter:{name}:versions"
+
+
+def adapter_version_seq(tenant_id: str, name: str) -> str:
+    """Counter: the last version number allocated for an adapter (INCR allocates the next)."""
+    return f"{PREFIX}tenant:{tenant_id}:adapter:{name}:seq"

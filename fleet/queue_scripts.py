@@ -1,0 +1,269 @@
+"""Lua source of the atomic job-state transitions that fleet.queue registers with Redis.
+
+Each script checks the job's current state (and, for worker calls, the attempt number: the fencing
+token) and applies one move of `fleet.jobs.ALLOWED_TRANSITIONS` in a single atomic step. Keys come
+in as KEYS (built by fleet.keys); scripts return a table whose first element names the outcome.
+Times come from the Redis server clock so that every dispatcher agrees on lease expiry.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function int(n) return string.format('%d', n) end
+local function sec(ms) return int(math.floor(ms / 1000)) end
+local function enqueue(qkey, tenants_key, wake_key, tenant, job_id, at_head, now)
+  if at_head then redis.call('LPUSH', qkey, job_id) else redis.call('RPUSH', qkey, job_id) end
+  redis.call('ZADD', tenants_key, 'NX', now, tenant)
+  redis.call('LPUSH', wake_key, job_id)
+  redis.call('LTRIM', wake_key, 0, 63)
+end
+local function unqueue(qkey, tenants_key, tenant, job_id)
+  redis.call('LREM', qkey, 0, job_id)
+  if redis.call('LLEN', qkey) == 0 then redis.call('ZREM', tenants_key, tenant) end
+end
+local function release_running(running_key, leases_key, tenant, job_id)
+  redis.call('ZREM', leases_key, job_id)
+  if redis.call('HINCRBY', running_key, tenant, -1) <= 0 then redis.call('HDEL', running_key, tenant) end
+end
+local function tail(from)
+  local out = {}
+  for i = from, #ARGV do out[#out + 1] = ARGV[i] end
+  return out
+end
+"""
+
+# KEYS: job, tenant_jobs, idempotency, job_seq, queue, queue_tenants, wakeup
+# ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, enqueue ('0'|'1'), field, value, ...
+CREATE = (
+    _PRELUDE
+    + """
+if ARGV[3] == '1' then
+  local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
+  if seen[1] then
+    if seen[2] == ARGV[4] then return {'existing', seen[1]} end
+    return {'conflict', seen[1]}
+  end
+end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(7)))
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+end
+if ARGV[6] == '1' then enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[1], false, now_ms()) end
+return {'created', ARGV[1]}
+"""
+)
+
+# KEYS: job, queue, queue_tenants, wakeup.  ARGV: job_id
+MARK_VALIDATED = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id')
+if not v[1] then return {'missing'} end
+if v[1] ~= 'validating_files' then return {'invalid', v[1]} end
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', sec(now))
+enqueue(KEYS[2], KEYS[3], KEYS[4], v[2], ARGV[1], false, now)
+return {'ok'}
+"""
+)
+
+# KEYS: job.  ARGV: job_id, error_json
+FAIL_VALIDATION = (
+    _PRELUDE
+    + """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing'} end
+if st ~= 'validating_files' then return {'invalid', st} end
+local now = sec(now_ms())
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', now, 'updated_at', now)
+return {'ok'}
+"""
+)
+
+# KEYS: job, queue, queue_tenants, wakeup (unused).  ARGV: job_id, tenant_id (another tenant's job: missing)
+CANCEL = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id')
+if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
+local st = v[1]
+local now = sec(now_ms())
+if st == 'validating_files' or st == 'queued' or st == 'paused' then
+  if st == 'queued' then unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1]) end
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now)
+  redis.call('HDEL', KEYS[1], 'control')
+  return {'cancelled'}
+elseif st == 'running' then
+  redis.call('HSET', KEYS[1], 'control', 'cancel', 'updated_at', now)
+  return {'requested'}
+elseif st == 'cancelled' then
+  return {'noop'}
+end
+return {'invalid', st}
+"""
+)
+
+# KEYS: job, queue, queue_tenants, wakeup (unused).  ARGV: job_id, tenant_id
+PAUSE = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
+if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
+local st = v[1]
+local now = sec(now_ms())
+if st == 'queued' then
+  unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'paused', 'updated_at', now)
+  return {'paused'}
+elseif st == 'running' then
+  if v[3] == 'cancel' then return {'invalid', 'cancelling'} end
+  redis.call('HSET', KEYS[1], 'control', 'pause', 'updated_at', now)
+  return {'requested'}
+elseif st == 'paused' then
+  return {'noop'}
+end
+return {'invalid', st}
+"""
+)
+
+# KEYS: job, queue, queue_tenants, wakeup.  ARGV: job_id, tenant_id
+RESUME = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
+if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
+local st = v[1]
+local now = now_ms()
+if st == 'paused' then
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', sec(now))
+  redis.call('HDEL', KEYS[1], 'control')
+  enqueue(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[1], false, now)
+  return {'queued'}
+elseif st == 'running' and v[3] == 'pause' then
+  redis.call('HDEL', KEYS[1], 'control')
+  return {'unpaused'}
+elseif st == 'running' or st == 'queued' then
+  return {'noop'}
+end
+return {'invalid', st}
+"""
+)
+
+# KEYS: job, queue, queue_tenants, queue_cursor, running, leases
+# ARGV: job_id (the head the policy chose), tenant_id, worker_id, lease_ms
+CLAIM = (
+    _PRELUDE
+    + """
+if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[1] then return {'retry'} end
+redis.call('LPOP', KEYS[2])
+if redis.call('LLEN', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
+redis.call('SET', KEYS[4], ARGV[2])
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {'skip'} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+local now = now_ms()
+local expires = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker_id', ARGV[3], 'lease_expires_at_ms', int(expires),
+           'updated_at', sec(now))
+redis.call('HSETNX', KEYS[1], 'started_at', sec(now))
+redis.call('HDEL', KEYS[1], 'control')
+redis.call('ZADD', KEYS[6], expires, ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[2], 1)
+return {'claimed', attempt, int(expires)}
+"""
+)
+
+# KEYS: job, leases.  ARGV: job_id, attempt, lease_ms
+RENEW = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
+if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
+local expires = now_ms() + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_expires_at_ms', int(expires))
+redis.call('ZADD', KEYS[2], expires, ARGV[1])
+return {'ok', int(expires), v[3] or ''}
+"""
+)
+
+# KEYS: job.  ARGV: attempt, field, value, ...   (fenced write of worker-reported fields)
+FENCED_UPDATE = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
+if v[1] ~= 'running' or v[2] ~= ARGV[1] then return {'fenced', v[1] or '', v[2] or ''} end
+redis.call('HSET', KEYS[1], 'updated_at', sec(now_ms()), unpack(tail(2)))
+return {'ok', v[3] or ''}
+"""
+)
+
+# KEYS: job, checkpoints.  ARGV: attempt, step, checkpoint_json
+CHECKPOINT = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if v[1] ~= 'running' or v[2] ~= ARGV[1] then return {'fenced', v[1] or '', v[2] or ''} end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return {'ok'}
+"""
+)
+
+# KEYS: job, leases, running, queue, queue_tenants, wakeup
+# ARGV: job_id, attempt, status (succeeded|failed|cancelled|paused|queued), field, value, ...
+FINISH = (
+    _PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id')
+if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
+local now = now_ms()
+local st = ARGV[3]
+release_running(KEYS[3], KEYS[2], v[3], ARGV[1])
+redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control')
+redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(tail(4)))
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'finished_at', sec(now))
+elseif st == 'queued' then
+  enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
+end
+return {'ok'}
+"""
+)
+
+# KEYS: job, leases, running, queue, queue_tenants, wakeup
+# ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json
+EXPIRE_LEASE = (
+    _PRELUDE
+    + """
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return {'skip'} end
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id', 'control', 'lease_expirations')
+if v[1] ~= 'running' then redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip'} end
+if v[2] ~= ARGV[4] then return {'skip'} end
+release_running(KEYS[3], KEYS[2], v[3], ARGV[1])
+local lost = tonumber(v[5] or '0') + 1
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'lease_expirations', lost, 'last_failure', ARGV[5], 'updated_at', sec(now))
+redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control')
+local new
+if v[4] == 'cancel' then
+  new = 'cancelled'
+elseif lost >= tonumber(ARGV[3]) then
+  new = 'failed'
+  redis.call('HSET', KEYS[1], 'error', ARGV[6])
+elseif v[4] == 'pause' then
+  new = 'paused'
+else
+  new = 'queued'
+  enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
+end
+redis.call('HSET', KEYS[1], 'status', new)
+if new == 'cancelled' or new == 'failed' then redis.call('HSET', KEYS[1], 'finished_at', sec(now)) end
+return {new, lost}
+"""
+)

@@ -1,0 +1,502 @@
+"""Adapter registry: immutable, numbered adapter versions per tenant in the object store.
+
+Layout: tenants/<tid>/adapters/<name>/v<N>/ holds the PEFT files and a manifest.json (sha256 and
+size of each file, base model, LoRA config, hyperparameters, dataset, job id, final metrics,
+created_at). Publishing a version:
+  1. reserve N (Redis INCR) and record job → version, fenced by the job's attempt; a job that already
+     reserved a version gets the same N back, so a retried attempt never makes a second version;
+  2. upload the files; 3. write manifest.json LAST; 4. mark the version ready in Redis.
+A version without a manifest is invisible; a version with one is never written again.
+Deletion is soft: the version disappears from listings and downloads, its number is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleet import keys
+from fleet.exceptions import FencedOut, InvalidRequest, NotFound
+from fleet.objectstore import ObjectStore
+from fleet.peft_format import PeftAdapterInfo, validate_peft_adapter_dir
+from fleet.settings import check_redis_client
+
+__all__ = [
+    "AdapterRegistry",
+    "AdapterVersion",
+    "AdapterSummary",
+    "Manifest",
+    "ManifestFile",
+    "validate_adapter_name",
+    "adapter_name_for_job",
+    "parse_adapter_ref",
+    "format_adapter_ref",
+    "MANIFEST_FILE",
+]
+
+MANIFEST_FILE = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MAX_NAME = 96
+_MAX_ARCHIVE_MEMBERS = 1000
+_REF_RE = re.compile(r"^(?P<name>[^:]+)(?::v(?P<version>[0-9]+))?$")
+
+# KEYS: job, publication, version_seq.  ARGV: job_id, attempt, name
+_RESERVE = """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
+local pub = redis.call('HMGET', KEYS[2], 'name', 'version', 'state')
+if pub[1] then return {'existing', pub[1], pub[2], pub[3]} end
+local n = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[2], 'name', ARGV[3], 'version', n, 'state', 'uploading', 'attempt', ARGV[2])
+return {'reserved', ARGV[3], n, 'uploading'}
+"""
+
+
+def validate_adapter_name(name: str, *, param: str = "name") -> str:
+    """Return `name` if it is a valid adapter name, else InvalidRequest saying what is allowed."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("Adapter name must be a non-empty string.", param=param)
+    if len(name) > _MAX_NAME:
+        raise InvalidRequest(f"Adapter name is {len(name)} characters long; the limit is {_MAX_NAME}.", param=param)
+    if ".." in name or not _NAME_RE.fullmatch(name):
+        raise InvalidRequest(
+            f"Invalid adapter name {name!r}: use letters, digits, '.', '_' and '-', start with a letter or "
+            "digit, and no '..'.",
+            param=param,
+        )
+    return name
+
+
+def adapter_name_for_job(model: str, suffix: str | None, job_id: str) -> str:
+    """The adapter a job publishes into: its `suffix` if given (jobs sharing a suffix add versions to
+    one adapter), else "<model>-<job id tail>". Characters outside the name charset become '-'.
+    """
+    if suffix:
+        return validate_adapter_name(suffix, param="suffix")
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip(".-_") or "adapter"
+    base = re.sub(r"\.{2,}", ".", base)
+    tail = job_id.removeprefix("ftjob-")[-8:]
+    return f"{base[: _MAX_NAME - len(tail) - 1]}-{tail}"
+
+
+def format_adapter_ref(name: str, version: int) -> str:
+    """The public name of a version, used as the job's `fine_tuned_model`: "<name>:v<N>"."""
+    return f"{name}:v{version}"
+
+
+def parse_adapter_ref(ref: str, *, param: str = "model") -> tuple[str, int | None]:
+    """Split "<name>:v<N>" (or a bare "<name>", meaning its latest version) into (name, N|None)."""
+    match = _REF_RE.fullmatch(ref or "")
+    if match is None:
+        raise InvalidRequest(f"Invalid adapter reference {ref!r}; expected '<name>' or '<name>:v<N>'.", param=param)
+    name = validate_adapter_name(match["name"], param=param)
+    return name, int(match["version"]) if match["version"] else None
+
+
+class ManifestFile(BaseModel):
+    path: str
+    sha256: str
+    size: int
+
+
+class Manifest(BaseModel):
+    """manifest.json of a version. Known fields are typed; publishers may add more (kept as given)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = 1
+    name: str
+    version: int
+    ref: str
+    tenant_id: str
+    created_at: int
+    source: Literal["training", "import"]
+    job_id: str | None = None
+    attempt: int | None = None
+    base_model: str | None = None
+    lora_config: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    final_metrics: dict[str, Any] = Field(default_factory=dict)
+    files: list[ManifestFile]
+
+
+class AdapterVersion(BaseModel):
+    """A ready version as listed (the manifest holds the full record)."""
+
+    name: str
+    version: int
+    ref: str
+    tenant_id: str
+    created_at: int
+    source: Literal["training", "import"]
+    job_id: str | None = None
+    base_model: str | None = None
+    bytes_total: int
+    deleted_at: int | None = None
+
+
+class AdapterSummary(BaseModel):
+    name: str
+    latest_version: int
+    latest_ref: str
+    n_versions: int
+    created_at: int
+    updated_at: int
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _adapter_files(local_dir: Path) -> list[Path]:
+    """Regular files under `local_dir` to publish (hidden files and any old manifest.json left out)."""
+    files = []
+    for path in sorted(Path(local_dir).rglob("*")):
+        rel = path.relative_to(local_dir)
+        if path.is_symlink() or not path.is_file() or any(p.startswith(".") for p in rel.parts):
+            continue
+        if rel.as_posix() == MANIFEST_FILE:
+            continue
+        files.append(path)
+    return files
+
+
+class AdapterRegistry:
+    """Adapter versions of every tenant; another tenant's adapter raises NotFound like a missing one."""
+
+    def __init__(self, client: redis.Redis, store: ObjectStore, *, max_import_bytes: int = 2 * 1024**3) -> None:
+        check_redis_client(client)
+        self.redis = client
+        self.store = store
+        self.max_import_bytes = max_import_bytes
+        self._reserve = client.register_script(_RESERVE)
+
+    @staticmethod
+    def version_prefix(tenant_id: str, name: str, version: int) -> str:
+        return f"tenants/{tenant_id}/adapters/{name}/v{version}/"
+
+    # -- publishing ---------------------------------------------------------------------------------
+    def publish_adapter_version(
+        self,
+        tenant_id: str,
+        name: str,
+        local_dir: Path,
+        manifest_fields: Mapping[str, Any],
+        *,
+        job_id: str,
+        attempt: int,
+    ) -> str:
+        """Publish `local_dir` (a PEFT adapter dir) as the job's version; returns "<name>:v<N>".
+
+        Idempotent per job: calling again (same or a later attempt) returns the same version. Raises
+        FencedOut when `attempt` is not the job's running attempt, InvalidRequest for a bad name/dir.
+        `manifest_fields` supplies base_model, lora_config, hyperparameters, dataset {file_id, sha256},
+        final_metrics (and any extra keys to keep in the manifest).
+        """
+        validate_adapter_name(name)
+        validate_peft_adapter_dir(local_dir)
+        reply = self._reserve(
+            keys=[keys.job(job_id), keys.job_publication(job_id), keys.adapter_version_seq(tenant_id, name)],
+            args=[job_id, attempt, name],
+        )
+        if reply[0] == "fenced":
+            raise FencedOut(
+                f"Attempt {attempt} of job {job_id} is stale (job is {reply[1] or 'missing'}, "
+                f"current attempt {reply[2] or '?'}); it may not publish."
+            )
+        name, version, state = reply[1], int(reply[2]), reply[3]
+        if state == "ready" or self.store.exists(self.version_prefix(tenant_id, name, version) + MANIFEST_FILE):
+            self._mark_ready(tenant_id, name, version, job_id)
+            return format_adapter_ref(name, version)
+
+        def still_owner() -> None:
+            status, current = self.redis.hmget(keys.job(job_id), "status", "attempt")
+            if status != "running" or current != str(attempt):
+                raise FencedOut(f"Attempt {attempt} of job {job_id} was fenced out while publishing.")
+
+        self._write_version(
+            tenant_id,
+            name,
+            version,
+            Path(local_dir),
+            {**manifest_fields, "source": "training", "job_id": job_id, "attempt": attempt},
+            before_each_write=still_owner,
+        )
+        self._mark_ready(tenant_id, name, version, job_id)
+        return format_adapter_ref(name, version)
+
+    def published_version(self, job_id: str) -> str | None:
+        """The "<name>:v<N>" a job published, if its manifest is written (lets a new attempt skip work)."""
+        name, version, state = self.redis.hmget(keys.job_publication(job_id), "name", "version", "state")
+        return format_adapter_ref(name, int(version)) if state == "ready" else None
+
+    def import_adapter(
+        self, tenant_id: str, name: str, source: Path, *, extra_manifest: Mapping[str, Any] | None = None
+    ) -> AdapterVersion:
+        """Import a PEFT adapter made elsewhere (a directory, .zip, .tar, .tar.gz/.tgz) as a new version."""
+        validate_adapter_name(name)
+        source = Path(source)
+        with tempfile.TemporaryDirectory(prefix="lf-import-") as tmp:
+            adapter_dir = source if source.is_dir() else _extract_archive(source, Path(tmp), self.max_import_bytes)
+            adapter_dir = _find_adapter_root(adapter_dir)
+            info = validate_peft_adapter_dir(adapter_dir)
+            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))
+            fields = {**_manifest_from_peft(info), **(extra_manifest or {}), "source": "import"}
+            self._write_version(tenant_id, name, version, adapter_dir, fields)
+        self._mark_ready(tenant_id, name, version, None)
+        return self.get_version(tenant_id, format_adapter_ref(name, version))
+
+    def _write_version(
+        self,
+        tenant_id: str,
+        name: str,
+        version: int,
+        local_dir: Path,
+        manifest_fields: Mapping[str, Any],
+        before_each_write: Callable[[], None] | None = None,
+    ) -> Manifest:
+        prefix = self.version_prefix(tenant_id, name, version)
+        entries = []
+        for path in _adapter_files(local_dir):
+            rel = path.relative_to(local_dir).as_posix()
+            if before_each_write:
+                before_each_write()
+            self.store.put_file(prefix + rel, path)
+            entries.append(ManifestFile(path=rel, sha256=_sha256_file(path), size=path.stat().st_size))
+        manifest = Manifest(
+            **{
+                **manifest_fields,
+                "name": name,
+                "version": version,
+                "ref": format_adapter_ref(name, version),
+                "tenant_id": tenant_id,
+                "created_at": int(time.time()),
+                "files": entries,
+            }
+        )
+        if before_each_write:
+            before_each_write()
+        self.store.put_bytes(prefix + MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())  # LAST
+        return manifest
+
+    def _mark_ready(self, tenant_id: str, name: str, version: int, job_id: str | None) -> None:
+        manifest = self._load_manifest(tenant_id, name, version)
+        record = AdapterVersion(
+            name=name,
+            version=version,
+            ref=manifest.ref,
+            tenant_id=tenant_id,
+            created_at=manifest.created_at,
+            source=manifest.source,
+            job_id=manifest.job_id,
+            base_model=manifest.base_model,
+            bytes_total=sum(f.size for f in manifest.files),
+        )
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(keys.adapter_versions(tenant_id, name), str(version), record.model_dump_json())
+        pipe.zadd(keys.adapters(tenant_id), {name: time.time_ns() // 1_000_000}, nx=True)
+        if job_id is not None:
+            pipe.hset(keys.job_publication(job_id), "state", "ready")
+        pipe.execute()
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _load_manifest(self, tenant_id: str, name: str, version: int) -> Manifest:
+        raw = self.store.get_bytes(self.version_prefix(tenant_id, name, version) + MANIFEST_FILE)
+        return Manifest.model_validate_json(raw)
+
+    def _records(self, tenant_id: str, name: str) -> list[AdapterVersion]:
+        raw = self.redis.hvals(keys.adapter_versions(tenant_id, name))
+        return sorted((AdapterVersion.model_validate_json(r) for r in raw), key=lambda v: v.version)
+
+    def list_versions(self, tenant_id: str, name: str) -> list[AdapterVersion]:
+        """Ready, undeleted versions of an adapter, newest first. NotFound if there are none."""
+        validate_adapter_name(name)
+        versions = [v for v in self._records(tenant_id, name) if v.deleted_at is None]
+        if not versions:
+            raise NotFound(f"No adapter named {name!r}.", param="name")
+        return versions[::-1]
+
+    def list_adapters(self, tenant_id: str) -> list[AdapterSummary]:
+        """A tenant's adapters that have at least one live version, most recently created first."""
+        out = []
+        for name in self.redis.zrange(keys.adapters(tenant_id), 0, -1):
+            live = [v for v in self._records(tenant_id, name) if v.deleted_at is None]
+            if live:
+                out.append(
+                    AdapterSummary(
+                        name=name,
+                        latest_version=live[-1].version,
+                        latest_ref=live[-1].ref,
+                        n_versions=len(live),
+                        created_at=live[0].created_at,
+                        updated_at=live[-1].created_at,
+                    )
+                )
+        return sorted(out, key=lambda s: (s.updated_at, s.name), reverse=True)
+
+    def get_version(self, tenant_id: str, ref: str) -> AdapterVersion:
+        """Resolve "<name>:v<N>" (or "<name>" = latest) to a live version; NotFound otherwise."""
+        name, version = parse_adapter_ref(ref)
+        if version is None:
+            return self.list_versions(tenant_id, name)[0]
+        raw = self.redis.hget(keys.adapter_versions(tenant_id, name), str(version))
+        record = AdapterVersion.model_validate_json(raw) if raw else None
+        if record is None or record.deleted_at is not None:
+            raise NotFound(f"No adapter version {ref!r}.", param="model")
+        return record
+
+    def read_manifest(self, tenant_id: str, ref: str) -> Manifest:
+        record = self.get_version(tenant_id, ref)
+        return self._load_manifest(tenant_id, record.name, record.version)
+
+    def download_version(self, tenant_id: str, ref: str, dest_dir: Path) -> Path:
+        """Copy a version's PEFT files (and manifest.json) into `dest_dir`, checking sha256 and size."""
+        manifest = self.read_manifest(tenant_id, ref)
+        prefix = self.version_prefix(tenant_id, manifest.name, manifest.version)
+        dest_dir = Path(dest_dir)
+        for entry in manifest.files:
+            target = dest_dir / entry.path
+            self.store.download_file(prefix + entry.path, target)
+            if target.stat().st_size != entry.size or _sha256_file(target) != entry.sha256:
+                raise RuntimeError(
+                    f"{manifest.ref}/{entry.path} does not match its manifest (size/sha256); the stored "
+                    "version is corrupt."
+                )
+        (dest_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+        return dest_dir
+
+    def write_archive(self, tenant_id: str, ref: str, out: BinaryIO, fmt: Literal["tar.gz", "zip"] = "tar.gz") -> str:
+        """Write a version as an archive of one folder "<name>-v<N>/" to `out`; returns the file name."""
+        manifest = self.read_manifest(tenant_id, ref)
+        prefix = self.version_prefix(tenant_id, manifest.name, manifest.version)
+        folder = f"{manifest.name}-v{manifest.version}"
+        members = [(e.path, e.size) for e in manifest.files]
+        manifest_bytes = manifest.model_dump_json(indent=2).encode()
+        if fmt == "tar.gz":
+            with tarfile.open(fileobj=out, mode="w:gz") as tar:
+                for rel, size in members:
+                    info = tarfile.TarInfo(f"{folder}/{rel}")
+                    info.size, info.mtime, info.mode = size, manifest.created_at, 0o644
+                    with self.store.open(prefix + rel) as stream:
+                        tar.addfile(info, stream)
+                info = tarfile.TarInfo(f"{folder}/{MANIFEST_FILE}")
+                info.size, info.mtime, info.mode = len(manifest_bytes), manifest.created_at, 0o644
+                tar.addfile(info, io.BytesIO(manifest_bytes))
+        elif fmt == "zip":
+            with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for rel, _ in members:
+                    with self.store.open(prefix + rel) as stream, zf.open(f"{folder}/{rel}", "w") as dst:
+                        shutil.copyfileobj(stream, dst, 1024 * 1024)
+                zf.writestr(f"{folder}/{MANIFEST_FILE}", manifest_bytes)
+        else:
+            raise InvalidRequest(f"Unknown archive format {fmt!r}; use 'tar.gz' or 'zip'.", param="format")
+        return f"{folder}.{fmt}"
+
+    # -- deleting -----------------------------------------------------------------------------------
+    def delete_version(self, tenant_id: str, ref: str) -> AdapterVersion:
+        """Soft-delete one version (bytes kept; hidden from listings and downloads; N never reused)."""
+        record = self.get_version(tenant_id, ref)
+        if parse_adapter_ref(ref)[1] is None:
+            raise InvalidRequest(f"Name the version to delete, e.g. '{record.ref}'.", param="model")
+        record = record.model_copy(update={"deleted_at": int(time.time())})
+        self.redis.hset(keys.adapter_versions(tenant_id, record.name), str(record.version), record.model_dump_json())
+        return record
+
+    def delete_adapter(self, tenant_id: str, name: str) -> list[AdapterVersion]:
+        """Soft-delete every live version of an adapter; returns them."""
+        return [self.delete_version(tenant_id, v.ref) for v in self.list_versions(tenant_id, name)]
+
+
+def _manifest_from_peft(info: PeftAdapterInfo) -> dict[str, Any]:
+    return {"base_model": info.base_model_name_or_path, "lora_config": info.config}
+
+
+def _find_adapter_root(path: Path) -> Path:
+    """The directory holding adapter_config.json: `path` itself or its single subdirectory."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    children = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if len(children) == 1 and children[0].is_dir() and (children[0] / "adapter_config.json").is_file():
+        return children[0]
+    raise InvalidRequest(
+        "No adapter_config.json found at the top of the adapter (or in its single top-level folder).",
+        param="adapter",
+    )
+
+
+def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
+    """Extract a .zip/.tar(.gz) safely: regular files only, no absolute or '..' paths, size-capped."""
+
+    count = 0
+
+    def check(member_name: str, size: int, total: int) -> None:
+        nonlocal count
+        count += 1
+        if count > _MAX_ARCHIVE_MEMBERS:
+            raise InvalidRequest(
+                f"Archive holds more than {_MAX_ARCHIVE_MEMBERS} files; an adapter has a handful.", param="adapter"
+            )
+        parts = Path(member_name).parts
+        if member_name.startswith(("/", "\\")) or ".." in parts or "\\" in member_name:
+            raise InvalidRequest(f"Archive member {member_name!r} has an unsafe path.", param="adapter")
+        if total + size > max_bytes:
+            raise InvalidRequest(f"Archive expands to more than {max_bytes} bytes.", param="adapter")
+
+    total = 0
+    name = archive.name.lower()
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    check(info.filename, info.file_size, total)
+                    total += info.file_size
+                    target = dest / info.filename
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+        elif name.endswith((".tar", ".tar.gz", ".tgz")):
+            with tarfile.open(archive) as tar:
+                for member in tar.getmembers():
+                    if member.isdir():
+                        continue
+                    if not member.isfile():
+                        raise InvalidRequest(
+                            f"Archive member {member.name!r} is a link or special file; only regular files "
+                            "are accepted.",
+                            param="adapter",
+                        )
+                    check(member.name, member.size, total)
+                    total += member.size
+                    target = dest / member.name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+        else:
+            raise InvalidRequest(
+                f"Unsupported adapter archive {archive.name!r}; upload a .zip, .tar or .tar.gz.",
+                param="adapter",
+            )
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        raise InvalidRequest(f"Adapter archive {archive.name!r} is unreadable: {e}.", param="adapter") from e
+    return dest

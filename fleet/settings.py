@@ -1,0 +1,131 @@
+"""Operator settings (env prefix LORAFLEET_) and the functions that build clients from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.catalog import BaseModelSpec, Catalog, read_catalog_file
+
+if TYPE_CHECKING:
+    import redis
+
+    from fleet.objectstore import ObjectStore
+
+__all__ = ["Settings", "make_redis", "check_redis_client", "make_object_store", "load_catalog"]
+
+MIB = 1024 * 1024
+REDIS_SOCKET_TIMEOUT_S = 30.0
+MAX_BLOCK_S = 10.0  # longest blocking Redis call fleet makes; below REDIS_SOCKET_TIMEOUT_S
+
+
+class Settings(BaseSettings):
+    """Everything an operator configures. Create once at the edge (CLI, app factory) and pass down.
+
+    Every field reads `LORAFLEET_<FIELD>` from the environment, e.g. `LORAFLEET_REDIS_URL`.
+    `LORAFLEET_CATALOG` takes inline JSON `{"name": {"path": ..., "quantization": ..., "max_rank": ...}}`;
+    `LORAFLEET_CATALOG_FILE` names a JSON file with the same shape (entries inline win on a clash).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_dir: Path = Path("./var")
+
+    object_store: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    # Optional explicit credentials; when unset, boto3's usual chain (AWS_* env, instance profile) is used.
+    # Explicit ones travel with the settings to Ray workers, whose environment may lack AWS_*.
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    admin_key: SecretStr | None = None
+
+    lease_ms: int = Field(default=15_000, ge=100, description="How long a claim lives without a heartbeat.")
+    heartbeat_ms: int = Field(default=3_000, ge=10, description="How often a dispatcher renews its lease.")
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job that keeps dying fails.")
+    max_upload_bytes: int = Field(default=512 * MIB, ge=1)
+    events_max_len: int = Field(default=10_000, ge=10, description="Cap of each job's event stream.")
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+
+    catalog: dict[str, BaseModelSpec] = Field(default_factory=dict)
+    catalog_file: Path | None = None
+
+    # Dispatchers (workers): where Ray is and how each job is spread over it.
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (host:port or 'auto'); None starts a local one."
+    )
+    train_workers_per_job: int = Field(default=1, ge=1, description="Ray Train workers (ranks) per job.")
+    use_gpu: bool = Field(default=False, description="One GPU per Ray Train worker.")
+    train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        problems = []
+        if self.heartbeat_ms >= self.lease_ms:
+            problems.append(
+                f"heartbeat_ms ({self.heartbeat_ms}) must be smaller than lease_ms ({self.lease_ms}), "
+                "or every lease expires before it is renewed"
+            )
+        if self.object_store == "s3" and not self.s3_bucket:
+            problems.append("object_store='s3' needs LORAFLEET_S3_BUCKET")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    """A Redis client for `settings.redis_url`, decoding responses to str as fleet's stores expect."""
+    import redis
+
+    # Blocking reads (BLPOP in wait_for_work, XREAD for SSE) block at most MAX_BLOCK_S, well inside
+    # the socket timeout; redis-py's default of 5 s would cut a 5 s BLPOP off.
+    return redis.Redis.from_url(
+        settings.redis_url, decode_responses=True, health_check_interval=30,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5,
+    )
+
+
+def check_redis_client(client: redis.Redis) -> None:
+    """Raise ValueError unless `client` decodes responses to str, as every fleet store requires."""
+    kwargs = client.connection_pool.connection_kwargs
+    if not kwargs.get("decode_responses", False):
+        raise ValueError(
+            "fleet needs a Redis client created with decode_responses=True; "
+            "build one with fleet.settings.make_redis(settings) or "
+            "redis.Redis.from_url(url, decode_responses=True)."
+        )
+
+
+def make_object_store(settings: Settings) -> ObjectStore:
+    """The configured object store: local files under data_dir/objects, or an S3 bucket."""
+    from fleet.objectstore import LocalObjectStore, S3ObjectStore
+
+    if settings.object_store == "s3":
+        assert settings.s3_bucket is not None  # checked by Settings
+        return S3ObjectStore(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=(
+                settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+            ),
+        )
+    return LocalObjectStore(Path(settings.data_dir) / "objects")
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """The base model catalog: entries from `catalog_file` (if set), overridden by inline `catalog`."""
+    entries: dict[str, BaseModelSpec] = {}
+    if settings.catalog_file is not None:
+        entries.update(read_catalog_file(settings.catalog_file))
+    entries.update(settings.catalog)
+    return Catalog(entries)

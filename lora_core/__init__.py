@@ -1,0 +1,104 @@
+"""lora_core: our LoRA library, h = W0·x + (α/r)·B·A·x, numerically and file-compatible with PEFT.
+
+See docs/lora_core.md for the math and the API. Imports nothing from service/, workers/ or fleet/.
+"""
+
+from lora_core.compose import (
+    ModuleRank,
+    RankReport,
+    adapters_disabled,
+    combine_adapters,
+    delete_adapter,
+    disable_adapters,
+    effective_rank,
+    enable_adapters,
+    list_adapters,
+    merge_adapter,
+    merge_and_unload,
+    rank_report,
+    singular_values_of_delta,
+    ties_merge,
+    unmerge_adapter,
+)
+from lora_core.config import ALL_LINEAR, LoraConfig
+from lora_core.exceptions import (
+    AdapterFileError,
+    AdapterNotFoundError,
+    LoraConfigError,
+    LoraError,
+    QuantizedMergeError,
+    TargetModulesError,
+)
+from lora_core.inject import (
+    active_adapters,
+    add_adapter,
+    apply_lora,
+    find_target_modules,
+    linear_layer_names,
+    lora_layers,
+    set_active_adapter,
+    trainable_parameters,
+)
+from lora_core.io import (
+    load_adapter,
+    lora_state_dict,
+    read_adapter_config,
+    save_adapter,
+    set_lora_state_dict,
+)
+from lora_core.layers import LoraLinear
+from lora_core.quant import (
+    dequantize_model,
+    export_merged_model,
+    is_quantized,
+    load_base_model,
+    prepare_for_training,
+)
+from lora_core.report import TrainableParameterReport, trainable_parameter_report
+
+__all__ = [
+    "ALL_LINEAR",
+    "AdapterFileError",
+    "AdapterNotFoundError",
+    "LoraConfig",
+    "LoraConfigError",
+    "LoraError",
+    "LoraLinear",
+    "ModuleRank",
+    "QuantizedMergeError",
+    "RankReport",
+    "TargetModulesError",
+    "TrainableParameterReport",
+    "active_adapters",
+    "add_adapter",
+    "adapters_disabled",
+    "apply_lora",
+    "combine_adapters",
+    "delete_adapter",
+    "dequantize_model",
+    "disable_adapters",
+    "effective_rank",
+    "enable_adapters",
+    "export_merged_model",
+    "find_target_modules",
+    "is_quantized",
+    "linear_layer_names",
+    "list_adapters",
+    "load_adapter",
+    "load_base_model",
+    "lora_layers",
+    "lora_state_dict",
+    "merge_adapter",
+    "merge_and_unload",
+    "prepare_for_training",
+    "rank_report",
+    "read_adapter_config",
+    "save_adapter",
+    "set_active_adapter",
+    "set_lora_state_dict",
+    "singular_values_of_delta",
+    "ties_merge",
+    "trainable_parameter_report",
+    "trainable_parameters",
+    "unmerge_adapter",
+]

@@ -1,0 +1,273 @@
+"""LoraLinear: a frozen linear layer plus named low-rank adapters, h = W0·x + s·B·A·dropout(x).
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) with PEFT's numerics, so adapters move between PEFT and us:
+    A: r×in,  kaiming_uniform(a=√5) (PEFT's default) or N(0, (1/r)²) ("gaussian")
+    B: out×r, zeros, so a fresh adapter leaves the output bit-identical
+    s = α/r, or α/√r with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732)
+    h = W0·x + s·B·(A·dropout(x))        dropout on the adapter branch input only
+The branch is computed as ((dropout(x)·Aᵀ)·s)·Bᵀ and added in place to W0·x: the scale touches the
+r-wide intermediate and the addition is one fused addmm, so no extra output-sized tensor is made.
+Adapter parameters are fp32 whatever the base dtype; the input is cast to fp32 for the branch and the
+sum is cast back to the base output's dtype.
+
+DoRA (Liu et al. 2024, arXiv:2402.09353), as PEFT computes it:
+    W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row      m: out, initialised to ‖W0‖_row
+    h  = W0·x + (m/n - 1)·(W0·x̃) + (m/n)·s·B·A·x̃    n = ‖W0 + s·B·A‖_row, detached (paper §4.3)
+where x̃ = dropout(x). Merging writes W' (DoRA) or W0 + s·B·A (LoRA) into a dense base weight;
+quantized (bitsandbytes 4-bit / 8-bit) weights refuse to merge rather than silently re-quantize.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_core.config import LoraConfig
+from lora_core.exceptions import AdapterNotFoundError, QuantizedMergeError
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style Conv1D (transformers.pytorch_utils.Conv1D): a linear layer stored as W0ᵀ (in×out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def quantization_of(module: nn.Module) -> str | None:
+    """'nf4'/'fp4' for a bitsandbytes Linear4bit, 'int8' for Linear8bitLt, None for a dense layer."""
+    name = type(module).__name__
+    if type(module).__module__.startswith("bitsandbytes"):
+        if name.startswith("Linear4bit") or name in ("LinearNF4", "LinearFP4"):
+            state = getattr(module.weight, "quant_state", None)
+            return getattr(state, "quant_type", "nf4") if state is not None else "nf4"
+        if name.startswith("Linear8bit"):
+            return "int8"
+    return None
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """Layers LoraLinear can wrap: nn.Linear (incl. bitsandbytes Linear4bit / Linear8bitLt) and Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def keep_trainable_4bit_layout(module: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a Linear4bit weight for CPU inference.
+
+    On a CPU with AVX512-BF16, bitsandbytes ≥ 0.49 repacks a Linear4bit's weight in place on its first
+    eval-mode forward without grad. The repacked weight goes through an inference-only kernel (a later
+    training step would get no input gradient through the layer), undoing it re-quantizes the absmax
+    (the base changes), and it fails outright when in_features is not a multiple of the block size.
+    A training stack evaluates between steps, so it keeps the trainable layout.
+    """
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as a dense (out, in) tensor; dequantized for bitsandbytes layers (a new tensor)."""
+    weight = base.weight
+    kind = quantization_of(base)
+    if kind in ("nf4", "fp4"):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "int8":
+        scale = getattr(weight, "SCB", None)
+        if scale is None:
+            scale = base.state.SCB
+        return weight.data.float() * (scale.float().view(-1, 1) / 127.0)
+    return weight.T if is_conv1d(base) else weight
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear layer with zero or more named adapters; one or more of them active.
+
+    Holds per adapter: lora_A[name] (r×in), lora_B[name] (out×r), scale[name], lora_dropout[name] and,
+    for DoRA, lora_magnitude[name] (out). Output of the forward pass:
+        base(x) + Σ_active (dropout(x) @ A.T @ B.T) * scale
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not is_supported_linear(base_layer):
+            raise TypeError(f"LoraLinear wraps nn.Linear, bitsandbytes Linear4bit/8bitLt or Conv1D, "
+                            f"not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        keep_trainable_4bit_layout(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scale: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+        self.merged_adapters: list[str] = []
+        self._merged_dora_norms: dict[str, torch.Tensor] = {}
+
+    # The wrapped layer still looks like a linear layer to code that inspects it.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def quantization(self) -> str | None:
+        return quantization_of(self.base_layer)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self.lora_A.keys())
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        """Create adapter ``name`` (A random, B zero, so it starts as an exact no-op); not activated."""
+        if not _ADAPTER_NAME.match(name):
+            raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (no dots), "
+                             "starting with a letter or '_'")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+        device = self.base_layer.weight.device
+        A = torch.empty(config.r, self.in_features, device=device, dtype=torch.float32)
+        if config.init == "gaussian":
+            nn.init.normal_(A, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B = torch.zeros(self.out_features, config.r, device=device, dtype=torch.float32)  # B = 0: exact no-op
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scale[name] = config.scale
+        self.rank[name] = config.r
+        if config.use_dora:
+            with torch.no_grad():
+                magnitude = self._row_norm(name)
+            self.lora_magnitude[name] = nn.Parameter(magnitude)
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout):
+            if name in store:
+                del store[name]
+        del self.scale[name], self.rank[name]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    def set_active_adapters(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self._require(name)
+        self.active_adapters = tuple(names)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.adapters_disabled:
+            return out
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue  # already inside the base weight
+            if name in self.lora_magnitude:
+                out = self._add_dora(out, x, name)
+            else:
+                out = self._add_lora(out, x, name)
+        return out
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """out + (dropout(x) @ A.T @ B.T) * scale, as ((x̃·Aᵀ)·s)·Bᵀ fused into one addmm."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        x_tilde = self.lora_dropout[name](x.to(A.dtype))  # (..., in), fp32
+        t = (x_tilde @ A.T) * self.scale[name]  # (..., r): the scale costs r, not out, multiplies per row
+        t2 = t.reshape(-1, t.shape[-1])  # (N, r)
+        if out.dtype == A.dtype:
+            # In place on the base output: linear / 4-bit matmul backward never reads its own output, and
+            # autograd would raise (not miscompute) if something did.
+            return out.reshape(-1, self.out_features).addmm_(t2, B.T).view(out.shape)
+        # Base in bf16/fp16: add in fp32 as PEFT does, then round once to the base dtype.
+        summed = torch.addmm(out.reshape(-1, self.out_features).to(A.dtype), t2, B.T)
+        return summed.view(out.shape).to(out.dtype)
+
+    def _add_dora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B, m, s = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name], self.scale[name]
+        dropout = self.lora_dropout[name]
+        x_tilde = dropout(x.to(A.dtype))  # (..., in)
+        weight = dense_weight(self.base_layer).to(A.dtype)  # (out, in)
+        with torch.no_grad():  # n is a constant for the gradient (DoRA §4.3)
+            norm = torch.linalg.vector_norm(weight + s * (B @ A), dim=1)  # (out,)
+        gain = m / norm  # (out,)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = out.to(A.dtype) if bias is None else out.to(A.dtype) - bias.to(A.dtype)  # W0·x
+        else:
+            base = F.linear(x_tilde, weight)  # W0·x̃
+        lora = (x_tilde @ A.T @ B.T) * s  # (..., out)
+        result = out.to(A.dtype) + (gain - 1) * base + gain * lora
+        return result.to(out.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = s·B·A as an fp32 (out, in) tensor."""
+        self._require(name)
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scale[name]
+
+    def _row_norm(self, name: str) -> torch.Tensor:
+        weight = dense_weight(self.base_layer).to(torch.float32)
+        return torch.linalg.vector_norm(weight + self.delta_weight(name).detach(), dim=1)
+
+    @torch.no_grad()
+    def merge(self, names: tuple[str, ...] | None = None) -> None:
+        """Write the given (default: active) adapters into the base weight: W ← W + s·B·A (DoRA: W')."""
+        names = self.active_adapters if names is None else names
+        if self.quantization is not None:
+            raise QuantizedMergeError(
+                f"cannot merge into a {self.quantization} quantized weight: it would be silently "
+                "re-quantized and lose precision. Export a dense merged model instead with "
+                "lora_core.export_merged_model(model, out_dir, dtype=torch.bfloat16)."
+            )
+        for name in names:
+            self._require(name)
+            if name in self.merged_adapters:
+                continue
+            weight = self._dense_weight_view()  # (out, in) view of the base parameter
+            merged = weight.float() + self.delta_weight(name)
+            if name in self.lora_magnitude:
+                norm = torch.linalg.vector_norm(merged, dim=1)
+                self._merged_dora_norms[name] = norm
+                merged = (self.lora_magnitude[name] / norm).view(-1, 1) * merged
+            weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged adapter back out of the base weight (exact up to floating-point rounding)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self._dense_weight_view()
+            restored = weight.float()
+            if name in self.lora_magnitude:
+                norm = self._merged_dora_norms.pop(name)
+                restored = restored / (self.lora_magnitude[name] / norm).view(-1, 1)
+            restored = restored - self.delta_weight(name)
+            weight.copy_(restored.to(weight.dtype))
+
+    def _dense_weight_view(self) -> torch.Tensor:
+        weight = self.base_layer.weight.data
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _require(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise AdapterNotFoundError(f"no adapter {name!r} on this layer; it has {list(self.lora_A.keys())}")
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.rank[n]}" for n in self.lora_A)
+        active = list(self.active_adapters)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], active={active}"

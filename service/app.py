@@ -1,0 +1,125 @@
+"""The FastAPI application factory: `create_app(settings)` wires routes, auth, errors and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+from fastapi import FastAPI
+from redis.exceptions import RedisError
+
+from fleet.files import FileStore
+from fleet.queue import JobStore
+from fleet.registry import AdapterRegistry
+from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from fleet.tenants import TenantStore
+from service.body_limit import BodyLimitMiddleware
+from service.errors import install_error_handlers
+from service.metrics import APIMetrics, MetricsMiddleware, QueueCollector
+from service.routes import adapters, admin, files, health, jobs, models
+from service.uploads import remove_stale_spool_files
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "0.1.0"
+
+# Live event streams (SSE) each hold a thread while they wait on Redis; they get their own pool.
+MAX_CONCURRENT_STREAMS = 256
+
+
+def _queue_stats(jobs: JobStore) -> dict[str, tuple[str, float]]:
+    """Queue gauges for /metrics; none while Redis is down, so request metrics are still served."""
+    try:
+        snapshot = jobs.snapshot()
+    except RedisError as e:
+        logger.warning("queue metrics skipped: Redis error: %s", e)
+        return {}
+    return {
+        "lorafleet_jobs_queued": ("Jobs waiting in the queue.", float(sum(t.length for t in snapshot.tenants))),
+        "lorafleet_jobs_running": ("Jobs claimed by a worker.", float(sum(snapshot.running.values()))),
+        "lorafleet_tenants_waiting": ("Tenants with at least one queued job.", float(len(snapshot.tenants))),
+    }
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the API for `settings`.
+
+    The catalog is read here, so a broken catalog fails at start-up with its own message. The Redis
+    client and the object store are built when the app starts (lifespan) and closed when it stops;
+    routes reach them through `service.deps`.
+    """
+    catalog = load_catalog(settings)
+    metrics = APIMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = make_redis(settings)
+        store = make_object_store(settings)
+        admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        app.state.redis = client
+        app.state.store = store
+        app.state.jobs = JobStore(
+            client,
+            max_attempts=settings.max_attempts,
+            events_max_len=settings.events_max_len,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+        )
+        app.state.tenants = TenantStore(client, admin_key=admin_key)
+        app.state.files = FileStore(client, store, max_upload_bytes=settings.max_upload_bytes)
+        app.state.registry = AdapterRegistry(client, store)
+        app.state.stream_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STREAMS)
+        stale = remove_stale_spool_files(Path(settings.data_dir) / "tmp")
+        if stale:
+            logger.info("removed %d stale spooled upload/download file(s)", stale)
+        collector = QueueCollector(lambda: _queue_stats(app.state.jobs))
+        metrics.registry.register(collector)
+        logger.info(
+            "lorafleet API ready: redis %s, %s object store, %d base model(s): %s",
+            _without_password(settings.redis_url),
+            settings.object_store,
+            len(catalog),
+            ", ".join(catalog.names()) or "none",
+        )
+        try:
+            yield
+        finally:
+            metrics.registry.unregister(collector)
+            client.close()
+
+    app = FastAPI(
+        title="lorafleet",
+        version=API_VERSION,
+        description="Multi-tenant LoRA fine-tuning, compatible with OpenAI's fine-tuning API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.started_at = int(time.time())
+    app.state.catalog = catalog
+    app.state.metrics = metrics
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it sees every answer
+    install_error_handlers(app)
+
+    app.include_router(health.router)
+    app.include_router(files.router, prefix="/v1")
+    app.include_router(jobs.router, prefix="/v1")
+    app.include_router(models.router, prefix="/v1")
+    app.include_router(adapters.router, prefix="/v1")
+    app.include_router(admin.router, prefix="/v1")
+    return app

@@ -1,0 +1,155 @@
+"""FastAPI dependencies: the app's shared clients and stores, and who is calling (Bearer API keys).
+
+`RedisDep`, `JobsDep`, ... hand routes what the lifespan built; `CurrentTenant` is a tenant's principal
+(401 without a valid, unrevoked key), `AdminPrincipal` the operator or a tenant's admin-role key.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+
+from fleet.catalog import Catalog
+from fleet.files import FileStore
+from fleet.objectstore import ObjectStore
+from fleet.queue import JobStore
+from fleet.registry import AdapterRegistry
+from fleet.settings import Settings
+from fleet.tenants import Principal, TenantStore
+from service.errors import APIError
+
+__all__ = [
+    "SettingsDep",
+    "RedisDep",
+    "StoreDep",
+    "CatalogDep",
+    "JobsDep",
+    "TenantsDep",
+    "FilesDep",
+    "RegistryDep",
+    "Principal",
+    "CallerPrincipal",
+    "CurrentTenant",
+    "AdminPrincipal",
+]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> redis.Redis:
+    return request.app.state.redis
+
+
+def get_store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+def get_catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+def get_jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def get_tenants(request: Request) -> TenantStore:
+    return request.app.state.tenants
+
+
+def get_files(request: Request) -> FileStore:
+    return request.app.state.files
+
+
+def get_registry(request: Request) -> AdapterRegistry:
+    return request.app.state.registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+JobsDep = Annotated[JobStore, Depends(get_jobs)]
+TenantsDep = Annotated[TenantStore, Depends(get_tenants)]
+FilesDep = Annotated[FileStore, Depends(get_files)]
+RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+
+_WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="lorafleet"'}
+
+
+def _masked(key: str) -> str:
+    """`lf-abcdefgh...wxyz` → `lf-abc****wxyz`: enough to recognise a key in an error, never the secret."""
+    if len(key) <= 10:
+        return "*" * len(key)
+    return f"{key[:6]}****{key[-4:]}"
+
+
+def get_principal(request: Request, tenants: TenantsDep) -> Principal:
+    """The caller behind `Authorization: Bearer <key>`; 401 when missing, malformed, unknown or revoked."""
+    header = request.headers.get("authorization")
+    if not header:
+        raise APIError(
+            401,
+            "You didn't provide an API key. Send it in an Authorization header using Bearer auth "
+            "(i.e. 'Authorization: Bearer YOUR_KEY'). `lorafleet up` prints one; an operator issues more "
+            "with `lorafleet admin issue-key`.",
+            type="invalid_request_error",
+            code="missing_api_key",
+            headers=_WWW_AUTHENTICATE,
+        )
+    scheme, _, raw_key = header.partition(" ")
+    raw_key = raw_key.strip()
+    if scheme.lower() != "bearer" or not raw_key:
+        raise APIError(
+            401,
+            "The Authorization header must be 'Bearer YOUR_KEY'.",
+            type="invalid_request_error",
+            code="invalid_authorization_header",
+            headers=_WWW_AUTHENTICATE,
+        )
+    principal = tenants.authenticate(raw_key)
+    if principal is None:
+        raise APIError(
+            401,
+            f"Incorrect API key provided: {_masked(raw_key)}. The key is unknown or has been revoked; "
+            "ask your tenant admin or the operator for a new one.",
+            type="invalid_request_error",
+            code="invalid_api_key",
+            headers=_WWW_AUTHENTICATE,
+        )
+    return principal
+
+
+CallerPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def get_tenant_principal(principal: CallerPrincipal) -> Principal:
+    """A caller acting as a tenant (the tenant's own resources); the operator key has no tenant."""
+    if principal.tenant_id is None:
+        raise APIError(
+            403,
+            "The operator key manages tenants and keys only; use a tenant's API key for files, jobs, "
+            "models and adapters.",
+            type="permission_error",
+            code="tenant_key_required",
+        )
+    return principal
+
+
+def get_admin_principal(principal: CallerPrincipal) -> Principal:
+    """The operator, or a tenant's admin-role key (which may only manage its own tenant's keys)."""
+    if principal.role not in ("operator", "admin"):
+        raise APIError(
+            403,
+            "This endpoint needs the operator's admin key or an admin-role API key.",
+            type="permission_error",
+            code="admin_required",
+        )
+    return principal
+
+
+CurrentTenant = Annotated[Principal, Depends(get_tenant_principal)]
+AdminPrincipal = Annotated[Principal, Depends(get_admin_principal)]

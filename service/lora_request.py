@@ -1,0 +1,57 @@
+"""Turning a job request's `lora` block into the training engine's LoRA spec, checked against the catalog.
+
+Every problem surfaces as a 400 naming the field (`lora.r`, `lora.target_modules`, ...) before the job
+is queued, so a worker never starts on a configuration it would refuse.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import ValidationError
+
+from fleet.catalog import BaseModelSpec, Catalog
+from fleet.exceptions import InvalidRequest
+from service.schemas import LoraRequest
+from service.target_modules import ALL_LINEAR, check_target_modules, linear_module_names
+from workers.spec import LoraSpec
+
+__all__ = ["resolve_lora"]
+
+
+@lru_cache(maxsize=64)
+def _module_names(model_path: str) -> tuple[str, ...] | None:
+    # config.json of a catalog model does not change while the server runs.
+    return linear_module_names(model_path)
+
+
+def resolve_lora(request: LoraRequest | None, *, model: str, catalog: Catalog) -> dict[str, Any]:
+    """The job's `lora` dict: LoraSpec's fields (defaults filled in) plus the resolved `quantization`.
+
+    `"all-linear"`, and an omitted `target_modules`, become the base model's linear layer names when
+    they are known from its config.json.
+    """
+    spec: BaseModelSpec = catalog.get(model)
+    request = request or LoraRequest()
+    given = request.model_dump(exclude_none=True, exclude={"quantization"})
+    valid = _module_names(spec.path)
+    if "target_modules" in given:
+        check_target_modules(given["target_modules"], valid, model=model)
+        if given["target_modules"] == [ALL_LINEAR] and valid is not None:
+            given["target_modules"] = list(valid)
+    elif valid is not None:
+        # Default: every linear layer of the blocks (for Llama-style models, the engine's default too).
+        given["target_modules"] = list(valid)
+
+    catalog.check_rank(model, given.get("r", LoraSpec.model_fields["r"].default))
+    try:
+        lora = LoraSpec(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequest(
+            f"Invalid value for 'lora.{field}': {err['msg']}.", param=f"lora.{field}", code="invalid_lora"
+        ) from e
+    quantization = request.quantization or spec.quantization
+    return {**lora.model_dump(mode="json"), "quantization": quantization}

@@ -1,0 +1,260 @@
+"""`/v1/fine_tuning/jobs`: create (validated, idempotent), list, get, cancel/pause/resume, events, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from fleet.catalog import Catalog
+from fleet.exceptions import InvalidRequest, NotFound
+from fleet.files import FileStore
+from fleet.jobs import Job, JobStatus
+from fleet.queue import JobStore
+from service.deps import CatalogDep, CurrentTenant, FilesDep, JobsDep
+from service.errors import APIError
+from service.events_stream import event_stream_response
+from service.lora_request import resolve_lora
+from service.objects import checkpoint_object, event_object, job_object, list_envelope
+from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
+from service.schemas import JobCreateRequest
+
+__all__ = ["router", "render_job"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+_MAX_IDEMPOTENCY_KEY_CHARS = 255
+_EVENT_ID = re.compile(r"^(ftevent-)?[0-9]{1,20}-[0-9]{1,20}$")
+
+
+def render_job(jobs: JobStore, job: Job) -> dict[str, Any]:
+    """The job object, with its queue position when it waits in the queue."""
+    position = jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+    return job_object(job, queue_position=position)
+
+
+def _require_file(files: FileStore, tenant_id: str, file_id: str, *, param: str, min_examples: int = 1) -> None:
+    """400 naming `param` unless `file_id` is one of the tenant's validated fine-tune files."""
+    try:
+        record = files.get_file(tenant_id, file_id)
+    except NotFound:
+        raise InvalidRequest(
+            f"File {file_id!r} does not exist. Upload it first with POST /v1/files (purpose 'fine-tune').",
+            param=param,
+            code="file_not_found",
+        ) from None
+    if record.purpose != "fine-tune":
+        raise InvalidRequest(
+            f"File {file_id!r} has purpose {record.purpose!r}; upload the dataset with purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    if record.status == "error":
+        raise InvalidRequest(
+            f"File {file_id!r} failed validation: {record.status_details}.", param=param, code="invalid_file"
+        )
+    n_examples = examples_in(record)
+    if n_examples is not None and n_examples < min_examples:
+        raise InvalidRequest(
+            f"Training file {file_id!r} has {n_examples} example{'s' if n_examples != 1 else ''}; at least "
+            f"{min_examples} are required (a smaller file can serve as validation_file).",
+            param=param,
+            code="too_few_examples",
+        )
+
+
+def _check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > _MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable():
+        raise APIError(
+            400,
+            f"Idempotency-Key must be 1-{_MAX_IDEMPOTENCY_KEY_CHARS} printable characters.",
+            param="Idempotency-Key",
+            code="invalid_idempotency_key",
+        )
+    return key
+
+
+@router.post("")
+def create_job(
+    body: JobCreateRequest,
+    response: Response,
+    tenant: CurrentTenant,
+    jobs: JobsDep,
+    files: FilesDep,
+    catalog: CatalogDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict:
+    """Create a fine-tuning job; it is queued at once (files were validated at upload).
+
+    With `Idempotency-Key`, a retry with the same body returns the same job (header
+    `Idempotent-Replayed: true`); the same key with another body is a 409.
+    """
+    key = _check_idempotency_key(idempotency_key)
+    tenant_id = tenant.tenant_id
+    assert tenant_id is not None  # CurrentTenant guarantees it
+    fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog)
+    created = jobs.create_job(
+        tenant_id,
+        **fields,
+        idempotency_key=key,
+        request_body=body.model_dump(mode="json", exclude_unset=True),
+        validated=True,
+    )
+    if not created.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        logger.info("tenant %s created job %s on %s", tenant_id, created.job.id, created.job.model)
+    return render_job(jobs, created.job)
+
+
+def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStore, catalog: Catalog) -> dict:
+    """Everything checked against the catalog and the tenant's files; the keyword arguments of create_job."""
+    catalog.get(body.model)  # unknown model: 400 listing the available ones
+    _require_file(files, tenant_id, body.training_file, param="training_file", min_examples=MIN_TRAINING_EXAMPLES)
+    if body.validation_file is not None:
+        _require_file(files, tenant_id, body.validation_file, param="validation_file")
+    lora = resolve_lora(body.lora, model=body.model, catalog=catalog)
+    hyperparameters = body.effective_hyperparameters().model_dump(mode="json")
+    return {
+        "model": body.model,
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "suffix": body.suffix,
+        "seed": body.seed,
+        "metadata": body.metadata,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "hyperparameters": hyperparameters,
+        "lora": lora,
+    }
+
+
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """`metadata[k]=v` query parameters → {k: v} (every pair must match)."""
+    wanted: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]"):
+            wanted[name[len("metadata["):-1]] = value
+        elif name == "metadata":
+            raise APIError(
+                400,
+                "Filter on metadata with metadata[KEY]=VALUE query parameters (e.g. ?metadata[team]=nlp).",
+                param="metadata",
+                code="invalid_metadata_filter",
+            )
+    return wanted or None
+
+
+@router.get("")
+def list_jobs(
+    request: Request,
+    tenant: CurrentTenant,
+    jobs: JobsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: JobStatus | None = None,
+) -> dict:
+    """The tenant's jobs, newest first; `after` is the last id of the previous page."""
+    page, has_more = jobs.list_jobs(
+        tenant.tenant_id, after=after, limit=limit, metadata=_metadata_filter(request), status=status
+    )
+    return list_envelope([render_job(jobs, job) for job in page], has_more=has_more)
+
+
+@router.get("/{job_id}")
+def retrieve_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
+    return render_job(jobs, jobs.get_job(tenant.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
+    """Cancel: immediate for a waiting job; a running one stops within seconds and publishes nothing."""
+    return render_job(jobs, jobs.request_cancel(tenant.tenant_id, job_id))
+
+
+@router.post("/{job_id}/pause")
+def pause_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
+    """Pause: a queued job leaves the queue; a running one checkpoints and stops."""
+    return render_job(jobs, jobs.request_pause(tenant.tenant_id, job_id))
+
+
+@router.post("/{job_id}/resume")
+def resume_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
+    """Resume a paused job: back in the queue, continuing from its last checkpoint."""
+    return render_job(jobs, jobs.resume(tenant.tenant_id, job_id))
+
+
+def _event_cursor(value: str | None, *, param: str) -> str | None:
+    """An event id used as a cursor (`after`, `Last-Event-ID`); 400 unless it looks like one of ours."""
+    if value is None or value == "":
+        return None
+    if not _EVENT_ID.fullmatch(value):
+        raise InvalidRequest(f"Invalid event id {value!r} in {param}; pass the id of an event.", param=param)
+    return value
+
+
+def _wants_stream(stream: bool, accept: str | None) -> bool:
+    return stream or (accept is not None and "text/event-stream" in accept and "application/json" not in accept)
+
+
+@router.get("/{job_id}/events", response_model=None)
+def list_events(
+    job_id: str,
+    request: Request,
+    tenant: CurrentTenant,
+    jobs: JobsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    stream: bool = False,
+    accept: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> dict | Response:
+    """The job's events, newest first (OpenAI's list); with `?stream=true` a live text/event-stream."""
+    job = jobs.get_job(tenant.tenant_id, job_id)
+    after = _event_cursor(after, param="after")
+    if _wants_stream(stream, accept):
+        resume_from = _event_cursor(last_event_id, param="Last-Event-ID") or after
+        return event_stream_response(request, jobs, job, after=resume_from)
+    page, has_more = jobs.list_events(job.id, after=after, limit=limit)
+    return list_envelope([event_object(e) for e in page], has_more=has_more)
+
+
+@router.get("/{job_id}/events/stream", response_model=None)
+def stream_events(
+    job_id: str,
+    request: Request,
+    tenant: CurrentTenant,
+    jobs: JobsDep,
+    after: str | None = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    """Live Server-Sent Events: past events (after `after`/`Last-Event-ID`), then new ones as they come."""
+    job = jobs.get_job(tenant.tenant_id, job_id)
+    resume_from = _event_cursor(last_event_id, param="Last-Event-ID") or _event_cursor(after, param="after")
+    return event_stream_response(request, jobs, job, after=resume_from)
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(
+    job_id: str,
+    tenant: CurrentTenant,
+    jobs: JobsDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict:
+    """The job's checkpoints, newest first (OpenAI's `fine_tuning.job.checkpoint` objects)."""
+    job = jobs.get_job(tenant.tenant_id, job_id)
+    checkpoints = jobs.list_checkpoints(job.id)
+    if after is not None:
+        ids = [c.id for c in checkpoints]
+        if after not in ids:
+            raise InvalidRequest(f"No checkpoint with id {after!r} to page after.", param="after")
+        checkpoints = checkpoints[ids.index(after) + 1:]
+    page = checkpoints[:limit]
+    return list_envelope([checkpoint_object(job, c) for c in page], has_more=len(checkpoints) > limit)

@@ -1,0 +1,177 @@
+"""Request bodies of the API as pydantic models: the shape checks done before any Redis call.
+
+Field names and limits follow OpenAI's fine-tuning API (metadata: ≤16 keys, keys ≤64 chars, values
+≤512 chars; suffix ≤64 chars) so the official SDK's requests validate unchanged. Our own extension is
+the `lora` block. Unknown fields are rejected (`Unrecognized request argument supplied: ...`) so a typo
+is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "Hyperparameters",
+    "SupervisedMethod",
+    "Method",
+    "LoraRequest",
+    "JobCreateRequest",
+    "TenantCreateRequest",
+    "KeyCreateRequest",
+    "NAME_PATTERN",
+    "check_name",
+]
+
+METADATA_MAX_KEYS = 16
+METADATA_MAX_KEY_CHARS = 64
+METADATA_MAX_VALUE_CHARS = 512
+
+# Names that end up in object-store paths and Redis keys: no slashes, no "..", no leading dot.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(value: str, *, what: str) -> str:
+    """Return `value` if it is a safe name for paths and keys; ValueError explaining the rule if not."""
+    if not NAME_PATTERN.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, without '..' or '/'"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(_Strict):
+    """OpenAI's supervised hyperparameters; each may be "auto" (the worker picks from the dataset)."""
+
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class SupervisedMethod(_Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(_Strict):
+    """OpenAI's `method` block; only supervised fine-tuning is offered."""
+
+    type: Literal["supervised"] = Field(
+        description="Fine-tuning method. Only 'supervised' is supported (no 'dpo' or 'reinforcement')."
+    )
+    supervised: SupervisedMethod | None = None
+
+
+class LoraRequest(_Strict):
+    """Our extension: the LoRA adapter to train. Omitted fields take the training engine's defaults."""
+
+    r: int | None = Field(default=None, gt=0, description="LoRA rank; at most the base model's max_rank.")
+    alpha: float | None = Field(default=None, gt=0, description="Scale numerator α.")
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = Field(
+        default=None, description="Module names to adapt, or 'all-linear'."
+    )
+    use_rslora: bool | None = Field(default=None, description="Scale by α/√r instead of α/r.")
+    use_dora: bool | None = Field(default=None, description="Weight-decomposed LoRA (DoRA).")
+    quantization: Literal["nf4", "int8", "none"] | None = Field(
+        default=None, description="Base model quantization; default: the catalog entry's."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _as_list(cls, value: list[str] | str | None) -> list[str] | None:
+        if value is None:
+            return None
+        names = [value] if isinstance(value, str) else list(value)
+        cleaned = [n.strip() for n in names]
+        if any(not n for n in cleaned):
+            raise ValueError("module names must be non-empty strings")
+        return list(dict.fromkeys(cleaned))
+
+
+class JobCreateRequest(_Strict):
+    """`POST /v1/fine_tuning/jobs`, as the OpenAI SDK sends it, plus `lora`."""
+
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None
+    integrations: list[dict] | None = None
+    lora: LoraRequest | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _safe_suffix(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        return check_name(value, what="suffix")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        problems = []
+        if len(value) > METADATA_MAX_KEYS:
+            problems.append(f"at most {METADATA_MAX_KEYS} keys are allowed (got {len(value)})")
+        for key, item in value.items():
+            if len(key) > METADATA_MAX_KEY_CHARS:
+                problems.append(f"key {key[:20]!r}... is longer than {METADATA_MAX_KEY_CHARS} characters")
+            if len(item) > METADATA_MAX_VALUE_CHARS:
+                problems.append(f"value of {key!r} is longer than {METADATA_MAX_VALUE_CHARS} characters")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value: list[dict] | None) -> list[dict] | None:
+        if value:
+            raise ValueError("integrations (e.g. Weights & Biases) are not supported by this server")
+        return None
+
+    @model_validator(mode="after")
+    def _one_place_for_hyperparameters(self) -> JobCreateRequest:
+        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        if nested is not None and self.hyperparameters is not None:
+            raise ValueError(
+                "give hyperparameters either in method.supervised.hyperparameters or in the older "
+                "top-level hyperparameters, not both"
+            )
+        return self
+
+    def effective_hyperparameters(self) -> Hyperparameters:
+        """The hyperparameters wherever they were given (method block first), defaults otherwise."""
+        if self.method and self.method.supervised and self.method.supervised.hyperparameters:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class TenantCreateRequest(_Strict):
+    """`POST /v1/admin/tenants`."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_name(value, what="tenant name")
+
+
+class KeyCreateRequest(_Strict):
+    """`POST /v1/admin/tenants/{id}/keys`."""
+
+    role: Literal["member", "admin"] = "member"

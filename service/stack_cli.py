@@ -1,0 +1,97 @@
+"""The CLI commands that start processes: `up` (the whole local stack), `serve` (API), `worker` (dispatcher),
+and `model make-tiny` (the offline tiny base model)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from fleet.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(f"LORAFLEET_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                             for err in e.errors())
+        raise typer.BadParameter(f"invalid settings: {problems}") from e
+
+
+def up(
+    port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where Redis, objects, models and logs live.")] = Path("./var"),
+    host: Annotated[str, typer.Option(help="Interface the API listens on.")] = "127.0.0.1",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Start the whole stack in the foreground: redis-server, Ray, the API, a dispatcher, a tiny model."""
+    from service.stack import StackOptions, run_local_stack
+
+    _configure_logging(log_level)
+    raise typer.Exit(run_local_stack(StackOptions(port=port, host=host, data_dir=data_dir)))
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Serve the REST API (settings from LORAFLEET_* environment variables)."""
+    from service.server import run_server
+
+    _configure_logging(log_level)
+    run_server(_settings(), host=host, port=port, log_level=log_level)
+
+
+def worker(
+    worker_id: Annotated[str | None, typer.Option(help="Name in leases and events; default host:pid.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run a dispatcher: claim queued jobs, train them on Ray, publish adapters (until SIGTERM/Ctrl-C)."""
+    from workers.dispatcher import Dispatcher
+
+    _configure_logging(log_level)
+    dispatcher = Dispatcher(_settings(), worker_id=worker_id)
+    dispatcher.connect_ray()
+    # After Ray's own handlers: SIGTERM behaves like Ctrl-C, so a running job is handed back to the
+    # queue and resumes elsewhere from its last checkpoint.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        dispatcher.run_forever()
+    except KeyboardInterrupt:
+        logging.getLogger(__name__).info("dispatcher stopped")
+
+
+model_app = typer.Typer(help="Base models.", no_args_is_help=True)
+
+
+@model_app.command("make-tiny")
+def make_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random init.")] = 0,
+) -> None:
+    """Generate the tiny Llama-architecture model + tokenizer offline (random weights, for tests/demos)."""
+    from workers.tiny_model import make_tiny_model
+
+    path = make_tiny_model(out_dir, seed=seed)
+    typer.echo(f"wrote a tiny Llama model to {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the `lorafleet` CLI."""
+    app.command("up")(up)
+    app.command("serve")(serve)
+    app.command("worker")(worker)
+    app.add_typer(model_app, name="model")

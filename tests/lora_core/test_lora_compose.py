@@ -1,0 +1,140 @@
+"""Several adapters on one base, combining adapters (linear exact, TIES), and the rank report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_core
+from lora_core import LoraConfig, apply_lora
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def two_adapters(load_tiny, randomize):
+    model = load_tiny()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="math")
+    lora_core.add_adapter(model, LoraConfig(r=2, alpha=2, target_modules=["v_proj", "up_proj"], use_rslora=True),
+                          "code")
+    randomize(model)
+    return model, base
+
+
+def test_add_switch_disable_delete(two_adapters, load_tiny, batch):
+    model, _ = two_adapters
+    base_logits = _logits(load_tiny(), batch)
+    assert lora_core.active_adapters(model) == ("math",)
+    math_logits = _logits(model, batch)
+    lora_core.set_active_adapter(model, "code")
+    code_logits = _logits(model, batch)
+    assert (math_logits - code_logits).abs().max() > 1e-3
+    with lora_core.adapters_disabled(model):
+        assert torch.equal(_logits(model, batch), base_logits)
+    assert torch.equal(_logits(model, batch), code_logits)
+    lora_core.delete_adapter(model, "math")
+    assert set(lora_core.list_adapters(model)) == {"code"}
+    assert torch.equal(_logits(model, batch), code_logits)
+    assert not any("q_proj" in p for p, _ in lora_core.lora_layers(model)), "q_proj held only 'math': unwrapped"
+    with pytest.raises(lora_core.AdapterNotFoundError, match="no adapter named 'math'"):
+        lora_core.set_active_adapter(model, "math")
+
+
+def test_two_active_adapters_add_up(two_adapters, batch, load_tiny):
+    model, _ = two_adapters
+    base = _logits(load_tiny(), batch)
+    math = _logits(model, batch)
+    lora_core.set_active_adapter(model, "code")
+    code = _logits(model, batch)
+    lora_core.set_active_adapter(model, ["math", "code"])
+    both = _logits(model, batch)
+    assert both.shape == base.shape and (both - math).abs().max() > 1e-3 and (both - code).abs().max() > 1e-3
+
+
+def test_saving_one_of_several_adapters_round_trips(two_adapters, load_tiny, batch, tmp_path):
+    model, _ = two_adapters
+    lora_core.set_active_adapter(model, "code")
+    expected = _logits(model, batch)
+    lora_core.save_adapter(model, tmp_path / "code", adapter_name="code")
+    loaded = lora_core.load_adapter(load_tiny(), tmp_path / "code")
+    torch.testing.assert_close(_logits(loaded, batch), expected, rtol=0, atol=1e-5)
+
+
+def test_linear_combination_is_exact_by_concatenating_ranks(two_adapters):
+    model, _ = two_adapters
+    lora_core.combine_adapters(model, {"math": 0.7, "code": -1.5}, "mix")
+    config = lora_core.list_adapters(model)["mix"]
+    assert config.r == 6 and config.scale == 1.0
+    for path, layer in lora_core.lora_layers(model):
+        expected = torch.zeros(layer.out_features, layer.in_features)
+        if "math" in layer.lora_A:
+            expected += 0.7 * layer.delta_weight("math")
+        if "code" in layer.lora_A:
+            expected += -1.5 * layer.delta_weight("code")
+        torch.testing.assert_close(layer.delta_weight("mix"), expected, rtol=0, atol=1e-6, msg=path)
+
+
+def test_ties_keeps_agreeing_signs_and_trims_small_entries():
+    a = torch.tensor([[3.0, -1.0, 0.1, 2.0]])
+    b = torch.tensor([[1.0, 2.0, -0.1, -4.0]])
+    merged = lora_core.ties_merge([a, b], density=0.5)
+    # a keeps {3, 2}, b keeps {2, -4}; elected signs: +, +, 0, - ; disjoint means: 3, 2, 0, -4
+    assert torch.equal(merged, torch.tensor([[3.0, 2.0, 0.0, -4.0]]))
+
+
+def test_ties_combination_adds_a_low_rank_adapter_close_to_the_ties_update(two_adapters):
+    model, _ = two_adapters
+    lora_core.combine_adapters(model, {"math": 1.0, "code": 1.0}, "ties", method="ties", density=1.0, rank=64)
+    for _, layer in lora_core.lora_layers(model):
+        present = [n for n in ("math", "code") if n in layer.lora_A]
+        target = lora_core.ties_merge([layer.delta_weight(n).detach() for n in present], 1.0)
+        torch.testing.assert_close(layer.delta_weight("ties").detach(), target, rtol=0, atol=1e-5)
+
+
+def test_dora_adapters_cannot_be_combined(load_tiny):
+    model = apply_lora(load_tiny(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(lora_core.LoraError, match="uses DoRA"):
+        lora_core.combine_adapters(model, {"default": 1.0}, "x")
+
+
+def test_rank_report_matches_a_dense_svd(load_tiny, randomize):
+    model = apply_lora(load_tiny(), LoraConfig(r=8, alpha=16, target_modules=["q_proj", "down_proj"]))
+    randomize(model)
+    report = lora_core.rank_report(model)
+    assert len(report.modules) == 8
+    for entry in report.modules:
+        layer = model.get_submodule(entry.module)
+        dense = torch.linalg.svdvals(layer.delta_weight("default").double())[:8]
+        torch.testing.assert_close(torch.tensor(entry.singular_values, dtype=torch.float64), dense,
+                                   rtol=1e-6, atol=1e-9)
+        assert 1 <= entry.effective_rank_90 <= entry.effective_rank_99 <= 8
+    assert "rank report for adapter 'default'" in str(report)
+
+
+def test_rank_report_verdicts():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    apply_lora(model, LoraConfig(r=8, target_modules=["0", "1", "2"]))
+    with torch.no_grad():
+        # layer 0: rank-1 update -> oversized; layer 1: 8 equal directions -> saturated; layer 2: untrained
+        u, v = torch.randn(64, 1), torch.randn(1, 64)
+        model[0].lora_B["default"].zero_()[:, :1] = u
+        model[0].lora_A["default"].copy_(torch.cat([v, torch.zeros(7, 64)]))
+        q, _ = torch.linalg.qr(torch.randn(64, 8))
+        model[1].lora_B["default"].copy_(q)
+        model[1].lora_A["default"].copy_(q.T)
+    report = lora_core.rank_report(model)
+    verdicts = [m.verdict.split(":")[0] for m in report.modules]
+    assert verdicts == ["oversized", "saturated", "untrained"]
+    assert [m.effective_rank_99 for m in report.modules] == [1, 8, 0]
+
+
+def test_effective_rank_counts_energy():
+    assert lora_core.effective_rank(torch.tensor([3.0, 1.0, 0.0]), 0.9) == 1
+    assert lora_core.effective_rank(torch.tensor([3.0, 1.0, 0.0]), 0.99) == 2
+    assert lora_core.effective_rank(torch.zeros(4), 0.9) == 0

@@ -1,0 +1,321 @@
+"""/v1/fine_tuning/jobs over real HTTP with the official openai SDK: create, list, get, steer, events, checkpoints.
+
+No worker runs here: jobs wait in the queue, and the running/succeeded shapes are produced by driving
+fleet's JobStore the way a dispatcher does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import openai
+import pytest
+
+from fleet.jobs import JobStatus
+from fleet.queue import JobStore
+from fleet.settings import make_redis
+
+
+@pytest.fixture
+def uploaded(api_server, tenant_a, dataset_path):
+    with open(dataset_path, "rb") as fh:
+        return api_server.openai(tenant_a.api_key).files.create(file=fh, purpose="fine-tune")
+
+
+@pytest.fixture
+def job_store(api_server):
+    client = make_redis(api_server.settings)
+    yield JobStore(client)
+    client.close()
+
+
+def test_create_retrieve_list_cancel_with_the_openai_sdk(api_server, tenant_a, uploaded):
+    client = api_server.openai(tenant_a.api_key)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=uploaded.id,
+        suffix="adder",
+        seed=7,
+        metadata={"team": "nlp"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+        extra_body={"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+    )
+    assert job.object == "fine_tuning.job"
+    assert job.id.startswith("ftjob-")
+    assert job.status == "queued"
+    assert job.model == "tiny-llama"
+    assert job.training_file == uploaded.id
+    assert job.organization_id == tenant_a.id
+    assert job.seed == 7
+    assert job.metadata == {"team": "nlp"}
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
+    assert job.hyperparameters.learning_rate_multiplier == "auto"
+    assert job.method.type == "supervised"
+    assert job.fine_tuned_model is None and job.finished_at is None
+    extra = job.model_extra
+    assert extra["lora"]["r"] == 4 and extra["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert extra["lora"]["quantization"] == "nf4"
+    assert extra["queue_position"] == 1
+    assert extra["attempt"] == 0
+
+    assert client.fine_tuning.jobs.retrieve(job.id).id == job.id
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.finished_at is not None
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert any("cancelled" in m for m in messages)
+    assert all(e.object == "fine_tuning.job.event" for e in client.fine_tuning.jobs.list_events(job.id))
+
+
+def test_older_top_level_hyperparameters_and_default_lora(api_server, tenant_a, uploaded):
+    client = api_server.openai(tenant_a.api_key)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=uploaded.id, hyperparameters={"n_epochs": 3}
+    )
+    assert job.hyperparameters.n_epochs == 3
+    assert job.seed is not None  # drawn when not given, so the run is reproducible
+    lora = job.model_extra["lora"]
+    assert lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_all_linear_expands_to_the_models_linear_layers(api_server, tenant_a, uploaded):
+    with api_server.client(tenant_a.api_key) as c:
+        r = c.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": uploaded.id, "lora": {"target_modules": "all-linear"}})
+    assert r.status_code == 200, r.text
+    assert "down_proj" in r.json()["lora"]["target_modules"]
+
+
+# (patch to a valid body, the param the 400 names, fragments its message contains)
+INVALID_CREATES = [
+        ({"model": "gpt-9"}, "model", ["gpt-9", "tiny-llama"]),
+        ({"training_file": "file-missing"}, "training_file", ["file-missing"]),
+        ({"validation_file": "file-missing"}, "validation_file", ["file-missing"]),
+        ({"lora": {"r": 0}}, "lora.r", ["greater than 0"]),
+        ({"lora": {"r": -3}}, "lora.r", ["greater than 0"]),
+        ({"lora": {"r": 128}}, "lora.r", ["128", "64"]),
+        ({"lora": {"target_modules": ["q_proj", "qq_proj"]}}, "lora.target_modules", ["qq_proj", "down_proj"]),
+        ({"lora": {"dropout": 1.5}}, "lora.dropout", ["less than 1"]),
+        ({"lora": {"quantization": "fp3"}}, "lora.quantization", ["nf4"]),
+        ({"suffix": "../../etc"}, "suffix", ["'..'"]),
+        ({"suffix": "a/b"}, "suffix", ["a/b"]),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", ["16"]),
+        ({"method": {"type": "dpo"}}, "method.type", ["supervised"]),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", ["n_epochs"]),
+        ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size", ["batch_size"]),
+        ({"learning_rate": 1}, "learning_rate", ["Unrecognized"]),
+        ({"training_file": None}, "training_file", ["training_file"]),
+]
+
+
+def test_invalid_create_requests_get_400_naming_the_field(api_server, tenant_a, uploaded):
+    with api_server.client(tenant_a.api_key) as c:
+        for patch, param, fragments in INVALID_CREATES:
+            r = c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded.id, **patch})
+            assert r.status_code == 400, (patch, r.text)
+            error = r.json()["error"]
+            assert error["param"] == param, (patch, error)
+            for fragment in fragments:
+                assert fragment in error["message"], (patch, error)
+        assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was queued
+
+
+def test_unknown_model_through_the_sdk_raises_bad_request(api_server, tenant_a, uploaded):
+    client = api_server.openai(tenant_a.api_key)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(model="nope", training_file=uploaded.id)
+    assert info.value.param == "model"
+    assert "tiny-llama" in info.value.message
+
+
+def test_malformed_json_bodies_get_400(api_server, tenant_a):
+    cases = [(b'{"model": "tiny-llama", ', "JSON"), (b"[1, 2]", "JSON object"), (b"", "body"), (b"\xff\xfe", "JSON")]
+    with api_server.client(tenant_a.api_key) as c:
+        for content, fragment in cases:
+            r = c.post("/v1/fine_tuning/jobs", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (content, r.text)
+            assert fragment in r.json()["error"]["message"], (content, r.text)
+
+
+def test_idempotency_key_returns_one_job_and_409_for_another_body(api_server, tenant_a, uploaded):
+    body = {"model": "tiny-llama", "training_file": uploaded.id, "suffix": "once"}
+    headers = {"Idempotency-Key": "create-1"}
+    with api_server.client(tenant_a.api_key) as c:
+        first = c.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        again = c.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        other = c.post("/v1/fine_tuning/jobs", json={**body, "suffix": "twice"}, headers=headers)
+        listed = c.get("/v1/fine_tuning/jobs").json()["data"]
+    assert first.status_code == 200 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert other.status_code == 409
+    assert other.json()["error"]["param"] == "Idempotency-Key"
+    assert [j["id"] for j in listed] == [first.json()["id"]]
+
+
+def test_list_paginates_and_filters_on_metadata(api_server, tenant_a, uploaded):
+    client = api_server.openai(tenant_a.api_key)
+    ids = [
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id,
+                                       metadata={"team": "a" if i % 2 else "b", "i": str(i)}).id
+        for i in range(5)
+    ]
+    page = client.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in page.data] == ids[::-1][:2] and page.has_more
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=2)] == ids[::-1]
+    after = client.fine_tuning.jobs.list(limit=2, after=ids[3])
+    assert [j.id for j in after.data] == [ids[2], ids[1]]
+    team_a = client.fine_tuning.jobs.list(metadata={"team": "a"})
+    assert [j.id for j in team_a.data] == [ids[3], ids[1]]
+    with api_server.client(tenant_a.api_key) as c:
+        r = c.get("/v1/fine_tuning/jobs", params={"metadata[team]": "b", "metadata[i]": "2"})
+        assert [j["id"] for j in r.json()["data"]] == [ids[2]]
+        assert c.get("/v1/fine_tuning/jobs", params={"limit": 0}).status_code == 400
+        assert c.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}).status_code == 400
+
+
+def test_queue_position_follows_the_queue(api_server, tenant_a, uploaded):
+    client = api_server.openai(tenant_a.api_key)
+    jobs = [client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id) for _ in range(3)]
+    assert [j.model_extra["queue_position"] for j in jobs] == [1, 2, 3]
+    client.fine_tuning.jobs.cancel(jobs[0].id)
+    assert client.fine_tuning.jobs.retrieve(jobs[2].id).model_extra["queue_position"] == 2
+
+
+def test_pause_and_resume_a_queued_job(api_server, tenant_a, uploaded):
+    client = api_server.openai(tenant_a.api_key)
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.ConflictError) as info:
+        client.fine_tuning.jobs.resume(job.id)
+    assert "cancelled" in info.value.message
+
+
+def test_running_and_succeeded_shapes_events_and_checkpoints(api_server, tenant_a, uploaded, job_store):
+    client = api_server.openai(tenant_a.api_key)
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="adder")
+    claim = job_store.claim_next_job("worker-1", lease_ms=60_000)
+    assert claim is not None and claim.job.id == job.id
+    job_store.record_progress(job.id, claim.attempt, step=5, total_steps=20, eta_s=30.0,
+                              metrics={"train_loss": 1.25})
+    job_store.append_event(job.id, "info", "step 5/20", {"step": 5, "train_loss": 1.25}, type="metrics")
+    job_store.record_checkpoint(job.id, claim.attempt, 5, "checkpoints/5", {"train_loss": 1.25, "eval_loss": 1.5})
+    job_store.record_checkpoint(job.id, claim.attempt, 10, "checkpoints/10", {"train_loss": 0.75})
+
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running"
+    assert running.estimated_finish is not None
+    assert running.model_extra["progress"] == {
+        "step": 5, "total_steps": 20, "percent": 25.0, "eta_seconds": 30.0, "epoch": None,
+        "metrics": {"train_loss": 1.25},
+    }
+    assert running.model_extra["queue_position"] is None
+    assert running.model_extra["attempt"] == 1
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert [c.step_number for c in checkpoints] == [10, 5]
+    first = checkpoints.data[1]
+    assert first.object == "fine_tuning.job.checkpoint"
+    assert first.fine_tuning_job_id == job.id
+    assert first.metrics.train_loss == 1.25 and first.metrics.valid_loss == 1.5 and first.metrics.step == 5
+    assert first.fine_tuned_model_checkpoint == f"{job.id}:ckpt-step-5"
+    page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)
+    assert len(page.data) == 1 and page.has_more
+
+    job_store.finish_job(job.id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="adder:v1",
+                         trained_tokens=1234)
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded"
+    assert done.fine_tuned_model == "adder:v1"
+    assert done.trained_tokens == 1234
+    assert done.finished_at is not None
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message == "The job has successfully completed."  # newest first
+    metrics_events = [e for e in events if e.type == "metrics"]
+    assert metrics_events and metrics_events[0].data == {"step": 5, "train_loss": 1.25}
+    paged = client.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert [e.id for e in paged.data] == [e.id for e in events[:2]] and paged.has_more
+
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def _read_sse(response, until_event: str = "end"):
+    frames, current = [], {}
+    for line in response.iter_lines():
+        if line == "":
+            if "data" in current:
+                frames.append(current)
+                if current.get("event") == until_event:
+                    return frames
+            current = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(": ")
+        current[name] = json.loads(value) if name == "data" else value
+    return frames
+
+
+def test_event_stream_delivers_backlog_live_events_and_the_end(api_server, tenant_a, uploaded, job_store):
+    client = api_server.openai(tenant_a.api_key)
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="live")
+    claim = job_store.claim_next_job("worker-1", lease_ms=60_000)
+
+    def worker():
+        time.sleep(0.5)
+        for step in (1, 2):
+            job_store.append_event(job.id, "info", f"step {step}", {"step": step, "train_loss": 1.0 / step},
+                                   type="metrics")
+            job_store.record_progress(job.id, claim.attempt, step=step, total_steps=2)
+            time.sleep(0.2)
+        job_store.finish_job(job.id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="live:v1")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        with api_server.client(tenant_a.api_key) as c, c.stream(
+            "GET", f"/v1/fine_tuning/jobs/{job.id}/events", params={"stream": "true"}
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            frames = _read_sse(response)
+    finally:
+        thread.join()
+    assert frames[0]["event"] == "job" and frames[0]["data"]["status"] == "running"
+    events = [f for f in frames if "event" not in f]
+    messages = [f["data"]["message"] for f in events]
+    assert messages[0].startswith("Created fine-tuning job")  # the backlog, oldest first
+    assert "step 1" in messages and "step 2" in messages
+    assert messages[-1] == "The job has successfully completed."
+    assert all(f["id"] == f["data"]["id"] for f in events)
+    assert frames[-1]["event"] == "end"
+    assert frames[-1]["data"]["status"] == "succeeded"
+    assert frames[-1]["data"]["fine_tuned_model"] == "live:v1"
+
+    # Reconnecting with Last-Event-ID replays only what came after it.
+    last_seen = events[-2]["id"]
+    with api_server.client(tenant_a.api_key) as c, c.stream(
+        "GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream", headers={"Last-Event-ID": last_seen}
+    ) as response:
+        replay = _read_sse(response)
+    assert [f["data"]["message"] for f in replay if "event" not in f] == [messages[-1]]
+
+
+def test_a_small_file_serves_as_validation_but_not_as_training_file(api_server, tenant_a, uploaded, make_chat_dataset):
+    client = api_server.openai(tenant_a.api_key)
+    with open(make_chat_dataset("small.jsonl", n=3), "rb") as fh:
+        small = client.files.create(file=fh, purpose="fine-tune")
+    assert small.status_details == "3 examples (chat format)"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=small.id)
+    assert info.value.param == "training_file" and "at least 10" in info.value.message
+    job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, validation_file=small.id)
+    assert job.validation_file == small.id

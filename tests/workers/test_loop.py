@@ -1,0 +1,173 @@
+"""The training loop and its spec: auto hyperparameters, schedules, accumulation, control, learning, NF4."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from workers.loop import train
+from workers.reporting import ListReporter
+from workers.schedule import lr_factor
+from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingSpec, resolve_hyperparameters
+from workers.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture
+def data(tmp_path) -> dict[str, Path]:
+    return {
+        "training_file": write_synthetic_dataset(tmp_path / "train.jsonl", 64, seed=0),
+        "validation_file": write_synthetic_dataset(tmp_path / "val.jsonl", 8, seed=1),
+    }
+
+
+def _spec(model_dir: Path, data: dict[str, Path], **overrides) -> TrainingSpec:
+    hyper = {"n_epochs": 1, "batch_size": 4, "learning_rate": 2e-3, **overrides.pop("hyperparameters", {})}
+    fields = {
+        "base_model": model_dir,
+        "max_seq_len": 64,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "n_checkpoints": 0,
+        **data,
+        **overrides,
+    }
+    return TrainingSpec(hyperparameters=hyper, **fields)
+
+
+# ------------------------------------------------------------------------------------------- spec
+
+
+def test_auto_epochs_follow_openais_rule(tiny_model_dir, data):
+    spec = _spec(tiny_model_dir, data, hyperparameters={"n_epochs": "auto"})
+
+    def epochs(n: int) -> int:
+        return resolve_hyperparameters(spec, n_train_examples=n, n_train_tokens=n * 50).n_epochs
+
+    assert epochs(5) == 20  # too few examples: aim for 100 example-visits
+    assert epochs(2) == 25  # ...but never more than 25 epochs
+    assert epochs(50) == 3
+    assert epochs(20_000) == 1  # too many: at most 25 000 example-visits, at least 1 epoch
+
+
+def test_auto_batch_size_and_learning_rate_scale_with_the_data(tiny_model_dir, data):
+    spec = _spec(tiny_model_dir, data, hyperparameters={"batch_size": "auto", "learning_rate": "auto"})
+    small = resolve_hyperparameters(spec, n_train_examples=100, n_train_tokens=100 * 40)
+    large = resolve_hyperparameters(spec, n_train_examples=200_000, n_train_tokens=200_000 * 640)
+    assert small.batch_size == 1 and large.batch_size == 16
+    assert small.learning_rate == pytest.approx(AUTO_BASE_LEARNING_RATE * 0.5)
+    assert large.learning_rate == pytest.approx(AUTO_BASE_LEARNING_RATE * 1.0)
+    multiplied = {"learning_rate": None, "learning_rate_multiplier": 2.0, "batch_size": 16}
+    scaled = _spec(tiny_model_dir, data, hyperparameters=multiplied)
+    hp = resolve_hyperparameters(scaled, n_train_examples=1000, n_train_tokens=64_000)
+    assert hp.learning_rate == pytest.approx(2 * AUTO_BASE_LEARNING_RATE)
+    assert hp.total_steps == hp.n_epochs * hp.steps_per_epoch and hp.steps_per_epoch == math.ceil(1000 / 16)
+
+
+def test_every_bad_field_is_named_in_one_error(tiny_model_dir, data):
+    with pytest.raises(ValidationError) as err:
+        TrainingSpec(
+            base_model=tiny_model_dir,
+            quantization="fp8",
+            lora={"r": 0},
+            hyperparameters={"n_epochs": 0, "batch_size": "big", "warmup_ratio": 1.5},
+            **data,
+        )
+    text = str(err.value)
+    for field in ("quantization", "lora.r", "hyperparameters.n_epochs", "hyperparameters.batch_size",
+                  "hyperparameters.warmup_ratio"):
+        assert field in text, field
+
+
+def test_missing_files_and_conflicting_rates_are_refused_with_the_field(tiny_model_dir, tmp_path, data):
+    with pytest.raises(ValidationError, match="training_file: .*does not exist"):
+        TrainingSpec(base_model=tiny_model_dir, training_file=tmp_path / "nope.jsonl")
+    with pytest.raises(ValidationError, match="either learning_rate or learning_rate_multiplier"):
+        _spec(tiny_model_dir, data, hyperparameters={"learning_rate": 1e-4, "learning_rate_multiplier": 2.0})
+    with pytest.raises(ValidationError, match="early_stopping_patience: needs a validation_file"):
+        _spec(tiny_model_dir, {"training_file": data["training_file"]}, early_stopping_patience=2)
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    assert [lr_factor(s, warmup_steps=3, total_steps=10, kind="constant") for s in (0, 1, 2, 3, 9)] == [
+        0.25, 0.5, 0.75, 1.0, 1.0
+    ]
+    assert lr_factor(3, warmup_steps=3, total_steps=10, kind="linear") == 1.0
+    assert lr_factor(10, warmup_steps=3, total_steps=10, kind="linear") == 0.0
+    assert lr_factor(10, warmup_steps=3, total_steps=10, kind="cosine") == pytest.approx(0.0)
+    assert lr_factor(6, warmup_steps=0, total_steps=12, kind="cosine") == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+def _tensors(result) -> dict[str, torch.Tensor]:
+    return load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+
+
+def test_accumulating_two_small_batches_equals_one_large_batch(tiny_model_dir, data, tmp_path):
+    """The loss is normalised by the step's loss tokens, not per micro-batch: padding and splits don't matter."""
+    kwargs = {"packing": False, "seed": 1}
+    big = train(_spec(tiny_model_dir, data, hyperparameters={"batch_size": 4, "max_steps": 3}, **kwargs),
+                output_dir=tmp_path / "big", reporter=ListReporter())
+    split = train(
+        _spec(tiny_model_dir, data, hyperparameters={"batch_size": 2, "gradient_accumulation_steps": 2,
+                                                     "max_steps": 3}, **kwargs),
+        output_dir=tmp_path / "split", reporter=ListReporter())
+    a, b = _tensors(big), _tensors(split)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert big.metrics["train_loss"] == pytest.approx(split.metrics["train_loss"], rel=1e-5)
+
+
+def test_cancel_is_seen_at_the_next_step_and_publishes_nothing(tiny_model_dir, data, tmp_path):
+    reporter = ListReporter(control_at={2: "cancel"})
+    result = train(_spec(tiny_model_dir, data), output_dir=tmp_path / "out", reporter=reporter)
+    assert result.status == "cancelled" and result.step == 2 and result.adapter_dir is None
+    assert not (tmp_path / "out" / "adapter").exists()
+    assert [s for s, _ in reporter.metric_rows] == [0, 1, 2]
+
+
+def test_checkpoints_are_spread_over_the_run_and_reported(tiny_model_dir, data, tmp_path):
+    reporter = ListReporter()
+    spec = _spec(tiny_model_dir, data, n_checkpoints=3, hyperparameters={"max_steps": 9, "batch_size": 1})
+    result = train(spec, output_dir=tmp_path / "out", reporter=reporter)
+    assert [s for s, _ in reporter.checkpoints] == [3, 6]  # the 3rd falls on the last step: the adapter
+    assert [p.name for p in result.checkpoints] == ["step-00000003", "step-00000006"]
+    assert result.hyperparameters["total_steps"] == 9
+
+
+def test_continuing_a_published_adapter_starts_where_it_ended(tiny_model_dir, data, tmp_path):
+    first = train(_spec(tiny_model_dir, data, hyperparameters={"max_steps": 4}),
+                  output_dir=tmp_path / "v1", reporter=ListReporter())
+    reporter = ListReporter()
+    train(_spec(tiny_model_dir, data, init_adapter=first.adapter_dir, hyperparameters={"max_steps": 1}),
+          output_dir=tmp_path / "v2", reporter=reporter)
+    start = dict(reporter.metric_rows[0][1])
+    assert start["step"] == 0
+    assert start["val_loss"] == pytest.approx(first.metrics["val_loss"], rel=1e-6)
+
+
+def test_early_stopping_publishes_the_best_evaluation(tiny_model_dir, data, tmp_path):
+    # A rate far too high, unclipped, makes validation loss rise soon; patience 2 stops two evaluations later.
+    spec = _spec(tiny_model_dir, data, early_stopping_patience=2, eval_every_steps=1,
+                 hyperparameters={"learning_rate": 0.5, "lr_scheduler": "constant", "batch_size": 2,
+                                  "max_grad_norm": None})
+    result = train(spec, output_dir=tmp_path / "out", reporter=ListReporter())
+    assert result.stopped_early and result.status == "succeeded"
+    assert result.step == result.best_step + 2 and result.step < result.total_steps
+    best = min(result.history, key=lambda row: row["val_loss"])
+    assert best["step"] == result.best_step
+
+
+@pytest.mark.slow
+def test_nf4_base_trains_a_few_steps(tiny_model_dir, data, tmp_path):
+    spec = _spec(tiny_model_dir, data, quantization="nf4", hyperparameters={"max_steps": 3})
+    result = train(spec, output_dir=tmp_path / "out", reporter=ListReporter())
+    assert result.status == "succeeded" and result.step == 3
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss"]))
+    b = [t for k, t in _tensors(result).items() if "lora_B" in k]
+    assert b and all(t.abs().sum() > 0 for t in b)  # B started at zero: the adapter did learn

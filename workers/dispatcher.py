@@ -1,0 +1,309 @@
+"""The dispatcher: claims jobs from Redis, runs them on Ray Train, streams progress back, publishes adapters.
+
+One dispatcher runs one job at a time (run several for more). For each claim it:
+1. holds the job's lease by heartbeat; losing it (fenced out) means another attempt owns the job;
+2. fetches the dataset files and the latest checkpoint of earlier attempts from the object store;
+3. runs `workers.ray_train.run_training_on_ray`; inside the rank-0 worker a `JobReporter` writes
+   progress and events to Redis, uploads each checkpoint to the object store, and relays cancel/pause;
+4. publishes the adapter through the registry (idempotent per job, fenced by attempt) and finishes
+   the job. Every write carries the attempt number, so a stale attempt can never change the job.
+A dispatcher that dies leaves its lease to expire; any other dispatcher requeues the job and the next
+attempt resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet.checkpoints import download_checkpoint, upload_checkpoint
+from fleet.exceptions import FencedOut, FleetError, InvalidRequest
+from fleet.files import FileStore
+from fleet.jobs import Checkpoint, Job, JobError, JobStatus
+from fleet.queue import Claim, JobStore
+from fleet.registry import AdapterRegistry, adapter_name_for_job
+from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from workers.reporting import Control
+from workers.spec import Hyperparameters, LoraSpec, TrainingSpec
+
+__all__ = ["Dispatcher", "JobReporter", "JobReporterFactory", "build_training_spec"]
+
+logger = logging.getLogger(__name__)
+
+_LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
+
+
+# ------------------------------------------------------------------------------------ job → spec
+def build_training_spec(job: Job, *, base_model: Path, quantization: str | None, work_dir: Path,
+                        training_file: Path, validation_file: Path | None) -> TrainingSpec:
+    """The training engine's spec for a job accepted by the API (whose fields it already validated)."""
+    lora_fields = {k: v for k, v in job.lora.items() if k in LoraSpec.model_fields}
+    hp = job.hyperparameters
+    hyperparameters = Hyperparameters(
+        n_epochs=hp.get("n_epochs", "auto"),
+        batch_size=hp.get("batch_size", "auto"),
+        learning_rate_multiplier=None if hp.get("learning_rate_multiplier", "auto") == "auto"
+        else float(hp["learning_rate_multiplier"]),
+    )
+    return TrainingSpec(
+        base_model=base_model,
+        quantization=None if quantization in (None, "none") else quantization,
+        lora=LoraSpec(**lora_fields),
+        hyperparameters=hyperparameters,
+        training_file=training_file,
+        validation_file=validation_file,
+        seed=job.seed or 0,
+        n_checkpoints=3,
+    )
+
+
+# --------------------------------------------------------------------- reporter inside Ray rank 0
+class JobReporter:
+    """The training loop's Reporter for one attempt of one job: Redis for state, object store for files."""
+
+    def __init__(self, settings: Settings, job_id: str, tenant_id: str, attempt: int) -> None:
+        self.job_id, self.tenant_id, self.attempt = job_id, tenant_id, attempt
+        self.jobs = JobStore(make_redis(settings), max_attempts=settings.max_attempts,
+                             events_max_len=settings.events_max_len)
+        self.store = make_object_store(settings)
+        self.fenced = False
+        self._control: Control = None
+        self._started = time.monotonic()
+        self._first_step: int | None = None
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.jobs.append_event(self.job_id, _LEVELS.get(level, "info"), message)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        total = int(values["total_steps"]) if "total_steps" in values else None
+        if self._first_step is None:
+            self._first_step, self._started = step, time.monotonic()
+        eta_s = None
+        if total and step > self._first_step:
+            rate = (time.monotonic() - self._started) / (step - self._first_step)
+            eta_s = round(rate * (total - step), 1)
+        shown = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+        try:
+            control = self.jobs.record_progress(
+                self.job_id, self.attempt, step=step, total_steps=total, metrics=shown, eta_s=eta_s,
+                epoch=values.get("epoch"), trained_tokens=int(values["tokens"]) if "tokens" in values else None,
+            )
+        except FencedOut:
+            self.fenced = True
+            return
+        self._control = control
+        parts = [f"Step {step}/{total}" if total else f"Step {step}"]
+        for name, label in (("train_loss", "training loss"), ("val_loss", "validation loss"),
+                            ("val_token_accuracy", "validation token accuracy")):
+            if name in shown:
+                parts.append(f"{label}={shown[name]:.4f}")
+        self.jobs.append_event(self.job_id, "info", ", ".join(parts), {"step": step, **shown}, type="metrics")
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
+        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path)
+        try:
+            self.jobs.record_checkpoint(self.job_id, self.attempt, step, prefix)
+        except FencedOut:
+            self.fenced = True
+
+    def control(self) -> Control:
+        if self.fenced:
+            return "cancel"  # another attempt owns the job: stop without writing anything
+        try:
+            return self.jobs.control_signal(self.job_id, self.attempt)
+        except FencedOut:
+            self.fenced = True
+            return "cancel"
+
+
+@dataclass(frozen=True)
+class JobReporterFactory:
+    """Picklable: Ray ships it to the rank-0 worker, which calls it to build its JobReporter."""
+
+    settings: Settings
+    job_id: str
+    tenant_id: str
+    attempt: int
+
+    def __call__(self) -> JobReporter:
+        return JobReporter(self.settings, self.job_id, self.tenant_id, self.attempt)
+
+
+# ------------------------------------------------------------------------------------ heartbeat
+class _Heartbeat:
+    """Renews a claim's lease every heartbeat_ms on its own thread; notes when the claim is lost."""
+
+    def __init__(self, jobs: JobStore, claim: Claim, settings: Settings) -> None:
+        self.jobs, self.claim, self.settings = jobs, claim, settings
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job.id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_ms / 1000):
+            try:
+                self.jobs.renew_lease(self.claim.job.id, self.claim.attempt, self.settings.lease_ms)
+            except FencedOut:
+                logger.warning("lost the lease of %s (attempt %d)", self.claim.job.id, self.claim.attempt)
+                self.lost.set()
+                return
+            except Exception:  # Redis blip: keep trying until the lease would run out
+                logger.exception("heartbeat for %s failed; retrying", self.claim.job.id)
+
+
+# ------------------------------------------------------------------------------------ dispatcher
+class Dispatcher:
+    """Claims and runs jobs until `stop()`; see the module docstring for one job's life."""
+
+    def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        redis = make_redis(settings)
+        self.store = make_object_store(settings)
+        self.jobs = JobStore(redis, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
+        self.files = FileStore(redis, self.store, max_upload_bytes=settings.max_upload_bytes)
+        self.registry = AdapterRegistry(redis, self.store)
+        self.catalog = load_catalog(settings)
+        self.work_root = Path(settings.data_dir).resolve() / "work" / self.worker_id.replace(":", "-")
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def connect_ray(self) -> None:
+        """Join the configured Ray cluster (or start a local one). Ray installs its own signal handlers:
+        callers that want theirs install them after this."""
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.settings.ray_address, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False)
+        logger.info("dispatcher %s joined Ray at %s", self.worker_id, ray.get_runtime_context().gcs_address)
+
+    def run_forever(self) -> None:
+        """The dispatcher's main loop: recover dead owners' jobs, claim, run, repeat."""
+        self.connect_ray()
+        idle_wait_s = max(0.2, min(5.0, self.settings.lease_ms / 2000))
+        while not self._stop.is_set():
+            self.jobs.requeue_expired_leases()
+            claim = self.jobs.claim_next_job(self.worker_id, self.settings.lease_ms)
+            if claim is None:
+                self.jobs.wait_for_work(idle_wait_s)  # woken at once when a job is queued
+                continue
+            self.run_claim(claim)
+
+    def run_claim(self, claim: Claim) -> None:
+        """Run one claimed attempt to its end; never raises for a job's own failure."""
+        job, attempt = claim.job, claim.attempt
+        work_dir = self.work_root / job.id / f"attempt-{attempt}"
+        logger.info("running %s attempt %d in %s", job.id, attempt, work_dir)
+        try:
+            with _Heartbeat(self.jobs, claim, self.settings) as heartbeat:
+                self._run_attempt(job, attempt, work_dir, heartbeat)
+        except FencedOut as e:
+            logger.warning("%s: %s", job.id, e)
+        except KeyboardInterrupt:
+            # Stopping the dispatcher: hand the job back so another one resumes it from its checkpoint.
+            self._finish_quietly(job, attempt, JobStatus.QUEUED)
+            raise
+        except InvalidRequest as e:
+            self._finish_quietly(job, attempt, JobStatus.FAILED,
+                                 error=JobError(code="invalid_request", message=str(e), param=e.param))
+        except Exception as e:
+            logger.exception("job %s attempt %d failed", job.id, attempt)
+            message = f"Training failed: {type(e).__name__}: {e}"
+            if e.__cause__ is not None:
+                message += f" (caused by {type(e.__cause__).__name__}: {e.__cause__})"
+            self._finish_quietly(job, attempt, JobStatus.FAILED,
+                                 error=JobError(code="training_error", message=message[:2000]))
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _finish_quietly(self, job: Job, attempt: int, status: JobStatus, error: JobError | None = None) -> None:
+        try:
+            self.jobs.finish_job(job.id, attempt, status, error=error)
+        except FleetError as e:
+            logger.warning("could not mark %s %s: %s", job.id, status.value, e)
+
+    def _run_attempt(self, job: Job, attempt: int, work_dir: Path, heartbeat: _Heartbeat) -> None:
+        from workers.ray_train import run_training_on_ray
+
+        published = self.registry.published_version(job.id)
+        if published is not None:  # an earlier attempt published, then died before finishing
+            self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=published)
+            return
+        work_dir.mkdir(parents=True, exist_ok=True)
+        base = self.catalog.get(job.model)
+        training = self.files.download(job.tenant_id, job.training_file, work_dir / "train.jsonl")
+        validation_path = None
+        if job.validation_file:
+            validation_path = work_dir / "validation.jsonl"
+            self.files.download(job.tenant_id, job.validation_file, validation_path)
+        spec = build_training_spec(
+            job, base_model=Path(base.path), quantization=job.lora.get("quantization", base.quantization),
+            work_dir=work_dir, training_file=work_dir / "train.jsonl", validation_file=validation_path,
+        )
+        resume_from = self._fetch_latest_checkpoint(job, work_dir / "resume")
+        if resume_from is not None:
+            self.jobs.append_event(job.id, "info", f"Resuming from the checkpoint at step {resume_from[1]}.")
+        result = run_training_on_ray(
+            spec,
+            output_dir=work_dir / "out",
+            reporter_factory=JobReporterFactory(self.settings, job.id, job.tenant_id, attempt),
+            num_workers=self.settings.train_workers_per_job,
+            use_gpu=self.settings.use_gpu,
+            storage_path=self.work_root / "ray",
+            name=f"{job.id}-attempt-{attempt}",
+            max_failures=self.settings.train_max_failures,
+            resume_from=resume_from[0] if resume_from else None,
+        )
+        if heartbeat.lost.is_set():
+            raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training")
+        if result.status == "cancelled":
+            self.jobs.finish_job(job.id, attempt, JobStatus.CANCELLED)
+            return
+        if result.status == "paused":
+            self.jobs.finish_job(job.id, attempt, JobStatus.PAUSED)
+            return
+        assert result.adapter_dir is not None
+        manifest_fields: dict[str, Any] = {
+            "base_model": job.model,
+            "base_model_path": base.path,
+            "lora_config": job.lora,
+            "hyperparameters": result.hyperparameters,
+            "dataset": {"file_id": job.training_file, "sha256": training.sha256,
+                        "validation_file_id": job.validation_file},
+            "final_metrics": result.metrics,
+            "trained_tokens": result.tokens_trained,
+        }
+        ref = self.registry.publish_adapter_version(
+            job.tenant_id, adapter_name_for_job(job.model, job.suffix, job.id), result.adapter_dir, manifest_fields,
+            job_id=job.id, attempt=attempt,
+        )
+        self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=ref,
+                             trained_tokens=result.tokens_trained)
+        logger.info("job %s succeeded: published %s", job.id, ref)
+
+    def _fetch_latest_checkpoint(self, job: Job, dest: Path) -> tuple[Path, int] | None:
+        """Download the job's newest checkpoint (from any earlier attempt), or None if there is none."""
+        latest: Checkpoint | None = self.jobs.latest_checkpoint(job.id)
+        if latest is None:
+            return None
+        local = download_checkpoint(self.store, latest.location, dest / f"step-{latest.step:08d}")
+        return local, latest.step

@@ -1,0 +1,155 @@
+"""Running a TrainingSpec on Ray Train (v2): N TorchTrainer workers, DDP over the adapter, restore on failure.
+
+Every worker runs `workers.loop.train` as one rank of the process group Ray Train sets up (gloo on
+CPU, nccl on GPU). Rank 0 alone writes files and talks to the Reporter; its `control()` answer is
+broadcast each step so all ranks stop together. Each checkpoint is reported with
+`ray.train.report(..., checkpoint=Checkpoint.from_directory(...))`, which copies it to
+`storage_path/name/step-NNNNNNNN`; after a worker failure Ray restarts the group
+(`FailureConfig(max_failures)`) and `ray.train.get_checkpoint()` hands back the latest one.
+
+`storage_path` must be storage every node can reach (a shared filesystem or an s3:// URI) when the
+workers span several nodes; the final adapter comes back to the driver through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workers.checkpoints import checkpoint_name
+from workers.loop import Runtime, TrainingResult, train
+from workers.reporting import Reporter
+from workers.spec import TrainingSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_training_on_ray"]
+
+_FINAL_DIR = "final"
+_RESULT_FILE = "training_result.json"
+
+
+def _numbers_only(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The per-worker function Ray runs; returns rank 0's TrainingResult as a dict."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    spec = TrainingSpec.model_validate(config["spec"])
+    output_dir = Path(config["output_dir"])
+    reporter: Reporter | None = config["reporter_factory"]() if rank == 0 else None
+
+    def on_checkpoint(step: int, path: Path | None, metrics: dict[str, float]) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+        ray.train.report(
+            _numbers_only(metrics), checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step)
+        )
+        # A report is registered only once the controller has consumed it; wait for that, so a
+        # worker dying right after a checkpoint still restarts from it.
+        ray.train.get_all_reported_checkpoints()
+
+    runtime = Runtime(
+        rank=rank, world_size=world_size, device=ray.train.torch.get_device(), on_checkpoint=on_checkpoint
+    )
+    with contextlib.ExitStack() as stack:
+        resume_from = Path(config["resume_from"]) if config["resume_from"] else None
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            restored_dir = Path(stack.enter_context(restored.as_directory()))
+            if (restored_dir / _RESULT_FILE).is_file():  # the run had already finished
+                return json.loads((restored_dir / _RESULT_FILE).read_text())
+            resume_from = restored_dir
+            if reporter is not None:
+                reporter.log(
+                    f"worker group restarted; restoring from checkpoint {restored_dir.name}", "warning"
+                )
+        result = train(
+            spec, output_dir=output_dir, reporter=reporter, resume_from=resume_from, runtime=runtime
+        )
+
+    if result.status == "succeeded":
+        # Hand the adapter to the driver through persistent storage, as a checkpoint of its own.
+        final = None
+        if rank == 0:
+            final = Path(tempfile.mkdtemp(prefix="lorafleet-final-"))
+            shutil.copytree(result.adapter_dir, final / "adapter")
+            (final / _RESULT_FILE).write_text(json.dumps(result.to_dict()))
+        ray.train.report(
+            _numbers_only(result.metrics),
+            checkpoint=ray.train.Checkpoint.from_directory(str(final)) if final else None,
+            checkpoint_dir_name=_FINAL_DIR,
+        )
+        if final is not None:
+            shutil.rmtree(final, ignore_errors=True)
+    return result.to_dict()
+
+
+def run_training_on_ray(
+    spec: TrainingSpec,
+    *,
+    output_dir: Path,
+    reporter_factory: Callable[[], Reporter],
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    storage_path: str | Path,
+    name: str = "lorafleet-job",
+    max_failures: int = 2,
+    resume_from: Path | None = None,
+) -> TrainingResult:
+    """Train `spec` on a Ray Train TorchTrainer and return rank 0's result.
+
+    `reporter_factory` is a picklable zero-argument callable, called inside the rank-0 worker.
+    `resume_from` is a checkpoint directory of an earlier run of the same job (the dispatcher passes
+    it after its own restart); within this run, Ray's latest checkpoint takes precedence after a
+    worker failure. The adapter ends in `output_dir/adapter` on the driver's machine.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    output_dir = Path(output_dir)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "output_dir": str(output_dir),
+            "reporter_factory": reporter_factory,
+            "resume_from": str(resume_from) if resume_from is not None else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(spec.n_checkpoints, 1) + 1),
+        ),
+    )
+    ray_result = trainer.fit()
+    if ray_result.error is not None:
+        raise RuntimeError(f"training job {name!r} failed on Ray") from ray_result.error
+    result = TrainingResult.from_dict(ray_result.return_value)
+    if result.status == "succeeded" and ray_result.checkpoint is not None:
+        with ray_result.checkpoint.as_directory() as final_dir:
+            adapter = output_dir / "adapter"
+            if Path(final_dir, "adapter").resolve() != adapter.resolve():
+                shutil.copytree(Path(final_dir) / "adapter", adapter, dirs_exist_ok=True)
+        result.adapter_dir = output_dir / "adapter"
+    elif result.status == "paused" and ray_result.checkpoint is not None:
+        # The worker's own copy may sit on another node; the persisted one is reachable from here.
+        result.checkpoint = Path(ray_result.checkpoint.path)
+    return result

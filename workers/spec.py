@@ -1,0 +1,265 @@
+"""TrainingSpec, the validated description of one fine-tuning job, and the rules that resolve "auto"."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "AUTO_BASE_LEARNING_RATE",
+    "Hyperparameters",
+    "LoraSpec",
+    "ResolvedHyperparameters",
+    "TrainingSpec",
+    "resolve_hyperparameters",
+]
+
+# The learning rate that `learning_rate_multiplier` multiplies and the centre of the auto rule:
+# the usual LoRA/QLoRA rate for 7B-class models with r = 8..64 (QLoRA paper, Axolotl, torchtune).
+AUTO_BASE_LEARNING_RATE = 2e-4
+
+# OpenAI's published auto rule for n_epochs: aim for 3 epochs, but see at least 100 and at most
+# 25 000 examples in total, never fewer than 1 or more than 25 epochs.
+_TARGET_EPOCHS = 3
+_MIN_TARGET_EXAMPLES = 100
+_MAX_TARGET_EXAMPLES = 25_000
+_MIN_AUTO_EPOCHS = 1
+_MAX_AUTO_EPOCHS = 25
+
+# OpenAI's auto batch size is ~0.2% of the training set, at most 256 examples. Ours counts
+# sequences (packed blocks or padded examples) per micro-batch, so it also has a memory cap.
+_AUTO_BATCH_FRACTION = 0.002
+_MAX_AUTO_BATCH_SEQUENCES = 16
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Strict):
+    """Adapter shape; the fields of `lora_core.LoraConfig`."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_are_plain(cls, names: list[str] | str) -> list[str] | str:
+        if isinstance(names, str):
+            return names
+        bad = [n for n in names if not n or not n.replace("_", "").replace(".", "").isalnum()]
+        if bad:
+            raise ValueError(f"module names must be plain identifiers like 'q_proj', got {bad}")
+        return names
+
+    def to_lora_config(self):
+        """The `lora_core.LoraConfig` this spec describes (imported lazily: lora_core pulls in torch)."""
+        from lora_core import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=self.target_modules
+            if isinstance(self.target_modules, str)
+            else list(self.target_modules),
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+        )
+
+
+class Hyperparameters(_Strict):
+    """Optimisation settings. `n_epochs`, `batch_size` and `learning_rate` accept "auto"."""
+
+    n_epochs: int | Auto = "auto"
+    batch_size: int | Auto = "auto"  # sequences per micro-batch per worker
+    learning_rate: float | Auto | None = None  # None: "auto" unless a multiplier is given
+    learning_rate_multiplier: float | None = Field(None, gt=0, le=100)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # caps optimizer steps; None: n_epochs decides
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs_in_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 100:
+            raise ValueError(f"must be between 1 and 100 or 'auto', got {v}")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_in_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError(f"must be between 1 and 1024 or 'auto', got {v}")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr_in_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1] or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_way_to_set_the_rate(self) -> Hyperparameters:
+        if self.learning_rate not in (None, "auto") and self.learning_rate_multiplier is not None:
+            raise ValueError(
+                "set either learning_rate or learning_rate_multiplier, not both "
+                "(the multiplier scales the auto learning rate)"
+            )
+        return self
+
+
+class TrainingSpec(_Strict):
+    """Everything a worker needs to run one job. Paths are local to the worker."""
+
+    base_model: Path
+    quantization: Literal["nf4", "int8"] | None = None
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    training_file: Path
+    validation_file: Path | None = None
+    init_adapter: Path | None = None  # continue training from this adapter dir (PEFT layout)
+    max_seq_len: int = Field(1024, ge=16, le=131_072)
+    packing: bool = True
+    train_on_inputs: bool = False
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    eval_every_steps: int | None = Field(None, ge=1)  # None: evaluate once per epoch (if validation)
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    n_checkpoints: int = Field(1, ge=0, le=100)  # spread evenly over the run; the latest are kept
+    gradient_checkpointing: bool = True
+    bf16: bool = True  # autocast to bfloat16 on CUDA; ignored on CPU
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> TrainingSpec:
+        problems = []
+        if not self.base_model.is_dir():
+            problems.append(f"base_model: {self.base_model} is not a directory with a model")
+        if not self.training_file.is_file():
+            problems.append(f"training_file: {self.training_file} does not exist")
+        if self.validation_file is not None and not self.validation_file.is_file():
+            problems.append(f"validation_file: {self.validation_file} does not exist")
+        if self.init_adapter is not None and not (self.init_adapter / "adapter_config.json").is_file():
+            problems.append(f"init_adapter: {self.init_adapter} has no adapter_config.json")
+        if self.early_stopping_patience is not None and self.validation_file is None:
+            problems.append("early_stopping_patience: needs a validation_file to watch")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedHyperparameters:
+    """The values a job actually trains with, after "auto" is resolved; reported back to the user."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    gradient_accumulation_steps: int
+    warmup_ratio: float
+    warmup_steps: int
+    lr_scheduler: str
+    weight_decay: float
+    max_grad_norm: float | None
+    steps_per_epoch: int
+    total_steps: int
+    world_size: int
+
+    @property
+    def global_batch_sequences(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _auto_epochs(n_train_examples: int) -> int:
+    if n_train_examples * _TARGET_EPOCHS < _MIN_TARGET_EXAMPLES:
+        return min(_MAX_AUTO_EPOCHS, max(_MIN_AUTO_EPOCHS, _MIN_TARGET_EXAMPLES // n_train_examples))
+    if n_train_examples * _TARGET_EPOCHS > _MAX_TARGET_EXAMPLES:
+        return max(_MIN_AUTO_EPOCHS, _MAX_TARGET_EXAMPLES // n_train_examples)
+    return _TARGET_EPOCHS
+
+
+def _auto_batch_size(n_train_sequences: int) -> int:
+    # Largest power of two not above 0.2% of the sequences, in [1, 16].
+    target = max(1.0, _AUTO_BATCH_FRACTION * n_train_sequences)
+    return int(min(_MAX_AUTO_BATCH_SEQUENCES, 2 ** math.floor(math.log2(target))))
+
+
+def _auto_learning_rate(global_batch_sequences: int) -> float:
+    # Square-root scaling with the batch around 16 sequences, clamped to [0.5x, 2x] of the base rate.
+    factor = min(2.0, max(0.5, math.sqrt(global_batch_sequences / 16)))
+    return AUTO_BASE_LEARNING_RATE * factor
+
+
+def resolve_hyperparameters(
+    spec: TrainingSpec,
+    *,
+    n_train_examples: int,
+    n_train_tokens: int,
+    n_train_sequences: int | None = None,
+    world_size: int = 1,
+) -> ResolvedHyperparameters:
+    """Turn "auto" into numbers from the dataset's size (pure; see docs/training.md for the rules).
+
+    `n_train_tokens` is the number of tokens after truncation; with packing it sets how many
+    sequences of `max_seq_len` the data fills, which is what `batch_size` counts. A caller that has
+    already packed the data passes the exact `n_train_sequences` instead of that estimate.
+    """
+    if n_train_examples < 1:
+        raise ValueError("training_file: has no usable examples")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    hp = spec.hyperparameters
+    if n_train_sequences is not None:
+        n_sequences = max(1, n_train_sequences)
+    elif spec.packing:
+        n_sequences = max(1, math.ceil(n_train_tokens / spec.max_seq_len))
+    else:
+        n_sequences = n_train_examples
+
+    n_epochs = _auto_epochs(n_train_examples) if hp.n_epochs == "auto" else hp.n_epochs
+    batch_size = _auto_batch_size(n_sequences) if hp.batch_size == "auto" else hp.batch_size
+    global_batch = batch_size * hp.gradient_accumulation_steps * world_size
+    if hp.learning_rate in (None, "auto"):
+        learning_rate = _auto_learning_rate(global_batch) * (hp.learning_rate_multiplier or 1.0)
+    else:
+        learning_rate = float(hp.learning_rate)
+
+    # A last partial step still counts: its loss is normalised by its own token count.
+    steps_per_epoch = max(1, math.ceil(n_sequences / global_batch))
+    total_steps = n_epochs * steps_per_epoch
+    if hp.max_steps is not None:
+        total_steps = min(total_steps, hp.max_steps)
+    warmup_steps = math.floor(hp.warmup_ratio * total_steps)
+    return ResolvedHyperparameters(
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        warmup_ratio=hp.warmup_ratio,
+        warmup_steps=warmup_steps,
+        lr_scheduler=hp.lr_scheduler,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        world_size=world_size,
+    )
