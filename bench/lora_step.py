@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of one training step: lora_core vs PEFT, fp32 and NF4 bases.
 
-Usage: .venv/bin/python bench/lora_step.py [--rounds 2] [--steps 4] [--variants]
+Usage: .venv/bin/python bench/lora_step.py [--steps 6] [--variants] [--rss]
 
 A Llama-shaped model (4 layers, hidden 512, GQA, SwiGLU 1408) gets LoRA r=16 on every linear layer but
 lm_head, once through lora_core and once through PEFT (test-only dependency), from the same base weights
@@ -8,13 +8,18 @@ and the same batch. Per case it prints one line ending
     time ratio ours/peft: X    memory ratio ours/peft: Y
 
 Time: both wrapped models live in one process and steps alternate ours, peft, peft, ours, ... so drift
-and noise from other processes fall on both; the figure is the median step time over all rounds.
-Memory: peak RSS growth during one step, in a fresh subprocess per implementation (alternating order).
-torch allocates CPU tensors with malloc, which tracemalloc does not see; with MALLOC_MMAP_THRESHOLD_=64 KiB
-every tensor over 64 KiB is its own mmap, returned to the OS when freed, so RSS follows live tensor
-memory. After a warm-up step we reset the kernel's high-water mark (/proc/self/clear_refs = 5), run
-forward+backward, and report VmHWM − VmRSS(before): every byte the step needed at its peak (activations
-saved for backward, temporaries, gradients). Linux only.
+falls on both; the figure is the median over all rounds of the CPU time of one step (time.process_time)
+with one torch thread. The dev machine is 2 cores shared by several busy processes: wall-clock time there
+swings by 2-5x with the load (and multi-threaded OpenMP spins while descheduled), while single-thread CPU
+time stays within a few percent. Wall time is printed too.
+Memory: the peak of live torch tensor bytes during one forward+backward, above what was live before it
+(activations saved for backward, temporaries, gradients), from the allocation and free events the torch
+profiler records with profile_memory=True, summed in time order. tracemalloc cannot see torch's CPU
+tensors (they come from malloc in C++), and process RSS mixes in allocator caching; the profiler sees
+every tensor allocation of the step exactly. It is measured after the timed steps, on the same models.
+--rss adds a cross-check: peak RSS growth during one step in a fresh subprocess per implementation, with
+MALLOC_MMAP_THRESHOLD_=64 KiB so every tensor over 64 KiB is its own mmap returned to the OS when freed,
+the kernel's high-water mark reset (/proc/self/clear_refs = 5) after a warm-up step, then VmHWM − VmRSS.
 
 --variants also times two older versions of our LoRA branch, to show what each optimisation gave:
   naive:   out + (B(A(x̃))) * s          (PEFT's formula: two output-sized temporaries, scale on out)
@@ -93,14 +98,15 @@ def batch() -> torch.Tensor:
     return torch.randint(3, SHAPE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-def step(model, ids) -> float:
-    start = time.perf_counter()
+def step(model, ids) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one forward+backward."""
+    cpu, wall = time.process_time(), time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    elapsed = time.perf_counter() - start
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     for p in model.parameters():
         p.grad = None
-    return elapsed
+    return cpu, wall
 
 
 # ---- child processes --------------------------------------------------------------------------------
@@ -112,16 +118,37 @@ def child_time(base_dir: Path, quant: str | None, steps: int, variants: list[str
     for variant in variants:
         models[variant] = wrap(load(base_dir, quant), "ours").train()
     ids = batch()
-    times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
+    wall: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     for round_ in range(steps + 1):
         order = names if round_ % 2 == 0 else names[::-1]
         for name in order:
             _use_variant(name if name != "peft" else "current")
-            elapsed = step(models[name], ids)
+            cpu_s, wall_s = step(models[name], ids)
             if round_ > 0:  # round 0 warms up
-                times[name].append(elapsed)
-    return {name: statistics.median(v) for name, v in times.items()}
+                cpu[name].append(cpu_s)
+                wall[name].append(wall_s)
+    result = {name: [statistics.median(cpu[name]), statistics.median(wall[name])] for name in models}
+    for name in (["current", "peft"] if steps % 2 else ["peft", "current"]):
+        _use_variant(name if name != "peft" else "current")
+        result[name].append(peak_step_bytes(models[name], ids))
+    return result
+
+
+def peak_step_bytes(model, ids) -> int:
+    """Peak of live torch tensor bytes during one step, relative to its start (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(model, ids)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def child_memory(base_dir: Path, quant: str | None, impl: str, variant: str) -> dict:
@@ -163,12 +190,13 @@ def run_child(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per implementation and round")
-    parser.add_argument("--rounds", type=int, default=2, help="memory measurements per implementation")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per implementation and round")
+    parser.add_argument("--rss", action="store_true", help="also measure peak RSS growth (subprocess per impl)")
     parser.add_argument("--variants", action="store_true", help="also time older versions of our branch")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        torch.set_num_threads(1)
         mode, base_dir, quant, *rest = args.child
         quant_arg = None if quant == "none" else quant
         if mode == "time":
@@ -178,27 +206,27 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    torch.set_num_threads(torch.get_num_threads())
     variants = ["current", "scale_r", "naive"] if args.variants else ["current"]
     shape = ", ".join(f"{k}={v}" for k, v in SHAPE.items())
     print(f"# Llama-shaped {shape}; batch {BATCH}x{SEQ}; LoRA r={RANK} all-linear; "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+          f"{os.cpu_count()} CPUs; time = median CPU s/step, 1 torch thread")
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = make_base(Path(tmp) / "base")
         for quant in ("none", "nf4"):
             label = "fp32 base" if quant == "none" else "nf4 base (fp32 compute)"
             times = run_child("time", str(base_dir), quant, str(args.steps), ",".join(variants))
-            memory: dict[str, list[int]] = {"ours": [], "peft": []}
-            for round_ in range(args.rounds):
-                for impl in (("ours", "peft") if round_ % 2 == 0 else ("peft", "ours")):
-                    memory[impl].append(run_child("memory", str(base_dir), quant, impl, "current")["peak_step_bytes"])
-            mem_ours, mem_peft = min(memory["ours"]), min(memory["peft"])
+            if args.rss:
+                rss = {impl: run_child("memory", str(base_dir), quant, impl, "current")["peak_step_bytes"]
+                       for impl in ("ours", "peft")}
+                print(f"{label}: RSS cross-check: ours {rss['ours'] / 2**20:.1f} MiB, "
+                      f"peft {rss['peft'] / 2**20:.1f} MiB (ratio {rss['ours'] / rss['peft']:.3f})")
+            (ours_cpu, ours_wall, mem_ours), (peft_cpu, peft_wall, mem_peft) = times["current"], times["peft"]
             for variant in variants[1:]:
-                print(f"{label}, variant {variant}: {times[variant] * 1e3:.1f} ms/step "
-                      f"(time ratio {variant}/peft: {times[variant] / times['peft']:.3f})")
-            print(f"{label}: ours {times['current'] * 1e3:.1f} ms/step, {mem_ours / 2**20:.1f} MiB; "
-                  f"peft {times['peft'] * 1e3:.1f} ms/step, {mem_peft / 2**20:.1f} MiB; "
-                  f"time ratio ours/peft: {times['current'] / times['peft']:.3f}  "
+                print(f"{label}, variant {variant}: {times[variant][0] * 1e3:.1f} ms CPU/step "
+                      f"(time ratio {variant}/peft: {times[variant][0] / peft_cpu:.3f})")
+            print(f"{label}: ours {ours_cpu * 1e3:.1f} ms CPU ({ours_wall * 1e3:.0f} ms wall)/step, "
+                  f"{mem_ours / 2**20:.1f} MiB; peft {peft_cpu * 1e3:.1f} ms CPU ({peft_wall * 1e3:.0f} ms wall)/step, "
+                  f"{mem_peft / 2**20:.1f} MiB; time ratio ours/peft: {ours_cpu / peft_cpu:.3f}  "
                   f"memory ratio ours/peft: {mem_ours / mem_peft:.3f}")
 
 

@@ -547,8 +547,11 @@ class JobStore:
         error: JobError | None = None,
         result_files: list[str] | None = None,
         trained_tokens: int | None = None,
+        hyperparameters: dict[str, Any] | None = None,
     ) -> Job:
         """End a running attempt (fenced): succeeded/failed/cancelled, paused, or queued (handed back).
+
+        `hyperparameters`, when given, replaces the requested ones ("auto" included) by the values used.
 
         Raises FencedOut if `attempt` is stale; a stale attempt can never change the job.
         """
@@ -564,6 +567,8 @@ class JobStore:
             fields += ["result_files", json.dumps(result_files)]
         if trained_tokens is not None:
             fields += ["trained_tokens", trained_tokens]
+        if hyperparameters is not None:
+            fields += ["hyperparameters", json.dumps(hyperparameters, separators=(",", ":"), sort_keys=True)]
         reply = self._finish(
             keys=[
                 keys.job(job_id),

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from service import stack_cli
+from service import cli_local
 from service.cli_jobs import jobs_app
 from service.console import (
     DEFAULT_BASE_URL,
@@ -41,7 +41,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
 
 # --- the local stack: `up`, `serve`, `worker`, `model make-tiny` (they start processes) ------------------
-stack_cli.register(app)
+cli_local.register(app)
 
 
 # --- admin --------------------------------------------------------------------------------------------

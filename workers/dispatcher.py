@@ -31,7 +31,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.reporting import Control
-from workers.spec import Hyperparameters, LoraSpec, TrainingSpec
+from workers.spec import AUTO_BASE_LEARNING_RATE, Hyperparameters, LoraSpec, TrainingSpec
 
 __all__ = ["Dispatcher", "JobReporter", "JobReporterFactory", "build_training_spec"]
 
@@ -62,6 +62,18 @@ def build_training_spec(job: Job, *, base_model: Path, quantization: str | None,
         seed=job.seed or 0,
         n_checkpoints=3,
     )
+
+
+def hyperparameters_used(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """The job's `hyperparameters` after training: OpenAI's three with "auto" replaced by the values
+    used, plus every other value the engine resolved (the actual learning_rate, warmup, schedule, ...).
+    An auto multiplier is reported as the chosen rate over the base rate (AUTO_BASE_LEARNING_RATE)."""
+    multiplier = requested.get("learning_rate_multiplier", "auto")
+    if multiplier == "auto":
+        multiplier = round(resolved["learning_rate"] / AUTO_BASE_LEARNING_RATE, 6)
+    openai_view = {"n_epochs": resolved["n_epochs"], "batch_size": resolved["batch_size"],
+                   "learning_rate_multiplier": multiplier}
+    return {**resolved, **openai_view}
 
 
 # --------------------------------------------------------------------- reporter inside Ray rank 0
@@ -259,6 +271,7 @@ class Dispatcher:
             job, base_model=Path(base.path), quantization=job.lora.get("quantization", base.quantization),
             work_dir=work_dir, training_file=work_dir / "train.jsonl", validation_file=validation_path,
         )
+        self._check_datasets(job, spec)
         resume_from = self._fetch_latest_checkpoint(job, work_dir / "resume")
         if resume_from is not None:
             self.jobs.append_event(job.id, "info", f"Resuming from the checkpoint at step {resume_from[1]}.")
@@ -297,8 +310,34 @@ class Dispatcher:
             job_id=job.id, attempt=attempt,
         )
         self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=ref,
-                             trained_tokens=result.tokens_trained)
+                             trained_tokens=result.tokens_trained,
+                             hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
+
+    def _check_datasets(self, job: Job, spec: TrainingSpec) -> None:
+        """The checks that need the base model's tokenizer (the API checked the format at upload):
+        chat template errors, token counts, examples over max_seq_len. Errors fail the job with the
+        file as `param` and the line numbers; warnings (e.g. truncated examples) become job events."""
+        from transformers import AutoTokenizer
+
+        from workers.datasets import validate_dataset
+
+        tokenizer = AutoTokenizer.from_pretrained(str(spec.base_model))
+        files = [("training_file", spec.training_file, 10), ("validation_file", spec.validation_file, 1)]
+        for param, path, min_examples in files:
+            if path is None:
+                continue
+            report = validate_dataset(path, tokenizer=tokenizer, max_seq_len=spec.max_seq_len,
+                                      overflow="truncate", train_on_inputs=spec.train_on_inputs,
+                                      min_examples=min_examples)
+            if not report.ok:
+                problems = "; ".join(str(issue) for issue in report.errors[:20])
+                raise InvalidRequest(f"{param} {getattr(job, param)} is not usable for {job.model}: "
+                                     f"{report.n_errors} problem(s): {problems}", param=param)
+            for issue in report.warnings[:20]:
+                self.jobs.append_event(job.id, "warn", f"{param}: {issue}")
+            if report.token_stats is not None:
+                self.jobs.append_event(job.id, "info", f"{param}: {report.summary().splitlines()[0]}")
 
     def _fetch_latest_checkpoint(self, job: Job, dest: Path) -> tuple[Path, int] | None:
         """Download the job's newest checkpoint (from any earlier attempt), or None if there is none."""

@@ -181,6 +181,9 @@ def test_openai_sdk_fine_tunes_cancels_and_publishes_a_loadable_version(e2e, syn
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "reverser:v1"
     assert done.trained_tokens and done.trained_tokens > 0
+    # "auto" is replaced by the value the engine used.
+    assert done.hyperparameters.n_epochs == 2 and done.hyperparameters.batch_size == 2
+    assert isinstance(done.hyperparameters.learning_rate_multiplier, float)
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     messages = [e.message for e in events]
@@ -210,7 +213,12 @@ def test_openai_sdk_fine_tunes_cancels_and_publishes_a_loadable_version(e2e, syn
     assert [a["name"] for a in listed] == ["reverser"]
 
 
-def test_same_flow_publishes_to_s3(e2e, synthetic, s3_endpoint, tmp_path, tiny_model_dir):
+def _progress_step(client: Any, job_id: str) -> int:
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    return ((job.model_extra or {}).get("progress") or {}).get("step", 0) if job.status == "running" else 0
+
+
+def test_pause_resume_and_publish_to_s3(e2e, synthetic, s3_endpoint, tmp_path, tiny_model_dir):
     server, dispatchers = e2e(object_store="s3", s3_endpoint_url=s3_endpoint.endpoint_url,
                               s3_bucket=s3_endpoint.bucket, s3_prefix=f"e2e-{time.time_ns()}",
                               s3_access_key_id="test", s3_secret_access_key="test")
@@ -219,10 +227,20 @@ def test_same_flow_publishes_to_s3(e2e, synthetic, s3_endpoint, tmp_path, tiny_m
     dispatchers.start("dispatcher-s3")
     train_path, _ = synthetic
     train = client.files.create(file=train_path.open("rb"), purpose="fine-tune")
-    job = _create_job(client, train.id, None, n_epochs=1, suffix="s3-adapter")
+    job = _create_job(client, train.id, None, n_epochs=3, suffix="s3-adapter")
+
+    _wait_for(lambda: _progress_step(client, job.id) >= 2, "the job to make progress")
+    client.fine_tuning.jobs.pause(job.id)
+    paused = _wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "paused" and j,
+                       "the pause to take effect", timeout_s=60)
+    paused_step = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
+    assert paused_step >= 2 and paused.fine_tuned_model is None
+    client.fine_tuning.jobs.resume(job.id)
 
     done = _wait_for(lambda: _finished(client, job.id), f"job {job.id} to finish")
     assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert f"Resuming from the checkpoint at step {paused_step}." in messages, messages
 
     keys = [o["Key"] for o in s3_endpoint.client().list_objects_v2(
         Bucket=s3_endpoint.bucket, Prefix=server.settings.s3_prefix)["Contents"]]

@@ -1,5 +1,5 @@
-"""The CLI commands that start processes: `up` (the whole local stack), `serve` (API), `worker` (dispatcher),
-and `model make-tiny` (the offline tiny base model)."""
+"""CLI commands that act on this machine rather than over HTTP: `up` (the whole local stack), `serve`
+(the API), `worker` (a dispatcher), `model make-tiny` and `data make-synthetic` (offline demo inputs)."""
 
 from __future__ import annotations
 
@@ -89,9 +89,30 @@ def make_tiny(
     typer.echo(f"wrote a tiny Llama model to {path}")
 
 
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+
+
+@data_app.command("make-synthetic")
+def make_synthetic(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for train.jsonl and val.jsonl.")],
+    task: Annotated[str, typer.Option(help="reverse, sort, uppercase or first_last.")] = "reverse",
+    n_train: Annotated[int, typer.Option(help="Training examples.")] = 400,
+    n_val: Annotated[int, typer.Option(help="Validation examples.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write a small synthetic chat dataset (a text transformation) that even the tiny model learns."""
+    from workers.synthetic import TASKS, write_synthetic_splits
+
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; choose one of {', '.join(TASKS)}", param_hint="--task")
+    train, val = write_synthetic_splits(out_dir, n_train=n_train, n_val=n_val, seed=seed, task=task)
+    typer.echo(f"wrote {train} ({n_train} examples) and {val} ({n_val} examples)")
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the `lorafleet` CLI."""
     app.command("up")(up)
     app.command("serve")(serve)
     app.command("worker")(worker)
     app.add_typer(model_app, name="model")
+    app.add_typer(data_app, name="data")
