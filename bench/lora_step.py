@@ -1,6 +1,6 @@
 """Forward+backward time and peak memory of one training step: lora_core vs PEFT, fp32 and NF4 bases.
 
-Usage: .venv/bin/python bench/lora_step.py [--steps 6] [--variants] [--rss]
+Usage: .venv/bin/python bench/lora_step.py [--steps 8] [--variants] [--rss]
 
 A Llama-shaped model (4 layers, hidden 512, GQA, SwiGLU 1408) gets LoRA r=16 on every linear layer but
 lm_head, once through lora_core and once through PEFT (test-only dependency), from the same base weights
@@ -21,10 +21,12 @@ every tensor allocation of the step exactly. It is measured after the timed step
 MALLOC_MMAP_THRESHOLD_=64 KiB so every tensor over 64 KiB is its own mmap returned to the OS when freed,
 the kernel's high-water mark reset (/proc/self/clear_refs = 5) after a warm-up step, then VmHWM − VmRSS.
 
---variants also times two older versions of our LoRA branch, to show what each optimisation gave:
+--variants also times older versions of our LoRA branch, to show what each optimisation gave:
   naive:   out + (B(A(x̃))) * s          (PEFT's formula: two output-sized temporaries, scale on out)
   scale_r: out + (x̃Aᵀ·s)Bᵀ              (scale on the r-wide intermediate, one output-sized temporary)
-  current: out.addmm_(x̃Aᵀ·s, Bᵀ)        (scale on r, fused in-place addmm: no output-sized temporary)
+  addmm:   out.addmm_(x̃Aᵀ·s, Bᵀ)        (plus fused in-place addmm: no output-sized temporary)
+  current: the same as one autograd.Function (one graph node; x saved in the base dtype, not as an
+           fp32 copy, and dropout in the base dtype)
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def make_base(out_dir: Path) -> Path:
 
 
 def load(base_dir: Path, quant: str | None):
+    """fp32 dense base, or NF4 computing in bf16 (the usual QLoRA setting)."""
     import lora_core
 
-    return lora_core.load_base_model(base_dir, quantization=quant, compute_dtype=torch.float32)
+    dtype = torch.float32 if quant is None else torch.bfloat16
+    return lora_core.load_base_model(base_dir, quantization=quant, compute_dtype=dtype)
 
 
 def wrap(model, impl: str, variant: str = "current"):
@@ -83,15 +87,23 @@ def _use_variant(variant: str) -> None:
         x_tilde = self.lora_dropout[name](x.to(A.dtype))
         return (out + (x_tilde @ A.T @ B.T) * self.scale[name]).to(out.dtype)
 
+    def addmm(self, out, x, name):
+        A, B = self.lora_A[name], self.lora_B[name]
+        x_tilde = self.lora_dropout[name](x.to(A.dtype))
+        t = ((x_tilde @ A.T) * self.scale[name]).reshape(-1, A.shape[0])
+        if out.dtype == A.dtype:
+            return out.reshape(-1, out.shape[-1]).addmm_(t, B.T).view(out.shape)
+        return torch.addmm(out.reshape(-1, out.shape[-1]).to(A.dtype), t, B.T).view(out.shape).to(out.dtype)
+
     def scale_r(self, out, x, name):
         A, B = self.lora_A[name], self.lora_B[name]
         x_tilde = self.lora_dropout[name](x.to(A.dtype))
         return (out + ((x_tilde @ A.T) * self.scale[name]) @ B.T).to(out.dtype)
 
-    if variant == "naive":
-        LoraLinear._add_lora = naive
-    elif variant == "scale_r":
-        LoraLinear._add_lora = scale_r
+    if not hasattr(LoraLinear, "_current_add_lora"):
+        LoraLinear._current_add_lora = LoraLinear._add_lora
+    LoraLinear._add_lora = {"naive": naive, "scale_r": scale_r, "addmm": addmm}.get(
+        variant, LoraLinear._current_add_lora)
 
 
 def batch() -> torch.Tensor:
@@ -190,7 +202,7 @@ def run_child(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per implementation and round")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per implementation and round")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS growth (subprocess per impl)")
     parser.add_argument("--variants", action="store_true", help="also time older versions of our branch")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -206,14 +218,14 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    variants = ["current", "scale_r", "naive"] if args.variants else ["current"]
+    variants = ["current", "addmm", "scale_r", "naive"] if args.variants else ["current"]
     shape = ", ".join(f"{k}={v}" for k, v in SHAPE.items())
     print(f"# Llama-shaped {shape}; batch {BATCH}x{SEQ}; LoRA r={RANK} all-linear; "
           f"{os.cpu_count()} CPUs; time = median CPU s/step, 1 torch thread")
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = make_base(Path(tmp) / "base")
         for quant in ("none", "nf4"):
-            label = "fp32 base" if quant == "none" else "nf4 base (fp32 compute)"
+            label = "fp32 base" if quant == "none" else "nf4 base (bf16 compute)"
             times = run_child("time", str(base_dir), quant, str(args.steps), ",".join(variants))
             if args.rss:
                 rss = {impl: run_child("memory", str(base_dir), quant, impl, "current")["peak_step_bytes"]

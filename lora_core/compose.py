@@ -23,13 +23,7 @@ from torch import nn
 
 from lora_core.config import LoraConfig
 from lora_core.exceptions import AdapterNotFoundError, LoraError
-from lora_core.inject import (
-    _replace_submodule,
-    active_adapters,
-    adapter_configs,
-    add_adapter,
-    lora_layers,
-)
+from lora_core.inject import active_adapters, adapter_configs, add_adapter, lora_layers, replace_submodule
 
 # --- adapters on one base -------------------------------------------------------------------------
 
@@ -48,7 +42,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
         if not layer.lora_A:
-            _replace_submodule(model, path, layer.base_layer)
+            replace_submodule(model, path, layer.base_layer)
     del configs[adapter_name]
     return model
 
@@ -105,7 +99,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and replace every LoraLinear by its (now merged) base layer."""
     merge_adapter(model)
     for path, layer in list(lora_layers(model)):
-        _replace_submodule(model, path, layer.base_layer)
+        replace_submodule(model, path, layer.base_layer)
     adapter_configs(model).clear()
     return model
 

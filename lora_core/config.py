@@ -160,7 +160,9 @@ def _validate(cfg: LoraConfig) -> list[str]:
         problems.append(f"target_modules must be non-empty strings, got {list(targets)!r}")
     if cfg.init not in INIT_METHODS:
         problems.append(f"init must be one of {INIT_METHODS}, got {cfg.init!r}")
-    if not all(isinstance(t, str) and t for t in cfg.exclude_modules):
+    if isinstance(cfg.exclude_modules, str):
+        problems.append(f"exclude_modules must be a list of module names, got the string {cfg.exclude_modules!r}")
+    elif not all(isinstance(t, str) and t for t in cfg.exclude_modules):
         problems.append(f"exclude_modules must be non-empty strings, got {list(cfg.exclude_modules)!r}")
     for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(getattr(cfg, name), bool):

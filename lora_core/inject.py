@@ -46,7 +46,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.M
         module = model.get_submodule(path)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
-            _replace_submodule(model, path, module)
+            replace_submodule(model, path, module)
         module.add_adapter(adapter_name, config)
     configs[adapter_name] = config
     freeze_base(model)
@@ -196,7 +196,8 @@ def _output_head_paths(model: nn.Module) -> set[str]:
     return heads
 
 
-def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``path`` inside ``model``."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)

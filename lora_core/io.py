@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_core.compose import delete_adapter
 from lora_core.config import ALL_LINEAR, LoraConfig
 from lora_core.exceptions import AdapterFileError, AdapterNotFoundError, LoraConfigError, TargetModulesError
 from lora_core.inject import active_adapters, adapter_configs, apply_lora, lora_layers
@@ -115,10 +117,9 @@ def save_adapter(
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model, name).items()}
     wrapped = [p for p, layer in lora_layers(model) if name in layer.lora_A]
     fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in lora_layers(model) if name in layer.lora_A)
-    targets = wrapped if config.target_modules == ALL_LINEAR else None
+    # PEFT has no "all-linear minus the head" or exclusion on every version: name the wrapped modules.
+    targets = wrapped if config.target_modules == ALL_LINEAR or config.exclude_modules else None
     if fan_in_fan_out != config.fan_in_fan_out:
-        from dataclasses import replace
-
         config = replace(config, fan_in_fan_out=fan_in_fan_out)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -179,8 +180,6 @@ def load_adapter(
     try:
         set_lora_state_dict(base_model, tensors, adapter_name)
     except AdapterFileError as e:
-        from lora_core.compose import delete_adapter
-
         delete_adapter(base_model, adapter_name)
         raise AdapterFileError(f"{Path(path) / WEIGHTS_FILE}: {e}") from e
     if not trainable:

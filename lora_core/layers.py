@@ -7,8 +7,9 @@ LoRA (Hu et al. 2021, arXiv:2106.09685) with PEFT's numerics, so adapters move b
     h = W0·x + s·B·(A·dropout(x))        dropout on the adapter branch input only
 The branch is computed as ((dropout(x)·Aᵀ)·s)·Bᵀ and added in place to W0·x: the scale touches the
 r-wide intermediate and the addition is one fused addmm, so no extra output-sized tensor is made.
-Adapter parameters are fp32 whatever the base dtype; the input is cast to fp32 for the branch and the
-sum is cast back to the base output's dtype.
+Adapter parameters are fp32 whatever the base dtype; the branch is computed in fp32 and the sum is
+rounded once to the base output's dtype, as PEFT does (dropout runs in the base dtype, and the input
+is saved for backward in the base dtype rather than as an fp32 copy).
 
 DoRA (Liu et al. 2024, arXiv:2402.09353), as PEFT computes it:
     W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row      m: out, initialised to ‖W0‖_row
@@ -81,6 +82,43 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
             scale = base.state.SCB
         return weight.data.float() * (scale.float().view(-1, 1) / 127.0)
     return weight.T if is_conv1d(base) else weight
+
+
+class _LoraDelta(torch.autograd.Function):
+    """out ← out + ((x·Aᵀ)·s)·Bᵀ in place, in fp32, saving x in its own dtype. One autograd node.
+
+    Forward: t = (x·Aᵀ)·s (N×r, the scale costs r multiplies per row, not out) and one addmm into the
+    base output, so no output-sized temporary exists (fp32 base). Saved for backward: x as it came (the
+    same tensor the base layer saved, so no extra memory; a bf16 x stays bf16 instead of an fp32 copy
+    per adapted layer) and t (N×r). Backward with g = ∂L/∂out:
+        ∂L/∂t = g·B·s   ∂L/∂B = gᵀ·t   ∂L/∂A = (∂L/∂t)ᵀ·x   ∂L/∂x += (∂L/∂t)·A   ∂L/∂out_base = g
+    The base output is modified in place: linear and 4-bit matmul backward never read their output,
+    and autograd raises (never miscomputes) if something did.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, A, B, scale):
+        rows = x.reshape(-1, x.shape[-1]).to(A.dtype)  # (N, in) fp32; a no-op for an fp32 base
+        t = (rows @ A.T).mul_(scale)  # (N, r)
+        flat = out.view(-1, out.shape[-1])  # (N, out)
+        if out.dtype == A.dtype:
+            flat.addmm_(t, B.T)
+        else:  # bf16/fp16 base: sum in fp32 as PEFT does, round once into the base output
+            flat.copy_(torch.addmm(flat.to(A.dtype), t, B.T))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, B, t)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, t = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(A.dtype)  # (N, out)
+        grad_t = (g @ B).mul_(ctx.scale)  # (N, r)
+        grad_A = grad_t.T @ x.reshape(-1, x.shape[-1]).to(A.dtype) if ctx.needs_input_grad[2] else None
+        grad_B = g.T @ t if ctx.needs_input_grad[3] else None
+        grad_x = (grad_t @ A).to(x.dtype).view(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_out, grad_x, grad_A, grad_B, None
 
 
 class LoraLinear(nn.Module):
@@ -184,18 +222,11 @@ class LoraLinear(nn.Module):
         return out
 
     def _add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """out + (dropout(x) @ A.T @ B.T) * scale, as ((x̃·Aᵀ)·s)·Bᵀ fused into one addmm."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        x_tilde = self.lora_dropout[name](x.to(A.dtype))  # (..., in), fp32
-        t = (x_tilde @ A.T) * self.scale[name]  # (..., r): the scale costs r, not out, multiplies per row
-        t2 = t.reshape(-1, t.shape[-1])  # (N, r)
-        if out.dtype == A.dtype:
-            # In place on the base output: linear / 4-bit matmul backward never reads its own output, and
-            # autograd would raise (not miscompute) if something did.
-            return out.reshape(-1, self.out_features).addmm_(t2, B.T).view(out.shape)
-        # Base in bf16/fp16: add in fp32 as PEFT does, then round once to the base dtype.
-        summed = torch.addmm(out.reshape(-1, self.out_features).to(A.dtype), t2, B.T)
-        return summed.view(out.shape).to(out.dtype)
+        """out + (dropout(x) @ A.T @ B.T) * scale, computed by _LoraDelta (see there for how)."""
+        x_tilde = self.lora_dropout[name](x)  # (..., in), the base dtype: dropout on the branch input only
+        if not out.is_contiguous():
+            out = out.contiguous()
+        return _LoraDelta.apply(out, x_tilde, self.lora_A[name], self.lora_B[name], self.scale[name])
 
     def _add_dora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B, m, s = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name], self.scale[name]
@@ -225,7 +256,11 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, names: tuple[str, ...] | None = None) -> None:
-        """Write the given (default: active) adapters into the base weight: W ← W + s·B·A (DoRA: W')."""
+        """Write the given (default: active) adapters into the base weight: W ← W + s·B·A (DoRA: W').
+
+        Several DoRA adapters merged in turn each take their norm on the weight merged so far (PEFT
+        takes it on the unmerged base); a single DoRA adapter merges exactly as PEFT does.
+        """
         names = self.active_adapters if names is None else names
         if self.quantization is not None:
             raise QuantizedMergeError(

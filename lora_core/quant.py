@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lora_core.exceptions import LoraError
-from lora_core.inject import freeze_base
+from lora_core.inject import freeze_base, replace_submodule
 from lora_core.layers import dense_weight, keep_trainable_4bit_layout, quantization_of
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
             if module.bias is not None:
                 dense.bias.copy_(module.bias.to(dtype))
         dense.requires_grad_(False)
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, dense)
+        replace_submodule(model, path, dense)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         del config.quantization_config

@@ -21,6 +21,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The test models are tiny: one intra-op thread is as fast as two, and on a busy 2-core machine two
+# OpenMP threads spin-wait for each other (lora_core tests measured 10-40x slower). Set before torch
+# is imported here, and inherited by the dispatcher/API subprocesses the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def free_port() -> int:

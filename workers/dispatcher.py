@@ -105,7 +105,7 @@ class JobReporter:
         try:
             control = self.jobs.record_progress(
                 self.job_id, self.attempt, step=step, total_steps=total, metrics=shown, eta_s=eta_s,
-                epoch=values.get("epoch"), trained_tokens=int(values["tokens"]) if "tokens" in values else None,
+                epoch=values.get("epoch"), trained_tokens=int(values["tokens_trained"]) if "tokens_trained" in values else None,
             )
         except FencedOut:
             self.fenced = True

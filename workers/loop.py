@@ -309,6 +309,10 @@ def train(
     _seed_everything(spec.seed)  # adapter init does not depend on how much RNG data loading used
     model = _build_model(spec, device, compute_dtype)
     params = trainable_parameters(model)
+    for param in params:
+        # Adapter weights and their AdamW state stay fp32 under bf16 autocast (as PEFT does by default):
+        # bf16 updates of lr * m / sqrt(v) round away at small learning rates.
+        param.data = param.data.float()
     loss_module: nn.Module = _TokenLoss(model)
     if runtime.world_size > 1:
         frozen = [n for n, p in loss_module.named_parameters() if not p.requires_grad]
@@ -432,7 +436,7 @@ def train(
         history.append(metrics)
         if say:
             say.metrics(0, metrics)
-    started = time.perf_counter()
+    started, tokens_at_start = time.perf_counter(), tokens_trained
     while step < hp.total_steps and position.epoch < hp.n_epochs:
         batches = make_batches(train_examples, position=position, **batch_args)
         for micro in _grouped(batches, hp.gradient_accumulation_steps):
@@ -442,7 +446,7 @@ def train(
             n_tokens_local = sum(b.n_tokens for b in micro)
             n_loss, n_tokens = _all_reduce_sum([float(n_loss_local), float(n_tokens_local)], runtime, device)
             scale = runtime.world_size / max(n_loss, 1.0)
-            loss_total = 0.0
+            loss_total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync
             for i, batch in enumerate(micro):
                 sync = i == len(micro) - 1 or runtime.world_size == 1
                 no_sync = loss_module.no_sync() if not sync else contextlib.nullcontext()
@@ -450,7 +454,7 @@ def train(
                     with autocast:
                         loss_sum, _ = loss_module({k: v.to(device) for k, v in batch.inputs.items()})
                     (loss_sum * scale).backward()
-                loss_total += loss_sum.item()
+                loss_total += loss_sum.detach()
             if hp.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
             else:
@@ -462,16 +466,18 @@ def train(
             step += 1
             position = micro[-1].next_position
             tokens_trained += int(n_tokens)
-            (loss_all,) = _all_reduce_sum([loss_total], runtime, device)
+            (loss_all,) = _all_reduce_sum([loss_total.item()], runtime, device)
             elapsed = time.perf_counter() - started
             metrics = {
                 "step": step,
+                "total_steps": hp.total_steps,
                 "epoch": position.epoch
                 + position.batch_index / micro_per_epoch[min(position.epoch, hp.n_epochs - 1)],
                 "train_loss": loss_all / max(n_loss, 1.0),
                 "learning_rate": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": tokens_trained / elapsed if elapsed > 0 else 0.0,
+                "tokens_trained": tokens_trained,
+                "tokens_per_s": (tokens_trained - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
             }
             end_of_epoch = position.batch_index == 0
             due_eval = val_examples and (

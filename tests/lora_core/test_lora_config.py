@@ -62,3 +62,13 @@ def test_peft_dict_with_unsupported_fields_is_refused_listing_each():
         LoraConfig.from_peft_dict(data)
     for field in ("rank_pattern", "modules_to_save", "bias"):
         assert field in str(info.value)
+
+
+def test_exclude_modules_must_be_a_list_and_excluded_modules_are_not_wrapped(load_tiny):
+    with pytest.raises(LoraConfigError, match="exclude_modules must be a list"):
+        LoraConfig(exclude_modules="lm_head")
+    import lora_core
+
+    paths = lora_core.find_target_modules(load_tiny(), LoraConfig(target_modules="all-linear",
+                                                                  exclude_modules=["down_proj"]))
+    assert paths and not any(p.endswith("down_proj") for p in paths)

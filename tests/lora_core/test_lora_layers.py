@@ -84,12 +84,17 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_output(load_tiny, ba
         torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=1e-4)
 
 
-def test_adapters_stay_fp32_on_a_bf16_base_and_output_keeps_the_base_dtype():
+def _bf16_layer_with_trained_adapter() -> LoraLinear:
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(32, 16, dtype=torch.bfloat16))
     layer.add_adapter("default", LoraConfig(r=4))
     layer.set_active_adapters(("default",))
-    nn.init.normal_(layer.lora_B["default"])
+    nn.init.normal_(layer.lora_B["default"])  # B ≠ 0 so the branch shows
+    return layer
+
+
+def test_adapters_stay_fp32_on_a_bf16_base_and_output_keeps_the_base_dtype():
+    layer = _bf16_layer_with_trained_adapter()
     assert layer.lora_A["default"].dtype == torch.float32
     x = torch.randn(5, 32, dtype=torch.bfloat16)
     out = layer(x)
@@ -120,3 +125,27 @@ def test_gpt2_conv1d_matches_peft(randomize, tmp_path):
         torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
         merge_adapter(ours)
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_lora_branch_gradients_pass_gradcheck_in_float64():
+    from lora_core.layers import _LoraDelta
+
+    torch.manual_seed(0)
+    out = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda o, x, A, B: _LoraDelta.apply(o.clone(), x, A, B, 0.7), (out, x, A, B))
+
+
+def test_bf16_base_gradients_match_an_fp32_reference():
+    layer = _bf16_layer_with_trained_adapter()
+    x = torch.randn(3, 7, 32, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()
+    A = layer.lora_A["default"].detach().clone().requires_grad_()
+    B = layer.lora_B["default"].detach().clone().requires_grad_()
+    x_ref = x.detach().float().requires_grad_()
+    reference = layer.base_layer(x.detach()).float() + (x_ref @ A.T @ B.T) * layer.scale["default"]
+    reference.to(torch.bfloat16).float().square().sum().backward()
+    torch.testing.assert_close(layer.lora_A["default"].grad, A.grad, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(layer.lora_B["default"].grad, B.grad, rtol=2e-2, atol=1e-2)

@@ -95,21 +95,26 @@ def test_peft_saved_loads_in_ours_with_same_logits(peft_kwargs, load_tiny, batch
     assert (expected - _logits(load_tiny(), batch)).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_training_forward_and_gradients_match_peft(use_dora, load_tiny, batch, randomize):
-    """Same weights → same loss and same adapter gradients (in train mode, dropout 0)."""
+@pytest.mark.parametrize("use_dora, dropout", [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)],
+                         ids=["lora", "dora", "lora-dropout", "dora-dropout"])
+def test_training_forward_and_gradients_match_peft(use_dora, dropout, load_tiny, batch, randomize):
+    """Same weights (and the same dropout masks) → same loss and same adapter gradients in train mode."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     peft_model = get_peft_model(load_tiny(), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                            use_dora=use_dora, task_type="CAUSAL_LM"))
+                                                            lora_dropout=dropout, use_dora=use_dora,
+                                                            task_type="CAUSAL_LM"))
     randomize(peft_model)
-    ours = apply_lora(load_tiny(), LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora))
+    ours = apply_lora(load_tiny(), LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora,
+                                              dropout=dropout))
     lora_core.set_lora_state_dict(ours, _peft_state(peft_model))
     peft_model.train()
     ours.train()
     labels = batch["input_ids"]
+    torch.manual_seed(123)  # both draw their dropout masks in the same module order
     loss_peft = peft_model(**batch, labels=labels).loss
+    torch.manual_seed(123)
     loss_ours = ours(**batch, labels=labels).loss
     loss_peft.backward()
     loss_ours.backward()

@@ -28,6 +28,8 @@ def test_nf4_gradient_checkpointing_trains_every_adapter_and_leaves_the_base_bit
     assert lora_core.is_quantized(model)
     apply_lora(model, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
     prepare_for_training(model, gradient_checkpointing=True, use_reentrant=use_reentrant)
+    # the embedding output requires grad, or reentrant checkpointing would skip the blocks' adapters
+    assert model.get_input_embeddings()(batch["input_ids"]).requires_grad
     layers = dict(lora_core.lora_layers(model))
     assert len(layers) == 4 * 7 and all(layer.quantization == "nf4" for layer in layers.values())
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
@@ -100,3 +102,21 @@ def test_nf4_adapter_outputs_keep_a_bf16_compute_dtype(tiny_model_dir, batch):
 def test_unknown_quantization_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="quantization must be"):
         load_base_model(tiny_model_dir, quantization="nf3")
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_nf4_logits_match_peft_on_the_same_quantized_base(use_dora, tiny_model_dir, batch, randomize):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    peft_model = get_peft_model(
+        load_base_model(tiny_model_dir, quantization="nf4", compute_dtype=torch.float32),
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, task_type="CAUSAL_LM"),
+    )
+    randomize(peft_model)
+    ours = apply_lora(load_base_model(tiny_model_dir, quantization="nf4", compute_dtype=torch.float32),
+                      LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora))
+    lora_core.set_lora_state_dict(ours, get_peft_model_state_dict(peft_model))
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        torch.testing.assert_close(ours(**batch).logits, expected, rtol=0, atol=1e-5)

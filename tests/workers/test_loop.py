@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from workers.loop import train
-from workers.reporting import ListReporter
+from workers.reporting import FileReporter, ListReporter, LoggingReporter, read_events
 from workers.schedule import lr_factor
 from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingSpec, resolve_hyperparameters
 from workers.synthetic import write_synthetic_dataset, write_synthetic_splits
@@ -99,6 +100,27 @@ def test_schedules_warm_up_then_decay_to_zero():
     assert lr_factor(10, warmup_steps=3, total_steps=10, kind="linear") == 0.0
     assert lr_factor(10, warmup_steps=3, total_steps=10, kind="cosine") == pytest.approx(0.0)
     assert lr_factor(6, warmup_steps=0, total_steps=12, kind="cosine") == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------- reporters
+
+
+def test_logging_reporter_logs_and_file_reporter_is_steered_through_its_control_file(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lorafleet.training"):
+        LoggingReporter().metrics(3, {"train_loss": 1.25, "step": 3})
+    assert "step 3 train_loss=1.25" in caplog.text
+
+    control = tmp_path / "control"
+    reporter = FileReporter(tmp_path / "events.jsonl", control)
+    assert reporter.control() is None
+    control.write_text("pause\n")
+    assert reporter.control() == "pause"
+    control.write_text("stop")
+    with pytest.raises(ValueError, match="must hold 'cancel' or 'pause'"):
+        reporter.control()
+    reporter.checkpoint(2, tmp_path / "ckpt")
+    reporter.log("hello", "warning")
+    assert [e["type"] for e in read_events(tmp_path / "events.jsonl")] == ["checkpoint", "log"]
 
 
 # ------------------------------------------------------------------------------------------- loop
