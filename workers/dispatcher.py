@@ -102,10 +102,11 @@ class JobReporter:
             rate = (time.monotonic() - self._started) / (step - self._first_step)
             eta_s = round(rate * (total - step), 1)
         shown = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+        tokens = int(values["tokens_trained"]) if "tokens_trained" in values else None
         try:
             control = self.jobs.record_progress(
                 self.job_id, self.attempt, step=step, total_steps=total, metrics=shown, eta_s=eta_s,
-                epoch=values.get("epoch"), trained_tokens=int(values["tokens_trained"]) if "tokens_trained" in values else None,
+                epoch=values.get("epoch"), trained_tokens=tokens,
             )
         except FencedOut:
             self.fenced = True
