@@ -1,0 +1,112 @@
+"""The dispatcher's pieces without Ray: job → spec, the hyperparameters reported back, and the Reporter
+that a Ray rank-0 worker uses to write a job's progress, checkpoints and control into Redis."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from fleet.checkpoints import download_checkpoint
+from fleet.jobs import Job, JobStatus
+from fleet.queue import JobStore
+from fleet.settings import Settings, make_object_store, make_redis
+from workers.dispatcher import JobReporterFactory, build_training_spec, hyperparameters_used
+from workers.spec import AUTO_BASE_LEARNING_RATE
+
+
+def _job(**fields) -> Job:
+    base = {"id": "ftjob-abc", "tenant_id": "t1", "created_at": 0, "model": "tiny-llama",
+            "training_file": "file-1", "seed": 5}
+    return Job(**{**base, **fields})
+
+
+def test_job_fields_become_the_training_spec(tiny_model_dir, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("{}\n")
+    job = _job(
+        hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5},
+        lora={"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+              "use_rslora": True, "use_dora": False, "quantization": "nf4"},
+    )
+    spec = build_training_spec(job, base_model=tiny_model_dir, quantization="nf4", work_dir=tmp_path,
+                               training_file=train, validation_file=None)
+    assert spec.quantization == "nf4" and spec.seed == 5
+    assert (spec.lora.r, spec.lora.alpha, spec.lora.use_rslora) == (4, 8.0, True)
+    assert spec.lora.target_modules == ["q_proj", "v_proj"]
+    hp = spec.hyperparameters
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (2, "auto", 0.5)
+
+    no_quant = build_training_spec(_job(), base_model=tiny_model_dir, quantization="none", work_dir=tmp_path,
+                                   training_file=train, validation_file=None)
+    assert no_quant.quantization is None
+    assert no_quant.hyperparameters.learning_rate_multiplier is None  # "auto"
+
+
+def test_reported_hyperparameters_replace_auto_with_the_values_used():
+    resolved = {"n_epochs": 3, "batch_size": 4, "learning_rate": 2 * AUTO_BASE_LEARNING_RATE, "warmup_steps": 1}
+    used = hyperparameters_used({"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"},
+                                resolved)
+    assert used["n_epochs"] == 3 and used["batch_size"] == 4
+    assert used["learning_rate_multiplier"] == pytest.approx(2.0)
+    assert used["learning_rate"] == resolved["learning_rate"] and used["warmup_steps"] == 1
+    given = hyperparameters_used({"learning_rate_multiplier": 0.5}, resolved)
+    assert given["learning_rate_multiplier"] == 0.5
+
+
+@pytest.fixture
+def running_job(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var")
+    jobs = JobStore(make_redis(settings))
+    created = jobs.create_job("t1", model="tiny-llama", training_file="file-1", validated=True)
+    claim = jobs.claim_next_job("test-worker", lease_ms=60_000)
+    assert claim is not None and claim.job.id == created.job.id
+    return settings, jobs, claim
+
+
+def test_reporter_writes_progress_events_and_relays_control(running_job):
+    settings, jobs, claim = running_job
+    factory = JobReporterFactory(settings, claim.job.id, "t1", claim.attempt)
+    reporter = pickle.loads(pickle.dumps(factory))()  # as Ray ships it to the rank-0 worker
+
+    reporter.metrics(1, {"step": 1, "total_steps": 4, "train_loss": 2.5, "tokens_trained": 100})
+    reporter.metrics(2, {"step": 2, "total_steps": 4, "train_loss": 2.0, "tokens_trained": 200})
+    job = jobs.load_job(claim.job.id)
+    assert (job.progress.step, job.progress.total_steps, job.progress.percent) == (2, 4, 50.0)
+    assert job.progress.eta_s is not None and job.trained_tokens == 200
+    messages = [e.message for e in jobs.read_events(claim.job.id)]
+    assert "Step 2/4, training loss=2.0000" in messages
+
+    assert reporter.control() is None
+    jobs.request_pause("t1", claim.job.id)
+    assert reporter.control() == "pause"
+
+
+def test_reporter_uploads_checkpoints_that_a_later_attempt_can_fetch(running_job, tmp_path):
+    settings, jobs, claim = running_job
+    reporter = JobReporterFactory(settings, claim.job.id, "t1", claim.attempt)()
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text('{"step": 3}')
+
+    reporter.checkpoint(3, checkpoint)
+    latest = jobs.latest_checkpoint(claim.job.id)
+    assert latest.step == 3
+    fetched = download_checkpoint(make_object_store(settings), latest.location, tmp_path / "fetched")
+    assert (fetched / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (fetched / "trainer_state.json").read_text() == '{"step": 3}'
+
+
+def test_a_fenced_out_reporter_stops_training_and_writes_nothing(running_job, tmp_path: Path):
+    settings, jobs, claim = running_job
+    stale = JobReporterFactory(settings, claim.job.id, "t1", claim.attempt)()
+    jobs.finish_job(claim.job.id, claim.attempt, JobStatus.QUEUED)  # handed back: the attempt is stale
+    newer = jobs.claim_next_job("another-worker", lease_ms=60_000)
+    assert newer.attempt == claim.attempt + 1
+
+    stale.metrics(7, {"step": 7, "total_steps": 9, "train_loss": 1.0})
+    assert stale.control() == "cancel"
+    assert jobs.load_job(claim.job.id).progress is None
+    assert jobs.load_job(claim.job.id).status == JobStatus.RUNNING
