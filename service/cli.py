@@ -161,10 +161,10 @@ def adapters_list(
             table.add_row(f"v{v['version']}", v["id"], v.get("base_model") or "-", v.get("job_id") or "-",
                           when(v.get("created_at")))
     else:
-        table = Table("name", "latest", "versions", "base model", "created")
+        table = Table("name", "latest", "versions", "updated")
         for a in page["data"]:
-            table.add_row(a["name"], a.get("latest_version") or "-", str(a.get("version_count", "-")),
-                          a.get("base_model") or "-", when(a.get("created_at")))
+            table.add_row(a["name"], a.get("latest_ref") or "-", str(a.get("version_count", "-")),
+                          when(a.get("updated_at") or a.get("created_at")))
     console.print(table)
 
 

@@ -110,6 +110,8 @@ def test_adapters_list_and_download(cli, api_server, tenant_a, peft_adapter_dir,
 
     listed = json.loads(cli("adapters", "list", "--json", api_key=tenant_a.api_key).output)
     assert [a["name"] for a in listed["data"]] == ["helper"]
+    table = cli("adapters", "list", api_key=tenant_a.api_key).output  # the rich table, as a person sees it
+    assert "helper" in table and "helper:v1" in table
     assert "helper:v1" in cli("adapters", "list", "helper", api_key=tenant_a.api_key).output
     out_dir = tmp_path / "downloaded"
     out = cli("adapters", "download", "helper:v1", "-o", str(out_dir), api_key=tenant_a.api_key).output
