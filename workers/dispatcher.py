@@ -207,19 +207,35 @@ class Dispatcher:
         if not ray.is_initialized():
             ray.init(address=self.settings.ray_address, include_dashboard=False, configure_logging=False,
                      log_to_driver=False)
-        logger.info("dispatcher %s joined Ray at %s", self.worker_id, ray.get_runtime_context().gcs_address)
+            logger.info("dispatcher %s joined Ray at %s", self.worker_id, ray.get_runtime_context().gcs_address)
 
     def run_forever(self) -> None:
-        """The dispatcher's main loop: recover dead owners' jobs, claim, run, repeat."""
+        """The dispatcher's main loop: recover dead owners' jobs, claim, run, repeat.
+
+        Redis being unreachable is waited out (with backoff), not fatal: the jobs are safe in Redis,
+        and whatever this dispatcher held is requeued by lease expiry if the outage outlasts it.
+        """
+        import redis
+
         self.connect_ray()
-        idle_wait_s = max(0.2, min(5.0, self.settings.lease_ms / 2000))
+        backoff_s = 0.5
         while not self._stop.is_set():
-            self.jobs.requeue_expired_leases()
-            claim = self.jobs.claim_next_job(self.worker_id, self.settings.lease_ms)
-            if claim is None:
-                self.jobs.wait_for_work(idle_wait_s)  # woken at once when a job is queued
-                continue
-            self.run_claim(claim)
+            try:
+                self.step()
+                backoff_s = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                logger.warning("Redis unreachable (%s); retrying in %.1fs", e, backoff_s)
+                self._stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 30.0)
+
+    def step(self) -> None:
+        """One turn of the main loop: requeue expired leases, then run one job or wait for one."""
+        self.jobs.requeue_expired_leases()
+        claim = self.jobs.claim_next_job(self.worker_id, self.settings.lease_ms)
+        if claim is None:
+            self.jobs.wait_for_work(max(0.2, min(5.0, self.settings.lease_ms / 2000)))  # woken when queued
+            return
+        self.run_claim(claim)
 
     def run_claim(self, claim: Claim) -> None:
         """Run one claimed attempt to its end; never raises for a job's own failure."""

@@ -4,6 +4,8 @@ that a Ray rank-0 worker uses to write a job's progress, checkpoints and control
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from fleet.checkpoints import download_checkpoint
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
 from fleet.settings import Settings, make_object_store, make_redis
-from workers.dispatcher import JobReporterFactory, build_training_spec, hyperparameters_used
+from workers.dispatcher import Dispatcher, JobReporterFactory, build_training_spec, hyperparameters_used
 from workers.spec import AUTO_BASE_LEARNING_RATE
 
 
@@ -110,3 +112,31 @@ def test_a_fenced_out_reporter_stops_training_and_writes_nothing(running_job, tm
     assert stale.control() == "cancel"
     assert jobs.load_job(claim.job.id).progress is None
     assert jobs.load_job(claim.job.id).status == JobStatus.RUNNING
+
+
+def test_dispatcher_waits_out_a_redis_outage_and_then_takes_work(redis_server, tmp_path, ray_cluster):
+
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", lease_ms=2000, heartbeat_ms=200)
+    dispatcher = Dispatcher(settings, worker_id="outage-test")  # empty catalog: every job is refused
+    redis_server.kill()
+    thread = threading.Thread(target=dispatcher.run_forever, daemon=True)
+    thread.start()
+    thread.join(timeout=2.0)
+    assert thread.is_alive(), "the dispatcher died with Redis"
+
+    redis_server.start()
+    jobs = JobStore(make_redis(settings))
+    job = jobs.create_job("t1", model="not-in-catalog", training_file="file-1", validated=True).job
+
+    def failed() -> bool:
+        return jobs.load_job(job.id).status == JobStatus.FAILED
+
+    deadline = time.monotonic() + 30
+    while not failed() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dispatcher.stop()
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    finished = jobs.load_job(job.id)
+    assert finished.status == JobStatus.FAILED and finished.error.param == "model"
+    assert "not-in-catalog" in finished.error.message
