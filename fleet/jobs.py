@@ -119,7 +119,9 @@ class Job(BaseModel):
     seq: int = 0
     created_at: int
     updated_at: int | None = None
-    model: str
+    model: str  # as requested: a catalog base model, or an adapter version "<name>:v<N>" to continue
+    base_model: str | None = None  # the catalog base model the adapter trains on (None: `model`)
+    init_adapter: str | None = None  # the adapter version training starts from, when continuing one
     training_file: str
     validation_file: str | None = None
     suffix: str | None = None

@@ -177,11 +177,16 @@ class JobStore:
         method: dict[str, Any] | None = None,
         hyperparameters: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
+        base_model: str | None = None,
+        init_adapter: str | None = None,
         idempotency_key: str | None = None,
         request_body: Any = None,
         validated: bool = False,
     ) -> CreatedJob:
         """Create a job in `validating_files` (or straight in `queued` when `validated`).
+
+        `model` is what the caller asked for: a catalog base model, or an adapter version to continue
+        training ("<name>:v<N>"); then `base_model` names its catalog base and `init_adapter` the version.
 
         With `idempotency_key`, a retry with the same key and the same `request_body` (the parsed
         JSON body, or the fields above when None) returns the first job with `created=False`; the same
@@ -195,6 +200,8 @@ class JobStore:
             created_at=now,
             updated_at=now,
             model=model,
+            base_model=base_model or model,
+            init_adapter=init_adapter,
             training_file=training_file,
             validation_file=validation_file,
             suffix=suffix,

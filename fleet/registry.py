@@ -13,13 +13,9 @@ Deletion is soft: the version disappears from listings and downloads, its number
 from __future__ import annotations
 
 import hashlib
-import io
 import re
-import shutil
-import tarfile
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -28,9 +24,10 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import keys
+from fleet.adapter_archives import manifest_fields_from_peft, unpack_adapter, write_folder_archive
 from fleet.exceptions import FencedOut, InvalidRequest, NotFound
 from fleet.objectstore import ObjectStore
-from fleet.peft_format import PeftAdapterInfo, validate_peft_adapter_dir
+from fleet.peft_format import validate_peft_adapter_dir
 from fleet.settings import check_redis_client
 
 __all__ = [
@@ -49,7 +46,6 @@ __all__ = [
 MANIFEST_FILE = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_NAME = 96
-_MAX_ARCHIVE_MEMBERS = 1000
 _REF_RE = re.compile(r"^(?P<name>[^:]+)(?::v(?P<version>[0-9]+))?$")
 
 # KEYS: job, publication, version_seq.  ARGV: job_id, attempt, name
@@ -254,11 +250,10 @@ class AdapterRegistry:
         validate_adapter_name(name)
         source = Path(source)
         with tempfile.TemporaryDirectory(prefix="lf-import-") as tmp:
-            adapter_dir = source if source.is_dir() else _extract_archive(source, Path(tmp), self.max_import_bytes)
-            adapter_dir = _find_adapter_root(adapter_dir)
+            adapter_dir = unpack_adapter(source, Path(tmp), self.max_import_bytes)
             info = validate_peft_adapter_dir(adapter_dir)
             version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))
-            fields = {**_manifest_from_peft(info), **(extra_manifest or {}), "source": "import"}
+            fields = {**manifest_fields_from_peft(info), **(extra_manifest or {}), "source": "import"}
             self._write_version(tenant_id, name, version, adapter_dir, fields)
         self._mark_ready(tenant_id, name, version, None)
         return self.get_version(tenant_id, format_adapter_ref(name, version))
@@ -386,28 +381,15 @@ class AdapterRegistry:
         """Write a version as an archive of one folder "<name>-v<N>/" to `out`; returns the file name."""
         manifest = self.read_manifest(tenant_id, ref)
         prefix = self.version_prefix(tenant_id, manifest.name, manifest.version)
-        folder = f"{manifest.name}-v{manifest.version}"
-        members = [(e.path, e.size) for e in manifest.files]
-        manifest_bytes = manifest.model_dump_json(indent=2).encode()
-        if fmt == "tar.gz":
-            with tarfile.open(fileobj=out, mode="w:gz") as tar:
-                for rel, size in members:
-                    info = tarfile.TarInfo(f"{folder}/{rel}")
-                    info.size, info.mtime, info.mode = size, manifest.created_at, 0o644
-                    with self.store.open(prefix + rel) as stream:
-                        tar.addfile(info, stream)
-                info = tarfile.TarInfo(f"{folder}/{MANIFEST_FILE}")
-                info.size, info.mtime, info.mode = len(manifest_bytes), manifest.created_at, 0o644
-                tar.addfile(info, io.BytesIO(manifest_bytes))
-        elif fmt == "zip":
-            with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for rel, _ in members:
-                    with self.store.open(prefix + rel) as stream, zf.open(f"{folder}/{rel}", "w") as dst:
-                        shutil.copyfileobj(stream, dst, 1024 * 1024)
-                zf.writestr(f"{folder}/{MANIFEST_FILE}", manifest_bytes)
-        else:
-            raise InvalidRequest(f"Unknown archive format {fmt!r}; use 'tar.gz' or 'zip'.", param="format")
-        return f"{folder}.{fmt}"
+        return write_folder_archive(
+            out,
+            fmt,
+            f"{manifest.name}-v{manifest.version}",
+            [(e.path, e.size) for e in manifest.files],
+            lambda rel: self.store.open(prefix + rel),
+            {MANIFEST_FILE: manifest.model_dump_json(indent=2).encode()},
+            mtime=manifest.created_at,
+        )
 
     # -- deleting -----------------------------------------------------------------------------------
     def delete_version(self, tenant_id: str, ref: str) -> AdapterVersion:
@@ -422,81 +404,3 @@ class AdapterRegistry:
     def delete_adapter(self, tenant_id: str, name: str) -> list[AdapterVersion]:
         """Soft-delete every live version of an adapter; returns them."""
         return [self.delete_version(tenant_id, v.ref) for v in self.list_versions(tenant_id, name)]
-
-
-def _manifest_from_peft(info: PeftAdapterInfo) -> dict[str, Any]:
-    return {"base_model": info.base_model_name_or_path, "lora_config": info.config}
-
-
-def _find_adapter_root(path: Path) -> Path:
-    """The directory holding adapter_config.json: `path` itself or its single subdirectory."""
-    if (path / "adapter_config.json").is_file():
-        return path
-    children = [p for p in path.iterdir() if not p.name.startswith(".")]
-    if len(children) == 1 and children[0].is_dir() and (children[0] / "adapter_config.json").is_file():
-        return children[0]
-    raise InvalidRequest(
-        "No adapter_config.json found at the top of the adapter (or in its single top-level folder).",
-        param="adapter",
-    )
-
-
-def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
-    """Extract a .zip/.tar(.gz) safely: regular files only, no absolute or '..' paths, size-capped."""
-
-    count = 0
-
-    def check(member_name: str, size: int, total: int) -> None:
-        nonlocal count
-        count += 1
-        if count > _MAX_ARCHIVE_MEMBERS:
-            raise InvalidRequest(
-                f"Archive holds more than {_MAX_ARCHIVE_MEMBERS} files; an adapter has a handful.", param="adapter"
-            )
-        parts = Path(member_name).parts
-        if member_name.startswith(("/", "\\")) or ".." in parts or "\\" in member_name:
-            raise InvalidRequest(f"Archive member {member_name!r} has an unsafe path.", param="adapter")
-        if total + size > max_bytes:
-            raise InvalidRequest(f"Archive expands to more than {max_bytes} bytes.", param="adapter")
-
-    total = 0
-    name = archive.name.lower()
-    try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        continue
-                    check(info.filename, info.file_size, total)
-                    total += info.file_size
-                    target = dest / info.filename
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
-        elif name.endswith((".tar", ".tar.gz", ".tgz")):
-            with tarfile.open(archive) as tar:
-                for member in tar.getmembers():
-                    if member.isdir():
-                        continue
-                    if not member.isfile():
-                        raise InvalidRequest(
-                            f"Archive member {member.name!r} is a link or special file; only regular files "
-                            "are accepted.",
-                            param="adapter",
-                        )
-                    check(member.name, member.size, total)
-                    total += member.size
-                    target = dest / member.name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
-        else:
-            raise InvalidRequest(
-                f"Unsupported adapter archive {archive.name!r}; upload a .zip, .tar or .tar.gz.",
-                param="adapter",
-            )
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
-        raise InvalidRequest(f"Adapter archive {archive.name!r} is unreadable: {e}.", param="adapter") from e
-    return dest

@@ -96,6 +96,8 @@ def job_object(job: Job, *, queue_position: int | None = None) -> dict[str, Any]
         "progress": _progress(job),
         "queue_position": queue_position,
         "lora": dict(job.lora),
+        "base_model": job.base_model or job.model,
+        "init_adapter": job.init_adapter,
         "attempt": job.attempt,
         "started_at": job.started_at,
     }

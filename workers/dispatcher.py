@@ -28,7 +28,7 @@ from fleet.exceptions import FencedOut, FleetError, InvalidRequest
 from fleet.files import FileStore
 from fleet.jobs import Checkpoint, Job, JobError, JobStatus
 from fleet.queue import Claim, JobStore
-from fleet.registry import AdapterRegistry, adapter_name_for_job
+from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.reporting import Control
 from workers.spec import AUTO_BASE_LEARNING_RATE, Hyperparameters, LoraSpec, TrainingSpec
@@ -42,7 +42,8 @@ _LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "err
 
 # ------------------------------------------------------------------------------------ job → spec
 def build_training_spec(job: Job, *, base_model: Path, quantization: str | None, work_dir: Path,
-                        training_file: Path, validation_file: Path | None) -> TrainingSpec:
+                        training_file: Path, validation_file: Path | None,
+                        init_adapter: Path | None = None) -> TrainingSpec:
     """The training engine's spec for a job accepted by the API (whose fields it already validated)."""
     lora_fields = {k: v for k, v in job.lora.items() if k in LoraSpec.model_fields}
     hp = job.hyperparameters
@@ -59,6 +60,7 @@ def build_training_spec(job: Job, *, base_model: Path, quantization: str | None,
         hyperparameters=hyperparameters,
         training_file=training_file,
         validation_file=validation_file,
+        init_adapter=init_adapter,
         seed=job.seed or 0,
         n_checkpoints=3,
     )
@@ -278,15 +280,20 @@ class Dispatcher:
             self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=published)
             return
         work_dir.mkdir(parents=True, exist_ok=True)
-        base = self.catalog.get(job.model)
+        base_name = job.base_model or job.model
+        base = self.catalog.get(base_name)
         training = self.files.download(job.tenant_id, job.training_file, work_dir / "train.jsonl")
         validation_path = None
         if job.validation_file:
             validation_path = work_dir / "validation.jsonl"
             self.files.download(job.tenant_id, job.validation_file, validation_path)
+        init_adapter = None
+        if job.init_adapter:  # continuing a published version: start from its weights
+            init_adapter = self.registry.download_version(job.tenant_id, job.init_adapter, work_dir / "init")
         spec = build_training_spec(
             job, base_model=Path(base.path), quantization=job.lora.get("quantization", base.quantization),
             work_dir=work_dir, training_file=work_dir / "train.jsonl", validation_file=validation_path,
+            init_adapter=init_adapter,
         )
         self._check_datasets(job, spec)
         resume_from = self._fetch_latest_checkpoint(job, work_dir / "resume")
@@ -313,7 +320,8 @@ class Dispatcher:
             return
         assert result.adapter_dir is not None
         manifest_fields: dict[str, Any] = {
-            "base_model": job.model,
+            "base_model": base_name,
+            "parent": job.init_adapter,  # the version this one continued from, if any
             "base_model_path": base.path,
             "lora_config": job.lora,
             "hyperparameters": result.hyperparameters,
@@ -323,13 +331,21 @@ class Dispatcher:
             "trained_tokens": result.tokens_trained,
         }
         ref = self.registry.publish_adapter_version(
-            job.tenant_id, adapter_name_for_job(job.model, job.suffix, job.id), result.adapter_dir, manifest_fields,
+            job.tenant_id, self._adapter_name(job, base_name), result.adapter_dir, manifest_fields,
             job_id=job.id, attempt=attempt,
         )
         self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=ref,
                              trained_tokens=result.tokens_trained,
                              hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
+
+    @staticmethod
+    def _adapter_name(job: Job, base_name: str) -> str:
+        """Where the job publishes: its suffix; else, continuing a version, that adapter (a new version
+        of it); else a name from the base model and the job id."""
+        if not job.suffix and job.init_adapter:
+            return parse_adapter_ref(job.init_adapter)[0]
+        return adapter_name_for_job(base_name, job.suffix, job.id)
 
     def _check_datasets(self, job: Job, spec: TrainingSpec) -> None:
         """The checks that need the base model's tokenizer (the API checked the format at upload):

@@ -13,7 +13,8 @@ from fleet.exceptions import InvalidRequest, NotFound
 from fleet.files import FileStore
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
-from service.deps import CatalogDep, CurrentTenant, FilesDep, JobsDep
+from fleet.registry import AdapterRegistry
+from service.deps import CatalogDep, CurrentTenant, FilesDep, JobsDep, RegistryDep
 from service.errors import APIError
 from service.events_stream import event_stream_response
 from service.lora_request import resolve_lora
@@ -89,6 +90,7 @@ def create_job(
     jobs: JobsDep,
     files: FilesDep,
     catalog: CatalogDep,
+    registry: RegistryDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict:
     """Create a fine-tuning job; it is queued at once (files were validated at upload).
@@ -99,7 +101,7 @@ def create_job(
     key = _check_idempotency_key(idempotency_key)
     tenant_id = tenant.tenant_id
     assert tenant_id is not None  # CurrentTenant guarantees it
-    fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog)
+    fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry)
     created = jobs.create_job(
         tenant_id,
         **fields,
@@ -114,13 +116,62 @@ def create_job(
     return render_job(jobs, created.job)
 
 
-def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStore, catalog: Catalog) -> dict:
+def _continued_adapter(body: JobCreateRequest, *, tenant_id: str, catalog: Catalog,
+                       registry: AdapterRegistry) -> tuple[str, str, dict[str, Any]] | None:
+    """For `model` naming one of the tenant's adapter versions ("<name>:v<N>" or "<name>" = latest),
+    as OpenAI accepts a fine-tuned model to fine-tune further: (version ref, its base model, its LoRA
+    block). None when `model` is a catalog base model; 400 naming `model` when it is neither."""
+    if body.model in catalog:
+        return None
+    try:
+        version = registry.get_version(tenant_id, body.model)
+        manifest = registry.read_manifest(tenant_id, version.ref)
+    except (NotFound, InvalidRequest):
+        available = ", ".join(catalog.names()) or "(none configured)"
+        raise InvalidRequest(
+            f"Unknown model {body.model!r}. Available base models: {available}; or continue one of your "
+            "adapter versions by naming it as '<name>:v<N>' (GET /v1/adapters).",
+            param="model", code="model_not_found",
+        ) from None
+    base = manifest.base_model
+    if base not in catalog:
+        raise InvalidRequest(
+            f"Adapter {version.ref} was trained on base model {base!r}, which this server does not offer "
+            f"(available: {', '.join(catalog.names())}); it cannot be trained further here.",
+            param="model", code="model_not_found",
+        )
+    if body.lora is not None:
+        raise InvalidRequest(
+            f"Continuing {version.ref} keeps its LoRA shape (r, alpha, target modules); omit the 'lora' block.",
+            param="lora", code="invalid_lora",
+        )
+    lora = _lora_block_of(manifest.lora_config)
+    lora.setdefault("quantization", catalog.get(base).quantization)
+    return version.ref, base, lora
+
+
+def _lora_block_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A version's LoRA config as a job's `lora` block: trained versions store ours already; imported
+    ones store the PEFT adapter_config.json fields (lora_alpha, lora_dropout, ...)."""
+    if "lora_alpha" not in config:
+        return dict(config)
+    peft_names = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+                  "use_rslora": "use_rslora", "use_dora": "use_dora"}
+    return {ours: config[theirs] for theirs, ours in peft_names.items() if theirs in config}
+
+
+def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStore, catalog: Catalog,
+                      registry: AdapterRegistry) -> dict:
     """Everything checked against the catalog and the tenant's files; the keyword arguments of create_job."""
-    catalog.get(body.model)  # unknown model: 400 listing the available ones
+    continued = _continued_adapter(body, tenant_id=tenant_id, catalog=catalog, registry=registry)
     _require_file(files, tenant_id, body.training_file, param="training_file", min_examples=MIN_TRAINING_EXAMPLES)
     if body.validation_file is not None:
         _require_file(files, tenant_id, body.validation_file, param="validation_file")
-    lora = resolve_lora(body.lora, model=body.model, catalog=catalog)
+    if continued is None:
+        base_model, init_adapter = body.model, None
+        lora = resolve_lora(body.lora, model=body.model, catalog=catalog)
+    else:
+        init_adapter, base_model, lora = continued
     hyperparameters = body.effective_hyperparameters().model_dump(mode="json")
     return {
         "model": body.model,
@@ -132,6 +183,8 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
         "hyperparameters": hyperparameters,
         "lora": lora,
+        "base_model": base_model,
+        "init_adapter": init_adapter,
     }
 
 

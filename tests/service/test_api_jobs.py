@@ -319,3 +319,30 @@ def test_a_small_file_serves_as_validation_but_not_as_training_file(api_server, 
     assert info.value.param == "training_file" and "at least 10" in info.value.message
     job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, validation_file=small.id)
     assert job.validation_file == small.id
+
+
+def test_naming_an_adapter_version_as_model_continues_it(api_server, tenant_a, tenant_b, uploaded,
+                                                        peft_adapter_archive):
+    with api_server.client(tenant_a.api_key) as c:
+        imported = c.post("/v1/adapters", files={"file": ("a.tar.gz", peft_adapter_archive)},
+                          data={"name": "helper", "base_model": "tiny-llama"})
+        assert imported.status_code == 200, imported.text
+
+        job = c.post("/v1/fine_tuning/jobs", json={"model": "helper:v1", "training_file": uploaded.id})
+        assert job.status_code == 200, job.text
+        body = job.json()
+        assert (body["model"], body["base_model"], body["init_adapter"]) == ("helper:v1", "tiny-llama", "helper:v1")
+        assert body["lora"]["r"] == 4 and body["lora"]["alpha"] == 8 and body["lora"]["quantization"] == "nf4"
+        latest = c.post("/v1/fine_tuning/jobs", json={"model": "helper", "training_file": uploaded.id}).json()
+        assert latest["init_adapter"] == "helper:v1"  # a bare name means its latest version
+
+        reshaped = c.post("/v1/fine_tuning/jobs",
+                          json={"model": "helper:v1", "training_file": uploaded.id, "lora": {"r": 16}})
+        assert reshaped.status_code == 400 and reshaped.json()["error"]["param"] == "lora"
+        for missing in ("helper:v9", "nobody:v1"):
+            r = c.post("/v1/fine_tuning/jobs", json={"model": missing, "training_file": uploaded.id})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "model" and "tiny-llama" in r.json()["error"]["message"]
+    with api_server.client(tenant_b.api_key) as c:  # another tenant's version is as unknown as a missing one
+        r = c.post("/v1/fine_tuning/jobs", json={"model": "helper:v1", "training_file": "file-x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"

@@ -199,6 +199,20 @@ def test_openai_sdk_fine_tunes_cancels_and_publishes_a_loadable_version(e2e, syn
     assert manifest["dataset"]["sha256"] == hashlib.sha256(train_path.read_bytes()).hexdigest()
     _assert_loads_in_ours_and_peft(version_dir, tiny_model_dir)
 
+    # Naming a published version as the model continues training from it, into its next version.
+    continued = client.fine_tuning.jobs.create(
+        model="reverser:v1", training_file=train.id, seed=12,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
+    )
+    assert (continued.model_extra or {}).get("base_model") == "tiny-llama"
+    done_again = _wait_for(lambda: _finished(client, continued.id), "the continued job to finish")
+    assert done_again.status == "succeeded", done_again.error
+    assert done_again.fine_tuned_model == "reverser:v2"
+    v2_dir = _download_version(server, tenant.api_key, "reverser:v2", tmp_path / "download-v2")
+    v2_manifest = _assert_manifest_matches_files(v2_dir)
+    assert v2_manifest["parent"] == "reverser:v1" and v2_manifest["lora_config"]["r"] == 4
+    _assert_loads_in_ours_and_peft(v2_dir, tiny_model_dir)
+
     # A second, longer job is cancelled mid-run: it stops and publishes nothing.
     long_job = _create_job(client, train.id, None, n_epochs=20, suffix="cancelled")
     _wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(long_job.id)).status == "running"
