@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import lzma
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -16,6 +18,20 @@ from fleet.peft_format import PeftAdapterInfo
 __all__ = ["unpack_adapter", "manifest_fields_from_peft", "write_folder_archive"]
 
 _MAX_ARCHIVE_MEMBERS = 1000
+
+# What zipfile/tarfile and their codecs raise for a malformed archive. zipfile raises RuntimeError for an
+# encrypted member and NotImplementedError for an unknown compression method; corrupt compressed data
+# surfaces as zlib.error / lzma.LZMAError (bz2 and gzip raise OSError / EOFError).
+_UNREADABLE_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 
 def unpack_adapter(source: Path, tmp_dir: Path, max_bytes: int) -> Path:
@@ -108,6 +124,12 @@ def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
                 for info in zf.infolist():
                     if info.is_dir():
                         continue
+                    if info.flag_bits & 0x1:
+                        raise InvalidRequest(
+                            f"Adapter archive {archive.name!r} is encrypted (member {info.filename!r}); upload it "
+                            "without a password.",
+                            param="adapter",
+                        )
                     check(info.filename, info.file_size, total)
                     total += info.file_size
                     target = dest / info.filename
@@ -138,6 +160,6 @@ def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
                 f"Unsupported adapter archive {archive.name!r}; upload a .zip, .tar or .tar.gz.",
                 param="adapter",
             )
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+    except _UNREADABLE_ARCHIVE_ERRORS as e:
         raise InvalidRequest(f"Adapter archive {archive.name!r} is unreadable: {e}.", param="adapter") from e
     return dest

@@ -14,19 +14,33 @@ from fleet.exceptions import InvalidRequest
 from fleet.jobs import Event
 from fleet.settings import MAX_BLOCK_S
 
-__all__ = ["EventLog", "EVENT_LEVELS", "EVENT_TYPES"]
+__all__ = ["EventLog", "EVENT_LEVELS", "EVENT_TYPES", "event_stream_id"]
 
 EVENT_LEVELS = ("info", "warn", "error")
 EVENT_TYPES = ("message", "metrics")
-_STREAM_ID = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
+_STREAM_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
+# Both parts of a Redis stream id are unsigned 64-bit integers; Redis refuses anything larger.
+_MAX_ID_PART = 2**64 - 1
+_FIRST_ID = "0-0"  # nothing comes before it
+_LAST_ID = f"{_MAX_ID_PART}-{_MAX_ID_PART}"  # nothing comes after it
 
 
-def _stream_id(event_id: str, param: str = "after") -> str:
-    """The Redis stream id inside an event id ("ftevent-<ms>-<seq>" or the bare stream id)."""
+def event_stream_id(event_id: str, *, param: str = "after") -> str:
+    """The Redis stream id inside an event id ("ftevent-<ms>-<seq>" or the bare stream id).
+
+    Raises InvalidRequest naming `param` unless both parts are integers Redis accepts (at most 2^64-1),
+    so a cursor from a client can never reach Redis as an id it rejects.
+    """
     stream_id = event_id.removeprefix("ftevent-")
-    if not _STREAM_ID.fullmatch(stream_id):
-        raise InvalidRequest(f"{event_id!r} is not an event id of this job.", param=param)
-    return stream_id
+    match = _STREAM_ID.fullmatch(stream_id)
+    parts = [int(part) for part in match.groups() if part is not None] if match else []
+    if not parts or any(part > _MAX_ID_PART for part in parts):
+        raise InvalidRequest(
+            f"{event_id!r} is not an event id of this job: expected 'ftevent-<ms>-<seq>' with both numbers "
+            f"at most {_MAX_ID_PART}.",
+            param=param,
+        )
+    return "-".join(str(part) for part in parts)  # canonical: "007-0" and "7-0" are the same id
 
 
 def _event(stream_id: str, fields: dict[str, str]) -> Event:
@@ -68,19 +82,23 @@ class EventLog:
 
     def read(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[Event]:
         """Events oldest first, strictly after the event id `after` (from the start when None)."""
-        start = f"({_stream_id(after)}" if after else "-"
-        rows = self.redis.xrange(keys.job_events(job_id), start, "+", count=limit)
+        start = event_stream_id(after) if after else None
+        if start == _LAST_ID:
+            return []  # Redis rejects an exclusive start with nothing after it
+        rows = self.redis.xrange(keys.job_events(job_id), f"({start}" if start else "-", "+", count=limit)
         return [_event(i, f) for i, f in rows]
 
     def list(self, job_id: str, *, after: str | None = None, limit: int = 20) -> tuple[list[Event], bool]:
         """Events newest first as OpenAI pages them: (page, has_more); `after` = last id of the last page."""
-        end = f"({_stream_id(after)}" if after else "+"
-        rows = self.redis.xrevrange(keys.job_events(job_id), end, "-", count=limit + 1)
+        end = event_stream_id(after) if after else None
+        if end == _FIRST_ID:
+            return [], False  # Redis rejects an exclusive end with nothing before it
+        rows = self.redis.xrevrange(keys.job_events(job_id), f"({end}" if end else "+", "-", count=limit + 1)
         return [_event(i, f) for i, f in rows[:limit]], len(rows) > limit
 
     def wait(self, job_id: str, *, after: str | None, block_ms: int, limit: int = 100) -> list[Event]:
         """Block up to `block_ms` for events after `after` (None: only events appended from now on)."""
-        start = _stream_id(after) if after else "$"
+        start = event_stream_id(after) if after else "$"
         block_ms = min(block_ms, int(MAX_BLOCK_S * 1000))  # stay inside the client's socket timeout
         reply = self.redis.xread({keys.job_events(job_id): start}, count=limit, block=block_ms)
         return [_event(i, f) for i, f in reply[0][1]] if reply else []

@@ -1,8 +1,10 @@
-"""A size cap on non-upload request bodies (JSON), answered with 413 in OpenAI's error shape.
+"""A size cap on every request body except the two upload routes, answered with 413 in OpenAI's error shape.
 
-Uploads (multipart/form-data) are streamed to disk under their own limit by `service.uploads`; every
-other body is small (a job request is a few hundred bytes), so it is read here up to `max_bytes` and
-handed to the app from memory. A client can therefore never make the API buffer a huge JSON body.
+The upload routes (POST /v1/files, POST /v1/adapters) stream their multipart body to disk under their
+own limit (`service.uploads`); every other body is small (a job request is a few hundred bytes), so it
+is read here up to `max_bytes` and handed to the app from memory. The exemption goes by method and
+path, never by Content-Type: FastAPI reads a multipart body whole (before auth) on any route that
+parses a form, so a client could otherwise make the API buffer a huge body anywhere.
 """
 
 from __future__ import annotations
@@ -11,26 +13,35 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
 
-__all__ = ["BodyLimitMiddleware", "MAX_JSON_BODY_BYTES"]
+__all__ = ["BodyLimitMiddleware", "MAX_JSON_BODY_BYTES", "UPLOAD_ROUTES"]
 
 MAX_JSON_BODY_BYTES = 1024 * 1024
 
+# (method, path) of the routes that receive a file through `service.uploads.receive_upload`.
+UPLOAD_ROUTES = frozenset({("POST", "/v1/files"), ("POST", "/v1/adapters")})
+
 
 class BodyLimitMiddleware:
-    """Pure ASGI middleware: reject non-multipart bodies over `max_bytes` with 413."""
+    """Pure ASGI middleware: reject bodies over `max_bytes` with 413, except on `upload_routes`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_JSON_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = MAX_JSON_BODY_BYTES,
+        upload_routes: frozenset[tuple[str, str]] = UPLOAD_ROUTES,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_routes = upload_routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
+        if (scope["method"], _route_path(scope)) in self.upload_routes:
             await self.app(scope, receive, send)
             return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(scope, receive, send)
@@ -70,3 +81,9 @@ class BodyLimitMiddleware:
             code="request_too_large",
         )
         await response(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: `path` without the `root_path` a proxy mounted the app under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

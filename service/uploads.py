@@ -81,6 +81,7 @@ class _FormCollector:
         self._in_file = False
         self._name = ""
         self._value = bytearray()
+        self.ended = False  # the closing boundary was seen (python-multipart's finalize() never checks)
 
     def callbacks(self) -> dict:
         return {
@@ -91,6 +92,7 @@ class _FormCollector:
             "on_headers_finished": self._on_headers_finished,
             "on_part_data": self._on_part_data,
             "on_part_end": self._on_part_end,
+            "on_end": self._on_end,
         }
 
     def _append_header(self, which: str, data: bytes) -> None:
@@ -149,6 +151,14 @@ class _FormCollector:
         else:
             self.fields[self._name] = self._value.decode("utf-8", "replace")
 
+    def _on_end(self) -> None:
+        self.ended = True
+
+    @property
+    def complete(self) -> bool:
+        """Whether the body reached its closing boundary with no part left open."""
+        return self.ended and not self._in_file
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -185,7 +195,7 @@ async def receive_upload(request: Request, *, max_bytes: int, spool_dir: Path) -
 
     The file lands in a new temporary file under `spool_dir`; the caller owns it (`.remove()`).
     Raises APIError: 413 when the file (or the declared body) exceeds `max_bytes`, 400 when the body
-    is not multipart or holds no file.
+    is not multipart, is cut off before its closing boundary, or holds no file.
     """
     content_type = request.headers.get("content-type", "")
     media_type, params = parse_options_header(content_type)
@@ -198,7 +208,7 @@ async def receive_upload(request: Request, *, max_bytes: int, spool_dir: Path) -
         )
     limit = max_bytes + _ENVELOPE_BYTES
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _too_large(max_bytes)
 
     spool_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +222,14 @@ async def receive_upload(request: Request, *, max_bytes: int, spool_dir: Path) -
             # The callbacks write to disk; keep that off the event loop.
             await anyio.to_thread.run_sync(parser.write, chunk)
         parser.finalize()
+        if not collector.complete:
+            # A body cut off at a line end would otherwise be stored as a shorter, valid-looking file.
+            raise APIError(
+                400,
+                "The multipart body ended before its closing boundary: the upload was cut off. Send the "
+                "whole request again.",
+                code="invalid_multipart",
+            )
     except FormParserError as e:
         out.unlink(missing_ok=True)
         raise APIError(400, f"The multipart body could not be parsed: {e}.", code="invalid_multipart") from e

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.checkpoints import download_checkpoint, upload_checkpoint
-from fleet.exceptions import FencedOut, FleetError, InvalidRequest
+from fleet.exceptions import FencedOut, FleetError, InvalidRequest, NotFound
 from fleet.files import FileStore
 from fleet.jobs import Checkpoint, Job, JobError, JobStatus
 from fleet.queue import Claim, JobStore
@@ -282,11 +282,11 @@ class Dispatcher:
         work_dir.mkdir(parents=True, exist_ok=True)
         base_name = job.base_model or job.model
         base = self.catalog.get(base_name)
-        training = self.files.download(job.tenant_id, job.training_file, work_dir / "train.jsonl")
+        training = self._download_dataset(job, "training_file", work_dir / "train.jsonl")
         validation_path = None
         if job.validation_file:
             validation_path = work_dir / "validation.jsonl"
-            self.files.download(job.tenant_id, job.validation_file, validation_path)
+            self._download_dataset(job, "validation_file", validation_path)
         init_adapter = None
         if job.init_adapter:  # continuing a published version: start from its weights
             init_adapter = self.registry.download_version(job.tenant_id, job.init_adapter, work_dir / "init")
@@ -338,6 +338,15 @@ class Dispatcher:
                              trained_tokens=result.tokens_trained,
                              hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
+
+    def _download_dataset(self, job: Job, param: str, path: Path):
+        """Fetch one of the job's files; a file deleted since the job was queued fails the job on `param`."""
+        file_id = getattr(job, param)
+        try:
+            return self.files.download(job.tenant_id, file_id, path)
+        except NotFound as e:
+            raise InvalidRequest(f"{param} {file_id} no longer exists (was it deleted after the job was "
+                                 "created?); upload it again and create a new job.", param=param) from e
 
     @staticmethod
     def _adapter_name(job: Job, base_name: str) -> str:

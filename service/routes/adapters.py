@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _CHUNK = 1024 * 1024
+_VERSION_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def adapter_object(summary: AdapterSummary) -> dict[str, Any]:
@@ -73,11 +75,22 @@ def version_ref(name: str, version: str) -> str:
     if version == "latest":
         return name
     digits = version[1:] if version.startswith("v") else version
-    if not digits.isdigit() or int(digits) < 1:
+    # A regex, not str.isdigit(): that also accepts "²" and "①", which int() then rejects (a 500); and
+    # 18 digits bound int()'s work while allowing any version a counter can reach.
+    if not _VERSION_DIGITS.fullmatch(digits) or int(digits) < 1:
         raise InvalidRequest(
             f"Invalid version {version!r}: use 'v<N>' (e.g. 'v1'), '<N>' or 'latest'.", param="version"
         )
     return format_adapter_ref(name, int(digits))
+
+
+def _archive_filename(filename: str, suffix: str) -> str:
+    """A safe local name for the uploaded archive: the last path component of the client's file name
+    (which ends in `suffix`), or "adapter<suffix>" where that is unusable as a file name."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if base in ("", ".", "..") or "\x00" in base or len(base.encode()) > 200:
+        return "adapter" + suffix
+    return base
 
 
 @router.get("")
@@ -109,15 +122,18 @@ async def import_adapter(
                 param="file",
                 code="unsupported_archive",
             )
-        archive = upload.path.with_name(upload.path.name + suffix)
-        upload.path.rename(archive)
-        upload.path = archive
         extra = {"imported_filename": upload.filename}
         if upload.fields.get("base_model"):
             extra["base_model"] = upload.fields["base_model"]
-        version = await anyio.to_thread.run_sync(
-            lambda: registry.import_adapter(tenant.tenant_id, name, archive, extra_manifest=extra)
-        )
+        # The archive keeps the uploaded file's own name (in a directory of its own), so an error about
+        # it names the file the user sent, not the spool file.
+        with tempfile.TemporaryDirectory(prefix="import-", dir=upload.path.parent) as tmp:
+            archive = Path(tmp) / _archive_filename(upload.filename, suffix)
+            upload.path.rename(archive)
+            upload.path = archive
+            version = await anyio.to_thread.run_sync(
+                lambda: registry.import_adapter(tenant.tenant_id, name, archive, extra_manifest=extra)
+            )
     finally:
         upload.remove()
     logger.info("tenant %s imported adapter %s", tenant.tenant_id, version.ref)

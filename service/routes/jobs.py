@@ -7,8 +7,10 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import ValidationError
 
 from fleet.catalog import Catalog
+from fleet.events import event_stream_id
 from fleet.exceptions import InvalidRequest, NotFound
 from fleet.files import FileStore
 from fleet.jobs import Job, JobStatus
@@ -21,6 +23,7 @@ from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
 from service.schemas import JobCreateRequest
+from workers.spec import LoraSpec
 
 __all__ = ["router", "render_job"]
 
@@ -146,8 +149,14 @@ def _continued_adapter(body: JobCreateRequest, *, tenant_id: str, catalog: Catal
             param="lora", code="invalid_lora",
         )
     lora = _lora_block_of(manifest.lora_config)
-    lora.setdefault("quantization", catalog.get(base).quantization)
-    return version.ref, base, lora
+    try:  # an imported adapter's config may not fit what this server trains
+        shape = LoraSpec(**{k: v for k, v in lora.items() if k in LoraSpec.model_fields})
+        catalog.check_rank(base, shape.r)
+    except (ValidationError, InvalidRequest) as e:
+        raise InvalidRequest(f"Adapter {version.ref} cannot be trained further here: {e}", param="model",
+                             code="invalid_adapter") from e
+    return version.ref, base, {**shape.model_dump(mode="json"),
+                               "quantization": lora.get("quantization") or catalog.get(base).quantization}
 
 
 def _lora_block_of(config: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +258,7 @@ def _event_cursor(value: str | None, *, param: str) -> str | None:
         return None
     if not _EVENT_ID.fullmatch(value):
         raise InvalidRequest(f"Invalid event id {value!r} in {param}; pass the id of an event.", param=param)
+    event_stream_id(value, param=param)  # numbers Redis rejects: 400 here, before any stream starts
     return value
 
 
@@ -289,7 +299,8 @@ def stream_events(
 ) -> Response:
     """Live Server-Sent Events: past events (after `after`/`Last-Event-ID`), then new ones as they come."""
     job = jobs.get_job(tenant.tenant_id, job_id)
-    resume_from = _event_cursor(last_event_id, param="Last-Event-ID") or _event_cursor(after, param="after")
+    after = _event_cursor(after, param="after")
+    resume_from = _event_cursor(last_event_id, param="Last-Event-ID") or after
     return event_stream_response(request, jobs, job, after=resume_from)
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import zipfile
+from pathlib import Path
 
 import openai
 import pytest
@@ -129,3 +130,87 @@ def test_missing_adapters_are_404_and_bad_versions_400(api_server, tenant_a):
             assert r.json()["error"]["type"] == "invalid_request_error"
         r = c.get("/v1/adapters/x/versions/vv1")
         assert r.status_code == 400 and r.json()["error"]["param"] == "version"
+
+
+def _zip_of(directory, *, method: int = zipfile.ZIP_DEFLATED) -> bytearray:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as zf:
+        for path in sorted(directory.iterdir()):
+            zf.write(path, path.name)
+    return bytearray(buffer.getvalue())
+
+
+def _patch_zip_headers(data: bytearray, local_offset: int, central_offset: int, patch) -> bytearray:
+    """Apply `patch(data, field_offset)` to the same field of every local and central directory header."""
+    for signature, offset in ((b"PK\x03\x04", local_offset), (b"PK\x01\x02", central_offset)):
+        at = data.find(signature)
+        while at != -1:
+            patch(data, at + offset)
+            at = data.find(signature, at + 4)
+    return data
+
+
+def _encrypted_zip(directory) -> bytes:
+    def set_encrypted(data, at):  # general-purpose flag bit 0
+        data[at] |= 1
+
+    return bytes(_patch_zip_headers(_zip_of(directory), 6, 8, set_encrypted))
+
+
+def _unknown_method_zip(directory) -> bytes:
+    def set_method_99(data, at):
+        data[at:at + 2] = (99).to_bytes(2, "little")
+
+    return bytes(_patch_zip_headers(_zip_of(directory), 8, 10, set_method_99))
+
+
+def _corrupt_deflate_zip(directory) -> bytes:
+    data = _zip_of(directory)
+    at = data.find(b"PK\x03\x04")
+    name_len = int.from_bytes(data[at + 26:at + 28], "little")
+    extra_len = int.from_bytes(data[at + 28:at + 30], "little")
+    start = at + 30 + name_len + extra_len  # the first member's compressed data
+    data[start:start + 4] = b"\xff\xff\xff\xff"  # an invalid deflate block type
+    return bytes(data)
+
+
+def _truncated_xz_tar(directory) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        for path in sorted(directory.iterdir()):
+            tar.add(path, path.name)
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("make", "filename", "fragment"),
+    [
+        (_encrypted_zip, "my-adapter.zip", "encrypted"),
+        (_unknown_method_zip, "my-adapter.zip", "unreadable"),
+        (_corrupt_deflate_zip, "my-adapter.zip", "unreadable"),
+        (_truncated_xz_tar, "my-adapter.tar", "unreadable"),
+    ],
+)
+def test_malformed_archive_is_a_400_naming_the_uploaded_file(api_server, tenant_a, peft_adapter_dir, make,
+                                                             filename, fragment):
+    with api_server.client(tenant_a.api_key) as c:
+        r = import_adapter(c, "broken", make(peft_adapter_dir), filename=filename)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "adapter"
+        assert fragment in error["message"]
+        assert f"'{filename}'" in error["message"]
+        assert "upload-" not in error["message"]  # never the server's spool file name
+        assert c.get("/v1/adapters").json()["data"] == []
+    spool = Path(api_server.settings.data_dir) / "tmp" / "uploads"
+    assert not spool.exists() or list(spool.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", ["v²", "²", "v①", "v٣", "v" + "9" * 5000])
+def test_non_ascii_digit_versions_are_a_400_not_a_crash(api_server, tenant_a, version):
+    with api_server.client(tenant_a.api_key) as c:
+        for method in ("GET", "DELETE"):
+            r = c.request(method, f"/v1/adapters/mine/versions/{version}")
+            assert r.status_code == 400, (method, version, r.text)
+            assert r.json()["error"]["param"] == "version"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+from service.body_limit import MAX_JSON_BODY_BYTES
+
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -101,3 +105,38 @@ def test_metrics_count_requests_by_route_template_and_report_the_queue(api_serve
     assert 'lorafleet_http_requests_total{method="GET",route="/v1/files/{file_id}",status="404"} 2.0' in text
     assert "lorafleet_jobs_queued 0.0" in text
     assert "lorafleet_http_request_duration_seconds_bucket" in text
+
+
+def _chunked(n_bytes: int, chunk_bytes: int = 256 * 1024):
+    """A generator body: sent chunked, so there is no Content-Length for the server to check up front."""
+    for _ in range(n_bytes // chunk_bytes):
+        yield b"x" * chunk_bytes
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=zz", "application/json", "text/plain", None])
+@pytest.mark.parametrize("path", ["/v1/admin/tenants", "/v1/fine_tuning/jobs", "/v1/files/file-x"])
+def test_body_cap_holds_on_every_non_upload_route_whatever_the_content_type(api_server, path, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    with api_server.client() as anonymous:  # no key: the cap applies before (and regardless of) auth
+        for body in (b"x" * (3 * 1024 * 1024), _chunked(8 * 1024 * 1024)):
+            r = anonymous.post(path, content=body, headers=headers)
+            assert r.status_code == 413, (path, content_type, r.status_code, r.text[:200])
+            error = r.json()["error"]
+            assert set(error) >= ERROR_KEYS
+            assert error["code"] == "request_too_large"
+
+
+def test_upload_routes_take_bodies_above_the_json_cap(start_api_server, api_settings, make_chat_dataset):
+    server = start_api_server(api_settings.model_copy(update={"max_upload_bytes": 4 * MAX_JSON_BODY_BYTES}))
+    tenant = server.create_tenant("big-uploads")
+    dataset = make_chat_dataset("big.jsonl", 20_000)
+    assert dataset.stat().st_size > 2 * MAX_JSON_BODY_BYTES
+    with server.client(tenant.api_key) as c:
+        with open(dataset, "rb") as fh:
+            r = c.post("/v1/files", files={"file": ("big.jsonl", fh)}, data={"purpose": "fine-tune"})
+        assert r.status_code == 200, r.text[:300]
+        # Over the JSON cap but not an archive: the import route itself answers, not the body cap.
+        junk = b"\x00" * (2 * MAX_JSON_BODY_BYTES)
+        r = c.post("/v1/adapters", files={"file": ("big.zip", junk)}, data={"name": "big"})
+        assert r.status_code == 400, r.text[:300]
+        assert "unreadable" in r.json()["error"]["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -128,3 +129,27 @@ def test_files_list_paginates_with_after(api_server, tenant_a, make_chat_dataset
     assert [f.id for f in first.data] == ids[::-1][:2]
     assert first.has_more is True
     assert [f.id for f in client.files.list(limit=2)] == ids[::-1]  # the SDK follows `after`
+
+
+def test_multipart_body_cut_off_before_its_closing_boundary_is_a_400_and_nothing_is_stored(
+    api_server, tenant_a, make_chat_dataset
+):
+    dataset = make_chat_dataset("cut.jsonl", 20).read_bytes()
+    head = (b"--BB\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            b"--BB\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.jsonl\"\r\n"
+            b"Content-Type: application/jsonl\r\n\r\n")
+    cut_at_a_line_end = dataset[: dataset.index(b"\n", len(dataset) // 2) + 1]  # still a valid dataset
+    headers = {"Content-Type": "multipart/form-data; boundary=BB"}
+    with api_server.client(tenant_a.api_key) as c:
+        for body in (head + cut_at_a_line_end, head + dataset + b"\r\n--BB", head + dataset + b"\r\n--BB\r\n"):
+            r = c.post("/v1/files", content=body, headers=headers)
+            assert r.status_code == 400, (body[-20:], r.text)
+            error = r.json()["error"]
+            assert error["code"] == "invalid_multipart"
+            assert "closing boundary" in error["message"]
+        assert c.get("/v1/files").json()["data"] == []
+        complete = c.post("/v1/files", content=head + dataset + b"\r\n--BB--\r\n", headers=headers)
+        assert complete.status_code == 200, complete.text
+        assert complete.json()["bytes"] == len(dataset)
+    spool = Path(api_server.settings.data_dir) / "tmp" / "uploads"
+    assert list(spool.iterdir()) == []

@@ -332,7 +332,8 @@ def test_naming_an_adapter_version_as_model_continues_it(api_server, tenant_a, t
         assert job.status_code == 200, job.text
         body = job.json()
         assert (body["model"], body["base_model"], body["init_adapter"]) == ("helper:v1", "tiny-llama", "helper:v1")
-        assert body["lora"]["r"] == 4 and body["lora"]["alpha"] == 8 and body["lora"]["quantization"] == "nf4"
+        lora = body["lora"]
+        assert (lora["r"], lora["alpha"], lora["dropout"], lora["quantization"]) == (4, 8, 0.0, "nf4")
         latest = c.post("/v1/fine_tuning/jobs", json={"model": "helper", "training_file": uploaded.id}).json()
         assert latest["init_adapter"] == "helper:v1"  # a bare name means its latest version
 

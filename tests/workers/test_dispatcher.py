@@ -140,3 +140,16 @@ def test_dispatcher_waits_out_a_redis_outage_and_then_takes_work(redis_server, t
     finished = jobs.load_job(job.id)
     assert finished.status == JobStatus.FAILED and finished.error.param == "model"
     assert "not-in-catalog" in finished.error.message
+
+
+def test_a_job_whose_file_was_deleted_fails_on_that_file(redis_server, tmp_path, tiny_model_dir):
+    catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog)
+    jobs = JobStore(make_redis(settings))
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-gone", validated=True).job
+
+    Dispatcher(settings, worker_id="deleted-file-test").step()  # fails before any training: no Ray needed
+
+    failed = jobs.load_job(job.id)
+    assert failed.status == JobStatus.FAILED
+    assert failed.error.param == "training_file" and "file-gone" in failed.error.message
