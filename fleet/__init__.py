@@ -17,6 +17,7 @@ from fleet.catalog import BaseModelSpec, Catalog
 from fleet.checkpoints import checkpoint_prefix, download_checkpoint, upload_checkpoint
 from fleet.events import EventLog
 from fleet.exceptions import (
+    CancelRequested,
     Conflict,
     FencedOut,
     FleetError,
@@ -63,6 +64,7 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "ApiKey",
     "BaseModelSpec",
+    "CancelRequested",
     "Catalog",
     "Checkpoint",
     "checkpoint_prefix",

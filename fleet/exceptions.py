@@ -1,7 +1,7 @@
 """Domain exceptions raised by fleet; the HTTP layer maps each to one status code.
 
 Suggested mapping (service/): NotFound → 404, Conflict (and subclasses) → 409, InvalidRequest → 400,
-PayloadTooLarge → 413, FencedOut is internal to workers (never reaches a client).
+PayloadTooLarge → 413, FencedOut and CancelRequested are internal to workers (never reach a client).
 Every exception carries `message`, `param` (the request field at fault, or None) and `code`
 (a short machine-readable string), matching OpenAI's error object `{message, type, param, code}`.
 """
@@ -14,6 +14,7 @@ __all__ = [
     "Conflict",
     "IdempotencyConflict",
     "InvalidState",
+    "CancelRequested",
     "InvalidRequest",
     "PayloadTooLarge",
     "FencedOut",
@@ -54,6 +55,15 @@ class InvalidState(Conflict):
     """The transition is not allowed from the object's current state (e.g. cancel a finished job)."""
 
     default_code = "invalid_state"
+
+
+class CancelRequested(Conflict):
+    """A worker tried to publish or succeed a job whose cancel request is pending.
+
+    Nothing was changed; the worker should finish the job as cancelled instead.
+    """
+
+    default_code = "cancel_requested"
 
 
 class InvalidRequest(FleetError):

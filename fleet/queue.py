@@ -18,6 +18,7 @@ A dispatcher's loop, in outline:
     ref = registry.publish_adapter_version(..., job_id=job_id, attempt=attempt)
     jobs.finish_job(job_id, attempt, "succeeded", fine_tuned_model=ref)
     FencedOut from any call: another attempt owns the job; drop the work, publish nothing.
+    CancelRequested from publish/finish "succeeded": the user cancelled; finish_job(..., "cancelled").
 
 The client must decode responses to str (`fleet.settings.make_redis` builds one).
 """
@@ -37,7 +38,7 @@ import redis
 from fleet import keys
 from fleet import queue_scripts as lua
 from fleet.events import EventLog
-from fleet.exceptions import FencedOut, IdempotencyConflict, InvalidRequest, InvalidState, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, InvalidRequest, InvalidState, NotFound
 from fleet.jobs import (
     Checkpoint,
     ControlSignal,
@@ -558,9 +559,14 @@ class JobStore:
     ) -> Job:
         """End a running attempt (fenced): succeeded/failed/cancelled, paused, or queued (handed back).
 
+        A pending control request is honoured, as when a lease expires: handing back (queued) or
+        pausing with a cancel pending cancels the job; handing back with a pause pending pauses it.
+        The returned Job carries the status the job actually ended in.
         `hyperparameters`, when given, replaces the requested ones ("auto" included) by the values used.
 
         Raises FencedOut if `attempt` is stale; a stale attempt can never change the job.
+        Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
+        user's cancel wins, so the worker must finish the job as cancelled instead.
         """
         target = JobStatus(status)
         if target not in _FINISH_STATUSES:
@@ -589,14 +595,20 @@ class JobStore:
         )
         if reply[0] == "fenced":
             raise _fenced(job_id, attempt, reply)
+        if reply[0] == "cancel_requested":
+            raise CancelRequested(
+                f"Job {job_id} has a pending cancel request; attempt {attempt} may not mark it succeeded. "
+                "Finish it as cancelled."
+            )
+        outcome = JobStatus(reply[1])
         message = {
             JobStatus.SUCCEEDED: "The job has successfully completed.",
             JobStatus.FAILED: f"The job failed: {error.message if error else 'unknown error'}",
             JobStatus.CANCELLED: "Job cancelled.",
             JobStatus.PAUSED: "Job paused; resume it to continue from its last checkpoint.",
             JobStatus.QUEUED: "Job handed back to the queue.",
-        }[target]
-        self.append_event(job_id, "error" if target == JobStatus.FAILED else "info", message)
+        }[outcome]
+        self.append_event(job_id, "error" if outcome == JobStatus.FAILED else "info", message)
         return self.load_job(job_id)
 
     def requeue_expired_leases(self, now_ms: int | None = None) -> list[ExpiredLease]:

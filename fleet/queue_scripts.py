@@ -216,13 +216,23 @@ return {'ok'}
 
 # KEYS: job, leases, running, queue, queue_tenants, wakeup
 # ARGV: job_id, attempt, status (succeeded|failed|cancelled|paused|queued), field, value, ...
+# A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
+# (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
+# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing.
+# Returns {'ok', status the job is now in}.
 FINISH = (
     _PRELUDE
     + """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id')
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id', 'control')
 if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
-local now = now_ms()
 local st = ARGV[3]
+if st == 'succeeded' and v[4] == 'cancel' then return {'cancel_requested'} end
+if (st == 'queued' or st == 'paused') and v[4] == 'cancel' then
+  st = 'cancelled'
+elseif st == 'queued' and v[4] == 'pause' then
+  st = 'paused'
+end
+local now = now_ms()
 release_running(KEYS[3], KEYS[2], v[3], ARGV[1])
 redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control')
 redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(tail(4)))
@@ -231,7 +241,7 @@ if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
 elseif st == 'queued' then
   enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
 end
-return {'ok'}
+return {'ok', st}
 """
 )
 

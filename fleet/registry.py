@@ -1,12 +1,20 @@
 """Adapter registry: immutable, numbered adapter versions per tenant in the object store.
 
-Layout: tenants/<tid>/adapters/<name>/v<N>/ holds the PEFT files and a manifest.json (sha256 and
-size of each file, base model, LoRA config, hyperparameters, dataset, job id, final metrics,
-created_at). Publishing a version:
+Layout: tenants/<tid>/adapters/<name>/v<N>/ holds a manifest.json (sha256, size and stored key of
+each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, created_at);
+the files themselves lie under v<N>/a<attempt>/ (training) or v<N>/import/ (import), so no two writers
+ever share a key. Publishing a version:
   1. reserve N (Redis INCR) and record job → version, fenced by the job's attempt; a job that already
      reserved a version gets the same N back, so a retried attempt never makes a second version;
-  2. upload the files; 3. write manifest.json LAST; 4. mark the version ready in Redis.
-A version without a manifest is invisible; a version with one is never written again.
+  2. upload the files under the attempt's own prefix;
+  3. commit the manifest in Redis (fenced, atomic): the first attempt to commit decides the version's
+     bytes for good, and any later publish of the job reuses that manifest instead of its own;
+  4. write manifest.json LAST, always the committed bytes; 5. mark the version ready in Redis.
+A stale attempt (its lease lost to a newer one that reserved the same N) can therefore never change a
+published version: its files sit under its own prefix, which no manifest names unless it committed
+(after its upload had finished), and every write of manifest.json, late or repeated, on either backend,
+writes the same committed bytes. No conditional put is needed from the object store.
+A version without a manifest is invisible. A pending cancel refuses steps 1 and 3 (CancelRequested).
 Deletion is soft: the version disappears from listings and downloads, its number is never reused.
 """
 
@@ -25,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import keys
 from fleet.adapter_archives import manifest_fields_from_peft, unpack_adapter, write_folder_archive
-from fleet.exceptions import FencedOut, InvalidRequest, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, InvalidRequest, NotFound
 from fleet.objectstore import ObjectStore
 from fleet.peft_format import validate_peft_adapter_dir
 from fleet.settings import check_redis_client
@@ -50,13 +58,26 @@ _REF_RE = re.compile(r"^(?P<name>[^:]+)(?::v(?P<version>[0-9]+))?$")
 
 # KEYS: job, publication, version_seq.  ARGV: job_id, attempt, name
 _RESERVE = """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
 if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
+if v[3] == 'cancel' then return {'cancel_requested'} end
 local pub = redis.call('HMGET', KEYS[2], 'name', 'version', 'state')
 if pub[1] then return {'existing', pub[1], pub[2], pub[3]} end
 local n = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[2], 'name', ARGV[3], 'version', n, 'state', 'uploading', 'attempt', ARGV[2])
 return {'reserved', ARGV[3], n, 'uploading'}
+"""
+
+# KEYS: job, publication.  ARGV: attempt, manifest_json
+# The first commit wins; later ones get the committed manifest back, so every writer writes the same bytes.
+_COMMIT = """
+local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
+if v[1] ~= 'running' or v[2] ~= ARGV[1] then return {'fenced', v[1] or '', v[2] or ''} end
+if v[3] == 'cancel' then return {'cancel_requested'} end
+local committed = redis.call('HGET', KEYS[2], 'manifest')
+if committed then return {'committed', committed} end
+redis.call('HSET', KEYS[2], 'state', 'committed', 'manifest', ARGV[2], 'attempt', ARGV[1])
+return {'committed', ARGV[2]}
 """
 
 
@@ -102,9 +123,21 @@ def parse_adapter_ref(ref: str, *, param: str = "model") -> tuple[str, int | Non
 
 
 class ManifestFile(BaseModel):
+    """One PEFT file of a version.
+
+    `path` is its name in the adapter dir (and in downloads and archives); `key` is where it is
+    stored, relative to the version's prefix ("a2/adapter_model.safetensors"). Manifests written
+    before files got per-writer prefixes have no `key`: the file is stored at `path`.
+    """
+
     path: str
     sha256: str
     size: int
+    key: str | None = None
+
+    @property
+    def stored_at(self) -> str:
+        return self.key or self.path
 
 
 class Manifest(BaseModel):
@@ -161,6 +194,35 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _raise_if_refused(reply: list, job_id: str, attempt: int) -> None:
+    """Raise for a script reply that refuses a publishing step of `attempt`."""
+    if reply[0] == "fenced":
+        raise FencedOut(
+            f"Attempt {attempt} of job {job_id} is stale (job is {reply[1] or 'missing'}, "
+            f"current attempt {reply[2] or '?'}); it may not publish."
+        )
+    if reply[0] == "cancel_requested":
+        raise CancelRequested(
+            f"Job {job_id} has a pending cancel request; attempt {attempt} may not publish. Finish it as cancelled."
+        )
+
+
+def _new_manifest(
+    tenant_id: str, name: str, version: int, fields: Mapping[str, Any], entries: list[ManifestFile]
+) -> Manifest:
+    return Manifest(
+        **{
+            **fields,
+            "name": name,
+            "version": version,
+            "ref": format_adapter_ref(name, version),
+            "tenant_id": tenant_id,
+            "created_at": int(time.time()),
+            "files": entries,
+        }
+    )
+
+
 def _adapter_files(local_dir: Path) -> list[Path]:
     """Regular files under `local_dir` to publish (hidden files and any old manifest.json left out)."""
     files = []
@@ -183,6 +245,7 @@ class AdapterRegistry:
         self.store = store
         self.max_import_bytes = max_import_bytes
         self._reserve = client.register_script(_RESERVE)
+        self._commit = client.register_script(_COMMIT)
 
     @staticmethod
     def version_prefix(tenant_id: str, name: str, version: int) -> str:
@@ -201,42 +264,49 @@ class AdapterRegistry:
     ) -> str:
         """Publish `local_dir` (a PEFT adapter dir) as the job's version; returns "<name>:v<N>".
 
-        Idempotent per job: calling again (same or a later attempt) returns the same version. Raises
-        FencedOut when `attempt` is not the job's running attempt, InvalidRequest for a bad name/dir.
+        Idempotent per job: calling again (same or a later attempt) returns the same version, with the
+        bytes of the first attempt that committed. Raises FencedOut when `attempt` is not the job's
+        running attempt, CancelRequested (reserving or committing nothing) while a cancel request for
+        the job is pending, InvalidRequest for a bad name/dir.
         `manifest_fields` supplies base_model, lora_config, hyperparameters, dataset {file_id, sha256},
         final_metrics (and any extra keys to keep in the manifest).
         """
         validate_adapter_name(name)
         validate_peft_adapter_dir(local_dir)
+        job_key, publication_key = keys.job(job_id), keys.job_publication(job_id)
         reply = self._reserve(
-            keys=[keys.job(job_id), keys.job_publication(job_id), keys.adapter_version_seq(tenant_id, name)],
+            keys=[job_key, publication_key, keys.adapter_version_seq(tenant_id, name)],
             args=[job_id, attempt, name],
         )
-        if reply[0] == "fenced":
-            raise FencedOut(
-                f"Attempt {attempt} of job {job_id} is stale (job is {reply[1] or 'missing'}, "
-                f"current attempt {reply[2] or '?'}); it may not publish."
-            )
+        _raise_if_refused(reply, job_id, attempt)
         name, version, state = reply[1], int(reply[2]), reply[3]
-        if state == "ready" or self.store.exists(self.version_prefix(tenant_id, name, version) + MANIFEST_FILE):
+        prefix = self.version_prefix(tenant_id, name, version)
+        if state == "ready":
             self._mark_ready(tenant_id, name, version, job_id)
             return format_adapter_ref(name, version)
-
-        def still_owner() -> None:
-            status, current = self.redis.hmget(keys.job(job_id), "status", "attempt")
-            if status != "running" or current != str(attempt):
-                raise FencedOut(f"Attempt {attempt} of job {job_id} was fenced out while publishing.")
-
-        self._write_version(
-            tenant_id,
-            name,
-            version,
-            Path(local_dir),
-            {**manifest_fields, "source": "training", "job_id": job_id, "attempt": attempt},
-            before_each_write=still_owner,
-        )
+        if state == "committed":  # an attempt committed, then died before writing manifest.json
+            manifest_json = self.redis.hget(publication_key, "manifest")
+        else:
+            entries = self._upload_files(
+                prefix, f"a{attempt}/", Path(local_dir), before_each_write=lambda: self._check_owner(job_id, attempt)
+            )
+            fields = {**manifest_fields, "source": "training", "job_id": job_id, "attempt": attempt}
+            manifest = _new_manifest(tenant_id, name, version, fields, entries)
+            reply = self._commit(keys=[job_key, publication_key], args=[attempt, manifest.model_dump_json(indent=2)])
+            _raise_if_refused(reply, job_id, attempt)
+            manifest_json = reply[1]  # ours, or the one another attempt of this job committed first
+        self.store.put_bytes(prefix + MANIFEST_FILE, manifest_json.encode())  # LAST; always the committed bytes
         self._mark_ready(tenant_id, name, version, job_id)
         return format_adapter_ref(name, version)
+
+    def _check_owner(self, job_id: str, attempt: int) -> None:
+        """Stop a stale or cancelled attempt before each upload. Only saves work: the fenced commit is what
+        keeps a stale attempt's files out of a version."""
+        status, current, control = self.redis.hmget(keys.job(job_id), "status", "attempt", "control")
+        if status != "running" or current != str(attempt):
+            _raise_if_refused(["fenced", status, current], job_id, attempt)
+        if control == "cancel":
+            _raise_if_refused(["cancel_requested"], job_id, attempt)
 
     def published_version(self, job_id: str) -> str | None:
         """The "<name>:v<N>" a job published, if its manifest is written (lets a new attempt skip work)."""
@@ -252,44 +322,29 @@ class AdapterRegistry:
         with tempfile.TemporaryDirectory(prefix="lf-import-") as tmp:
             adapter_dir = unpack_adapter(source, Path(tmp), self.max_import_bytes)
             info = validate_peft_adapter_dir(adapter_dir)
-            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))
+            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))  # N is this import's alone
             fields = {**manifest_fields_from_peft(info), **(extra_manifest or {}), "source": "import"}
-            self._write_version(tenant_id, name, version, adapter_dir, fields)
+            prefix = self.version_prefix(tenant_id, name, version)
+            entries = self._upload_files(prefix, "import/", adapter_dir)
+            manifest = _new_manifest(tenant_id, name, version, fields, entries)
+            self.store.put_bytes(prefix + MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())  # LAST
         self._mark_ready(tenant_id, name, version, None)
         return self.get_version(tenant_id, format_adapter_ref(name, version))
 
-    def _write_version(
-        self,
-        tenant_id: str,
-        name: str,
-        version: int,
-        local_dir: Path,
-        manifest_fields: Mapping[str, Any],
-        before_each_write: Callable[[], None] | None = None,
-    ) -> Manifest:
-        prefix = self.version_prefix(tenant_id, name, version)
+    def _upload_files(
+        self, prefix: str, subdir: str, local_dir: Path, before_each_write: Callable[[], None] | None = None
+    ) -> list[ManifestFile]:
+        """Upload the adapter files of `local_dir` to `prefix + subdir`; their manifest entries."""
         entries = []
         for path in _adapter_files(local_dir):
             rel = path.relative_to(local_dir).as_posix()
             if before_each_write:
                 before_each_write()
-            self.store.put_file(prefix + rel, path)
-            entries.append(ManifestFile(path=rel, sha256=_sha256_file(path), size=path.stat().st_size))
-        manifest = Manifest(
-            **{
-                **manifest_fields,
-                "name": name,
-                "version": version,
-                "ref": format_adapter_ref(name, version),
-                "tenant_id": tenant_id,
-                "created_at": int(time.time()),
-                "files": entries,
-            }
-        )
-        if before_each_write:
-            before_each_write()
-        self.store.put_bytes(prefix + MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())  # LAST
-        return manifest
+            self.store.put_file(prefix + subdir + rel, path)
+            entries.append(
+                ManifestFile(path=rel, sha256=_sha256_file(path), size=path.stat().st_size, key=subdir + rel)
+            )
+        return entries
 
     def _mark_ready(self, tenant_id: str, name: str, version: int, job_id: str | None) -> None:
         manifest = self._load_manifest(tenant_id, name, version)
@@ -368,7 +423,7 @@ class AdapterRegistry:
         dest_dir = Path(dest_dir)
         for entry in manifest.files:
             target = dest_dir / entry.path
-            self.store.download_file(prefix + entry.path, target)
+            self.store.download_file(prefix + entry.stored_at, target)
             if target.stat().st_size != entry.size or _sha256_file(target) != entry.sha256:
                 raise RuntimeError(
                     f"{manifest.ref}/{entry.path} does not match its manifest (size/sha256); the stored "
@@ -381,12 +436,13 @@ class AdapterRegistry:
         """Write a version as an archive of one folder "<name>-v<N>/" to `out`; returns the file name."""
         manifest = self.read_manifest(tenant_id, ref)
         prefix = self.version_prefix(tenant_id, manifest.name, manifest.version)
+        stored_at = {e.path: e.stored_at for e in manifest.files}
         return write_folder_archive(
             out,
             fmt,
             f"{manifest.name}-v{manifest.version}",
             [(e.path, e.size) for e in manifest.files],
-            lambda rel: self.store.open(prefix + rel),
+            lambda rel: self.store.open(prefix + stored_at[rel]),
             {MANIFEST_FILE: manifest.model_dump_json(indent=2).encode()},
             mtime=manifest.created_at,
         )

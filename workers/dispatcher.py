@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.checkpoints import download_checkpoint, upload_checkpoint
-from fleet.exceptions import FencedOut, FleetError, InvalidRequest, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound
 from fleet.files import FileStore
 from fleet.jobs import Checkpoint, Job, JobError, JobStatus
 from fleet.queue import Claim, JobStore
@@ -249,6 +249,9 @@ class Dispatcher:
                 self._run_attempt(job, attempt, work_dir, heartbeat)
         except FencedOut as e:
             logger.warning("%s: %s", job.id, e)
+        except CancelRequested:
+            # Cancelled after training ended, before the version became visible: publish nothing.
+            self._finish_quietly(job, attempt, JobStatus.CANCELLED)
         except KeyboardInterrupt:
             # Stopping the dispatcher: hand the job back so another one resumes it from its checkpoint.
             self._finish_quietly(job, attempt, JobStatus.QUEUED)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from fleet import keys
-from fleet.exceptions import FencedOut, IdempotencyConflict, InvalidRequest, InvalidState, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, InvalidRequest, InvalidState, NotFound
 from fleet.jobs import JobError, JobStatus
 from fleet.queue import JobStore
 
@@ -280,6 +280,48 @@ def test_expired_lease_honours_a_pending_cancel(jobs):
     jobs.request_cancel("t1", job_id)
     (expired,) = jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
     assert expired.new_status == JobStatus.CANCELLED
+
+
+def test_handing_back_a_job_with_a_pending_cancel_cancels_it(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    claim = jobs.claim_next_job("w", 5000)
+    jobs.request_cancel("t1", job_id)
+    done = jobs.finish_job(job_id, claim.attempt, JobStatus.QUEUED)  # e.g. the dispatcher shutting down
+    assert (done.status, done.control) == (JobStatus.CANCELLED, None) and done.finished_at
+    assert jobs.claim_next_job("w2", 5000) is None  # not requeued
+    assert jobs.list_events(job_id, limit=1)[0][0].message == "Job cancelled."
+
+
+def test_handing_back_a_job_with_a_pending_pause_pauses_it(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    claim = jobs.claim_next_job("w", 5000)
+    jobs.request_pause("t1", job_id)
+    done = jobs.finish_job(job_id, claim.attempt, JobStatus.QUEUED)
+    assert (done.status, done.finished_at) == (JobStatus.PAUSED, None)
+    assert jobs.claim_next_job("w2", 5000) is None
+    assert jobs.list_events(job_id, limit=1)[0][0].message.startswith("Job paused")
+    assert jobs.resume("t1", job_id).status == JobStatus.QUEUED
+    assert jobs.claim_next_job("w2", 5000).job.id == job_id
+
+
+def test_pausing_a_job_with_a_pending_cancel_cancels_it(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    claim = jobs.claim_next_job("w", 5000)
+    jobs.request_pause("t1", job_id)
+    jobs.request_cancel("t1", job_id)  # the worker saw the pause; the user cancels before it stops
+    assert jobs.finish_job(job_id, claim.attempt, JobStatus.PAUSED).status == JobStatus.CANCELLED
+
+
+def test_a_job_with_a_pending_cancel_cannot_succeed(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    claim = jobs.claim_next_job("w", 5000)
+    jobs.request_cancel("t1", job_id)  # after the training loop's last look at the control signal
+    with pytest.raises(CancelRequested):
+        jobs.finish_job(job_id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="run:v1")
+    job = jobs.load_job(job_id)
+    assert (job.status, job.control, job.fine_tuned_model) == (JobStatus.RUNNING, "cancel", None)
+    done = jobs.finish_job(job_id, claim.attempt, JobStatus.CANCELLED)
+    assert (done.status, done.fine_tuned_model) == (JobStatus.CANCELLED, None)
 
 
 def test_progress_is_recorded_with_percent_and_eta(jobs):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fleet.exceptions import FencedOut, InvalidRequest, NotFound
+from fleet import keys
+from fleet.exceptions import CancelRequested, FencedOut, InvalidRequest, NotFound
 from fleet.peft_format import validate_peft_adapter_dir
 from fleet.queue import JobStore
 from fleet.registry import (
@@ -96,11 +97,15 @@ def test_publish_allocates_versions_and_writes_a_verifiable_manifest(jobs, regis
     )
     assert manifest.dataset["file_id"] == "file-x"
     prefix = "tenants/t1/adapters/support-bot/v2/"
-    assert sorted(object_store.list(prefix)) == sorted(
-        [prefix + "adapter_config.json", prefix + "adapter_model.safetensors", prefix + MANIFEST_FILE]
+    assert sorted(object_store.list(prefix)) == sorted(  # the files under the publishing attempt's own prefix
+        [prefix + "a1/adapter_config.json", prefix + "a1/adapter_model.safetensors", prefix + MANIFEST_FILE]
     )
+    assert sorted((e.path, e.key) for e in manifest.files) == [
+        ("adapter_config.json", "a1/adapter_config.json"),
+        ("adapter_model.safetensors", "a1/adapter_model.safetensors"),
+    ]
     for entry in manifest.files:
-        data = object_store.get_bytes(prefix + entry.path)
+        data = object_store.get_bytes(prefix + entry.key)
         assert (hashlib.sha256(data).hexdigest(), len(data)) == (entry.sha256, entry.size)
     assert [v.version for v in registry.list_versions("t1", "support-bot")] == [2, 1]
     assert registry.get_version("t1", "support-bot").ref == "support-bot:v2"  # bare name = latest
@@ -148,7 +153,8 @@ def test_publish_is_idempotent_per_job_and_a_stale_attempt_cannot_publish(jobs, 
     assert registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=job_id, attempt=third.attempt) == "a:v1"
     assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
     assert object_store.list("tenants/t1/adapters/a/") == [
-        f"tenants/t1/adapters/a/v1/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)
+        f"tenants/t1/adapters/a/v1/{n}"
+        for n in ("a2/adapter_config.json", "a2/adapter_model.safetensors", MANIFEST_FILE)
     ]
 
 
@@ -164,12 +170,101 @@ def test_version_without_manifest_is_invisible_and_a_retry_completes_it(jobs, re
     with pytest.raises(RuntimeError):
         registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
     object_store.put_bytes = real_put_bytes
-    assert object_store.exists("tenants/t1/adapters/a/v1/adapter_model.safetensors")
+    assert object_store.exists("tenants/t1/adapters/a/v1/a1/adapter_model.safetensors")
     with pytest.raises(NotFound):
         registry.get_version("t1", "a:v1")
     assert registry.list_adapters("t1") == []
     ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
     assert ref == "a:v1" and registry.read_manifest("t1", ref).version == 1
+
+
+def _take_over_and_publish(jobs, registry, src: Path) -> str:
+    """The first attempt's lease expires; a second attempt claims the job, publishes `src` and succeeds."""
+    jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    second = jobs.claim_next_job("w2", 60_000)
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=second.job.id, attempt=second.attempt)
+    jobs.finish_job(second.job.id, second.attempt, "succeeded", fine_tuned_model=ref)
+    return ref
+
+
+def test_a_stale_attempt_stalled_mid_upload_cannot_change_the_published_version(
+    jobs, registry, object_store, tmp_path
+):
+    first = _running_job(jobs)
+    stale, fresh = make_peft_dir(tmp_path / "stale", seed=1), make_peft_dir(tmp_path / "fresh", seed=2)
+    real_put_file, published = object_store.put_file, []
+
+    def put_file_after_a_stall(key, path):
+        # the first attempt passed its ownership check and stalls here (GC pause, slow network) long
+        # enough to lose its lease; a new attempt reserves the same version and publishes it in full
+        if not published and Path(path).parent == stale and key.endswith(".safetensors"):
+            published.append(_take_over_and_publish(jobs, registry, fresh))
+        real_put_file(key, path)
+
+    object_store.put_file = put_file_after_a_stall
+    with pytest.raises(FencedOut):
+        registry.publish_adapter_version("t1", "a", stale, FIELDS, job_id=first.job.id, attempt=first.attempt)
+    assert published == ["a:v1"]
+    dest = registry.download_version("t1", "a:v1", tmp_path / "dl")  # checks every sha256 and size
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (dest / name).read_bytes() == (fresh / name).read_bytes()
+    assert registry.read_manifest("t1", "a:v1").attempt == 2
+
+
+def test_a_stale_attempt_writing_its_manifest_late_leaves_the_published_bytes_unchanged(
+    jobs, registry, object_store, tmp_path
+):
+    first = _running_job(jobs)
+    stale, fresh = make_peft_dir(tmp_path / "stale", seed=1), make_peft_dir(tmp_path / "fresh", seed=2)
+    manifest_key = "tenants/t1/adapters/a/v1/" + MANIFEST_FILE
+    real_put_bytes, published = object_store.put_bytes, {}
+
+    def put_bytes_after_a_stall(key, data):
+        # the first attempt stalls just before writing manifest.json while a second one publishes
+        if key == manifest_key and not published:
+            published["ref"] = None  # only the first call stalls
+            published["ref"] = _take_over_and_publish(jobs, registry, fresh)
+            published["manifest"] = object_store.get_bytes(manifest_key)
+        real_put_bytes(key, data)
+
+    object_store.put_bytes = put_bytes_after_a_stall
+    ref = registry.publish_adapter_version("t1", "a", stale, FIELDS, job_id=first.job.id, attempt=first.attempt)
+    assert ref == published["ref"] == "a:v1"
+    assert object_store.get_bytes(manifest_key) == published["manifest"]  # the version never changed
+    registry.download_version("t1", "a:v1", tmp_path / "dl")  # checks every sha256 and size
+    assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
+
+
+def test_publish_refuses_while_a_cancel_is_pending_and_reserves_nothing(jobs, registry, object_store, r, tmp_path):
+    claim = _running_job(jobs)
+    jobs.request_cancel("t1", claim.job.id)  # after training ended, before publishing
+    src = make_peft_dir(tmp_path / "out")
+    with pytest.raises(CancelRequested):
+        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+    assert not r.exists(keys.job_publication(claim.job.id), keys.adapter_version_seq("t1", "a"))
+    assert object_store.list("tenants/t1/") == []
+    assert jobs.finish_job(claim.job.id, claim.attempt, "cancelled").status == "cancelled"
+    claim = _running_job(jobs)  # the number was not used up
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+    assert ref == "a:v1"
+
+
+def test_a_cancel_arriving_during_the_upload_keeps_the_version_unpublished(jobs, registry, object_store, tmp_path):
+    claim = _running_job(jobs)
+    src = make_peft_dir(tmp_path / "out")
+    real_put_file = object_store.put_file
+
+    def cancel_during_last_upload(key, path):
+        real_put_file(key, path)
+        if key.endswith(".safetensors"):  # the last file: only the commit is left
+            jobs.request_cancel("t1", claim.job.id)
+
+    object_store.put_file = cancel_during_last_upload
+    with pytest.raises(CancelRequested):
+        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+    assert registry.published_version(claim.job.id) is None
+    assert registry.list_adapters("t1") == []
+    assert not object_store.exists("tenants/t1/adapters/a/v1/" + MANIFEST_FILE)
 
 
 def test_download_and_archives_hold_the_peft_files(jobs, registry, tmp_path):
@@ -233,6 +328,7 @@ def test_import_from_directory_and_archives(registry, tmp_path):
     v3 = registry.import_adapter("t1", "imported", zpath, extra_manifest={"imported_filename": "mine.zip"})
     assert [v1.ref, v2.ref, v3.ref] == ["imported:v1", "imported:v2", "imported:v3"]
     manifest = registry.read_manifest("t1", "imported:v3")
+    assert {e.key for e in manifest.files} == {"import/adapter_config.json", "import/adapter_model.safetensors"}
     assert manifest.source == "import" and manifest.base_model == "tiny-llama" and manifest.job_id is None
     assert manifest.model_extra["imported_filename"] == "mine.zip"
 
