@@ -39,9 +39,10 @@ from fleet.jobs import (
     JobStatus,
     Progress,
 )
+from fleet.leases import Claim, ExpiredLease, Lease
 from fleet.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
 from fleet.peft_format import PeftAdapterInfo, validate_peft_adapter_dir
-from fleet.queue import Claim, CreatedJob, ExpiredLease, JobStore, Lease
+from fleet.queue import CreatedJob, JobStore
 from fleet.registry import (
     AdapterRegistry,
     AdapterSummary,

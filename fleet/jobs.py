@@ -44,7 +44,7 @@ class JobStatus(str, Enum):
 
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-# from → the states it may move to. The Lua scripts in fleet.queue implement exactly these moves;
+# from → the states it may move to. The Lua scripts in fleet.queue_scripts implement these moves;
 # running → queued is a requeue (lease expired, or a worker released the job).
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
@@ -99,7 +99,7 @@ class Progress(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
-# A job is a Redis hash: scalar fields as plain strings (the Lua scripts in fleet.queue read and write
+# A job is a Redis hash: scalar fields as plain strings (the Lua scripts in fleet.queue_scripts read and write
 # those), structured fields as JSON. A field that is None is absent from the hash.
 _JOB_JSON_FIELDS = frozenset({"metadata", "method", "hyperparameters", "lora", "error", "result_files", "progress"})
 

@@ -1,4 +1,4 @@
-"""Lua source of the atomic job-state transitions that fleet.queue registers with Redis.
+"""Lua source of the atomic job-state transitions that fleet.queue and fleet.leases register with Redis.
 
 Each script checks the job's current state (and, for worker calls, the attempt number: the fencing
 token) and applies one move of `fleet.jobs.ALLOWED_TRANSITIONS` in a single atomic step. Keys come

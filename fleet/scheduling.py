@@ -1,6 +1,6 @@
 """The claim policy: which tenant's head job a free worker takes next (pure functions, no Redis).
 
-fleet.queue reads a `QueueSnapshot` from Redis, asks a `ClaimPolicy` for a tenant, then claims that
+fleet.leases reads a `QueueSnapshot` from Redis, asks a `ClaimPolicy` for a tenant, then claims that
 tenant's head job in one Lua script that re-checks the head and retries with a fresh snapshot if
 another worker won the race. A policy therefore only has to be a correct choice for one snapshot.
 Weighted fair share, quotas or preemption replace `round_robin` with a function of the same type;

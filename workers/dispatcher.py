@@ -13,6 +13,7 @@ attempt resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -267,7 +268,11 @@ class Dispatcher:
             self._finish_quietly(job, attempt, JobStatus.FAILED,
                                  error=JobError(code="training_error", message=message[:2000]))
         finally:
+            # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
             shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(self._ray_storage / self._ray_run_name(job, attempt), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
     def _finish_quietly(self, job: Job, attempt: int, status: JobStatus, error: JobError | None = None) -> None:
         try:
@@ -308,8 +313,8 @@ class Dispatcher:
             reporter_factory=JobReporterFactory(self.settings, job.id, job.tenant_id, attempt),
             num_workers=self.settings.train_workers_per_job,
             use_gpu=self.settings.use_gpu,
-            storage_path=self.work_root / "ray",
-            name=f"{job.id}-attempt-{attempt}",
+            storage_path=self._ray_storage,
+            name=self._ray_run_name(job, attempt),
             max_failures=self.settings.train_max_failures,
             resume_from=resume_from[0] if resume_from else None,
         )
@@ -341,6 +346,14 @@ class Dispatcher:
                              trained_tokens=result.tokens_trained,
                              hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
+
+    @property
+    def _ray_storage(self) -> Path:
+        return self.work_root / "ray"
+
+    @staticmethod
+    def _ray_run_name(job: Job, attempt: int) -> str:
+        return f"{job.id}-attempt-{attempt}"
 
     def _download_dataset(self, job: Job, param: str, path: Path):
         """Fetch one of the job's files; a file deleted since the job was queued fails the job on `param`."""

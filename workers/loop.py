@@ -497,9 +497,10 @@ def train(
                 stopped_early = _track_best(best, metrics["val_loss"], step, spec, model)
             if say:
                 say.metrics(step, metrics)
-            last_ckpt = None
-            if every_ckpt and (step % every_ckpt == 0) and step < hp.total_steps:
-                last_ckpt = save_checkpoint(metrics)
+            # Decided the same way on every rank (only rank 0 gets a path back), so that a pause right
+            # after a checkpoint step does not make the other ranks save and report a second time.
+            saved_this_step = bool(every_ckpt and step % every_ckpt == 0 and step < hp.total_steps)
+            last_ckpt = save_checkpoint(metrics) if saved_this_step else None
             if stopped_early:
                 if say:
                     say.log(
@@ -511,7 +512,7 @@ def train(
             if control == "cancel":
                 return finish("cancelled", None, metrics)
             if control == "pause":
-                path = last_ckpt or save_checkpoint(metrics)
+                path = last_ckpt if saved_this_step else save_checkpoint(metrics)
                 return finish("paused", path, metrics)
             if step >= hp.total_steps:
                 break

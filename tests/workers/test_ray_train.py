@@ -121,7 +121,9 @@ def test_pause_stops_every_rank_and_a_later_run_resumes_from_the_persisted_check
 ):
     events, control = tmp_path / "events.jsonl", tmp_path / "control"
     control.write_text("pause")
-    spec = _spec(tiny_model_dir, tmp_path / "data", batch_size=2, max_steps=4)
+    # A checkpoint every step: the pause lands on a checkpoint step, where every rank must agree that
+    # the checkpoint is already written (a rank that saves again would wait forever in Ray's report).
+    spec = _spec(tiny_model_dir, tmp_path / "data", batch_size=2, max_steps=4).model_copy(update={"n_checkpoints": 4})
     paused = run_training_on_ray(
         spec,
         output_dir=tmp_path / "out",
