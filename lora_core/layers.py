@@ -258,8 +258,8 @@ class LoraLinear(nn.Module):
     def merge(self, names: tuple[str, ...] | None = None) -> None:
         """Write the given (default: active) adapters into the base weight: W ← W + s·B·A (DoRA: W').
 
-        Several DoRA adapters merged in turn each take their norm on the weight merged so far (PEFT
-        takes it on the unmerged base); a single DoRA adapter merges exactly as PEFT does.
+        A DoRA adapter takes its norm on the unmerged base weight (as its forward does, and as PEFT
+        does), even when other adapters were merged before it: W ← (m/‖W0 + ΔW‖)·(W + ΔW).
         """
         names = self.active_adapters if names is None else names
         if self.quantization is not None:
@@ -275,7 +275,8 @@ class LoraLinear(nn.Module):
             weight = self._dense_weight_view()  # (out, in) view of the base parameter
             merged = weight.float() + self.delta_weight(name)
             if name in self.lora_magnitude:
-                norm = torch.linalg.vector_norm(merged, dim=1)
+                base = self._unmerged_weight() if self.merged_adapters else weight.float()  # W0
+                norm = torch.linalg.vector_norm(base + self.delta_weight(name), dim=1)
                 self._merged_dora_norms[name] = norm
                 merged = (self.lora_magnitude[name] / norm).view(-1, 1) * merged
             weight.copy_(merged.to(weight.dtype))
@@ -287,12 +288,23 @@ class LoraLinear(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight = self._dense_weight_view()
-            restored = weight.float()
-            if name in self.lora_magnitude:
-                norm = self._merged_dora_norms.pop(name)
-                restored = restored / (self.lora_magnitude[name] / norm).view(-1, 1)
-            restored = restored - self.delta_weight(name)
+            restored = self._take_out(weight.float(), name)
+            self._merged_dora_norms.pop(name, None)
             weight.copy_(restored.to(weight.dtype))
+
+    def _take_out(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """`weight` (fp32, (out, in)) with merged adapter `name` taken back out."""
+        if name in self.lora_magnitude:
+            norm = self._merged_dora_norms[name]
+            weight = weight / (self.lora_magnitude[name] / norm).view(-1, 1)
+        return weight - self.delta_weight(name)
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """W0 in fp32: a copy of the base weight with every merged adapter taken out, newest first."""
+        weight = self._dense_weight_view().float().clone()
+        for name in reversed(self.merged_adapters):
+            weight = self._take_out(weight, name)
+        return weight
 
     def _dense_weight_view(self) -> torch.Tensor:
         weight = self.base_layer.weight.data

@@ -138,3 +138,29 @@ def test_effective_rank_counts_energy():
     assert lora_core.effective_rank(torch.tensor([3.0, 1.0, 0.0]), 0.9) == 1
     assert lora_core.effective_rank(torch.tensor([3.0, 1.0, 0.0]), 0.99) == 2
     assert lora_core.effective_rank(torch.zeros(4), 0.9) == 0
+
+
+def test_two_dora_adapters_merge_like_their_forward_and_like_peft(load_tiny, randomize, batch, tmp_path):
+    from peft import PeftModel
+
+    model = load_tiny()
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True), "a")
+    lora_core.add_adapter(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True), "b")
+    randomize(model)  # perturbs the magnitudes too, so each DoRA gain differs from 1
+    lora_core.set_active_adapter(model, ["a", "b"])
+    unmerged = _logits(model, batch)
+    for name in ("a", "b"):
+        lora_core.save_adapter(model, tmp_path / name, adapter_name=name)
+
+    lora_core.merge_adapter(model)
+    merged = _logits(model, batch)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+    peft_model = PeftModel.from_pretrained(load_tiny(), tmp_path / "a", adapter_name="a")
+    peft_model.load_adapter(tmp_path / "b", adapter_name="b")
+    peft_model.base_model.set_adapter(["a", "b"])
+    peft_model.base_model.merge_adapter(["a", "b"])
+    torch.testing.assert_close(merged, _logits(peft_model, batch), atol=1e-5, rtol=1e-5)
+
+    lora_core.unmerge_adapter(model)
+    torch.testing.assert_close(_logits(model, batch), unmerged, atol=1e-5, rtol=1e-5)
