@@ -10,7 +10,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import IO, Any, BinaryIO, Literal
 
 from fleet.exceptions import InvalidRequest
 from fleet.peft_format import PeftAdapterInfo
@@ -98,6 +98,13 @@ def _find_adapter_root(path: Path) -> Path:
     )
 
 
+def _write_member(target: Path, src: IO[bytes]) -> None:
+    """Copy one archive member (already checked for path and size) to `target`, closing `src`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with src, open(target, "wb") as out:
+        shutil.copyfileobj(src, out, 1024 * 1024)
+
+
 def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     """Extract a .zip/.tar(.gz) safely: regular files only, no absolute or '..' paths, size-capped."""
 
@@ -132,10 +139,7 @@ def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
                         )
                     check(info.filename, info.file_size, total)
                     total += info.file_size
-                    target = dest / info.filename
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
+                    _write_member(dest / info.filename, zf.open(info))
         elif name.endswith((".tar", ".tar.gz", ".tgz")):
             with tarfile.open(archive) as tar:
                 for member in tar.getmembers():
@@ -149,12 +153,9 @@ def _extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
                         )
                     check(member.name, member.size, total)
                     total += member.size
-                    target = dest / member.name
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     src = tar.extractfile(member)
-                    assert src is not None
-                    with src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
+                    assert src is not None  # a regular file, checked above
+                    _write_member(dest / member.name, src)
         else:
             raise InvalidRequest(
                 f"Unsupported adapter archive {archive.name!r}; upload a .zip, .tar or .tar.gz.",

@@ -1,4 +1,5 @@
-"""fleet records rendered as OpenAI's API objects (job, event, checkpoint, model, list envelope).
+"""fleet records rendered as API objects: OpenAI's (job, event, checkpoint, model, list envelope) and our
+adapter and adapter version objects.
 
 Pure functions from fleet's models to JSON-ready dicts. OpenAI's field names come first; our
 extensions (`progress`, `queue_position`, `lora`, `attempt`) are extra keys the SDK keeps as attributes.
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fleet.jobs import Checkpoint, Event, Job
+from fleet.registry import AdapterSummary, AdapterVersion
 
 __all__ = [
     "list_envelope",
@@ -18,6 +20,8 @@ __all__ = [
     "checkpoint_object",
     "model_object",
     "checkpoint_model_name",
+    "adapter_object",
+    "version_object",
 ]
 
 _OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -140,3 +144,32 @@ def checkpoint_object(job: Job, checkpoint: Checkpoint) -> dict[str, Any]:
 def model_object(model_id: str, *, created: int, owned_by: str, **extra: Any) -> dict[str, Any]:
     """OpenAI's `model` object, plus any lorafleet fields in `extra`."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, **extra}
+
+
+def adapter_object(summary: AdapterSummary) -> dict[str, Any]:
+    """An adapter (all its versions) as `/v1/adapters` lists it."""
+    return {
+        "object": "adapter",
+        "id": summary.name,
+        "name": summary.name,
+        "latest_version": summary.latest_version,
+        "latest_ref": summary.latest_ref,
+        "version_count": summary.n_versions,
+        "created_at": summary.created_at,
+        "updated_at": summary.updated_at,
+    }
+
+
+def version_object(version: AdapterVersion) -> dict[str, Any]:
+    """One immutable adapter version; `id` is its public name "<name>:v<N>"."""
+    return {
+        "object": "adapter.version",
+        "id": version.ref,
+        "name": version.name,
+        "version": version.version,
+        "created_at": version.created_at,
+        "source": version.source,
+        "job_id": version.job_id,
+        "base_model": version.base_model,
+        "bytes": version.bytes_total,
+    }

@@ -12,26 +12,20 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from fleet.exceptions import InvalidRequest
-from fleet.registry import (
-    AdapterRegistry,
-    AdapterSummary,
-    AdapterVersion,
-    format_adapter_ref,
-    validate_adapter_name,
-)
+from fleet.registry import AdapterRegistry, AdapterSummary, format_adapter_ref, validate_adapter_name
 from service.deps import CurrentTenant, RegistryDep, SettingsDep
 from service.errors import APIError
-from service.objects import list_envelope
+from service.objects import adapter_object, list_envelope, version_object
 from service.uploads import receive_upload
 
-__all__ = ["router", "adapter_object", "version_object"]
+__all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,33 +34,6 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _CHUNK = 1024 * 1024
 _VERSION_DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def adapter_object(summary: AdapterSummary) -> dict[str, Any]:
-    return {
-        "object": "adapter",
-        "id": summary.name,
-        "name": summary.name,
-        "latest_version": summary.latest_version,
-        "latest_ref": summary.latest_ref,
-        "version_count": summary.n_versions,
-        "created_at": summary.created_at,
-        "updated_at": summary.updated_at,
-    }
-
-
-def version_object(version: AdapterVersion) -> dict[str, Any]:
-    return {
-        "object": "adapter.version",
-        "id": version.ref,
-        "name": version.name,
-        "version": version.version,
-        "created_at": version.created_at,
-        "source": version.source,
-        "job_id": version.job_id,
-        "base_model": version.base_model,
-        "bytes": version.bytes_total,
-    }
 
 
 def version_ref(name: str, version: str) -> str:
