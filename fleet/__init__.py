@@ -25,8 +25,10 @@ from fleet.exceptions import (
     InvalidRequest,
     InvalidState,
     NotFound,
+    PauseWithdrawn,
     PayloadTooLarge,
 )
+from fleet.fencing import Fence
 from fleet.files import FileObject, FileStore
 from fleet.jobs import (
     ALLOWED_TRANSITIONS,
@@ -79,6 +81,7 @@ __all__ = [
     "Event",
     "EventLog",
     "ExpiredLease",
+    "Fence",
     "FencedOut",
     "FileObject",
     "FileStore",
@@ -100,6 +103,7 @@ __all__ = [
     "NotFound",
     "ObjectStore",
     "parse_adapter_ref",
+    "PauseWithdrawn",
     "PayloadTooLarge",
     "PeftAdapterInfo",
     "Principal",

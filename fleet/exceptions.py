@@ -1,7 +1,7 @@
 """Domain exceptions raised by fleet; the HTTP layer maps each to one status code.
 
 Suggested mapping (service/): NotFound → 404, Conflict (and subclasses) → 409, InvalidRequest → 400,
-PayloadTooLarge → 413, FencedOut and CancelRequested are internal to workers (never reach a client).
+PayloadTooLarge → 413, FencedOut, CancelRequested and PauseWithdrawn are internal to workers (never reach a client).
 Every exception carries `message`, `param` (the request field at fault, or None) and `code`
 (a short machine-readable string), matching OpenAI's error object `{message, type, param, code}`.
 """
@@ -15,6 +15,7 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidState",
     "CancelRequested",
+    "PauseWithdrawn",
     "InvalidRequest",
     "PayloadTooLarge",
     "FencedOut",
@@ -64,6 +65,16 @@ class CancelRequested(Conflict):
     """
 
     default_code = "cancel_requested"
+
+
+class PauseWithdrawn(Conflict):
+    """A worker tried to end a job paused, but the tenant resumed it before the worker stopped.
+
+    Nothing was changed; the worker should hand the job back (finish it queued), and the next attempt
+    resumes from the checkpoint the pause saved.
+    """
+
+    default_code = "pause_withdrawn"
 
 
 class InvalidRequest(FleetError):

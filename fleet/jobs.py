@@ -27,9 +27,11 @@ __all__ = [
 
 
 class JobStatus(str, Enum):
-    """A job's state; the values are OpenAI's fine-tuning job statuses plus `paused`."""
+    """A job's state; the values are OpenAI's fine-tuning job statuses plus `paused`.
 
-    VALIDATING_FILES = "validating_files"
+    OpenAI's `validating_files` never occurs: files are validated at upload, so a job is created queued.
+    """
+
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
@@ -44,10 +46,10 @@ class JobStatus(str, Enum):
 
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-# from → the states it may move to. The Lua scripts in fleet.queue_scripts implement these moves;
-# running → queued is a requeue (lease expired, or a worker released the job).
+# from → the states it may move to. The Lua scripts in fleet.queue_scripts implement these moves, and
+# tests/fleet/test_fleet_transitions.py checks that they make exactly these; running → queued is a
+# requeue (lease expired, or a worker handed the job back).
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLED}),
     JobStatus.RUNNING: frozenset(
         {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED}
@@ -108,8 +110,9 @@ class Job(BaseModel):
     """One fine-tuning job: the request as accepted plus everything the system learned since.
 
     `hyperparameters` and `lora` hold the blocks as validated by the service (their schema is the
-    training engine's, so fleet does not repeat it). `attempt` counts claims; it is the fencing token a
-    worker passes back on every write. Times are Unix seconds except `lease_expires_at_ms`.
+    training engine's, so fleet does not repeat it). `attempt` counts claims; with `claim_token` (random,
+    drawn at each claim) it forms the fence (fleet.fencing.Fence) a worker passes back on every write.
+    Times are Unix seconds except `lease_expires_at_ms`.
     """
 
     model_config = ConfigDict(use_enum_values=False)
@@ -130,7 +133,7 @@ class Job(BaseModel):
     method: dict[str, Any] | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     lora: dict[str, Any] = Field(default_factory=dict)
-    status: JobStatus = JobStatus.VALIDATING_FILES
+    status: JobStatus = JobStatus.QUEUED
     error: JobError | None = None
     fine_tuned_model: str | None = None
     result_files: list[str] = Field(default_factory=list)
@@ -142,6 +145,7 @@ class Job(BaseModel):
     attempt: int = 0
     lease_expirations: int = 0
     worker_id: str | None = None
+    claim_token: str | None = None
     lease_expires_at_ms: int | None = None
     control: ControlSignal | None = None
     last_failure: str | None = None

@@ -1,22 +1,24 @@
-"""Leases: the dispatcher side of the job store: claim, lease, fence, progress, checkpoints, finish.
+"""Leases: the dispatcher side of the job store: claim, lease, fence, progress, checkpoints, events, finish.
 
-`fleet.queue.JobStore` builds one `Leases` and hands its methods on, so a dispatcher calls them on the
-JobStore: job-id calls carrying the `attempt` fencing token (`claim_next_job`, `renew_lease`,
-`record_progress`, `record_checkpoint`, `control_signal`, `finish_job`, `requeue_expired_leases`,
-`wait_for_work`). A call with a stale attempt raises FencedOut and changes nothing.
+A `JobStore` owns one `Leases` as `jobs.leases`; dispatchers call it there. A claim returns a `Claim`
+whose `fence` (job id, attempt number, claim token; fleet.fencing) every later call takes: a call with
+a stale fence raises FencedOut and changes nothing.
 
 A dispatcher's loop, in outline:
-    jobs.requeue_expired_leases()                 # at start-up, then every few seconds
-    claim = jobs.claim_next_job(worker_id, lease_ms)
-    if claim is None: jobs.wait_for_work(timeout_s); loop
-    heartbeat thread: jobs.renew_lease(job_id, claim.attempt, lease_ms) every heartbeat_ms
+    leases = jobs.leases
+    leases.requeue_expired_leases()               # at start-up, then every few seconds
+    claim = leases.claim_next_job(worker_id, lease_ms)
+    if claim is None: leases.wait_for_work(timeout_s); loop
+    fence = claim.fence
+    heartbeat thread: leases.renew_lease(fence, lease_ms) every heartbeat_ms
     resume from jobs.latest_checkpoint(job_id) (fleet.checkpoints.download_checkpoint)
-    each step: signal = jobs.record_progress(...); "cancel"/"pause" → finish_job(..., "cancelled"/"paused")
-    each checkpoint: upload_checkpoint(...), then jobs.record_checkpoint(job_id, attempt, step, location)
-    ref = registry.publish_adapter_version(..., job_id=job_id, attempt=attempt)
-    jobs.finish_job(job_id, attempt, "succeeded", fine_tuned_model=ref)
+    each step: signal = leases.record_progress(fence, ...); "cancel"/"pause" → finish_job(fence, "cancelled"/"paused")
+    each checkpoint: upload_checkpoint(...), then leases.record_checkpoint(fence, step, location)
+    log lines: leases.append_event(fence, level, message)
+    ref = registry.publish_adapter_version(..., fence=fence)
+    leases.finish_job(fence, "succeeded", fine_tuned_model=ref)
     FencedOut from any call: another attempt owns the job; drop the work, publish nothing.
-    CancelRequested from publish/finish "succeeded": the user cancelled; finish_job(..., "cancelled").
+    CancelRequested from publish/finish "succeeded": the user cancelled; finish_job(fence, "cancelled").
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import redis
 from fleet import keys
 from fleet import queue_scripts as lua
 from fleet.events import EventLog
-from fleet.exceptions import CancelRequested, FencedOut
+from fleet.fencing import Fence, new_claim_token, raise_for_refusal
 from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus, Progress
 from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue
 from fleet.settings import MAX_BLOCK_S
 
-__all__ = ["Leases", "Claim", "Lease", "ExpiredLease", "queue_key_of"]
+__all__ = ["Leases", "Claim", "Fence", "Lease", "ExpiredLease", "queue_key_of", "read_queue_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,15 @@ _CLAIM_RETRIES = 100
 
 @dataclass(frozen=True)
 class Claim:
-    """A job a worker now owns; pass `attempt` (the fencing token) back on every later call."""
+    """A job a worker now owns; pass `fence` back on every later call for it."""
 
     job: Job
-    attempt: int
+    fence: Fence
     lease_expires_at_ms: int
+
+    @property
+    def attempt(self) -> int:
+        return self.fence.attempt
 
 
 @dataclass(frozen=True)
@@ -74,17 +80,30 @@ class ExpiredLease:
     new_status: JobStatus
 
 
-def _fenced(job_id: str, attempt: int, reply: list) -> FencedOut:
-    status, current = reply[1] or "missing", reply[2] or "?"
-    return FencedOut(
-        f"Attempt {attempt} of job {job_id} is stale (job is {status}, current attempt {current}); stop working on it."
-    )
-
-
 def queue_key_of(client: redis.Redis, job_id: str) -> str:
     """The queue key of the job's tenant (a missing job maps to an empty tenant id, as the Lua expects)."""
     tenant_id = client.hget(keys.job(job_id), "tenant_id")
     return keys.queue(tenant_id or "")
+
+
+def read_queue_snapshot(client: redis.Redis) -> QueueSnapshot:
+    """The queues as the claim policy sees them (tenants with queued jobs, cursor, running counts)."""
+    entries = client.zrange(keys.queue_tenants(), 0, -1, withscores=True)
+    pipe = client.pipeline(transaction=False)
+    for tenant_id, _ in entries:
+        pipe.lindex(keys.queue(tenant_id), 0)
+        pipe.llen(keys.queue(tenant_id))
+    pipe.get(keys.queue_cursor())
+    pipe.hgetall(keys.running_per_tenant())
+    replies = pipe.execute()
+    tenants = []
+    for i, (tenant_id, since) in enumerate(entries):
+        head, length = replies[2 * i], replies[2 * i + 1]
+        if head is not None:
+            tenants.append(TenantQueue(tenant_id, head, int(length), int(since)))
+    tenants.sort(key=lambda t: t.tenant_id)
+    running = {t: int(n) for t, n in replies[-1].items()}
+    return QueueSnapshot(tenants=tenants, cursor=replies[-2], running=running)
 
 
 class Leases:
@@ -107,45 +126,28 @@ class Leases:
         self.policy = policy
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
+        self._control = client.register_script(lua.CONTROL)
         self._fenced_update = client.register_script(lua.FENCED_UPDATE)
         self._checkpoint = client.register_script(lua.CHECKPOINT)
         self._finish = client.register_script(lua.FINISH)
         self._expire_lease = client.register_script(lua.EXPIRE_LEASE)
 
-    def snapshot(self) -> QueueSnapshot:
-        """The queues as the claim policy sees them (tenants with queued jobs, cursor, running counts)."""
-        entries = self.redis.zrange(keys.queue_tenants(), 0, -1, withscores=True)
-        pipe = self.redis.pipeline(transaction=False)
-        for tenant_id, _ in entries:
-            pipe.lindex(keys.queue(tenant_id), 0)
-            pipe.llen(keys.queue(tenant_id))
-        pipe.get(keys.queue_cursor())
-        pipe.hgetall(keys.running_per_tenant())
-        replies = pipe.execute()
-        tenants = []
-        for i, (tenant_id, since) in enumerate(entries):
-            head, length = replies[2 * i], replies[2 * i + 1]
-            if head is not None:
-                tenants.append(TenantQueue(tenant_id, head, int(length), int(since)))
-        tenants.sort(key=lambda t: t.tenant_id)
-        running = {t: int(n) for t, n in replies[-1].items()}
-        return QueueSnapshot(tenants=tenants, cursor=replies[-2], running=running)
-
     def claim_next_job(self, worker_id: str, lease_ms: int, policy: ClaimPolicy | None = None) -> Claim | None:
-        """Atomically claim the job the policy picks: queued → running, attempt += 1, lease set.
+        """Atomically claim the job the policy picks: queued → running, attempt += 1, fresh claim token, lease set.
 
         Returns None when nothing is queued. Races between workers are settled by the Lua claim, which
         only takes the head the policy saw; a loser re-reads the queues and tries again.
         """
         choose = policy or self.policy
         for _ in range(_CLAIM_RETRIES):
-            snap = self.snapshot()
+            snap = read_queue_snapshot(self.redis)
             tenant_id = choose(snap)
             if tenant_id is None:
                 return None
             head = next((t.head_job_id for t in snap.tenants if t.tenant_id == tenant_id), None)
             if head is None:
                 raise ValueError(f"Claim policy chose tenant {tenant_id!r}, which has no queued job.")
+            token = new_claim_token()
             reply = self._claim(
                 keys=[
                     keys.job(head),
@@ -155,35 +157,34 @@ class Leases:
                     keys.running_per_tenant(),
                     keys.leases(),
                 ],
-                args=[head, tenant_id, worker_id, lease_ms],
+                args=[head, tenant_id, worker_id, lease_ms, token],
             )
             if reply[0] == "claimed":
-                attempt, expires = int(reply[1]), int(reply[2])
-                self.events.append(head, "info", f"Job started (attempt {attempt}) on worker {worker_id}.")
-                return Claim(self._load_job(head), attempt, expires)
+                fence = Fence(head, int(reply[1]), token)
+                self.events.append(head, "info", f"Job started (attempt {fence.attempt}) on worker {worker_id}.")
+                return Claim(self._load_job(head), fence, int(reply[2]))
             if reply[0] == "skip":
                 log.warning("dropped queue entry %s of tenant %s: job was no longer queued", head, tenant_id)
         log.warning("claim_next_job gave up after %d contended retries", _CLAIM_RETRIES)
         return None
 
-    def renew_lease(self, job_id: str, attempt: int, lease_ms: int) -> Lease:
-        """Heartbeat: extend the lease by `lease_ms`; raises FencedOut if the attempt is stale."""
-        reply = self._renew(keys=[keys.job(job_id), keys.leases()], args=[job_id, attempt, lease_ms])
-        if reply[0] == "fenced":
-            raise _fenced(job_id, attempt, reply)
+    def renew_lease(self, fence: Fence, lease_ms: int) -> Lease:
+        """Heartbeat: extend the lease by `lease_ms`; raises FencedOut if the fence is stale."""
+        reply = self._renew(
+            keys=[keys.job(fence.job_id), keys.leases()], args=[fence.job_id, fence.attempt, fence.token, lease_ms]
+        )
+        raise_for_refusal(reply, fence, "renew its lease")
         return Lease(int(reply[1]), reply[2] or None)
 
-    def control_signal(self, job_id: str, attempt: int) -> ControlSignal | None:
+    def control_signal(self, fence: Fence) -> ControlSignal | None:
         """The pending request for a running attempt: None, "cancel" or "pause". FencedOut if stale."""
-        status, current, control = self.redis.hmget(keys.job(job_id), "status", "attempt", "control")
-        if status != JobStatus.RUNNING.value or current != str(attempt):
-            raise _fenced(job_id, attempt, ["fenced", status, current])
-        return control or None  # type: ignore[return-value]
+        reply = self._control(keys=[keys.job(fence.job_id)], args=[fence.attempt, fence.token])
+        raise_for_refusal(reply, fence, "read its control signal")
+        return reply[1] or None
 
     def record_progress(
         self,
-        job_id: str,
-        attempt: int,
+        fence: Fence,
         *,
         step: int,
         total_steps: int | None = None,
@@ -194,7 +195,7 @@ class Leases:
     ) -> ControlSignal | None:
         """Store the latest progress (fenced) and return any pending control request.
 
-        Appends no event: the caller logs a "metrics" event with `append_event(..., type="metrics")`.
+        Appends no event: the caller logs a "metrics" event with `append_event(fence, ..., type="metrics")`.
         """
         percent = round(100.0 * step / total_steps, 2) if total_steps else None
         progress = Progress(
@@ -210,15 +211,15 @@ class Leases:
             fields += ["trained_tokens", trained_tokens]
         if eta_s is not None:
             fields += ["estimated_finish", int(time.time() + eta_s)]
-        reply = self._fenced_update(keys=[keys.job(job_id)], args=[attempt, *fields])
-        if reply[0] == "fenced":
-            raise _fenced(job_id, attempt, reply)
+        reply = self._fenced_update(keys=[keys.job(fence.job_id)], args=[fence.attempt, fence.token, *fields])
+        raise_for_refusal(reply, fence, "record progress")
         return reply[1] or None
 
     def record_checkpoint(
-        self, job_id: str, attempt: int, step: int, location: str, metrics: dict[str, float] | None = None
+        self, fence: Fence, step: int, location: str, metrics: dict[str, float] | None = None
     ) -> Checkpoint:
         """Record a saved checkpoint (fenced). Checkpoints outlive attempts: the next attempt resumes."""
+        job_id = fence.job_id
         checkpoint = Checkpoint(
             id=f"ftckpt-{job_id.removeprefix('ftjob-')}-{step}",
             job_id=job_id,
@@ -226,31 +227,19 @@ class Leases:
             location=location,
             metrics=metrics or {},
             created_at=int(time.time()),
-            attempt=attempt,
+            attempt=fence.attempt,
         )
         reply = self._checkpoint(
             keys=[keys.job(job_id), keys.job_checkpoints(job_id)],
-            args=[attempt, step, checkpoint.model_dump_json()],
+            args=[fence.attempt, fence.token, step, checkpoint.model_dump_json()],
         )
-        if reply[0] == "fenced":
-            raise _fenced(job_id, attempt, reply)
+        raise_for_refusal(reply, fence, "record a checkpoint")
         self.events.append(job_id, "info", f"Checkpoint saved at step {step}.", {"step": step, **(metrics or {})})
         return checkpoint
 
-    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
-        """A job's checkpoints, newest (highest step) first."""
-        raw = self.redis.hvals(keys.job_checkpoints(job_id))
-        return sorted((Checkpoint.model_validate_json(r) for r in raw), key=lambda c: c.step, reverse=True)
-
-    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
-        """The checkpoint to resume from, or None."""
-        checkpoints = self.list_checkpoints(job_id)
-        return checkpoints[0] if checkpoints else None
-
     def finish_job(
         self,
-        job_id: str,
-        attempt: int,
+        fence: Fence,
         status: JobStatus | str,
         *,
         fine_tuned_model: str | None = None,
@@ -266,10 +255,11 @@ class Leases:
         The returned Job carries the status the job actually ended in.
         `hyperparameters`, when given, replaces the requested ones ("auto" included) by the values used.
 
-        Raises FencedOut if `attempt` is stale; a stale attempt can never change the job.
+        Raises FencedOut if `fence` is stale; a stale attempt can never change the job.
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
         user's cancel wins, so the worker must finish the job as cancelled instead.
         """
+        job_id = fence.job_id
         target = JobStatus(status)
         if target not in _FINISH_STATUSES:
             raise ValueError(f"finish_job cannot move a job to {target.value}.")
@@ -293,15 +283,9 @@ class Leases:
                 keys.queue_tenants(),
                 keys.wakeup(),
             ],
-            args=[job_id, attempt, target.value, *fields],
+            args=[job_id, fence.attempt, fence.token, target.value, *fields],
         )
-        if reply[0] == "fenced":
-            raise _fenced(job_id, attempt, reply)
-        if reply[0] == "cancel_requested":
-            raise CancelRequested(
-                f"Job {job_id} has a pending cancel request; attempt {attempt} may not mark it succeeded. "
-                "Finish it as cancelled."
-            )
+        raise_for_refusal(reply, fence, f"mark the job {target.value}")
         outcome = JobStatus(reply[1])
         message = {
             JobStatus.SUCCEEDED: "The job has successfully completed.",

@@ -2,11 +2,11 @@
 
 Two kinds of caller use one JobStore:
 - the API (tenant-scoped calls: `create_job`, `get_job`, `list_jobs`, `request_cancel`, `request_pause`,
-  `resume`, `mark_validated`, `fail_validation`, `queue_position`, events/checkpoints listing);
-- dispatchers (job-id calls carrying the `attempt` fencing token: `claim_next_job`, `renew_lease`,
-  `record_progress`, `record_checkpoint`, `control_signal`, `finish_job`, `requeue_expired_leases`,
-  `wait_for_work`). JobStore hands these on to the `fleet.leases.Leases` it owns, which also holds
-  the dispatcher's loop in outline. A call with a stale attempt raises FencedOut and changes nothing.
+  `resume`, `queue_position`, events/checkpoints listing);
+- dispatchers, through `jobs.leases` (a `fleet.leases.Leases`, which also holds the dispatcher's loop
+  in outline): `claim_next_job`, then calls carrying the claim's `Fence` (`renew_lease`,
+  `record_progress`, `record_checkpoint`, `append_event`, `control_signal`, `finish_job`), and
+  `requeue_expired_leases`, `wait_for_work`. A call with a stale fence raises FencedOut and changes nothing.
 
 The client must decode responses to str (`fleet.settings.make_redis` builds one).
 """
@@ -25,12 +25,12 @@ from fleet import keys
 from fleet import queue_scripts as lua
 from fleet.events import EventLog
 from fleet.exceptions import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
-from fleet.jobs import Event, Job, JobError, JobStatus, is_job_id, new_job_id
-from fleet.leases import Claim, ExpiredLease, Lease, Leases, queue_key_of
-from fleet.scheduling import ClaimPolicy, PositionEstimator, estimate_queue_position, round_robin
+from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
+from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, read_queue_snapshot
+from fleet.scheduling import ClaimPolicy, PositionEstimator, QueueSnapshot, estimate_queue_position, round_robin
 from fleet.settings import check_redis_client
 
-__all__ = ["JobStore", "CreatedJob", "Claim", "Lease", "ExpiredLease", "request_sha256"]
+__all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
 
 
 class CreatedJob(NamedTuple):
@@ -80,25 +80,11 @@ class JobStore:
         self.idempotency_ttl_s = idempotency_ttl_s
         self.position_estimator = position_estimator
         self._create = client.register_script(lua.CREATE)
-        self._mark_validated = client.register_script(lua.MARK_VALIDATED)
-        self._fail_validation = client.register_script(lua.FAIL_VALIDATION)
         self._cancel = client.register_script(lua.CANCEL)
         self._pause = client.register_script(lua.PAUSE)
         self._resume = client.register_script(lua.RESUME)
-        # The dispatcher side (claim, lease, fence, finish) lives in fleet.leases; JobStore hands its
-        # calls on, so API and dispatchers share one store. Composition: Leases reads jobs via load_job.
-        self.leases = Leases(client, self.events, self.load_job, max_attempts=max_attempts, policy=policy)
-        self.snapshot = self.leases.snapshot
-        self.claim_next_job = self.leases.claim_next_job
-        self.renew_lease = self.leases.renew_lease
-        self.control_signal = self.leases.control_signal
-        self.record_progress = self.leases.record_progress
-        self.record_checkpoint = self.leases.record_checkpoint
-        self.list_checkpoints = self.leases.list_checkpoints
-        self.latest_checkpoint = self.leases.latest_checkpoint
-        self.finish_job = self.leases.finish_job
-        self.requeue_expired_leases = self.leases.requeue_expired_leases
-        self.wait_for_work = self.leases.wait_for_work
+        # The dispatcher side (claim, lease, fenced writes, finish): dispatchers call `jobs.leases.<call>`.
+        self.leases: Leases = Leases(client, self.events, self.load_job, max_attempts=max_attempts, policy=policy)
 
     @property
     def max_attempts(self) -> int:
@@ -128,9 +114,8 @@ class JobStore:
         init_adapter: str | None = None,
         idempotency_key: str | None = None,
         request_body: Any = None,
-        validated: bool = False,
     ) -> CreatedJob:
-        """Create a job in `validating_files` (or straight in `queued` when `validated`).
+        """Create a job, queued (its files were validated at upload; the caller checked the rest).
 
         `model` is what the caller asked for: a catalog base model, or an adapter version to continue
         training ("<name>:v<N>"); then `base_model` names its catalog base and `init_adapter` the version.
@@ -157,7 +142,7 @@ class JobStore:
             method=method,
             hyperparameters=hyperparameters or {},
             lora=lora or {},
-            status=JobStatus.QUEUED if validated else JobStatus.VALIDATING_FILES,
+            status=JobStatus.QUEUED,
             idempotency_key=idempotency_key,
         )
         if idempotency_key is not None:
@@ -199,7 +184,6 @@ class JobStore:
                 "1" if idempotency_key is not None else "0",
                 job.request_sha256 or "",
                 self.idempotency_ttl_s,
-                "1" if validated else "0",
                 *flat,
             ],
         )
@@ -274,36 +258,6 @@ class JobStore:
                 break
         return page[:limit], len(page) > limit
 
-    def mark_validated(self, job_id: str) -> Job:
-        """validating_files → queued (wakes a dispatcher). A job cancelled meanwhile stays cancelled."""
-        _require_job_id(job_id)
-        reply = self._mark_validated(
-            keys=[keys.job(job_id), queue_key_of(self.redis, job_id), keys.queue_tenants(), keys.wakeup()],
-            args=[job_id],
-        )
-        if reply[0] == "missing":
-            raise _job_not_found(job_id)
-        if reply[0] == "invalid" and reply[1] != JobStatus.CANCELLED.value:
-            raise InvalidState(f"Job {job_id} is {reply[1]}, not validating_files; it cannot be queued.")
-        if reply[0] == "ok":
-            self.append_event(job_id, "info", "Files validated; job queued.")
-        return self.load_job(job_id)
-
-    def fail_validation(self, job_id: str, error: JobError) -> Job:
-        """validating_files → failed with `error` (e.g. code "invalid_training_file", param "training_file").
-
-        A job cancelled meanwhile stays cancelled.
-        """
-        _require_job_id(job_id)
-        reply = self._fail_validation(keys=[keys.job(job_id)], args=[job_id, error.model_dump_json()])
-        if reply[0] == "missing":
-            raise _job_not_found(job_id)
-        if reply[0] == "invalid" and reply[1] != JobStatus.CANCELLED.value:
-            raise InvalidState(f"Job {job_id} is {reply[1]}, not validating_files; it cannot fail validation.")
-        if reply[0] == "ok":
-            self.append_event(job_id, "error", f"File validation failed: {error.message}", error.model_dump())
-        return self.load_job(job_id)
-
     def request_cancel(self, tenant_id: str, job_id: str) -> Job:
         """Cancel: immediate unless running; a running job gets a cancel request its worker acts on."""
         messages = {
@@ -354,6 +308,21 @@ class JobStore:
         if index is None:
             return None
         return self.position_estimator(self.snapshot(), tenant_id, int(index))
+
+    def snapshot(self) -> QueueSnapshot:
+        """The queues as the claim policy sees them (tenants with queued jobs, cursor, running counts)."""
+        return read_queue_snapshot(self.redis)
+
+    # -- checkpoints (recorded by dispatchers through `leases.record_checkpoint`) -------------------
+    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """A job's checkpoints, newest (highest step) first."""
+        raw = self.redis.hvals(keys.job_checkpoints(job_id))
+        return sorted((Checkpoint.model_validate_json(r) for r in raw), key=lambda c: c.step, reverse=True)
+
+    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The checkpoint to resume from, or None."""
+        checkpoints = self.list_checkpoints(job_id)
+        return checkpoints[0] if checkpoints else None
 
     # -- events (the job's log; see fleet.events) ---------------------------------------------------
     def append_event(

@@ -1,14 +1,17 @@
-"""Lua source of the atomic job-state transitions that fleet.queue and fleet.leases register with Redis.
+"""Lua source of the atomic job-state transitions that fleet.queue, fleet.leases and fleet.registry register.
 
-Each script checks the job's current state (and, for worker calls, the attempt number: the fencing
-token) and applies one move of `fleet.jobs.ALLOWED_TRANSITIONS` in a single atomic step. Keys come
-in as KEYS (built by fleet.keys); scripts return a table whose first element names the outcome.
-Times come from the Redis server clock so that every dispatcher agrees on lease expiry.
+Each script checks the job's current state (and, for worker calls, the fence: attempt number and claim
+token, checked by the prelude's `fence_check` and nowhere else) and applies one move of
+`fleet.jobs.ALLOWED_TRANSITIONS` in a single atomic step (tests/fleet/test_fleet_transitions.py drives
+every script from every state and checks both ways). Keys come in as KEYS (built by fleet.keys);
+scripts return a table whose first element names the outcome; `fleet.fencing.raise_for_refusal` maps
+the refusals to exceptions. Times come from the Redis server clock so that every dispatcher agrees on
+lease expiry.
 """
 
 from __future__ import annotations
 
-_PRELUDE = """
+PRELUDE = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,6 +32,13 @@ local function release_running(running_key, leases_key, tenant, job_id)
   redis.call('ZREM', leases_key, job_id)
   if redis.call('HINCRBY', running_key, tenant, -1) <= 0 then redis.call('HDEL', running_key, tenant) end
 end
+-- The one fencing check: nil when the job is running under this attempt and claim token, else the
+-- refusal every fenced script returns unchanged: {'fenced', status, current attempt}.
+local function fence_check(job_key, attempt, token)
+  local v = redis.call('HMGET', job_key, 'status', 'attempt', 'claim_token')
+  if v[1] ~= 'running' or v[2] ~= attempt or v[3] ~= token then return {'fenced', v[1] or '', v[2] or ''} end
+  return nil
+end
 local function tail(from)
   local out = {}
   for i = from, #ARGV do out[#out + 1] = ARGV[i] end
@@ -37,9 +47,9 @@ end
 """
 
 # KEYS: job, tenant_jobs, idempotency, job_seq, queue, queue_tenants, wakeup
-# ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, enqueue ('0'|'1'), field, value, ...
+# ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, field, value, ...   (created queued)
 CREATE = (
-    _PRELUDE
+    PRELUDE
     + """
 if ARGV[3] == '1' then
   local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
@@ -49,53 +59,26 @@ if ARGV[3] == '1' then
   end
 end
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(7)))
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(6)))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
 end
-if ARGV[6] == '1' then enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[1], false, now_ms()) end
+enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[1], false, now_ms())
 return {'created', ARGV[1]}
-"""
-)
-
-# KEYS: job, queue, queue_tenants, wakeup.  ARGV: job_id
-MARK_VALIDATED = (
-    _PRELUDE
-    + """
-local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id')
-if not v[1] then return {'missing'} end
-if v[1] ~= 'validating_files' then return {'invalid', v[1]} end
-local now = now_ms()
-redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', sec(now))
-enqueue(KEYS[2], KEYS[3], KEYS[4], v[2], ARGV[1], false, now)
-return {'ok'}
-"""
-)
-
-# KEYS: job.  ARGV: job_id, error_json
-FAIL_VALIDATION = (
-    _PRELUDE
-    + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing'} end
-if st ~= 'validating_files' then return {'invalid', st} end
-local now = sec(now_ms())
-redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', now, 'updated_at', now)
-return {'ok'}
 """
 )
 
 # KEYS: job, queue, queue_tenants, wakeup (unused).  ARGV: job_id, tenant_id (another tenant's job: missing)
 CANCEL = (
-    _PRELUDE
+    PRELUDE
     + """
 local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
 local st = v[1]
 local now = sec(now_ms())
-if st == 'validating_files' or st == 'queued' or st == 'paused' then
+if st == 'queued' or st == 'paused' then
   if st == 'queued' then unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1]) end
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now)
   redis.call('HDEL', KEYS[1], 'control')
@@ -112,7 +95,7 @@ return {'invalid', st}
 
 # KEYS: job, queue, queue_tenants, wakeup (unused).  ARGV: job_id, tenant_id
 PAUSE = (
-    _PRELUDE
+    PRELUDE
     + """
 local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
@@ -135,7 +118,7 @@ return {'invalid', st}
 
 # KEYS: job, queue, queue_tenants, wakeup.  ARGV: job_id, tenant_id
 RESUME = (
-    _PRELUDE
+    PRELUDE
     + """
 local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
@@ -157,9 +140,9 @@ return {'invalid', st}
 )
 
 # KEYS: job, queue, queue_tenants, queue_cursor, running, leases
-# ARGV: job_id (the head the policy chose), tenant_id, worker_id, lease_ms
+# ARGV: job_id (the head the policy chose), tenant_id, worker_id, lease_ms, claim_token (fresh, random)
 CLAIM = (
-    _PRELUDE
+    PRELUDE
     + """
 if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[1] then return {'retry'} end
 redis.call('LPOP', KEYS[2])
@@ -170,7 +153,7 @@ local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local now = now_ms()
 local expires = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker_id', ARGV[3], 'lease_expires_at_ms', int(expires),
-           'updated_at', sec(now))
+           'claim_token', ARGV[5], 'updated_at', sec(now))
 redis.call('HSETNX', KEYS[1], 'started_at', sec(now))
 redis.call('HDEL', KEYS[1], 'control')
 redis.call('ZADD', KEYS[6], expires, ARGV[1])
@@ -179,67 +162,79 @@ return {'claimed', attempt, int(expires)}
 """
 )
 
-# KEYS: job, leases.  ARGV: job_id, attempt, lease_ms
+# KEYS: job, leases.  ARGV: job_id, attempt, token, lease_ms
 RENEW = (
-    _PRELUDE
+    PRELUDE
     + """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
-if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
-local expires = now_ms() + tonumber(ARGV[3])
+local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
+if refused then return refused end
+local expires = now_ms() + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'lease_expires_at_ms', int(expires))
 redis.call('ZADD', KEYS[2], expires, ARGV[1])
-return {'ok', int(expires), v[3] or ''}
+return {'ok', int(expires), redis.call('HGET', KEYS[1], 'control') or ''}
 """
 )
 
-# KEYS: job.  ARGV: attempt, field, value, ...   (fenced write of worker-reported fields)
+# KEYS: job.  ARGV: attempt, token   (the pending control request of a fenced attempt)
+CONTROL = (
+    PRELUDE
+    + """
+local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
+if refused then return refused end
+return {'ok', redis.call('HGET', KEYS[1], 'control') or ''}
+"""
+)
+
+# KEYS: job.  ARGV: attempt, token, field, value, ...   (fenced write of worker-reported fields)
 FENCED_UPDATE = (
-    _PRELUDE
+    PRELUDE
     + """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
-if v[1] ~= 'running' or v[2] ~= ARGV[1] then return {'fenced', v[1] or '', v[2] or ''} end
-redis.call('HSET', KEYS[1], 'updated_at', sec(now_ms()), unpack(tail(2)))
-return {'ok', v[3] or ''}
+local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
+if refused then return refused end
+redis.call('HSET', KEYS[1], 'updated_at', sec(now_ms()), unpack(tail(3)))
+return {'ok', redis.call('HGET', KEYS[1], 'control') or ''}
 """
 )
 
-# KEYS: job, checkpoints.  ARGV: attempt, step, checkpoint_json
+# KEYS: job, checkpoints.  ARGV: attempt, token, step, checkpoint_json
 CHECKPOINT = (
-    _PRELUDE
+    PRELUDE
     + """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if v[1] ~= 'running' or v[2] ~= ARGV[1] then return {'fenced', v[1] or '', v[2] or ''} end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
+if refused then return refused end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return {'ok'}
 """
 )
 
 # KEYS: job, leases, running, queue, queue_tenants, wakeup
-# ARGV: job_id, attempt, status (succeeded|failed|cancelled|paused|queued), field, value, ...
+# ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), field, value, ...
 # A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
 # Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing.
 # Returns {'ok', status the job is now in}.
 FINISH = (
-    _PRELUDE
+    PRELUDE
     + """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id', 'control')
-if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
-local st = ARGV[3]
-if st == 'succeeded' and v[4] == 'cancel' then return {'cancel_requested'} end
-if (st == 'queued' or st == 'paused') and v[4] == 'cancel' then
+local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
+if refused then return refused end
+local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
+local tenant, control = v[1], v[2]
+local st = ARGV[4]
+if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
+if (st == 'queued' or st == 'paused') and control == 'cancel' then
   st = 'cancelled'
-elseif st == 'queued' and v[4] == 'pause' then
+elseif st == 'queued' and control == 'pause' then
   st = 'paused'
 end
 local now = now_ms()
-release_running(KEYS[3], KEYS[2], v[3], ARGV[1])
-redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control')
-redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(tail(4)))
+release_running(KEYS[3], KEYS[2], tenant, ARGV[1])
+redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'claim_token')
+redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(tail(5)))
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
 elseif st == 'queued' then
-  enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
+  enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], true, now)
 end
 return {'ok', st}
 """
@@ -248,7 +243,7 @@ return {'ok', st}
 # KEYS: job, leases, running, queue, queue_tenants, wakeup
 # ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json
 EXPIRE_LEASE = (
-    _PRELUDE
+    PRELUDE
     + """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return {'skip'} end
@@ -259,7 +254,7 @@ release_running(KEYS[3], KEYS[2], v[3], ARGV[1])
 local lost = tonumber(v[5] or '0') + 1
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'lease_expirations', lost, 'last_failure', ARGV[5], 'updated_at', sec(now))
-redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control')
+redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'claim_token')
 local new
 if v[4] == 'cancel' then
   new = 'cancelled'
@@ -275,5 +270,36 @@ end
 redis.call('HSET', KEYS[1], 'status', new)
 if new == 'cancelled' or new == 'failed' then redis.call('HSET', KEYS[1], 'finished_at', sec(now)) end
 return {new, lost}
+"""
+)
+
+# KEYS: job, publication, version_seq.  ARGV: job_id, attempt, token, name
+# Reserve the job's adapter version number (fenced); a job that already reserved one gets it back.
+RESERVE_VERSION = (
+    PRELUDE
+    + """
+local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
+if refused then return refused end
+if redis.call('HGET', KEYS[1], 'control') == 'cancel' then return {'cancel_requested'} end
+local pub = redis.call('HMGET', KEYS[2], 'name', 'version', 'state')
+if pub[1] then return {'existing', pub[1], pub[2], pub[3]} end
+local n = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[2], 'name', ARGV[4], 'version', n, 'state', 'uploading', 'attempt', ARGV[2])
+return {'reserved', ARGV[4], n, 'uploading'}
+"""
+)
+
+# KEYS: job, publication.  ARGV: attempt, token, manifest_json
+# The first commit wins; later ones get the committed manifest back, so every writer writes the same bytes.
+COMMIT_VERSION = (
+    PRELUDE
+    + """
+local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
+if refused then return refused end
+if redis.call('HGET', KEYS[1], 'control') == 'cancel' then return {'cancel_requested'} end
+local committed = redis.call('HGET', KEYS[2], 'manifest')
+if committed then return {'committed', committed} end
+redis.call('HSET', KEYS[2], 'state', 'committed', 'manifest', ARGV[3], 'attempt', ARGV[1])
+return {'committed', ARGV[3]}
 """
 )

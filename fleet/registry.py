@@ -4,8 +4,8 @@ Layout: tenants/<tid>/adapters/<name>/v<N>/ holds a manifest.json (sha256, size 
 each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, created_at);
 the files themselves lie under v<N>/a<attempt>/ (training) or v<N>/import/ (import), so no two writers
 ever share a key. Publishing a version:
-  1. reserve N (Redis INCR) and record job → version, fenced by the job's attempt; a job that already
-     reserved a version gets the same N back, so a retried attempt never makes a second version;
+  1. reserve N (Redis INCR) and record job → version, fenced by the claim (attempt and token); a job
+     that already reserved a version gets the same N back, so a retried attempt never makes a second one;
   2. upload the files under the attempt's own prefix;
   3. commit the manifest in Redis (fenced, atomic): the first attempt to commit decides the version's
      bytes for good, and any later publish of the job reuses that manifest instead of its own;
@@ -32,8 +32,10 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import keys
+from fleet import queue_scripts as lua
 from fleet.adapter_archives import manifest_fields_from_peft, unpack_adapter, write_folder_archive
-from fleet.exceptions import CancelRequested, FencedOut, InvalidRequest, NotFound
+from fleet.exceptions import InvalidRequest, NotFound
+from fleet.fencing import Fence, raise_for_refusal
 from fleet.objectstore import ObjectStore
 from fleet.peft_format import validate_peft_adapter_dir
 from fleet.settings import check_redis_client
@@ -55,31 +57,6 @@ MANIFEST_FILE = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_NAME = 96
 _REF_RE = re.compile(r"^(?P<name>[^:]+)(?::v(?P<version>[0-9]+))?$")
-
-# KEYS: job, publication, version_seq.  ARGV: job_id, attempt, name
-_RESERVE = """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
-if v[1] ~= 'running' or v[2] ~= ARGV[2] then return {'fenced', v[1] or '', v[2] or ''} end
-if v[3] == 'cancel' then return {'cancel_requested'} end
-local pub = redis.call('HMGET', KEYS[2], 'name', 'version', 'state')
-if pub[1] then return {'existing', pub[1], pub[2], pub[3]} end
-local n = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[2], 'name', ARGV[3], 'version', n, 'state', 'uploading', 'attempt', ARGV[2])
-return {'reserved', ARGV[3], n, 'uploading'}
-"""
-
-# KEYS: job, publication.  ARGV: attempt, manifest_json
-# The first commit wins; later ones get the committed manifest back, so every writer writes the same bytes.
-_COMMIT = """
-local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'control')
-if v[1] ~= 'running' or v[2] ~= ARGV[1] then return {'fenced', v[1] or '', v[2] or ''} end
-if v[3] == 'cancel' then return {'cancel_requested'} end
-local committed = redis.call('HGET', KEYS[2], 'manifest')
-if committed then return {'committed', committed} end
-redis.call('HSET', KEYS[2], 'state', 'committed', 'manifest', ARGV[2], 'attempt', ARGV[1])
-return {'committed', ARGV[2]}
-"""
-
 
 def validate_adapter_name(name: str, *, param: str = "name") -> str:
     """Return `name` if it is a valid adapter name, else InvalidRequest saying what is allowed."""
@@ -194,19 +171,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _raise_if_refused(reply: list, job_id: str, attempt: int) -> None:
-    """Raise for a script reply that refuses a publishing step of `attempt`."""
-    if reply[0] == "fenced":
-        raise FencedOut(
-            f"Attempt {attempt} of job {job_id} is stale (job is {reply[1] or 'missing'}, "
-            f"current attempt {reply[2] or '?'}); it may not publish."
-        )
-    if reply[0] == "cancel_requested":
-        raise CancelRequested(
-            f"Job {job_id} has a pending cancel request; attempt {attempt} may not publish. Finish it as cancelled."
-        )
-
-
 def _new_manifest(
     tenant_id: str, name: str, version: int, fields: Mapping[str, Any], entries: list[ManifestFile]
 ) -> Manifest:
@@ -244,8 +208,9 @@ class AdapterRegistry:
         self.redis = client
         self.store = store
         self.max_import_bytes = max_import_bytes
-        self._reserve = client.register_script(_RESERVE)
-        self._commit = client.register_script(_COMMIT)
+        self._reserve = client.register_script(lua.RESERVE_VERSION)
+        self._commit = client.register_script(lua.COMMIT_VERSION)
+        self._control = client.register_script(lua.CONTROL)
 
     @staticmethod
     def version_prefix(tenant_id: str, name: str, version: int) -> str:
@@ -259,26 +224,26 @@ class AdapterRegistry:
         local_dir: Path,
         manifest_fields: Mapping[str, Any],
         *,
-        job_id: str,
-        attempt: int,
+        fence: Fence,
     ) -> str:
-        """Publish `local_dir` (a PEFT adapter dir) as the job's version; returns "<name>:v<N>".
+        """Publish `local_dir` (a PEFT adapter dir) as the version of the job `fence` names; returns "<name>:v<N>".
 
         Idempotent per job: calling again (same or a later attempt) returns the same version, with the
-        bytes of the first attempt that committed. Raises FencedOut when `attempt` is not the job's
-        running attempt, CancelRequested (reserving or committing nothing) while a cancel request for
+        bytes of the first attempt that committed. Raises FencedOut when `fence` is not the job's
+        running claim, CancelRequested (reserving or committing nothing) while a cancel request for
         the job is pending, InvalidRequest for a bad name/dir.
         `manifest_fields` supplies base_model, lora_config, hyperparameters, dataset {file_id, sha256},
         final_metrics (and any extra keys to keep in the manifest).
         """
         validate_adapter_name(name)
         validate_peft_adapter_dir(local_dir)
+        job_id, attempt = fence.job_id, fence.attempt
         job_key, publication_key = keys.job(job_id), keys.job_publication(job_id)
         reply = self._reserve(
             keys=[job_key, publication_key, keys.adapter_version_seq(tenant_id, name)],
-            args=[job_id, attempt, name],
+            args=[job_id, attempt, fence.token, name],
         )
-        _raise_if_refused(reply, job_id, attempt)
+        raise_for_refusal(reply, fence, "publish")
         name, version, state = reply[1], int(reply[2]), reply[3]
         prefix = self.version_prefix(tenant_id, name, version)
         if state == "ready":
@@ -288,25 +253,26 @@ class AdapterRegistry:
             manifest_json = self.redis.hget(publication_key, "manifest")
         else:
             entries = self._upload_files(
-                prefix, f"a{attempt}/", Path(local_dir), before_each_write=lambda: self._check_owner(job_id, attempt)
+                prefix, f"a{attempt}/", Path(local_dir), before_each_write=lambda: self._check_owner(fence)
             )
             fields = {**manifest_fields, "source": "training", "job_id": job_id, "attempt": attempt}
             manifest = _new_manifest(tenant_id, name, version, fields, entries)
-            reply = self._commit(keys=[job_key, publication_key], args=[attempt, manifest.model_dump_json(indent=2)])
-            _raise_if_refused(reply, job_id, attempt)
+            reply = self._commit(
+                keys=[job_key, publication_key], args=[attempt, fence.token, manifest.model_dump_json(indent=2)]
+            )
+            raise_for_refusal(reply, fence, "publish")
             manifest_json = reply[1]  # ours, or the one another attempt of this job committed first
         self.store.put_bytes(prefix + MANIFEST_FILE, manifest_json.encode())  # LAST; always the committed bytes
         self._mark_ready(tenant_id, name, version, job_id)
         return format_adapter_ref(name, version)
 
-    def _check_owner(self, job_id: str, attempt: int) -> None:
+    def _check_owner(self, fence: Fence) -> None:
         """Stop a stale or cancelled attempt before each upload. Only saves work: the fenced commit is what
         keeps a stale attempt's files out of a version."""
-        status, current, control = self.redis.hmget(keys.job(job_id), "status", "attempt", "control")
-        if status != "running" or current != str(attempt):
-            _raise_if_refused(["fenced", status, current], job_id, attempt)
-        if control == "cancel":
-            _raise_if_refused(["cancel_requested"], job_id, attempt)
+        reply = self._control(keys=[keys.job(fence.job_id)], args=[fence.attempt, fence.token])
+        raise_for_refusal(reply, fence, "publish")
+        if reply[1] == "cancel":
+            raise_for_refusal(["cancel_requested"], fence, "publish")
 
     def published_version(self, job_id: str) -> str | None:
         """The "<name>:v<N>" a job published, if its manifest is written (lets a new attempt skip work)."""

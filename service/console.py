@@ -94,7 +94,7 @@ def duration(seconds: float | None) -> str:
 
 
 _STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
-                 "queued": "blue", "paused": "magenta", "validating_files": "blue"}
+                 "queued": "blue", "paused": "magenta"}
 
 
 def status_text(status: str) -> str:

@@ -5,8 +5,9 @@ One dispatcher runs one job at a time (run several for more). For each claim it:
 2. fetches the dataset files and the latest checkpoint of earlier attempts from the object store;
 3. runs `workers.ray_train.run_training_on_ray`; inside the rank-0 worker a `JobReporter` writes
    progress and events to Redis, uploads each checkpoint to the object store, and relays cancel/pause;
-4. publishes the adapter through the registry (idempotent per job, fenced by attempt) and finishes
-   the job. Every write carries the attempt number, so a stale attempt can never change the job.
+4. publishes the adapter through the registry (idempotent per job, fenced by the claim) and finishes
+   the job. Every write carries the claim's fence (attempt + token), so a stale attempt can never
+   change the job.
 A dispatcher that dies leaves its lease to expire; any other dispatcher requeues the job and the next
 attempt resumes from the last checkpoint.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from fleet.checkpoints import download_checkpoint, upload_checkpoint
 from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound
+from fleet.fencing import Fence
 from fleet.files import FileStore
 from fleet.jobs import Checkpoint, Job, JobError, JobStatus
 from fleet.queue import Claim, JobStore
@@ -83,8 +85,8 @@ def hyperparameters_used(requested: dict[str, Any], resolved: dict[str, Any]) ->
 class JobReporter:
     """The training loop's Reporter for one attempt of one job: Redis for state, object store for files."""
 
-    def __init__(self, settings: Settings, job_id: str, tenant_id: str, attempt: int) -> None:
-        self.job_id, self.tenant_id, self.attempt = job_id, tenant_id, attempt
+    def __init__(self, settings: Settings, tenant_id: str, fence: Fence) -> None:
+        self.job_id, self.tenant_id, self.fence = fence.job_id, tenant_id, fence
         self.jobs = JobStore(make_redis(settings), max_attempts=settings.max_attempts,
                              events_max_len=settings.events_max_len)
         self.store = make_object_store(settings)
@@ -107,8 +109,8 @@ class JobReporter:
         shown = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
         tokens = int(values["tokens_trained"]) if "tokens_trained" in values else None
         try:
-            control = self.jobs.record_progress(
-                self.job_id, self.attempt, step=step, total_steps=total, metrics=shown, eta_s=eta_s,
+            control = self.jobs.leases.record_progress(
+                self.fence, step=step, total_steps=total, metrics=shown, eta_s=eta_s,
                 epoch=values.get("epoch"), trained_tokens=tokens,
             )
         except FencedOut:
@@ -126,7 +128,7 @@ class JobReporter:
         # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
         prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path)
         try:
-            self.jobs.record_checkpoint(self.job_id, self.attempt, step, prefix)
+            self.jobs.leases.record_checkpoint(self.fence, step, prefix)
         except FencedOut:
             self.fenced = True
 
@@ -134,7 +136,7 @@ class JobReporter:
         if self.fenced:
             return "cancel"  # another attempt owns the job: stop without writing anything
         try:
-            return self.jobs.control_signal(self.job_id, self.attempt)
+            return self.jobs.leases.control_signal(self.fence)
         except FencedOut:
             self.fenced = True
             return "cancel"
@@ -145,12 +147,11 @@ class JobReporterFactory:
     """Picklable: Ray ships it to the rank-0 worker, which calls it to build its JobReporter."""
 
     settings: Settings
-    job_id: str
     tenant_id: str
-    attempt: int
+    fence: Fence
 
     def __call__(self) -> JobReporter:
-        return JobReporter(self.settings, self.job_id, self.tenant_id, self.attempt)
+        return JobReporter(self.settings, self.tenant_id, self.fence)
 
 
 # ------------------------------------------------------------------------------------ heartbeat
@@ -174,7 +175,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_ms / 1000):
             try:
-                self.jobs.renew_lease(self.claim.job.id, self.claim.attempt, self.settings.lease_ms)
+                self.jobs.leases.renew_lease(self.claim.fence, self.settings.lease_ms)
             except FencedOut:
                 logger.warning("lost the lease of %s (attempt %d)", self.claim.job.id, self.claim.attempt)
                 self.lost.set()
@@ -233,39 +234,39 @@ class Dispatcher:
 
     def step(self) -> None:
         """One turn of the main loop: requeue expired leases, then run one job or wait for one."""
-        self.jobs.requeue_expired_leases()
-        claim = self.jobs.claim_next_job(self.worker_id, self.settings.lease_ms)
+        self.jobs.leases.requeue_expired_leases()
+        claim = self.jobs.leases.claim_next_job(self.worker_id, self.settings.lease_ms)
         if claim is None:
-            self.jobs.wait_for_work(max(0.2, min(5.0, self.settings.lease_ms / 2000)))  # woken when queued
+            self.jobs.leases.wait_for_work(max(0.2, min(5.0, self.settings.lease_ms / 2000)))  # woken when queued
             return
         self.run_claim(claim)
 
     def run_claim(self, claim: Claim) -> None:
         """Run one claimed attempt to its end; never raises for a job's own failure."""
-        job, attempt = claim.job, claim.attempt
+        job, attempt, fence = claim.job, claim.attempt, claim.fence
         work_dir = self.work_root / job.id / f"attempt-{attempt}"
         logger.info("running %s attempt %d in %s", job.id, attempt, work_dir)
         try:
             with _Heartbeat(self.jobs, claim, self.settings) as heartbeat:
-                self._run_attempt(job, attempt, work_dir, heartbeat)
+                self._run_attempt(job, fence, work_dir, heartbeat)
         except FencedOut as e:
             logger.warning("%s: %s", job.id, e)
         except CancelRequested:
             # Cancelled after training ended, before the version became visible: publish nothing.
-            self._finish_quietly(job, attempt, JobStatus.CANCELLED)
+            self._finish_quietly(fence, JobStatus.CANCELLED)
         except KeyboardInterrupt:
             # Stopping the dispatcher: hand the job back so another one resumes it from its checkpoint.
-            self._finish_quietly(job, attempt, JobStatus.QUEUED)
+            self._finish_quietly(fence, JobStatus.QUEUED)
             raise
         except InvalidRequest as e:
-            self._finish_quietly(job, attempt, JobStatus.FAILED,
+            self._finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="invalid_request", message=str(e), param=e.param))
         except Exception as e:
             logger.exception("job %s attempt %d failed", job.id, attempt)
             message = f"Training failed: {type(e).__name__}: {e}"
             if e.__cause__ is not None:
                 message += f" (caused by {type(e.__cause__).__name__}: {e.__cause__})"
-            self._finish_quietly(job, attempt, JobStatus.FAILED,
+            self._finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="training_error", message=message[:2000]))
         finally:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
@@ -274,18 +275,20 @@ class Dispatcher:
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
-    def _finish_quietly(self, job: Job, attempt: int, status: JobStatus, error: JobError | None = None) -> None:
+    def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None) -> None:
         try:
-            self.jobs.finish_job(job.id, attempt, status, error=error)
+            self.jobs.leases.finish_job(fence, status, error=error)
         except FleetError as e:
-            logger.warning("could not mark %s %s: %s", job.id, status.value, e)
+            logger.warning("could not mark %s %s: %s", fence.job_id, status.value, e)
 
-    def _run_attempt(self, job: Job, attempt: int, work_dir: Path, heartbeat: _Heartbeat) -> None:
+    def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: _Heartbeat) -> None:
         from workers.ray_train import run_training_on_ray
+
+        attempt = fence.attempt
 
         published = self.registry.published_version(job.id)
         if published is not None:  # an earlier attempt published, then died before finishing
-            self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=published)
+            self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=published)
             return
         work_dir.mkdir(parents=True, exist_ok=True)
         base_name = job.base_model or job.model
@@ -310,7 +313,7 @@ class Dispatcher:
         result = run_training_on_ray(
             spec,
             output_dir=work_dir / "out",
-            reporter_factory=JobReporterFactory(self.settings, job.id, job.tenant_id, attempt),
+            reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
             num_workers=self.settings.train_workers_per_job,
             use_gpu=self.settings.use_gpu,
             storage_path=self._ray_storage,
@@ -321,10 +324,10 @@ class Dispatcher:
         if heartbeat.lost.is_set():
             raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training")
         if result.status == "cancelled":
-            self.jobs.finish_job(job.id, attempt, JobStatus.CANCELLED)
+            self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
             return
         if result.status == "paused":
-            self.jobs.finish_job(job.id, attempt, JobStatus.PAUSED)
+            self.jobs.leases.finish_job(fence, JobStatus.PAUSED)
             return
         assert result.adapter_dir is not None
         manifest_fields: dict[str, Any] = {
@@ -340,9 +343,9 @@ class Dispatcher:
         }
         ref = self.registry.publish_adapter_version(
             job.tenant_id, self._adapter_name(job, base_name), result.adapter_dir, manifest_fields,
-            job_id=job.id, attempt=attempt,
+            fence=fence,
         )
-        self.jobs.finish_job(job.id, attempt, JobStatus.SUCCEEDED, fine_tuned_model=ref,
+        self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref,
                              trained_tokens=result.tokens_trained,
                              hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)

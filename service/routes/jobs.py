@@ -110,7 +110,6 @@ def create_job(
         **fields,
         idempotency_key=key,
         request_body=body.model_dump(mode="json", exclude_unset=True),
-        validated=True,
     )
     if not created.created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -8,7 +8,7 @@ import pytest
 
 from fleet import keys
 from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, InvalidRequest, InvalidState, NotFound
-from fleet.jobs import JobError, JobStatus
+from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 
 FAR_FUTURE_MS = 10**13  # "now" for requeue_expired_leases: every lease has expired by then
@@ -21,7 +21,7 @@ def jobs(r) -> JobStore:
 
 def _queued(jobs: JobStore, tenant: str, n: int = 1, **kwargs) -> list[str]:
     return [
-        jobs.create_job(tenant, model="tiny-llama", training_file="file-x", validated=True, **kwargs).job.id
+        jobs.create_job(tenant, model="tiny-llama", training_file="file-x", **kwargs).job.id
         for _ in range(n)
     ]
 
@@ -46,7 +46,7 @@ def test_created_job_round_trips_with_all_fields(jobs):
     assert created.created
     job = jobs.get_job("t1", created.job.id)
     assert job.id.startswith("ftjob-")
-    assert job.status == JobStatus.VALIDATING_FILES
+    assert job.status == JobStatus.QUEUED
     assert (job.validation_file, job.suffix, job.seed) == ("file-b", "my-run", 7)
     assert job.metadata == {"team": "nlp"}
     assert job.hyperparameters == {"n_epochs": 2, "learning_rate_multiplier": "auto"}
@@ -110,33 +110,21 @@ def test_list_jobs_newest_first_with_paging_and_metadata_filter(jobs):
     assert [j.id for j in even] == [ids[6], ids[4], ids[2], ids[0]]
 
 
-def test_validation_moves_job_to_queued_or_failed(jobs):
-    ok = jobs.create_job("t1", model="m", training_file="f").job
-    bad = jobs.create_job("t1", model="m", training_file="f").job
-    assert jobs.mark_validated(ok.id).status == JobStatus.QUEUED
-    error = JobError(code="invalid_training_file", message="line 3: missing 'messages'", param="training_file")
-    failed = jobs.fail_validation(bad.id, error)
-    assert failed.status == JobStatus.FAILED and failed.error == error and failed.finished_at
-    with pytest.raises(InvalidState):
-        jobs.mark_validated(ok.id)
-    assert jobs.claim_next_job("w", 5000).job.id == ok.id
-
-
 def test_cancel_of_queued_job_is_immediate_and_it_is_never_claimed(jobs):
     a, b = _queued(jobs, "t1", 2)
     assert jobs.request_cancel("t1", a).status == JobStatus.CANCELLED
-    assert jobs.claim_next_job("w", 5000).job.id == b
-    assert jobs.claim_next_job("w", 5000) is None
+    assert jobs.leases.claim_next_job("w", 5000).job.id == b
+    assert jobs.leases.claim_next_job("w", 5000) is None
     assert jobs.request_cancel("t1", a).status == JobStatus.CANCELLED  # idempotent
 
 
 def test_cancel_of_running_job_is_a_request_the_worker_observes(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     assert jobs.request_cancel("t1", job_id).status == JobStatus.RUNNING
-    assert jobs.control_signal(job_id, claim.attempt) == "cancel"
-    assert jobs.renew_lease(job_id, claim.attempt, 5000).control == "cancel"
-    done = jobs.finish_job(job_id, claim.attempt, JobStatus.CANCELLED)
+    assert jobs.leases.control_signal(claim.fence) == "cancel"
+    assert jobs.leases.renew_lease(claim.fence, 5000).control == "cancel"
+    done = jobs.leases.finish_job(claim.fence, JobStatus.CANCELLED)
     assert done.status == JobStatus.CANCELLED and done.finished_at
     with pytest.raises(InvalidState):
         jobs.request_pause("t1", job_id)
@@ -145,32 +133,32 @@ def test_cancel_of_running_job_is_a_request_the_worker_observes(jobs):
 def test_pause_and_resume_of_queued_and_running_jobs(jobs):
     a, b = _queued(jobs, "t1", 2)
     assert jobs.request_pause("t1", a).status == JobStatus.PAUSED
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     assert claim.job.id == b  # the paused job left the queue
     assert jobs.request_pause("t1", b).status == JobStatus.RUNNING
-    assert jobs.record_progress(b, claim.attempt, step=3, total_steps=10) == "pause"
-    assert jobs.finish_job(b, claim.attempt, JobStatus.PAUSED).status == JobStatus.PAUSED
+    assert jobs.leases.record_progress(claim.fence, step=3, total_steps=10) == "pause"
+    assert jobs.leases.finish_job(claim.fence, JobStatus.PAUSED).status == JobStatus.PAUSED
     assert jobs.resume("t1", a).status == JobStatus.QUEUED
     assert jobs.resume("t1", b).status == JobStatus.QUEUED
-    first, second = jobs.claim_next_job("w", 5000), jobs.claim_next_job("w", 5000)
+    first, second = jobs.leases.claim_next_job("w", 5000), jobs.leases.claim_next_job("w", 5000)
     assert [first.job.id, second.job.id] == [a, b]
     assert second.attempt == 2  # a resumed job is a new attempt; the old one is fenced out
     with pytest.raises(FencedOut):
-        jobs.record_progress(b, claim.attempt, step=4)
+        jobs.leases.record_progress(claim.fence, step=4)
 
 
 def test_resume_withdraws_a_pending_pause_request(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     jobs.request_pause("t1", job_id)
     jobs.resume("t1", job_id)
-    assert jobs.control_signal(job_id, claim.attempt) is None
+    assert jobs.leases.control_signal(claim.fence) is None
 
 
 def test_terminal_jobs_cannot_be_cancelled_paused_or_resumed(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
-    jobs.finish_job(job_id, claim.attempt, "succeeded", fine_tuned_model="run:v1", trained_tokens=1234)
+    claim = jobs.leases.claim_next_job("w", 5000)
+    jobs.leases.finish_job(claim.fence, "succeeded", fine_tuned_model="run:v1", trained_tokens=1234)
     for action in (jobs.request_cancel, jobs.request_pause, jobs.resume):
         with pytest.raises(InvalidState):
             action("t1", job_id)
@@ -189,7 +177,7 @@ def test_concurrent_claims_take_each_job_exactly_once(jobs, r):
     def worker(n: int) -> None:
         store = JobStore(r)  # one store per thread, sharing the connection pool, as dispatchers would
         start.wait()
-        while (claim := store.claim_next_job(f"w{n}", 60_000)) is not None:
+        while (claim := store.leases.claim_next_job(f"w{n}", 60_000)) is not None:
             with lock:
                 claimed.append(claim.job.id)
 
@@ -208,7 +196,7 @@ def test_round_robin_across_tenants_fifo_within_each(jobs):
     b = _queued(jobs, "tenant-b", 1)
     c = _queued(jobs, "tenant-c", 2)
     order = []
-    while (claim := jobs.claim_next_job("w", 5000)) is not None:
+    while (claim := jobs.leases.claim_next_job("w", 5000)) is not None:
         order.append(claim.job.id)
     assert order == [a[0], b[0], c[0], a[1], c[1], a[2]]
 
@@ -218,15 +206,15 @@ def test_queue_position_follows_round_robin(jobs):
     b = _queued(jobs, "tenant-b", 1)
     assert [jobs.queue_position(j) for j in a] == [1, 3, 4]
     assert jobs.queue_position(b[0]) == 2
-    jobs.claim_next_job("w", 5000)
+    jobs.leases.claim_next_job("w", 5000)
     assert jobs.queue_position(b[0]) == 1
     assert jobs.queue_position(a[0]) is None  # running
 
 
 def test_wait_for_work_wakes_on_enqueue(jobs):
-    assert not jobs.wait_for_work(0.05)
+    assert not jobs.leases.wait_for_work(0.05)
     woke = []
-    waiter = threading.Thread(target=lambda: woke.append(jobs.wait_for_work(30)))
+    waiter = threading.Thread(target=lambda: woke.append(jobs.leases.wait_for_work(30)))
     waiter.start()
     _queued(jobs, "t1")
     waiter.join(timeout=30)
@@ -235,99 +223,99 @@ def test_wait_for_work_wakes_on_enqueue(jobs):
 
 def test_expired_lease_requeues_job_and_fences_out_the_stale_attempt(jobs):
     (job_id,) = _queued(jobs, "t1")
-    first = jobs.claim_next_job("dead-worker", 5000)
-    jobs.record_checkpoint(job_id, first.attempt, 10, "ckpt/step-10", {"loss": 1.5})
-    assert jobs.requeue_expired_leases() == []  # lease still valid by the server clock
+    first = jobs.leases.claim_next_job("dead-worker", 5000)
+    jobs.leases.record_checkpoint(first.fence, 10, "ckpt/step-10", {"loss": 1.5})
+    assert jobs.leases.requeue_expired_leases() == []  # lease still valid by the server clock
 
-    expired = jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    expired = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
     assert [(e.job_id, e.new_status) for e in expired] == [(job_id, JobStatus.QUEUED)]
-    second = jobs.claim_next_job("live-worker", 5000)
+    second = jobs.leases.claim_next_job("live-worker", 5000)
     assert (second.job.id, second.attempt) == (job_id, 2)
     assert jobs.latest_checkpoint(job_id).step == 10  # the new attempt resumes from here
 
     for stale_call in (
-        lambda: jobs.renew_lease(job_id, first.attempt, 5000),
-        lambda: jobs.record_progress(job_id, first.attempt, step=11),
-        lambda: jobs.record_checkpoint(job_id, first.attempt, 20, "ckpt/stale"),
-        lambda: jobs.control_signal(job_id, first.attempt),
-        lambda: jobs.finish_job(job_id, first.attempt, "succeeded", fine_tuned_model="stale:v1"),
+        lambda: jobs.leases.renew_lease(first.fence, 5000),
+        lambda: jobs.leases.record_progress(first.fence, step=11),
+        lambda: jobs.leases.record_checkpoint(first.fence, 20, "ckpt/stale"),
+        lambda: jobs.leases.control_signal(first.fence),
+        lambda: jobs.leases.finish_job(first.fence, "succeeded", fine_tuned_model="stale:v1"),
     ):
         with pytest.raises(FencedOut):
             stale_call()
     job = jobs.load_job(job_id)
     assert (job.status, job.attempt, job.fine_tuned_model) == (JobStatus.RUNNING, 2, None)
     assert [c.step for c in jobs.list_checkpoints(job_id)] == [10]
-    assert jobs.finish_job(job_id, second.attempt, "succeeded").status == JobStatus.SUCCEEDED
+    assert jobs.leases.finish_job(second.fence, "succeeded").status == JobStatus.SUCCEEDED
 
 
 def test_job_that_keeps_losing_its_worker_fails_after_max_attempts(jobs):
     (job_id,) = _queued(jobs, "t1")
     for attempt in (1, 2, 3):
-        claim = jobs.claim_next_job("w", 5000)
+        claim = jobs.leases.claim_next_job("w", 5000)
         assert claim.attempt == attempt
-        (expired,) = jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+        (expired,) = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
     assert expired.new_status == JobStatus.FAILED
     job = jobs.load_job(job_id)
     assert job.status == JobStatus.FAILED and job.error.code == "max_attempts_exceeded"
     assert "3 attempts" in job.error.message and "lease expired" in job.error.message
-    assert jobs.claim_next_job("w", 5000) is None
+    assert jobs.leases.claim_next_job("w", 5000) is None
     assert jobs.snapshot().running == {}
 
 
 def test_expired_lease_honours_a_pending_cancel(jobs):
     (job_id,) = _queued(jobs, "t1")
-    jobs.claim_next_job("w", 5000)
+    jobs.leases.claim_next_job("w", 5000)
     jobs.request_cancel("t1", job_id)
-    (expired,) = jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    (expired,) = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
     assert expired.new_status == JobStatus.CANCELLED
 
 
 def test_handing_back_a_job_with_a_pending_cancel_cancels_it(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     jobs.request_cancel("t1", job_id)
-    done = jobs.finish_job(job_id, claim.attempt, JobStatus.QUEUED)  # e.g. the dispatcher shutting down
+    done = jobs.leases.finish_job(claim.fence, JobStatus.QUEUED)  # e.g. the dispatcher shutting down
     assert (done.status, done.control) == (JobStatus.CANCELLED, None) and done.finished_at
-    assert jobs.claim_next_job("w2", 5000) is None  # not requeued
+    assert jobs.leases.claim_next_job("w2", 5000) is None  # not requeued
     assert jobs.list_events(job_id, limit=1)[0][0].message == "Job cancelled."
 
 
 def test_handing_back_a_job_with_a_pending_pause_pauses_it(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     jobs.request_pause("t1", job_id)
-    done = jobs.finish_job(job_id, claim.attempt, JobStatus.QUEUED)
+    done = jobs.leases.finish_job(claim.fence, JobStatus.QUEUED)
     assert (done.status, done.finished_at) == (JobStatus.PAUSED, None)
-    assert jobs.claim_next_job("w2", 5000) is None
+    assert jobs.leases.claim_next_job("w2", 5000) is None
     assert jobs.list_events(job_id, limit=1)[0][0].message.startswith("Job paused")
     assert jobs.resume("t1", job_id).status == JobStatus.QUEUED
-    assert jobs.claim_next_job("w2", 5000).job.id == job_id
+    assert jobs.leases.claim_next_job("w2", 5000).job.id == job_id
 
 
 def test_pausing_a_job_with_a_pending_cancel_cancels_it(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     jobs.request_pause("t1", job_id)
     jobs.request_cancel("t1", job_id)  # the worker saw the pause; the user cancels before it stops
-    assert jobs.finish_job(job_id, claim.attempt, JobStatus.PAUSED).status == JobStatus.CANCELLED
+    assert jobs.leases.finish_job(claim.fence, JobStatus.PAUSED).status == JobStatus.CANCELLED
 
 
 def test_a_job_with_a_pending_cancel_cannot_succeed(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
+    claim = jobs.leases.claim_next_job("w", 5000)
     jobs.request_cancel("t1", job_id)  # after the training loop's last look at the control signal
     with pytest.raises(CancelRequested):
-        jobs.finish_job(job_id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="run:v1")
+        jobs.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, fine_tuned_model="run:v1")
     job = jobs.load_job(job_id)
     assert (job.status, job.control, job.fine_tuned_model) == (JobStatus.RUNNING, "cancel", None)
-    done = jobs.finish_job(job_id, claim.attempt, JobStatus.CANCELLED)
+    done = jobs.leases.finish_job(claim.fence, JobStatus.CANCELLED)
     assert (done.status, done.fine_tuned_model) == (JobStatus.CANCELLED, None)
 
 
 def test_progress_is_recorded_with_percent_and_eta(jobs):
     (job_id,) = _queued(jobs, "t1")
-    claim = jobs.claim_next_job("w", 5000)
-    assert jobs.record_progress(job_id, claim.attempt, step=5, total_steps=20, eta_s=30, metrics={"loss": 2.0}) is None
+    claim = jobs.leases.claim_next_job("w", 5000)
+    assert jobs.leases.record_progress(claim.fence, step=5, total_steps=20, eta_s=30, metrics={"loss": 2.0}) is None
     job = jobs.load_job(job_id)
     assert (job.progress.step, job.progress.total_steps, job.progress.percent) == (5, 20, 25.0)
     assert job.progress.metrics == {"loss": 2.0} and job.estimated_finish is not None
@@ -396,7 +384,7 @@ def test_state_survives_a_redis_crash(redis_server):
     client = redis_server.client(decode_responses=True)
     jobs = JobStore(client)
     running, queued = _queued(jobs, "t1", 2)
-    claim = jobs.claim_next_job("w", 60_000)
+    claim = jobs.leases.claim_next_job("w", 60_000)
     assert claim.job.id == running
     redis_server.kill()  # SIGKILL: only what reached the AOF survives
     redis_server.start()
@@ -404,8 +392,8 @@ def test_state_survives_a_redis_crash(redis_server):
     jobs = JobStore(client)
     assert jobs.load_job(running).status == JobStatus.RUNNING
     assert jobs.queue_position(queued) == 1
-    jobs.finish_job(running, claim.attempt, "succeeded")
-    assert jobs.claim_next_job("w", 60_000).job.id == queued
+    jobs.leases.finish_job(claim.fence, "succeeded")
+    assert jobs.leases.claim_next_job("w", 60_000).job.id == queued
     client.close()
 
 
@@ -418,6 +406,30 @@ def test_claim_policy_is_replaceable(jobs):
         return "tenant-b" if "tenant-b" in tenants else (tenants[0] if tenants else None)
 
     order = []
-    while (claim := jobs.claim_next_job("w", 5000, policy=tenant_b_first)) is not None:
+    while (claim := jobs.leases.claim_next_job("w", 5000, policy=tenant_b_first)) is not None:
         order.append(claim.job.id)
     assert order == b + a
+
+
+def test_a_claim_rolled_back_by_a_failover_cannot_be_handed_out_twice_under_one_attempt(jobs, r):
+    (job_id,) = _queued(jobs, "t1")
+    before_claim = {key: r.dump(key) for key in r.keys("*")}
+    lost = jobs.leases.claim_next_job("w-old", 60_000)
+    # a failover to a replica that never saw the claim: every key back to its pre-claim state
+    r.flushdb()
+    for key, value in before_claim.items():
+        r.restore(key, 0, value)
+    fresh = jobs.leases.claim_next_job("w-new", 60_000)
+    assert (fresh.job.id, fresh.attempt) == (lost.job.id, lost.attempt) == (job_id, 1)
+    assert fresh.fence.token != lost.fence.token
+    for stale_call in (
+        lambda: jobs.leases.renew_lease(lost.fence, 5000),
+        lambda: jobs.leases.record_progress(lost.fence, step=3),
+        lambda: jobs.leases.record_checkpoint(lost.fence, 3, "ckpt/stale"),
+        lambda: jobs.leases.control_signal(lost.fence),
+        lambda: jobs.leases.finish_job(lost.fence, "succeeded", fine_tuned_model="stale:v1"),
+    ):
+        with pytest.raises(FencedOut):
+            stale_call()
+    assert jobs.list_checkpoints(job_id) == []
+    assert jobs.leases.finish_job(fresh.fence, "succeeded").status == JobStatus.SUCCEEDED

@@ -65,8 +65,8 @@ def registry(r, object_store) -> AdapterRegistry:
 
 
 def _running_job(jobs: JobStore, tenant: str = "t1"):
-    jobs.create_job(tenant, model="tiny-llama", training_file="file-x", validated=True)
-    return jobs.claim_next_job("w", 60_000)
+    jobs.create_job(tenant, model="tiny-llama", training_file="file-x")
+    return jobs.leases.claim_next_job("w", 60_000)
 
 
 FIELDS = {
@@ -85,7 +85,7 @@ def test_publish_allocates_versions_and_writes_a_verifiable_manifest(jobs, regis
         src = make_peft_dir(tmp_path / f"out{i}", seed=i)
         refs.append(
             registry.publish_adapter_version(
-                "t1", "support-bot", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt
+                "t1", "support-bot", src, FIELDS, fence=claim.fence
             )
         )
     assert refs == ["support-bot:v1", "support-bot:v2"]
@@ -121,7 +121,7 @@ def test_version_numbers_are_unique_under_concurrent_publishes(jobs, registry, t
     def publish(claim):
         try:
             refs.append(
-                registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+                registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
             )
         except Exception as e:  # surfaced by the assertion below
             errors.append(e)
@@ -138,19 +138,19 @@ def test_version_numbers_are_unique_under_concurrent_publishes(jobs, registry, t
 def test_publish_is_idempotent_per_job_and_a_stale_attempt_cannot_publish(jobs, registry, object_store, tmp_path):
     first = _running_job(jobs)
     job_id = first.job.id
-    jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)  # the first worker is presumed dead
-    second = jobs.claim_next_job("w2", 60_000)
+    jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)  # the first worker is presumed dead
+    second = jobs.leases.claim_next_job("w2", 60_000)
     src = make_peft_dir(tmp_path / "out")
     with pytest.raises(FencedOut):
-        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=job_id, attempt=first.attempt)
-    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=job_id, attempt=second.attempt)
-    again = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=job_id, attempt=second.attempt)
+        registry.publish_adapter_version("t1", "a", src, FIELDS, fence=first.fence)
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=second.fence)
+    again = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=second.fence)
     assert ref == again == "a:v1"
     assert registry.published_version(job_id) == "a:v1"
     # the publisher dies before finishing the job; the next attempt publishes again: still one version
-    jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
-    third = jobs.claim_next_job("w3", 60_000)
-    assert registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=job_id, attempt=third.attempt) == "a:v1"
+    jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    third = jobs.leases.claim_next_job("w3", 60_000)
+    assert registry.publish_adapter_version("t1", "a", src, FIELDS, fence=third.fence) == "a:v1"
     assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
     assert object_store.list("tenants/t1/adapters/a/") == [
         f"tenants/t1/adapters/a/v1/{n}"
@@ -168,22 +168,22 @@ def test_version_without_manifest_is_invisible_and_a_retry_completes_it(jobs, re
     real_put_bytes = object_store.put_bytes
     object_store.put_bytes = crash_before_manifest  # the manifest is the only put_bytes of a publish
     with pytest.raises(RuntimeError):
-        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+        registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     object_store.put_bytes = real_put_bytes
     assert object_store.exists("tenants/t1/adapters/a/v1/a1/adapter_model.safetensors")
     with pytest.raises(NotFound):
         registry.get_version("t1", "a:v1")
     assert registry.list_adapters("t1") == []
-    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     assert ref == "a:v1" and registry.read_manifest("t1", ref).version == 1
 
 
 def _take_over_and_publish(jobs, registry, src: Path) -> str:
     """The first attempt's lease expires; a second attempt claims the job, publishes `src` and succeeds."""
-    jobs.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
-    second = jobs.claim_next_job("w2", 60_000)
-    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=second.job.id, attempt=second.attempt)
-    jobs.finish_job(second.job.id, second.attempt, "succeeded", fine_tuned_model=ref)
+    jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    second = jobs.leases.claim_next_job("w2", 60_000)
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=second.fence)
+    jobs.leases.finish_job(second.fence, "succeeded", fine_tuned_model=ref)
     return ref
 
 
@@ -203,7 +203,7 @@ def test_a_stale_attempt_stalled_mid_upload_cannot_change_the_published_version(
 
     object_store.put_file = put_file_after_a_stall
     with pytest.raises(FencedOut):
-        registry.publish_adapter_version("t1", "a", stale, FIELDS, job_id=first.job.id, attempt=first.attempt)
+        registry.publish_adapter_version("t1", "a", stale, FIELDS, fence=first.fence)
     assert published == ["a:v1"]
     dest = registry.download_version("t1", "a:v1", tmp_path / "dl")  # checks every sha256 and size
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -228,7 +228,7 @@ def test_a_stale_attempt_writing_its_manifest_late_leaves_the_published_bytes_un
         real_put_bytes(key, data)
 
     object_store.put_bytes = put_bytes_after_a_stall
-    ref = registry.publish_adapter_version("t1", "a", stale, FIELDS, job_id=first.job.id, attempt=first.attempt)
+    ref = registry.publish_adapter_version("t1", "a", stale, FIELDS, fence=first.fence)
     assert ref == published["ref"] == "a:v1"
     assert object_store.get_bytes(manifest_key) == published["manifest"]  # the version never changed
     registry.download_version("t1", "a:v1", tmp_path / "dl")  # checks every sha256 and size
@@ -240,12 +240,12 @@ def test_publish_refuses_while_a_cancel_is_pending_and_reserves_nothing(jobs, re
     jobs.request_cancel("t1", claim.job.id)  # after training ended, before publishing
     src = make_peft_dir(tmp_path / "out")
     with pytest.raises(CancelRequested):
-        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+        registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     assert not r.exists(keys.job_publication(claim.job.id), keys.adapter_version_seq("t1", "a"))
     assert object_store.list("tenants/t1/") == []
-    assert jobs.finish_job(claim.job.id, claim.attempt, "cancelled").status == "cancelled"
+    assert jobs.leases.finish_job(claim.fence, "cancelled").status == "cancelled"
     claim = _running_job(jobs)  # the number was not used up
-    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     assert ref == "a:v1"
 
 
@@ -261,7 +261,7 @@ def test_a_cancel_arriving_during_the_upload_keeps_the_version_unpublished(jobs,
 
     object_store.put_file = cancel_during_last_upload
     with pytest.raises(CancelRequested):
-        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+        registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     assert registry.published_version(claim.job.id) is None
     assert registry.list_adapters("t1") == []
     assert not object_store.exists("tenants/t1/adapters/a/v1/" + MANIFEST_FILE)
@@ -270,7 +270,7 @@ def test_a_cancel_arriving_during_the_upload_keeps_the_version_unpublished(jobs,
 def test_download_and_archives_hold_the_peft_files(jobs, registry, tmp_path):
     claim = _running_job(jobs)
     src = make_peft_dir(tmp_path / "out")
-    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     dest = registry.download_version("t1", ref, tmp_path / "dl")
     assert (dest / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
     validate_peft_adapter_dir(dest)
@@ -295,7 +295,7 @@ def test_other_tenant_sees_nothing_and_soft_delete_hides_a_version(jobs, registr
     for _ in range(2):
         claim = _running_job(jobs)
         refs.append(
-            registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt)
+            registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
         )
     with pytest.raises(NotFound):
         registry.read_manifest("t2", "a:v1")
@@ -308,7 +308,7 @@ def test_other_tenant_sees_nothing_and_soft_delete_hides_a_version(jobs, registr
     assert object_store.exists("tenants/t1/adapters/a/v2/manifest.json")  # soft: bytes kept
     claim = _running_job(jobs)
     assert (
-        registry.publish_adapter_version("t1", "a", src, FIELDS, job_id=claim.job.id, attempt=claim.attempt) == "a:v3"
+        registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence) == "a:v3"
     )  # numbers never reused
     registry.delete_adapter("t1", "a")
     assert registry.list_adapters("t1") == []

@@ -79,8 +79,8 @@ def test_bad_last_event_id_is_a_400_before_the_stream_starts(api_server, tenant_
 
 
 def test_stream_resumed_after_the_last_possible_id_ends_cleanly(api_server, tenant_a, job_id, job_store):
-    claim = job_store.claim_next_job("worker-1", lease_ms=60_000)
-    job_store.finish_job(job_id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="x:v1")
+    claim = job_store.leases.claim_next_job("worker-1", lease_ms=60_000)
+    job_store.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, fine_tuned_model="x:v1")
     headers = {"Last-Event-ID": f"ftevent-{MAX_ID_PART}-{MAX_ID_PART}"}
     with api_server.client(tenant_a.api_key) as c, c.stream(
         "GET", f"/v1/fine_tuning/jobs/{job_id}/events/stream", headers=headers

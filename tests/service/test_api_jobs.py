@@ -200,13 +200,13 @@ def test_pause_and_resume_a_queued_job(api_server, tenant_a, uploaded):
 def test_running_and_succeeded_shapes_events_and_checkpoints(api_server, tenant_a, uploaded, job_store):
     client = api_server.openai(tenant_a.api_key)
     job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="adder")
-    claim = job_store.claim_next_job("worker-1", lease_ms=60_000)
+    claim = job_store.leases.claim_next_job("worker-1", lease_ms=60_000)
     assert claim is not None and claim.job.id == job.id
-    job_store.record_progress(job.id, claim.attempt, step=5, total_steps=20, eta_s=30.0,
+    job_store.leases.record_progress(claim.fence, step=5, total_steps=20, eta_s=30.0,
                               metrics={"train_loss": 1.25})
     job_store.append_event(job.id, "info", "step 5/20", {"step": 5, "train_loss": 1.25}, type="metrics")
-    job_store.record_checkpoint(job.id, claim.attempt, 5, "checkpoints/5", {"train_loss": 1.25, "eval_loss": 1.5})
-    job_store.record_checkpoint(job.id, claim.attempt, 10, "checkpoints/10", {"train_loss": 0.75})
+    job_store.leases.record_checkpoint(claim.fence, 5, "checkpoints/5", {"train_loss": 1.25, "eval_loss": 1.5})
+    job_store.leases.record_checkpoint(claim.fence, 10, "checkpoints/10", {"train_loss": 0.75})
 
     running = client.fine_tuning.jobs.retrieve(job.id)
     assert running.status == "running"
@@ -228,7 +228,7 @@ def test_running_and_succeeded_shapes_events_and_checkpoints(api_server, tenant_
     page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1)
     assert len(page.data) == 1 and page.has_more
 
-    job_store.finish_job(job.id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="adder:v1",
+    job_store.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, fine_tuned_model="adder:v1",
                          trained_tokens=1234)
     done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded"
@@ -267,16 +267,16 @@ def _read_sse(response, until_event: str = "end"):
 def test_event_stream_delivers_backlog_live_events_and_the_end(api_server, tenant_a, uploaded, job_store):
     client = api_server.openai(tenant_a.api_key)
     job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id, suffix="live")
-    claim = job_store.claim_next_job("worker-1", lease_ms=60_000)
+    claim = job_store.leases.claim_next_job("worker-1", lease_ms=60_000)
 
     def worker():
         time.sleep(0.5)
         for step in (1, 2):
             job_store.append_event(job.id, "info", f"step {step}", {"step": step, "train_loss": 1.0 / step},
                                    type="metrics")
-            job_store.record_progress(job.id, claim.attempt, step=step, total_steps=2)
+            job_store.leases.record_progress(claim.fence, step=step, total_steps=2)
             time.sleep(0.2)
-        job_store.finish_job(job.id, claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="live:v1")
+        job_store.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, fine_tuned_model="live:v1")
 
     thread = threading.Thread(target=worker)
     thread.start()

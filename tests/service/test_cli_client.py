@@ -73,16 +73,16 @@ def test_follow_renders_progress_until_the_job_succeeds(cli, api_server, tenant_
                          "--suffix", "adder", "--json", api_key=tenant_a.api_key).output)
     client = make_redis(api_server.settings)
     store = JobStore(client)
-    claim = store.claim_next_job("worker-1", lease_ms=60_000)
+    claim = store.leases.claim_next_job("worker-1", lease_ms=60_000)
 
     def worker():
         time.sleep(0.3)
         for step in (1, 2, 3):
             store.append_event(job["id"], "info", f"step {step}/3", {"step": step, "train_loss": 2.0 / step},
                                type="metrics")
-            store.record_progress(job["id"], claim.attempt, step=step, total_steps=3, eta_s=3.0 - step)
+            store.leases.record_progress(claim.fence, step=step, total_steps=3, eta_s=3.0 - step)
             time.sleep(0.1)
-        store.finish_job(job["id"], claim.attempt, JobStatus.SUCCEEDED, fine_tuned_model="adder:v1")
+        store.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, fine_tuned_model="adder:v1")
 
     thread = threading.Thread(target=worker)
     thread.start()

@@ -61,15 +61,15 @@ def test_reported_hyperparameters_replace_auto_with_the_values_used():
 def running_job(redis_server, tmp_path):
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var")
     jobs = JobStore(make_redis(settings))
-    created = jobs.create_job("t1", model="tiny-llama", training_file="file-1", validated=True)
-    claim = jobs.claim_next_job("test-worker", lease_ms=60_000)
+    created = jobs.create_job("t1", model="tiny-llama", training_file="file-1")
+    claim = jobs.leases.claim_next_job("test-worker", lease_ms=60_000)
     assert claim is not None and claim.job.id == created.job.id
     return settings, jobs, claim
 
 
 def test_reporter_writes_progress_events_and_relays_control(running_job):
     settings, jobs, claim = running_job
-    factory = JobReporterFactory(settings, claim.job.id, "t1", claim.attempt)
+    factory = JobReporterFactory(settings, "t1", claim.fence)
     reporter = pickle.loads(pickle.dumps(factory))()  # as Ray ships it to the rank-0 worker
 
     reporter.metrics(1, {"step": 1, "total_steps": 4, "train_loss": 2.5, "tokens_trained": 100})
@@ -87,7 +87,7 @@ def test_reporter_writes_progress_events_and_relays_control(running_job):
 
 def test_reporter_uploads_checkpoints_that_a_later_attempt_can_fetch(running_job, tmp_path):
     settings, jobs, claim = running_job
-    reporter = JobReporterFactory(settings, claim.job.id, "t1", claim.attempt)()
+    reporter = JobReporterFactory(settings, "t1", claim.fence)()
     checkpoint = tmp_path / "ckpt"
     (checkpoint / "adapter").mkdir(parents=True)
     (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
@@ -103,9 +103,9 @@ def test_reporter_uploads_checkpoints_that_a_later_attempt_can_fetch(running_job
 
 def test_a_fenced_out_reporter_stops_training_and_writes_nothing(running_job, tmp_path: Path):
     settings, jobs, claim = running_job
-    stale = JobReporterFactory(settings, claim.job.id, "t1", claim.attempt)()
-    jobs.finish_job(claim.job.id, claim.attempt, JobStatus.QUEUED)  # handed back: the attempt is stale
-    newer = jobs.claim_next_job("another-worker", lease_ms=60_000)
+    stale = JobReporterFactory(settings, "t1", claim.fence)()
+    jobs.leases.finish_job(claim.fence, JobStatus.QUEUED)  # handed back: the attempt is stale
+    newer = jobs.leases.claim_next_job("another-worker", lease_ms=60_000)
     assert newer.attempt == claim.attempt + 1
 
     stale.metrics(7, {"step": 7, "total_steps": 9, "train_loss": 1.0})
@@ -126,7 +126,7 @@ def test_dispatcher_waits_out_a_redis_outage_and_then_takes_work(redis_server, t
 
     redis_server.start()
     jobs = JobStore(make_redis(settings))
-    job = jobs.create_job("t1", model="not-in-catalog", training_file="file-1", validated=True).job
+    job = jobs.create_job("t1", model="not-in-catalog", training_file="file-1").job
 
     def failed() -> bool:
         return jobs.load_job(job.id).status == JobStatus.FAILED
@@ -146,7 +146,7 @@ def test_a_job_whose_file_was_deleted_fails_on_that_file(redis_server, tmp_path,
     catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog)
     jobs = JobStore(make_redis(settings))
-    job = jobs.create_job("t1", model="tiny-llama", training_file="file-gone", validated=True).job
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-gone").job
 
     Dispatcher(settings, worker_id="deleted-file-test").step()  # fails before any training: no Ray needed
 
