@@ -14,7 +14,6 @@ __all__ = [
     "JobStatus",
     "TERMINAL_STATUSES",
     "ALLOWED_TRANSITIONS",
-    "can_transition",
     "ControlSignal",
     "JobError",
     "Progress",
@@ -59,11 +58,6 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
 }
-
-
-def can_transition(current: JobStatus, target: JobStatus) -> bool:
-    """Whether a job may move from `current` to `target`."""
-    return target in ALLOWED_TRANSITIONS[current]
 
 
 ControlSignal = Literal["cancel", "pause"]
