@@ -14,7 +14,7 @@ from fleet.exceptions import InvalidRequest
 from fleet.jobs import Event
 from fleet.settings import MAX_BLOCK_S
 
-__all__ = ["EventLog", "EVENT_LEVELS", "EVENT_TYPES", "event_stream_id"]
+__all__ = ["EventLog", "EVENT_LEVELS", "EVENT_TYPES", "event_fields", "event_from_stream", "event_stream_id"]
 
 EVENT_LEVELS = ("info", "warn", "error")
 EVENT_TYPES = ("message", "metrics")
@@ -43,7 +43,18 @@ def event_stream_id(event_id: str, *, param: str = "after") -> str:
     return "-".join(str(part) for part in parts)  # canonical: "007-0" and "7-0" are the same id
 
 
-def _event(stream_id: str, fields: dict[str, str]) -> Event:
+def event_fields(level: str, message: str, data: dict[str, Any] | None = None, *, type: str = "message") -> dict:
+    """The stream fields of one event; ValueError unless `level` is info|warn|error and `type` message|metrics."""
+    if level not in EVENT_LEVELS or type not in EVENT_TYPES:
+        raise ValueError(f"Event level must be one of {EVENT_LEVELS} and type one of {EVENT_TYPES}.")
+    fields = {"created_at": str(int(time.time())), "level": level, "message": message, "type": type}
+    if data is not None:
+        fields["data"] = json.dumps(data, default=str)
+    return fields
+
+
+def event_from_stream(stream_id: str, fields: dict[str, str]) -> Event:
+    """An Event from a stream entry (its id and fields)."""
     return Event(
         id=f"ftevent-{stream_id}",
         stream_id=stream_id,
@@ -71,14 +82,13 @@ class EventLog:
         *,
         type: str = "message",
     ) -> Event:
-        """Append one event; `level` is info|warn|error, `type` message|metrics. Returns it as stored."""
-        if level not in EVENT_LEVELS or type not in EVENT_TYPES:
-            raise ValueError(f"Event level must be one of {EVENT_LEVELS} and type one of {EVENT_TYPES}.")
-        fields = {"created_at": str(int(time.time())), "level": level, "message": message, "type": type}
-        if data is not None:
-            fields["data"] = json.dumps(data, default=str)
+        """Append one event, unfenced (API side); `level` is info|warn|error, `type` message|metrics.
+
+        Returns it as stored. A worker appends through `Leases.append_event`, fenced by its claim.
+        """
+        fields = event_fields(level, message, data, type=type)
         stream_id = self.redis.xadd(keys.job_events(job_id), fields, maxlen=self.max_len, approximate=True)
-        return _event(stream_id, fields)
+        return event_from_stream(stream_id, fields)
 
     def read(self, job_id: str, *, after: str | None = None, limit: int = 100) -> list[Event]:
         """Events oldest first, strictly after the event id `after` (from the start when None)."""
@@ -86,7 +96,7 @@ class EventLog:
         if start == _LAST_ID:
             return []  # Redis rejects an exclusive start with nothing after it
         rows = self.redis.xrange(keys.job_events(job_id), f"({start}" if start else "-", "+", count=limit)
-        return [_event(i, f) for i, f in rows]
+        return [event_from_stream(i, f) for i, f in rows]
 
     def list(self, job_id: str, *, after: str | None = None, limit: int = 20) -> tuple[list[Event], bool]:
         """Events newest first as OpenAI pages them: (page, has_more); `after` = last id of the last page."""
@@ -94,11 +104,11 @@ class EventLog:
         if end == _FIRST_ID:
             return [], False  # Redis rejects an exclusive end with nothing before it
         rows = self.redis.xrevrange(keys.job_events(job_id), f"({end}" if end else "+", "-", count=limit + 1)
-        return [_event(i, f) for i, f in rows[:limit]], len(rows) > limit
+        return [event_from_stream(i, f) for i, f in rows[:limit]], len(rows) > limit
 
     def wait(self, job_id: str, *, after: str | None, block_ms: int, limit: int = 100) -> list[Event]:
         """Block up to `block_ms` for events after `after` (None: only events appended from now on)."""
         start = event_stream_id(after) if after else "$"
         block_ms = min(block_ms, int(MAX_BLOCK_S * 1000))  # stay inside the client's socket timeout
         reply = self.redis.xread({keys.job_events(job_id): start}, count=limit, block=block_ms)
-        return [_event(i, f) for i, f in reply[0][1]] if reply else []
+        return [event_from_stream(i, f) for i, f in reply[0][1]] if reply else []

@@ -34,9 +34,9 @@ import redis
 
 from fleet import keys
 from fleet import queue_scripts as lua
-from fleet.events import EventLog
+from fleet.events import EventLog, event_fields, event_from_stream
 from fleet.fencing import Fence, new_claim_token, raise_for_refusal
-from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus, Progress
+from fleet.jobs import Checkpoint, ControlSignal, Event, Job, JobError, JobStatus, Progress
 from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue
 from fleet.settings import MAX_BLOCK_S
 
@@ -129,6 +129,7 @@ class Leases:
         self._control = client.register_script(lua.CONTROL)
         self._fenced_update = client.register_script(lua.FENCED_UPDATE)
         self._checkpoint = client.register_script(lua.CHECKPOINT)
+        self._append_event = client.register_script(lua.APPEND_EVENT)
         self._finish = client.register_script(lua.FINISH)
         self._expire_lease = client.register_script(lua.EXPIRE_LEASE)
 
@@ -161,7 +162,7 @@ class Leases:
             )
             if reply[0] == "claimed":
                 fence = Fence(head, int(reply[1]), token)
-                self.events.append(head, "info", f"Job started (attempt {fence.attempt}) on worker {worker_id}.")
+                self.append_event(fence, "info", f"Job started (attempt {fence.attempt}) on worker {worker_id}.")
                 return Claim(self._load_job(head), fence, int(reply[2]))
             if reply[0] == "skip":
                 log.warning("dropped queue entry %s of tenant %s: job was no longer queued", head, tenant_id)
@@ -234,8 +235,29 @@ class Leases:
             args=[fence.attempt, fence.token, step, checkpoint.model_dump_json()],
         )
         raise_for_refusal(reply, fence, "record a checkpoint")
-        self.events.append(job_id, "info", f"Checkpoint saved at step {step}.", {"step": step, **(metrics or {})})
+        self.append_event(fence, "info", f"Checkpoint saved at step {step}.", {"step": step, **(metrics or {})})
         return checkpoint
+
+    def append_event(
+        self,
+        fence: Fence,
+        level: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+        *,
+        type: str = "message",
+    ) -> Event:
+        """Append to the job's event log while the claim holds (fenced): a stale attempt's lines never land.
+
+        `level` is info|warn|error, `type` message|metrics. Raises FencedOut if `fence` is stale.
+        """
+        fields = event_fields(level, message, data, type=type)
+        reply = self._append_event(
+            keys=[keys.job(fence.job_id), keys.job_events(fence.job_id)],
+            args=[fence.attempt, fence.token, self.events.max_len, *(x for pair in fields.items() for x in pair)],
+        )
+        raise_for_refusal(reply, fence, "write the job's events")
+        return event_from_stream(reply[1], fields)
 
     def finish_job(
         self,

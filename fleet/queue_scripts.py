@@ -303,3 +303,14 @@ redis.call('HSET', KEYS[2], 'state', 'committed', 'manifest', ARGV[3], 'attempt'
 return {'committed', ARGV[3]}
 """
 )
+
+# KEYS: job, events.  ARGV: attempt, token, max_len, field, value, ...
+# A worker's event: appended only while its claim holds, so a stale attempt cannot write the job's log.
+APPEND_EVENT = (
+    PRELUDE
+    + """
+local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
+if refused then return refused end
+return {'ok', redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(tail(4)))}
+"""
+)

@@ -96,7 +96,12 @@ class JobReporter:
         self._first_step: int | None = None
 
     def log(self, message: str, level: str = "info") -> None:
-        self.jobs.append_event(self.job_id, _LEVELS.get(level, "info"), message)
+        if self.fenced:
+            return  # another attempt owns the job's log now
+        try:
+            self.jobs.leases.append_event(self.fence, _LEVELS.get(level, "info"), message)
+        except FencedOut:
+            self.fenced = True
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         total = int(values["total_steps"]) if "total_steps" in values else None
@@ -122,7 +127,11 @@ class JobReporter:
                             ("val_token_accuracy", "validation token accuracy")):
             if name in shown:
                 parts.append(f"{label}={shown[name]:.4f}")
-        self.jobs.append_event(self.job_id, "info", ", ".join(parts), {"step": step, **shown}, type="metrics")
+        try:
+            self.jobs.leases.append_event(self.fence, "info", ", ".join(parts), {"step": step, **shown},
+                                          type="metrics")
+        except FencedOut:
+            self.fenced = True
 
     def checkpoint(self, step: int, path: Path) -> None:
         # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
@@ -306,10 +315,10 @@ class Dispatcher:
             work_dir=work_dir, training_file=work_dir / "train.jsonl", validation_file=validation_path,
             init_adapter=init_adapter,
         )
-        self._check_datasets(job, spec)
+        self._check_datasets(job, fence, spec)
         resume_from = self._fetch_latest_checkpoint(job, work_dir / "resume")
         if resume_from is not None:
-            self.jobs.append_event(job.id, "info", f"Resuming from the checkpoint at step {resume_from[1]}.")
+            self.jobs.leases.append_event(fence, "info", f"Resuming from the checkpoint at step {resume_from[1]}.")
         result = run_training_on_ray(
             spec,
             output_dir=work_dir / "out",
@@ -375,7 +384,7 @@ class Dispatcher:
             return parse_adapter_ref(job.init_adapter)[0]
         return adapter_name_for_job(base_name, job.suffix, job.id)
 
-    def _check_datasets(self, job: Job, spec: TrainingSpec) -> None:
+    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> None:
         """The checks that need the base model's tokenizer (the API checked the format at upload):
         chat template errors, token counts, examples over max_seq_len. Errors fail the job with the
         file as `param` and the line numbers; warnings (e.g. truncated examples) become job events."""
@@ -396,9 +405,9 @@ class Dispatcher:
                 raise InvalidRequest(f"{param} {getattr(job, param)} is not usable for {job.model}: "
                                      f"{report.n_errors} problem(s): {problems}", param=param)
             for issue in report.warnings[:20]:
-                self.jobs.append_event(job.id, "warn", f"{param}: {issue}")
+                self.jobs.leases.append_event(fence, "warn", f"{param}: {issue}")
             if report.token_stats is not None:
-                self.jobs.append_event(job.id, "info", f"{param}: {report.summary().splitlines()[0]}")
+                self.jobs.leases.append_event(fence, "info", f"{param}: {report.summary().splitlines()[0]}")
 
     def _fetch_latest_checkpoint(self, job: Job, dest: Path) -> tuple[Path, int] | None:
         """Download the job's newest checkpoint (from any earlier attempt), or None if there is none."""

@@ -433,3 +433,17 @@ def test_a_claim_rolled_back_by_a_failover_cannot_be_handed_out_twice_under_one_
             stale_call()
     assert jobs.list_checkpoints(job_id) == []
     assert jobs.leases.finish_job(fresh.fence, "succeeded").status == JobStatus.SUCCEEDED
+
+
+def test_a_stale_attempt_cannot_write_the_jobs_events(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    first = jobs.leases.claim_next_job("w1", 5000)
+    jobs.leases.append_event(first.fence, "info", "first attempt at step 1")
+    jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    second = jobs.leases.claim_next_job("w2", 5000)
+    with pytest.raises(FencedOut):
+        jobs.leases.append_event(first.fence, "info", "first attempt at step 2", type="metrics")
+    event = jobs.leases.append_event(second.fence, "warn", "second attempt", {"step": 1})
+    messages = [e.message for e in jobs.read_events(job_id)]
+    assert "first attempt at step 1" in messages and "first attempt at step 2" not in messages
+    assert messages[-1] == event.message == "second attempt" and jobs.read_events(job_id)[-1].data == {"step": 1}

@@ -76,6 +76,7 @@ ACTIONS: dict[str, Callable[[JobStore, str, Fence], object]] = {
     "control": lambda jobs, job_id, fence: jobs.leases.control_signal(fence),
     "progress": lambda jobs, job_id, fence: jobs.leases.record_progress(fence, step=1),
     "checkpoint": lambda jobs, job_id, fence: jobs.leases.record_checkpoint(fence, 1, "ckpt/1"),
+    "event": lambda jobs, job_id, fence: jobs.leases.append_event(fence, "info", "hello"),
     "expire lease": lambda jobs, job_id, fence: jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS),
     **{
         f"finish {status.value}": (

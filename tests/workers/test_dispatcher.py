@@ -108,10 +108,14 @@ def test_a_fenced_out_reporter_stops_training_and_writes_nothing(running_job, tm
     newer = jobs.leases.claim_next_job("another-worker", lease_ms=60_000)
     assert newer.attempt == claim.attempt + 1
 
+    events_before = jobs.read_events(claim.job.id, limit=1000)
+    stale.log("stale attempt still training")  # a log line before it noticed
     stale.metrics(7, {"step": 7, "total_steps": 9, "train_loss": 1.0})
     assert stale.control() == "cancel"
+    stale.log("stale attempt after it noticed")
     assert jobs.load_job(claim.job.id).progress is None
     assert jobs.load_job(claim.job.id).status == JobStatus.RUNNING
+    assert jobs.read_events(claim.job.id, limit=1000) == events_before  # the job's log is the new attempt's
 
 
 def test_dispatcher_waits_out_a_redis_outage_and_then_takes_work(redis_server, tmp_path, ray_cluster):
