@@ -19,6 +19,7 @@ A dispatcher's loop, in outline:
     leases.finish_job(fence, "succeeded", fine_tuned_model=ref)
     FencedOut from any call: another attempt owns the job; drop the work, publish nothing.
     CancelRequested from publish/finish "succeeded": the user cancelled; finish_job(fence, "cancelled").
+    PauseWithdrawn from finish "paused": the user resumed meanwhile; finish_job(fence, "queued").
 """
 
 from __future__ import annotations
@@ -280,6 +281,9 @@ class Leases:
         Raises FencedOut if `fence` is stale; a stale attempt can never change the job.
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
         user's cancel wins, so the worker must finish the job as cancelled instead.
+        Raises PauseWithdrawn (and changes nothing) for `paused` when no pause is pending any more (the
+        tenant resumed after the worker saw the pause): the worker must not end the job paused; it hands
+        the job back (`queued`), and the next attempt resumes from the checkpoint the pause saved.
         """
         job_id = fence.job_id
         target = JobStatus(status)

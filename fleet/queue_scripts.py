@@ -211,7 +211,8 @@ return {'ok'}
 # ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), field, value, ...
 # A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
-# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing.
+# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing. Pausing with no
+# pause pending (the tenant resumed before the worker stopped) is refused ('pause_withdrawn').
 # Returns {'ok', status the job is now in}.
 FINISH = (
     PRELUDE
@@ -222,6 +223,7 @@ local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
 local tenant, control = v[1], v[2]
 local st = ARGV[4]
 if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
+if st == 'paused' and not control then return {'pause_withdrawn'} end
 if (st == 'queued' or st == 'paused') and control == 'cancel' then
   st = 'cancelled'
 elseif st == 'queued' and control == 'pause' then

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.checkpoints import download_checkpoint, upload_checkpoint
-from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound, PauseWithdrawn
 from fleet.fencing import Fence
 from fleet.files import FileStore
 from fleet.jobs import Checkpoint, Job, JobError, JobStatus
@@ -336,7 +336,10 @@ class Dispatcher:
             self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
             return
         if result.status == "paused":
-            self.jobs.leases.finish_job(fence, JobStatus.PAUSED)
+            try:
+                self.jobs.leases.finish_job(fence, JobStatus.PAUSED)
+            except PauseWithdrawn:  # resumed before we stopped: hand back, resume from the pause's checkpoint
+                self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
             return
         assert result.adapter_dir is not None
         manifest_fields: dict[str, Any] = {

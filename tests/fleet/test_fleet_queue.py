@@ -7,7 +7,15 @@ import threading
 import pytest
 
 from fleet import keys
-from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, InvalidRequest, InvalidState, NotFound
+from fleet.exceptions import (
+    CancelRequested,
+    FencedOut,
+    IdempotencyConflict,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    PauseWithdrawn,
+)
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 
@@ -153,6 +161,20 @@ def test_resume_withdraws_a_pending_pause_request(jobs):
     jobs.request_pause("t1", job_id)
     jobs.resume("t1", job_id)
     assert jobs.leases.control_signal(claim.fence) is None
+
+
+def test_a_pause_withdrawn_before_the_worker_stopped_does_not_pause_the_job(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    claim = jobs.leases.claim_next_job("w", 5000)
+    jobs.request_pause("t1", job_id)
+    assert jobs.leases.record_progress(claim.fence, step=3) == "pause"  # the loop saw it and checkpoints
+    jobs.resume("t1", job_id)  # the tenant changes their mind before the loop stops
+    with pytest.raises(PauseWithdrawn):
+        jobs.leases.finish_job(claim.fence, JobStatus.PAUSED)
+    assert jobs.load_job(job_id).status == JobStatus.RUNNING  # refused, nothing changed
+    handed_back = jobs.leases.finish_job(claim.fence, JobStatus.QUEUED)  # what the worker does instead
+    assert handed_back.status == JobStatus.QUEUED
+    assert jobs.leases.claim_next_job("w2", 5000).job.id == job_id
 
 
 def test_terminal_jobs_cannot_be_cancelled_paused_or_resumed(jobs):
