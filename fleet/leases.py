@@ -280,7 +280,9 @@ class Leases:
 
         Raises FencedOut if `fence` is stale; a stale attempt can never change the job.
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
-        user's cancel wins, so the worker must finish the job as cancelled instead.
+        user's cancel wins, so the worker must finish the job as cancelled instead. Once the job's
+        adapter version is committed (fleet.registry) no cancel is pending any more, and `succeeded`
+        always succeeds: the commit is the point of no return.
         Raises PauseWithdrawn (and changes nothing) for `paused` when no pause is pending any more (the
         tenant resumed after the worker saw the pause): the worker must not end the job paused; it hands
         the job back (`queued`), and the next attempt resumes from the checkpoint the pause saved.
@@ -308,6 +310,7 @@ class Leases:
                 queue_key_of(self.redis, job_id),
                 keys.queue_tenants(),
                 keys.wakeup(),
+                keys.job_publication(job_id),
             ],
             args=[job_id, fence.attempt, fence.token, target.value, *fields],
         )
@@ -358,6 +361,7 @@ class Leases:
                     keys.queue(tenant_id),
                     keys.queue_tenants(),
                     keys.wakeup(),
+                    keys.job_publication(job_id),
                 ],
                 args=[job_id, now_ms, self.max_attempts, attempt, reason, error.model_dump_json()],
             )

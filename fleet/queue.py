@@ -259,10 +259,15 @@ class JobStore:
         return page[:limit], len(page) > limit
 
     def request_cancel(self, tenant_id: str, job_id: str) -> Job:
-        """Cancel: immediate unless running; a running job gets a cancel request its worker acts on."""
+        """Cancel: immediate unless running; a running job gets a cancel request its worker acts on.
+
+        Once the job's adapter version is committed the cancel changes nothing: the job completes
+        (succeeded, with that version), and an event says so.
+        """
         messages = {
             "cancelled": "Job cancelled.",
             "requested": "Cancellation requested; stopping the running job.",
+            "completing": "Cancel arrived after the adapter was published; the job completes.",
         }
         return self._control(self._cancel, tenant_id, job_id, "cancelled", messages)
 
@@ -271,6 +276,7 @@ class JobStore:
         messages = {
             "paused": "Job paused.",
             "requested": "Pause requested; the job will stop at its next checkpoint.",
+            "completing": "Pause arrived after the adapter was published; the job completes.",
         }
         return self._control(self._pause, tenant_id, job_id, "paused", messages)
 
@@ -286,7 +292,13 @@ class JobStore:
         """Run a tenant's control script (cancel/pause/resume) and log its outcome as an event."""
         _require_job_id(job_id)
         reply = script(
-            keys=[keys.job(job_id), keys.queue(tenant_id), keys.queue_tenants(), keys.wakeup()],
+            keys=[
+                keys.job(job_id),
+                keys.queue(tenant_id),
+                keys.queue_tenants(),
+                keys.wakeup(),
+                keys.job_publication(job_id),
+            ],
             args=[job_id, tenant_id],
         )
         if reply[0] == "missing":

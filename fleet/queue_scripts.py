@@ -39,6 +39,12 @@ local function fence_check(job_key, attempt, token)
   if v[1] ~= 'running' or v[2] ~= attempt or v[3] ~= token then return {'fenced', v[1] or '', v[2] or ''} end
   return nil
 end
+-- Whether the job's adapter version is committed (or already ready): the point of no return, after
+-- which the job can only end succeeded with that version.
+local function committed(publication_key)
+  local state = redis.call('HGET', publication_key, 'state')
+  return state == 'committed' or state == 'ready'
+end
 local function tail(from)
   local out = {}
   for i = from, #ARGV do out[#out + 1] = ARGV[i] end
@@ -70,7 +76,9 @@ return {'created', ARGV[1]}
 """
 )
 
-# KEYS: job, queue, queue_tenants, wakeup (unused).  ARGV: job_id, tenant_id (another tenant's job: missing)
+# KEYS: job, queue, queue_tenants, wakeup (unused), publication
+# ARGV: job_id, tenant_id (another tenant's job: missing)
+# Once the job's version is committed the job completes: 'completing', nothing changed.
 CANCEL = (
     PRELUDE
     + """
@@ -78,6 +86,7 @@ local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
 local st = v[1]
 local now = sec(now_ms())
+if (st == 'queued' or st == 'paused' or st == 'running') and committed(KEYS[5]) then return {'completing'} end
 if st == 'queued' or st == 'paused' then
   if st == 'queued' then unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1]) end
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now)
@@ -93,7 +102,8 @@ return {'invalid', st}
 """
 )
 
-# KEYS: job, queue, queue_tenants, wakeup (unused).  ARGV: job_id, tenant_id
+# KEYS: job, queue, queue_tenants, wakeup (unused), publication.  ARGV: job_id, tenant_id
+# Once the job's version is committed the job completes: 'completing', nothing changed.
 PAUSE = (
     PRELUDE
     + """
@@ -101,6 +111,7 @@ local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
 local st = v[1]
 local now = sec(now_ms())
+if (st == 'queued' or st == 'running') and committed(KEYS[5]) then return {'completing'} end
 if st == 'queued' then
   unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'paused', 'updated_at', now)
@@ -116,7 +127,7 @@ return {'invalid', st}
 """
 )
 
-# KEYS: job, queue, queue_tenants, wakeup.  ARGV: job_id, tenant_id
+# KEYS: job, queue, queue_tenants, wakeup, publication (unused).  ARGV: job_id, tenant_id
 RESUME = (
     PRELUDE
     + """
@@ -207,11 +218,12 @@ return {'ok'}
 """
 )
 
-# KEYS: job, leases, running, queue, queue_tenants, wakeup
+# KEYS: job, leases, running, queue, queue_tenants, wakeup, publication
 # ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), field, value, ...
 # A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
-# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing. Pausing with no
+# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing, unless the job's
+# version is committed: then it succeeds whatever was requested. Pausing with no
 # pause pending (the tenant resumed before the worker stopped) is refused ('pause_withdrawn').
 # Returns {'ok', status the job is now in}.
 FINISH = (
@@ -222,7 +234,7 @@ if refused then return refused end
 local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
 local tenant, control = v[1], v[2]
 local st = ARGV[4]
-if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
+if st == 'succeeded' and control == 'cancel' and not committed(KEYS[7]) then return {'cancel_requested'} end
 if st == 'paused' and not control then return {'pause_withdrawn'} end
 if (st == 'queued' or st == 'paused') and control == 'cancel' then
   st = 'cancelled'
@@ -242,8 +254,10 @@ return {'ok', st}
 """
 )
 
-# KEYS: job, leases, running, queue, queue_tenants, wakeup
+# KEYS: job, leases, running, queue, queue_tenants, wakeup, publication
 # ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json
+# A job whose version is committed always goes back to the head of its queue (whatever the control
+# request or the attempts lost): the next attempt completes it without training.
 EXPIRE_LEASE = (
     PRELUDE
     + """
@@ -258,7 +272,10 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'lease_expirations', lost, 'last_failure', ARGV[5], 'updated_at', sec(now))
 redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'claim_token')
 local new
-if v[4] == 'cancel' then
+if committed(KEYS[7]) then
+  new = 'queued'
+  enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
+elseif v[4] == 'cancel' then
   new = 'cancelled'
 elseif lost >= tonumber(ARGV[3]) then
   new = 'failed'

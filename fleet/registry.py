@@ -15,6 +15,9 @@ published version: its files sit under its own prefix, which no manifest names u
 (after its upload had finished), and every write of manifest.json, late or repeated, on either backend,
 writes the same committed bytes. No conditional put is needed from the object store.
 A version without a manifest is invisible. A pending cancel refuses steps 1 and 3 (CancelRequested).
+Step 3 is the job's point of no return: from then on a cancel or pause changes nothing (the job
+completes, and an event says so), and a job whose worker dies is requeued whatever was requested;
+its next attempt completes the publication and finishes the job.
 Deletion is soft: the version disappears from listings and downloads, its number is never reused.
 """
 

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from fleet import keys
 from fleet.exceptions import CancelRequested, FencedOut, InvalidRequest, NotFound
+from fleet.jobs import JobStatus
 from fleet.peft_format import validate_peft_adapter_dir
 from fleet.queue import JobStore
 from fleet.registry import (
@@ -388,3 +389,26 @@ def test_adapter_name_for_job_uses_suffix_or_a_sanitised_model_name():
     with pytest.raises(InvalidRequest) as err:
         adapter_name_for_job("tiny-llama", "../evil", "ftjob-1")
     assert err.value.param == "suffix"
+
+
+def test_a_cancel_after_the_commit_lets_the_job_complete_with_its_version(jobs, registry, object_store, tmp_path):
+    claim = _running_job(jobs)
+    job_id = claim.job.id
+    src = make_peft_dir(tmp_path / "out")
+    manifest_key = "tenants/t1/adapters/a/v1/" + MANIFEST_FILE
+    real_put_bytes, answers = object_store.put_bytes, []
+
+    def cancel_after_the_commit(key, data):
+        if key == manifest_key and not answers:  # committed in Redis, manifest.json not yet written
+            answers.append(jobs.request_cancel("t1", job_id))
+            answers.append(jobs.request_pause("t1", job_id))
+        real_put_bytes(key, data)
+
+    object_store.put_bytes = cancel_after_the_commit
+    ref = registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
+    assert [(j.status, j.control) for j in answers] == [(JobStatus.RUNNING, None)] * 2
+    done = jobs.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, fine_tuned_model=ref)
+    assert (done.status, done.fine_tuned_model) == (JobStatus.SUCCEEDED, "a:v1")
+    assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
+    messages = [e.message for e in jobs.read_events(job_id)]
+    assert "Cancel arrived after the adapter was published; the job completes." in messages
