@@ -17,7 +17,7 @@ writes the same committed bytes. No conditional put is needed from the object st
 A version without a manifest is invisible. A pending cancel refuses steps 1 and 3 (CancelRequested).
 Step 3 is the job's point of no return: from then on a cancel or pause changes nothing (the job
 completes, and an event says so), and a job whose worker dies is requeued whatever was requested;
-its next attempt completes the publication and finishes the job.
+its next attempt finishes it with `complete_committed_publication`, without training again.
 Deletion is soft: the version disappears from listings and downloads, its number is never reused.
 """
 
@@ -45,6 +45,7 @@ from fleet.settings import check_redis_client
 
 __all__ = [
     "AdapterRegistry",
+    "CompletedPublication",
     "AdapterVersion",
     "AdapterSummary",
     "Manifest",
@@ -155,6 +156,14 @@ class AdapterVersion(BaseModel):
     base_model: str | None = None
     bytes_total: int
     deleted_at: int | None = None
+
+
+class CompletedPublication(BaseModel):
+    """A job's version as its committed manifest records it: what the job's record must say when it finishes."""
+
+    ref: str
+    trained_tokens: int | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class AdapterSummary(BaseModel):
@@ -276,6 +285,33 @@ class AdapterRegistry:
         raise_for_refusal(reply, fence, "publish")
         if reply[1] == "cancel":
             raise_for_refusal(["cancel_requested"], fence, "publish")
+
+    def complete_committed_publication(self, fence: Fence) -> CompletedPublication | None:
+        """For a job whose version an earlier attempt committed: make it ready and say what it holds.
+
+        Writes the committed manifest.json (idempotent: always the committed bytes) and marks the version
+        ready, then returns its ref with the manifest's trained_tokens and hyperparameters, so the
+        attempt finishes the job succeeded without training again. None when nothing is committed
+        (train as usual). Raises FencedOut when `fence` is not the job's running claim.
+        """
+        reply = self._control(keys=[keys.job(fence.job_id)], args=[fence.attempt, fence.token])
+        raise_for_refusal(reply, fence, "complete the job's publication")
+        name, version, state, manifest_json = self.redis.hmget(
+            keys.job_publication(fence.job_id), "name", "version", "state", "manifest"
+        )
+        if state not in ("committed", "ready") or manifest_json is None:
+            return None
+        manifest = Manifest.model_validate_json(manifest_json)
+        prefix = self.version_prefix(manifest.tenant_id, name, int(version))
+        if state == "committed":
+            self.store.put_bytes(prefix + MANIFEST_FILE, manifest_json.encode())
+        self._mark_ready(manifest.tenant_id, name, int(version), fence.job_id)
+        trained_tokens = (manifest.model_extra or {}).get("trained_tokens")
+        return CompletedPublication(
+            ref=format_adapter_ref(name, int(version)),
+            trained_tokens=int(trained_tokens) if trained_tokens is not None else None,
+            hyperparameters=manifest.hyperparameters,
+        )
 
     def published_version(self, job_id: str) -> str | None:
         """The "<name>:v<N>" a job published, if its manifest is written (lets a new attempt skip work)."""

@@ -295,9 +295,11 @@ class Dispatcher:
 
         attempt = fence.attempt
 
-        published = self.registry.published_version(job.id)
-        if published is not None:  # an earlier attempt published, then died before finishing
-            self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=published)
+        done = self.registry.complete_committed_publication(fence)
+        if done is not None:  # an earlier attempt committed its version, then died: finish with it
+            used = hyperparameters_used(job.hyperparameters, done.hyperparameters) if done.hyperparameters else None
+            self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref,
+                                        trained_tokens=done.trained_tokens, hyperparameters=used)
             return
         work_dir.mkdir(parents=True, exist_ok=True)
         base_name = job.base_model or job.model

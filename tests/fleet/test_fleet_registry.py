@@ -412,3 +412,44 @@ def test_a_cancel_after_the_commit_lets_the_job_complete_with_its_version(jobs, 
     assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
     messages = [e.message for e in jobs.read_events(job_id)]
     assert "Cancel arrived after the adapter was published; the job completes." in messages
+
+
+def _commit_then_die(jobs, registry, object_store, src: Path, fields=FIELDS):
+    """An attempt commits its version in Redis, then dies before writing manifest.json."""
+    claim = _running_job(jobs)
+    real_put_bytes = object_store.put_bytes
+
+    def crash_before_manifest(key, data):
+        raise RuntimeError("worker died")
+
+    object_store.put_bytes = crash_before_manifest  # the manifest is the only put_bytes of a publish
+    with pytest.raises(RuntimeError):
+        registry.publish_adapter_version("t1", "a", src, fields, fence=claim.fence)
+    object_store.put_bytes = real_put_bytes
+    return claim
+
+
+def test_a_version_committed_by_a_dead_attempt_is_completed_by_the_next_without_training(
+    jobs, registry, object_store, tmp_path
+):
+    fields = {**FIELDS, "trained_tokens": 1234, "hyperparameters": {"n_epochs": 2, "learning_rate": 0.001}}
+    first = _commit_then_die(jobs, registry, object_store, make_peft_dir(tmp_path / "out"), fields)
+    job_id = first.job.id
+    assert jobs.request_cancel("t1", job_id).status == JobStatus.RUNNING  # committed: the job completes
+    (expired,) = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    assert expired.new_status == JobStatus.QUEUED  # not cancelled: the next attempt finishes it
+    second = jobs.leases.claim_next_job("w2", 60_000)
+    with pytest.raises(FencedOut):
+        registry.complete_committed_publication(first.fence)
+
+    done = registry.complete_committed_publication(second.fence)
+    assert (done.ref, done.trained_tokens, done.hyperparameters) == ("a:v1", 1234, fields["hyperparameters"])
+    finished = jobs.leases.finish_job(
+        second.fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref, trained_tokens=done.trained_tokens
+    )
+    assert (finished.status, finished.fine_tuned_model, finished.trained_tokens) == ("succeeded", "a:v1", 1234)
+    assert registry.read_manifest("t1", "a:v1").attempt == 1  # the committed bytes, not retrained ones
+    assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
+
+    fresh = _running_job(jobs)
+    assert registry.complete_committed_publication(fresh.fence) is None  # nothing committed: train

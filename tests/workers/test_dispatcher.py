@@ -157,3 +157,39 @@ def test_a_job_whose_file_was_deleted_fails_on_that_file(redis_server, tmp_path,
     failed = jobs.load_job(job.id)
     assert failed.status == JobStatus.FAILED
     assert failed.error.param == "training_file" and "file-gone" in failed.error.message
+
+
+def test_a_committed_version_is_finished_by_the_next_attempt_without_training(redis_server, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from fleet.registry import AdapterRegistry
+
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var")
+    jobs, store = JobStore(make_redis(settings)), make_object_store(settings)
+    registry = AdapterRegistry(make_redis(settings), store)
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-gone").job  # nothing to train on
+    first = jobs.leases.claim_next_job("dead-worker", lease_ms=60_000)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": np.ones((2, 8), np.float32),
+               f"{prefix}.lora_B.weight": np.zeros((8, 2), np.float32)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}')
+    resolved = {"n_epochs": 2, "batch_size": 4, "learning_rate": 2e-4}
+    manifest_fields = {"base_model": "tiny-llama", "hyperparameters": resolved, "trained_tokens": 777}
+
+    def die_before_manifest(key, data):  # the manifest is the only put_bytes of a publish
+        raise RuntimeError("died before manifest.json")
+
+    store.put_bytes = die_before_manifest
+    with pytest.raises(RuntimeError):
+        registry.publish_adapter_version("t1", "a", adapter, manifest_fields, fence=first.fence)
+    jobs.leases.requeue_expired_leases(now_ms=10**13)
+
+    Dispatcher(settings, worker_id="next-attempt").step()  # no Ray, no dataset: the commit decides
+
+    done = jobs.load_job(job.id)
+    assert (done.status, done.fine_tuned_model, done.trained_tokens) == (JobStatus.SUCCEEDED, "a:v1", 777)
+    assert done.hyperparameters == hyperparameters_used({}, resolved)
