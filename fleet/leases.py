@@ -163,7 +163,8 @@ class Leases:
             )
             if reply[0] == "claimed":
                 fence = Fence(head, int(reply[1]), token)
-                self.append_event(fence, "info", f"Job started (attempt {fence.attempt}) on worker {worker_id}.")
+                # tenants read events: the worker's host:pid stays on the job record (worker_id) for operators
+                self.append_event(fence, "info", f"Job started (attempt {fence.attempt}).")
                 return Claim(self._load_job(head), fence, int(reply[2]))
             if reply[0] == "skip":
                 log.warning("dropped queue entry %s of tenant %s: job was no longer queued", head, tenant_id)
@@ -345,7 +346,8 @@ class Leases:
                 self.redis.zrem(keys.leases(), job_id)
                 continue
             n_lost = int(lost or 0) + 1
-            reason = f"attempt {attempt} lost its worker {worker_id} (lease expired without a heartbeat)"
+            reason = f"attempt {attempt} lost its worker (lease expired without a heartbeat)"  # tenant-visible
+            operator_reason = f"{reason}; worker {worker_id}"  # job record (last_failure) and log only
             error = JobError(
                 code="max_attempts_exceeded",
                 message=(
@@ -363,7 +365,7 @@ class Leases:
                     keys.wakeup(),
                     keys.job_publication(job_id),
                 ],
-                args=[job_id, now_ms, self.max_attempts, attempt, reason, error.model_dump_json()],
+                args=[job_id, now_ms, self.max_attempts, attempt, operator_reason, error.model_dump_json()],
             )
             if reply[0] == "skip":
                 continue
@@ -371,7 +373,7 @@ class Leases:
             expired.append(ExpiredLease(job_id, int(attempt), new_status))
             level = "error" if new_status == JobStatus.FAILED else "warn"
             self.events.append(job_id, level, f"Worker lost: {reason}; job is now {new_status.value}.")
-            log.warning("job %s: %s; now %s", job_id, reason, new_status.value)
+            log.warning("job %s: %s; now %s", job_id, operator_reason, new_status.value)
         return expired
 
     def wait_for_work(self, timeout_s: float) -> bool:

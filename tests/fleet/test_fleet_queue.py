@@ -469,3 +469,15 @@ def test_a_stale_attempt_cannot_write_the_jobs_events(jobs):
     messages = [e.message for e in jobs.read_events(job_id)]
     assert "first attempt at step 1" in messages and "first attempt at step 2" not in messages
     assert messages[-1] == event.message == "second attempt" and jobs.read_events(job_id)[-1].data == {"step": 1}
+
+
+def test_tenant_visible_events_and_errors_do_not_name_the_worker_host(jobs):
+    (job_id,) = _queued(jobs, "t1")
+    for _ in range(3):
+        jobs.leases.claim_next_job("gpu-host-7:4242", 5000)
+        jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+    job = jobs.load_job(job_id)
+    tenant_visible = [e.message for e in jobs.read_events(job_id)] + [job.error.message]
+    assert job.status == JobStatus.FAILED and "Job started (attempt 1)." in tenant_visible
+    assert not [text for text in tenant_visible if "gpu-host-7" in text]
+    assert "gpu-host-7:4242" in job.last_failure  # operators still see which worker it was
