@@ -11,6 +11,10 @@ __all__ = [
     "job_seq",
     "tenant_jobs",
     "idempotency",
+    "finished_jobs",
+    "checkpoints_to_prune",
+    "uploads_to_sweep",
+    "retention_indexes",
     "queue",
     "queue_tenants",
     "queue_cursor",
@@ -67,6 +71,27 @@ def tenant_jobs(tenant_id: str) -> str:
 def idempotency(tenant_id: str, idempotency_key: str) -> str:
     """Hash {job_id, body_sha256}: an Idempotency-Key's outcome, scoped per tenant, expiring."""
     return f"{PREFIX}idem:{tenant_id}:{idempotency_key}"
+
+
+# --- retention (fleet.retention): finished jobs by finished_at, one index per delayed clean-up -----
+def finished_jobs() -> str:
+    """Sorted set: finished job ids scored by finished_at (s); their records expire after retention_job_days."""
+    return f"{PREFIX}retention:jobs"
+
+
+def checkpoints_to_prune() -> str:
+    """Sorted set: finished job ids by finished_at (s) whose intermediate checkpoints are not yet deleted."""
+    return f"{PREFIX}retention:checkpoints"
+
+
+def uploads_to_sweep() -> str:
+    """Sorted set: finished job ids by finished_at (s) whose uncommitted adapter uploads are not yet swept."""
+    return f"{PREFIX}retention:uploads"
+
+
+def retention_indexes() -> list[str]:
+    """The three retention indexes, in the order the Lua scripts take them as KEYS."""
+    return [finished_jobs(), checkpoints_to_prune(), uploads_to_sweep()]
 
 
 # --- queue and scheduling -------------------------------------------------------------------------

@@ -312,6 +312,7 @@ class Leases:
                 keys.queue_tenants(),
                 keys.wakeup(),
                 keys.job_publication(job_id),
+                *keys.retention_indexes(),
             ],
             args=[job_id, fence.attempt, fence.token, target.value, *fields],
         )
@@ -364,6 +365,7 @@ class Leases:
                     keys.queue_tenants(),
                     keys.wakeup(),
                     keys.job_publication(job_id),
+                    *keys.retention_indexes(),
                 ],
                 args=[job_id, now_ms, self.max_attempts, attempt, operator_reason, error.model_dump_json()],
             )

@@ -224,7 +224,8 @@ class JobStore:
     ) -> tuple[list[Job], bool]:
         """A tenant's jobs newest first: (page, has_more). `after` is the last job id of the previous page.
 
-        `metadata` keeps jobs whose metadata holds every given key/value pair.
+        `metadata` keeps jobs whose metadata holds every given key/value pair. Without filters a page
+        costs O(limit): one ZSCORE for the cursor, one range read, limit + 1 job reads.
         """
         if limit < 1:
             raise InvalidRequest(f"limit must be at least 1, got {limit}.", param="limit")
@@ -236,7 +237,8 @@ class JobStore:
                 raise InvalidRequest(f"No fine-tuning job with id {after!r} to page after.", param="after")
             upper = f"({int(score)}"
         page: list[Job] = []
-        batch = max(limit + 1, 50)
+        # Unfiltered, a page reads exactly limit + 1 jobs (O(page)); a filter reads ahead in batches.
+        batch = max(limit + 1, 50) if metadata or status is not None else limit + 1
         while len(page) <= limit:
             ids = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=batch, withscores=True)
             if not ids:
@@ -298,6 +300,7 @@ class JobStore:
                 keys.queue_tenants(),
                 keys.wakeup(),
                 keys.job_publication(job_id),
+                *keys.retention_indexes(),
             ],
             args=[job_id, tenant_id],
         )

@@ -45,6 +45,12 @@ local function committed(publication_key)
   local state = redis.call('HGET', publication_key, 'state')
   return state == 'committed' or state == 'ready'
 end
+-- A job just became terminal: index it for fleet.retention (records, checkpoints, uploads).
+local function index_finished(jobs_index, checkpoints_index, uploads_index, job_id, now_s)
+  redis.call('ZADD', jobs_index, now_s, job_id)
+  redis.call('ZADD', checkpoints_index, now_s, job_id)
+  redis.call('ZADD', uploads_index, now_s, job_id)
+end
 local function tail(from)
   local out = {}
   for i = from, #ARGV do out[#out + 1] = ARGV[i] end
@@ -76,7 +82,7 @@ return {'created', ARGV[1]}
 """
 )
 
-# KEYS: job, queue, queue_tenants, wakeup (unused), publication
+# KEYS: job, queue, queue_tenants, wakeup (unused), publication, retention indexes (3: fleet.keys.retention_indexes)
 # ARGV: job_id, tenant_id (another tenant's job: missing)
 # Once the job's version is committed the job completes: 'completing', nothing changed.
 CANCEL = (
@@ -91,6 +97,7 @@ if st == 'queued' or st == 'paused' then
   if st == 'queued' then unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1]) end
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now)
   redis.call('HDEL', KEYS[1], 'control')
+  index_finished(KEYS[6], KEYS[7], KEYS[8], ARGV[1], now)
   return {'cancelled'}
 elseif st == 'running' then
   redis.call('HSET', KEYS[1], 'control', 'cancel', 'updated_at', now)
@@ -218,7 +225,7 @@ return {'ok'}
 """
 )
 
-# KEYS: job, leases, running, queue, queue_tenants, wakeup, publication
+# KEYS: job, leases, running, queue, queue_tenants, wakeup, publication, retention indexes (3)
 # ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), field, value, ...
 # A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
@@ -247,6 +254,7 @@ redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'clai
 redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(tail(5)))
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
+  index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 elseif st == 'queued' then
   enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], true, now)
 end
@@ -254,7 +262,7 @@ return {'ok', st}
 """
 )
 
-# KEYS: job, leases, running, queue, queue_tenants, wakeup, publication
+# KEYS: job, leases, running, queue, queue_tenants, wakeup, publication, retention indexes (3)
 # ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json
 # A job whose version is committed always goes back to the head of its queue (whatever the control
 # request or the attempts lost): the next attempt completes it without training.
@@ -287,7 +295,10 @@ else
   enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
 end
 redis.call('HSET', KEYS[1], 'status', new)
-if new == 'cancelled' or new == 'failed' then redis.call('HSET', KEYS[1], 'finished_at', sec(now)) end
+if new == 'cancelled' or new == 'failed' then
+  redis.call('HSET', KEYS[1], 'finished_at', sec(now))
+  index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
+end
 return {new, lost}
 """
 )

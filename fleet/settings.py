@@ -54,6 +54,21 @@ class Settings(BaseSettings):
     events_max_len: int = Field(default=10_000, ge=10, description="Cap of each job's event stream.")
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
 
+    # Retention (fleet.retention, run by dispatchers): what a finished job leaves behind, and for how long.
+    retention_job_days: float = Field(
+        default=30, gt=0, description="A finished job's record, events and checkpoints are deleted this long after."
+    )
+    retention_checkpoint_days: float = Field(
+        default=7, gt=0, description="A finished job's checkpoints but the last are deleted this long after."
+    )
+    retention_upload_grace_s: int = Field(
+        default=3600, ge=0, description="Adapter uploads no committed manifest names are swept this long after."
+    )
+    retention_events_max_len: int = Field(
+        default=1000, ge=10, description="A finished job's event stream is trimmed to this many newest events."
+    )
+    retention_batch_size: int = Field(default=500, ge=1, description="Most jobs each clean-up stage handles per run.")
+
     catalog: dict[str, BaseModelSpec] = Field(default_factory=dict)
     catalog_file: Path | None = None
 

@@ -118,6 +118,14 @@ def test_list_jobs_newest_first_with_paging_and_metadata_filter(jobs):
     assert [j.id for j in even] == [ids[6], ids[4], ids[2], ids[0]]
 
 
+def test_a_page_of_jobs_reads_only_that_page(jobs, r):
+    ids = _queued(jobs, "t1", 120)
+    r.config_resetstat()
+    page, more = jobs.list_jobs("t1", limit=3, after=ids[60])
+    assert [j.id for j in page] == ids[59:56:-1] and more
+    assert r.info("commandstats")["cmdstat_hgetall"]["calls"] == 4  # the page and one to tell has_more
+
+
 def test_cancel_of_queued_job_is_immediate_and_it_is_never_claimed(jobs):
     a, b = _queued(jobs, "t1", 2)
     assert jobs.request_cancel("t1", a).status == JobStatus.CANCELLED
