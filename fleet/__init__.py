@@ -11,6 +11,9 @@ service/ or workers/. Build stores from one `Settings` at the edge:
     files = FileStore(r, store, max_upload_bytes=settings.max_upload_bytes)
     registry = AdapterRegistry(r, store)
     catalog = load_catalog(settings)
+
+Dispatchers use `jobs.leases` (claim, fenced writes; see fleet.leases) and call
+`run_retention(r, store, settings)` periodically (fleet.retention).
 """
 
 from fleet.catalog import BaseModelSpec, Catalog
@@ -49,12 +52,14 @@ from fleet.registry import (
     AdapterRegistry,
     AdapterSummary,
     AdapterVersion,
+    CompletedPublication,
     Manifest,
     adapter_name_for_job,
     format_adapter_ref,
     parse_adapter_ref,
     validate_adapter_name,
 )
+from fleet.retention import RetentionReport, run_retention
 from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue, estimate_queue_position, round_robin
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import ApiKey, Principal, Tenant, TenantStore
@@ -72,6 +77,7 @@ __all__ = [
     "Checkpoint",
     "checkpoint_prefix",
     "Claim",
+    "CompletedPublication",
     "ClaimPolicy",
     "Conflict",
     "ControlSignal",
@@ -109,7 +115,9 @@ __all__ = [
     "Principal",
     "Progress",
     "QueueSnapshot",
+    "RetentionReport",
     "round_robin",
+    "run_retention",
     "S3ObjectStore",
     "Settings",
     "Tenant",

@@ -51,6 +51,13 @@ local function index_finished(jobs_index, checkpoints_index, uploads_index, job_
   redis.call('ZADD', checkpoints_index, now_s, job_id)
   redis.call('ZADD', uploads_index, now_s, job_id)
 end
+-- fence_check, then refuse ('cancel_requested') while a cancel is pending: a publishing step's guard.
+local function publish_check(job_key, attempt, token)
+  local refused = fence_check(job_key, attempt, token)
+  if refused then return refused end
+  if redis.call('HGET', job_key, 'control') == 'cancel' then return {'cancel_requested'} end
+  return nil
+end
 local function tail(from)
   local out = {}
   for i = from, #ARGV do out[#out + 1] = ARGV[i] end
@@ -308,9 +315,8 @@ return {new, lost}
 RESERVE_VERSION = (
     PRELUDE
     + """
-local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
+local refused = publish_check(KEYS[1], ARGV[2], ARGV[3])
 if refused then return refused end
-if redis.call('HGET', KEYS[1], 'control') == 'cancel' then return {'cancel_requested'} end
 local pub = redis.call('HMGET', KEYS[2], 'name', 'version', 'state')
 if pub[1] then return {'existing', pub[1], pub[2], pub[3]} end
 local n = redis.call('INCR', KEYS[3])
@@ -324,9 +330,8 @@ return {'reserved', ARGV[4], n, 'uploading'}
 COMMIT_VERSION = (
     PRELUDE
     + """
-local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
+local refused = publish_check(KEYS[1], ARGV[1], ARGV[2])
 if refused then return refused end
-if redis.call('HGET', KEYS[1], 'control') == 'cancel' then return {'cancel_requested'} end
 local committed = redis.call('HGET', KEYS[2], 'manifest')
 if committed then return {'committed', committed} end
 redis.call('HSET', KEYS[2], 'state', 'committed', 'manifest', ARGV[3], 'attempt', ARGV[1])

@@ -16,6 +16,7 @@ from fleet.exceptions import (
     NotFound,
     PauseWithdrawn,
 )
+from fleet.fencing import Fence
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 
@@ -32,6 +33,19 @@ def _queued(jobs: JobStore, tenant: str, n: int = 1, **kwargs) -> list[str]:
         jobs.create_job(tenant, model="tiny-llama", training_file="file-x", **kwargs).job.id
         for _ in range(n)
     ]
+
+
+def _assert_every_fenced_call_refuses(jobs: JobStore, stale: Fence) -> None:
+    for stale_call in (
+        lambda: jobs.leases.renew_lease(stale, 5000),
+        lambda: jobs.leases.record_progress(stale, step=11),
+        lambda: jobs.leases.record_checkpoint(stale, 20, "ckpt/stale"),
+        lambda: jobs.leases.append_event(stale, "info", "stale"),
+        lambda: jobs.leases.control_signal(stale),
+        lambda: jobs.leases.finish_job(stale, "succeeded", fine_tuned_model="stale:v1"),
+    ):
+        with pytest.raises(FencedOut):
+            stale_call()
 
 
 def test_store_rejects_a_client_that_returns_bytes(redis_server):
@@ -263,15 +277,7 @@ def test_expired_lease_requeues_job_and_fences_out_the_stale_attempt(jobs):
     assert (second.job.id, second.attempt) == (job_id, 2)
     assert jobs.latest_checkpoint(job_id).step == 10  # the new attempt resumes from here
 
-    for stale_call in (
-        lambda: jobs.leases.renew_lease(first.fence, 5000),
-        lambda: jobs.leases.record_progress(first.fence, step=11),
-        lambda: jobs.leases.record_checkpoint(first.fence, 20, "ckpt/stale"),
-        lambda: jobs.leases.control_signal(first.fence),
-        lambda: jobs.leases.finish_job(first.fence, "succeeded", fine_tuned_model="stale:v1"),
-    ):
-        with pytest.raises(FencedOut):
-            stale_call()
+    _assert_every_fenced_call_refuses(jobs, first.fence)
     job = jobs.load_job(job_id)
     assert (job.status, job.attempt, job.fine_tuned_model) == (JobStatus.RUNNING, 2, None)
     assert [c.step for c in jobs.list_checkpoints(job_id)] == [10]
@@ -452,15 +458,7 @@ def test_a_claim_rolled_back_by_a_failover_cannot_be_handed_out_twice_under_one_
     fresh = jobs.leases.claim_next_job("w-new", 60_000)
     assert (fresh.job.id, fresh.attempt) == (lost.job.id, lost.attempt) == (job_id, 1)
     assert fresh.fence.token != lost.fence.token
-    for stale_call in (
-        lambda: jobs.leases.renew_lease(lost.fence, 5000),
-        lambda: jobs.leases.record_progress(lost.fence, step=3),
-        lambda: jobs.leases.record_checkpoint(lost.fence, 3, "ckpt/stale"),
-        lambda: jobs.leases.control_signal(lost.fence),
-        lambda: jobs.leases.finish_job(lost.fence, "succeeded", fine_tuned_model="stale:v1"),
-    ):
-        with pytest.raises(FencedOut):
-            stale_call()
+    _assert_every_fenced_call_refuses(jobs, lost.fence)
     assert jobs.list_checkpoints(job_id) == []
     assert jobs.leases.finish_job(fresh.fence, "succeeded").status == JobStatus.SUCCEEDED
 
