@@ -255,6 +255,14 @@ def test_queue_position_follows_round_robin(jobs):
     assert jobs.queue_position(a[0]) is None  # running
 
 
+def test_queue_positions_of_a_page_match_each_jobs_own(jobs):
+    a = _queued(jobs, "tenant-a", 3)
+    b = _queued(jobs, "tenant-b", 2)
+    jobs.leases.claim_next_job("w", 5000)  # a[0] runs: not in the answer
+    page = [jobs.load_job(j) for j in a + b]
+    assert jobs.queue_positions(page) == {j: jobs.queue_position(j) for j in a[1:] + b}
+
+
 def test_wait_for_work_wakes_on_enqueue(jobs):
     assert not jobs.leases.wait_for_work(0.05)
     woke = []
