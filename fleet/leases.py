@@ -163,8 +163,9 @@ class Leases:
             )
             if reply[0] == "claimed":
                 fence = Fence(head, int(reply[1]), token)
-                # tenants read events: the worker's host:pid stays on the job record (worker_id) for operators
-                self.append_event(fence, "info", f"Job started (attempt {fence.attempt}).")
+                # Unfenced: the claim just happened, and a claim must never raise FencedOut. Tenants read
+                # events, so the worker's host:pid stays on the job record (worker_id), for operators.
+                self.events.append(head, "info", f"Job started (attempt {fence.attempt}).")
                 return Claim(self._load_job(head), fence, int(reply[2]))
             if reply[0] == "skip":
                 log.warning("dropped queue entry %s of tenant %s: job was no longer queued", head, tenant_id)
