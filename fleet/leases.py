@@ -11,6 +11,8 @@ A dispatcher's loop, in outline:
     if claim is None: leases.wait_for_work(timeout_s); loop
     fence = claim.fence
     heartbeat thread: leases.renew_lease(fence, lease_ms) every heartbeat_ms
+    done = registry.complete_committed_publication(fence)   # an earlier attempt committed: finish with it
+    if done: leases.finish_job(fence, "succeeded", fine_tuned_model=done.ref, ...); next claim
     resume from jobs.latest_checkpoint(job_id) (fleet.checkpoints.download_checkpoint)
     each step: signal = leases.record_progress(fence, ...); "cancel"/"pause" → finish_job(fence, "cancelled"/"paused")
     each checkpoint: upload_checkpoint(...), then leases.record_checkpoint(fence, step, location)
