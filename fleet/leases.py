@@ -285,8 +285,10 @@ class Leases:
         Raises FencedOut if `fence` is stale; a stale attempt can never change the job.
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
         user's cancel wins, so the worker must finish the job as cancelled instead. Once the job's
-        adapter version is committed (fleet.registry) no cancel is pending any more, and `succeeded`
-        always succeeds: the commit is the point of no return.
+        adapter version is committed (fleet.registry) the commit is the point of no return: `succeeded`
+        always succeeds, and any other status hands the job back (queued, its fields dropped) so the
+        next attempt completes it (`complete_committed_publication`); a job with a committed version
+        can only end succeeded.
         Raises PauseWithdrawn (and changes nothing) for `paused` when no pause is pending any more (the
         tenant resumed after the worker saw the pause): the worker must not end the job paused; it hands
         the job back (`queued`), and the next attempt resumes from the checkpoint the pause saved.

@@ -236,8 +236,9 @@ return {'ok'}
 # ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), field, value, ...
 # A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
-# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing, unless the job's
-# version is committed: then it succeeds whatever was requested. Pausing with no
+# Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing. Once the job's
+# version is committed nothing but succeeding ends it: succeeded is granted whatever was requested, and
+# any other status hands the job back (queued) for the next attempt to complete. Pausing with no
 # pause pending (the tenant resumed before the worker stopped) is refused ('pause_withdrawn').
 # Returns {'ok', status the job is now in}.
 FINISH = (
@@ -247,18 +248,22 @@ local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
 if refused then return refused end
 local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
 local tenant, control = v[1], v[2]
-local st = ARGV[4]
-if st == 'succeeded' and control == 'cancel' and not committed(KEYS[7]) then return {'cancel_requested'} end
-if st == 'paused' and not control then return {'pause_withdrawn'} end
-if (st == 'queued' or st == 'paused') and control == 'cancel' then
-  st = 'cancelled'
-elseif st == 'queued' and control == 'pause' then
-  st = 'paused'
+local st, fields = ARGV[4], tail(5)
+if committed(KEYS[7]) then
+  if st ~= 'succeeded' then st, fields = 'queued', {} end  -- the next attempt completes it
+else
+  if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
+  if st == 'paused' and not control then return {'pause_withdrawn'} end
+  if (st == 'queued' or st == 'paused') and control == 'cancel' then
+    st = 'cancelled'
+  elseif st == 'queued' and control == 'pause' then
+    st = 'paused'
+  end
 end
 local now = now_ms()
 release_running(KEYS[3], KEYS[2], tenant, ARGV[1])
 redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'claim_token')
-redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(tail(5)))
+redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(fields))
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from fleet import keys
 from fleet.exceptions import CancelRequested, FencedOut, InvalidRequest, NotFound
-from fleet.jobs import JobStatus
+from fleet.jobs import JobError, JobStatus
 from fleet.peft_format import validate_peft_adapter_dir
 from fleet.queue import JobStore
 from fleet.registry import (
@@ -453,3 +453,14 @@ def test_a_version_committed_by_a_dead_attempt_is_completed_by_the_next_without_
 
     fresh = _running_job(jobs)
     assert registry.complete_committed_publication(fresh.fence) is None  # nothing committed: train
+
+
+def test_a_job_with_a_committed_version_can_only_end_succeeded(jobs, registry, object_store, tmp_path):
+    first = _commit_then_die(jobs, registry, object_store, make_peft_dir(tmp_path / "out"))
+    error = JobError(code="training_error", message="ConnectionError while finishing")
+    for status in (JobStatus.FAILED, JobStatus.CANCELLED):  # e.g. a Redis blip after the commit
+        handed_back = jobs.leases.finish_job(first.fence, status, error=error)
+        assert (handed_back.status, handed_back.error, handed_back.finished_at) == (JobStatus.QUEUED, None, None)
+        first = jobs.leases.claim_next_job("w2", 60_000)
+    done = registry.complete_committed_publication(first.fence)
+    assert jobs.leases.finish_job(first.fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref).status == "succeeded"
