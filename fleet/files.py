@@ -18,13 +18,14 @@ from fleet.exceptions import InvalidRequest, NotFound, PayloadTooLarge
 from fleet.objectstore import ObjectStore
 from fleet.settings import check_redis_client
 
-__all__ = ["FileObject", "FileStore", "FilePurpose", "FileStatus", "file_object_key"]
+__all__ = ["FILE_ID_PATTERN", "FileObject", "FileStore", "FilePurpose", "FileStatus", "file_object_key"]
 
 FilePurpose = Literal["fine-tune", "fine-tune-results"]
 FileStatus = Literal["uploaded", "processed", "error"]
 _PURPOSES = ("fine-tune", "fine-tune-results")
 _MAX_FILENAME = 255
-_FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9]{1,64}$")
+FILE_ID_PATTERN = r"^file-[A-Za-z0-9]{1,64}$"
+_FILE_ID_RE = re.compile(FILE_ID_PATTERN)
 
 
 class FileObject(BaseModel):

@@ -33,6 +33,7 @@ __all__ = [
     "CallerPrincipal",
     "CurrentTenant",
     "AdminPrincipal",
+    "OperatorPrincipal",
 ]
 
 
@@ -153,3 +154,18 @@ def get_admin_principal(principal: CallerPrincipal) -> Principal:
 
 CurrentTenant = Annotated[Principal, Depends(get_tenant_principal)]
 AdminPrincipal = Annotated[Principal, Depends(get_admin_principal)]
+
+
+def get_operator_principal(principal: CallerPrincipal) -> Principal:
+    """The operator (the settings' admin key): operator-wide data such as /metrics, never a tenant's key."""
+    if not principal.is_operator:
+        raise APIError(
+            403,
+            "This endpoint needs the operator's admin key (LORAFLEET_ADMIN_KEY); tenant keys cannot read it.",
+            type="permission_error",
+            code="operator_required",
+        )
+    return principal
+
+
+OperatorPrincipal = Annotated[Principal, Depends(get_operator_principal)]

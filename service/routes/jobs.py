@@ -21,6 +21,7 @@ from service.errors import APIError
 from service.events_stream import event_stream_response
 from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
+from service.openapi import TENANT_ERRORS
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
 from service.schemas import JobCreateRequest
 from workers.spec import LoraSpec
@@ -29,7 +30,7 @@ __all__ = ["router", "render_job"]
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=TENANT_ERRORS)
 
 _MAX_IDEMPOTENCY_KEY_CHARS = 255
 _EVENT_ID = re.compile(r"^(ftevent-)?[0-9]{1,20}-[0-9]{1,20}$")
