@@ -105,12 +105,19 @@ def create_job(
     key = _check_idempotency_key(idempotency_key)
     tenant_id = tenant.tenant_id
     assert tenant_id is not None  # CurrentTenant guarantees it
+    request_body = body.model_dump(mode="json", exclude_unset=True)
+    # A replay answers with the original job before anything is checked again: what the first request
+    # named may have changed since (e.g. its training file deleted once the job was queued).
+    replayed = jobs.find_replay(tenant_id, key, request_body) if key is not None else None
+    if replayed is not None:
+        response.headers["Idempotent-Replayed"] = "true"
+        return render_job(jobs, replayed)
     fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry)
     created = jobs.create_job(
         tenant_id,
         **fields,
         idempotency_key=key,
-        request_body=body.model_dump(mode="json", exclude_unset=True),
+        request_body=request_body,
         validated=True,
     )
     if not created.created:

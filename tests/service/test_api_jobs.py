@@ -157,6 +157,23 @@ def test_idempotency_key_returns_one_job_and_409_for_another_body(api_server, te
     assert [j["id"] for j in listed] == [first.json()["id"]]
 
 
+def test_idempotent_replay_returns_the_job_even_after_its_training_file_is_deleted(api_server, tenant_a, uploaded):
+    body = {"model": "tiny-llama", "training_file": uploaded.id}
+    headers = {"Idempotency-Key": "create-then-delete"}
+    with api_server.client(tenant_a.api_key) as c:
+        first = c.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        assert first.status_code == 200, first.text
+        assert c.delete(f"/v1/files/{uploaded.id}").status_code == 200
+        again = c.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        assert again.status_code == 200, again.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["Idempotent-Replayed"] == "true"
+        other = c.post("/v1/fine_tuning/jobs", json={**body, "suffix": "x"}, headers=headers)
+        assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+        fresh = c.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "new-key"})
+        assert fresh.status_code == 400 and fresh.json()["error"]["param"] == "training_file"
+
+
 def test_list_paginates_and_filters_on_metadata(api_server, tenant_a, uploaded):
     client = api_server.openai(tenant_a.api_key)
     ids = [
