@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -74,3 +76,11 @@ def test_import_refuses_what_lora_core_would_refuse_later(api_server, tenant_a, 
         assert r.status_code == 400, r.text
         assert field in r.json()["error"]["message"]
         assert c.get("/v1/adapters").json()["data"] == []
+
+
+def test_the_api_imports_the_adapter_rules_without_torch():
+    code = ("import sys, service.app, fleet.peft_format, lora_core.adapter_config; "
+            "heavy = [m for m in ('torch', 'transformers', 'ray') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
