@@ -16,6 +16,8 @@ import pytest
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.settings import make_redis
+from tests.service.conftest import make_api_settings
+from workers.spec import LoraSpec
 
 
 @pytest.fixture
@@ -88,6 +90,24 @@ def test_all_linear_expands_to_the_models_linear_layers(api_server, tenant_a, up
             "model": "tiny-llama", "training_file": uploaded.id, "lora": {"target_modules": "all-linear"}})
     assert r.status_code == 200, r.text
     assert "down_proj" in r.json()["lora"]["target_modules"]
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", ["all-linear"]])
+def test_all_linear_on_a_hub_id_catalog_model_is_passed_on_to_the_engine(start_api_server, tmp_path, redis_server,
+                                                                          dataset_path, target_modules):
+    # A catalog entry given as a hub id: its layer names are unknown to the API (no local config.json).
+    catalog = {"hub-model": {"path": "some-org/some-model", "quantization": "none", "max_rank": 64}}
+    server = start_api_server(make_api_settings(tmp_path, redis_server.url, catalog=catalog))
+    tenant = server.create_tenant("hub")
+    with server.client(tenant.api_key) as c:
+        uploaded = c.post("/v1/files", data={"purpose": "fine-tune"},
+                          files={"file": ("train.jsonl", dataset_path.read_bytes())})
+        r = c.post("/v1/fine_tuning/jobs", json={"model": "hub-model", "training_file": uploaded.json()["id"],
+                                                 "lora": {"target_modules": target_modules}})
+    assert r.status_code == 200, r.text
+    assert r.json()["lora"]["target_modules"] == "all-linear"
+    spec = LoraSpec(**{k: v for k, v in r.json()["lora"].items() if k in LoraSpec.model_fields})
+    assert spec.to_lora_config().target_modules == "all-linear"  # what the engine will build
 
 
 # (patch to a valid body, the param the 400 names, fragments its message contains)
