@@ -27,7 +27,7 @@ from fleet.events import EventLog
 from fleet.exceptions import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
 from fleet.jobs import Event, Job, JobError, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Lease, Leases, queue_key_of
-from fleet.scheduling import ClaimPolicy, PositionEstimator, estimate_queue_position, round_robin
+from fleet.scheduling import ClaimPolicy, PositionEstimator, QueueSnapshot, estimate_queue_position, round_robin
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Lease", "ExpiredLease", "request_sha256"]
@@ -362,8 +362,11 @@ class JobStore:
             self.append_event(job_id, "info", messages[reply[0]])
         return self.load_job(job_id)
 
-    def queue_position(self, job_id: str) -> int | None:
-        """1-based estimated position of a queued job under the claim policy; None if not queued."""
+    def queue_position(self, job_id: str, *, snapshot: QueueSnapshot | None = None) -> int | None:
+        """1-based estimated position of a queued job under the claim policy; None if not queued.
+
+        Pass one `snapshot` to place several jobs (a listed page) without reading the queues per job.
+        """
         if not is_job_id(job_id):
             return None
         status, tenant_id = self.redis.hmget(keys.job(job_id), "status", "tenant_id")
@@ -372,7 +375,7 @@ class JobStore:
         index = self.redis.lpos(keys.queue(tenant_id), job_id)
         if index is None:
             return None
-        return self.position_estimator(self.snapshot(), tenant_id, int(index))
+        return self.position_estimator(snapshot or self.snapshot(), tenant_id, int(index))
 
     # -- events (the job's log; see fleet.events) ---------------------------------------------------
     def append_event(

@@ -16,6 +16,7 @@ from fleet.files import FileStore
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
 from fleet.registry import AdapterRegistry
+from fleet.scheduling import QueueSnapshot
 from service.deps import CatalogDep, CurrentTenant, FilesDep, JobsDep, RegistryDep
 from service.errors import APIError
 from service.events_stream import event_stream_response
@@ -36,9 +37,9 @@ _MAX_IDEMPOTENCY_KEY_CHARS = 255
 _EVENT_ID = re.compile(r"^(ftevent-)?[0-9]{1,20}-[0-9]{1,20}$")
 
 
-def render_job(jobs: JobStore, job: Job) -> dict[str, Any]:
-    """The job object, with its queue position when it waits in the queue."""
-    position = jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+def render_job(jobs: JobStore, job: Job, *, snapshot: QueueSnapshot | None = None) -> dict[str, Any]:
+    """The job object, with its queue position when it waits in the queue (from `snapshot` if given)."""
+    position = jobs.queue_position(job.id, snapshot=snapshot) if job.status == JobStatus.QUEUED else None
     return job_object(job, queue_position=position)
 
 
@@ -234,7 +235,9 @@ def list_jobs(
     page, has_more = jobs.list_jobs(
         tenant.tenant_id, after=after, limit=limit, metadata=_metadata_filter(request), status=status
     )
-    return list_envelope([render_job(jobs, job) for job in page], has_more=has_more)
+    # One snapshot of the queues places every queued job of the page (not one read of every queue per job).
+    snapshot = jobs.snapshot() if any(job.status == JobStatus.QUEUED for job in page) else None
+    return list_envelope([render_job(jobs, job, snapshot=snapshot) for job in page], has_more=has_more)
 
 
 @router.get("/{job_id}")

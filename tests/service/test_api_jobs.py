@@ -223,6 +223,25 @@ def test_queue_position_follows_the_queue(api_server, tenant_a, uploaded):
     assert client.fine_tuning.jobs.retrieve(jobs[2].id).model_extra["queue_position"] == 2
 
 
+def _snapshot_reads(redis_client, list_page) -> int:
+    """How many times serving `list_page()` read the queues' heads (LINDEX: once per queue snapshot)."""
+    redis_client.config_resetstat()
+    list_page()
+    return int(redis_client.info("commandstats").get("cmdstat_lindex", {}).get("calls", 0))
+
+
+def test_listing_jobs_reads_the_queues_once_per_request_not_per_job(api_server, tenant_a, uploaded, job_store):
+    with api_server.client(tenant_a.api_key) as c:
+        for _ in range(6):
+            assert c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded.id}
+                          ).status_code == 200
+        one = _snapshot_reads(job_store.redis, lambda: c.get("/v1/fine_tuning/jobs?limit=1"))
+        page = c.get("/v1/fine_tuning/jobs?limit=6").json()["data"]
+        six = _snapshot_reads(job_store.redis, lambda: c.get("/v1/fine_tuning/jobs?limit=6"))
+    assert sorted(j["queue_position"] for j in page) == [1, 2, 3, 4, 5, 6]
+    assert six == one == 1
+
+
 def test_pause_and_resume_a_queued_job(api_server, tenant_a, uploaded):
     client = api_server.openai(tenant_a.api_key)
     job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
