@@ -4,11 +4,14 @@ SAME server (one uvicorn over HTTP) still answers afterwards."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from urllib.parse import urlsplit
 
 import httpx
 
+from fleet import keys
+from fleet.settings import make_redis
 from tests.service.conftest import make_api_settings
 from workers.datasets import MAX_JSON_DEPTH, MAX_LINE_BYTES
 
@@ -159,3 +162,35 @@ def test_no_pathological_input_crashes_the_server_or_escapes_a_4xx(start_api_ser
         ok = c.post("/v1/files", files={"file": ("ok.jsonl", _dataset_with(_good_line(9)))},
                     data={"purpose": "fine-tune"})
         assert ok.status_code == 200, ok.text
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_an_unexpected_error_is_a_logged_500_in_openai_shape_that_never_reaches_uvicorn(api_server, tenant_a,
+                                                                                         dataset_path):
+    uvicorn_errors = _Records()
+    logging.getLogger("uvicorn.error").addHandler(uvicorn_errors)
+    try:
+        with api_server.client(tenant_a.api_key) as c:
+            uploaded = c.post("/v1/files", data={"purpose": "fine-tune"},
+                              files={"file": ("train.jsonl", dataset_path.read_bytes())}).json()
+            # State the code never expects (a corrupted record): a bug path, not bad input.
+            client = make_redis(api_server.settings)
+            client.set(keys.file(uploaded["id"]), "{not json")
+            client.close()
+            r = c.get(f"/v1/files/{uploaded['id']}")
+            assert r.status_code == 500
+            assert r.json()["error"] == {"message": "The server had an error processing your request.",
+                                         "type": "server_error", "param": None, "code": None}
+            assert c.get("/healthz").json() == {"status": "ok"}
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(uvicorn_errors)
+    escaped = [rec for rec in uvicorn_errors.records if "Exception in ASGI application" in rec.getMessage()]
+    assert escaped == []
