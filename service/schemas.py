@@ -51,7 +51,7 @@ _ONE_TARGET = r"^([A-Za-z0-9_.]+|all-linear)$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # 1e999 parses as inf: refuse it
 
 
 Auto = Literal["auto"]

@@ -144,6 +144,16 @@ def test_invalid_create_requests_get_400_naming_the_field(api_server, tenant_a, 
         assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was queued
 
 
+@pytest.mark.parametrize("number", [b"1e999", b"Infinity", b"-Infinity", b"NaN"])
+def test_non_finite_numbers_are_refused_naming_the_field(api_server, tenant_a, uploaded, number):
+    # Python's JSON parser reads 1e999 as inf and accepts NaN/Infinity: an adapter scaled by inf trains NaNs.
+    body = b'{"model": "tiny-llama", "training_file": "%s", "lora": {"alpha": %s}}' % (uploaded.id.encode(), number)
+    with api_server.client(tenant_a.api_key) as c:
+        r = c.post("/v1/fine_tuning/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "lora.alpha" and "finite" in r.json()["error"]["message"]
+
+
 def test_unknown_model_through_the_sdk_raises_bad_request(api_server, tenant_a, uploaded):
     client = api_server.openai(tenant_a.api_key)
     with pytest.raises(openai.BadRequestError) as info:
