@@ -239,6 +239,17 @@ async def _handle_http_exception(request: Request, exc: StarletteHTTPException) 
             code="method_not_allowed",
             headers=headers,
         )
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "There was an error parsing the body" for what json.loads refuses beyond syntax:
+        # bytes that are not UTF-8, a number too long to convert. Say which.
+        reason = str(exc.__cause__).split(";")[0]
+        return error_response(
+            400,
+            f"Could not parse the JSON body of the request ({reason}). Send UTF-8 JSON with "
+            "'Content-Type: application/json'.",
+            code="invalid_json",
+            headers=headers,
+        )
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     error_type = SERVER if exc.status_code >= 500 else INVALID_REQUEST
     return error_response(exc.status_code, detail, type=error_type, headers=headers)

@@ -69,6 +69,9 @@ BAD_REQUESTS = [
     ("an infinite learning rate", "POST", JOBS, {"content": b'{"model": "tiny-llama", "training_file": "f", '
                                                  b'"hyperparameters": {"learning_rate_multiplier": 1e999}}',
                                                  "headers": {"Content-Type": "application/json"}}),
+    ("an infinite alpha", "POST", JOBS, {"content": b'{"model": "tiny-llama", "training_file": "f", '
+                                         b'"lora": {"alpha": 1e999}}',
+                                         "headers": {"Content-Type": "application/json"}}),
     ("NaN rank", "POST", JOBS, {"content": b'{"model": "tiny-llama", "training_file": "f", "lora": {"r": NaN}}',
                                 "headers": {"Content-Type": "application/json"}}),
     ("a huge rank", "POST", JOBS, {"json": {"model": "tiny-llama", "training_file": "f", "lora": {"r": 10**30}}}),
