@@ -164,7 +164,8 @@ def test_unknown_model_through_the_sdk_raises_bad_request(api_server, tenant_a, 
 
 def test_malformed_json_bodies_get_400(api_server, tenant_a):
     cases = [(b'{"model": "tiny-llama", ', "JSON"), (b"[1, 2]", "JSON object"), (b"", "body"),
-             (b"\xff\xfe", "can't decode byte 0xff"), (b'{"seed": ' + b"9" * 5000 + b"}", "5000 digits")]
+             (b"\xff\xfe", "JSON"), (b'{"model": "\xff"}', "can't decode byte 0xff"),
+             (b'{"seed": ' + b"9" * 5000 + b"}", "5000 digits")]
     with api_server.client(tenant_a.api_key) as c:
         for content, fragment in cases:
             r = c.post("/v1/fine_tuning/jobs", content=content, headers={"Content-Type": "application/json"})
