@@ -18,13 +18,14 @@ from fleet.exceptions import InvalidRequest, NotFound, PayloadTooLarge
 from fleet.objectstore import ObjectStore
 from fleet.settings import check_redis_client
 
-__all__ = ["FileObject", "FileStore", "FilePurpose", "FileStatus", "file_object_key"]
+__all__ = ["FILE_ID_PATTERN", "FileObject", "FileStore", "FilePurpose", "FileStatus", "file_object_key"]
 
 FilePurpose = Literal["fine-tune", "fine-tune-results"]
 FileStatus = Literal["uploaded", "processed", "error"]
 _PURPOSES = ("fine-tune", "fine-tune-results")
 _MAX_FILENAME = 255
-_FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9]{1,64}$")
+FILE_ID_PATTERN = r"^file-[A-Za-z0-9]{1,64}$"
+_FILE_ID_RE = re.compile(FILE_ID_PATTERN)
 
 
 class FileObject(BaseModel):
@@ -149,23 +150,32 @@ class FileStore:
         limit: int = 10_000,
         order: Literal["asc", "desc"] = "desc",
     ) -> tuple[list[FileObject], bool]:
-        """A tenant's files: (page, has_more), newest first by default; `after` = last id of the last page."""
+        """A tenant's files: (page, has_more), newest first by default; `after` = last id of the last page.
+
+        Costs O(log n + page): the cursor's rank is looked up in the tenant's sorted set and only the
+        ids of the page (one more, to tell `has_more`) are read, never the whole set.
+        """
         if limit < 1:
             raise InvalidRequest(f"limit must be at least 1, got {limit}.", param="limit")
-        ids = self.redis.zrange(keys.tenant_files(tenant_id), 0, -1, desc=order == "desc")
+        key, desc = keys.tenant_files(tenant_id), order == "desc"
+        start = 0
         if after is not None:
-            if after not in ids:
+            rank = self.redis.zrevrank(key, after) if desc else self.redis.zrank(key, after)
+            if rank is None:
                 raise InvalidRequest(f"No file with id {after!r} to page after.", param="after")
-            ids = ids[ids.index(after) + 1 :]
+            start = int(rank) + 1
         page: list[FileObject] = []
-        for raw in self.redis.mget([keys.file(i) for i in ids]) if ids else []:
-            if raw is None:
-                continue
-            record = FileObject.model_validate_json(raw)
-            if purpose is None or record.purpose == purpose:
-                page.append(record)
-            if len(page) > limit:
+        while len(page) <= limit:
+            ids = self.redis.zrange(key, start, start + limit, desc=desc)  # limit + 1 ids
+            if not ids:
                 break
+            start += len(ids)
+            for raw in self.redis.mget([keys.file(i) for i in ids]):
+                record = FileObject.model_validate_json(raw) if raw is not None else None
+                if record is not None and (purpose is None or record.purpose == purpose):
+                    page.append(record)
+                    if len(page) > limit:
+                        break
         return page[:limit], len(page) > limit
 
     def set_status(self, tenant_id: str, file_id: str, status: FileStatus, details: str | None = None) -> FileObject:

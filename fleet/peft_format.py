@@ -3,18 +3,22 @@
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the tensor data.
 We read only the header, so a multi-GB adapter is checked in microseconds and nothing is unpickled.
+What adapter_config.json may contain is decided by `lora_core.adapter_config` (pure Python, no torch),
+the same rules lora_core applies when it loads the adapter to train on, so an import never accepts an
+adapter that a job continuing it would refuse.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.bounded_json import loads_bounded
 from fleet.exceptions import InvalidRequest
+from lora_core.adapter_config import ALL_LINEAR, adapter_config_problems, matching_target
 
 __all__ = [
     "PeftAdapterInfo",
@@ -80,8 +84,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = loads_bounded(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, JsonTooDeep, a number too long to convert
         raise InvalidRequest(f"{path.name}: safetensors header is not valid JSON ({e}).", param="adapter") from e
     if not isinstance(header, dict):
         raise InvalidRequest(f"{path.name}: safetensors header must be a JSON object.", param="adapter")
@@ -117,38 +121,17 @@ def _tensor_entry_problems(name: str, entry: Any, data_bytes: int) -> list[str]:
     return []
 
 
-def _config_problems(config: Any) -> list[str]:
-    if not isinstance(config, dict):
-        return [f"{CONFIG_FILE} must hold a JSON object"]
-    problems = []
-    if config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        problems.append(f"r must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        problems.append(f"lora_alpha must be a positive number, got {alpha!r}")
-    targets = config.get("target_modules")
-    if not (
-        (isinstance(targets, str) and targets)
-        or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
-    ):
-        problems.append(f"target_modules must be a non-empty list of module names or a regex, got {targets!r}")
-    base = config.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        problems.append(f"base_model_name_or_path must be a string, got {base!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if config.get(name) is not None and not isinstance(config[name], dict):
-            problems.append(f"{name} must be an object")
-    return problems
+def _model_path(tensor_module: str) -> str:
+    """The module's path in the base model: tensor keys carry PEFT's "base_model.model." in front."""
+    return tensor_module.removeprefix("base_model.model.")
 
 
 def validate_peft_adapter_dir(path: Path) -> PeftAdapterInfo:
     """Check that `path` holds a loadable PEFT LoRA adapter; collect every problem, raise once.
 
-    Checks: adapter_config.json fields; the safetensors header; every lora_A has its lora_B with
-    shapes A (r×in) and B (out×r) agreeing with the config's r (or rank_pattern) and each other.
+    Checks: adapter_config.json fields (`lora_core.adapter_config`); the safetensors header; every
+    lora_A has its lora_B with shapes A (r×in) and B (out×r) agreeing with the config's r and each
+    other; every adapted module is covered by target_modules (PEFT's matching rule).
     """
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -160,10 +143,10 @@ def validate_peft_adapter_dir(path: Path) -> PeftAdapterInfo:
             param="adapter",
         )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = loads_bounded(config_path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, JsonTooDeep, a number too long to convert
         raise InvalidRequest(f"{CONFIG_FILE} is not valid JSON: {e}.", param="adapter") from e
-    problems = _config_problems(config)
+    problems = adapter_config_problems(config)
     if problems:
         raise InvalidRequest(f"{CONFIG_FILE} is invalid: " + "; ".join(problems), param="adapter")
     header = read_safetensors_header(weights_path)
@@ -178,7 +161,6 @@ def validate_peft_adapter_dir(path: Path) -> PeftAdapterInfo:
                 pairs.setdefault(module, {})[part] = entry["shape"]
     if not pairs:
         problems.append(f"{WEIGHTS_FILE} holds no lora_A/lora_B tensors")
-    rank_pattern = config.get("rank_pattern") or {}
     for module, shapes in sorted(pairs.items()):
         a, b = shapes.get("lora_A"), shapes.get("lora_B")
         if a is None or b is None:
@@ -186,14 +168,15 @@ def validate_peft_adapter_dir(path: Path) -> PeftAdapterInfo:
             continue
         if len(a) != 2 or len(b) != 2:
             continue  # conv / embedding variants: shapes differ by layer type; the pair itself is present
-        expected_r = next((rk for pat, rk in rank_pattern.items() if module.endswith(pat)), config["r"])
-        if a[0] != expected_r or b[1] != expected_r:
-            problems.append(f"{module}: lora_A {a} and lora_B {b} do not have rank r={expected_r} (A: r×in, B: out×r)")
+        if a[0] != config["r"] or b[1] != config["r"]:
+            problems.append(f"{module}: lora_A {a} and lora_B {b} do not have rank r={config['r']} (A: r×in, B: out×r)")
     targets = config["target_modules"]
-    if isinstance(targets, list):
-        for module in sorted(pairs):
-            if module.rsplit(".", 1)[-1] not in targets:
-                problems.append(f"{module}: module is not among target_modules {targets}")
+    uncovered = [] if targets == ALL_LINEAR else [
+        m for m in sorted(pairs) if matching_target(_model_path(m), targets) is None
+    ]
+    if uncovered:
+        listed = ", ".join(uncovered[:5]) + (f" (and {len(uncovered) - 5} more)" if len(uncovered) > 5 else "")
+        problems.append(f"adapted modules not covered by target_modules: {listed}")
     if problems:
         raise InvalidRequest("Adapter is inconsistent: " + "; ".join(problems[:20]), param="adapter")
     return PeftAdapterInfo(

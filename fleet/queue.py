@@ -53,6 +53,14 @@ def _job_not_found(job_id: str) -> NotFound:
     return NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
 
 
+def _idempotency_conflict(idempotency_key: str | None, job_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"Idempotency-Key {idempotency_key!r} was already used with a different request body "
+        f"(it created job {job_id}). Use a new key for a different request.",
+        param="Idempotency-Key",
+    )
+
+
 def _require_job_id(job_id: str) -> str:
     """`job_id` if well-formed; otherwise NotFound, so a crafted id never names another key."""
     if not is_job_id(job_id):
@@ -189,15 +197,26 @@ class JobStore:
         )
         outcome, job_id = reply[0], reply[1]
         if outcome == "conflict":
-            raise IdempotencyConflict(
-                f"Idempotency-Key {idempotency_key!r} was already used with a different request body "
-                f"(it created job {job_id}). Use a new key for a different request.",
-                param="Idempotency-Key",
-            )
+            raise _idempotency_conflict(idempotency_key, job_id)
         if outcome == "existing":
             return CreatedJob(self.load_job(job_id), created=False)
         self.append_event(job.id, "info", f"Created fine-tuning job: {job.id}")
         return CreatedJob(self.load_job(job.id), created=True)
+
+    def find_replay(self, tenant_id: str, idempotency_key: str, request_body: Any) -> Job | None:
+        """The job an earlier create with this Idempotency-Key made, if the key is known (read-only).
+
+        Looked up before a request is validated, so a replay answers with the original job even when
+        what it named has changed since (its training file deleted, say). IdempotencyConflict when
+        the key was used with another body; None when the key is new (then `create_job` decides,
+        atomically, should two first attempts race).
+        """
+        job_id, body_sha256 = self.redis.hmget(keys.idempotency(tenant_id, idempotency_key), "job_id", "body_sha256")
+        if job_id is None:
+            return None
+        if body_sha256 != request_sha256(request_body):
+            raise _idempotency_conflict(idempotency_key, job_id)
+        return self.load_job(job_id)
 
     def load_job(self, job_id: str) -> Job:
         """A job by id regardless of tenant (for dispatchers and internal use)."""

@@ -24,6 +24,7 @@ Deletion is soft: the version disappears from listings and downloads, its number
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import tempfile
 import time
@@ -56,6 +57,8 @@ __all__ = [
     "format_adapter_ref",
     "MANIFEST_FILE",
 ]
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -327,14 +330,41 @@ class AdapterRegistry:
         with tempfile.TemporaryDirectory(prefix="lf-import-") as tmp:
             adapter_dir = unpack_adapter(source, Path(tmp), self.max_import_bytes)
             info = validate_peft_adapter_dir(adapter_dir)
-            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))  # N is this import's alone
             fields = {**manifest_fields_from_peft(info), **(extra_manifest or {}), "source": "import"}
+            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))  # N is this import's alone
             prefix = self.version_prefix(tenant_id, name, version)
-            entries = self._upload_files(prefix, "import/", adapter_dir)
-            manifest = _new_manifest(tenant_id, name, version, fields, entries)
-            self.store.put_bytes(prefix + MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())  # LAST
-        self._mark_ready(tenant_id, name, version, None)
+            try:
+                entries = self._upload_files(prefix, "import/", adapter_dir)
+                manifest = _new_manifest(tenant_id, name, version, fields, entries)
+                self.store.put_bytes(prefix + MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())  # LAST
+                self._mark_ready(tenant_id, name, version, None)
+            except BaseException:
+                self._release_import_version(tenant_id, name, version)
+                raise
         return self.get_version(tenant_id, format_adapter_ref(name, version))
+
+    def _release_import_version(self, tenant_id: str, name: str, version: int) -> None:
+        """Undo a failed import's number, so the next version is N again: remove what it uploaded, then
+        step the counter back unless someone took a later number meanwhile. A leftover object cannot
+        surface: a version is listed only once its Redis record exists, and the next import of N writes
+        its own manifest over any old one. Best effort on a failure path: what cannot be undone is
+        logged, and the import's own error is what the caller sees."""
+        prefix = self.version_prefix(tenant_id, name, version)
+        try:
+            for key in self.store.list(prefix):
+                self.store.delete(key)
+        except Exception as e:  # the store may be what failed the import
+            logger.warning("failed import of %s:v%d left objects under %s: %s", name, version, prefix, e)
+        seq_key = keys.adapter_version_seq(tenant_id, name)
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.watch(seq_key)
+                if int(pipe.get(seq_key) or 0) == version:
+                    pipe.multi()
+                    pipe.decr(seq_key)
+                    pipe.execute()
+        except redis.RedisError as e:  # WatchError included: a later number was taken after all
+            logger.warning("failed import of %s:v%d: its version number stays used: %s", name, version, e)
 
     def _upload_files(
         self, prefix: str, subdir: str, local_dir: Path, before_each_write: Callable[[], None] | None = None

@@ -1,25 +1,15 @@
 """lora_core: our LoRA library, h = W0·x + (α/r)·B·A·x, numerically and file-compatible with PEFT.
 
 See docs/lora_core.md for the math and the API. Imports nothing from service/, workers/ or fleet/.
+The torch-backed parts load on first use (PEP 562), so the pure-Python rules for adapter files
+(`lora_core.adapter_config`, `LoraConfig`) can be imported by the API process without torch.
 """
 
-from lora_core.compose import (
-    ModuleRank,
-    RankReport,
-    adapters_disabled,
-    combine_adapters,
-    delete_adapter,
-    disable_adapters,
-    effective_rank,
-    enable_adapters,
-    list_adapters,
-    merge_adapter,
-    merge_and_unload,
-    rank_report,
-    singular_values_of_delta,
-    ties_merge,
-    unmerge_adapter,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lora_core.config import ALL_LINEAR, LoraConfig
 from lora_core.exceptions import (
     AdapterFileError,
@@ -29,32 +19,81 @@ from lora_core.exceptions import (
     QuantizedMergeError,
     TargetModulesError,
 )
-from lora_core.inject import (
-    active_adapters,
-    add_adapter,
-    apply_lora,
-    find_target_modules,
-    linear_layer_names,
-    lora_layers,
-    set_active_adapter,
-    trainable_parameters,
-)
-from lora_core.io import (
-    load_adapter,
-    lora_state_dict,
-    read_adapter_config,
-    save_adapter,
-    set_lora_state_dict,
-)
-from lora_core.layers import LoraLinear
-from lora_core.quant import (
-    dequantize_model,
-    export_merged_model,
-    is_quantized,
-    load_base_model,
-    prepare_for_training,
-)
-from lora_core.report import TrainableParameterReport, trainable_parameter_report
+
+if TYPE_CHECKING:
+    from lora_core.compose import (
+        ModuleRank,
+        RankReport,
+        adapters_disabled,
+        combine_adapters,
+        delete_adapter,
+        disable_adapters,
+        effective_rank,
+        enable_adapters,
+        list_adapters,
+        merge_adapter,
+        merge_and_unload,
+        rank_report,
+        singular_values_of_delta,
+        ties_merge,
+        unmerge_adapter,
+    )
+    from lora_core.inject import (
+        active_adapters,
+        add_adapter,
+        apply_lora,
+        find_target_modules,
+        linear_layer_names,
+        lora_layers,
+        set_active_adapter,
+        trainable_parameters,
+    )
+    from lora_core.io import (
+        load_adapter,
+        lora_state_dict,
+        read_adapter_config,
+        save_adapter,
+        set_lora_state_dict,
+    )
+    from lora_core.layers import LoraLinear
+    from lora_core.quant import (
+        dequantize_model,
+        export_merged_model,
+        is_quantized,
+        load_base_model,
+        prepare_for_training,
+    )
+    from lora_core.report import TrainableParameterReport, trainable_parameter_report
+
+# name → the module that defines it, for everything that needs torch.
+_LAZY = {
+    name: module
+    for module, names in {
+        "lora_core.compose": ("ModuleRank", "RankReport", "adapters_disabled", "combine_adapters", "delete_adapter",
+                              "disable_adapters", "effective_rank", "enable_adapters", "list_adapters",
+                              "merge_adapter", "merge_and_unload", "rank_report", "singular_values_of_delta",
+                              "ties_merge", "unmerge_adapter"),
+        "lora_core.inject": ("active_adapters", "add_adapter", "apply_lora", "find_target_modules",
+                             "linear_layer_names", "lora_layers", "set_active_adapter", "trainable_parameters"),
+        "lora_core.io": ("load_adapter", "lora_state_dict", "read_adapter_config", "save_adapter",
+                         "set_lora_state_dict"),
+        "lora_core.layers": ("LoraLinear",),
+        "lora_core.quant": ("dequantize_model", "export_merged_model", "is_quantized", "load_base_model",
+                            "prepare_for_training"),
+        "lora_core.report": ("TrainableParameterReport", "trainable_parameter_report"),
+    }.items()
+    for name in names
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "ALL_LINEAR",

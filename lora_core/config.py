@@ -13,26 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lora_core.adapter_config import ALL_LINEAR, adapter_config_problems
 from lora_core.exceptions import LoraConfigError
 
-ALL_LINEAR = "all-linear"
-INIT_METHODS = ("kaiming", "gaussian")
+__all__ = ["ALL_LINEAR", "INIT_METHODS", "LoraConfig"]
 
-# PEFT fields that change what an adapter computes and that we do not implement. A file that sets
-# one of them to a non-default value is refused rather than loaded with different numerics.
-_UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[Any, ...]] = {
-    "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "layer_replication": (None, []),
-    "lora_bias": (False, None),
-    "use_qalora": (False, None),
-    "use_bdlora": (False, None),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, {}, []),
-    "alora_invocation_tokens": (None, []),
-}
+INIT_METHODS = ("kaiming", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -100,25 +86,12 @@ class LoraConfig:
     @classmethod
     def from_peft_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
         """Build a config from adapter_config.json contents; every unsupported field is reported at once."""
-        problems: list[str] = []
-        if data.get("peft_type", "LORA") != "LORA":
-            problems.append(f"peft_type is {data.get('peft_type')!r}; only 'LORA' adapters are supported")
-        if data.get("bias", "none") != "none":
-            problems.append(f"bias is {data.get('bias')!r}; only 'none' is supported")
-        for name, defaults in _UNSUPPORTED_PEFT_FIELDS.items():
-            if name in data and data[name] not in defaults:
-                problems.append(f"{name} is {data[name]!r}; this field is not supported (leave it unset)")
-        for required in ("r", "lora_alpha", "target_modules"):
-            if data.get(required) is None:
-                problems.append(f"{required} is missing")
+        problems = adapter_config_problems(data)  # the rules fleet applies on import too
         init = data.get("init_lora_weights", True)
         init_name = {True: "kaiming", "gaussian": "gaussian"}.get(init) if isinstance(init, (bool, str)) else None
         if init_name is None:
             # The init only matters for a fresh adapter; a saved one carries its trained weights.
             init_name = "kaiming"
-        exclude = data.get("exclude_modules") or ()
-        if isinstance(exclude, str):
-            problems.append("exclude_modules as a regular expression is not supported; give a list of names")
         if problems:
             raise LoraConfigError("unsupported adapter_config.json:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -130,7 +103,7 @@ class LoraConfig:
             use_dora=bool(data.get("use_dora", False)),
             init=init_name,  # type: ignore[arg-type]
             fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-            exclude_modules=tuple(exclude),
+            exclude_modules=tuple(data.get("exclude_modules") or ()),
         )
 
 

@@ -8,11 +8,11 @@ match the whole path; "all-linear" takes every linear layer except the output he
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 
 from torch import nn
 
+from lora_core.adapter_config import matching_target
 from lora_core.config import ALL_LINEAR, LoraConfig
 from lora_core.exceptions import AdapterNotFoundError, TargetModulesError
 from lora_core.layers import LoraLinear, is_supported_linear
@@ -67,7 +67,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.target_modules == ALL_LINEAR:
             hit = is_supported_linear(module) and path not in head
         else:
-            entry = _matching_entry(path, config.target_modules)
+            entry = matching_target(path, config.target_modules)
             hit = entry is not None
             if hit:
                 matched_entries.add(entry)
@@ -170,15 +170,6 @@ def _named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLinear) else module
-
-
-def _matching_entry(path: str, targets: tuple[str, ...] | str) -> str | None:
-    if isinstance(targets, str):
-        return targets if re.fullmatch(targets, path) else None
-    for target in targets:
-        if path == target or path.endswith("." + target):
-            return target
-    return None
 
 
 def _is_excluded(path: str, exclude: tuple[str, ...]) -> bool:

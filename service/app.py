@@ -19,8 +19,9 @@ from fleet.registry import AdapterRegistry
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import TenantStore
 from service.body_limit import BodyLimitMiddleware
-from service.errors import install_error_handlers
+from service.errors import LastResortMiddleware, install_error_handlers
 from service.metrics import APIMetrics, MetricsMiddleware, QueueCollector
+from service.openapi import install_openapi
 from service.routes import adapters, admin, files, health, jobs, models
 from service.uploads import remove_stale_spool_files
 
@@ -113,8 +114,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.catalog = catalog
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it sees every answer
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outside the body limit, so it sees every answer
+    app.add_middleware(LastResortMiddleware)  # added last: outermost, so no exception reaches uvicorn
     install_error_handlers(app)
+    install_openapi(app)
 
     app.include_router(health.router)
     app.include_router(files.router, prefix="/v1")

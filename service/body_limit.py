@@ -1,19 +1,24 @@
-"""A size cap on every request body except the two upload routes, answered with 413 in OpenAI's error shape.
+"""Bounds on every request body but the two upload routes: size (413) and JSON nesting (400), OpenAI-shaped.
 
 The upload routes (POST /v1/files, POST /v1/adapters) stream their multipart body to disk under their
 own limit (`service.uploads`); every other body is small (a job request is a few hundred bytes), so it
 is read here up to `max_bytes` and handed to the app from memory. The exemption goes by method and
 path, never by Content-Type: FastAPI reads a multipart body whole (before auth) on any route that
 parses a form, so a client could otherwise make the API buffer a huge body anywhere.
+
+A buffered body nested deeper than `MAX_JSON_DEPTH` arrays/objects is refused before FastAPI parses
+it (`fleet.bounded_json`): Python's JSON parser would recurse once per level. No request body of
+ours nests more than a few levels.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet.bounded_json import MAX_JSON_DEPTH, JsonTooDeep, check_depth
 from service.errors import error_response
 
-__all__ = ["BodyLimitMiddleware", "MAX_JSON_BODY_BYTES", "UPLOAD_ROUTES"]
+__all__ = ["BodyLimitMiddleware", "MAX_JSON_BODY_BYTES", "MAX_JSON_DEPTH", "UPLOAD_ROUTES"]
 
 MAX_JSON_BODY_BYTES = 1024 * 1024
 
@@ -61,6 +66,11 @@ class BodyLimitMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        try:
+            check_depth(b"".join(chunks), MAX_JSON_DEPTH)
+        except JsonTooDeep as e:
+            await error_response(400, f"The request body is {e}.", code="json_too_deep")(scope, receive, send)
+            return
 
         replayed = False
 

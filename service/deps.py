@@ -33,6 +33,7 @@ __all__ = [
     "CallerPrincipal",
     "CurrentTenant",
     "AdminPrincipal",
+    "OperatorPrincipal",
 ]
 
 
@@ -139,17 +140,25 @@ def get_tenant_principal(principal: CallerPrincipal) -> Principal:
     return principal
 
 
+def _require_role(principal: Principal, roles: tuple[str, ...], message: str, code: str) -> Principal:
+    if principal.role not in roles:
+        raise APIError(403, message, type="permission_error", code=code)
+    return principal
+
+
 def get_admin_principal(principal: CallerPrincipal) -> Principal:
     """The operator, or a tenant's admin-role key (which may only manage its own tenant's keys)."""
-    if principal.role not in ("operator", "admin"):
-        raise APIError(
-            403,
-            "This endpoint needs the operator's admin key or an admin-role API key.",
-            type="permission_error",
-            code="admin_required",
-        )
-    return principal
+    return _require_role(principal, ("operator", "admin"),
+                         "This endpoint needs the operator's admin key or an admin-role API key.", "admin_required")
+
+
+def get_operator_principal(principal: CallerPrincipal) -> Principal:
+    """The operator (the settings' admin key): operator-wide data such as /metrics, never a tenant's key."""
+    return _require_role(principal, ("operator",),
+                         "This endpoint needs the operator's admin key (LORAFLEET_ADMIN_KEY); tenant keys cannot "
+                         "read it.", "operator_required")
 
 
 CurrentTenant = Annotated[Principal, Depends(get_tenant_principal)]
 AdminPrincipal = Annotated[Principal, Depends(get_admin_principal)]
+OperatorPrincipal = Annotated[Principal, Depends(get_operator_principal)]

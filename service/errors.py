@@ -1,9 +1,13 @@
 """Every HTTP error as OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
 
 Routes raise `APIError` (or let a fleet domain exception surface); the handlers registered by
-`install_error_handlers` turn those, request-validation failures, malformed JSON, unknown routes and
-anything unexpected into that one shape. Bad input is always a 4xx naming the field; a 5xx only ever
-means a bug or an unavailable dependency, and it is logged with its traceback.
+`install_error_handlers` turn those, request-validation failures, malformed JSON and unknown routes
+into that one shape. Bad input is always a 4xx naming the field; a 5xx only ever means a bug or an
+unavailable dependency, and it is logged with its traceback.
+
+`LastResortMiddleware`, the outermost layer, catches whatever no handler took, so no exception ever
+leaves the app for the server: the client gets a clean 500 in the same shape and the process keeps
+serving (Starlette's own last-resort handler answers, then re-raises into uvicorn).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.exceptions import (
     Conflict,
@@ -234,6 +239,17 @@ async def _handle_http_exception(request: Request, exc: StarletteHTTPException) 
             code="method_not_allowed",
             headers=headers,
         )
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "There was an error parsing the body" for what json.loads refuses beyond syntax:
+        # bytes that are not UTF-8, a number too long to convert. Say which.
+        reason = str(exc.__cause__).split(";")[0]
+        return error_response(
+            400,
+            f"Could not parse the JSON body of the request ({reason}). Send UTF-8 JSON with "
+            "'Content-Type: application/json'.",
+            code="invalid_json",
+            headers=headers,
+        )
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     error_type = SERVER if exc.status_code >= 500 else INVALID_REQUEST
     return error_response(exc.status_code, detail, type=error_type, headers=headers)
@@ -257,13 +273,36 @@ async def _handle_client_disconnect(request: Request, exc: ClientDisconnect) -> 
                           code="client_disconnected")
 
 
-async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "The server had an error processing your request.", type=SERVER)
+class LastResortMiddleware:
+    """Pure ASGI middleware: any exception from the app becomes a logged 500 in OpenAI's shape, and
+    is never re-raised. If the response had already started (a stream), it is ended where it stands."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            logger.error("unhandled error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            if not started:
+                response = error_response(500, "The server had an error processing your request.", type=SERVER)
+                await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn every failure into OpenAI's error shape."""
+    """Register the handlers that turn every known failure into OpenAI's error shape (the app adds
+    `LastResortMiddleware` for the rest)."""
     app.add_exception_handler(APIError, _handle_api_error)
     app.add_exception_handler(FleetError, _handle_fleet_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
@@ -271,4 +310,3 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.exceptions.ConnectionError, _handle_redis_unavailable)
     app.add_exception_handler(redis.exceptions.TimeoutError, _handle_redis_unavailable)
     app.add_exception_handler(ClientDisconnect, _handle_client_disconnect)
-    app.add_exception_handler(Exception, _handle_unexpected)

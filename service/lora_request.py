@@ -30,7 +30,7 @@ def resolve_lora(request: LoraRequest | None, *, model: str, catalog: Catalog) -
     """The job's `lora` dict: LoraSpec's fields (defaults filled in) plus the resolved `quantization`.
 
     `"all-linear"`, and an omitted `target_modules`, become the base model's linear layer names when
-    they are known from its config.json.
+    they are known from its config.json; otherwise `"all-linear"` is passed on as it is.
     """
     spec: BaseModelSpec = catalog.get(model)
     request = request or LoraRequest()
@@ -38,8 +38,10 @@ def resolve_lora(request: LoraRequest | None, *, model: str, catalog: Catalog) -
     valid = _module_names(spec.path)
     if "target_modules" in given:
         check_target_modules(given["target_modules"], valid, model=model)
-        if given["target_modules"] == [ALL_LINEAR] and valid is not None:
-            given["target_modules"] = list(valid)
+        if given["target_modules"] == [ALL_LINEAR]:
+            # Known layers: name them. Unknown (a hub id, an unlisted architecture): the engine expands
+            # "all-linear" itself once it has loaded the model.
+            given["target_modules"] = list(valid) if valid is not None else ALL_LINEAR
     elif valid is not None:
         # Default: every linear layer of the blocks (for Llama-style models, the engine's default too).
         given["target_modules"] = list(valid)

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fleet.files import FILE_ID_PATTERN
+
 __all__ = [
     "Hyperparameters",
     "SupervisedMethod",
@@ -43,8 +45,13 @@ def check_name(value: str, *, what: str) -> str:
     return value
 
 
+# A module name as the engine accepts it (workers.spec.LoraSpec): letters, digits, '_' and '.'.
+_MODULE_NAME = r"^[A-Za-z0-9_.]+$"
+_ONE_TARGET = r"^([A-Za-z0-9_.]+|all-linear)$"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # 1e999 parses as inf: refuse it
 
 
 Auto = Literal["auto"]
@@ -74,11 +81,14 @@ class Method(_Strict):
 class LoraRequest(_Strict):
     """Our extension: the LoRA adapter to train. Omitted fields take the training engine's defaults."""
 
-    r: int | None = Field(default=None, gt=0, description="LoRA rank; at most the base model's max_rank.")
+    r: int | None = Field(default=None, gt=0, le=1024, description="LoRA rank; at most the base model's max_rank.")
     alpha: float | None = Field(default=None, gt=0, description="Scale numerator α.")
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     target_modules: list[str] | str | None = Field(
-        default=None, description="Module names to adapt, or 'all-linear'."
+        default=None, description="Module names to adapt, one name, or 'all-linear'.",
+        json_schema_extra={"anyOf": [{"type": "array", "minItems": 1,
+                                      "items": {"type": "string", "pattern": _MODULE_NAME}},
+                                     {"type": "string", "pattern": _ONE_TARGET}, {"type": "null"}]},
     )
     use_rslora: bool | None = Field(default=None, description="Scale by α/√r instead of α/r.")
     use_dora: bool | None = Field(default=None, description="Weight-decomposed LoRA (DoRA).")
@@ -102,9 +112,9 @@ class JobCreateRequest(_Strict):
     """`POST /v1/fine_tuning/jobs`, as the OpenAI SDK sends it, plus `lora`."""
 
     model: str = Field(min_length=1)
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
-    suffix: str | None = Field(default=None, max_length=64)
+    training_file: str = Field(min_length=1, json_schema_extra={"pattern": FILE_ID_PATTERN})
+    validation_file: str | None = Field(default=None, json_schema_extra={"pattern": FILE_ID_PATTERN})
+    suffix: str | None = Field(default=None, max_length=64, json_schema_extra={"pattern": f"{NAME_PATTERN.pattern}|^$"})
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     method: Method | None = None
@@ -163,7 +173,7 @@ class JobCreateRequest(_Strict):
 class TenantCreateRequest(_Strict):
     """`POST /v1/admin/tenants`."""
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": NAME_PATTERN.pattern})
 
     @field_validator("name")
     @classmethod

@@ -8,7 +8,10 @@ missing_content, example_missing_assistant_message); the rest are listed in `ISS
 (in `workers.dataset_report`, with the report types; re-exported here).
 
 The file is read once, as bytes, one line at a time, so memory stays bounded by `max_line_bytes`
-whatever the file size; a longer line is skipped through in chunks and reported, not loaded.
+(default `MAX_LINE_BYTES`, 1 MiB) whatever the file size; a longer line is skipped through in chunks
+and reported, not loaded. A line nested deeper than `MAX_JSON_DEPTH` arrays/objects is reported as
+invalid JSON without being parsed (`fleet.bounded_json`): deep nesting would otherwise blow Python's
+recursion limit inside `json.loads`.
 Blank lines are errors, as in the JSON Lines spec, Together's file check (it JSON-parses every
 line) and OpenAI's upload check ("every line is a JSON dictionary"): a blank line usually means a
 record was split by a broken export, and a file we accept should be one those services accept too.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fleet.bounded_json import MAX_JSON_DEPTH, JsonTooDeep, loads_bounded
 from workers.dataset_report import (
     ISSUE_CODES,
     DatasetIssue,
@@ -37,6 +41,8 @@ from workers.tokenization import ChatTemplateError, tokenize_example
 
 __all__ = [
     "ISSUE_CODES",
+    "MAX_JSON_DEPTH",
+    "MAX_LINE_BYTES",
     "DatasetFormatError",
     "DatasetIssue",
     "DatasetReport",
@@ -48,6 +54,7 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 _MESSAGE_KEYS = ("role", "content", "weight")
 _BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 1 << 20
 
 
 class DatasetFormatError(ValueError):
@@ -115,7 +122,9 @@ def _parse_line(raw: _RawLine, max_line_bytes: int) -> tuple[Any, tuple[str, str
             f"byte {e.start + 1} of the line (0x{raw.data[e.start]:02x}) is not valid UTF-8; save the file as UTF-8",
         )
     try:
-        return json.loads(text, parse_constant=_reject_constant), None
+        return loads_bounded(text, parse_constant=_reject_constant), None
+    except JsonTooDeep as e:
+        return None, ("invalid_json", f"not accepted: {e}")
     except ValueError as e:  # JSONDecodeError is a ValueError, as is the NaN/Infinity rejection
         where = f" at column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
@@ -246,7 +255,7 @@ def validate_dataset(
     overflow: Overflow = "truncate",
     train_on_inputs: bool = False,
     min_examples: int = 10,
-    max_line_bytes: int = 1 << 20,
+    max_line_bytes: int = MAX_LINE_BYTES,
     max_issues: int = 100,
 ) -> DatasetReport:
     """Read a JSONL dataset once and report every problem with its line number, plus counts.
@@ -312,7 +321,7 @@ def validate_dataset(
     )
 
 
-def read_examples(path: Path | str, *, max_line_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+def read_examples(path: Path | str, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict[str, Any]]:
     """The records of a validated file, normalised (chat: messages with role/content/weight; or
     prompt/completion). Raises DatasetFormatError if the file is not valid after all."""
     path = Path(path)

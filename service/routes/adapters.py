@@ -12,10 +12,11 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
 from fleet.exceptions import InvalidRequest
@@ -23,13 +24,17 @@ from fleet.registry import AdapterRegistry, AdapterSummary, format_adapter_ref, 
 from service.deps import CurrentTenant, RegistryDep, SettingsDep
 from service.errors import APIError
 from service.objects import adapter_object, list_envelope, version_object
+from service.openapi import ADAPTER_NAME_SCHEMA, TENANT_ERRORS, VERSION_SCHEMA, multipart_body
 from service.uploads import receive_upload
 
 __all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
+AdapterName = Annotated[str, PathParam(json_schema_extra=ADAPTER_NAME_SCHEMA)]
+VersionPath = Annotated[str, PathParam(json_schema_extra=VERSION_SCHEMA)]
+
+router = APIRouter(prefix="/adapters", tags=["adapters"], responses=TENANT_ERRORS)
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _CHUNK = 1024 * 1024
@@ -66,7 +71,13 @@ def list_adapters(tenant: CurrentTenant, registry: RegistryDep) -> dict:
     return list_envelope([adapter_object(s) for s in registry.list_adapters(tenant.tenant_id)], has_more=False)
 
 
-@router.post("")
+@router.post("", openapi_extra=multipart_body(
+    {"file": {"type": "string", "format": "binary",
+              "description": "The PEFT adapter directory as .tar.gz, .tgz, .tar or .zip."},
+     "name": {"type": "string", **ADAPTER_NAME_SCHEMA},
+     "base_model": {"type": "string", "description": "The catalog base model (default: the adapter's own)."}},
+    required=["file", "name"],
+))
 async def import_adapter(
     request: Request, tenant: CurrentTenant, registry: RegistryDep, settings: SettingsDep
 ) -> dict:
@@ -108,7 +119,7 @@ async def import_adapter(
 
 
 @router.get("/{name}")
-def retrieve_adapter(name: str, tenant: CurrentTenant, registry: RegistryDep) -> dict:
+def retrieve_adapter(name: AdapterName, tenant: CurrentTenant, registry: RegistryDep) -> dict:
     versions = registry.list_versions(tenant.tenant_id, validate_adapter_name(name, param="name"))
     summary = AdapterSummary(
         name=name,
@@ -122,21 +133,21 @@ def retrieve_adapter(name: str, tenant: CurrentTenant, registry: RegistryDep) ->
 
 
 @router.delete("/{name}")
-def delete_adapter(name: str, tenant: CurrentTenant, registry: RegistryDep) -> dict:
+def delete_adapter(name: AdapterName, tenant: CurrentTenant, registry: RegistryDep) -> dict:
     """Soft-delete every version of the adapter (their numbers are never reused)."""
     deleted = registry.delete_adapter(tenant.tenant_id, validate_adapter_name(name, param="name"))
     return {"id": name, "object": "adapter", "deleted": True, "versions": [v.ref for v in deleted]}
 
 
 @router.get("/{name}/versions")
-def list_versions(name: str, tenant: CurrentTenant, registry: RegistryDep) -> dict:
+def list_versions(name: AdapterName, tenant: CurrentTenant, registry: RegistryDep) -> dict:
     """The adapter's live versions, newest first."""
     versions = registry.list_versions(tenant.tenant_id, validate_adapter_name(name, param="name"))
     return list_envelope([version_object(v) for v in versions], has_more=False)
 
 
 @router.get("/{name}/versions/{version}")
-def retrieve_version(name: str, version: str, tenant: CurrentTenant, registry: RegistryDep) -> dict:
+def retrieve_version(name: AdapterName, version: VersionPath, tenant: CurrentTenant, registry: RegistryDep) -> dict:
     """One version with its manifest (files with sha256 and size, base model, LoRA config, job, metrics)."""
     ref = version_ref(name, version)
     record = registry.get_version(tenant.tenant_id, ref)
@@ -145,13 +156,13 @@ def retrieve_version(name: str, version: str, tenant: CurrentTenant, registry: R
 
 
 @router.get("/{name}/versions/{version}/manifest")
-def retrieve_manifest(name: str, version: str, tenant: CurrentTenant, registry: RegistryDep) -> dict:
+def retrieve_manifest(name: AdapterName, version: VersionPath, tenant: CurrentTenant, registry: RegistryDep) -> dict:
     """The version's manifest.json exactly as stored."""
     return registry.read_manifest(tenant.tenant_id, version_ref(name, version)).model_dump(mode="json")
 
 
 @router.delete("/{name}/versions/{version}")
-def delete_version(name: str, version: str, tenant: CurrentTenant, registry: RegistryDep) -> dict:
+def delete_version(name: AdapterName, version: VersionPath, tenant: CurrentTenant, registry: RegistryDep) -> dict:
     """Soft-delete one version: gone from listings and downloads; its number is never reused."""
     if version == "latest":
         raise InvalidRequest("Name the version to delete (e.g. 'v1'), not 'latest'.", param="version")
@@ -183,8 +194,8 @@ def _stream_and_remove(path: Path) -> Iterator[bytes]:
 
 @router.get("/{name}/versions/{version}/download")
 async def download_version(
-    name: str,
-    version: str,
+    name: AdapterName,
+    version: VersionPath,
     tenant: CurrentTenant,
     registry: RegistryDep,
     settings: SettingsDep,

@@ -15,13 +15,14 @@ from fleet.tenants import ApiKey, Principal, Tenant
 from service.deps import AdminPrincipal, TenantsDep
 from service.errors import APIError
 from service.objects import list_envelope
+from service.openapi import TENANT_ERRORS
 from service.schemas import KeyCreateRequest, TenantCreateRequest
 
 __all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses=TENANT_ERRORS)
 
 
 def _tenant_object(tenant: Tenant) -> dict[str, Any]:

@@ -10,12 +10,14 @@ from urllib.parse import quote
 
 import anyio
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
 from fleet.files import FileObject, FileStore
 from service.deps import CurrentTenant, FilesDep, SettingsDep
 from service.errors import APIError
 from service.objects import list_envelope
+from service.openapi import FILE_ID_SCHEMA, TENANT_ERRORS, multipart_body
 from service.uploads import receive_upload
 from workers.datasets import DatasetReport, validate_dataset
 
@@ -23,7 +25,9 @@ __all__ = ["router", "file_object", "describe_dataset_errors", "examples_in", "M
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(tags=["files"])
+FileId = Annotated[str, PathParam(json_schema_extra=FILE_ID_SCHEMA)]
+
+router = APIRouter(tags=["files"], responses=TENANT_ERRORS)
 
 # OpenAI's minimum for a training file. A validation file may be smaller, and an upload does not say
 # which it will be, so uploads need one valid example and job creation checks training files.
@@ -73,7 +77,11 @@ def examples_in(record: FileObject) -> int | None:
     return int(match["n"]) if match else None
 
 
-@router.post("/files")
+@router.post("/files", openapi_extra=multipart_body(
+    {"file": {"type": "string", "format": "binary", "description": "A JSONL dataset (chat or prompt/completion)."},
+     "purpose": {"type": "string", "enum": ["fine-tune"]}},
+    required=["file", "purpose"],
+))
 async def upload_file(request: Request, tenant: CurrentTenant, settings: SettingsDep, files: FilesDep) -> dict:
     """Upload a JSONL dataset as multipart/form-data (`file`, `purpose="fine-tune"`).
 
@@ -137,18 +145,18 @@ def list_files(
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(file_id: str, tenant: CurrentTenant, files: FilesDep) -> dict:
+def retrieve_file(file_id: FileId, tenant: CurrentTenant, files: FilesDep) -> dict:
     return file_object(files.get_file(tenant.tenant_id, file_id))
 
 
 @router.delete("/files/{file_id}")
-def delete_file(file_id: str, tenant: CurrentTenant, files: FilesDep) -> dict:
+def delete_file(file_id: FileId, tenant: CurrentTenant, files: FilesDep) -> dict:
     record = files.delete_file(tenant.tenant_id, file_id)
     return {"id": record.id, "object": "file", "deleted": True}
 
 
 @router.get("/files/{file_id}/content")
-def file_content(file_id: str, tenant: CurrentTenant, files: FilesDep) -> StreamingResponse:
+def file_content(file_id: FileId, tenant: CurrentTenant, files: FilesDep) -> StreamingResponse:
     """The file's bytes, streamed."""
     record = files.get_file(tenant.tenant_id, file_id)
     chunks = files.iter_content(tenant.tenant_id, file_id)

@@ -1,4 +1,4 @@
-"""Liveness (/healthz), readiness (/readyz: Redis answers) and Prometheus metrics (/metrics)."""
+"""Liveness (/healthz), readiness (/readyz: Redis answers) and Prometheus metrics (/metrics, operator only)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.deps import RedisDep
+from service.deps import OperatorPrincipal, RedisDep
+from service.openapi import AUTH_ERRORS, error_responses
 
 __all__ = ["router"]
 
@@ -18,13 +20,26 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict:
+class Liveness(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    redis: str
+
+
+@router.get("/healthz", responses=error_responses(500))
+def healthz() -> Liveness:
     """The process is up and serving HTTP."""
-    return {"status": "ok"}
+    return Liveness(status="ok")
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Redis does not answer."}, **error_responses(500)},
+)
 def readyz(redis: RedisDep) -> JSONResponse:
     """Ready to take requests: Redis answers a PING."""
     try:
@@ -35,7 +50,15 @@ def readyz(redis: RedisDep) -> JSONResponse:
     return JSONResponse({"status": "ok", "redis": "ok"})
 
 
-@router.get("/metrics")
-def metrics(request: Request) -> Response:
-    """Prometheus text exposition of the API's metrics."""
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text exposition format.",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **AUTH_ERRORS,
+    },
+)
+def metrics(request: Request, operator: OperatorPrincipal) -> Response:
+    """Prometheus text exposition of the API's metrics; needs the operator's admin key (operator data)."""
     return request.app.state.metrics.render()

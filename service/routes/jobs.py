@@ -21,6 +21,7 @@ from service.errors import APIError
 from service.events_stream import event_stream_response
 from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
+from service.openapi import TENANT_ERRORS
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
 from service.schemas import JobCreateRequest
 from workers.spec import LoraSpec
@@ -29,7 +30,7 @@ __all__ = ["router", "render_job"]
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=TENANT_ERRORS)
 
 _MAX_IDEMPOTENCY_KEY_CHARS = 255
 _EVENT_ID = re.compile(r"^(ftevent-)?[0-9]{1,20}-[0-9]{1,20}$")
@@ -104,12 +105,19 @@ def create_job(
     key = _check_idempotency_key(idempotency_key)
     tenant_id = tenant.tenant_id
     assert tenant_id is not None  # CurrentTenant guarantees it
+    request_body = body.model_dump(mode="json", exclude_unset=True)
+    # A replay answers with the original job before anything is checked again: what the first request
+    # named may have changed since (e.g. its training file deleted once the job was queued).
+    replayed = jobs.find_replay(tenant_id, key, request_body) if key is not None else None
+    if replayed is not None:
+        response.headers["Idempotent-Replayed"] = "true"
+        return render_job(jobs, replayed)
     fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry)
     created = jobs.create_job(
         tenant_id,
         **fields,
         idempotency_key=key,
-        request_body=body.model_dump(mode="json", exclude_unset=True),
+        request_body=request_body,
     )
     if not created.created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -225,7 +233,9 @@ def list_jobs(
     page, has_more = jobs.list_jobs(
         tenant.tenant_id, after=after, limit=limit, metadata=_metadata_filter(request), status=status
     )
-    return list_envelope([render_job(jobs, job) for job in page], has_more=has_more)
+    # One snapshot of the queues places every queued job of the page (not one read of every queue per job).
+    positions = jobs.queue_positions(page)
+    return list_envelope([job_object(job, queue_position=positions.get(job.id)) for job in page], has_more=has_more)
 
 
 @router.get("/{job_id}")

@@ -11,10 +11,11 @@ from fleet.exceptions import InvalidRequest, NotFound
 from fleet.registry import AdapterVersion
 from service.deps import CatalogDep, CurrentTenant, RegistryDep
 from service.objects import list_envelope, model_object
+from service.openapi import TENANT_ERRORS
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=TENANT_ERRORS)
 
 BASE_MODEL_OWNER = "lorafleet"
 
@@ -73,6 +74,6 @@ def delete_model(model: str, tenant: CurrentTenant, catalog: CatalogDep, registr
         raise InvalidRequest(f"{model!r} is a base model of the catalog; it cannot be deleted.", param="model")
     try:
         record = registry.delete_version(tenant.tenant_id, model)
-    except NotFound:
+    except (NotFound, InvalidRequest):  # not a version reference at all: no such model either, as for GET
         raise NotFound(f"The model {model!r} does not exist.", param="model", code="model_not_found") from None
     return {"id": record.ref, "object": "model", "deleted": True}

@@ -101,10 +101,26 @@ def test_metrics_count_requests_by_route_template_and_report_the_queue(api_serve
     with api_server.client(tenant_a.api_key) as c:
         c.get("/v1/files/file-abc")
         c.get("/v1/files/file-def")
-        text = c.get("/metrics").text
+    with api_server.admin() as operator:
+        text = operator.get("/metrics").text
     assert 'lorafleet_http_requests_total{method="GET",route="/v1/files/{file_id}",status="404"} 2.0' in text
     assert "lorafleet_jobs_queued 0.0" in text
     assert "lorafleet_http_request_duration_seconds_bucket" in text
+
+
+def test_metrics_need_the_operator_key(api_server, tenant_a):
+    admin_role_key = api_server.admin().post(f"/v1/admin/tenants/{tenant_a.id}/keys", json={"role": "admin"})
+    assert admin_role_key.status_code == 200, admin_role_key.text
+    with api_server.client() as anonymous:
+        r = anonymous.get("/metrics")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    for key in (tenant_a.api_key, admin_role_key.json()["api_key"]):
+        with api_server.client(key) as tenant:
+            r = tenant.get("/metrics")
+            assert r.status_code == 403 and r.json()["error"]["code"] == "operator_required", r.text
+    with api_server.admin() as operator:
+        r = operator.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
 
 
 def _chunked(n_bytes: int, chunk_bytes: int = 256 * 1024):

@@ -16,6 +16,8 @@ import pytest
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.settings import make_redis
+from tests.service.conftest import make_api_settings
+from workers.spec import LoraSpec
 
 
 @pytest.fixture
@@ -90,6 +92,24 @@ def test_all_linear_expands_to_the_models_linear_layers(api_server, tenant_a, up
     assert "down_proj" in r.json()["lora"]["target_modules"]
 
 
+@pytest.mark.parametrize("target_modules", ["all-linear", ["all-linear"]])
+def test_all_linear_on_a_hub_id_catalog_model_is_passed_on_to_the_engine(start_api_server, tmp_path, redis_server,
+                                                                          dataset_path, target_modules):
+    # A catalog entry given as a hub id: its layer names are unknown to the API (no local config.json).
+    catalog = {"hub-model": {"path": "some-org/some-model", "quantization": "none", "max_rank": 64}}
+    server = start_api_server(make_api_settings(tmp_path, redis_server.url, catalog=catalog))
+    tenant = server.create_tenant("hub")
+    with server.client(tenant.api_key) as c:
+        uploaded = c.post("/v1/files", data={"purpose": "fine-tune"},
+                          files={"file": ("train.jsonl", dataset_path.read_bytes())})
+        r = c.post("/v1/fine_tuning/jobs", json={"model": "hub-model", "training_file": uploaded.json()["id"],
+                                                 "lora": {"target_modules": target_modules}})
+    assert r.status_code == 200, r.text
+    assert r.json()["lora"]["target_modules"] == "all-linear"
+    spec = LoraSpec(**{k: v for k, v in r.json()["lora"].items() if k in LoraSpec.model_fields})
+    assert spec.to_lora_config().target_modules == "all-linear"  # what the engine will build
+
+
 # (patch to a valid body, the param the 400 names, fragments its message contains)
 INVALID_CREATES = [
         ({"model": "gpt-9"}, "model", ["gpt-9", "tiny-llama"]),
@@ -124,6 +144,16 @@ def test_invalid_create_requests_get_400_naming_the_field(api_server, tenant_a, 
         assert c.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was queued
 
 
+@pytest.mark.parametrize("number", [b"1e999", b"Infinity", b"-Infinity", b"NaN"])
+def test_non_finite_numbers_are_refused_naming_the_field(api_server, tenant_a, uploaded, number):
+    # Python's JSON parser reads 1e999 as inf and accepts NaN/Infinity: an adapter scaled by inf trains NaNs.
+    body = b'{"model": "tiny-llama", "training_file": "%s", "lora": {"alpha": %s}}' % (uploaded.id.encode(), number)
+    with api_server.client(tenant_a.api_key) as c:
+        r = c.post("/v1/fine_tuning/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "lora.alpha" and "finite" in r.json()["error"]["message"]
+
+
 def test_unknown_model_through_the_sdk_raises_bad_request(api_server, tenant_a, uploaded):
     client = api_server.openai(tenant_a.api_key)
     with pytest.raises(openai.BadRequestError) as info:
@@ -133,7 +163,9 @@ def test_unknown_model_through_the_sdk_raises_bad_request(api_server, tenant_a, 
 
 
 def test_malformed_json_bodies_get_400(api_server, tenant_a):
-    cases = [(b'{"model": "tiny-llama", ', "JSON"), (b"[1, 2]", "JSON object"), (b"", "body"), (b"\xff\xfe", "JSON")]
+    cases = [(b'{"model": "tiny-llama", ', "JSON"), (b"[1, 2]", "JSON object"), (b"", "body"),
+             (b"\xff\xfe", "JSON"), (b'{"model": "\xff"}', "can't decode byte 0xff"),
+             (b'{"seed": ' + b"9" * 5000 + b"}", "5000 digits")]
     with api_server.client(tenant_a.api_key) as c:
         for content, fragment in cases:
             r = c.post("/v1/fine_tuning/jobs", content=content, headers={"Content-Type": "application/json"})
@@ -155,6 +187,23 @@ def test_idempotency_key_returns_one_job_and_409_for_another_body(api_server, te
     assert other.status_code == 409
     assert other.json()["error"]["param"] == "Idempotency-Key"
     assert [j["id"] for j in listed] == [first.json()["id"]]
+
+
+def test_idempotent_replay_returns_the_job_even_after_its_training_file_is_deleted(api_server, tenant_a, uploaded):
+    body = {"model": "tiny-llama", "training_file": uploaded.id}
+    headers = {"Idempotency-Key": "create-then-delete"}
+    with api_server.client(tenant_a.api_key) as c:
+        first = c.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        assert first.status_code == 200, first.text
+        assert c.delete(f"/v1/files/{uploaded.id}").status_code == 200
+        again = c.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+        assert again.status_code == 200, again.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["Idempotent-Replayed"] == "true"
+        other = c.post("/v1/fine_tuning/jobs", json={**body, "suffix": "x"}, headers=headers)
+        assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+        fresh = c.post("/v1/fine_tuning/jobs", json=body, headers={"Idempotency-Key": "new-key"})
+        assert fresh.status_code == 400 and fresh.json()["error"]["param"] == "training_file"
 
 
 def test_list_paginates_and_filters_on_metadata(api_server, tenant_a, uploaded):
@@ -184,6 +233,25 @@ def test_queue_position_follows_the_queue(api_server, tenant_a, uploaded):
     assert [j.model_extra["queue_position"] for j in jobs] == [1, 2, 3]
     client.fine_tuning.jobs.cancel(jobs[0].id)
     assert client.fine_tuning.jobs.retrieve(jobs[2].id).model_extra["queue_position"] == 2
+
+
+def _snapshot_reads(redis_client, list_page) -> int:
+    """How many times serving `list_page()` read the queues' heads (LINDEX: once per queue snapshot)."""
+    redis_client.config_resetstat()
+    list_page()
+    return int(redis_client.info("commandstats").get("cmdstat_lindex", {}).get("calls", 0))
+
+
+def test_listing_jobs_reads_the_queues_once_per_request_not_per_job(api_server, tenant_a, uploaded, job_store):
+    with api_server.client(tenant_a.api_key) as c:
+        for _ in range(6):
+            assert c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": uploaded.id}
+                          ).status_code == 200
+        one = _snapshot_reads(job_store.redis, lambda: c.get("/v1/fine_tuning/jobs?limit=1"))
+        page = c.get("/v1/fine_tuning/jobs?limit=6").json()["data"]
+        six = _snapshot_reads(job_store.redis, lambda: c.get("/v1/fine_tuning/jobs?limit=6"))
+    assert sorted(j["queue_position"] for j in page) == [1, 2, 3, 4, 5, 6]
+    assert six == one == 1
 
 
 def test_pause_and_resume_a_queued_job(api_server, tenant_a, uploaded):
