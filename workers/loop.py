@@ -282,9 +282,10 @@ def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask
 def _build_model(spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     from lora_core import apply_lora, load_base_model, prepare_for_training, read_adapter_config
 
-    model = load_base_model(str(spec.base_model), quantization=spec.quantization, compute_dtype=compute_dtype)
-    if spec.quantization is None:
-        model.to(device)  # bitsandbytes models are placed by load_base_model's device_map
+    # Straight onto this rank's device, dense or quantized: no CPU copy first, never spread over GPUs.
+    model = load_base_model(
+        str(spec.base_model), quantization=spec.quantization, compute_dtype=compute_dtype, device=device
+    )
     model = prepare_for_training(model, gradient_checkpointing=spec.gradient_checkpointing)
     if spec.init_adapter is not None:
         # Continue a published adapter: its own shape wins over spec.lora, its weights are the start.
@@ -309,6 +310,10 @@ def _setup(
 
     say = reporter if (runtime.is_main and reporter is not None) else None
     device = runtime.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)  # NCCL and bitsandbytes use the current device
     use_bf16 = spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from workers.loop import Runtime, train
+from workers.loop import Runtime, _build_model, train
 from workers.reporting import FileReporter, ListReporter, LoggingReporter, read_events
 from workers.schedule import lr_factor
 from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingSpec, resolve_hyperparameters
@@ -201,6 +201,14 @@ def test_bf16_autocast_path_trains_several_steps_to_a_finite_loss(tiny_model_dir
     tensors = _tensors(result)
     assert all(t.dtype == torch.float32 for t in tensors.values())  # adapters stay fp32
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B left zero: it trained
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_each_rank_builds_its_model_whole_on_its_own_device(tiny_model_dir, data, quantization):
+    device = torch.device("cpu")  # a rank's torch device (ray.train.torch.get_device() under Ray)
+    model = _build_model(_spec(tiny_model_dir, data, quantization=quantization), device, torch.float32)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and {t.device for t in tensors} == {device}
 
 
 @pytest.mark.slow
