@@ -46,7 +46,7 @@ from workers.tokenization import IGNORE_INDEX, TokenizedExample, tokenize_datase
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "TrainingResult", "train"]
+__all__ = ["Runtime", "TrainState", "TrainingResult", "rank_seed", "train"]
 
 Status = Literal["succeeded", "cancelled", "paused"]
 _CONTROL_CODES: dict[Control, int] = {None: 0, "cancel": 1, "pause": 2}
@@ -204,6 +204,11 @@ class _Run:
 # ------------------------------------------------------------------------------------------- setup
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream (dropout): distinct per rank, a pure function of both."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -321,6 +326,7 @@ def _setup(
     data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype)
     _seed_everything(spec.seed)  # adapter init does not depend on how much RNG data loading used
     model = _build_model(spec, device, compute_dtype)
+    _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own dropout stream
     params = trainable_parameters(model)
     for param in params:
         # Adapter weights and their AdamW state stay fp32 under bf16 autocast (as PEFT does by default):
@@ -366,7 +372,7 @@ def _restore(run: _Run, resume_from: Path) -> TrainState:
     _load_lora_weights(run.model, ckpt.adapter_dir)
     run.optimizer.load_state_dict(ckpt.training_state["optimizer"])
     run.scheduler.load_state_dict(ckpt.training_state["scheduler"])
-    restore_rng_state(ckpt.training_state["rng"])
+    restore_rng_state(ckpt.rng_state(run.runtime.rank, run.runtime.world_size))
     state = TrainState(
         step=ckpt.step,
         position=DataPosition.from_dict(ckpt.trainer_state["position"]),
@@ -506,10 +512,21 @@ def _record_evaluation(run: _Run, state: TrainState, *, track_best: bool = True)
 # ------------------------------------------------------------------------------------- save, finish
 
 
+def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order, on rank 0 (empty elsewhere), so each rank's stream resumes."""
+    own = capture_rng_state()
+    if run.runtime.world_size == 1:
+        return [own]
+    gathered: list[Any] | None = [None] * run.runtime.world_size if run.runtime.is_main else None
+    dist.gather_object(own, gathered, dst=0)
+    return gathered or []
+
+
 def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
     """Write a checkpoint of `state` (rank 0) and tell `runtime.on_checkpoint` (every rank)."""
     from lora_core import save_adapter
 
+    rng_states = _gather_rng_states(run)
     path = None
     if run.runtime.is_main:
         path = write_checkpoint(
@@ -519,9 +536,9 @@ def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
             training_state={
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
-                "rng": capture_rng_state(),
                 "best": state.best.to_dict(),
             },
+            rng_states=rng_states,
             trainer_state={
                 "position": state.position.to_dict(),
                 "history": state.history,
