@@ -319,6 +319,8 @@ def _setup(
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # NCCL and bitsandbytes use the current device
+        # fp32 matmuls outside autocast (a job with bf16 off) may use TF32 tensor cores.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     use_bf16 = spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
@@ -342,7 +344,10 @@ def _setup(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None
         )
     hp = data.hp
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    # One fused kernel for the whole update on CUDA instead of a dozen per-tensor ops per step.
+    optimizer = torch.optim.AdamW(
+        params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=device.type == "cuda"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(warmup_steps=hp.warmup_steps, total_steps=hp.total_steps, kind=hp.lr_scheduler)
     )

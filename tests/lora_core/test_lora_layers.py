@@ -179,3 +179,16 @@ def test_backward_under_bf16_autocast_gives_fp32_gradients_close_to_the_fp32_one
     assert got[2].dtype == got[3].dtype == torch.float32  # the adapters train in fp32
     for name, g, r in zip(("output", "grad x", "grad A", "grad B"), got, reference, strict=True):
         assert _relative_error(g, r.detach()) < 2e-2, name  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+
+
+def test_without_dropout_the_branch_saves_the_input_itself_not_a_copy():
+    layer = LoraLinear(nn.Linear(32, 24))
+    layer.add_adapter("default", LoraConfig(r=4, dropout=0.0))
+    layer.set_active_adapters(("default",))
+    layer.train()
+    x = torch.randn(5, 32, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    inputs = [t for t in saved if t.shape == x.shape]
+    assert inputs and all(t.data_ptr() == x.data_ptr() for t in inputs)  # base and branch share x
