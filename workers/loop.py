@@ -3,8 +3,9 @@
 One optimizer step takes `gradient_accumulation_steps` micro-batches on every rank. Its loss is
 the sum of per-token cross-entropies divided by the number of loss tokens of the whole step on all
 ranks (all-reduced before the backward passes), so every target token weighs the same whatever the
-accumulation, the ranks or the padding. Logits are computed only at positions that carry loss:
-with a large vocabulary the (tokens × vocab) logits are most of the memory and much of the time.
+accumulation, the ranks or the padding. Logits are computed only at positions that carry loss, a
+chunk of positions at a time (workers/token_loss.py): with a large vocabulary the (tokens × vocab)
+logits would be most of the memory and much of the time.
 
 `train()` runs alone, or as one rank of a torch.distributed group (workers/ray_train.py sets that
 up and passes a `Runtime`); only rank 0 writes files and talks to the Reporter.
@@ -42,7 +43,8 @@ from workers.packing import Batch, DataPosition, count_batches, make_batches, pl
 from workers.reporting import Control, Reporter
 from workers.schedule import lr_lambda
 from workers.spec import ResolvedHyperparameters, TrainingSpec, resolve_hyperparameters
-from workers.tokenization import IGNORE_INDEX, TokenizedExample, tokenize_dataset
+from workers.token_loss import TokenLoss
+from workers.tokenization import TokenizedExample, tokenize_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -107,30 +109,6 @@ class TrainingResult:
         return cls(**data)
 
 
-class _TokenLoss(nn.Module):
-    """Sum of cross-entropies and of correct argmaxes over the loss tokens of a batch.
-
-    Runs the decoder, then the output head only on the positions whose next token carries loss.
-    Wrapping the whole computation in one module lets DDP see a single forward per backward.
-    """
-
-    def __init__(self, causal_lm: nn.Module):
-        super().__init__()
-        self.causal_lm = causal_lm
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        hidden = self.causal_lm.get_decoder()(**model_inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
-        keep = targets != IGNORE_INDEX
-        logits = self.causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
-        picked = targets[keep]
-        loss_sum = nn.functional.cross_entropy(logits, picked, reduction="sum")
-        n_correct = (logits.argmax(dim=-1) == picked).sum()
-        return loss_sum, n_correct
-
-
 # ------------------------------------------------------------------------------------------- state
 
 
@@ -186,7 +164,7 @@ class _Run:
     say: Reporter | None  # the reporter on rank 0, None elsewhere
     data: _Data
     model: nn.Module
-    loss_module: nn.Module  # _TokenLoss, wrapped in DDP when world_size > 1
+    loss_module: nn.Module  # TokenLoss, wrapped in DDP when world_size > 1
     params: list[nn.Parameter]  # the adapter's trainable parameters
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -334,7 +312,7 @@ def _setup(
         # Adapter weights and their AdamW state stay fp32 under bf16 autocast (as PEFT does by default):
         # bf16 updates of lr * m / sqrt(v) round away at small learning rates.
         param.data = param.data.float()
-    loss_module: nn.Module = _TokenLoss(model)
+    loss_module: nn.Module = TokenLoss(model)
     if runtime.world_size > 1:
         frozen = [n for n, p in loss_module.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in loss_module.named_buffers()]
