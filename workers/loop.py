@@ -126,7 +126,7 @@ class BestEvaluation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BestEvaluation:
-        return cls(val_loss=data["val_loss"], step=data["step"], bad_evals=data["bad_evals"], weights=data["weights"])
+        return cls(**data)
 
 
 @dataclass
@@ -285,13 +285,8 @@ def _load_lora_weights(model: nn.Module, adapter_dir: Path) -> None:
     set_lora_state_dict(model, load_file(str(adapter_dir / _ADAPTER_WEIGHTS)))
 
 
-def _setup(
-    spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, runtime: Runtime
-) -> _Run:
-    """Data, model (adapters in fp32, DDP-wrapped on several ranks), optimizer and schedule."""
-    from lora_core import trainable_parameters
-
-    say = reporter if (runtime.is_main and reporter is not None) else None
+def _claim_device(runtime: Runtime) -> torch.device:
+    """This rank's device (its own GPU under Ray), made current on CUDA, with TF32 allowed there."""
     device = runtime.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         if device.index is None:
@@ -299,6 +294,17 @@ def _setup(
         torch.cuda.set_device(device)  # NCCL and bitsandbytes use the current device
         # fp32 matmuls outside autocast (a job with bf16 off) may use TF32 tensor cores.
         torch.backends.cuda.matmul.fp32_precision = "tf32"
+    return device
+
+
+def _setup(
+    spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, runtime: Runtime
+) -> _Run:
+    """Data, model (adapters in fp32, DDP-wrapped on several ranks), optimizer and schedule."""
+    from lora_core import trainable_parameters
+
+    say = reporter if (runtime.is_main and reporter is not None) else None
+    device = _claim_device(runtime)
     use_bf16 = spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
