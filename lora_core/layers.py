@@ -7,9 +7,11 @@ LoRA (Hu et al. 2021, arXiv:2106.09685) with PEFT's numerics, so adapters move b
     h = W0·x + s·B·(A·dropout(x))        dropout on the adapter branch input only
 The branch is computed as ((dropout(x)·Aᵀ)·s)·Bᵀ and added in place to W0·x: the scale touches the
 r-wide intermediate and the addition is one fused addmm, so no extra output-sized tensor is made.
-Adapter parameters are fp32 whatever the base dtype; the branch is computed in fp32 and the sum is
-rounded once to the base output's dtype, as PEFT does (dropout runs in the base dtype, and the input
-is saved for backward in the base dtype rather than as an fp32 copy).
+Adapter parameters are fp32 whatever the base dtype. Without autocast the branch is computed in fp32
+and the sum is rounded once to the base output's dtype, as PEFT does; under `torch.autocast` (bf16 on
+a GPU) the branch's matmuls run in the autocast dtype like the rest of the model, and the adapter
+gradients still come back fp32 (see _LoraDelta). Dropout runs in the base dtype, and the input is
+saved for backward in the base dtype rather than as an fp32 copy.
 
 DoRA (Liu et al. 2024, arXiv:2402.09353), as PEFT computes it:
     W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row      m: out, initialised to ‖W0‖_row
@@ -85,12 +87,19 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
 
 
 class _LoraDelta(torch.autograd.Function):
-    """out ← out + ((x·Aᵀ)·s)·Bᵀ in place, in fp32, saving x in its own dtype. One autograd node.
+    """out ← out + ((x·Aᵀ)·s)·Bᵀ in place, saving x in its own dtype. One autograd node.
+
+    Precision: the branch's matmuls run in the *branch dtype*: the autocast dtype when the forward
+    runs under `torch.autocast` (bf16 on a GPU, as every other matmul of the model and as PEFT's
+    branch does), otherwise the adapters' dtype (fp32). Autograd runs backward outside autocast, so
+    both passes cast explicitly to the dtype the forward chose (kept as t's dtype); A and B stay fp32
+    and their gradients are returned in fp32. The sum with the base output is taken in the wider of
+    the two dtypes and rounded once into the base output (a bf16 base without autocast: fp32, as PEFT).
 
     Forward: t = (x·Aᵀ)·s (N×r, the scale costs r multiplies per row, not out) and one addmm into the
-    base output, so no output-sized temporary exists (fp32 base). Saved for backward: x as it came (the
-    same tensor the base layer saved, so no extra memory; a bf16 x stays bf16 instead of an fp32 copy
-    per adapted layer) and t (N×r). Backward with g = ∂L/∂out:
+    base output, so no output-sized temporary exists when the dtypes agree. Saved for backward: x as
+    it came (the same tensor the base layer saved, so no extra memory; a bf16 x stays bf16 instead of
+    an fp32 copy per adapted layer) and t (N×r). Backward with g = ∂L/∂out:
         ∂L/∂t = g·B·s   ∂L/∂B = gᵀ·t   ∂L/∂A = (∂L/∂t)ᵀ·x   ∂L/∂x += (∂L/∂t)·A   ∂L/∂out_base = g
     The base output is modified in place: linear and 4-bit matmul backward never read their output,
     and autograd raises (never miscomputes) if something did.
@@ -98,13 +107,18 @@ class _LoraDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, x, A, B, scale):
-        rows = x.reshape(-1, x.shape[-1]).to(A.dtype)  # (N, in) fp32; a no-op for an fp32 base
-        t = (rows @ A.T).mul_(scale)  # (N, r)
-        flat = out.view(-1, out.shape[-1])  # (N, out)
-        if out.dtype == A.dtype:
-            flat.addmm_(t, B.T)
-        else:  # bf16/fp16 base: sum in fp32 as PEFT does, round once into the base output
-            flat.copy_(torch.addmm(flat.to(A.dtype), t, B.T))
+        device_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else A.dtype  # the branch dtype
+        with torch.autocast(device_type, enabled=False):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in); a no-op when x has the branch dtype
+            t = (rows @ A.to(dtype).T).mul_(scale)  # (N, r)
+            flat = out.view(-1, out.shape[-1])  # (N, out)
+            wide = torch.promote_types(out.dtype, dtype)
+            if out.dtype == dtype:
+                flat.addmm_(t, B.to(dtype).T)
+            else:  # e.g. a bf16 base without autocast: sum in fp32 as PEFT does, round once into the output
+                flat.copy_(torch.addmm(flat.to(wide), t.to(wide), B.to(wide).T))
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, A, B, t)
         ctx.scale = scale
@@ -113,11 +127,17 @@ class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, A, B, t = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(A.dtype)  # (N, out)
-        grad_t = (g @ B).mul_(ctx.scale)  # (N, r)
-        grad_A = grad_t.T @ x.reshape(-1, x.shape[-1]).to(A.dtype) if ctx.needs_input_grad[2] else None
-        grad_B = g.T @ t if ctx.needs_input_grad[3] else None
-        grad_x = (grad_t @ A).to(x.dtype).view(x.shape) if ctx.needs_input_grad[1] else None
+        dtype = t.dtype  # the branch dtype the forward ran in
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, out)
+            grad_t = (g @ B.to(dtype)).mul_(ctx.scale)  # (N, r)
+            grad_A = grad_B = grad_x = None
+            if ctx.needs_input_grad[2]:
+                grad_A = (grad_t.T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(A.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_B = (g.T @ t).to(B.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_x = (grad_t @ A.to(dtype)).to(x.dtype).view(x.shape)
         return grad_out, grad_x, grad_A, grad_B, None
 
 

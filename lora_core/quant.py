@@ -33,6 +33,7 @@ def load_base_model(
     quantization: str | None = "nf4",
     compute_dtype: torch.dtype = torch.bfloat16,
     *,
+    device: torch.device | str | None = None,
     device_map: str | dict | None = None,
     local_files_only: bool = False,
 ) -> nn.Module:
@@ -41,14 +42,44 @@ def load_base_model(
     quantization "nf4": 4-bit NormalFloat with double quantization, computing in ``compute_dtype``;
     "int8": LLM.int8(); None: dense weights in ``compute_dtype``. bitsandbytes runs these on CPU
     (≥ 0.47) and CUDA. The output head and embeddings stay unquantized, as transformers does it.
+    Every weight is loaded straight onto one device: ``device``, by default the current CUDA device
+    if there is one, else the CPU. Never spread over the node's GPUs ("auto"): a data-parallel rank's
+    model must sit whole on its own GPU. ``device_map`` replaces that for a caller placing layers itself.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _from_pretrained_kwargs(quantization, compute_dtype, device=device, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), local_files_only=local_files_only, **kwargs)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        keep_trainable_4bit_layout(module)
+    logger.info("loaded %s (quantization=%s, compute dtype %s, %s)", path_or_id, quantization, compute_dtype,
+                kwargs["device_map"])
+    return model
+
+
+def _from_pretrained_kwargs(
+    quantization: str | None,
+    compute_dtype: torch.dtype,
+    *,
+    device: torch.device | str | None,
+    device_map: str | dict | None,
+) -> dict:
+    """The `from_pretrained` arguments for load_base_model (pure: dtype, quantization, placement)."""
+    from transformers import BitsAndBytesConfig
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be 'nf4', 'int8' or None, got {quantization!r}")
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {compute_dtype!r}")
-    kwargs: dict = {"dtype": compute_dtype, "local_files_only": local_files_only}
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device (the whole model on one device) or device_map, not both")
+    if device_map is None:
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        device_map = {"": torch.device(device)}
+    kwargs: dict = {"dtype": compute_dtype, "device_map": device_map}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -58,17 +89,7 @@ def load_base_model(
         )
     elif quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if quantization is not None:
-        kwargs["device_map"] = device_map or ("auto" if torch.cuda.is_available() else "cpu")
-    elif device_map is not None:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
-        keep_trainable_4bit_layout(module)
-    logger.info("loaded %s (quantization=%s, compute dtype %s)", path_or_id, quantization, compute_dtype)
-    return model
+    return kwargs
 
 
 def prepare_for_training(

@@ -3,8 +3,9 @@
 Layout of one checkpoint (a directory named `step-<8 digits>` under `<output_dir>/checkpoints/`):
 
     adapter/                 the adapter in PEFT layout (lora_core.save_adapter), loadable on its own
-    training_state.pt        optimizer and LR-scheduler state dicts, RNG states (python, numpy, torch
-                             CPU, every CUDA device), early-stopping state
+    training_state.pt        optimizer and LR-scheduler state dicts, early-stopping state
+    rng-rank-NNNNN.pt        one per rank: that rank's RNG states (python, numpy, torch CPU, every
+                             CUDA device), so every rank's dropout stream continues exactly
     trainer_state.json       step, epoch, data position, metrics history, hyperparameters used,
                              spec fingerprint, format version; written last, so its presence marks a
                              complete checkpoint
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +45,13 @@ __all__ = [
     "write_checkpoint",
 ]
 
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: one RNG file per rank; 1: rank 0's RNG inside training_state.pt
+_READABLE_VERSIONS = (1, 2)
 _TRAINER_STATE = "trainer_state.json"
 _TRAINING_STATE = "training_state.pt"
 _ADAPTER = "adapter"
 _PREFIX = "step-"
+_RNG_PREFIX = "rng-rank-"
 
 
 @dataclass(frozen=True)
@@ -56,16 +60,32 @@ class LoadedCheckpoint:
 
     path: Path
     adapter_dir: Path
-    training_state: dict[str, Any]  # optimizer, scheduler, rng, extra
+    training_state: dict[str, Any]  # optimizer, scheduler, best, ...
     trainer_state: dict[str, Any]  # step, epoch, position, history, ...
 
     @property
     def step(self) -> int:
         return int(self.trainer_state["step"])
 
+    def rng_state(self, rank: int, world_size: int) -> dict[str, Any]:
+        """Rank `rank`'s RNG state, for `restore_rng_state`; the checkpoint must be from `world_size` ranks."""
+        if self.trainer_state["format_version"] == 1:  # one state, rank 0's, for every rank
+            return self.training_state["rng"]
+        n_ranks = len(list(self.path.glob(_RNG_PREFIX + "*.pt")))
+        if n_ranks != world_size:
+            raise ValueError(
+                f"{self.path} was written by {n_ranks} ranks and this run has {world_size}: resume with "
+                f"{n_ranks} workers (the data plan and every rank's RNG stream depend on it)"
+            )
+        return torch.load(self.path / _rng_file(rank), map_location="cpu", weights_only=True)
+
 
 def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:08d}"
+
+
+def _rng_file(rank: int) -> str:
+    return f"{_RNG_PREFIX}{rank:05d}.pt"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -112,11 +132,13 @@ def write_checkpoint(
     save_adapter_to: Any,
     training_state: dict[str, Any],
     trainer_state: dict[str, Any],
+    rng_states: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write checkpoint `step` atomically and return its directory.
 
     `save_adapter_to(path)` writes the adapter files into `path` (a lora_core.save_adapter call);
-    `training_state` is torch-saved, `trainer_state` JSON-dumped (it must be JSON-able).
+    `training_state` is torch-saved, `trainer_state` JSON-dumped (it must be JSON-able);
+    `rng_states[r]` (capture_rng_state() of rank r) is torch-saved to rank r's own file.
     """
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +148,8 @@ def write_checkpoint(
     try:
         save_adapter_to(tmp / _ADAPTER)
         torch.save(training_state, tmp / _TRAINING_STATE)
+        for rank, rng_state in enumerate(rng_states):
+            torch.save(rng_state, tmp / _rng_file(rank))
         payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, **trainer_state}
         (tmp / _TRAINER_STATE).write_text(json.dumps(payload, indent=1, sort_keys=True))
         _fsync_tree(tmp)
@@ -180,10 +204,10 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         )
     trainer_state = json.loads((path / _TRAINER_STATE).read_text())
     version = trainer_state.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
             f"{path}: checkpoint format {version} is not supported (this version reads "
-            f"{CHECKPOINT_FORMAT_VERSION})"
+            f"{', '.join(map(str, _READABLE_VERSIONS))})"
         )
     training_state = torch.load(path / _TRAINING_STATE, map_location="cpu", weights_only=True)
     return LoadedCheckpoint(

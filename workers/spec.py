@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -216,12 +217,16 @@ def resolve_hyperparameters(
     n_train_tokens: int,
     n_train_sequences: int | None = None,
     world_size: int = 1,
+    count_micro_batches: Callable[[int, int], Sequence[int]] | None = None,
 ) -> ResolvedHyperparameters:
     """Turn "auto" into numbers from the dataset's size (pure; see docs/training.md for the rules).
 
     `n_train_tokens` is the number of tokens after truncation; with packing it sets how many
     sequences of `max_seq_len` the data fills, which is what `batch_size` counts. A caller that has
     already packed the data passes the exact `n_train_sequences` instead of that estimate.
+    `count_micro_batches(batch_size, n_epochs)`, when given, returns the exact number of global
+    micro-batches of each epoch (the training loop plans them); the steps and warmup then follow
+    from those counts instead of an estimate. It is called once.
     """
     if n_train_examples < 1:
         raise ValueError("training_file: has no usable examples")
@@ -244,8 +249,12 @@ def resolve_hyperparameters(
         learning_rate = float(hp.learning_rate)
 
     # A last partial step still counts: its loss is normalised by its own token count.
-    steps_per_epoch = max(1, math.ceil(n_sequences / global_batch))
-    total_steps = n_epochs * steps_per_epoch
+    if count_micro_batches is not None:
+        epoch_steps = [math.ceil(n / hp.gradient_accumulation_steps) for n in count_micro_batches(batch_size, n_epochs)]
+        steps_per_epoch, total_steps = max(1, epoch_steps[0]), sum(epoch_steps)
+    else:
+        steps_per_epoch = max(1, math.ceil(n_sequences / global_batch))
+        total_steps = n_epochs * steps_per_epoch
     if hp.max_steps is not None:
         total_steps = min(total_steps, hp.max_steps)
     warmup_steps = math.floor(hp.warmup_ratio * total_steps)

@@ -149,3 +149,46 @@ def test_bf16_base_gradients_match_an_fp32_reference():
     reference.to(torch.bfloat16).float().square().sum().backward()
     torch.testing.assert_close(layer.lora_A["default"].grad, A.grad, rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(layer.lora_B["default"].grad, B.grad, rtol=2e-2, atol=1e-2)
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(got.float() - expected) / torch.linalg.vector_norm(expected))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_backward_under_bf16_autocast_gives_fp32_gradients_close_to_the_fp32_ones(use_dora):
+    """The GPU path: autocast in forward, backward outside it (autograd's way). Shown with CPU autocast."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(32, 24))
+    layer.add_adapter("default", LoraConfig(r=4, alpha=8, use_dora=use_dora))
+    layer.set_active_adapters(("default",))
+    nn.init.normal_(layer.lora_B["default"], std=0.1)
+    x = torch.randn(3, 7, 32)
+
+    def run(autocast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x_in)
+        out.float().square().sum().backward()
+        return out, x_in.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad
+
+    reference = run(autocast=False)
+    got = run(autocast=True)
+    assert got[0].dtype == torch.bfloat16  # the base output's dtype under autocast
+    assert got[2].dtype == got[3].dtype == torch.float32  # the adapters train in fp32
+    for name, g, r in zip(("output", "grad x", "grad A", "grad B"), got, reference, strict=True):
+        assert _relative_error(g, r.detach()) < 2e-2, name  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+
+
+def test_without_dropout_the_branch_saves_the_input_itself_not_a_copy():
+    layer = LoraLinear(nn.Linear(32, 24))
+    layer.add_adapter("default", LoraConfig(r=4, dropout=0.0))
+    layer.set_active_adapters(("default",))
+    layer.train()
+    x = torch.randn(5, 32, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    inputs = [t for t in saved if t.shape == x.shape]
+    assert inputs and all(t.data_ptr() == x.data_ptr() for t in inputs)  # base and branch share x

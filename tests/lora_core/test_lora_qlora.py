@@ -120,3 +120,17 @@ def test_nf4_logits_match_peft_on_the_same_quantized_base(use_dora, tiny_model_d
     with torch.no_grad():
         expected = peft_model(**batch).logits
         torch.testing.assert_close(ours(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4", "int8"])
+def test_the_base_is_placed_whole_on_one_device_never_spread_by_auto(quantization):
+    """A DDP rank's model must sit on its own GPU: "auto" spread it over every GPU Ray shows the worker."""
+    from lora_core.quant import _from_pretrained_kwargs
+
+    rank_1 = _from_pretrained_kwargs(quantization, torch.bfloat16, device="cuda:1", device_map=None)
+    assert rank_1["device_map"] == {"": torch.device("cuda", 1)}
+    default = _from_pretrained_kwargs(quantization, torch.bfloat16, device=None, device_map=None)
+    expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    assert default["device_map"] == {"": expected}
+    with pytest.raises(ValueError, match="either device .* or device_map"):
+        _from_pretrained_kwargs(quantization, torch.bfloat16, device="cpu", device_map="auto")

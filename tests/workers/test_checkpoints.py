@@ -77,6 +77,28 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
+def test_each_rank_reads_back_its_own_rng_file_and_another_worker_count_is_refused(tmp_path):
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(capture_rng_state())
+    path = write_checkpoint(tmp_path, step=1, save_adapter_to=lambda d: d.mkdir(), training_state={},
+                            trainer_state={}, rng_states=states)
+    loaded = load_checkpoint(path)
+    for rank in (0, 1):
+        assert torch.equal(loaded.rng_state(rank, world_size=2)["torch"], states[rank]["torch"])
+    with pytest.raises(ValueError, match="written by 2 ranks and this run has 3: resume with 2 workers"):
+        loaded.rng_state(0, world_size=3)
+
+
+def test_a_format_1_checkpoint_still_resumes_with_its_single_rng_state(tmp_path):
+    path = _write_dummy(tmp_path, 1)  # format 1 kept rank 0's RNG in training_state.pt
+    state_file = path / "trainer_state.json"
+    state_file.write_text(state_file.read_text().replace('"format_version": 2', '"format_version": 1'))
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded.rng_state(1, world_size=2)["torch"], loaded.training_state["rng"]["torch"])
+
+
 def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from workers.loop import train
+from workers.loop import Runtime, _build_model, train
 from workers.reporting import FileReporter, ListReporter, LoggingReporter, read_events
 from workers.schedule import lr_factor
 from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingSpec, resolve_hyperparameters
@@ -183,6 +183,32 @@ def test_early_stopping_publishes_the_best_evaluation(tiny_model_dir, data, tmp_
     assert result.step == result.best_step + 2 and result.step < result.total_steps
     best = min(result.history, key=lambda row: row["val_loss"])
     assert best["step"] == result.best_step
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_bf16_autocast_path_trains_several_steps_to_a_finite_loss(tiny_model_dir, data, tmp_path, quantization):
+    """The CUDA precision path (bf16 base, bf16 autocast, fp32 adapters), run on the CPU."""
+    spec = _spec(tiny_model_dir, data, quantization=quantization, bf16=True,
+                 lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
+                 hyperparameters={"max_steps": 4, "batch_size": 2})
+    reporter = ListReporter()
+    result = train(spec, output_dir=tmp_path / "out", reporter=reporter,
+                   runtime=Runtime(device=torch.device("cpu"), bf16_on_cpu=True))
+    assert result.status == "succeeded" and result.step == 4
+    losses = [v for _, v in reporter.series("train_loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert math.isfinite(result.metrics["val_loss"])
+    tensors = _tensors(result)
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # adapters stay fp32
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B left zero: it trained
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_each_rank_builds_its_model_whole_on_its_own_device(tiny_model_dir, data, quantization):
+    device = torch.device("cpu")  # a rank's torch device (ray.train.torch.get_device() under Ray)
+    model = _build_model(_spec(tiny_model_dir, data, quantization=quantization), device, torch.float32)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and {t.device for t in tensors} == {device}
 
 
 @pytest.mark.slow
