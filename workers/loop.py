@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from workers.attention import use_varlen_attention
 from workers.checkpoints import (
     capture_rng_state,
     list_checkpoints,
@@ -70,6 +71,9 @@ class Runtime:
     # spec.bf16 applies on CUDA only (CPU bf16 kernels are slow without AMX); True takes the same
     # path on a CPU (bf16 base, bf16 autocast), which is how the tests exercise the GPU precision path.
     bf16_on_cpu: bool = False
+    # "varlen": attention by segment lengths (workers/attention.py); "dense_mask": the block-diagonal
+    # (B, 1, T, T) mask with transformers' sdpa, kept as the reference the tests and bench compare with.
+    attention: Literal["varlen", "dense_mask"] = "varlen"
 
     @property
     def is_main(self) -> bool:
@@ -257,12 +261,15 @@ def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask
         seed=spec.seed,
         rank=runtime.rank,
         world_size=runtime.world_size,
+        block_mask="varlen" if runtime.attention == "varlen" else "4d",
         mask_dtype=mask_dtype,
     )
     return _Data(train_examples, val_examples, hp, planned, batch_args)
 
 
-def _build_model(spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+def _build_model(
+    spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype, attention: str = "varlen"
+) -> nn.Module:
     from lora_core import apply_lora, load_base_model, prepare_for_training, read_adapter_config
 
     # Straight onto this rank's device, dense or quantized: no CPU copy first, never spread over GPUs.
@@ -270,6 +277,8 @@ def _build_model(spec: TrainingSpec, device: torch.device, compute_dtype: torch.
         str(spec.base_model), quantization=spec.quantization, compute_dtype=compute_dtype, device=device
     )
     model = prepare_for_training(model, gradient_checkpointing=spec.gradient_checkpointing)
+    if attention == "varlen":
+        use_varlen_attention(model)
     if spec.init_adapter is not None:
         # Continue a published adapter: its own shape wins over spec.lora, its weights are the start.
         apply_lora(model, read_adapter_config(spec.init_adapter))
@@ -311,7 +320,7 @@ def _setup(
     _seed_everything(spec.seed)
     data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype)
     _seed_everything(spec.seed)  # adapter init does not depend on how much RNG data loading used
-    model = _build_model(spec, device, compute_dtype)
+    model = _build_model(spec, device, compute_dtype, runtime.attention)
     _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own dropout stream
     params = trainable_parameters(model)
     for param in params:
@@ -377,6 +386,11 @@ def _restore(run: _Run, resume_from: Path) -> TrainState:
 # -------------------------------------------------------------------------------- step, evaluation
 
 
+def _on_device(inputs: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """The batch's tensors on `device` (copied asynchronously where the host memory allows); ints as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def _all_reduce_sum(values: list[float], runtime: Runtime, device: torch.device) -> list[float]:
     if runtime.world_size == 1:
         return values
@@ -423,7 +437,7 @@ def _train_step(run: _Run, state: TrainState, micro: list[Batch], started: float
         sync = i == len(micro) - 1 or runtime.world_size == 1
         with run.loss_module.no_sync() if not sync else contextlib.nullcontext():
             with run.autocast():
-                loss_sum, _ = run.loss_module({k: v.to(device) for k, v in batch.inputs.items()})
+                loss_sum, _ = run.loss_module(_on_device(batch.inputs, device))
             (loss_sum * scale).backward()
         loss_total += loss_sum.detach()
     if hp.max_grad_norm is not None:
@@ -460,7 +474,7 @@ def _evaluate(run: _Run) -> dict[str, float]:
     try:
         with torch.no_grad(), run.autocast():
             for batch in make_batches(run.data.val_examples, shuffle=False, **run.data.batch_args):
-                loss_sum, n_correct = run.loss_module({k: v.to(run.device) for k, v in batch.inputs.items()})
+                loss_sum, n_correct = run.loss_module(_on_device(batch.inputs, run.device))
                 sums = [sums[0] + loss_sum.item(), sums[1] + n_correct.item(), sums[2] + batch.n_loss_tokens]
     finally:
         run.loss_module.train()

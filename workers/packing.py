@@ -7,11 +7,17 @@ packing is off), the rows shuffled again and cut into *global* micro-batches of
 so 1 worker with batch_size 4 and 2 workers with batch_size 2 see the same rows per step.
 
 A packed row never attends across example boundaries: `position_ids` restart at 0 for each
-example and, by default, a block-diagonal causal 4D `attention_mask` is passed, which transformers
-5 uses as-is with the sdpa and eager attention. `block_mask="position_ids"` omits it (as
-flash-attention needs); transformers then derives the same mask from the restarting positions, but
-only when no KV cache is built: call the model with `use_cache=False`, or a Llama model in eval mode
-silently attends across examples.
+example, and the attention is kept inside each example in one of three ways (`block_mask`):
+- `"varlen"` (what the training loop uses): no mask at all, but the cumulative lengths of the
+  segments of the flattened rows, `cu_seq_lens_q` (int32, n_segments + 1) and the longest,
+  `max_length_q`, computed once per micro-batch, for the attention of `workers.attention`
+  (variable-length flash attention on CUDA, exact per-segment SDPA on CPU). It applies to unpacked
+  rows too: an example and its padding are two segments.
+- `"4d"` (the default): a block-diagonal causal (B, 1, T, T) `attention_mask`, which transformers 5
+  uses as-is with the sdpa and eager attention; it costs T² per row and keeps sdpa off its flash kernel.
+- `"position_ids"`: neither; transformers derives the 4D mask from the restarting positions, but only
+  when no KV cache is built: call the model with `use_cache=False`, or a Llama model in eval mode
+  silently attends across examples.
 Padding is a segment of its own at the end of a row and never carries loss.
 
 Where the data stands is a `DataPosition(epoch, batch_index)`: the global micro-batch to process
@@ -21,6 +27,7 @@ next. Saving it with a checkpoint and passing it back to `make_batches` resumes 
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ __all__ = [
     "plan_epoch",
 ]
 
-BlockMask = Literal["4d", "position_ids"]
+BlockMask = Literal["varlen", "4d", "position_ids"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class Batch:
     the end of an epoch so every rank runs the same number of steps; its loss sum is 0.
     """
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor | int]  # tensors, and max_length_q (an int) with block_mask="varlen"
     n_loss_tokens: int
     n_tokens: int  # real (non-padding) tokens in this micro-batch
     n_examples: int
@@ -187,7 +194,7 @@ def _collate(
     packed: bool,
     block_mask: BlockMask,
     mask_dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | int]:
     """Tensors for `model(**inputs)`, padded on the right to the longest row."""
     width = max(1, max(sum(len(examples[i]) for i in row) for row in rows))
     n_rows = len(rows)
@@ -206,8 +213,12 @@ def _collate(
             t += n
         position_ids[r, t:] = torch.arange(width - t)
         segment[r, t:] = len(row)
-    inputs = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if not packed:
+    inputs: dict[str, torch.Tensor | int] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if block_mask == "varlen":
+        lengths = [n for row in rows for n in _segment_lengths(row, examples, width)]
+        inputs["cu_seq_lens_q"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        inputs["max_length_q"] = max(lengths)
+    elif not packed:
         inputs["attention_mask"] = (segment == 0).long()  # (B, T) 1 = real token
     elif block_mask == "4d":
         causal = torch.ones((width, width), dtype=torch.bool).tril()
@@ -219,6 +230,13 @@ def _collate(
             mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
         inputs["attention_mask"] = mask[:, None]  # (B, 1, T, T)
     return inputs
+
+
+def _segment_lengths(row: list[int], examples: Sequence[TokenizedExample], width: int) -> list[int]:
+    """Lengths of a row's segments: its examples, then its padding (if any); they sum to `width`."""
+    lengths = [len(examples[i]) for i in row if len(examples[i]) > 0]
+    padding = width - sum(lengths)
+    return [*lengths, padding] if padding > 0 else lengths
 
 
 def make_batches(
@@ -240,7 +258,7 @@ def make_batches(
 
     `batch_size` is rows per rank per micro-batch (a row is a packed block of up to `block_len`
     tokens, or one example when `packing=False`, padded to the longest in the batch). Every rank
-    yields the same number of batches. `mask_dtype` should be the model's compute dtype for an
+    yields the same number of batches. With `block_mask="4d"`, `mask_dtype` should be the model's compute dtype for an
     additive mask (sdpa requires a float mask to match the query dtype), or torch.bool for sdpa only.
     Iterate epochs by calling again with `DataPosition(epoch + 1, 0)`; `Batch.next_position` says so.
     """
