@@ -40,6 +40,7 @@ from workers.checkpoints import (
     write_checkpoint,
 )
 from workers.datasets import read_examples
+from workers.memory_plan import DecoderShape, plan_micro_batch
 from workers.packing import Batch, DataPosition, count_batches, make_batches, plan_epoch
 from workers.reporting import Control, Reporter
 from workers.schedule import lr_lambda
@@ -74,6 +75,10 @@ class Runtime:
     # "varlen": attention by segment lengths (workers/attention.py); "dense_mask": the block-diagonal
     # (B, 1, T, T) mask with transformers' sdpa, kept as the reference the tests and bench compare with.
     attention: Literal["varlen", "dense_mask"] = "varlen"
+    # A stand-in for a device's memory on a CPU: a micro-batch of more tokens (rows × width) raises
+    # torch.OutOfMemoryError in the step, as a too-large micro-batch does on a GPU; it exists so that
+    # tests can run the real out-of-memory back-off. None (the default): no such limit.
+    max_micro_batch_tokens: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -144,6 +149,10 @@ class TrainState:
     best: BestEvaluation = field(default_factory=BestEvaluation)
     metrics: dict[str, float] = field(default_factory=dict)  # the last step's (or evaluation's)
     stopped_early: bool = False
+    # The current split of a step into micro-batches: the resolved values, until an out-of-memory
+    # error halves the micro-batch and doubles the accumulation (the rows of a step stay the same).
+    batch_size: int = 0
+    gradient_accumulation_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,7 +214,13 @@ def _tokenize(path: Path, tokenizer: Any, spec: TrainingSpec) -> list[TokenizedE
     return [e for e in examples if len(e) >= 2]
 
 
-def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask_dtype: torch.dtype) -> _Data:
+def _setup_data(
+    spec: TrainingSpec,
+    runtime: Runtime,
+    say: Reporter | None,
+    mask_dtype: torch.dtype,
+    max_micro_batch_sequences: int | None = None,
+) -> _Data:
     """Tokenize, plan the epochs and resolve the hyperparameters (total steps and warmup, once)."""
     from transformers import AutoTokenizer
 
@@ -247,6 +262,7 @@ def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask
         n_train_sequences=n_rows,
         world_size=runtime.world_size,
         count_micro_batches=count_micro_batches,
+        max_micro_batch_sequences=max_micro_batch_sequences,
     )
     if say:
         say.log(
@@ -306,6 +322,26 @@ def _claim_device(runtime: Runtime) -> torch.device:
     return device
 
 
+def _max_micro_batch_sequences(
+    spec: TrainingSpec, model: nn.Module, device: torch.device, compute_dtype: torch.dtype, say: Reporter | None
+) -> int | None:
+    """On CUDA, the sequences of max_seq_len tokens that one micro-batch may hold (workers/memory_plan.py)."""
+    if device.type != "cuda":
+        return None  # host memory is not planned; a CPU run takes the data's batch size
+    frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
+    plan = plan_micro_batch(
+        device_bytes=torch.cuda.get_device_properties(device).total_memory,
+        weights_bytes=sum(t.numel() * t.element_size() for t in frozen),
+        n_adapter_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        shape=DecoderShape.from_config(model.config),
+        activation_bytes=torch.finfo(compute_dtype).bits // 8,
+        gradient_checkpointing=spec.gradient_checkpointing,
+    )
+    if say:
+        say.log(f"memory plan: {plan}; at most {plan.max_sequences(spec.max_seq_len)} sequences per micro-batch")
+    return plan.max_sequences(spec.max_seq_len)
+
+
 def _setup(
     spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, runtime: Runtime
 ) -> _Run:
@@ -317,10 +353,10 @@ def _setup(
     use_bf16 = spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
-    _seed_everything(spec.seed)
-    data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype)
-    _seed_everything(spec.seed)  # adapter init does not depend on how much RNG data loading used
+    _seed_everything(spec.seed)  # the adapter's initial weights
     model = _build_model(spec, device, compute_dtype, runtime.attention)
+    max_micro = _max_micro_batch_sequences(spec, model, device, compute_dtype, say)
+    data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype, max_micro_batch_sequences=max_micro)
     _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own dropout stream
     params = trainable_parameters(model)
     for param in params:
@@ -364,7 +400,7 @@ def _setup(
     )
 
 
-def _restore(run: _Run, resume_from: Path) -> TrainState:
+def _restore(run: _Run, resume_from: Path, fresh: TrainState) -> TrainState:
     """Load a checkpoint's adapter, optimizer, schedule and RNG into `run`; return its TrainState."""
     ckpt = load_checkpoint(Path(resume_from))
     _load_lora_weights(run.model, ckpt.adapter_dir)
@@ -377,7 +413,12 @@ def _restore(run: _Run, resume_from: Path) -> TrainState:
         tokens_trained=int(ckpt.trainer_state["tokens_trained"]),
         history=list(ckpt.trainer_state["history"]),
         best=BestEvaluation.from_dict(ckpt.training_state["best"]),
+        batch_size=fresh.batch_size,
+        gradient_accumulation_steps=fresh.gradient_accumulation_steps,
     )
+    split = ckpt.trainer_state.get("micro_batch")  # absent before the out-of-memory back-off existed
+    if split is not None:
+        state.batch_size, state.gradient_accumulation_steps = split["batch_size"], split["gradient_accumulation_steps"]
     if run.say:
         run.say.log(f"resumed from {ckpt.path} at step {state.step} ({state.position})")
     return state
@@ -434,6 +475,7 @@ def _train_step(run: _Run, state: TrainState, micro: list[Batch], started: float
     scale = runtime.world_size / max(n_loss, 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync
     for i, batch in enumerate(micro):
+        _check_token_cap(runtime, batch)
         sync = i == len(micro) - 1 or runtime.world_size == 1
         with run.loss_module.no_sync() if not sync else contextlib.nullcontext():
             with run.autocast():
@@ -455,16 +497,64 @@ def _train_step(run: _Run, state: TrainState, micro: list[Batch], started: float
     (loss_all,) = _all_reduce_sum([loss_total.item()], runtime, device)
     elapsed = time.perf_counter() - started
     per_epoch = run.data.micro_per_epoch[min(state.position.epoch, hp.n_epochs - 1)]
+    epoch_fraction = state.position.batch_index * state.batch_size / (per_epoch * hp.batch_size)
     state.metrics = {
         "step": state.step,
         "total_steps": hp.total_steps,
-        "epoch": state.position.epoch + state.position.batch_index / per_epoch,
+        "epoch": state.position.epoch + epoch_fraction,
         "train_loss": loss_all / max(n_loss, 1.0),
         "learning_rate": lr,
         "grad_norm": grad_norm,
         "tokens_trained": state.tokens_trained,
         "tokens_per_s": (state.tokens_trained - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
     }
+
+
+def _check_token_cap(runtime: Runtime, batch: Batch) -> None:
+    """Raise torch.OutOfMemoryError for a micro-batch above `Runtime.max_micro_batch_tokens` (the CPU stand-in)."""
+    cap, n = runtime.max_micro_batch_tokens, batch.inputs["input_ids"].numel()
+    if cap is not None and n > cap:
+        raise torch.OutOfMemoryError(f"micro-batch of {n} tokens > Runtime.max_micro_batch_tokens={cap}")
+
+
+def _train_step_or_back_off(
+    run: _Run, state: TrainState, micro: list[Batch], started: float, tokens_at_start: int
+) -> bool:
+    """`_train_step`, True; or, when it runs out of memory, split the micro-batch further and return False.
+
+    The step is then retried from its first micro-batch by the caller, with micro-batches of
+    batch_size / f rows and f times the accumulation (f the smallest prime factor of batch_size, 2 for
+    the usual powers of two): the same rows per step, so the same loss up to rounding. Alone only: on
+    several ranks one rank cannot change the split without the others, so the error ends the attempt.
+    """
+    try:
+        _train_step(run, state, micro, started, tokens_at_start)
+        return True
+    except torch.OutOfMemoryError as error:
+        if run.runtime.world_size > 1:
+            raise
+        if state.batch_size == 1:
+            raise torch.OutOfMemoryError(
+                f"{error} — even one sequence of up to max_seq_len={run.spec.max_seq_len} tokens per micro-batch "
+                "does not fit: lower max_seq_len, quantize the base (quantization 'nf4') or keep "
+                "gradient_checkpointing on"
+            ) from error
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # Outside the except block: the traceback, and the activations its frames hold, are released.
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    factor = next(f for f in range(2, state.batch_size + 1) if state.batch_size % f == 0)
+    state.batch_size //= factor
+    state.gradient_accumulation_steps *= factor
+    state.position = DataPosition(state.position.epoch, state.position.batch_index * factor)
+    if run.say:
+        run.say.log(
+            f"out of memory at step {state.step + 1} ({reason}): retrying it with micro-batches of "
+            f"{state.batch_size} sequences and {state.gradient_accumulation_steps} accumulation steps",
+            "warning",
+        )
+    return False
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
@@ -547,6 +637,10 @@ def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
                 "history": state.history,
                 "tokens_trained": state.tokens_trained,
                 "hyperparameters": run.hp.to_dict(),
+                "micro_batch": {
+                    "batch_size": state.batch_size,
+                    "gradient_accumulation_steps": state.gradient_accumulation_steps,
+                },
                 "metrics": state.metrics,
             },
         )
@@ -577,7 +671,11 @@ def _finish(run: _Run, state: TrainState, status: Status, checkpoint: Path | Non
         checkpoint=checkpoint,
         checkpoints=list_checkpoints(run.checkpoints_dir) if is_main else [],
         metrics=state.metrics,
-        hyperparameters=run.hp.to_dict(),
+        hyperparameters={
+            **run.hp.to_dict(),  # the split actually used last (an out-of-memory back-off changes it)
+            "batch_size": state.batch_size,
+            "gradient_accumulation_steps": state.gradient_accumulation_steps,
+        },
         history=state.history,
         stopped_early=state.stopped_early,
         best_step=state.best.step,
@@ -609,7 +707,9 @@ def train(
     runtime = runtime or Runtime()
     run = _setup(spec, Path(output_dir), reporter, runtime)
     hp, say = run.hp, run.say
-    state = _restore(run, resume_from) if resume_from is not None else TrainState()
+    state = TrainState(batch_size=hp.batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps)
+    if resume_from is not None:
+        state = _restore(run, resume_from, state)
     every_ckpt = math.ceil(hp.total_steps / spec.n_checkpoints) if spec.n_checkpoints else None
 
     run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -621,9 +721,11 @@ def train(
             say.metrics(0, state.metrics)
     started, tokens_at_start = time.perf_counter(), state.tokens_trained
     while state.step < hp.total_steps and state.position.epoch < hp.n_epochs:
-        batches = make_batches(run.data.train_examples, position=state.position, **run.data.batch_args)
-        for micro in _grouped(batches, hp.gradient_accumulation_steps):
-            _train_step(run, state, micro, started, tokens_at_start)
+        batch_args = {**run.data.batch_args, "batch_size": state.batch_size}
+        batches = make_batches(run.data.train_examples, position=state.position, **batch_args)
+        for micro in _grouped(batches, state.gradient_accumulation_steps):
+            if not _train_step_or_back_off(run, state, micro, started, tokens_at_start):
+                break  # the micro-batch was split further: re-plan from the same step
             if _eval_is_due(run, state):
                 _record_evaluation(run, state)
             if say:
