@@ -43,6 +43,7 @@ def varlen_attention_forward(
     *,
     cu_seq_lens_q: torch.Tensor | None = None,
     max_length_q: int | None = None,
+    cu_seq_lens_host: tuple[int, ...] | None = None,
     **_: object,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each segment of the flattened rows; transformers' attention-function signature.
@@ -70,17 +71,17 @@ def varlen_attention_forward(
             scale=scaling, window_size=(-1, 0), enable_gqa=gqa,
         )
     else:
-        out = _per_segment_attention(q, k, v, cu_seq_lens_q, scale=scaling, dropout_p=p, gqa=gqa)
+        # The segment bounds as ints: from the collator when it gave them, else read back (a device sync on CUDA).
+        bounds = cu_seq_lens_host if cu_seq_lens_host is not None else tuple(cu_seq_lens_q.tolist())
+        out = _per_segment_attention(q, k, v, bounds, scale=scaling, dropout_p=p, gqa=gqa)
     return out.view(batch, width, n_heads, head_dim), None
 
 
 def _per_segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, *,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...], *,
     scale: float | None, dropout_p: float, gqa: bool,
 ) -> torch.Tensor:
     """(N, Hq, D) from one causal SDPA per segment; the exact path (CPU, fp32, attention dropout)."""
-    # A host read of the boundaries: free on the CPU, where this path runs (on CUDA only as a fallback).
-    bounds = cu_seq_lens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, L, D)
