@@ -46,11 +46,12 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, config) -> DecoderShape:
-        """From a transformers config (Llama-style field names)."""
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        """From a transformers config (Llama-style field names; an MLP width of 4H where none is given)."""
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, kv_heads * head_dim)
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+        return cls(config.num_hidden_layers, hidden, intermediate, kv_heads * head_dim)
 
     def layer_bytes_per_token(self, activation_bytes: int) -> int:
         return activation_bytes * (6 * self.hidden_size + 2 * self.kv_size + 4 * self.intermediate_size)

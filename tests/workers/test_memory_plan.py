@@ -105,3 +105,13 @@ def test_a_run_paused_after_backing_off_resumes_with_the_smaller_micro_batch(tin
     a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (resumed, straight))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_the_shape_is_read_from_a_transformers_config():
+    from transformers import GPT2Config, LlamaConfig
+
+    llama = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8)
+    assert DecoderShape.from_config(llama) == LLAMA_1B
+    gpt2 = DecoderShape.from_config(GPT2Config(n_embd=768, n_layer=12, n_head=12))  # no intermediate_size
+    assert gpt2 == DecoderShape(n_layers=12, hidden_size=768, intermediate_size=4 * 768, kv_size=768)
