@@ -601,14 +601,15 @@ def _train_step_or_back_off(run: _Run, state: TrainState, micro: list[Batch]) ->
     return None
 
 
-def _evaluate(run: _Run) -> dict[str, float]:
+def _evaluate(run: _Run, batch_size: int) -> dict[str, float]:
     """Validation loss and token accuracy over every rank's share of the validation set."""
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, correct: read once at the end
     n_tokens = 0
     run.loss_module.eval()
     try:
         with torch.no_grad(), run.autocast():
-            for batch in make_batches(run.data.val_examples, shuffle=False, **run.data.batch_args):
+            batch_args = {**run.data.batch_args, "batch_size": batch_size}  # as training's, after any back-off
+            for batch in make_batches(run.data.val_examples, shuffle=False, **batch_args):
                 loss_sum, n_correct = _batch_loss(run, batch)
                 sums += torch.stack([loss_sum.to(torch.float64), n_correct.to(torch.float64)])
                 n_tokens += batch.n_loss_tokens
@@ -633,7 +634,7 @@ def _record_evaluation(run: _Run, state: TrainState, *, track_best: bool = True)
     """Evaluate, add the row to the history and the metrics, and update the best / early stopping."""
     from lora_core import lora_state_dict
 
-    evaluation = _evaluate(run)
+    evaluation = _evaluate(run, state.batch_size)
     state.metrics.update(evaluation)
     state.history.append({"step": state.step, **evaluation})
     if not track_best:
