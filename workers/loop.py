@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from workers.attention import use_varlen_attention
 from workers.checkpoints import (
     capture_rng_state,
     list_checkpoints,
@@ -39,8 +40,10 @@ from workers.checkpoints import (
     write_checkpoint,
 )
 from workers.datasets import read_examples
+from workers.memory_plan import DecoderShape, plan_micro_batch
 from workers.packing import Batch, DataPosition, count_batches, make_batches, plan_epoch
 from workers.reporting import Control, Reporter
+from workers.reporting_thread import ThreadedReporter
 from workers.schedule import lr_lambda
 from workers.spec import ResolvedHyperparameters, TrainingSpec, resolve_hyperparameters
 from workers.token_loss import TokenLoss
@@ -70,6 +73,19 @@ class Runtime:
     # spec.bf16 applies on CUDA only (CPU bf16 kernels are slow without AMX); True takes the same
     # path on a CPU (bf16 base, bf16 autocast), which is how the tests exercise the GPU precision path.
     bf16_on_cpu: bool = False
+    # "varlen": attention by segment lengths (workers/attention.py); "dense_mask": the block-diagonal
+    # (B, 1, T, T) mask with transformers' sdpa, kept as the reference the tests and bench compare with.
+    attention: Literal["varlen", "dense_mask"] = "varlen"
+    # A stand-in for a device's memory on a CPU: a micro-batch of more tokens (rows × width) raises
+    # torch.OutOfMemoryError in the step, as a too-large micro-batch does on a GPU; it exists so that
+    # tests can run the real out-of-memory back-off. None (the default): no such limit.
+    max_micro_batch_tokens: int | None = None
+    # Steps between reads of the metrics back to the host (one read per interval) and checks of
+    # control(); None: 10 on CUDA, where each read makes the host wait for the device, else 1.
+    log_every_steps: int | None = None
+    # Deliver log/metrics/checkpoint from a background thread (workers/reporting_thread.py), so the
+    # reporter's round trips never stall a step; None: on CUDA.
+    report_in_background: bool | None = None
 
     @property
     def is_main(self) -> bool:
@@ -140,6 +156,10 @@ class TrainState:
     best: BestEvaluation = field(default_factory=BestEvaluation)
     metrics: dict[str, float] = field(default_factory=dict)  # the last step's (or evaluation's)
     stopped_early: bool = False
+    # The current split of a step into micro-batches: the resolved values, until an out-of-memory
+    # error halves the micro-batch and doubles the accumulation (the rows of a step stay the same).
+    batch_size: int = 0
+    gradient_accumulation_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,7 +221,13 @@ def _tokenize(path: Path, tokenizer: Any, spec: TrainingSpec) -> list[TokenizedE
     return [e for e in examples if len(e) >= 2]
 
 
-def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask_dtype: torch.dtype) -> _Data:
+def _setup_data(
+    spec: TrainingSpec,
+    runtime: Runtime,
+    say: Reporter | None,
+    mask_dtype: torch.dtype,
+    max_micro_batch_sequences: int | None = None,
+) -> _Data:
     """Tokenize, plan the epochs and resolve the hyperparameters (total steps and warmup, once)."""
     from transformers import AutoTokenizer
 
@@ -243,6 +269,7 @@ def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask
         n_train_sequences=n_rows,
         world_size=runtime.world_size,
         count_micro_batches=count_micro_batches,
+        max_micro_batch_sequences=max_micro_batch_sequences,
     )
     if say:
         say.log(
@@ -257,12 +284,15 @@ def _setup_data(spec: TrainingSpec, runtime: Runtime, say: Reporter | None, mask
         seed=spec.seed,
         rank=runtime.rank,
         world_size=runtime.world_size,
+        block_mask="varlen" if runtime.attention == "varlen" else "4d",
         mask_dtype=mask_dtype,
     )
     return _Data(train_examples, val_examples, hp, planned, batch_args)
 
 
-def _build_model(spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+def _build_model(
+    spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype, attention: str = "varlen"
+) -> nn.Module:
     from lora_core import apply_lora, load_base_model, prepare_for_training, read_adapter_config
 
     # Straight onto this rank's device, dense or quantized: no CPU copy first, never spread over GPUs.
@@ -270,6 +300,8 @@ def _build_model(spec: TrainingSpec, device: torch.device, compute_dtype: torch.
         str(spec.base_model), quantization=spec.quantization, compute_dtype=compute_dtype, device=device
     )
     model = prepare_for_training(model, gradient_checkpointing=spec.gradient_checkpointing)
+    if attention == "varlen":
+        use_varlen_attention(model)
     if spec.init_adapter is not None:
         # Continue a published adapter: its own shape wins over spec.lora, its weights are the start.
         apply_lora(model, read_adapter_config(spec.init_adapter))
@@ -297,6 +329,26 @@ def _claim_device(runtime: Runtime) -> torch.device:
     return device
 
 
+def _max_micro_batch_sequences(
+    spec: TrainingSpec, model: nn.Module, device: torch.device, compute_dtype: torch.dtype, say: Reporter | None
+) -> int | None:
+    """On CUDA, the sequences of max_seq_len tokens that one micro-batch may hold (workers/memory_plan.py)."""
+    if device.type != "cuda":
+        return None  # host memory is not planned; a CPU run takes the data's batch size
+    frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
+    plan = plan_micro_batch(
+        device_bytes=torch.cuda.get_device_properties(device).total_memory,
+        weights_bytes=sum(t.numel() * t.element_size() for t in frozen),
+        n_adapter_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        shape=DecoderShape.from_config(model.config),
+        activation_bytes=torch.finfo(compute_dtype).bits // 8,
+        gradient_checkpointing=spec.gradient_checkpointing,
+    )
+    if say:
+        say.log(f"memory plan: {plan}; at most {plan.max_sequences(spec.max_seq_len)} sequences per micro-batch")
+    return plan.max_sequences(spec.max_seq_len)
+
+
 def _setup(
     spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, runtime: Runtime
 ) -> _Run:
@@ -308,10 +360,10 @@ def _setup(
     use_bf16 = spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
-    _seed_everything(spec.seed)
-    data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype)
-    _seed_everything(spec.seed)  # adapter init does not depend on how much RNG data loading used
-    model = _build_model(spec, device, compute_dtype)
+    _seed_everything(spec.seed)  # the adapter's initial weights
+    model = _build_model(spec, device, compute_dtype, runtime.attention)
+    max_micro = _max_micro_batch_sequences(spec, model, device, compute_dtype, say)
+    data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype, max_micro_batch_sequences=max_micro)
     _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own dropout stream
     params = trainable_parameters(model)
     for param in params:
@@ -328,9 +380,10 @@ def _setup(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None
         )
     hp = data.hp
-    # One fused kernel for the whole update on CUDA instead of a dozen per-tensor ops per step.
+    # One fused kernel for the whole update instead of a dozen per-tensor ops per step; it also keeps
+    # the step count off the host (the unfused AdamW reads it back with .item() for every parameter).
     optimizer = torch.optim.AdamW(
-        params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=device.type == "cuda"
+        params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=device.type in ("cuda", "cpu")
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(warmup_steps=hp.warmup_steps, total_steps=hp.total_steps, kind=hp.lr_scheduler)
@@ -355,7 +408,7 @@ def _setup(
     )
 
 
-def _restore(run: _Run, resume_from: Path) -> TrainState:
+def _restore(run: _Run, resume_from: Path, fresh: TrainState) -> TrainState:
     """Load a checkpoint's adapter, optimizer, schedule and RNG into `run`; return its TrainState."""
     ckpt = load_checkpoint(Path(resume_from))
     _load_lora_weights(run.model, ckpt.adapter_dir)
@@ -368,13 +421,29 @@ def _restore(run: _Run, resume_from: Path) -> TrainState:
         tokens_trained=int(ckpt.trainer_state["tokens_trained"]),
         history=list(ckpt.trainer_state["history"]),
         best=BestEvaluation.from_dict(ckpt.training_state["best"]),
+        batch_size=fresh.batch_size,
+        gradient_accumulation_steps=fresh.gradient_accumulation_steps,
     )
+    split = ckpt.trainer_state.get("micro_batch")  # absent before the out-of-memory back-off existed
+    if split is not None:
+        state.batch_size, state.gradient_accumulation_steps = split["batch_size"], split["gradient_accumulation_steps"]
     if run.say:
         run.say.log(f"resumed from {ckpt.path} at step {state.step} ({state.position})")
     return state
 
 
 # -------------------------------------------------------------------------------- step, evaluation
+
+
+def _on_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (copied without waiting for the device); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _batch_loss(run: _Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ token loss, n_correct) of one micro-batch on the run's device."""
+    positions = batch.loss_positions.to(run.device, non_blocking=True) if batch.loss_positions is not None else None
+    return run.loss_module(_on_device(batch.inputs, run.device), positions)
 
 
 def _all_reduce_sum(values: list[float], runtime: Runtime, device: torch.device) -> list[float]:
@@ -409,62 +478,144 @@ def _grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
         yield group
 
 
-def _train_step(run: _Run, state: TrainState, micro: list[Batch], started: float, tokens_at_start: int) -> None:
-    """One optimizer step over the micro-batches `micro`; advances `state` and sets its metrics."""
+@dataclass(frozen=True)
+class _StepRecord:
+    """A finished step's metrics before they are read back: host values, and device values read later."""
+
+    step: int
+    epoch: float
+    learning_rate: float
+    ended: float  # time.perf_counter() when the step's work was queued
+    device_values: torch.Tensor  # (4,) float64: Σ loss, loss tokens, tokens (all ranks), gradient norm
+
+
+def _train_step(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord:
+    """One optimizer step over the micro-batches `micro`; advances `state`'s step and position.
+
+    Nothing is read back from the device here: the loss, token counts and gradient norm stay device
+    tensors in the returned record (read with the other steps of the logging interval, `_read_records`).
+    """
     runtime, device, hp = run.runtime, run.device, run.hp
     # Normalise by the step's loss tokens on all ranks, so that the gradient is the mean over every
     # target token of the global batch; DDP then averages over ranks, hence * world_size.
     n_loss_local = sum(b.n_loss_tokens for b in micro)
-    n_tokens_local = sum(b.n_tokens for b in micro)
-    n_loss, n_tokens = _all_reduce_sum([float(n_loss_local), float(n_tokens_local)], runtime, device)
-    scale = runtime.world_size / max(n_loss, 1.0)
+    counts = torch.tensor([float(n_loss_local), float(sum(b.n_tokens for b in micro))], dtype=torch.float64)
+    counts = counts.to(device, non_blocking=True)
+    if runtime.world_size == 1:
+        scale: float | torch.Tensor = 1.0 / max(n_loss_local, 1)
+    else:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # stays on the device: nobody waits for it here
+        scale = (runtime.world_size / counts[0].clamp(min=1.0)).float()
     loss_total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync
     for i, batch in enumerate(micro):
+        _check_token_cap(runtime, batch)
         sync = i == len(micro) - 1 or runtime.world_size == 1
         with run.loss_module.no_sync() if not sync else contextlib.nullcontext():
             with run.autocast():
-                loss_sum, _ = run.loss_module({k: v.to(device) for k, v in batch.inputs.items()})
+                loss_sum, _ = _batch_loss(run, batch)
             (loss_sum * scale).backward()
         loss_total += loss_sum.detach()
     if hp.max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, hp.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, hp.max_grad_norm)
     else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params])))
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.params]))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if runtime.world_size > 1:
+        dist.all_reduce(loss_total, op=dist.ReduceOp.SUM)
 
     state.step += 1
     state.position = micro[-1].next_position
-    state.tokens_trained += int(n_tokens)
-    (loss_all,) = _all_reduce_sum([loss_total.item()], runtime, device)
-    elapsed = time.perf_counter() - started
     per_epoch = run.data.micro_per_epoch[min(state.position.epoch, hp.n_epochs - 1)]
-    state.metrics = {
-        "step": state.step,
-        "total_steps": hp.total_steps,
-        "epoch": state.position.epoch + state.position.batch_index / per_epoch,
-        "train_loss": loss_all / max(n_loss, 1.0),
-        "learning_rate": lr,
-        "grad_norm": grad_norm,
-        "tokens_trained": state.tokens_trained,
-        "tokens_per_s": (state.tokens_trained - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
-    }
+    epoch_fraction = state.position.batch_index * state.batch_size / (per_epoch * hp.batch_size)
+    values = torch.stack([loss_total, counts[0], counts[1], grad_norm.detach().to(torch.float64)])
+    return _StepRecord(state.step, state.position.epoch + epoch_fraction, lr, time.perf_counter(), values)
 
 
-def _evaluate(run: _Run) -> dict[str, float]:
+def _read_records(
+    run: _Run, state: TrainState, records: list[_StepRecord], started: float, tokens_at_start: int
+) -> list[dict[str, float]]:
+    """The metrics rows of `records`, read back from the device at once; updates state.tokens_trained."""
+    rows = []
+    for record, (loss, n_loss, n_tokens, grad_norm) in zip(
+        records, torch.stack([r.device_values for r in records]).tolist(), strict=True  # the one host read
+    ):
+        state.tokens_trained += int(n_tokens)
+        elapsed = record.ended - started
+        rows.append({
+            "step": record.step,
+            "total_steps": run.hp.total_steps,
+            "epoch": record.epoch,
+            "train_loss": loss / max(n_loss, 1.0),
+            "learning_rate": record.learning_rate,
+            "grad_norm": grad_norm,
+            "tokens_trained": state.tokens_trained,
+            "tokens_per_s": (state.tokens_trained - tokens_at_start) / elapsed if elapsed > 0 else 0.0,
+        })
+    return rows
+
+
+def _check_token_cap(runtime: Runtime, batch: Batch) -> None:
+    """Raise torch.OutOfMemoryError for a micro-batch above `Runtime.max_micro_batch_tokens` (the CPU stand-in)."""
+    cap, n = runtime.max_micro_batch_tokens, batch.inputs["input_ids"].numel()
+    if cap is not None and n > cap:
+        raise torch.OutOfMemoryError(f"micro-batch of {n} tokens > Runtime.max_micro_batch_tokens={cap}")
+
+
+def _train_step_or_back_off(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord | None:
+    """`_train_step`; or, when it runs out of memory, split the micro-batch further and return None.
+
+    The step is then retried from its first micro-batch by the caller, with micro-batches of
+    batch_size / f rows and f times the accumulation (f the smallest prime factor of batch_size, 2 for
+    the usual powers of two): the same rows per step, so the same loss up to rounding. Alone only: on
+    several ranks one rank cannot change the split without the others, so the error ends the attempt.
+    """
+    try:
+        return _train_step(run, state, micro)
+    except torch.OutOfMemoryError as error:
+        if run.runtime.world_size > 1:
+            raise
+        if state.batch_size == 1:
+            raise torch.OutOfMemoryError(
+                f"{error} — even one sequence of up to max_seq_len={run.spec.max_seq_len} tokens per micro-batch "
+                "does not fit: lower max_seq_len, quantize the base (quantization 'nf4') or keep "
+                "gradient_checkpointing on"
+            ) from error
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # Outside the except block: the traceback, and the activations its frames hold, are released.
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    factor = next(f for f in range(2, state.batch_size + 1) if state.batch_size % f == 0)
+    state.batch_size //= factor
+    state.gradient_accumulation_steps *= factor
+    state.position = DataPosition(state.position.epoch, state.position.batch_index * factor)
+    if run.say:
+        run.say.log(
+            f"out of memory at step {state.step + 1} ({reason}): retrying it with micro-batches of "
+            f"{state.batch_size} sequences and {state.gradient_accumulation_steps} accumulation steps",
+            "warning",
+        )
+    return None
+
+
+def _evaluate(run: _Run, batch_size: int) -> dict[str, float]:
     """Validation loss and token accuracy over every rank's share of the validation set."""
-    sums = [0.0, 0.0, 0.0]  # loss, correct, tokens
+    sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, correct: read once at the end
+    n_tokens = 0
     run.loss_module.eval()
     try:
         with torch.no_grad(), run.autocast():
-            for batch in make_batches(run.data.val_examples, shuffle=False, **run.data.batch_args):
-                loss_sum, n_correct = run.loss_module({k: v.to(run.device) for k, v in batch.inputs.items()})
-                sums = [sums[0] + loss_sum.item(), sums[1] + n_correct.item(), sums[2] + batch.n_loss_tokens]
+            batch_args = {**run.data.batch_args, "batch_size": batch_size}  # as training's, after any back-off
+            for batch in make_batches(run.data.val_examples, shuffle=False, **batch_args):
+                loss_sum, n_correct = _batch_loss(run, batch)
+                sums += torch.stack([loss_sum.to(torch.float64), n_correct.to(torch.float64)])
+                n_tokens += batch.n_loss_tokens
     finally:
         run.loss_module.train()
-    loss_total, correct_total, n_total = _all_reduce_sum(sums, run.runtime, run.device)
+    loss_total, correct_total, n_total = _all_reduce_sum([*sums.tolist(), float(n_tokens)], run.runtime, run.device)
     n_total = max(n_total, 1.0)
     return {"val_loss": loss_total / n_total, "val_token_accuracy": correct_total / n_total}
 
@@ -483,7 +634,7 @@ def _record_evaluation(run: _Run, state: TrainState, *, track_best: bool = True)
     """Evaluate, add the row to the history and the metrics, and update the best / early stopping."""
     from lora_core import lora_state_dict
 
-    evaluation = _evaluate(run)
+    evaluation = _evaluate(run, state.batch_size)
     state.metrics.update(evaluation)
     state.history.append({"step": state.step, **evaluation})
     if not track_best:
@@ -533,6 +684,10 @@ def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
                 "history": state.history,
                 "tokens_trained": state.tokens_trained,
                 "hyperparameters": run.hp.to_dict(),
+                "micro_batch": {
+                    "batch_size": state.batch_size,
+                    "gradient_accumulation_steps": state.gradient_accumulation_steps,
+                },
                 "metrics": state.metrics,
             },
         )
@@ -563,7 +718,11 @@ def _finish(run: _Run, state: TrainState, status: Status, checkpoint: Path | Non
         checkpoint=checkpoint,
         checkpoints=list_checkpoints(run.checkpoints_dir) if is_main else [],
         metrics=state.metrics,
-        hyperparameters=run.hp.to_dict(),
+        hyperparameters={
+            **run.hp.to_dict(),  # the split actually used last (an out-of-memory back-off changes it)
+            "batch_size": state.batch_size,
+            "gradient_accumulation_steps": state.gradient_accumulation_steps,
+        },
         history=state.history,
         stopped_early=state.stopped_early,
         best_step=state.best.step,
@@ -591,12 +750,36 @@ def train(
 
     Checkpoints go to `output_dir/checkpoints/step-NNNNNNNN`. `resume_from` (a checkpoint of the same
     spec) continues exactly where it stopped: same data order, RNG, optimizer and schedule.
+    Everything sent to `reporter` has been delivered when this returns (or raises).
     """
     runtime = runtime or Runtime()
-    run = _setup(spec, Path(output_dir), reporter, runtime)
+    on_cuda = (runtime.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    background = runtime.report_in_background if runtime.report_in_background is not None else on_cuda
+    if not (background and reporter is not None and runtime.is_main):
+        return _train(spec, Path(output_dir), reporter, resume_from, runtime)
+    threaded = ThreadedReporter(reporter)
+    try:
+        result = _train(spec, Path(output_dir), threaded, resume_from, runtime)
+    except BaseException:
+        try:
+            threaded.close()
+        except Exception:  # the training error is the one to raise; this one is logged
+            logger.exception("delivering the last reports of a failed run")
+        raise
+    threaded.close()
+    return result
+
+
+def _train(
+    spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, resume_from: Path | None, runtime: Runtime
+) -> TrainingResult:
+    run = _setup(spec, output_dir, reporter, runtime)
     hp, say = run.hp, run.say
-    state = _restore(run, resume_from) if resume_from is not None else TrainState()
+    state = TrainState(batch_size=hp.batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps)
+    if resume_from is not None:
+        state = _restore(run, resume_from, state)
     every_ckpt = math.ceil(hp.total_steps / spec.n_checkpoints) if spec.n_checkpoints else None
+    log_every = runtime.log_every_steps or (10 if run.device.type == "cuda" else 1)
 
     run.output_dir.mkdir(parents=True, exist_ok=True)
     run.loss_module.train()
@@ -606,17 +789,31 @@ def train(
         if say:
             say.metrics(0, state.metrics)
     started, tokens_at_start = time.perf_counter(), state.tokens_trained
+    records: list[_StepRecord] = []  # steps whose metrics are still on the device
     while state.step < hp.total_steps and state.position.epoch < hp.n_epochs:
-        batches = make_batches(run.data.train_examples, position=state.position, **run.data.batch_args)
-        for micro in _grouped(batches, hp.gradient_accumulation_steps):
-            _train_step(run, state, micro, started, tokens_at_start)
-            if _eval_is_due(run, state):
-                _record_evaluation(run, state)
-            if say:
-                say.metrics(state.step, state.metrics)
+        batch_args = {**run.data.batch_args, "batch_size": state.batch_size}
+        batches = make_batches(run.data.train_examples, position=state.position, **batch_args)
+        for micro in _grouped(batches, state.gradient_accumulation_steps):
+            record = _train_step_or_back_off(run, state, micro)
+            if record is None:
+                break  # the micro-batch was split further: re-plan from the same step
+            records.append(record)
+            eval_due = _eval_is_due(run, state)
             # Decided the same way on every rank (only rank 0 gets a path back), so that a pause right
             # after a checkpoint step does not make the other ranks save and report a second time.
             saved_this_step = bool(every_ckpt and state.step % every_ckpt == 0 and state.step < hp.total_steps)
+            last = state.step >= hp.total_steps
+            if not (eval_due or saved_this_step or last or state.step % log_every == 0):
+                continue  # the GPU keeps working: metrics and control wait for the end of the interval
+            *earlier, state.metrics = _read_records(run, state, records, started, tokens_at_start)
+            records.clear()
+            if say:
+                for row in earlier:
+                    say.metrics(row["step"], row)
+            if eval_due:
+                _record_evaluation(run, state)
+            if say:
+                say.metrics(state.step, state.metrics)
             checkpoint = _save_checkpoint(run, state) if saved_this_step else None
             if state.stopped_early:
                 if say:
@@ -630,6 +827,12 @@ def train(
                 return _finish(run, state, "cancelled", None)
             if control == "pause":
                 return _finish(run, state, "paused", checkpoint if saved_this_step else _save_checkpoint(run, state))
-            if state.step >= hp.total_steps:
+            if last:
                 break
+    if records:  # the data ran out before total_steps (it should not): still report those steps
+        *earlier, state.metrics = _read_records(run, state, records, started, tokens_at_start)
+        for row in earlier if say else []:
+            say.metrics(row["step"], row)
+        if say:
+            say.metrics(state.step, state.metrics)
     return _finish(run, state, "succeeded", None)

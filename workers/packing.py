@@ -7,11 +7,18 @@ packing is off), the rows shuffled again and cut into *global* micro-batches of
 so 1 worker with batch_size 4 and 2 workers with batch_size 2 see the same rows per step.
 
 A packed row never attends across example boundaries: `position_ids` restart at 0 for each
-example and, by default, a block-diagonal causal 4D `attention_mask` is passed, which transformers
-5 uses as-is with the sdpa and eager attention. `block_mask="position_ids"` omits it (as
-flash-attention needs); transformers then derives the same mask from the restarting positions, but
-only when no KV cache is built: call the model with `use_cache=False`, or a Llama model in eval mode
-silently attends across examples.
+example, and the attention is kept inside each example in one of three ways (`block_mask`):
+- `"varlen"` (what the training loop uses): no mask at all, but the cumulative lengths of the
+  segments of the flattened rows, `cu_seq_lens_q` (int32, n_segments + 1) and the longest,
+  `max_length_q` (and, for the exact CPU path, the same bounds as Python ints, `cu_seq_lens_host`),
+  computed once per micro-batch, for the attention of `workers.attention`
+  (variable-length flash attention on CUDA, exact per-segment SDPA on CPU). It applies to unpacked
+  rows too: an example and its padding are two segments.
+- `"4d"` (the default): a block-diagonal causal (B, 1, T, T) `attention_mask`, which transformers 5
+  uses as-is with the sdpa and eager attention; it costs T² per row and keeps sdpa off its flash kernel.
+- `"position_ids"`: neither; transformers derives the 4D mask from the restarting positions, but only
+  when no KV cache is built: call the model with `use_cache=False`, or a Llama model in eval mode
+  silently attends across examples.
 Padding is a segment of its own at the end of a row and never carries loss.
 
 Where the data stands is a `DataPosition(epoch, batch_index)`: the global micro-batch to process
@@ -21,6 +28,7 @@ next. Saving it with a checkpoint and passing it back to `make_batches` resumes 
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +46,7 @@ __all__ = [
     "plan_epoch",
 ]
 
-BlockMask = Literal["4d", "position_ids"]
+BlockMask = Literal["varlen", "4d", "position_ids"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +82,16 @@ class Batch:
     the end of an epoch so every rank runs the same number of steps; its loss sum is 0.
     """
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor | int | tuple[int, ...]]  # tensors; with "varlen" also ints (see _collate)
     n_loss_tokens: int
     n_tokens: int  # real (non-padding) tokens in this micro-batch
     n_examples: int
     position: DataPosition  # this micro-batch
     next_position: DataPosition  # where to resume once it is consumed
+    # Flat indices into (B, T) of the positions whose next token carries loss (int64, ascending):
+    # computed here from the host's lists, so that selecting them on a device needs no boolean mask,
+    # whose nonzero would make the host wait for the device.
+    loss_positions: torch.Tensor | None = None
 
     @property
     def is_last_in_epoch(self) -> bool:
@@ -187,18 +199,22 @@ def _collate(
     packed: bool,
     block_mask: BlockMask,
     mask_dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Tensors for `model(**inputs)`, padded on the right to the longest row."""
+) -> tuple[dict[str, torch.Tensor | int | tuple[int, ...]], torch.Tensor]:
+    """Tensors for `model(**inputs)`, padded on the right to the longest row, and the loss positions."""
     width = max(1, max(sum(len(examples[i]) for i in row) for row in rows))
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     segment = torch.zeros((n_rows, width), dtype=torch.long)  # example number within the row; pad = last
+    loss_positions: list[int] = []
     for r, row in enumerate(rows):
         t = 0
         for s, i in enumerate(row):
             n = len(examples[i])
+            # position t + k - 1 of the row predicts its token t + k: labels from the second token on
+            loss_positions += [r * width + t + k - 1 for k, y in enumerate(examples[i].labels)
+                               if k > 0 and y != IGNORE_INDEX]
             input_ids[r, t : t + n] = torch.tensor(examples[i].input_ids, dtype=torch.long)
             labels[r, t : t + n] = torch.tensor(examples[i].labels, dtype=torch.long)
             position_ids[r, t : t + n] = torch.arange(n)
@@ -206,8 +222,13 @@ def _collate(
             t += n
         position_ids[r, t:] = torch.arange(width - t)
         segment[r, t:] = len(row)
-    inputs = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if not packed:
+    inputs: dict[str, torch.Tensor | int] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if block_mask == "varlen":
+        lengths = [n for row in rows for n in _segment_lengths(row, examples, width)]
+        inputs["cu_seq_lens_q"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        inputs["max_length_q"] = max(lengths)
+        inputs["cu_seq_lens_host"] = tuple(itertools.accumulate(lengths, initial=0))  # the same, as ints
+    elif not packed:
         inputs["attention_mask"] = (segment == 0).long()  # (B, T) 1 = real token
     elif block_mask == "4d":
         causal = torch.ones((width, width), dtype=torch.bool).tril()
@@ -218,7 +239,14 @@ def _collate(
             mask = torch.zeros(allowed.shape, dtype=mask_dtype)
             mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
         inputs["attention_mask"] = mask[:, None]  # (B, 1, T, T)
-    return inputs
+    return inputs, torch.tensor(loss_positions, dtype=torch.long)
+
+
+def _segment_lengths(row: list[int], examples: Sequence[TokenizedExample], width: int) -> list[int]:
+    """Lengths of a row's segments: its examples, then its padding (if any); they sum to `width`."""
+    lengths = [len(examples[i]) for i in row if len(examples[i]) > 0]
+    padding = width - sum(lengths)
+    return [*lengths, padding] if padding > 0 else lengths
 
 
 def make_batches(
@@ -240,7 +268,7 @@ def make_batches(
 
     `batch_size` is rows per rank per micro-batch (a row is a packed block of up to `block_len`
     tokens, or one example when `packing=False`, padded to the longest in the batch). Every rank
-    yields the same number of batches. `mask_dtype` should be the model's compute dtype for an
+    yields the same number of batches. With `block_mask="4d"`, `mask_dtype` should be the model's compute dtype for an
     additive mask (sdpa requires a float mask to match the query dtype), or torch.bool for sdpa only.
     Iterate epochs by calling again with `DataPosition(epoch + 1, 0)`; `Batch.next_position` says so.
     """
@@ -263,13 +291,16 @@ def make_batches(
         rows = _rank_share(plan[index], rank, world_size)
         if not rows:
             rows = [[]]  # padding-only row: this rank still takes part in the step, contributing no loss
-        inputs = _collate(rows, examples, pad_id=pad_id, packed=packing, block_mask=block_mask, mask_dtype=mask_dtype)
+        inputs, loss_positions = _collate(
+            rows, examples, pad_id=pad_id, packed=packing, block_mask=block_mask, mask_dtype=mask_dtype
+        )
         nxt = DataPosition(position.epoch, index + 1) if index + 1 < len(plan) else DataPosition(position.epoch + 1, 0)
         yield Batch(
             inputs=inputs,
-            n_loss_tokens=int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()),
+            n_loss_tokens=len(loss_positions),
             n_tokens=sum(lengths[i] for row in rows for i in row),
             n_examples=sum(len(row) for row in rows),
             position=DataPosition(position.epoch, index),
             next_position=nxt,
+            loss_positions=loss_positions,
         )

@@ -32,7 +32,8 @@ _MIN_AUTO_EPOCHS = 1
 _MAX_AUTO_EPOCHS = 25
 
 # OpenAI's auto batch size is ~0.2% of the training set, at most 256 examples. Ours counts
-# sequences (packed blocks or padded examples) per micro-batch, so it also has a memory cap.
+# sequences (packed blocks or padded examples) per optimizer step per worker, at most 16; what does
+# not fit the device's memory in one micro-batch is accumulated (`max_micro_batch_sequences`).
 _AUTO_BATCH_FRACTION = 0.002
 _MAX_AUTO_BATCH_SEQUENCES = 16
 
@@ -218,6 +219,7 @@ def resolve_hyperparameters(
     n_train_sequences: int | None = None,
     world_size: int = 1,
     count_micro_batches: Callable[[int, int], Sequence[int]] | None = None,
+    max_micro_batch_sequences: int | None = None,
 ) -> ResolvedHyperparameters:
     """Turn "auto" into numbers from the dataset's size (pure; see docs/training.md for the rules).
 
@@ -227,6 +229,9 @@ def resolve_hyperparameters(
     `count_micro_batches(batch_size, n_epochs)`, when given, returns the exact number of global
     micro-batches of each epoch (the training loop plans them); the steps and warmup then follow
     from those counts instead of an estimate. It is called once.
+    `max_micro_batch_sequences` (from workers.memory_plan: what fits the device) splits an "auto"
+    batch that does not fit into micro-batches of a power of two sequences and accumulates them:
+    the sequences per optimizer step, hence the learning rate, stay what the data asks for.
     """
     if n_train_examples < 1:
         raise ValueError("training_file: has no usable examples")
@@ -242,7 +247,11 @@ def resolve_hyperparameters(
 
     n_epochs = _auto_epochs(n_train_examples) if hp.n_epochs == "auto" else hp.n_epochs
     batch_size = _auto_batch_size(n_sequences) if hp.batch_size == "auto" else hp.batch_size
-    global_batch = batch_size * hp.gradient_accumulation_steps * world_size
+    accumulation = hp.gradient_accumulation_steps
+    if hp.batch_size == "auto" and max_micro_batch_sequences is not None and batch_size > max_micro_batch_sequences:
+        micro = 2 ** math.floor(math.log2(max(1, max_micro_batch_sequences)))  # divides the power-of-two batch
+        batch_size, accumulation = micro, accumulation * (batch_size // micro)
+    global_batch = batch_size * accumulation * world_size
     if hp.learning_rate in (None, "auto"):
         learning_rate = _auto_learning_rate(global_batch) * (hp.learning_rate_multiplier or 1.0)
     else:
@@ -250,7 +259,7 @@ def resolve_hyperparameters(
 
     # A last partial step still counts: its loss is normalised by its own token count.
     if count_micro_batches is not None:
-        epoch_steps = [math.ceil(n / hp.gradient_accumulation_steps) for n in count_micro_batches(batch_size, n_epochs)]
+        epoch_steps = [math.ceil(n / accumulation) for n in count_micro_batches(batch_size, n_epochs)]
         steps_per_epoch, total_steps = max(1, epoch_steps[0]), sum(epoch_steps)
     else:
         steps_per_epoch = max(1, math.ceil(n_sequences / global_batch))
@@ -262,7 +271,7 @@ def resolve_hyperparameters(
         n_epochs=n_epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         warmup_ratio=hp.warmup_ratio,
         warmup_steps=warmup_steps,
         lr_scheduler=hp.lr_scheduler,

@@ -84,13 +84,22 @@ class TokenLoss(nn.Module):
         head = causal_lm.get_output_embeddings()
         self.rows_per_chunk = rows_per_chunk or default_rows_per_chunk(head.weight.shape[0])
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, inputs: dict[str, torch.Tensor], loss_positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss_positions`: flat indices into (B, T) of the positions whose next token carries loss
+        (`Batch.loss_positions`).
+        Given, they are gathered without the host waiting for the device; else they come from a boolean
+        mask of the labels, whose nonzero is such a wait."""
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         hidden = self.causal_lm.get_decoder()(**model_inputs, use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
-        keep = targets != IGNORE_INDEX
-        return self.head_loss(hidden[:, :-1][keep], targets[keep])  # (N, H), (N,)
+        if loss_positions is None:
+            keep = targets != IGNORE_INDEX
+            return self.head_loss(hidden[:, :-1][keep], targets[keep])  # (N, H), (N,)
+        hidden_rows = hidden.flatten(0, 1).index_select(0, loss_positions)  # (N, H)
+        return self.head_loss(hidden_rows, labels.flatten().index_select(0, loss_positions + 1))
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ cross-entropy in fp32, n_correct) of the output head over rows `hidden` (N, H)."""

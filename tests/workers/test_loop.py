@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from workers.loop import Runtime, _build_model, train
 from workers.reporting import FileReporter, ListReporter, LoggingReporter, read_events
@@ -240,3 +241,59 @@ def test_tiny_model_learns_the_synthetic_task(tiny_model_dir, tmp_path):
     # From a random base: ~ln(vocab) at the start; format and word distribution learnt by step 100.
     assert end["val_loss"] <= 0.75 * start["val_loss"]
     assert end["val_token_accuracy"] >= start["val_token_accuracy"] + 0.3
+
+
+# ------------------------------------------------------------------------------------ host syncs
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the operations that make the host read a tensor's values (a device sync on a GPU):
+    .item()/float()/int()/bool() (aten._local_scalar_dense), boolean-mask indexing and nonzero
+    (aten.nonzero, whose output size is data-dependent), and .tolist() (patched in by the test)."""
+
+    _READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
+              "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self._READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ReadsAtEachMetricsRow(ListReporter):
+    """A ListReporter that notes how many host reads had happened when each metrics row arrived."""
+
+    def __init__(self, reads: _HostReads):
+        super().__init__()
+        self.reads = reads
+        self.reads_at: dict[int, int] = {}
+
+    def metrics(self, step, values):
+        self.reads_at[step] = self.reads.count
+        super().metrics(step, values)
+
+
+def test_steps_read_device_values_back_once_per_logging_interval(tiny_model_dir, data, tmp_path, monkeypatch):
+    """No host read inside a step: loss, token counts and grad norm are read once per interval of 4 steps."""
+    reads = _HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        reads.count += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    spec = _spec(tiny_model_dir, {"training_file": data["training_file"]}, packing=True,
+                 hyperparameters={"batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 8})
+    reporter = _ReadsAtEachMetricsRow(reads)
+    with reads:
+        result = train(spec, output_dir=tmp_path / "out", reporter=reporter, runtime=Runtime(log_every_steps=4))
+    assert result.step == 8 and [s for s, _ in reporter.series("train_loss")] == list(range(1, 9))
+    # Steps 1-4 arrive together, then 5-8: between them ran steps 5-8 (8 micro-batches) and one read.
+    assert reporter.reads_at[1] == reporter.reads_at[4]
+    assert reporter.reads_at[5] - reporter.reads_at[4] <= 1
+    assert all(math.isfinite(row["train_loss"]) and row["grad_norm"] > 0 for _, row in reporter.metric_rows)

@@ -180,3 +180,17 @@ def test_resuming_from_a_data_position_yields_exactly_the_remaining_batches(exam
 def test_examples_longer_than_the_block_are_rejected_with_advice(examples):
     with pytest.raises(ValueError, match="max_seq_len <= block_len"):
         plan_epoch([len(e) for e in examples], block_len=8, batch_size=1, seed=0)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_loss_positions_are_the_positions_whose_next_token_carries_loss(examples, packing):
+    for batch in make_batches(examples, block_len=128, batch_size=3, packing=packing, pad_id=0, seed=2,
+                              block_mask="varlen"):
+        labels = batch.inputs["labels"]
+        carries = torch.zeros_like(labels, dtype=torch.bool)
+        carries[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        assert torch.equal(batch.loss_positions, carries.flatten().nonzero().squeeze(1))
+        assert batch.n_loss_tokens == len(batch.loss_positions)
+        bounds = batch.inputs["cu_seq_lens_q"].tolist()
+        assert list(batch.inputs["cu_seq_lens_host"]) == bounds and bounds[-1] == labels.numel()
+        assert batch.inputs["max_length_q"] == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
