@@ -1,0 +1,87 @@
+"""Redis as the deployment runs it: infra/redis.conf with the ACL file infra/redis-acl.sh writes, served by
+a real redis-server. lorafleet logs in as `lorafleet` with the password in LORAFLEET_REDIS_URL; without it,
+or with the wrong one, Redis refuses and says so."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from fleet.settings import Settings, make_redis
+from tests.conftest import free_port, wait_for_port
+from tests.deploy.conftest import ROOT
+
+PASSWORD = "Xq3_acl-test-password"
+
+
+def _write_acl(path: Path, password: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(ROOT / "infra/redis-acl.sh"), str(path)], capture_output=True, text=True,
+                          env={**os.environ, "REDIS_PASSWORD": password}, timeout=30)
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[int]:
+    """redis-server with the repository's redis.conf and ACL file; its port. Only dir, port and bind
+    are overridden (the container's /data and the compose network's interface)."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed: run `make test` (it installs it with apt-get)"
+    acl = tmp_path / "users.acl"
+    assert _write_acl(acl, PASSWORD).returncode == 0
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, str(ROOT / "infra/redis.conf"), "--aclfile", str(acl), "--dir", str(tmp_path),
+         "--port", str(port), "--bind", "127.0.0.1", "--logfile", str(tmp_path / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_acl_file_holds_a_hash_not_the_password(tmp_path: Path) -> None:
+    acl = tmp_path / "users.acl"
+    assert _write_acl(acl, PASSWORD).returncode == 0
+    text = acl.read_text()
+    assert PASSWORD not in text
+    assert "user default off" in text and "user lorafleet on #" in text
+    assert oct(acl.stat().st_mode & 0o777) == "0o600"
+
+
+def test_acl_script_refuses_an_empty_password(tmp_path: Path) -> None:
+    result = _write_acl(tmp_path / "users.acl", "")
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD" in result.stderr
+    assert not (tmp_path / "users.acl").exists()
+
+
+def test_lorafleet_works_with_the_password_in_the_url(acl_redis: int) -> None:
+    client = make_redis(Settings(redis_url=f"redis://lorafleet:{PASSWORD}@127.0.0.1:{acl_redis}/0"))
+    assert client.ping()
+    client.set("lorafleet:deploy-check", "ok")
+    assert client.get("lorafleet:deploy-check") == "ok"
+    assert client.acl_whoami() == "lorafleet"
+    # the script sent by every fleet store needs EVAL/EVALSHA: +@all grants them
+    assert client.eval("return redis.call('GET', KEYS[1])", 1, "lorafleet:deploy-check") == "ok"
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "message"),
+    [("", "Authentication required"),
+     (f":{PASSWORD}@", "invalid username-password pair"),  # the default user is off
+     ("lorafleet:wrong@", "invalid username-password pair")],
+    ids=["no-credentials", "default-user", "wrong-password"],
+)
+def test_without_the_right_login_redis_refuses_with_a_clear_message(acl_redis: int, userinfo: str,
+                                                                     message: str) -> None:
+    client = make_redis(Settings(redis_url=f"redis://{userinfo}127.0.0.1:{acl_redis}/0"))
+    with pytest.raises(redis.AuthenticationError, match=message):
+        client.ping()
