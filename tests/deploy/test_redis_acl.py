@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +86,55 @@ def test_without_the_right_login_redis_refuses_with_a_clear_message(acl_redis: i
     client = make_redis(Settings(redis_url=f"redis://{userinfo}127.0.0.1:{acl_redis}/0"))
     with pytest.raises(redis.AuthenticationError, match=message):
         client.ping()
+
+
+def _start(binary: str, args: list[str], port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([binary, *args, "--port", str(port), "--bind", "127.0.0.1", "--logfile", str(log)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc=proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_rdb_backup_over_the_network_restores_as_docs_deploy_says(acl_redis: int, tmp_path: Path) -> None:
+    """docs/deploy.md, "Backups": `redis-cli --user lorafleet --rdb FILE` as the ACL user, then restore:
+    dump.rdb in an empty data dir, start with --appendonly no, CONFIG SET appendonly yes, restart as usual."""
+    source = make_redis(Settings(redis_url=f"redis://lorafleet:{PASSWORD}@127.0.0.1:{acl_redis}/0"))
+    source.hset("lorafleet:job:ftjob-1", mapping={"status": "running", "attempt": "2"})
+    backup = tmp_path / "backup.rdb"
+    subprocess.run(["redis-cli", "-p", str(acl_redis), "--user", "lorafleet", "--rdb", str(backup)],
+                   env={**os.environ, "REDISCLI_AUTH": PASSWORD}, check=True, capture_output=True, timeout=60)
+
+    binary = shutil.which("redis-server")
+    assert binary
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(backup, restored / "dump.rdb")
+    acl = tmp_path / "users.acl"
+    conf = [str(ROOT / "infra/redis.conf"), "--aclfile", str(acl), "--dir", str(restored)]
+    port = free_port()
+    url = f"redis://lorafleet:{PASSWORD}@127.0.0.1:{port}/0"
+    proc = _start(binary, [*conf, "--appendonly", "no"], port, tmp_path / "restore.log")
+    try:
+        client = make_redis(Settings(redis_url=url))
+        client.config_set("appendonly", "yes")
+        deadline = time.monotonic() + 30
+        while client.info("persistence")["aof_rewrite_in_progress"] or client.info("persistence")[
+                "aof_rewrite_scheduled"]:
+            assert time.monotonic() < deadline, "Redis did not finish rewriting the AOF within 30 s"
+            time.sleep(0.1)
+        client.close()
+    finally:
+        _stop(proc)
+    (restored / "dump.rdb").unlink()  # the AOF alone must carry the data now
+    proc = _start(binary, conf, port, tmp_path / "after.log")
+    try:
+        client = make_redis(Settings(redis_url=url))
+        assert client.hgetall("lorafleet:job:ftjob-1") == {"status": "running", "attempt": "2"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        _stop(proc)
