@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +139,23 @@ def test_rdb_backup_over_the_network_restores_as_docs_deploy_says(acl_redis: int
         assert client.config_get("appendonly") == {"appendonly": "yes"}
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_lorafleet_refuses_to_start_when_redis_refuses_its_login(acl_redis: int, tmp_path: Path,
+                                                                 command: str) -> None:
+    """A wrong password is a configuration error: the API and the dispatcher stop at once and say what to
+    fix, instead of serving 503s or retrying forever as if Redis were down."""
+    env = {**os.environ, "LORAFLEET_REDIS_URL": f"redis://lorafleet:wrong@127.0.0.1:{acl_redis}/0",
+           "LORAFLEET_DATA_DIR": str(tmp_path / "var"), "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "service.cli", command]
+    if command == "serve":
+        argv += ["--port", str(free_port())]
+    try:
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`lorafleet {command}` kept running for 60 s with a password Redis refuses")
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())
+    assert "invalid username-password pair" in message and "LORAFLEET_REDIS_URL" in message, result.stderr
+    assert "wrong" not in message, "the password must not be printed"
