@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -159,3 +160,17 @@ def test_lorafleet_refuses_to_start_when_redis_refuses_its_login(acl_redis: int,
     message = " ".join(result.stderr.split())
     assert "invalid username-password pair" in message and "LORAFLEET_REDIS_URL" in message, result.stderr
     assert "wrong" not in message, "the password must not be printed"
+
+
+def test_the_api_serves_with_the_password_in_the_url(acl_redis: int, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "LORAFLEET_REDIS_URL": f"redis://lorafleet:{PASSWORD}@127.0.0.1:{acl_redis}/0",
+           "LORAFLEET_DATA_DIR": str(tmp_path / "var"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout_s=60, proc=proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
