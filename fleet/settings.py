@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
 
     from fleet.objectstore import ObjectStore
 
-__all__ = ["Settings", "make_redis", "check_redis_client", "make_object_store", "load_catalog"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["Settings", "make_redis", "check_redis_client", "check_redis_login", "make_object_store", "load_catalog"]
 
 MIB = 1024 * 1024
 REDIS_SOCKET_TIMEOUT_S = 30.0
@@ -116,6 +119,27 @@ def check_redis_client(client: redis.Redis) -> None:
             "build one with fleet.settings.make_redis(settings) or "
             "redis.Redis.from_url(url, decode_responses=True)."
         )
+
+
+def check_redis_login(client: redis.Redis) -> None:
+    """Raise ValueError when Redis refuses the login in the client's URL: a configuration error that no
+    retry fixes. Called once when a process starts. An unreachable Redis is not an error here: the API
+    answers 503 and dispatchers back off until it returns."""
+    import redis
+
+    try:
+        client.ping()
+    except redis.AuthenticationError as e:  # a subclass of ConnectionError: test it first
+        kwargs = client.connection_pool.connection_kwargs
+        login = f"user {kwargs['username']!r}" if kwargs.get("username") else "the default user"
+        password = "with a password" if kwargs.get("password") else "without a password"
+        raise ValueError(
+            f"Redis refused the login of LORAFLEET_REDIS_URL ({login}, {password}): {e} "
+            "Set LORAFLEET_REDIS_URL to redis://USER:PASSWORD@HOST:PORT/DB with the ACL user and password "
+            "Redis was started with (docs/deploy.md)."
+        ) from e
+    except redis.ConnectionError as e:
+        logger.warning("Redis is not reachable yet (%s); its login is checked on first use", e)
 
 
 def make_object_store(settings: Settings) -> ObjectStore:

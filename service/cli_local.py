@@ -30,6 +30,19 @@ def _settings():
         raise typer.BadParameter(f"invalid settings: {problems}") from e
 
 
+def _check_redis_login(settings) -> None:
+    """Stop at start-up, saying what to fix, when Redis refuses the configured login."""
+    from fleet.settings import check_redis_login, make_redis
+
+    client = make_redis(settings)
+    try:
+        check_redis_login(client)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    finally:
+        client.close()
+
+
 def up(
     port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="Where Redis, objects, models and logs live.")] = Path("./var"),
@@ -52,7 +65,9 @@ def serve(
     from service.server import run_server
 
     _configure_logging(log_level)
-    run_server(_settings(), host=host, port=port, log_level=log_level)
+    settings = _settings()
+    _check_redis_login(settings)
+    run_server(settings, host=host, port=port, log_level=log_level)
 
 
 def worker(
@@ -63,7 +78,9 @@ def worker(
     from workers.dispatcher import Dispatcher
 
     _configure_logging(log_level)
-    dispatcher = Dispatcher(_settings(), worker_id=worker_id)
+    settings = _settings()
+    _check_redis_login(settings)
+    dispatcher = Dispatcher(settings, worker_id=worker_id)
     dispatcher.connect_ray()
     # After Ray's own handlers: SIGTERM behaves like Ctrl-C, so a running job is handed back to the
     # queue and resumes elsewhere from its last checkpoint.
