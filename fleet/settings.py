@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     )
     train_workers_per_job: int = Field(default=1, ge=1, description="Ray Train workers (ranks) per job.")
     use_gpu: bool = Field(default=False, description="One GPU per Ray Train worker.")
+    train_resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description='Ray resources each Train worker asks for, e.g. {"CPU": 2} or a custom node label '
+                    '{"a100": 1}; empty: Ray Train\'s default (1 CPU, or 1 GPU with use_gpu).',
+    )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
 
     @model_validator(mode="after")
