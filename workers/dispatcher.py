@@ -43,6 +43,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
+from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
 from workers.spec import AUTO_BASE_LEARNING_RATE, Hyperparameters, LoraSpec, TrainingSpec
 
@@ -364,9 +365,11 @@ class Dispatcher:
         self.run_claim(claim)
 
     def run_claim(self, claim: Claim) -> None:
-        """Run one claimed attempt to its end; never raises for a job's own failure."""
-        from workers.ray_train import TrainingSetupError
+        """Run one claimed attempt to its end; never raises for a job's own failure.
 
+        Nothing slow may run between the claim and the heartbeat's start: the lease runs from the claim
+        (workers.ray_train, which imports torch, is imported with this module for that reason).
+        """
         job, attempt = claim.job, claim.attempt
         work_dir = self.work_root / job.id / f"attempt-{attempt}"
         logger.info("running %s attempt %d in %s", job.id, attempt, work_dir)
@@ -510,8 +513,6 @@ class Dispatcher:
                resume_from: Path | None):
         """Run the training phase on Ray; a cancel, pause or lost lease kills the run wherever it is
         (waiting for resources, training, hung) and raises StopRequested or FencedOut."""
-        from workers.ray_train import TrainingAborted, run_training_on_ray
-
         heartbeat.raise_if_stopped()
         n = self.settings.train_workers_per_job
         self.jobs.append_event(job.id, "info", f"Starting training on Ray ({n} worker(s)); waiting for resources.")
