@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from fleet import keys
 from tests.reliability.conftest import LEASE_MS, wait_for
 from tests.service.test_end_to_end import _download_version
 
@@ -25,19 +26,19 @@ def _resumed_from(stack, job_id: str) -> int | None:
     return int(resumed[0].rsplit(" ", 1)[1].rstrip(".")) if resumed else None
 
 
-def test_a_killed_dispatchers_jobs_are_reclaimed_while_every_other_dispatcher_is_busy(fleet_stack):
+def test_a_killed_dispatchers_jobs_are_reclaimed_while_every_other_dispatcher_is_busy(fleet_stack, redis_server):
     stack = fleet_stack(n_train=400)
-    # Two dispatchers that will die, each with a job; one that stays busy with a long job of its own.
-    # Each dispatcher starts alone with nothing queued, so the job created next is the one it takes.
-    doomed = {}
-    for name, suffix in (("dispatcher-doomed-1", "survivor"), ("dispatcher-doomed-2", "to-cancel")):
-        proc = stack.start_dispatcher(name)
-        job = stack.create_job(n_epochs=3, suffix=suffix)
-        wait_for(lambda j=job.id: _running(stack, j), f"{name} to take {job.id}", timeout_s=120)
-        doomed[suffix] = (proc, job.id)
-    stack.start_dispatcher("dispatcher-busy")
-    busy = stack.create_job(n_epochs=20, suffix="long")
-    wait_for(lambda: _running(stack, busy.id), "the busy dispatcher to take its job", timeout_s=120)
+    procs = {name: stack.start_dispatcher(name) for name in ("dispatcher-a", "dispatcher-b", "dispatcher-c")}
+    survivor_job = stack.create_job(n_epochs=3, suffix="survivor")
+    to_cancel_job = stack.create_job(n_epochs=3, suffix="to-cancel")
+    busy = stack.create_job(n_epochs=20, suffix="long")  # keeps the dispatcher that is left busy
+    jobs = [survivor_job.id, to_cancel_job.id, busy.id]
+    wait_for(lambda: all(_running(stack, j) for j in jobs), "each dispatcher to take a job", timeout_s=180)
+    owners = {j: redis_server.client(decode_responses=True).hget(keys.job(j), "worker_id") for j in jobs}
+    assert sorted(owners.values()) == sorted(procs), owners
+    # The two that die: the survivor's and the to-cancel job's dispatchers.
+    doomed = {"survivor": (procs[owners[survivor_job.id]], survivor_job.id),
+              "to-cancel": (procs[owners[to_cancel_job.id]], to_cancel_job.id)}
     survivor = doomed["survivor"][1]
     wait_for(lambda: stack.checkpoint_steps(survivor), "a first checkpoint of the survivor", timeout_s=180)
 
