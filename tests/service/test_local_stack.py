@@ -142,3 +142,25 @@ def test_sigterm_during_start_up_leaves_no_child_alive(tmp_path: Path, private_t
     _wait_gone(_processes_in(redis_dir.resolve()), "redis-server")
     _wait_gone(started - {proc.pid}, "a child process")
     _wait_gone(_processes_mentioning(str(data_dir)) | _processes_mentioning(str(private_tmpdir)), "a process")
+
+
+def test_a_worker_without_ray_address_starts_its_own_ray_despite_a_stale_cluster_file(
+        tmp_path: Path, private_tmpdir: Path, redis_server):
+    (private_tmpdir / "ray").mkdir()
+    (private_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
+    env = {**_up_env(private_tmpdir), "LORAFLEET_REDIS_URL": redis_server.url,
+           "LORAFLEET_DATA_DIR": str(tmp_path / "var")}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--worker-id", "solo"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("joined Ray at" in line for line in output):
+            assert time.monotonic() < deadline, "the worker did not start Ray within 120 s:\n" + "".join(output)
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(output)
+            output.append(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    _wait_gone(_processes_mentioning(str(private_tmpdir)), "a Ray process of the worker")
