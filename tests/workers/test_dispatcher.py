@@ -312,3 +312,24 @@ def test_cancel_and_pause_stop_a_job_waiting_for_ray_resources(ray_job_setup, ra
     took_s = time.monotonic() - requested
     assert took_s < 5.0, f"the {signal} took {took_s:.1f}s"
     assert jobs.load_job(job.id).status == (JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED)
+
+
+@pytest.mark.slow
+def test_an_attempt_that_redis_outlasts_is_handed_back_not_failed(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", lease_ms=60_000, heartbeat_ms=500)
+    jobs = JobStore(make_redis(settings))
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-1", validated=True).job
+    claim = jobs.claim_next_job("outage-worker", lease_ms=settings.lease_ms)
+
+    redis_server.kill()
+    # Back after the attempt's first Redis call gave up (its retries last 8.5-17 s, ~12.8 s on
+    # average) and while its closing write is still retrying.
+    restart = threading.Timer(16.0, redis_server.start)
+    restart.start()
+    try:
+        Dispatcher(settings, worker_id="outage-worker").run_claim(claim)
+    finally:
+        restart.join(timeout=60)
+    after = jobs.load_job(job.id)
+    assert after.status == JobStatus.QUEUED, after.error  # to resume from its checkpoint, not failed
+    assert after.error is None
