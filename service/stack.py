@@ -43,25 +43,26 @@ class StackOptions:
     ray_address: str | None = None  # None: start a private local Ray cluster
 
 
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: unwind whatever start-up step runs, then stop every child."""
+
+
 @dataclass
 class _Children:
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    starting: bool = False  # a child is being forked and recorded: a stop waits until it is on the list
+    stop_pending: str | None = None
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
         log = open(log_path, "ab")  # the child owns it for its whole life
-        # A stop signal arriving between the fork and the append would leave the child unrecorded and
-        # running: hold SIGINT/SIGTERM until it is on the list (the child starts with them unblocked).
-        held = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        self.starting = True
         try:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, held))
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self.procs.append((name, proc))
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-        logger.info("started %s (pid %d), log: %s", name, proc.pid, log_path)
-        return proc
-
+            self.starting = False
+        if self.stop_pending:
+            raise _StopRequested(self.stop_pending)
     def first_dead(self) -> tuple[str, subprocess.Popen] | None:
         return next(((n, p) for n, p in self.procs if p.poll() is not None), None)
 
@@ -165,10 +166,6 @@ def _bootstrap_tenant(redis_url: str, opts: StackOptions) -> str:
     return key
 
 
-class _StopRequested(Exception):
-    """SIGINT or SIGTERM arrived: unwind whatever start-up step runs, then stop every child."""
-
-
 def _start_ray(opts: StackOptions) -> str:
     """Start a private local Ray cluster (or join `opts.ray_address`); returns its GCS address."""
     import ray
@@ -194,9 +191,13 @@ def run_local_stack(opts: StackOptions) -> int:
 
     def _on_signal(signum, _frame):
         nonlocal stopping
-        if not stopping:  # a second signal while stopping must not cut the clean-up short
-            stopping = True
-            raise _StopRequested(signal.Signals(signum).name)
+        if stopping:  # a second signal while stopping must not cut the clean-up short
+            return
+        stopping = True
+        if children.starting:  # raising mid-fork could lose the child: _Children.start raises instead
+            children.stop_pending = signal.Signals(signum).name
+            return
+        raise _StopRequested(signal.Signals(signum).name)
 
     # Installed first, so a stop during start-up also reaches the `finally` that stops the children.
     handlers = (signal.SIGINT, signal.SIGTERM)
