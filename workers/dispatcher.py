@@ -215,6 +215,10 @@ class StopRequested(Exception):
         self.signal = signal
 
 
+class _AlreadyFinished(Exception):
+    """The attempt already wrote the job's end (a cancel or pause during training); nothing is left to do."""
+
+
 class _Heartbeat:
     """Renews a claim's lease every heartbeat_ms on its own thread; keeps the latest control signal
     RENEW returns (`control`) and notes when the claim is lost (`lost`)."""
@@ -257,14 +261,19 @@ class _Heartbeat:
 
 class _TrainingStop:
     """`should_stop` for a training run: at once when fenced out or cancelled; for a pause, after the
-    loop had _PAUSE_GRACE_S to checkpoint and stop by itself (a withdrawn pause restarts the clock)."""
+    loop had _PAUSE_GRACE_S to checkpoint and stop by itself (a withdrawn pause restarts the clock).
 
-    def __init__(self, heartbeat: _Heartbeat) -> None:
-        self.heartbeat = heartbeat
+    On a cancel or pause it first calls `end_job(signal)`, so the job ends as the user asked at once,
+    while the run is still being torn down (its late writes are fenced out)."""
+
+    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None]) -> None:
+        self.heartbeat, self.end_job = heartbeat, end_job
         self.reason: str | None = None
         self._pause_seen_at: float | None = None
 
     def __call__(self) -> str | None:
+        if self.reason is not None:
+            return self.reason
         if self.heartbeat.lost.is_set():
             self.reason = "fenced"
         elif self.heartbeat.control == "cancel":
@@ -275,6 +284,8 @@ class _TrainingStop:
                 self.reason = "pause"
         else:
             self._pause_seen_at = None
+        if self.reason in ("cancel", "pause"):
+            self.end_job(self.reason)  # type: ignore[arg-type]
         return self.reason
 
 
@@ -378,6 +389,8 @@ class Dispatcher:
                 self._run_attempt(job, attempt, work_dir, heartbeat)
         except FencedOut as e:
             logger.warning("%s: %s", job.id, e)
+        except _AlreadyFinished as e:
+            logger.info("%s", e)
         except StopRequested as e:
             self._finish_quietly(job, attempt, JobStatus.CANCELLED if e.signal == "cancel" else JobStatus.PAUSED)
         except CancelRequested:
@@ -511,12 +524,16 @@ class Dispatcher:
 
     def _train(self, job: Job, attempt: int, spec: TrainingSpec, work_dir: Path, heartbeat: _Heartbeat,
                resume_from: Path | None):
-        """Run the training phase on Ray; a cancel, pause or lost lease kills the run wherever it is
-        (waiting for resources, training, hung) and raises StopRequested or FencedOut."""
+        """Run the training phase on Ray; a cancel, pause or lost lease stops the run wherever it is
+        (waiting for resources, training, hung): the job is ended first, then the run torn down."""
         heartbeat.raise_if_stopped()
         n = self.settings.train_workers_per_job
         self.jobs.append_event(job.id, "info", f"Starting training on Ray ({n} worker(s)); waiting for resources.")
-        stop = _TrainingStop(heartbeat)
+        def end_job(signal: ControlSignal) -> None:
+            status = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
+            self._finish_quietly(job, attempt, status)
+
+        stop = _TrainingStop(heartbeat, end_job)
         try:
             result = run_training_on_ray(
                 spec,
@@ -534,7 +551,7 @@ class Dispatcher:
         except TrainingAborted:
             if stop.reason == "fenced":
                 raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training") from None
-            raise StopRequested("cancel" if stop.reason == "cancel" else "pause") from None
+            raise _AlreadyFinished(f"{job.id}: {stop.reason} honoured while training") from None
         if heartbeat.lost.is_set():
             raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training")
         return result

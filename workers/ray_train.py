@@ -10,11 +10,10 @@ broadcast each step so all ranks stop together. Each checkpoint is reported with
 `storage_path` must be storage every node can reach (a shared filesystem or an s3:// URI) when the
 workers span several nodes; the final adapter comes back to the driver through it.
 
-`fit()` runs inside a Ray task the caller can abort: while it waits for resources, trains, or hangs
-in a collective, `should_stop` is polled, and a yes kills the task (its controller and worker group
-die with it, as actors die with their owner). Errors that retrying cannot fix (an invalid config, a
-target module the model lacks, an unusable dataset) end the run at once as TrainingSetupError
-instead of being retried `max_failures` times.
+`fit()` runs inside a Ray task the caller can stop: while it waits for resources, trains, or hangs
+in a collective, `should_stop` is polled, and a yes aborts the run (see `_stop_fit`). Errors that
+retrying cannot fix (an invalid config, a target module the model lacks, an unusable dataset) end
+the run at once as TrainingSetupError instead of being retried `max_failures` times.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ __all__ = ["TrainingAborted", "TrainingSetupError", "run_training_on_ray"]
 
 _FINAL_DIR = "final"
 _RESULT_FILE = "training_result.json"
+_ABORT_GRACE_S = 2.0  # how long a stopped run may take to abort gracefully before it is killed
 _SETUP_ERROR = "setup_error"  # key of the result a worker returns instead of raising a deterministic error
 # Raised by bad input, not by the machine: the same spec fails the same way on every retry. Covers
 # lora_core's LoraConfigError/TargetModulesError, DatasetFormatError, ChatTemplateError, pydantic's
@@ -196,14 +196,13 @@ def _fit(trainer_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, BaseExcep
 def _run_abortable(
     trainer_kwargs: dict[str, Any], name: str, should_stop: Callable[[], str | None] | None, poll_s: float
 ) -> tuple[dict[str, Any], Any, BaseException | None]:
-    """Run `_fit` as a Ray task (no CPU of its own) and wait for it, killing it when asked to stop.
+    """Run `_fit` as a Ray task (no CPU of its own) and wait for it, stopping it when asked to.
 
-    Killing the task kills the Train controller it owns, which takes the worker group and its
-    placement group with it: a run stuck waiting for resources or in a collective stops as well.
-    Leaving this function any other way (KeyboardInterrupt on dispatcher shutdown) kills it too.
+    Leaving this function any other way (KeyboardInterrupt on dispatcher shutdown) stops it too.
     """
     import ray
 
+    groups_before = _placement_groups_of_this_job()
     task = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(trainer_kwargs)
     finished = False
     try:
@@ -215,6 +214,39 @@ def _run_abortable(
         return ray.get(task)
     finally:
         if not finished:
-            started = time.monotonic()
-            ray.cancel(task, force=True)
-            logger.info("killed training run %s (%.1fs)", name, time.monotonic() - started)
+            _stop_fit(task, name, groups_before)
+
+
+def _stop_fit(task: Any, name: str, groups_before: set[str]) -> None:
+    """Stop a running `_fit` task, whatever it is doing (waiting for resources, training, hung).
+
+    First as Ctrl-C would: TorchTrainer.fit, on the task's main thread, answers SIGINT by aborting its
+    controller, which shuts the worker group down and removes its placement group. If that has not
+    ended the task within _ABORT_GRACE_S, the task is killed; its controller and workers die with it
+    (actors die with their owner), but placement groups live as long as the job that made them (Ray
+    Train's own cleaner needs the dashboard's state API), so the ones this run made are removed here.
+    """
+    import ray
+
+    started = time.monotonic()
+    ray.cancel(task, force=False)
+    if ray.wait([task], timeout=_ABORT_GRACE_S)[0]:
+        logger.info("aborted training run %s (%.1fs)", name, time.monotonic() - started)
+        return
+    ray.cancel(task, force=True)
+    ray.wait([task], timeout=_ABORT_GRACE_S)
+    leftover = _placement_groups_of_this_job() - groups_before
+    for group_id in leftover:
+        ray.util.remove_placement_group(ray.util.placement_group.PlacementGroup(
+            ray.PlacementGroupID(bytes.fromhex(group_id))))
+    logger.info("killed training run %s (%.1fs, removed %d placement group(s))",
+                name, time.monotonic() - started, len(leftover))
+
+
+def _placement_groups_of_this_job() -> set[str]:
+    """Ids of the live placement groups created under this driver's Ray job (an id ends with its job's)."""
+    import ray
+
+    job_id = ray.get_runtime_context().get_job_id()
+    return {group_id for group_id, info in ray.util.placement_group_table().items()
+            if group_id.endswith(job_id) and info["state"] != "REMOVED"}

@@ -77,3 +77,9 @@ def test_cancel_and_pause_take_effect_in_every_phase(fleet_stack, tmp_path):
         expected_versions = [1] if status == "succeeded" else []
         assert stack.versions(_suffix("publishing", signal)) == expected_versions, status
         assert (stack.job(job_id).fine_tuned_model is not None) == (status == "succeeded")
+
+    # The runs stopped midway were killed whole: no worker of theirs still holds a CPU.
+    import ray
+
+    wait_for(lambda: ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"],
+             "every CPU of the Ray cluster to be free again", timeout_s=30, every_s=0.5)

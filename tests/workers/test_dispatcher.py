@@ -307,11 +307,12 @@ def test_cancel_and_pause_stop_a_job_waiting_for_ray_resources(ray_job_setup, ra
 
     (jobs.request_cancel if signal == "cancel" else jobs.request_pause)("t1", job.id)
     requested = time.monotonic()
+    expected = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
+    while jobs.load_job(job.id).status != expected:
+        assert time.monotonic() - requested < 5.0, f"the {signal} did not end a job waiting for resources in 5 s"
+        time.sleep(0.05)
     thread.join(timeout=15)
-    assert not thread.is_alive(), f"the {signal} did not stop a job waiting for resources"
-    took_s = time.monotonic() - requested
-    assert took_s < 5.0, f"the {signal} took {took_s:.1f}s"
-    assert jobs.load_job(job.id).status == (JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED)
+    assert not thread.is_alive(), f"the dispatcher did not tear the run down after the {signal}"
 
 
 @pytest.mark.slow
