@@ -23,6 +23,11 @@ __all__ = ["Settings", "make_redis", "check_redis_client", "check_redis_login", 
 MIB = 1024 * 1024
 REDIS_SOCKET_TIMEOUT_S = 30.0
 MAX_BLOCK_S = 10.0  # longest blocking Redis call fleet makes; below REDIS_SOCKET_TIMEOUT_S
+# A command that cannot reach Redis is retried with exponential backoff (0.2 s doubling, capped at 2 s,
+# each wait jittered down to half) for 8.5-17 s in all, so a Redis restart or failover is ridden out.
+REDIS_RETRIES = 10
+REDIS_BACKOFF_BASE_S = 0.1
+REDIS_BACKOFF_CAP_S = 2.0
 
 
 class Settings(BaseSettings):
@@ -81,6 +86,11 @@ class Settings(BaseSettings):
     )
     train_workers_per_job: int = Field(default=1, ge=1, description="Ray Train workers (ranks) per job.")
     use_gpu: bool = Field(default=False, description="One GPU per Ray Train worker.")
+    train_resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description='Ray resources each Train worker asks for, e.g. {"CPU": 2} or a custom node label '
+                    '{"a100": 1}; empty: Ray Train\'s default (1 CPU, or 1 GPU with use_gpu).',
+    )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
 
     @model_validator(mode="after")
@@ -99,14 +109,26 @@ class Settings(BaseSettings):
 
 
 def make_redis(settings: Settings) -> redis.Redis:
-    """A Redis client for `settings.redis_url`, decoding responses to str as fleet's stores expect."""
+    """A Redis client for `settings.redis_url`, decoding responses to str as fleet's stores expect.
+
+    Connection and timeout errors are retried (REDIS_RETRIES times, exponential backoff with jitter,
+    8.5-17 s in all): a Redis restart is waited out. Only a longer outage raises ConnectionError,
+    which callers treat as "Redis is away", never as a failure of the job they work on. Retried writes
+    are safe: every fleet write is idempotent or fenced (a claim whose reply was lost only leaves a
+    lease that expires and requeues the job).
+    """
     import redis
+    from redis.backoff import EqualJitterBackoff
+    from redis.retry import Retry
 
     # Blocking reads (BLPOP in wait_for_work, XREAD for SSE) block at most MAX_BLOCK_S, well inside
     # the socket timeout; redis-py's default of 5 s would cut a 5 s BLPOP off.
+    retry = Retry(EqualJitterBackoff(base=REDIS_BACKOFF_BASE_S, cap=REDIS_BACKOFF_CAP_S),
+                  retries=REDIS_RETRIES, supported_errors=(redis.ConnectionError, redis.TimeoutError))
     return redis.Redis.from_url(
         settings.redis_url, decode_responses=True, health_check_interval=30,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5,
+        retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 

@@ -48,12 +48,16 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where Redis, objects, models and logs live.")] = Path("./var"),
     host: Annotated[str, typer.Option(help="Interface the API listens on.")] = "127.0.0.1",
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    ray_address: Annotated[str | None, typer.Option(
+        envvar="LORAFLEET_RAY_ADDRESS",
+        help="Ray cluster to join (host:port); default: start a private local one.")] = None,
 ) -> None:
     """Start the whole stack in the foreground: redis-server, Ray, the API, a dispatcher, a tiny model."""
     from service.stack import StackOptions, run_local_stack
 
     _configure_logging(log_level)
-    raise typer.Exit(run_local_stack(StackOptions(port=port, host=host, data_dir=data_dir)))
+    options = StackOptions(port=port, host=host, data_dir=data_dir, ray_address=ray_address)
+    raise typer.Exit(run_local_stack(options))
 
 
 def serve(

@@ -2,7 +2,10 @@
 
 `lorafleet up` calls `run_local_stack`. Each piece is a real process (redis-server with AOF under the
 data dir, a local Ray cluster, uvicorn, a dispatcher), so what runs locally is what runs in production,
-only smaller. Ctrl-C or SIGTERM stops everything, children first.
+only smaller. Ctrl-C or SIGTERM stops everything, children first, at any moment, start-up included.
+Ray is always a private local cluster (`address="local"`), never one a past `ray start` recorded under
+the temp dir, unless `ray_address` names one to join. Every start-up wait has a timeout and says what
+it waits for.
 """
 
 from __future__ import annotations
@@ -37,19 +40,29 @@ class StackOptions:
     redis_port: int | None = None  # None: a free port
     ray_num_cpus: int | None = None  # None: every core
     tenant_name: str = "default"
+    ray_address: str | None = None  # None: start a private local Ray cluster
+
+
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: unwind whatever start-up step runs, then stop every child."""
 
 
 @dataclass
 class _Children:
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    starting: bool = False  # a child is being forked and recorded: a stop waits until it is on the list
+    stop_pending: str | None = None
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
         log = open(log_path, "ab")  # the child owns it for its whole life
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc))
-        logger.info("started %s (pid %d), log: %s", name, proc.pid, log_path)
-        return proc
-
+        self.starting = True
+        try:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs.append((name, proc))
+        finally:
+            self.starting = False
+        if self.stop_pending:
+            raise _StopRequested(self.stop_pending)
     def first_dead(self) -> tuple[str, subprocess.Popen] | None:
         return next(((n, p) for n, p in self.procs if p.poll() is not None), None)
 
@@ -74,6 +87,7 @@ def _free_port(host: str) -> int:
 
 
 def _wait_for(predicate, what: str, timeout_s: float, children: _Children) -> None:
+    logger.info("waiting for %s (up to %.0fs)", what, timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         dead = children.first_dead()
@@ -83,7 +97,7 @@ def _wait_for(predicate, what: str, timeout_s: float, children: _Children) -> No
         if predicate():
             return
         time.sleep(0.1)
-    raise TimeoutError(f"{what} was not ready within {timeout_s:.0f}s")
+    raise TimeoutError(f"{what} was not ready within {timeout_s:.0f}s; see its log under the data dir's logs/ folder")
 
 
 def _secret_file(path: Path, make) -> str:
@@ -152,6 +166,19 @@ def _bootstrap_tenant(redis_url: str, opts: StackOptions) -> str:
     return key
 
 
+def _start_ray(opts: StackOptions) -> str:
+    """Start a private local Ray cluster (or join `opts.ray_address`); returns its GCS address."""
+    import ray
+
+    where = opts.ray_address or "local"
+    logger.info("starting Ray (%s)", "a private local cluster" if where == "local" else f"joining {where}")
+    # address="local" always starts a new cluster: a bare ray.init() would join the one a past
+    # `ray start` recorded under the temp dir and, if that is gone, retry forever without a word.
+    ray.init(address=where, num_cpus=opts.ray_num_cpus if where == "local" else None,
+             include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return ray.get_runtime_context().gcs_address
+
+
 def run_local_stack(opts: StackOptions) -> int:
     """Start every piece, print how to use it, and block until Ctrl-C/SIGTERM or a piece dies."""
     import ray
@@ -160,13 +187,21 @@ def run_local_stack(opts: StackOptions) -> int:
     logs = opts.data_dir / "logs"
     logs.mkdir(exist_ok=True)
     children = _Children()
-    stop_requested = False
+    stopping = False
 
     def _on_signal(signum, _frame):
-        nonlocal stop_requested
-        stop_requested = True
+        nonlocal stopping
+        if stopping:  # a second signal while stopping must not cut the clean-up short
+            return
+        stopping = True
+        if children.starting:  # raising mid-fork could lose the child: _Children.start raises instead
+            children.stop_pending = signal.Signals(signum).name
+            return
+        raise _StopRequested(signal.Signals(signum).name)
 
-    previous: dict[int, object] = {}
+    # Installed first, so a stop during start-up also reaches the `finally` that stops the children.
+    handlers = (signal.SIGINT, signal.SIGTERM)
+    previous: dict[int, object] = {s: signal.signal(s, _on_signal) for s in handlers}
     try:
         admin_key = os.environ.get("LORAFLEET_ADMIN_KEY") or _secret_file(
             opts.data_dir / "admin-key", lambda: "lf-admin-" + secrets.token_urlsafe(24))
@@ -179,11 +214,11 @@ def run_local_stack(opts: StackOptions) -> int:
             indent=2) + "\n")
         tenant_key = _bootstrap_tenant(redis_url, opts)
 
-        ray.init(num_cpus=opts.ray_num_cpus, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
-        ray_address = ray.get_runtime_context().gcs_address
-        # Installed after ray.init, which sets handlers of its own that would end us without cleanup.
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        ray_address = _start_ray(opts)
+        # Again after ray.init, which sets handlers of its own (they raise SystemExit, which also
+        # reaches the `finally` below).
+        for s in handlers:
+            signal.signal(s, _on_signal)
 
         env = dict(os.environ)
         env.update({
@@ -209,19 +244,22 @@ def run_local_stack(opts: StackOptions) -> int:
         base_url = f"http://{opts.host}:{opts.port}"
         _print_ready(base_url, tenant_key, admin_key, opts.data_dir)
 
-        while not stop_requested:
+        while True:
             dead = children.first_dead()
             if dead:
                 logger.error("%s exited with code %s; stopping the stack", dead[0], dead[1].returncode)
                 return 1
             time.sleep(0.5)
+    except _StopRequested as e:
+        logger.info("%s received; stopping the stack", e)
         return 0
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stopping = True  # from here on a signal no longer interrupts: the clean-up runs to its end
         children.stop_all()
         if ray.is_initialized():
             ray.shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         logger.info("stack stopped")
 
 

@@ -8,8 +8,16 @@ One dispatcher runs one job at a time (run several for more). For each claim it:
 4. publishes the adapter through the registry (idempotent per job, fenced by the claim) and finishes
    the job. Every write carries the claim's fence (attempt + token), so a stale attempt can never
    change the job.
-A dispatcher that dies leaves its lease to expire; any other dispatcher requeues the job and the next
-attempt resumes from the last checkpoint.
+A dispatcher that dies leaves its lease to expire; the maintenance thread of any other dispatcher
+(workers/maintenance.py, busy or not) requeues the job and the next attempt resumes from the last
+checkpoint.
+
+Cancel and pause reach every phase: the heartbeat keeps the latest control signal RENEW returns, each
+blocking phase (downloads, dataset checks) runs on a helper thread the dispatcher stops waiting for,
+and training runs as a Ray task the dispatcher kills (workers.ray_train). A cancel ends the job
+`cancelled` at once; a pause first gives the training loop _PAUSE_GRACE_S to write a checkpoint, then
+ends it `paused`, to resume from its last recorded checkpoint. Redis being unreachable never fails a
+job: the reporter rides it out, and a longer outage hands the job back to resume from its checkpoint.
 """
 
 from __future__ import annotations
@@ -21,18 +29,24 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import redis
 
 from fleet.checkpoints import download_checkpoint, upload_checkpoint
 from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound, PauseWithdrawn
 from fleet.fencing import Fence
 from fleet.files import FileStore
-from fleet.jobs import Checkpoint, Job, JobError, JobStatus
+from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus
 from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
+from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
+from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
 from workers.spec import AUTO_BASE_LEARNING_RATE, Hyperparameters, LoraSpec, TrainingSpec
 
@@ -41,6 +55,11 @@ __all__ = ["Dispatcher", "JobReporter", "JobReporterFactory", "build_training_sp
 logger = logging.getLogger(__name__)
 
 _LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint before the run is killed
+_POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
+_CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------ job → spec
@@ -83,10 +102,16 @@ def hyperparameters_used(requested: dict[str, Any], resolved: dict[str, Any]) ->
 
 # --------------------------------------------------------------------- reporter inside Ray rank 0
 class JobReporter:
-    """The training loop's Reporter for one attempt of one job: Redis for state, object store for files."""
+    """The training loop's Reporter for one attempt of one job: Redis for state, object store for files.
+
+    It never raises a Redis outage into training: progress and events written while Redis is away are
+    dropped (the next step's replace them), a checkpoint record is retried for
+    _CHECKPOINT_RECORD_TIMEOUT_S, and `control()` answers the last signal it saw.
+    """
 
     def __init__(self, settings: Settings, tenant_id: str, fence: Fence) -> None:
         self.job_id, self.tenant_id, self.fence = fence.job_id, tenant_id, fence
+        self.attempt = fence.attempt
         self.jobs = JobStore(make_redis(settings), max_attempts=settings.max_attempts,
                              events_max_len=settings.events_max_len)
         self.store = make_object_store(settings)
@@ -97,13 +122,12 @@ class JobReporter:
 
     def log(self, message: str, level: str = "info") -> None:
         if self.fenced:
-            return  # another attempt owns the job's log now
-        try:
-            self.jobs.leases.append_event(self.fence, _LEVELS.get(level, "info"), message)
-        except FencedOut:
-            self.fenced = True
+            return
+        self._append_event(_LEVELS.get(level, "info"), message)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        if self.fenced:
+            return
         total = int(values["total_steps"]) if "total_steps" in values else None
         if self._first_step is None:
             self._first_step, self._started = step, time.monotonic()
@@ -121,34 +145,58 @@ class JobReporter:
         except FencedOut:
             self.fenced = True
             return
+        except _REDIS_DOWN as e:
+            logger.warning("%s: Redis unreachable, progress of step %d not recorded (%s)", self.job_id, step, e)
+            return
         self._control = control
         parts = [f"Step {step}/{total}" if total else f"Step {step}"]
         for name, label in (("train_loss", "training loss"), ("val_loss", "validation loss"),
                             ("val_token_accuracy", "validation token accuracy")):
             if name in shown:
                 parts.append(f"{label}={shown[name]:.4f}")
-        try:
-            self.jobs.leases.append_event(self.fence, "info", ", ".join(parts), {"step": step, **shown},
-                                          type="metrics")
-        except FencedOut:
-            self.fenced = True
+        self._append_event("info", ", ".join(parts), {"step": step, **shown}, type="metrics")
 
     def checkpoint(self, step: int, path: Path) -> None:
+        # Nothing is uploaded once fenced out or cancelled. An attempt fenced out after this check
+        # still writes only under its own a<attempt>/ prefix, which no newer attempt records.
+        if self.control() == "cancel":
+            return
+        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, attempt=self.attempt)
         # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
-        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path)
-        try:
-            self.jobs.leases.record_checkpoint(self.fence, step, prefix)
-        except FencedOut:
-            self.fenced = True
+        deadline = time.monotonic() + _CHECKPOINT_RECORD_TIMEOUT_S
+        while True:
+            try:
+                self.jobs.leases.record_checkpoint(self.fence, step, prefix)
+                return
+            except FencedOut:
+                self.fenced = True
+                return
+            except _REDIS_DOWN as e:
+                if time.monotonic() > deadline:
+                    logger.warning("%s: Redis unreachable for %.0fs; checkpoint of step %d not recorded "
+                                   "(a later one will be): %s", self.job_id, _CHECKPOINT_RECORD_TIMEOUT_S, step, e)
+                    return
+                time.sleep(1.0)
 
     def control(self) -> Control:
         if self.fenced:
             return "cancel"  # another attempt owns the job: stop without writing anything
         try:
-            return self.jobs.leases.control_signal(self.fence)
+            self._control = self.jobs.leases.control_signal(self.fence)
         except FencedOut:
             self.fenced = True
             return "cancel"
+        except _REDIS_DOWN:
+            pass  # keep training on the last signal seen; the next poll asks again
+        return self._control
+
+    def _append_event(self, level: str, message: str, data: dict | None = None, **kwargs: Any) -> None:
+        try:
+            self.jobs.leases.append_event(self.fence, level, message, data, **kwargs)
+        except FencedOut:
+            self.fenced = True  # another attempt owns the job's log now
+        except _REDIS_DOWN as e:
+            logger.warning("%s: Redis unreachable, event dropped: %s (%s)", self.job_id, message, e)
 
 
 @dataclass(frozen=True)
@@ -164,12 +212,26 @@ class JobReporterFactory:
 
 
 # ------------------------------------------------------------------------------------ heartbeat
+class StopRequested(Exception):
+    """A cancel or pause reached the dispatcher outside the training loop; `signal` says which."""
+
+    def __init__(self, signal: ControlSignal) -> None:
+        super().__init__(f"{signal} requested")
+        self.signal = signal
+
+
+class _AlreadyFinished(Exception):
+    """The attempt already wrote the job's end (a cancel or pause during training); nothing is left to do."""
+
+
 class _Heartbeat:
-    """Renews a claim's lease every heartbeat_ms on its own thread; notes when the claim is lost."""
+    """Renews a claim's lease every heartbeat_ms on its own thread; keeps the latest control signal
+    RENEW returns (`control`) and notes when the claim is lost (`lost`)."""
 
     def __init__(self, jobs: JobStore, claim: Claim, settings: Settings) -> None:
         self.jobs, self.claim, self.settings = jobs, claim, settings
         self.lost = threading.Event()
+        self.control: ControlSignal | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job.id}", daemon=True)
 
@@ -181,16 +243,67 @@ class _Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def raise_if_stopped(self, *, honour_pause: bool = True) -> None:
+        """Raise FencedOut if the claim was lost, StopRequested if a cancel (or pause) is pending."""
+        if self.lost.is_set():
+            raise FencedOut(f"attempt {self.claim.attempt} of {self.claim.job.id} lost its lease")
+        if self.control == "cancel" or (self.control == "pause" and honour_pause):
+            raise StopRequested(self.control)
+
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_ms / 1000):
             try:
-                self.jobs.leases.renew_lease(self.claim.fence, self.settings.lease_ms)
+                lease = self.jobs.leases.renew_lease(self.claim.fence, self.settings.lease_ms)
             except FencedOut:
                 logger.warning("lost the lease of %s (attempt %d)", self.claim.job.id, self.claim.attempt)
                 self.lost.set()
                 return
-            except Exception:  # Redis blip: keep trying until the lease would run out
+            except Exception:  # Redis away: keep trying until the lease would run out
                 logger.exception("heartbeat for %s failed; retrying", self.claim.job.id)
+                continue
+            self.control = lease.control
+
+
+class _TrainingStop:
+    """`should_stop` for a training run: at once when fenced out or cancelled; for a pause, after the
+    loop had _PAUSE_GRACE_S to checkpoint and stop by itself (a withdrawn pause restarts the clock).
+
+    On a cancel or pause it first calls `end_job(signal)`, so the job ends as the user asked at once,
+    while the run is still being torn down (its late writes are fenced out)."""
+
+    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None]) -> None:
+        self.heartbeat, self.end_job = heartbeat, end_job
+        self.reason: str | None = None
+        self._pause_seen_at: float | None = None
+
+    def __call__(self) -> str | None:
+        if self.reason is not None:
+            return self.reason
+        if self.heartbeat.lost.is_set():
+            self.reason = "fenced"
+        elif self.heartbeat.control == "cancel":
+            self.reason = "cancel"
+        elif self.heartbeat.control == "pause":
+            self._pause_seen_at = self._pause_seen_at or time.monotonic()
+            if time.monotonic() - self._pause_seen_at >= _PAUSE_GRACE_S:
+                self.reason = "pause"
+        else:
+            self._pause_seen_at = None
+        if self.reason in ("cancel", "pause"):
+            self.end_job(self.reason)  # type: ignore[arg-type]
+        return self.reason
+
+
+def _caused_by_redis_outage(error: BaseException) -> bool:
+    """Whether Redis being unreachable is anywhere in `error`'s chain (Ray wraps worker errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _REDIS_DOWN):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # ------------------------------------------------------------------------------------ dispatcher
@@ -200,50 +313,70 @@ class Dispatcher:
     def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        redis = make_redis(settings)
+        client = make_redis(settings)
         self.store = make_object_store(settings)
-        self.jobs = JobStore(redis, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
-        self.files = FileStore(redis, self.store, max_upload_bytes=settings.max_upload_bytes)
-        self.registry = AdapterRegistry(redis, self.store)
+        self.jobs = JobStore(client, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
+        self.files = FileStore(client, self.store, max_upload_bytes=settings.max_upload_bytes)
+        self.registry = AdapterRegistry(client, self.store)
         self.catalog = load_catalog(settings)
         self.work_root = Path(settings.data_dir).resolve() / "work" / self.worker_id.replace(":", "-")
         self._stop = threading.Event()
+        self._abandoned: list[threading.Thread] = []
 
     def stop(self) -> None:
         self._stop.set()
 
     def connect_ray(self) -> None:
-        """Join the configured Ray cluster (or start a local one). Ray installs its own signal handlers:
+        """Join the Ray cluster at `ray_address`, or start a private local one when it is unset (never
+        the cluster a past `ray start` recorded on this machine). Ray installs its own signal handlers:
         callers that want theirs install them after this."""
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=self.settings.ray_address, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False)
+            ray.init(address=self.settings.ray_address or "local", include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
             logger.info("dispatcher %s joined Ray at %s", self.worker_id, ray.get_runtime_context().gcs_address)
 
     def run_forever(self) -> None:
-        """The dispatcher's main loop: recover dead owners' jobs, claim, run, repeat.
+        """The dispatcher's main loop: claim, run, repeat; the maintenance thread reclaims expired leases.
 
         Redis being unreachable is waited out (with backoff), not fatal: the jobs are safe in Redis,
         and whatever this dispatcher held is requeued by lease expiry if the outage outlasts it.
         """
-        import redis
-
         self.connect_ray()
+        maintenance = self.start_maintenance()
         backoff_s = 0.5
-        while not self._stop.is_set():
-            try:
-                self.step()
-                backoff_s = 0.5
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                logger.warning("Redis unreachable (%s); retrying in %.1fs", e, backoff_s)
-                self._stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 30.0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                    backoff_s = 0.5
+                except _REDIS_DOWN as e:
+                    logger.warning("Redis unreachable (%s); retrying in %.1fs", e, backoff_s)
+                    self._stop.wait(backoff_s)
+                    backoff_s = min(backoff_s * 2, 30.0)
+        finally:
+            maintenance.stop()
+
+    def start_maintenance(self) -> MaintenanceThread:
+        """Claim this dispatcher's work dir and start the thread that reclaims expired leases every
+        ~lease_ms/3 and runs `run_housekeeping` (see workers/maintenance.py); stop it when done."""
+        claim_work_dir(self.work_root)
+        return MaintenanceThread(reclaim=self.jobs.leases.requeue_expired_leases, housekeeping=self.run_housekeeping,
+                                 interval_s=self.settings.lease_ms / 3000,
+                                 name=f"maintenance-{self.worker_id}").start()
+
+    def run_housekeeping(self) -> None:
+        """Periodic chores, on the maintenance thread (at most every HOUSEKEEPING_INTERVAL_S): show this
+        dispatcher's work dir is alive, remove those of dispatchers that are gone, and apply the
+        retention policy to jobs that finished long enough ago (fleet.retention; idempotent, so every
+        dispatcher may run it)."""
+        claim_work_dir(self.work_root)
+        sweep_work_dirs(self.work_root.parent, keep=self.work_root)
+        run_retention(self.jobs.redis, self.store, self.settings)
 
     def step(self) -> None:
-        """One turn of the main loop: requeue expired leases, then run one job or wait for one."""
-        self.jobs.leases.requeue_expired_leases()
+        """One turn of the main loop: run one job, or wait for one to be queued."""
         claim = self.jobs.leases.claim_next_job(self.worker_id, self.settings.lease_ms)
         if claim is None:
             self.jobs.leases.wait_for_work(max(0.2, min(5.0, self.settings.lease_ms / 2000)))  # woken when queued
@@ -251,7 +384,11 @@ class Dispatcher:
         self.run_claim(claim)
 
     def run_claim(self, claim: Claim) -> None:
-        """Run one claimed attempt to its end; never raises for a job's own failure."""
+        """Run one claimed attempt to its end; never raises for a job's own failure.
+
+        Nothing slow may run between the claim and the heartbeat's start: the lease runs from the claim
+        (workers.ray_train, which imports torch, is imported with this module for that reason).
+        """
         job, attempt, fence = claim.job, claim.attempt, claim.fence
         work_dir = self.work_root / job.id / f"attempt-{attempt}"
         logger.info("running %s attempt %d in %s", job.id, attempt, work_dir)
@@ -260,6 +397,10 @@ class Dispatcher:
                 self._run_attempt(job, fence, work_dir, heartbeat)
         except FencedOut as e:
             logger.warning("%s: %s", job.id, e)
+        except _AlreadyFinished as e:
+            logger.info("%s", e)
+        except StopRequested as e:
+            self._finish_quietly(fence, JobStatus.CANCELLED if e.signal == "cancel" else JobStatus.PAUSED)
         except CancelRequested:
             # Cancelled after training ended, before the version became visible: publish nothing.
             self._finish_quietly(fence, JobStatus.CANCELLED)
@@ -270,7 +411,18 @@ class Dispatcher:
         except InvalidRequest as e:
             self._finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="invalid_request", message=str(e), param=e.param))
+        except TrainingSetupError as e:
+            message = (f"Training cannot run with this job's configuration or data: {e}. Retrying would fail "
+                       "the same way; fix it and create a new job.")
+            self._finish_quietly(fence, JobStatus.FAILED,
+                                 error=JobError(code="invalid_training_config", message=message[:2000]))
         except Exception as e:
+            if _caused_by_redis_outage(e):
+                # Not the job's fault: hand it back to resume from its checkpoint. If Redis is still
+                # away this write fails too, and the lease expiring requeues the job instead.
+                logger.warning("job %s attempt %d: Redis unreachable (%s); handing it back", job.id, attempt, e)
+                self._finish_quietly(fence, JobStatus.QUEUED)
+                return
             logger.exception("job %s attempt %d failed", job.id, attempt)
             message = f"Training failed: {type(e).__name__}: {e}"
             if e.__cause__ is not None:
@@ -279,22 +431,59 @@ class Dispatcher:
                                  error=JobError(code="training_error", message=message[:2000]))
         finally:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
+            self._join_abandoned()
             shutil.rmtree(work_dir, ignore_errors=True)
             shutil.rmtree(self._ray_storage / self._ray_run_name(job, attempt), ignore_errors=True)
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
     def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None) -> None:
+        """End the attempt as `status`, logging (not raising) a refusal; a pause the user withdrew
+        before the attempt stopped hands the job back instead, to resume from its last checkpoint."""
         try:
-            self.jobs.leases.finish_job(fence, status, error=error)
-        except FleetError as e:
+            try:
+                self.jobs.leases.finish_job(fence, status, error=error)
+            except PauseWithdrawn:
+                self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
+        except (FleetError, *_REDIS_DOWN) as e:
             logger.warning("could not mark %s %s: %s", fence.job_id, status.value, e)
 
+    def _in_phase(self, heartbeat: _Heartbeat, what: str, work: Callable[[], T]) -> T:
+        """Run one blocking phase (`what`: "download", "checks") on a helper thread, so that a cancel,
+        pause or lost lease stops the attempt within _POLL_S instead of after the phase. A phase so
+        stopped is left to end by itself; its output lands in a work dir about to be removed."""
+        heartbeat.raise_if_stopped()
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = work()
+            except BaseException as e:  # handed to the dispatcher thread below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=run, name=f"{what}-{heartbeat.claim.job.id}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=_POLL_S)
+            if thread.is_alive():
+                try:
+                    heartbeat.raise_if_stopped()
+                except (FencedOut, StopRequested):
+                    self._abandoned.append(thread)
+                    logger.info("%s: stopped waiting for %s", heartbeat.claim.job.id, what)
+                    raise
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _join_abandoned(self, timeout_s: float = 5.0) -> None:
+        """Give phases stopped midway a moment to end before their work dir is removed."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._abandoned:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._abandoned = [t for t in self._abandoned if t.is_alive()]
+
     def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: _Heartbeat) -> None:
-        from workers.ray_train import run_training_on_ray
-
-        attempt = fence.attempt
-
         done = self.registry.complete_committed_publication(fence)
         if done is not None:  # an earlier attempt committed its version, then died: finish with it
             used = hyperparameters_used(job.hyperparameters, done.hyperparameters) if done.hyperparameters else None
@@ -304,36 +493,21 @@ class Dispatcher:
         work_dir.mkdir(parents=True, exist_ok=True)
         base_name = job.base_model or job.model
         base = self.catalog.get(base_name)
-        training = self._download_dataset(job, "training_file", work_dir / "train.jsonl")
-        validation_path = None
-        if job.validation_file:
-            validation_path = work_dir / "validation.jsonl"
-            self._download_dataset(job, "validation_file", validation_path)
-        init_adapter = None
-        if job.init_adapter:  # continuing a published version: start from its weights
-            init_adapter = self.registry.download_version(job.tenant_id, job.init_adapter, work_dir / "init")
+        self.jobs.leases.append_event(fence, "info", "Downloading the job's files.")
+        training, validation_path, init_adapter = self._in_phase(
+            heartbeat, "download", lambda: self._download_inputs(job, work_dir))
         spec = build_training_spec(
             job, base_model=Path(base.path), quantization=job.lora.get("quantization", base.quantization),
             work_dir=work_dir, training_file=work_dir / "train.jsonl", validation_file=validation_path,
             init_adapter=init_adapter,
         )
-        self._check_datasets(job, fence, spec)
-        resume_from = self._fetch_latest_checkpoint(job, work_dir / "resume")
+        self.jobs.leases.append_event(fence, "info", f"Checking the datasets with {base_name}'s tokenizer.")
+        self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
+        resume_from = self._in_phase(
+            heartbeat, "download", lambda: self._fetch_latest_checkpoint(job, work_dir / "resume"))
         if resume_from is not None:
             self.jobs.leases.append_event(fence, "info", f"Resuming from the checkpoint at step {resume_from[1]}.")
-        result = run_training_on_ray(
-            spec,
-            output_dir=work_dir / "out",
-            reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
-            num_workers=self.settings.train_workers_per_job,
-            use_gpu=self.settings.use_gpu,
-            storage_path=self._ray_storage,
-            name=self._ray_run_name(job, attempt),
-            max_failures=self.settings.train_max_failures,
-            resume_from=resume_from[0] if resume_from else None,
-        )
-        if heartbeat.lost.is_set():
-            raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training")
+        result = self._train(job, fence, spec, work_dir, heartbeat, resume_from[0] if resume_from else None)
         if result.status == "cancelled":
             self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
             return
@@ -343,11 +517,13 @@ class Dispatcher:
             except PauseWithdrawn:  # resumed before we stopped: hand back, resume from the pause's checkpoint
                 self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
             return
+        # A cancel from here on publishes nothing (and once the version is committed, cannot undo it);
+        # a pause of a job whose training is done lets it complete.
+        heartbeat.raise_if_stopped(honour_pause=False)
         assert result.adapter_dir is not None
         manifest_fields: dict[str, Any] = {
-            "base_model": base_name,
+            "base_model": base_name,  # the catalog name; the server's path to it stays private
             "parent": job.init_adapter,  # the version this one continued from, if any
-            "base_model_path": base.path,
             "lora_config": job.lora,
             "hyperparameters": result.hyperparameters,
             "dataset": {"file_id": job.training_file, "sha256": training.sha256,
@@ -360,9 +536,57 @@ class Dispatcher:
             fence=fence,
         )
         self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref,
-                             trained_tokens=result.tokens_trained,
-                             hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
+                                    trained_tokens=result.tokens_trained,
+                                    hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
+
+    def _train(self, job: Job, fence: Fence, spec: TrainingSpec, work_dir: Path, heartbeat: _Heartbeat,
+               resume_from: Path | None):
+        """Run the training phase on Ray; a cancel, pause or lost lease stops the run wherever it is
+        (waiting for resources, training, hung): the job is ended first, then the run torn down."""
+        heartbeat.raise_if_stopped()
+        attempt, n = fence.attempt, self.settings.train_workers_per_job
+        self.jobs.leases.append_event(fence, "info",
+                                      f"Starting training on Ray ({n} worker(s)); waiting for resources.")
+
+        def end_job(signal: ControlSignal) -> None:
+            status = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
+            self._finish_quietly(fence, status)
+
+        stop = _TrainingStop(heartbeat, end_job)
+        try:
+            result = run_training_on_ray(
+                spec,
+                output_dir=work_dir / "out",
+                reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
+                num_workers=n,
+                use_gpu=self.settings.use_gpu,
+                resources_per_worker=self.settings.train_resources_per_worker or None,
+                storage_path=self._ray_storage,
+                name=self._ray_run_name(job, attempt),
+                max_failures=self.settings.train_max_failures,
+                resume_from=resume_from,
+                should_stop=stop,
+            )
+        except TrainingAborted:
+            if stop.reason == "fenced":
+                raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training") from None
+            raise _AlreadyFinished(f"{job.id}: {stop.reason} honoured while training") from None
+        if heartbeat.lost.is_set():
+            raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training")
+        return result
+
+    def _download_inputs(self, job: Job, work_dir: Path) -> tuple[Any, Path | None, Path | None]:
+        """Fetch the training file, the validation file and the adapter to continue from, if any."""
+        training = self._download_dataset(job, "training_file", work_dir / "train.jsonl")
+        validation_path = None
+        if job.validation_file:
+            validation_path = work_dir / "validation.jsonl"
+            self._download_dataset(job, "validation_file", validation_path)
+        init_adapter = None
+        if job.init_adapter:  # continuing a published version: start from its weights
+            init_adapter = self.registry.download_version(job.tenant_id, job.init_adapter, work_dir / "init")
+        return training, validation_path, init_adapter
 
     @property
     def _ray_storage(self) -> Path:

@@ -9,6 +9,11 @@ broadcast each step so all ranks stop together. Each checkpoint is reported with
 
 `storage_path` must be storage every node can reach (a shared filesystem or an s3:// URI) when the
 workers span several nodes; the final adapter comes back to the driver through it.
+
+`fit()` runs inside a Ray task the caller can stop: while it waits for resources, trains, or hangs
+in a collective, `should_stop` is polled, and a yes aborts the run (see `_stop_fit`). Errors that
+retrying cannot fix (an invalid config, a target module the model lacks, an unusable dataset) end
+the run at once as TrainingSetupError instead of being retried `max_failures` times.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,10 +35,24 @@ from workers.spec import TrainingSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_training_on_ray"]
+__all__ = ["TrainingAborted", "TrainingSetupError", "run_training_on_ray"]
 
 _FINAL_DIR = "final"
 _RESULT_FILE = "training_result.json"
+_ABORT_GRACE_S = 2.0  # how long a stopped run may take to abort gracefully before it is killed
+_SETUP_ERROR = "setup_error"  # key of the result a worker returns instead of raising a deterministic error
+# Raised by bad input, not by the machine: the same spec fails the same way on every retry. Covers
+# lora_core's LoraConfigError/TargetModulesError, DatasetFormatError, ChatTemplateError, pydantic's
+# ValidationError (all ValueErrors). Infra errors (OSError, RuntimeError: OOM, NCCL) stay retryable.
+_DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, NotImplementedError)
+
+
+class TrainingAborted(Exception):
+    """The run was stopped because `should_stop` asked for it; nothing of it is left running on Ray."""
+
+
+class TrainingSetupError(Exception):
+    """Training cannot succeed with this spec (config, target modules, dataset); retrying would not help."""
 
 
 def _numbers_only(metrics: dict[str, Any]) -> dict[str, float]:
@@ -74,9 +94,13 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 reporter.log(
                     f"worker group restarted; restoring from checkpoint {restored_dir.name}", "warning"
                 )
-        result = train(
-            spec, output_dir=output_dir, reporter=reporter, resume_from=resume_from, runtime=runtime
-        )
+        try:
+            result = train(
+                spec, output_dir=output_dir, reporter=reporter, resume_from=resume_from, runtime=runtime
+            )
+        except _DETERMINISTIC_ERRORS as e:
+            # Returned, not raised: Ray Train would restart the worker group for a raised error.
+            return {_SETUP_ERROR: f"{type(e).__name__}: {e}"}
 
     if result.status == "succeeded":
         # Hand the adapter to the driver through persistent storage, as a checkpoint of its own.
@@ -107,6 +131,8 @@ def run_training_on_ray(
     name: str = "lorafleet-job",
     max_failures: int = 2,
     resume_from: Path | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    poll_s: float = 0.25,
 ) -> TrainingResult:
     """Train `spec` on a Ray Train TorchTrainer and return rank 0's result.
 
@@ -114,15 +140,17 @@ def run_training_on_ray(
     `resume_from` is a checkpoint directory of an earlier run of the same job (the dispatcher passes
     it after its own restart); within this run, Ray's latest checkpoint takes precedence after a
     worker failure. The adapter ends in `output_dir/adapter` on the driver's machine.
+
+    `should_stop` is called every `poll_s` while the run is on Ray; when it returns a reason, the run
+    is killed and TrainingAborted(reason) raised. An error the spec itself causes raises
+    TrainingSetupError without any retry.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     output_dir = Path(output_dir)
-    trainer = TorchTrainer(
-        _train_worker,
+    trainer_kwargs = dict(
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "output_dir": str(output_dir),
@@ -139,17 +167,86 @@ def run_training_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(spec.n_checkpoints, 1) + 1),
         ),
     )
-    ray_result = trainer.fit()
-    if ray_result.error is not None:
-        raise RuntimeError(f"training job {name!r} failed on Ray") from ray_result.error
-    result = TrainingResult.from_dict(ray_result.return_value)
-    if result.status == "succeeded" and ray_result.checkpoint is not None:
-        with ray_result.checkpoint.as_directory() as final_dir:
+    return_value, checkpoint, error = _run_abortable(trainer_kwargs, name, should_stop, poll_s)
+    if error is not None:
+        raise RuntimeError(f"training job {name!r} failed on Ray") from error
+    if _SETUP_ERROR in return_value:
+        raise TrainingSetupError(return_value[_SETUP_ERROR])
+    result = TrainingResult.from_dict(return_value)
+    if result.status == "succeeded" and checkpoint is not None:
+        with checkpoint.as_directory() as final_dir:
             adapter = output_dir / "adapter"
             if Path(final_dir, "adapter").resolve() != adapter.resolve():
                 shutil.copytree(Path(final_dir) / "adapter", adapter, dirs_exist_ok=True)
         result.adapter_dir = output_dir / "adapter"
-    elif result.status == "paused" and ray_result.checkpoint is not None:
+    elif result.status == "paused" and checkpoint is not None:
         # The worker's own copy may sit on another node; the persisted one is reachable from here.
-        result.checkpoint = Path(ray_result.checkpoint.path)
+        result.checkpoint = Path(checkpoint.path)
     return result
+
+
+def _fit(trainer_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, BaseException | None]:
+    """Body of the Ray task that runs one fit: (rank 0's return value, final checkpoint, error)."""
+    from ray.train.torch import TorchTrainer
+
+    ray_result = TorchTrainer(_train_worker, **trainer_kwargs).fit()
+    return ray_result.return_value, ray_result.checkpoint, ray_result.error
+
+
+def _run_abortable(
+    trainer_kwargs: dict[str, Any], name: str, should_stop: Callable[[], str | None] | None, poll_s: float
+) -> tuple[dict[str, Any], Any, BaseException | None]:
+    """Run `_fit` as a Ray task (no CPU of its own) and wait for it, stopping it when asked to.
+
+    Leaving this function any other way (KeyboardInterrupt on dispatcher shutdown) stops it too.
+    """
+    import ray
+
+    groups_before = _placement_groups_of_this_job()
+    task = ray.remote(num_cpus=0, max_retries=0)(_fit).remote(trainer_kwargs)
+    finished = False
+    try:
+        while not ray.wait([task], timeout=poll_s)[0]:
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                raise TrainingAborted(f"training run {name!r} stopped: {reason}")
+        finished = True
+        return ray.get(task)
+    finally:
+        if not finished:
+            _stop_fit(task, name, groups_before)
+
+
+def _stop_fit(task: Any, name: str, groups_before: set[str]) -> None:
+    """Stop a running `_fit` task, whatever it is doing (waiting for resources, training, hung).
+
+    First as Ctrl-C would: TorchTrainer.fit, on the task's main thread, answers SIGINT by aborting its
+    controller, which shuts the worker group down and removes its placement group. If that has not
+    ended the task within _ABORT_GRACE_S, the task is killed; its controller and workers die with it
+    (actors die with their owner), but placement groups live as long as the job that made them (Ray
+    Train's own cleaner needs the dashboard's state API), so the ones this run made are removed here.
+    """
+    import ray
+
+    started = time.monotonic()
+    ray.cancel(task, force=False)
+    if ray.wait([task], timeout=_ABORT_GRACE_S)[0]:
+        logger.info("aborted training run %s (%.1fs)", name, time.monotonic() - started)
+        return
+    ray.cancel(task, force=True)
+    ray.wait([task], timeout=_ABORT_GRACE_S)
+    leftover = _placement_groups_of_this_job() - groups_before
+    for group_id in leftover:
+        ray.util.remove_placement_group(ray.util.placement_group.PlacementGroup(
+            ray.PlacementGroupID(bytes.fromhex(group_id))))
+    logger.info("killed training run %s (%.1fs, removed %d placement group(s))",
+                name, time.monotonic() - started, len(leftover))
+
+
+def _placement_groups_of_this_job() -> set[str]:
+    """Ids of the live placement groups created under this driver's Ray job (an id ends with its job's)."""
+    import ray
+
+    job_id = ray.get_runtime_context().get_job_id()
+    return {group_id for group_id, info in ray.util.placement_group_table().items()
+            if group_id.endswith(job_id) and info["state"] != "REMOVED"}

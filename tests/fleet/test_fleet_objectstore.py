@@ -106,8 +106,8 @@ def test_checkpoints_round_trip_through_the_store(object_store, tmp_path):
     (src / "optimizer").mkdir(parents=True)
     (src / "adapter_model.safetensors").write_bytes(b"weights")
     (src / "optimizer" / "state.pt").write_bytes(b"adam")
-    location = upload_checkpoint(object_store, "t1", "ftjob-abc", 40, src)
-    assert location == checkpoint_prefix("t1", "ftjob-abc", 40)
+    location = upload_checkpoint(object_store, "t1", "ftjob-abc", 40, src, attempt=1)
+    assert location == checkpoint_prefix("t1", "ftjob-abc", 40, attempt=1)
     dest = download_checkpoint(object_store, location, tmp_path / "resume")
     assert (dest / "optimizer" / "state.pt").read_bytes() == b"adam"
     assert (dest / "adapter_model.safetensors").read_bytes() == b"weights"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,9 +50,38 @@ def _processes_mentioning(text: str) -> set[int]:
     return found
 
 
-def test_up_serves_the_api_with_a_ready_key_and_stops_cleanly(tmp_path: Path):
+@pytest.fixture
+def private_tmpdir() -> Iterator[Path]:
+    """A TMPDIR of the test's own (short: Ray's socket paths live under it), removed afterwards, so
+    that a Ray cluster file written there can never be left behind for other runs."""
+    path = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _up_env(tmpdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_") and k != "RAY_ADDRESS"}
+    env["TMPDIR"] = str(tmpdir)
+    return env
+
+
+def _wait_gone(pids: set[int], what: str, timeout_s: float = 20.0) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+        time.sleep(0.2)
+    assert not alive, f"{what} outlived the stack: {sorted(alive)}"
+
+
+def test_up_serves_the_api_with_a_ready_key_and_stops_cleanly(tmp_path: Path, private_tmpdir: Path):
     port, data_dir = _free_port(), tmp_path / "var"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+    # A cluster a past `ray start` recorded, long gone: `up` must start its own Ray, not wait for that one.
+    (private_tmpdir / "ray").mkdir()
+    (private_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
+    env = _up_env(private_tmpdir)
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--data-dir", str(data_dir)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -85,3 +117,50 @@ def test_up_serves_the_api_with_a_ready_key_and_stops_cleanly(tmp_path: Path):
     time.sleep(0.5)
     assert not _processes_in((data_dir / "redis").resolve()), "redis-server outlived the stack"
     assert not (_processes_mentioning(str(data_dir)) & children), "a child process outlived the stack"
+    _wait_gone(_processes_mentioning(str(private_tmpdir)), "a Ray process")
+
+
+def test_sigterm_during_start_up_leaves_no_child_alive(tmp_path: Path, private_tmpdir: Path):
+    data_dir = tmp_path / "var"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--port", str(_free_port()), "--data-dir", str(data_dir)],
+        env=_up_env(private_tmpdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    redis_dir = data_dir / "redis"
+    try:
+        deadline = time.monotonic() + 60
+        while not (redis_dir.is_dir() and _processes_in(redis_dir.resolve())):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "redis-server of the stack never started"
+            time.sleep(0.05)
+        started = _processes_mentioning(str(data_dir)) | _processes_mentioning(str(private_tmpdir))
+    finally:
+        proc.send_signal(signal.SIGTERM)  # start-up is still under way: the API is not up yet
+        output, _ = proc.communicate(timeout=60)
+    assert "lorafleet is up" not in output, "start-up finished before the signal; the test proves nothing"
+    assert "stack stopped" in output, output
+    _wait_gone(_processes_in(redis_dir.resolve()), "redis-server")
+    _wait_gone(started - {proc.pid}, "a child process")
+    _wait_gone(_processes_mentioning(str(data_dir)) | _processes_mentioning(str(private_tmpdir)), "a process")
+
+
+def test_a_worker_without_ray_address_starts_its_own_ray_despite_a_stale_cluster_file(
+        tmp_path: Path, private_tmpdir: Path, redis_server):
+    (private_tmpdir / "ray").mkdir()
+    (private_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
+    env = {**_up_env(private_tmpdir), "LORAFLEET_REDIS_URL": redis_server.url,
+           "LORAFLEET_DATA_DIR": str(tmp_path / "var")}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--worker-id", "solo"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("joined Ray at" in line for line in output):
+            assert time.monotonic() < deadline, "the worker did not start Ray within 120 s:\n" + "".join(output)
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(output)
+            output.append(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    _wait_gone(_processes_mentioning(str(private_tmpdir)), "a Ray process of the worker")

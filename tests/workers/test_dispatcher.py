@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fleet.checkpoints import download_checkpoint
+from fleet.exceptions import NotFound
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
 from fleet.settings import Settings, make_object_store, make_redis
@@ -193,3 +194,197 @@ def test_a_committed_version_is_finished_by_the_next_attempt_without_training(re
     done = jobs.load_job(job.id)
     assert (done.status, done.fine_tuned_model, done.trained_tokens) == (JobStatus.SUCCEEDED, "a:v1", 777)
     assert done.hyperparameters == hyperparameters_used({}, resolved)
+
+
+def test_a_stale_attempt_cannot_overwrite_the_checkpoint_a_newer_attempt_recorded(running_job, tmp_path):
+    settings, jobs, claim = running_job
+    stale = JobReporterFactory(settings, "t1", claim.fence)()
+    stale.control()  # attempt 1 is alive and well here, then stalls
+    jobs.leases.finish_job(claim.fence, JobStatus.QUEUED)
+    newer_claim = jobs.leases.claim_next_job("another-worker", lease_ms=60_000)
+    newer = JobReporterFactory(settings, "t1", newer_claim.fence)()
+
+    def checkpoint_dir(name: str, weights: bytes) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(weights)
+        return tmp_path / name
+
+    newer.checkpoint(200, checkpoint_dir("new", b"attempt 2"))
+    stale.checkpoint(200, checkpoint_dir("old", b"attempt 1"))  # its upload lands late
+
+    latest = jobs.latest_checkpoint(claim.job.id)
+    assert latest.attempt == newer_claim.attempt
+    fetched = download_checkpoint(make_object_store(settings), latest.location, tmp_path / "fetched")
+    assert (fetched / "adapter_model.safetensors").read_bytes() == b"attempt 2"
+    stored = make_object_store(settings).list(f"tenants/t1/jobs/{claim.job.id}/checkpoints/")
+    assert stored and all(f"/a{newer_claim.attempt}/" in key for key in stored), stored  # nothing uploaded once fenced
+
+
+def test_the_reporter_rides_out_a_redis_restart_without_raising_into_training(running_job, redis_server, tmp_path):
+    settings, jobs, claim = running_job
+    reporter = JobReporterFactory(settings, "t1", claim.fence)()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+
+    redis_server.kill()
+    restart = threading.Timer(6.0, redis_server.start)  # a 6 s outage, as a restart on its AOF takes
+    restart.start()
+    try:
+        reporter.log("during the outage")
+        reporter.metrics(1, {"step": 1, "total_steps": 4, "train_loss": 2.5})
+        assert reporter.control() is None
+        reporter.checkpoint(1, checkpoint)
+    finally:
+        restart.join(timeout=30)
+    latest = jobs.latest_checkpoint(claim.job.id)
+    assert latest is not None and latest.step == 1
+    assert jobs.load_job(claim.job.id).status == JobStatus.RUNNING
+
+
+def test_an_expired_lease_is_reclaimed_by_a_dispatcher_that_is_busy(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", lease_ms=1500, heartbeat_ms=300)
+    jobs = JobStore(make_redis(settings))
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-1").job
+    claim = jobs.leases.claim_next_job("a-dispatcher-that-dies", lease_ms=settings.lease_ms)
+    claimed_at = time.monotonic()
+
+    # The other dispatcher's main thread is busy with a job of its own (never calls step()): only its
+    # maintenance thread can notice the dead one.
+    maintenance = Dispatcher(settings, worker_id="busy").start_maintenance()
+    try:
+        deadline = claimed_at + settings.lease_ms / 1000 + 3.0
+        while jobs.load_job(job.id).status != JobStatus.QUEUED:
+            assert time.monotonic() < deadline, "the expired lease was not reclaimed within lease_ms + 3 s"
+            time.sleep(0.05)
+    finally:
+        maintenance.stop()
+    assert jobs.load_job(job.id).attempt == claim.attempt
+    assert any("Worker lost" in e.message for e in jobs.read_events(job.id))
+
+
+def test_work_dirs_of_killed_dispatchers_on_this_host_are_swept(redis_server, tmp_path):
+    import subprocess
+    import sys
+
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var")
+    start_one = ("import sys, time\nfrom fleet.settings import Settings\nfrom workers.dispatcher import Dispatcher\n"
+                 "d = Dispatcher(Settings(data_dir=sys.argv[1]), worker_id=sys.argv[2])\n"
+                 "d.start_maintenance()\n(d.work_root / 'job' / 'train.jsonl').parent.mkdir(parents=True)\n"
+                 "(d.work_root / 'job' / 'train.jsonl').write_text('{}')\nprint('ready', flush=True)\n"
+                 "time.sleep(600)\n")
+    procs = {name: subprocess.Popen([sys.executable, "-c", start_one, str(settings.data_dir), name],
+                                    stdout=subprocess.PIPE, text=True) for name in ("killed", "alive")}
+    try:
+        for name, proc in procs.items():
+            assert proc.stdout.readline().strip() == "ready", f"dispatcher {name} did not start"
+        procs["killed"].kill()
+        procs["killed"].wait(timeout=10)
+        work = settings.data_dir.resolve() / "work"
+        assert (work / "killed" / "job" / "train.jsonl").is_file()
+
+        mine = Dispatcher(settings, worker_id="sweeper")
+        mine.start_maintenance().stop()  # runs housekeeping once at start
+        assert not (work / "killed").exists(), "the killed dispatcher's work dir is still there"
+        assert (work / "alive" / "job" / "train.jsonl").is_file(), "a live dispatcher's work dir was removed"
+        assert (work / "sweeper").is_dir()
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------ with Ray: phases and errors
+@pytest.fixture
+def ray_job_setup(redis_server, tmp_path, tiny_model_dir):
+    """Settings with the tiny model, a JobStore, and a factory of claimed jobs on a real uploaded file."""
+    from fleet.files import FileStore
+    from workers.synthetic import write_synthetic_splits
+
+    def make(*, lora: dict | None = None, **overrides):
+        catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
+        settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog,
+                            lease_ms=3000, heartbeat_ms=250, **overrides)
+        client = make_redis(settings)
+        jobs = JobStore(client)
+        train, _ = write_synthetic_splits(tmp_path / "data", n_train=24, n_val=4, seed=1)
+        files = FileStore(client, make_object_store(settings), max_upload_bytes=settings.max_upload_bytes)
+        file = files.create_file("t1", filename="train.jsonl", purpose="fine-tune", content=train.read_bytes())
+        job = jobs.create_job("t1", model="tiny-llama", training_file=file.id, seed=1,
+                              hyperparameters={"n_epochs": 1, "batch_size": 4},
+                              lora=lora or {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}).job
+        return settings, jobs, job
+
+    return make
+
+
+@pytest.mark.slow
+def test_a_target_module_the_model_lacks_fails_at_once_without_retries(ray_job_setup, ray_cluster):
+    settings, jobs, job = ray_job_setup(lora={"r": 4, "alpha": 8, "target_modules": ["no_such_proj"]},
+                                        train_max_failures=2)
+    Dispatcher(settings, worker_id="setup-error-test").step()
+
+    failed = jobs.load_job(job.id)
+    assert failed.status == JobStatus.FAILED and failed.attempt == 1
+    assert failed.error.code == "invalid_training_config", failed.error
+    assert "no_such_proj" in failed.error.message and "create a new job" in failed.error.message
+    messages = [e.message for e in jobs.read_events(job.id)]
+    assert not any("worker group restarted" in m for m in messages), messages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal", ["cancel", "pause"])
+def test_cancel_and_pause_stop_a_job_waiting_for_ray_resources(ray_job_setup, ray_cluster, signal):
+    # A resource no node has: the Train worker group waits for it forever, as on a full cluster.
+    settings, jobs, job = ray_job_setup(train_resources_per_worker={"CPU": 1, "unobtainium": 1})
+    dispatcher = Dispatcher(settings, worker_id=f"waiting-{signal}")
+    thread = threading.Thread(target=dispatcher.step, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not any("waiting for resources" in e.message for e in jobs.read_events(job.id)):
+        assert time.monotonic() < deadline, "the job never reached the training phase"
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside fit(), waiting for the worker group's placement group
+
+    (jobs.request_cancel if signal == "cancel" else jobs.request_pause)("t1", job.id)
+    requested = time.monotonic()
+    expected = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
+    while jobs.load_job(job.id).status != expected:
+        assert time.monotonic() - requested < 5.0, f"the {signal} did not end a job waiting for resources in 5 s"
+        time.sleep(0.05)
+    thread.join(timeout=15)
+    assert not thread.is_alive(), f"the dispatcher did not tear the run down after the {signal}"
+
+
+@pytest.mark.slow
+def test_an_attempt_that_redis_outlasts_is_handed_back_not_failed(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", lease_ms=60_000, heartbeat_ms=500)
+    jobs = JobStore(make_redis(settings))
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-1").job
+    claim = jobs.leases.claim_next_job("outage-worker", lease_ms=settings.lease_ms)
+
+    redis_server.kill()
+    # Back after the attempt's first Redis call gave up (its retries last 8.5-17 s, ~12.8 s on
+    # average) and while its closing write is still retrying.
+    restart = threading.Timer(16.0, redis_server.start)
+    restart.start()
+    try:
+        Dispatcher(settings, worker_id="outage-worker").run_claim(claim)
+    finally:
+        restart.join(timeout=60)
+    after = jobs.load_job(job.id)
+    assert after.status == JobStatus.QUEUED, after.error  # to resume from its checkpoint, not failed
+    assert after.error is None
+
+
+def test_a_dispatchers_housekeeping_applies_the_retention_policy(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", retention_job_days=1 / 86_400)
+    jobs = JobStore(make_redis(settings))
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-1").job
+    jobs.request_cancel("t1", job.id)  # finished: indexed for retention at this second
+    time.sleep(2.1)  # past retention_job_days (1 s) on the Redis clock, whole seconds
+
+    Dispatcher(settings, worker_id="housekeeper").start_maintenance().stop()  # housekeeping runs once at start
+
+    with pytest.raises(NotFound):
+        jobs.get_job("t1", job.id)
