@@ -7,6 +7,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,7 +16,15 @@ from fleet.webhooks import address_allowed
 
 __all__ = ["PostResult", "AddressRefused", "resolve_checked", "post"]
 
-_MAX_RESPONSE_BYTES = 64 * 1024  # read (and drop) at most this much of a receiver's answer
+_TOTAL_TIMEOUT_FACTOR = 2  # a whole attempt (after resolving) takes at most twice the per-read timeout
+
+
+def _shut(sock: socket.socket, fired: threading.Event) -> None:
+    fired.set()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
 
 
 class AddressRefused(Exception):
@@ -65,24 +74,35 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float, al
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    fired = threading.Event()
+    too_slow = f"no complete answer within {_TOTAL_TIMEOUT_FACTOR * timeout_s:g} s"
     try:
         address = resolve_checked(host, port, allow_private=allow_private)
         sock = socket.create_connection((address, port), timeout=timeout_s)
-        if parts.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        # http.client uses a socket already set and never follows redirects (a 3xx is a failed attempt).
-        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-        conn.sock = sock
+        # The socket timeout bounds each read; this bounds the whole exchange, so a receiver trickling
+        # bytes cannot hold a sender: the socket is shut down under the request when it fires.
+        deadline = threading.Timer(_TOTAL_TIMEOUT_FACTOR * timeout_s, _shut, args=(sock, fired))
+        deadline.start()
         try:
-            conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read(_MAX_RESPONSE_BYTES)
-            status = response.status
+            if parts.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            # http.client uses a socket already set and never follows redirects (a 3xx is a failed attempt).
+            conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+            conn.sock = sock
+            try:
+                conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json"})
+                status = conn.getresponse().status  # the status line is all we need; the body is not read
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            deadline.cancel()
+        if fired.is_set():  # what was read before the shutdown may look complete: it is not an answer
+            return result(None, too_slow)
     except AddressRefused as e:
         return result(None, f"refused: {e}")
     except (OSError, http.client.HTTPException) as e:
+        if fired.is_set():
+            return result(None, too_slow)
         return result(None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     if 200 <= status < 300:
         return result(status, None)

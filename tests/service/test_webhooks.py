@@ -3,7 +3,11 @@ every request with the `standardwebhooks` package. Loopback is allowed explicitl
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -191,7 +195,6 @@ def test_no_redirect_is_followed(receiver):
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         port = listener.getsockname()[1]
-        import threading
 
         def answer() -> None:
             conn, _ = listener.accept()
@@ -252,3 +255,50 @@ def test_undelivered_events_survive_a_restart_of_redis_and_the_deliverer(
     queued = next(e for e in events if e["type"] == "fine_tuning.job.queued")
     assert queued["id"] == failed_id  # the same event, same webhook-id, as before the restart
     assert {e["data"]["id"] for e in events} == {job_id}
+
+
+def test_a_receiver_trickling_its_answer_cannot_hold_an_attempt_past_its_deadline():
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def trickle() -> None:  # one byte every 0.2 s: each read is quick, the answer never ends
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while not stop.wait(0.2):
+                    try:
+                        conn.sendall(b"a")
+                    except OSError:
+                        return
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        result = post(f"http://127.0.0.1:{port}/", b"{}", {}, timeout_s=1, allow_private=True)
+        stop.set()
+        t.join(timeout=10)
+    assert result.status_code is None and result.error == "no complete answer within 2 s"
+
+
+def test_lorafleet_webhooks_runs_a_standalone_deliverer_until_sigterm(start_api_server, tmp_path, redis_server,
+                                                                      receiver):
+    server = start_api_server(make_api_settings(tmp_path, redis_server.url, webhook_deliverer_in_api=False,
+                                                **FAST_RETRIES))
+    tenant = server.create_tenant("team-hooks")
+    endpoint = _create_endpoint(server, tenant.api_key, receiver.url)
+    receiver.secret = endpoint["secret"]
+    env = {**os.environ, "LORAFLEET_REDIS_URL": redis_server.url, "LORAFLEET_WEBHOOK_ALLOW_PRIVATE": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "webhooks", "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with server.client(tenant.api_key) as c:
+            event_id = c.post(f"/v1/webhooks/endpoints/{endpoint['id']}/test").json()["event_id"]
+        events = receiver.wait_for("the test event from `lorafleet webhooks`", lambda ev: len(ev) == 1, timeout_s=30)
+        assert events[0]["id"] == event_id
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
