@@ -155,7 +155,17 @@ class Deliverer:
                 except RedisError as e:  # Redis restarting: wait and carry on where the outbox says
                     logger.warning("webhook deliverer: Redis error, retrying in 1 s: %s", e)
                     stop.wait(1.0)
+        self._leave_group()
         logger.info("webhook deliverer %s stopped", self.consumer)
+
+    def _leave_group(self) -> None:
+        """Remove this consumer from the group when it holds no entry, so restarts do not pile up names."""
+        try:
+            pending = self._r.xpending_range(keys.webhook_outbox(), GROUP, "-", "+", 1, consumername=self.consumer)
+            if not pending:
+                self._r.xgroup_delconsumer(keys.webhook_outbox(), GROUP, self.consumer)
+        except RedisError as e:  # its entries (if any) are taken over by another deliverer after the idle time
+            logger.info("webhook deliverer %s left its name in the group: %s", self.consumer, e)
 
     def step(self, senders: ThreadPoolExecutor, *, block_ms: int = 200) -> None:
         """Fan out new (and abandoned) outbox entries, then hand due deliveries to `senders`."""

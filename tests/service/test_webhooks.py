@@ -251,7 +251,9 @@ def test_undelivered_events_survive_a_restart_of_redis_and_the_deliverer(
         events = receiver.wait_for("both events after the restart", lambda ev: both <= set(types_of(ev)))
     finally:
         second.stop()
+        consumers = {c["name"] for c in client.xinfo_consumers(keys.webhook_outbox(), GROUP)}
         client.close()
+    assert second.consumer not in consumers and first.consumer not in consumers  # left the group on stop
     queued = next(e for e in events if e["type"] == "fine_tuning.job.queued")
     assert queued["id"] == failed_id  # the same event, same webhook-id, as before the restart
     assert {e["data"]["id"] for e in events} == {job_id}
@@ -302,3 +304,29 @@ def test_lorafleet_webhooks_runs_a_standalone_deliverer_until_sigterm(start_api_
         proc.terminate()
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
+
+
+def test_an_event_never_accepted_is_given_up_after_the_retry_window(start_api_server, tmp_path, redis_server, receiver):
+    settings = make_api_settings(tmp_path, redis_server.url, **{**FAST_RETRIES, "webhook_retry_window_s": 1.0})
+    server = start_api_server(settings)
+    tenant = server.create_tenant("team-hooks")
+    endpoint = _create_endpoint(server, tenant.api_key, receiver.url)
+    receiver.fail_next = [500] * 1000
+    with server.client(tenant.api_key) as c:
+        c.post(f"/v1/webhooks/endpoints/{endpoint['id']}/test")
+        deadline = time.monotonic() + 20
+        while True:
+            log = c.get(f"/v1/webhooks/endpoints/{endpoint['id']}/deliveries").json()["data"]
+            if log and log[0]["outcome"] == "failed":
+                break
+            assert time.monotonic() < deadline, f"timed out waiting for the delivery to be given up: {log}"
+            time.sleep(0.05)
+    assert all(e["outcome"] == "retrying" for e in log[1:]) and log[0]["next_attempt_at"] is None
+    client = make_redis(settings)
+    try:
+        assert client.zcard(keys.webhook_due()) == 0  # nothing left to send
+    finally:
+        client.close()
+    attempts = len(receiver.received)
+    time.sleep(0.5)
+    assert len(receiver.received) == attempts  # no attempt after giving up
