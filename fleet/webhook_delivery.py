@@ -29,7 +29,7 @@ from fleet import keys
 from fleet.exceptions import NotFound
 from fleet.settings import check_redis_client
 from fleet.webhook_http import PostResult, post
-from fleet.webhooks import TEST_EVENT_TYPE, Endpoint, EndpointStore, event_payload, sign
+from fleet.webhooks import TEST_EVENT_TYPE, Endpoint, EndpointStore, event_id_for, event_payload, sign
 
 if TYPE_CHECKING:
     import redis
@@ -205,7 +205,7 @@ class Deliverer:
     def _fan_out_entry(self, entry_id: str, fields: dict[str, str]) -> None:
         event_type, tenant_id = fields.get("type", ""), fields.get("tenant_id", "")
         endpoints = [e for e in self._endpoints.list(tenant_id) if e.wants(event_type)] if tenant_id else []
-        event_id = "evt_" + entry_id.replace("-", "_")
+        event_id = event_id_for(entry_id)
         try:
             data = json.loads(fields.get("data") or "{}")
         except json.JSONDecodeError:

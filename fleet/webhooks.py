@@ -9,6 +9,7 @@ with the endpoint's `whsec_<base64>` secret. Delivery itself lives in fleet.webh
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -36,7 +37,9 @@ __all__ = [
     "event_payload",
     "event_id_for",
     "validate_url",
+    "validate_event_types",
     "address_allowed",
+    "MAX_URL_LENGTH",
 ]
 
 # Every type an endpoint may subscribe to. `preempted` is reserved for the scheduler (not sent yet).
@@ -222,7 +225,7 @@ class EndpointStore:
         endpoint = self.get(tenant_id, endpoint_id)
         secret = new_secret()
         self._r.hset(keys.webhook_endpoint(endpoint_id), "secret", secret)
-        return Endpoint(**{**endpoint.__dict__, "secret": secret})
+        return dataclasses.replace(endpoint, secret=secret)
 
     def delivery_log(self, tenant_id: str, endpoint_id: str, limit: int) -> list[dict]:
         """The endpoint's latest delivery attempts, newest first."""
