@@ -372,9 +372,6 @@ if refused then return refused end
 local committed = redis.call('HGET', KEYS[2], 'manifest')
 if committed then return {'committed', committed} end
 redis.call('HSET', KEYS[2], 'state', 'committed', 'manifest', ARGV[3], 'attempt', ARGV[1])
-local pub = redis.call('HMGET', KEYS[2], 'name', 'version')
-emit('adapter.version.published', redis.call('HGET', KEYS[1], 'tenant_id'),
-     {id = job_id_of(KEYS[1]), adapter = pub[1] .. ':v' .. pub[2]})
 return {'committed', ARGV[3]}
 """
 )
@@ -387,5 +384,23 @@ APPEND_EVENT = (
 local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
 if refused then return refused end
 return {'ok', redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(tail(4)))}
+"""
+)
+
+# KEYS: adapter_versions, adapters, publication (only for a job's version)
+# ARGV: version, version record JSON, name, now_ms, tenant_id, ref ("<name>:v<N>"), job_id ('' for an import)
+# A version becomes listed (ready) once; the first time, adapter.version.published goes to the outbox.
+READY_VERSION = (
+    PRELUDE
+    + """
+local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'NX', ARGV[4], ARGV[3])
+if KEYS[3] then redis.call('HSET', KEYS[3], 'state', 'ready') end
+if created == 1 then
+  local data = {id = ARGV[6]}
+  if ARGV[7] ~= '' then data['job_id'] = ARGV[7] end
+  emit('adapter.version.published', ARGV[5], data)
+end
+return created
 """
 )

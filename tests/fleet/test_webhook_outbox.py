@@ -60,7 +60,7 @@ def test_a_new_checkpoint_emits_once_and_a_rewritten_one_not_again(r):
     assert json.loads(event["data"]) == {"id": job_id, "step": 7, "checkpoint_id": f"ftckpt-{suffix}-7"}
 
 
-def test_committing_an_adapter_version_emits_published_once(r, tmp_path: Path):
+def test_a_version_becoming_ready_emits_published_once(r, tmp_path: Path):
     jobs = JobStore(r)
     registry = AdapterRegistry(r, LocalObjectStore(tmp_path / "objects"))
     job_id = jobs.create_job("t1", model="tiny-llama", training_file="file-x").job.id
@@ -68,7 +68,17 @@ def test_committing_an_adapter_version_emits_published_once(r, tmp_path: Path):
     src = make_peft_dir(tmp_path / "out")
     r.delete(keys.webhook_outbox())
     assert registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence) == "a:v1"
-    assert registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence) == "a:v1"  # idempotent
-    [event] = _outbox(r)
+    [event] = _outbox(r)  # sent when the version is listed and downloadable, not before
     assert event["type"] == "adapter.version.published" and event["tenant_id"] == "t1"
-    assert json.loads(event["data"]) == {"id": job_id, "adapter": "a:v1"}
+    assert json.loads(event["data"]) == {"id": "a:v1", "job_id": job_id}
+    assert registry.get_version("t1", "a:v1").job_id == job_id
+    assert registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence) == "a:v1"  # idempotent
+    assert len(_outbox(r)) == 1
+
+
+def test_an_imported_version_emits_published_without_a_job(r, tmp_path: Path):
+    registry = AdapterRegistry(r, LocalObjectStore(tmp_path / "objects"))
+    version = registry.import_adapter("t1", "imported", make_peft_dir(tmp_path / "imp"))
+    [event] = _outbox(r)
+    assert event["type"] == "adapter.version.published"
+    assert json.loads(event["data"]) == {"id": version.ref}
