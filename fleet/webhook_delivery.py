@@ -131,6 +131,7 @@ class Deliverer:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         # A claim outlives the longest attempt: resolving, connecting and reading, with room to spare.
         self._claim_ms = int((3 * settings.webhook_timeout_s + 30) * 1000)
+        self._group_ready = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._in_flight: set[str] = set()
@@ -152,8 +153,17 @@ class Deliverer:
             while not stop.is_set():
                 try:
                     self.step(senders, block_ms=self._block_ms())
+                except ResponseError as e:
+                    if "NOGROUP" in str(e):  # the outbox was deleted (e.g. FLUSHALL): make the group again
+                        self._group_ready = False
+                    else:
+                        logger.warning("webhook deliverer: Redis refused a command, retrying in 1 s: %s", e)
+                        stop.wait(1.0)
                 except RedisError as e:  # Redis restarting: wait and carry on where the outbox says
                     logger.warning("webhook deliverer: Redis error, retrying in 1 s: %s", e)
+                    stop.wait(1.0)
+                except Exception:  # a bug must not end delivery for the whole process
+                    logger.exception("webhook deliverer: unexpected error, retrying in 1 s")
                     stop.wait(1.0)
         self._leave_group()
         logger.info("webhook deliverer %s stopped", self.consumer)
@@ -169,7 +179,9 @@ class Deliverer:
 
     def step(self, senders: ThreadPoolExecutor, *, block_ms: int = 200) -> None:
         """Fan out new (and abandoned) outbox entries, then hand due deliveries to `senders`."""
-        self._ensure_group()
+        if not self._group_ready:
+            self._ensure_group()
+            self._group_ready = True
         self.fan_out(block_ms=block_ms)
         for delivery_id in self._claim_due_deliveries():
             senders.submit(self._attempt_logged, delivery_id)

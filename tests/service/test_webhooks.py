@@ -21,7 +21,7 @@ from fleet.queue import JobStore
 from fleet.settings import make_redis
 from fleet.webhook_delivery import GROUP, Deliverer
 from fleet.webhook_http import AddressRefused, post, resolve_checked
-from fleet.webhooks import EVENT_TYPES, sign
+from fleet.webhooks import EVENT_TYPES, EndpointStore, sign
 from tests.service.conftest import make_api_settings
 from tests.service.webhook_receiver import Receiver, types_of
 
@@ -330,3 +330,21 @@ def test_an_event_never_accepted_is_given_up_after_the_retry_window(start_api_se
     attempts = len(receiver.received)
     time.sleep(0.5)
     assert len(receiver.received) == attempts  # no attempt after giving up
+
+
+def test_a_deliverer_carries_on_after_the_outbox_and_its_group_are_flushed(tmp_path, redis_server, receiver):
+    settings = make_api_settings(tmp_path, redis_server.url, **FAST_RETRIES)
+    client = make_redis(settings)
+    deliverer = Deliverer(client, settings)
+    deliverer.start()
+    try:
+        receiver.secret = EndpointStore(client).create("t1", receiver.url, EVENT_TYPES).secret
+        JobStore(client).create_job("t1", model="m", training_file="f")
+        receiver.wait_for("the first job's event", lambda ev: len(ev) == 1)
+        client.flushall()  # the outbox and its consumer group are gone
+        receiver.secret = EndpointStore(client).create("t1", receiver.url, EVENT_TYPES).secret
+        job_id = JobStore(client).create_job("t1", model="m", training_file="f").job.id
+        receiver.wait_for("the second job's event", lambda ev: any(e["data"]["id"] == job_id for e in ev))
+    finally:
+        deliverer.stop()
+        client.close()
