@@ -32,6 +32,12 @@ __all__ = [
     "adapters",
     "adapter_versions",
     "adapter_version_seq",
+    "webhook_outbox",
+    "webhook_endpoint",
+    "tenant_webhooks",
+    "webhook_delivery",
+    "webhook_due",
+    "webhook_log",
 ]
 
 PREFIX = "lf:"
@@ -181,3 +187,34 @@ def adapter_versions(tenant_id: str, name: str) -> str:
 def adapter_version_seq(tenant_id: str, name: str) -> str:
     """Counter: the last version number allocated for an adapter (INCR allocates the next)."""
     return f"{PREFIX}tenant:{tenant_id}:adapter:{name}:seq"
+
+
+# --- webhooks (fleet.webhooks, fleet.webhook_delivery) --------------------------------------------
+def webhook_outbox() -> str:
+    """Stream: events the job scripts append in the same step as the state change (consumer group)."""
+    return f"{PREFIX}webhooks:outbox"
+
+
+def webhook_endpoint(endpoint_id: str) -> str:
+    """Hash: a webhook endpoint (tenant, url, event types JSON, secret, created_at)."""
+    return f"{PREFIX}webhook:{endpoint_id}"
+
+
+def tenant_webhooks(tenant_id: str) -> str:
+    """Sorted set: a tenant's webhook endpoint ids scored by creation time (ms)."""
+    return f"{PREFIX}tenant:{tenant_id}:webhooks"
+
+
+def webhook_delivery(delivery_id: str) -> str:
+    """Hash: one event's delivery to one endpoint (body, attempts, first attempt time)."""
+    return f"{PREFIX}webhook_delivery:{delivery_id}"
+
+
+def webhook_due() -> str:
+    """Sorted set: delivery ids scored by their next attempt time (epoch ms); a claim pushes it ahead."""
+    return f"{PREFIX}webhooks:due"
+
+
+def webhook_log(endpoint_id: str) -> str:
+    """List: an endpoint's delivery attempts (JSON), newest first, capped."""
+    return f"{PREFIX}webhook:{endpoint_id}:log"

@@ -11,7 +11,18 @@ lease expiry.
 
 from __future__ import annotations
 
-PRELUDE = """
+from fleet import keys
+
+# Webhook events (fleet.webhooks) go to one outbox stream in the same script as the state change, so a
+# change and its event are written together or not at all. The outbox key is a constant written into
+# the prelude (from fleet.keys), so the scripts' callers pass the same KEYS as before.
+OUTBOX_MAX_LEN = 100_000  # a safety cap: deliverers delete entries once fanned out
+
+PRELUDE = f"""
+local OUTBOX = '{keys.webhook_outbox()}'
+local JOB_KEY_PREFIX = '{keys.job("")}'
+local OUTBOX_MAX_LEN = '{OUTBOX_MAX_LEN}'
+""" + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -58,6 +69,15 @@ local function publish_check(job_key, attempt, token)
   if redis.call('HGET', job_key, 'control') == 'cancel' then return {'cancel_requested'} end
   return nil
 end
+-- Append a webhook event to the outbox: its type, tenant and `data` object (fleet.webhook_delivery).
+local function emit(event_type, tenant, data)
+  redis.call('XADD', OUTBOX, 'MAXLEN', '~', OUTBOX_MAX_LEN, '*', 'type', event_type,
+             'tenant_id', tenant, 'created_at', sec(now_ms()), 'data', cjson.encode(data))
+end
+local function emit_job(status, tenant, job_id)
+  emit('fine_tuning.job.' .. status, tenant, {id = job_id})
+end
+local function job_id_of(job_key) return string.sub(job_key, #JOB_KEY_PREFIX + 1) end
 local function tail(from)
   local out = {}
   for i = from, #ARGV do out[#out + 1] = ARGV[i] end
@@ -85,6 +105,7 @@ if ARGV[3] == '1' then
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
 end
 enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[1], false, now_ms())
+emit_job('queued', ARGV[2], ARGV[1])
 return {'created', ARGV[1]}
 """
 )
@@ -105,6 +126,7 @@ if st == 'queued' or st == 'paused' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now)
   redis.call('HDEL', KEYS[1], 'control')
   index_finished(KEYS[6], KEYS[7], KEYS[8], ARGV[1], now)
+  emit_job('cancelled', ARGV[2], ARGV[1])
   return {'cancelled'}
 elseif st == 'running' then
   redis.call('HSET', KEYS[1], 'control', 'cancel', 'updated_at', now)
@@ -129,6 +151,7 @@ if (st == 'queued' or st == 'running') and committed(KEYS[5]) then return {'comp
 if st == 'queued' then
   unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'paused', 'updated_at', now)
+  emit_job('paused', ARGV[2], ARGV[1])
   return {'paused'}
 elseif st == 'running' then
   if v[3] == 'cancel' then return {'invalid', 'cancelling'} end
@@ -153,6 +176,7 @@ if st == 'paused' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', sec(now))
   redis.call('HDEL', KEYS[1], 'control')
   enqueue(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[1], false, now)
+  emit_job('queued', ARGV[2], ARGV[1])
   return {'queued'}
 elseif st == 'running' and v[3] == 'pause' then
   redis.call('HDEL', KEYS[1], 'control')
@@ -183,6 +207,7 @@ redis.call('HSETNX', KEYS[1], 'started_at', sec(now))
 redis.call('HDEL', KEYS[1], 'control')
 redis.call('ZADD', KEYS[6], expires, ARGV[1])
 redis.call('HINCRBY', KEYS[5], ARGV[2], 1)
+emit_job('running', ARGV[2], ARGV[1])
 return {'claimed', attempt, int(expires)}
 """
 )
@@ -227,7 +252,12 @@ CHECKPOINT = (
     + """
 local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
 if refused then return refused end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+if redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) == 1 then  -- a new step, not a retried write
+  local job_id = job_id_of(KEYS[1])
+  emit('fine_tuning.job.checkpoint.created', redis.call('HGET', KEYS[1], 'tenant_id'),
+       {id = job_id, step = tonumber(ARGV[3]),
+        checkpoint_id = 'ftckpt-' .. string.gsub(job_id, '^ftjob%-', '') .. '-' .. ARGV[3]})
+end
 return {'ok'}
 """
 )
@@ -270,6 +300,7 @@ if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
 elseif st == 'queued' then
   enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], true, now)
 end
+emit_job(st, tenant, ARGV[1])
 return {'ok', st}
 """
 )
@@ -311,6 +342,7 @@ if new == 'cancelled' or new == 'failed' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 end
+emit_job(new, v[3], ARGV[1])
 return {new, lost}
 """
 )
@@ -352,5 +384,23 @@ APPEND_EVENT = (
 local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
 if refused then return refused end
 return {'ok', redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(tail(4)))}
+"""
+)
+
+# KEYS: adapter_versions, adapters, publication (only for a job's version)
+# ARGV: version, version record JSON, name, now_ms, tenant_id, ref ("<name>:v<N>"), job_id ('' for an import)
+# A version becomes listed (ready) once; the first time, adapter.version.published goes to the outbox.
+READY_VERSION = (
+    PRELUDE
+    + """
+local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'NX', ARGV[4], ARGV[3])
+if KEYS[3] then redis.call('HSET', KEYS[3], 'state', 'ready') end
+if created == 1 then
+  local data = {id = ARGV[6]}
+  if ARGV[7] ~= '' then data['job_id'] = ARGV[7] end
+  emit('adapter.version.published', ARGV[5], data)
+end
+return created
 """
 )

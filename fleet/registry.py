@@ -226,6 +226,7 @@ class AdapterRegistry:
         self._reserve = client.register_script(lua.RESERVE_VERSION)
         self._commit = client.register_script(lua.COMMIT_VERSION)
         self._control = client.register_script(lua.CONTROL)
+        self._ready = client.register_script(lua.READY_VERSION)
 
     @staticmethod
     def version_prefix(tenant_id: str, name: str, version: int) -> str:
@@ -394,12 +395,12 @@ class AdapterRegistry:
             base_model=manifest.base_model,
             bytes_total=sum(f.size for f in manifest.files),
         )
-        pipe = self.redis.pipeline()
-        pipe.hsetnx(keys.adapter_versions(tenant_id, name), str(version), record.model_dump_json())
-        pipe.zadd(keys.adapters(tenant_id), {name: time.time_ns() // 1_000_000}, nx=True)
-        if job_id is not None:
-            pipe.hset(keys.job_publication(job_id), "state", "ready")
-        pipe.execute()
+        publication = [keys.job_publication(job_id)] if job_id is not None else []
+        self._ready(  # one step, which also sends adapter.version.published (once) to the webhook outbox
+            keys=[keys.adapter_versions(tenant_id, name), keys.adapters(tenant_id), *publication],
+            args=[version, record.model_dump_json(), name, time.time_ns() // 1_000_000, tenant_id,
+                  format_adapter_ref(name, version), job_id or ""],
+        )
 
     # -- reading ------------------------------------------------------------------------------------
     def _load_manifest(self, tenant_id: str, name: str, version: int) -> Manifest:

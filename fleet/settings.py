@@ -93,6 +93,25 @@ class Settings(BaseSettings):
     )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
 
+    # Webhooks (fleet.webhook_delivery): how events are delivered to tenants' endpoints.
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow webhook URLs that resolve to private, loopback or link-local addresses.",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60, description="Connect and read timeout of a delivery.")
+    webhook_backoff_base_s: float = Field(
+        default=5.0, gt=0, description="Delay before the first retry; doubles after each failed attempt (with jitter)."
+    )
+    webhook_backoff_max_s: float = Field(default=6 * 3600, gt=0, description="Longest delay between two attempts.")
+    webhook_retry_window_s: float = Field(
+        default=72 * 3600, gt=0, description="An event not delivered this long after its first attempt is dropped."
+    )
+    webhook_log_max_len: int = Field(default=100, ge=1, description="Delivery attempts kept per endpoint.")
+    webhook_deliverer_in_api: bool = Field(
+        default=True,
+        description="Run a webhook deliverer thread in each API process (`lorafleet webhooks` runs one alone).",
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         problems = []

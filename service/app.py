@@ -18,11 +18,12 @@ from fleet.queue import JobStore
 from fleet.registry import AdapterRegistry
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import TenantStore
+from fleet.webhook_delivery import Deliverer
 from service.body_limit import BodyLimitMiddleware
 from service.errors import LastResortMiddleware, install_error_handlers
 from service.metrics import APIMetrics, MetricsMiddleware, QueueCollector
 from service.openapi import install_openapi
-from service.routes import adapters, admin, files, health, jobs, models
+from service.routes import adapters, admin, files, health, jobs, models, webhooks
 from service.uploads import remove_stale_spool_files
 
 __all__ = ["create_app"]
@@ -90,6 +91,11 @@ def create_app(settings: Settings) -> FastAPI:
             logger.info("removed %d stale spooled upload/download file(s)", stale)
         collector = QueueCollector(lambda: _queue_stats(app.state.jobs))
         metrics.registry.register(collector)
+        # The deliverer has its own client: its blocking outbox reads never wait for a request's connection.
+        deliverer_client = make_redis(settings) if settings.webhook_deliverer_in_api else None
+        deliverer = Deliverer(deliverer_client, settings) if deliverer_client is not None else None
+        if deliverer is not None:
+            deliverer.start()
         logger.info(
             "lorafleet API ready: redis %s, %s object store, %d base model(s): %s",
             _without_password(settings.redis_url),
@@ -100,6 +106,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            if deliverer is not None and deliverer_client is not None:
+                deliverer.stop()
+                deliverer_client.close()
             metrics.registry.unregister(collector)
             client.close()
 
@@ -125,4 +134,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(models.router, prefix="/v1")
     app.include_router(adapters.router, prefix="/v1")
     app.include_router(admin.router, prefix="/v1")
+    app.include_router(webhooks.router, prefix="/v1")
     return app

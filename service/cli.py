@@ -44,6 +44,31 @@ app.add_typer(adapters_app, name="adapters")
 cli_local.register(app)
 
 
+# --- webhooks: a standalone deliverer (the API runs one too; any number may run at once) ------------------
+@app.command("webhooks")
+def webhooks(
+    consumer: Annotated[str | None, typer.Option(help="Name in the outbox's consumer group; default host-pid.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Deliver webhook events (settings from LORAFLEET_* variables) until SIGTERM/Ctrl-C."""
+    import signal
+    import threading
+
+    from fleet.settings import make_redis
+    from fleet.webhook_delivery import Deliverer
+
+    cli_local._configure_logging(log_level)
+    settings = cli_local._settings()
+    client = make_redis(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        Deliverer(client, settings, consumer=consumer).run(stop)
+    finally:
+        client.close()
+
+
 # --- admin --------------------------------------------------------------------------------------------
 @admin_app.command("create-tenant")
 def admin_create_tenant(
