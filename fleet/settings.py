@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -127,6 +128,25 @@ class Settings(BaseSettings):
         return self
 
 
+@functools.cache
+def _outage_retry_class() -> type:
+    """redis-py's Retry, except that a refused login is raised at once: redis-py's AuthenticationError
+    is a ConnectionError, but no wait fixes a wrong password (retrying it held every caller ~17 s)."""
+    import redis
+    from redis.retry import Retry
+
+    class OutageRetry(Retry):
+        def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+            def retryable(error: Exception) -> bool:
+                if isinstance(error, redis.AuthenticationError):
+                    return False
+                return is_retryable is None or is_retryable(error)
+
+            return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+    return OutageRetry
+
+
 def make_redis(settings: Settings) -> redis.Redis:
     """A Redis client for `settings.redis_url`, decoding responses to str as fleet's stores expect.
 
@@ -138,12 +158,11 @@ def make_redis(settings: Settings) -> redis.Redis:
     """
     import redis
     from redis.backoff import EqualJitterBackoff
-    from redis.retry import Retry
 
     # Blocking reads (BLPOP in wait_for_work, XREAD for SSE) block at most MAX_BLOCK_S, well inside
     # the socket timeout; redis-py's default of 5 s would cut a 5 s BLPOP off.
-    retry = Retry(EqualJitterBackoff(base=REDIS_BACKOFF_BASE_S, cap=REDIS_BACKOFF_CAP_S),
-                  retries=REDIS_RETRIES, supported_errors=(redis.ConnectionError, redis.TimeoutError))
+    retry = _outage_retry_class()(EqualJitterBackoff(base=REDIS_BACKOFF_BASE_S, cap=REDIS_BACKOFF_CAP_S),
+                                  retries=REDIS_RETRIES, supported_errors=(redis.ConnectionError, redis.TimeoutError))
     return redis.Redis.from_url(
         settings.redis_url, decode_responses=True, health_check_interval=30,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5,
