@@ -45,6 +45,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from workers.checkpoint_uploader import CheckpointUploader
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
@@ -59,6 +60,7 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 _PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint before the run is killed
 _POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
 _CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint
+_CHECKPOINT_UPLOAD_WAIT_S = 600.0  # how long the end of a run waits for its checkpoint uploads
 T = TypeVar("T")
 
 
@@ -119,6 +121,7 @@ class JobReporter:
         self._control: Control = None
         self._started = time.monotonic()
         self._first_step: int | None = None
+        self._uploads: CheckpointUploader | None = None  # started by the first checkpoint
 
     def log(self, message: str, level: str = "info") -> None:
         if self.fenced:
@@ -157,8 +160,24 @@ class JobReporter:
         self._append_event("info", ", ".join(parts), {"step": step, **shown}, type="metrics")
 
     def checkpoint(self, step: int, path: Path) -> None:
-        # Nothing is uploaded once fenced out or cancelled. An attempt fenced out after this check
-        # still writes only under its own a<attempt>/ prefix, which no newer attempt records.
+        """Hand the checkpoint to the background uploader and return at once (the step never waits
+        on the object store); `close()` waits for the uploads. Nothing is queued once fenced out or
+        cancelled, and the uploader checks again before it starts each upload."""
+        if self.control() == "cancel":
+            return
+        if self._uploads is None:
+            self._uploads = CheckpointUploader(self._upload_and_record)
+        self._uploads.submit(step, path)
+
+    def close(self, timeout_s: float = _CHECKPOINT_UPLOAD_WAIT_S) -> None:
+        """Wait until every checkpoint handed over is uploaded and recorded (so a pause's checkpoint is
+        recorded before the job is marked paused), then stop the uploader."""
+        if self._uploads is not None:
+            self._uploads.close(timeout_s)
+
+    def _upload_and_record(self, step: int, path: Path) -> None:
+        # Runs on the uploader's thread. An attempt fenced out after this check still writes only under
+        # its own a<attempt>/ prefix, which no newer attempt records.
         if self.control() == "cancel":
             return
         prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, attempt=self.attempt)
