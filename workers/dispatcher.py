@@ -521,7 +521,7 @@ class Dispatcher:
             init_adapter=init_adapter,
         )
         self.jobs.leases.append_event(fence, "info", f"Checking the datasets with {base_name}'s tokenizer.")
-        self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
+        spec = self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
         resume_from = self._in_phase(
             heartbeat, "download", lambda: self._fetch_latest_checkpoint(job, work_dir / "resume"))
         if resume_from is not None:
@@ -632,22 +632,27 @@ class Dispatcher:
             return parse_adapter_ref(job.init_adapter)[0]
         return adapter_name_for_job(base_name, job.suffix, job.id)
 
-    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> None:
+    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> TrainingSpec:
         """The checks that need the base model's tokenizer (the API checked the format at upload):
         chat template errors, token counts, examples over max_seq_len. Errors fail the job with the
-        file as `param` and the line numbers; warnings (e.g. truncated examples) become job events."""
+        file as `param` and the line numbers; warnings (e.g. truncated examples) become job events.
+        The tokenization done here is stored next to each file (`workers.pretokenized`): the spec
+        returned names it, and the ranks read it instead of tokenizing the dataset again."""
         from transformers import AutoTokenizer
 
         from workers.datasets import validate_dataset
+        from workers.pretokenized import key_for, write_pretokenized
 
         tokenizer = AutoTokenizer.from_pretrained(str(spec.base_model))
         files = [("training_file", spec.training_file, 10), ("validation_file", spec.validation_file, 1)]
+        stored: dict[str, Path] = {}
         for param, path, min_examples in files:
             if path is None:
                 continue
+            examples: list = []
             report = validate_dataset(path, tokenizer=tokenizer, max_seq_len=spec.max_seq_len,
                                       overflow="truncate", train_on_inputs=spec.train_on_inputs,
-                                      min_examples=min_examples)
+                                      min_examples=min_examples, examples_out=examples)
             if not report.ok:
                 problems = "; ".join(str(issue) for issue in report.errors[:20])
                 raise InvalidRequest(f"{param} {getattr(job, param)} is not usable for {job.model}: "
@@ -656,6 +661,9 @@ class Dispatcher:
                 self.jobs.leases.append_event(fence, "warn", f"{param}: {issue}")
             if report.token_stats is not None:
                 self.jobs.leases.append_event(fence, "info", f"{param}: {report.summary().splitlines()[0]}")
+            key = key_for(path, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=spec.train_on_inputs)
+            stored[f"pretokenized_{param}"] = write_pretokenized(path.with_suffix(".tokens.npz"), examples, key)
+        return TrainingSpec.model_validate({**spec.model_dump(), **stored})
 
     def _fetch_latest_checkpoint(self, job: Job, dest: Path) -> tuple[Path, int] | None:
         """Download the job's newest checkpoint (from any earlier attempt), or None if there is none."""
