@@ -1,13 +1,14 @@
 """CheckpointUploader: uploads checkpoints from a background thread, so no rank waits on the object store.
 
 The training loop saves a checkpoint locally and carries on; `submit` hands the uploader its own copy
-(hard links where the filesystem allows, so it costs no bytes and no time), which the loop may then
-prune at will. One thread uploads one checkpoint at a time, in the order submitted; a checkpoint
-submitted while an older one is still queued (not started) replaces it, since only the newest is
-worth resuming from. `upload(step, dir)` does the upload and the record (the caller decides what
-"recorded" means and fences it); an error it raises is never lost: the next `submit`, `wait` or
-`close` raises it. `wait` returns once everything submitted is uploaded (or raises TimeoutError
-naming the step it waited for), so a pause's checkpoint is recorded before the job is marked paused.
+(hard links in a hidden `.upload-staging-*` dir beside the checkpoint, so it costs no bytes and
+little time; a copy where links fail), which the loop may then prune at will. One thread uploads one
+checkpoint at a time, in the order submitted; a checkpoint submitted while an older one is still
+queued (not started) replaces it, since only the newest is worth resuming from. `upload(step, dir)`
+does the upload and the record (the caller decides what "recorded" means and fences it); an error it
+raises is never lost: the next `submit`, `wait` or `close` raises it. `wait` returns once everything
+submitted is uploaded (or raises TimeoutError naming the steps it waited for), so a pause's
+checkpoint is recorded before the job is marked paused.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ class CheckpointUploader:
         self._uploading: int | None = None  # the step being uploaded now
         self._error: BaseException | None = None
         self._closed = False
-        self._staging = Path(tempfile.mkdtemp(prefix="lorafleet-checkpoint-staging-"))
+        self._staging: Path | None = None  # made next to the first checkpoint: same filesystem, so links work
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, step: int, path: Path) -> None:
         """Queue the checkpoint at `path` for upload and return at once; `path` is the caller's to delete."""
         self._raise_if_failed()
+        path = Path(path)
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix=".upload-staging-", dir=path.parent))
         staged = self._staging / f"step-{step:08d}-{time.monotonic_ns()}"
         shutil.copytree(path, staged, copy_function=_link_or_copy)
         with self._cond:
@@ -89,7 +93,7 @@ class CheckpointUploader:
             if queued is not None:
                 logger.warning("checkpoint of step %d was never uploaded (the uploader closed first)", queued[0])
             self._thread.join(timeout=5.0)
-            if not self._thread.is_alive():
+            if not self._thread.is_alive() and self._staging is not None:
                 shutil.rmtree(self._staging, ignore_errors=True)
 
     def _raise_if_failed(self) -> None:

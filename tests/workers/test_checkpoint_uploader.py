@@ -79,6 +79,7 @@ def test_a_checkpoint_returns_while_its_upload_waits_and_is_recorded_once_whole(
     shutil.rmtree(local)  # the loop prunes its local copy at will: the uploader has its own
     reporter.store.gate.set()
     reporter.close(timeout_s=_GATE_TIMEOUT_S)
+    assert list(tmp_path.glob(".upload-staging-*")) == []  # the uploader's copies are gone with it
 
     latest = jobs.latest_checkpoint(claim.job.id)
     assert latest is not None and latest.step == 3
