@@ -59,19 +59,20 @@ def _numbers_only(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def _close_reporter(reporter: Reporter | None, *, quietly: bool = False) -> None:
+def _close_reporter(reporter: Reporter | None) -> None:
     """Let a reporter that works in the background (JobReporter's checkpoint uploads) finish, so a
-    paused or finished run's last checkpoint is recorded before the driver hears the run ended.
-    `quietly` (the run already failed): its error is logged, the run's error is the one raised."""
+    paused or finished run's last checkpoint is recorded before the driver hears the run ended. An
+    upload that fails or times out here is logged, in the job's log too, and does not fail a run that
+    has ended: the job resumes, if ever, from the last checkpoint recorded."""
     close = getattr(reporter, "close", None)
     if close is None:
         return
     try:
         close()
-    except Exception:
-        if not quietly:
-            raise
-        logger.exception("finishing the checkpoint uploads of a failed run")
+    except Exception as e:
+        logger.exception("finishing the checkpoint uploads at the end of the run")
+        with contextlib.suppress(Exception):
+            reporter.log(f"the last checkpoint upload did not complete: {e}", "warning")
 
 
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -114,11 +115,11 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 spec, output_dir=output_dir, reporter=reporter, resume_from=resume_from, runtime=runtime
             )
         except _DETERMINISTIC_ERRORS as e:
-            _close_reporter(reporter, quietly=True)
+            _close_reporter(reporter)
             # Returned, not raised: Ray Train would restart the worker group for a raised error.
             return {_SETUP_ERROR: f"{type(e).__name__}: {e}"}
         except BaseException:
-            _close_reporter(reporter, quietly=True)
+            _close_reporter(reporter)
             raise
         _close_reporter(reporter)
 
