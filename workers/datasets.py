@@ -37,7 +37,7 @@ from workers.dataset_report import (
     Overflow,
     TokenStats,
 )
-from workers.tokenization import ChatTemplateError, tokenize_example
+from workers.tokenization import ChatTemplateError, TokenizedExample, tokenize_example
 
 __all__ = [
     "ISSUE_CODES",
@@ -257,6 +257,7 @@ def validate_dataset(
     min_examples: int = 10,
     max_line_bytes: int = MAX_LINE_BYTES,
     max_issues: int = 100,
+    examples_out: list[TokenizedExample] | None = None,
 ) -> DatasetReport:
     """Read a JSONL dataset once and report every problem with its line number, plus counts.
 
@@ -264,6 +265,9 @@ def validate_dataset(
     statistics, template errors, and examples longer than `max_seq_len` (a warning each with
     overflow="truncate", an error each with "reject"). `min_examples` defaults to OpenAI's minimum
     of 10. Only the first `max_issues` errors and warnings are listed, all are counted.
+    `examples_out`, with a tokenizer, receives every example kept, in file order: when the report is
+    ok, exactly what `tokenize_dataset(read_examples(path), ...)` returns, so the check's tokenization
+    can be stored (`workers.pretokenized`) instead of done again.
     """
     if overflow not in ("truncate", "reject"):
         raise ValueError(f"overflow must be 'truncate' or 'reject', got {overflow!r}")
@@ -297,6 +301,8 @@ def validate_dataset(
                 collect.warning(line, "no_trainable_tokens", "truncation removes every trained token")
         total_loss_tokens += example.n_loss_tokens
         n_examples += 1
+        if examples_out is not None:
+            examples_out.append(example)
     if collect.n_records == 0:
         collect.error(None, "empty_file", "the file holds no examples; upload one JSON object per line")
     elif collect.n_records < min_examples:

@@ -45,6 +45,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from workers.checkpoint_uploader import CheckpointUploader
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
@@ -59,6 +60,7 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 _PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint before the run is killed
 _POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
 _CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint
+_CHECKPOINT_UPLOAD_WAIT_S = 600.0  # how long the end of a run waits for its checkpoint uploads
 T = TypeVar("T")
 
 
@@ -119,6 +121,7 @@ class JobReporter:
         self._control: Control = None
         self._started = time.monotonic()
         self._first_step: int | None = None
+        self._uploads: CheckpointUploader | None = None  # started by the first checkpoint
 
     def log(self, message: str, level: str = "info") -> None:
         if self.fenced:
@@ -157,8 +160,24 @@ class JobReporter:
         self._append_event("info", ", ".join(parts), {"step": step, **shown}, type="metrics")
 
     def checkpoint(self, step: int, path: Path) -> None:
-        # Nothing is uploaded once fenced out or cancelled. An attempt fenced out after this check
-        # still writes only under its own a<attempt>/ prefix, which no newer attempt records.
+        """Hand the checkpoint to the background uploader and return at once (the step never waits
+        on the object store); `close()` waits for the uploads. Nothing is queued once fenced out or
+        cancelled, and the uploader checks again before it starts each upload."""
+        if self.control() == "cancel":
+            return
+        if self._uploads is None:
+            self._uploads = CheckpointUploader(self._upload_and_record)
+        self._uploads.submit(step, path)
+
+    def close(self, timeout_s: float = _CHECKPOINT_UPLOAD_WAIT_S) -> None:
+        """Wait until every checkpoint handed over is uploaded and recorded (so a pause's checkpoint is
+        recorded before the job is marked paused), then stop the uploader."""
+        if self._uploads is not None:
+            self._uploads.close(timeout_s)
+
+    def _upload_and_record(self, step: int, path: Path) -> None:
+        # Runs on the uploader's thread. An attempt fenced out after this check still writes only under
+        # its own a<attempt>/ prefix, which no newer attempt records.
         if self.control() == "cancel":
             return
         prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, attempt=self.attempt)
@@ -502,7 +521,7 @@ class Dispatcher:
             init_adapter=init_adapter,
         )
         self.jobs.leases.append_event(fence, "info", f"Checking the datasets with {base_name}'s tokenizer.")
-        self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
+        spec = self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
         resume_from = self._in_phase(
             heartbeat, "download", lambda: self._fetch_latest_checkpoint(job, work_dir / "resume"))
         if resume_from is not None:
@@ -613,22 +632,27 @@ class Dispatcher:
             return parse_adapter_ref(job.init_adapter)[0]
         return adapter_name_for_job(base_name, job.suffix, job.id)
 
-    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> None:
+    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> TrainingSpec:
         """The checks that need the base model's tokenizer (the API checked the format at upload):
         chat template errors, token counts, examples over max_seq_len. Errors fail the job with the
-        file as `param` and the line numbers; warnings (e.g. truncated examples) become job events."""
+        file as `param` and the line numbers; warnings (e.g. truncated examples) become job events.
+        The tokenization done here is stored next to each file (`workers.pretokenized`): the spec
+        returned names it, and the ranks read it instead of tokenizing the dataset again."""
         from transformers import AutoTokenizer
 
         from workers.datasets import validate_dataset
+        from workers.pretokenized import key_for, write_pretokenized
 
         tokenizer = AutoTokenizer.from_pretrained(str(spec.base_model))
         files = [("training_file", spec.training_file, 10), ("validation_file", spec.validation_file, 1)]
+        stored: dict[str, Path] = {}
         for param, path, min_examples in files:
             if path is None:
                 continue
+            examples: list = []
             report = validate_dataset(path, tokenizer=tokenizer, max_seq_len=spec.max_seq_len,
                                       overflow="truncate", train_on_inputs=spec.train_on_inputs,
-                                      min_examples=min_examples)
+                                      min_examples=min_examples, examples_out=examples)
             if not report.ok:
                 problems = "; ".join(str(issue) for issue in report.errors[:20])
                 raise InvalidRequest(f"{param} {getattr(job, param)} is not usable for {job.model}: "
@@ -637,6 +661,9 @@ class Dispatcher:
                 self.jobs.leases.append_event(fence, "warn", f"{param}: {issue}")
             if report.token_stats is not None:
                 self.jobs.leases.append_event(fence, "info", f"{param}: {report.summary().splitlines()[0]}")
+            key = key_for(path, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=spec.train_on_inputs)
+            stored[f"pretokenized_{param}"] = write_pretokenized(path.with_suffix(".tokens.npz"), examples, key)
+        return TrainingSpec.model_validate({**spec.model_dump(), **stored})
 
     def _fetch_latest_checkpoint(self, job: Job, dest: Path) -> tuple[Path, int] | None:
         """Download the job's newest checkpoint (from any earlier attempt), or None if there is none."""

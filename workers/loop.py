@@ -42,6 +42,7 @@ from workers.checkpoints import (
 from workers.datasets import read_examples
 from workers.memory_plan import DecoderShape, plan_micro_batch
 from workers.packing import Batch, DataPosition, count_batches, make_batches, plan_epoch
+from workers.pretokenized import key_for, read_pretokenized
 from workers.reporting import Control, Reporter
 from workers.reporting_thread import ThreadedReporter
 from workers.schedule import lr_lambda
@@ -213,11 +214,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tokenize(path: Path, tokenizer: Any, spec: TrainingSpec) -> list[TokenizedExample]:
-    records = read_examples(path)
-    examples = tokenize_dataset(
-        records, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=spec.train_on_inputs
-    )
+def _tokenize(
+    path: Path, tokenizer: Any, spec: TrainingSpec, pretokenized: Path | None, say: Reporter | None
+) -> list[TokenizedExample]:
+    """The examples of dataset `path`: read from `pretokenized` when the dispatcher stored them (its
+    key must match this file, tokenizer and options), else tokenized here."""
+    if pretokenized is not None:
+        key = key_for(path, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=spec.train_on_inputs)
+        examples = read_pretokenized(pretokenized, key)
+        if say:
+            say.log(f"read {len(examples)} pre-tokenized examples of {path.name} from {pretokenized.name}")
+    else:
+        records = read_examples(path)
+        examples = tokenize_dataset(
+            records, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=spec.train_on_inputs
+        )
     return [e for e in examples if len(e) >= 2]
 
 
@@ -228,15 +239,20 @@ def _setup_data(
     mask_dtype: torch.dtype,
     max_micro_batch_sequences: int | None = None,
 ) -> _Data:
-    """Tokenize, plan the epochs and resolve the hyperparameters (total steps and warmup, once)."""
+    """Tokenize (or read the pre-tokenized examples), plan the epochs and resolve the hyperparameters
+    (total steps and warmup, once)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(spec.base_model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples = _tokenize(spec.training_file, tokenizer, spec)
+    train_examples = _tokenize(spec.training_file, tokenizer, spec, spec.pretokenized_training_file, say)
     if not train_examples:
         raise ValueError(f"training_file: {spec.training_file} has no example with at least 2 tokens")
-    val_examples = _tokenize(spec.validation_file, tokenizer, spec) if spec.validation_file else []
+    val_examples = (
+        _tokenize(spec.validation_file, tokenizer, spec, spec.pretokenized_validation_file, say)
+        if spec.validation_file
+        else []
+    )
     lengths = [len(e) for e in train_examples]
     n_rows = sum(
         len(mb)

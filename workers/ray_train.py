@@ -59,6 +59,22 @@ def _numbers_only(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
+def _close_reporter(reporter: Reporter | None) -> None:
+    """Let a reporter that works in the background (JobReporter's checkpoint uploads) finish, so a
+    paused or finished run's last checkpoint is recorded before the driver hears the run ended. An
+    upload that fails or times out here is logged, in the job's log too, and does not fail a run that
+    has ended: the job resumes, if ever, from the last checkpoint recorded."""
+    close = getattr(reporter, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as e:
+        logger.exception("finishing the checkpoint uploads at the end of the run")
+        with contextlib.suppress(Exception):
+            reporter.log(f"the last checkpoint upload did not complete: {e}", "warning")
+
+
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker function Ray runs; returns rank 0's TrainingResult as a dict."""
     import ray.train
@@ -99,8 +115,13 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 spec, output_dir=output_dir, reporter=reporter, resume_from=resume_from, runtime=runtime
             )
         except _DETERMINISTIC_ERRORS as e:
+            _close_reporter(reporter)
             # Returned, not raised: Ray Train would restart the worker group for a raised error.
             return {_SETUP_ERROR: f"{type(e).__name__}: {e}"}
+        except BaseException:
+            _close_reporter(reporter)
+            raise
+        _close_reporter(reporter)
 
     if result.status == "succeeded":
         # Hand the adapter to the driver through persistent storage, as a checkpoint of its own.

@@ -138,6 +138,10 @@ class TrainingSpec(_Strict):
     training_file: Path
     validation_file: Path | None = None
     init_adapter: Path | None = None  # continue training from this adapter dir (PEFT layout)
+    # The datasets already tokenized (workers.pretokenized, written by the dispatcher's checks): the
+    # ranks read them instead of tokenizing. None: each rank tokenizes the file itself.
+    pretokenized_training_file: Path | None = None
+    pretokenized_validation_file: Path | None = None
     max_seq_len: int = Field(1024, ge=16, le=131_072)
     packing: bool = True
     train_on_inputs: bool = False
@@ -157,6 +161,12 @@ class TrainingSpec(_Strict):
             problems.append(f"training_file: {self.training_file} does not exist")
         if self.validation_file is not None and not self.validation_file.is_file():
             problems.append(f"validation_file: {self.validation_file} does not exist")
+        for name in ("pretokenized_training_file", "pretokenized_validation_file"):
+            value = getattr(self, name)
+            if value is not None and not value.is_file():
+                problems.append(f"{name}: {value} does not exist")
+        if self.pretokenized_validation_file is not None and self.validation_file is None:
+            problems.append("pretokenized_validation_file: given without a validation_file")
         if self.init_adapter is not None and not (self.init_adapter / "adapter_config.json").is_file():
             problems.append(f"init_adapter: {self.init_adapter} has no adapter_config.json")
         if self.early_stopping_patience is not None and self.validation_file is None:

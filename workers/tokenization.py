@@ -8,7 +8,8 @@ turns carry loss, each with its end-of-turn token so the model learns to stop; a
 Finding the assistant tokens works for any chat template, not only ones with `{% generation %}`
 markers: the conversation is rendered once to text and tokenized once (so the ids are exactly what
 the model sees at inference), and each assistant turn's character span is found by rendering the
-conversation up to that turn with and without it. Tokens whose first character falls in a span are
+conversation up to that turn with and without it (2 renders per assistant turn, plus the whole
+conversation, which is the last turn's "with"). Tokens whose first character falls in a span are
 labelled. Templates that rewrite earlier turns (e.g. dropping past reasoning) or refuse to render a
 prefix fall back to locating the turn's content, and a special token right after it, in the text.
 """
@@ -139,7 +140,9 @@ def _assistant_spans(tokenizer: Any, conversation: list[dict[str, str]], full_te
             continue
         try:
             before = _render(tokenizer, conversation[:i], add_generation_prompt=True)
-            through = _render(tokenizer, conversation[: i + 1], add_generation_prompt=False)
+            # The last turn's "through" is the whole conversation: the text already rendered.
+            last = i == len(conversation) - 1
+            through = full_text if last else _render(tokenizer, conversation[: i + 1], add_generation_prompt=False)
         except ChatTemplateError:  # some templates refuse a prefix (e.g. one that ends on an assistant turn)
             before = through = ""
         if (

@@ -189,6 +189,7 @@ def test_openai_sdk_fine_tunes_cancels_and_publishes_a_loadable_version(e2e, syn
     messages = [e.message for e in events]
     assert any("training loss" in m for m in messages), messages
     assert any("successfully completed" in m for m in messages), messages
+    assert any("pre-tokenized" in m for m in messages), messages  # the check's tokenization, not the rank's
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints, "no checkpoint was recorded"
     assert all(c.step_number > 0 for c in checkpoints)

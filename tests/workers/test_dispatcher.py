@@ -95,6 +95,7 @@ def test_reporter_uploads_checkpoints_that_a_later_attempt_can_fetch(running_job
     (checkpoint / "trainer_state.json").write_text('{"step": 3}')
 
     reporter.checkpoint(3, checkpoint)
+    reporter.close()  # the upload runs in the background; close waits for it
     latest = jobs.latest_checkpoint(claim.job.id)
     assert latest.step == 3
     fetched = download_checkpoint(make_object_store(settings), latest.location, tmp_path / "fetched")
@@ -211,6 +212,8 @@ def test_a_stale_attempt_cannot_overwrite_the_checkpoint_a_newer_attempt_recorde
 
     newer.checkpoint(200, checkpoint_dir("new", b"attempt 2"))
     stale.checkpoint(200, checkpoint_dir("old", b"attempt 1"))  # its upload lands late
+    newer.close()
+    stale.close()
 
     latest = jobs.latest_checkpoint(claim.job.id)
     assert latest.attempt == newer_claim.attempt
@@ -235,6 +238,7 @@ def test_the_reporter_rides_out_a_redis_restart_without_raising_into_training(ru
         reporter.metrics(1, {"step": 1, "total_steps": 4, "train_loss": 2.5})
         assert reporter.control() is None
         reporter.checkpoint(1, checkpoint)
+        reporter.close()  # the record is retried through the outage
     finally:
         restart.join(timeout=30)
     latest = jobs.latest_checkpoint(claim.job.id)

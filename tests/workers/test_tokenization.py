@@ -144,3 +144,20 @@ def test_a_template_that_refuses_the_conversation_is_a_clear_error(tiny_model_di
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         tokenize_example({"messages": CONVERSATION}, tok, max_seq_len=None)
+
+
+def test_a_conversation_ending_on_an_assistant_turn_is_rendered_two_times_per_turn(tokenizer, monkeypatch):
+    import workers.tokenization as tokenization
+
+    rendered = []
+    real_render = tokenization._render
+
+    def counting_render(*args, **kwargs):
+        rendered.append(args[1])
+        return real_render(*args, **kwargs)
+
+    expected = tokenize_example({"messages": CONVERSATION}, tokenizer, max_seq_len=None)
+    monkeypatch.setattr(tokenization, "_render", counting_render)
+    assert tokenize_example({"messages": CONVERSATION}, tokenizer, max_seq_len=None) == expected
+    n_assistant = sum(m["role"] == "assistant" for m in CONVERSATION)
+    assert len(rendered) == 2 * n_assistant  # the whole text once, and the last turn reuses it
