@@ -6,7 +6,7 @@ a stale fence raises FencedOut and changes nothing.
 
 A dispatcher's loop, in outline:
     leases = jobs.leases
-    leases.requeue_expired_leases()               # at start-up, then every few seconds
+    leases.requeue_expired_leases(restart_grace_ms=lease_ms + heartbeat_ms)   # start-up, then every few s
     claim = leases.claim_next_job(worker_id, lease_ms)
     if claim is None: leases.wait_for_work(timeout_s); loop
     fence = claim.fence
@@ -333,13 +333,25 @@ class Leases:
         self.events.append(job_id, "error" if outcome == JobStatus.FAILED else "info", message)
         return self._load_job(job_id)
 
-    def requeue_expired_leases(self, now_ms: int | None = None) -> list[ExpiredLease]:
+    def requeue_expired_leases(self, now_ms: int | None = None, *, restart_grace_ms: int = 0) -> list[ExpiredLease]:
         """Recover jobs whose worker stopped heartbeating (call at dispatcher start-up and periodically).
 
         Each such job goes back to the head of its tenant's queue (its checkpoints are kept, so the next
-        attempt resumes), or is failed with the reason once it has lost `max_attempts` workers. A pending
-        cancel/pause request is honoured instead. `now_ms` defaults to the Redis server clock.
+        attempt resumes), or is failed with the reason once it has lost `max_attempts` workers in a row
+        (a recorded checkpoint resets the count). A pending cancel/pause request is honoured instead.
+        `now_ms` defaults to the Redis server clock.
+
+        `restart_grace_ms` (dispatchers pass lease_ms + heartbeat_ms): while the Redis server has been
+        up for less than this, nothing is expired. Leases run on during a Redis outage although no
+        worker could renew them; after a restart their workers get a full lease to reconnect and renew,
+        so an outage does not requeue (or, repeated, fail) jobs that were running fine.
         """
+        if restart_grace_ms > 0:
+            uptime_ms = int(self.redis.info("server")["uptime_in_seconds"]) * 1000
+            if uptime_ms < restart_grace_ms:
+                log.info("Redis restarted %d ms ago; expiring no leases for the first %d ms", uptime_ms,
+                         restart_grace_ms)
+                return []
         if now_ms is None:
             seconds, micros = self.redis.time()
             now_ms = seconds * 1000 + micros // 1000

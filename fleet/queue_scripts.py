@@ -247,12 +247,15 @@ return {'ok', redis.call('HGET', KEYS[1], 'control') or ''}
 )
 
 # KEYS: job, checkpoints.  ARGV: attempt, token, step, checkpoint_json
+# A new step is progress: the job's count of lost workers (lease_expirations, which EXPIRE_LEASE checks
+# against max_attempts) starts again from 0, so outages spread over a long job never add up to a failure.
 CHECKPOINT = (
     PRELUDE
     + """
 local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
 if refused then return refused end
 if redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) == 1 then  -- a new step, not a retried write
+  redis.call('HSET', KEYS[1], 'lease_expirations', 0)
   local job_id = job_id_of(KEYS[1])
   emit('fine_tuning.job.checkpoint.created', redis.call('HGET', KEYS[1], 'tenant_id'),
        {id = job_id, step = tonumber(ARGV[3]),

@@ -23,6 +23,7 @@ job: the reporter rides it out, and a longer outage hands the job back to resume
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -362,7 +363,10 @@ class Dispatcher:
         """Claim this dispatcher's work dir and start the thread that reclaims expired leases every
         ~lease_ms/3 and runs `run_housekeeping` (see workers/maintenance.py); stop it when done."""
         claim_work_dir(self.work_root)
-        return MaintenanceThread(reclaim=self.jobs.leases.requeue_expired_leases, housekeeping=self.run_housekeeping,
+        grace_ms = self.settings.lease_ms + self.settings.heartbeat_ms  # after a Redis restart: let leases renew
+        return MaintenanceThread(reclaim=functools.partial(self.jobs.leases.requeue_expired_leases,
+                                                           restart_grace_ms=grace_ms),
+                                 housekeeping=self.run_housekeeping,
                                  interval_s=self.settings.lease_ms / 3000,
                                  name=f"maintenance-{self.worker_id}").start()
 

@@ -1,0 +1,63 @@
+"""The fleet state layer under faults: Redis restarts, retried scripts, failing completions, parallel chores."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fleet.jobs import JobStatus
+from fleet.queue import JobStore
+from fleet.settings import Settings, make_redis
+
+FAR_FUTURE_MS = 10**13  # "now" for requeue_expired_leases: every lease has expired by then
+LEASE_MS, HEARTBEAT_MS = 1500, 300
+
+
+@pytest.fixture
+def jobs(r) -> JobStore:
+    return JobStore(r, max_attempts=3)
+
+
+def _queued(jobs: JobStore, tenant: str = "t1") -> str:
+    return jobs.create_job(tenant, model="tiny-llama", training_file="file-x").job.id
+
+
+def _wait_for_uptime(client, seconds: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while int(client.info("server")["uptime_in_seconds"]) < seconds:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis-server did not report {seconds}s of uptime within {timeout_s}s")
+        time.sleep(0.1)
+
+
+def test_a_job_that_checkpoints_between_lost_workers_never_exhausts_its_attempts(jobs):
+    job_id = _queued(jobs)
+    for attempt in (1, 2, 3, 4):
+        claim = jobs.leases.claim_next_job("w", 5000)
+        assert claim.attempt == attempt
+        jobs.leases.record_checkpoint(claim.fence, 10 * attempt, f"ckpt/step-{10 * attempt}")  # progress
+        (expired,) = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS)
+        assert expired.new_status == JobStatus.QUEUED, f"attempt {attempt}"
+    assert jobs.load_job(job_id).lease_expirations == 1
+
+
+def test_leases_are_not_expired_until_workers_could_renew_after_a_redis_restart(redis_server):
+    settings = Settings(redis_url=redis_server.url, lease_ms=LEASE_MS, heartbeat_ms=HEARTBEAT_MS)
+    jobs = JobStore(make_redis(settings), max_attempts=3)
+    job_id = _queued(jobs)
+    claim = jobs.leases.claim_next_job("w", LEASE_MS)
+
+    redis_server.kill()
+    time.sleep(LEASE_MS / 1000 + 0.3)  # the outage outlasts the lease
+    redis_server.start()  # same AOF: the lease is recorded, and it has expired
+
+    grace = LEASE_MS + HEARTBEAT_MS
+    assert jobs.leases.requeue_expired_leases(restart_grace_ms=grace) == []
+    assert jobs.load_job(job_id).status == JobStatus.RUNNING
+    jobs.leases.renew_lease(claim.fence, LEASE_MS)  # the worker reconnects within the grace and keeps its job
+
+    # Once the server has been up for the grace, an expired lease is reclaimed as before.
+    _wait_for_uptime(jobs.redis, -(-grace // 1000))
+    (expired,) = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS, restart_grace_ms=grace)
+    assert (expired.job_id, expired.new_status) == (job_id, JobStatus.QUEUED)
