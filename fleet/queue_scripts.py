@@ -87,9 +87,12 @@ end
 
 # KEYS: job, tenant_jobs, idempotency, job_seq, queue, queue_tenants, wakeup
 # ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, field, value, ...   (created queued)
+# The client draws the job id, so a retry of this script (its reply lost, the client retried it) carries
+# the same id: the job already exists and is returned, never created or queued twice.
 CREATE = (
     PRELUDE
     + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end
 if ARGV[3] == '1' then
   local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
   if seen[1] then

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from fleet import keys
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.settings import Settings, make_redis
@@ -61,3 +62,17 @@ def test_leases_are_not_expired_until_workers_could_renew_after_a_redis_restart(
     _wait_for_uptime(jobs.redis, -(-grace // 1000))
     (expired,) = jobs.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS, restart_grace_ms=grace)
     assert (expired.job_id, expired.new_status) == (job_id, JobStatus.QUEUED)
+
+
+def test_a_retried_create_script_returns_the_job_it_created_and_queues_it_once(jobs, monkeypatch):
+    # A retried script (reply lost after it ran) carries the same client-drawn job id: model that.
+    import fleet.queue
+
+    monkeypatch.setattr(fleet.queue, "new_job_id", lambda: "ftjob-" + "ab" * 12)
+    first = jobs.create_job("t1", model="tiny-llama", training_file="file-x")
+    again = jobs.create_job("t1", model="tiny-llama", training_file="file-x")
+    assert first.job.id == again.job.id and again.job.seq == first.job.seq
+    assert [j.id for j in jobs.list_jobs("t1")[0]] == [first.job.id]
+    assert jobs.redis.llen(keys.queue("t1")) == 1
+    claim = jobs.leases.claim_next_job("w", 5000)
+    assert claim.job.id == first.job.id and jobs.leases.claim_next_job("w", 5000) is None
