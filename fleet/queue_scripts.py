@@ -368,6 +368,17 @@ return {'reserved', ARGV[4], n, 'uploading'}
 """
 )
 
+# KEYS: version_seq, import reservation.  ARGV: ttl_s
+# Reserve a version number for one import. The import id is drawn by the client, so a retry of this
+# script (its reply lost) gets the number it reserved back instead of spending another.
+RESERVE_IMPORT_VERSION = """
+local n = redis.call('GET', KEYS[2])
+if n then return tonumber(n) end
+n = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], n, 'EX', tonumber(ARGV[1]))
+return n
+"""
+
 # KEYS: job, publication.  ARGV: attempt, token, manifest_json
 # The first commit wins; later ones get the committed manifest back, so every writer writes the same bytes.
 COMMIT_VERSION = (

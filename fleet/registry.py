@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+IMPORT_RESERVATION_TTL_S = 24 * 3600  # a reservation outlives any retry of the script that made it
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_NAME = 96
 _REF_RE = re.compile(r"^(?P<name>[^:]+)(?::v(?P<version>[0-9]+))?$")
@@ -227,6 +229,7 @@ class AdapterRegistry:
         self._commit = client.register_script(lua.COMMIT_VERSION)
         self._control = client.register_script(lua.CONTROL)
         self._ready = client.register_script(lua.READY_VERSION)
+        self._reserve_import = client.register_script(lua.RESERVE_IMPORT_VERSION)
 
     @staticmethod
     def version_prefix(tenant_id: str, name: str, version: int) -> str:
@@ -332,7 +335,7 @@ class AdapterRegistry:
             adapter_dir = unpack_adapter(source, Path(tmp), self.max_import_bytes)
             info = validate_peft_adapter_dir(adapter_dir)
             fields = {**manifest_fields_from_peft(info), **(extra_manifest or {}), "source": "import"}
-            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))  # N is this import's alone
+            version = self._reserve_import_version(tenant_id, name, secrets.token_hex(8))  # N is this import's alone
             prefix = self.version_prefix(tenant_id, name, version)
             try:
                 entries = self._upload_files(prefix, "import/", adapter_dir)
@@ -343,6 +346,16 @@ class AdapterRegistry:
                 self._release_import_version(tenant_id, name, version)
                 raise
         return self.get_version(tenant_id, format_adapter_ref(name, version))
+
+    def _reserve_import_version(self, tenant_id: str, name: str, import_id: str) -> int:
+        """The next version number, reserved for the import `import_id` (drawn once per import): a retried
+        call (make_redis retries a script whose reply was lost) returns the same number, spending none."""
+        reply = self._reserve_import(
+            keys=[keys.adapter_version_seq(tenant_id, name),
+                  keys.adapter_import_reservation(tenant_id, name, import_id)],
+            args=[IMPORT_RESERVATION_TTL_S],
+        )
+        return int(reply)
 
     def _release_import_version(self, tenant_id: str, name: str, version: int) -> None:
         """Undo a failed import's number, so the next version is N again: remove what it uploaded, then

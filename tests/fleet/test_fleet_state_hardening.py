@@ -8,7 +8,9 @@ import pytest
 
 from fleet import keys
 from fleet.jobs import JobStatus
+from fleet.objectstore import LocalObjectStore
 from fleet.queue import JobStore
+from fleet.registry import AdapterRegistry
 from fleet.settings import Settings, make_redis
 
 FAR_FUTURE_MS = 10**13  # "now" for requeue_expired_leases: every lease has expired by then
@@ -76,3 +78,10 @@ def test_a_retried_create_script_returns_the_job_it_created_and_queues_it_once(j
     assert jobs.redis.llen(keys.queue("t1")) == 1
     claim = jobs.leases.claim_next_job("w", 5000)
     assert claim.job.id == first.job.id and jobs.leases.claim_next_job("w", 5000) is None
+
+
+def test_a_retried_import_reservation_gets_the_same_version_number(r, tmp_path):
+    registry = AdapterRegistry(r, LocalObjectStore(tmp_path / "objects"))
+    first = registry._reserve_import_version("t1", "my-adapter", "import-1")
+    assert registry._reserve_import_version("t1", "my-adapter", "import-1") == first == 1  # the retry
+    assert registry._reserve_import_version("t1", "my-adapter", "import-2") == 2  # a new import: the next number
