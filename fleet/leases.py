@@ -286,9 +286,10 @@ class Leases:
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
         user's cancel wins, so the worker must finish the job as cancelled instead. Once the job's
         adapter version is committed (fleet.registry) the commit is the point of no return: `succeeded`
-        always succeeds, and any other status hands the job back (queued, its fields dropped) so the
-        next attempt completes it (`complete_committed_publication`); a job with a committed version
-        can only end succeeded.
+        always succeeds, and any other status hands the job back (queued at the tail of its queue, its
+        fields dropped, the reason in `last_failure`, an event only the first time) so a later attempt
+        completes it (`complete_committed_publication`); a job with a committed version can only end
+        succeeded.
         Raises PauseWithdrawn (and changes nothing) for `paused` when no pause is pending any more (the
         tenant resumed after the worker saw the pause): the worker must not end the job paused; it hands
         the job back (`queued`), and the next attempt resumes from the checkpoint the pause saved.
@@ -323,6 +324,8 @@ class Leases:
         )
         raise_for_refusal(reply, fence, f"mark the job {target.value}")
         outcome = JobStatus(reply[1])
+        if reply[2] != "1":  # a committed job handed back again: announced the first time only
+            return self._load_job(job_id)
         message = {
             JobStatus.SUCCEEDED: "The job has successfully completed.",
             JobStatus.FAILED: f"The job failed: {error.message if error else 'unknown error'}",

@@ -274,9 +274,12 @@ return {'ok'}
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
 # Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing. Once the job's
 # version is committed nothing but succeeding ends it: succeeded is granted whatever was requested, and
-# any other status hands the job back (queued) for the next attempt to complete. Pausing with no
-# pause pending (the tenant resumed before the worker stopped) is refused ('pause_withdrawn').
-# Returns {'ok', status the job is now in}.
+# any other status hands the job back (queued) for the next attempt to complete: at the TAIL of its
+# queue (completing failed, e.g. the object store is down: other jobs go first), with the reason in
+# last_failure; only the first such hand-back is announced (event, webhook), so a completion that keeps
+# failing does not flood them. Pausing with no pause pending (the tenant resumed before the worker
+# stopped) is refused ('pause_withdrawn').
+# Returns {'ok', status the job is now in, '1' when announced else '0'}.
 FINISH = (
     PRELUDE
     + """
@@ -285,8 +288,19 @@ if refused then return refused end
 local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
 local tenant, control = v[1], v[2]
 local st, fields = ARGV[4], tail(5)
+local at_head, announce = true, true
 if committed(KEYS[7]) then
-  if st ~= 'succeeded' then st, fields = 'queued', {} end  -- the next attempt completes it
+  if st ~= 'succeeded' then  -- the next attempt completes it
+    local why = 'attempt ' .. ARGV[2] .. ' ended ' .. st .. ' after its version was committed'
+    for i = 1, #fields - 1, 2 do
+      if fields[i] == 'error' then
+        local ok, err = pcall(cjson.decode, fields[i + 1])
+        if ok and type(err) == 'table' and err['message'] then why = why .. ': ' .. tostring(err['message']) end
+      end
+    end
+    st, fields, at_head = 'queued', {'last_failure', why}, false
+    announce = redis.call('HINCRBY', KEYS[1], 'completion_handbacks', 1) == 1
+  end
 else
   if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
   if st == 'paused' and not control then return {'pause_withdrawn'} end
@@ -304,10 +318,10 @@ if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 elseif st == 'queued' then
-  enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], true, now)
+  enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], at_head, now)
 end
-emit_job(st, tenant, ARGV[1])
-return {'ok', st}
+if announce then emit_job(st, tenant, ARGV[1]) end
+return {'ok', st, announce and '1' or '0'}
 """
 )
 

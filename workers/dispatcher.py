@@ -488,7 +488,15 @@ class Dispatcher:
         self._abandoned = [t for t in self._abandoned if t.is_alive()]
 
     def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: _Heartbeat) -> None:
-        done = self.registry.complete_committed_publication(fence)
+        try:
+            done = self.registry.complete_committed_publication(fence)
+        except (FleetError, redis.ConnectionError, redis.TimeoutError):
+            raise  # fenced out, cancelled, Redis away: handled by run_claim
+        except Exception as e:  # the object store is down, say: wait a little, then hand the job back
+            logger.warning("%s: completing its committed version failed: %s; handing it back", job.id, e)
+            heartbeat.lost.wait(min(30.0, self.settings.lease_ms / 1000))  # no hot loop on a lone job
+            self.jobs.leases.finish_job(fence, JobStatus.QUEUED)  # to the tail of its queue (FINISH)
+            return
         if done is not None:  # an earlier attempt committed its version, then died: finish with it
             used = hyperparameters_used(job.hyperparameters, done.hyperparameters) if done.hyperparameters else None
             self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref,

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fleet import keys
-from fleet.jobs import JobStatus
+from fleet.jobs import JobError, JobStatus
 from fleet.objectstore import LocalObjectStore
 from fleet.queue import JobStore
 from fleet.registry import AdapterRegistry
@@ -85,3 +85,35 @@ def test_a_retried_import_reservation_gets_the_same_version_number(r, tmp_path):
     first = registry._reserve_import_version("t1", "my-adapter", "import-1")
     assert registry._reserve_import_version("t1", "my-adapter", "import-1") == first == 1  # the retry
     assert registry._reserve_import_version("t1", "my-adapter", "import-2") == 2  # a new import: the next number
+
+
+def _commit_a_version(jobs: JobStore, registry: AdapterRegistry, fence) -> None:
+    job_key, pub_key = keys.job(fence.job_id), keys.job_publication(fence.job_id)
+    registry._reserve(keys=[job_key, pub_key, keys.adapter_version_seq("t1", "a")],
+                      args=[fence.job_id, fence.attempt, fence.token, "a"])
+    registry._commit(keys=[job_key, pub_key], args=[fence.attempt, fence.token, "{}"])
+
+
+def test_a_committed_job_whose_completion_fails_goes_to_the_tail_announced_once(jobs, r, tmp_path):
+    registry = AdapterRegistry(r, LocalObjectStore(tmp_path / "objects"))
+    committed_job = _queued(jobs)
+    claim = jobs.leases.claim_next_job("w", 5000)
+    _commit_a_version(jobs, registry, claim.fence)
+    other = _queued(jobs)
+    handed_back = "Job handed back to the queue."
+
+    error = JobError(code="publish_error", message="object store unreachable")
+    job = jobs.leases.finish_job(claim.fence, JobStatus.FAILED, error=error)
+    assert job.status == JobStatus.QUEUED and job.error is None
+    assert "after its version was committed" in job.last_failure and "object store unreachable" in job.last_failure
+    assert jobs.leases.claim_next_job("w", 5000).job.id == other  # the failing completion waits its turn
+
+    again = jobs.leases.claim_next_job("w", 5000)
+    assert again.job.id == committed_job
+    assert jobs.leases.finish_job(again.fence, JobStatus.FAILED, error=error).status == JobStatus.QUEUED
+    messages = [e.message for e in jobs.list_events(committed_job, limit=100)[0]]
+    assert messages.count(handed_back) == 1, messages
+
+    last = jobs.leases.claim_next_job("w", 5000)
+    done = jobs.leases.finish_job(last.fence, JobStatus.SUCCEEDED, fine_tuned_model="a:v1")
+    assert done.status == JobStatus.SUCCEEDED
