@@ -2,11 +2,11 @@
 
 Layout: tenants/<tid>/adapters/<name>/v<N>/ holds a manifest.json (sha256, size and stored key of
 each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, created_at);
-the files themselves lie under v<N>/a<attempt>/ (training) or v<N>/import/ (import), so no two writers
-ever share a key. Publishing a version:
+the files themselves lie under v<N>/a<attempt>-<token>/ (training: one folder per claim, `Fence.writer`)
+or v<N>/import/ (import), so no two writers ever share a key. Publishing a version:
   1. reserve N (Redis INCR) and record job → version, fenced by the claim (attempt and token); a job
      that already reserved a version gets the same N back, so a retried attempt never makes a second one;
-  2. upload the files under the attempt's own prefix;
+  2. upload the files under the claim's own prefix;
   3. commit the manifest in Redis (fenced, atomic): the first attempt to commit decides the version's
      bytes for good, and any later publish of the job reuses that manifest instead of its own;
   4. write manifest.json LAST, always the committed bytes; 5. mark the version ready in Redis.
@@ -272,7 +272,7 @@ class AdapterRegistry:
             manifest_json = self.redis.hget(publication_key, "manifest")
         else:
             entries = self._upload_files(
-                prefix, f"a{attempt}/", Path(local_dir), before_each_write=lambda: self._check_owner(fence)
+                prefix, f"{fence.writer}/", Path(local_dir), before_each_write=lambda: self._check_owner(fence)
             )
             fields = {**manifest_fields, "source": "training", "job_id": job_id, "attempt": attempt}
             manifest = _new_manifest(tenant_id, name, version, fields, entries)

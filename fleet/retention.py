@@ -6,7 +6,7 @@ dispatcher, takes from each index only the jobs whose delay has passed, handles 
 them from that index, so a run costs O(jobs due), never a scan of every job:
 
 - after `retention_upload_grace_s` (default 1 h): adapter uploads of the job that no committed
-  manifest names (`v<N>/a<k>/` of attempts that lost, or a whole version that never committed) are
+  manifest names (`v<N>/a<k>-<token>/` of attempts that lost, or a whole version that never committed) are
   deleted; a published version's files and manifest are never touched;
 - after `retention_checkpoint_days` (default 7): every checkpoint but the last (highest step) is
   deleted, records and objects, and the event stream is trimmed to `retention_events_max_len`;
@@ -95,7 +95,7 @@ def _delete_objects(store: ObjectStore, object_keys: list[str], report: Retentio
 
 def _sweep_uncommitted_uploads(client: redis.Redis, store: ObjectStore, job_id: str, report: RetentionReport) -> None:
     """Delete the job's adapter uploads that no committed manifest names (a version that never committed:
-    all of it; a committed one: the other attempts' `a<k>/` folders)."""
+    all of it; a committed one: the other claims' `a<k>-<token>/` folders)."""
     name, version, state, manifest_json = client.hmget(
         keys.job_publication(job_id), "name", "version", "state", "manifest"
     )

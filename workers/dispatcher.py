@@ -159,10 +159,10 @@ class JobReporter:
 
     def checkpoint(self, step: int, path: Path) -> None:
         # Nothing is uploaded once fenced out or cancelled. An attempt fenced out after this check
-        # still writes only under its own a<attempt>/ prefix, which no newer attempt records.
+        # still writes only under its own a<attempt>-<token>/ prefix, which no newer claim records.
         if self.control() == "cancel":
             return
-        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, attempt=self.attempt)
+        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, fence=self.fence)
         # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
         deadline = time.monotonic() + _CHECKPOINT_RECORD_TIMEOUT_S
         while True:

@@ -57,7 +57,7 @@ def _checkpoint(jobs, store, claim, step: int, tmp_path: Path) -> str:
     local = tmp_path / f"ckpt-{claim.job.id}-{step}"
     local.mkdir()
     (local / "optimizer.pt").write_bytes(b"x" * 100)
-    location = upload_checkpoint(store, "t1", claim.job.id, step, local, attempt=claim.attempt)
+    location = upload_checkpoint(store, "t1", claim.job.id, step, local, fence=claim.fence)
     jobs.leases.record_checkpoint(claim.fence, step, location)
     return location
 

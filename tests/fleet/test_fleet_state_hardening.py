@@ -7,6 +7,8 @@ import time
 import pytest
 
 from fleet import keys
+from fleet.checkpoints import download_checkpoint, upload_checkpoint
+from fleet.fencing import Fence
 from fleet.jobs import JobError, JobStatus
 from fleet.objectstore import LocalObjectStore
 from fleet.queue import JobStore
@@ -117,3 +119,18 @@ def test_a_committed_job_whose_completion_fails_goes_to_the_tail_announced_once(
     last = jobs.leases.claim_next_job("w", 5000)
     done = jobs.leases.finish_job(last.fence, JobStatus.SUCCEEDED, fine_tuned_model="a:v1")
     assert done.status == JobStatus.SUCCEEDED
+
+
+def test_two_claims_sharing_an_attempt_number_never_write_the_same_checkpoint_keys(tmp_path):
+    # A claim rolled back by a Redis failover and the next claim both hold attempt 1, under other tokens.
+    store = LocalObjectStore(tmp_path / "objects")
+    rolled_back, current = Fence("ftjob-abc", 1, "aaaaaaaaaaaaaaaa"), Fence("ftjob-abc", 1, "bbbbbbbbbbbbbbbb")
+    locations = {}
+    for fence in (current, rolled_back):  # the rolled-back claim's upload lands last
+        src = tmp_path / fence.token
+        src.mkdir()
+        (src / "adapter_model.safetensors").write_bytes(fence.token.encode())
+        locations[fence] = upload_checkpoint(store, "t1", "ftjob-abc", 200, src, fence=fence)
+    assert locations[current] != locations[rolled_back]
+    dest = download_checkpoint(store, locations[current], tmp_path / "resume")
+    assert (dest / "adapter_model.safetensors").read_bytes() == current.token.encode()
