@@ -134,3 +134,4 @@ def test_two_claims_sharing_an_attempt_number_never_write_the_same_checkpoint_ke
     assert locations[current] != locations[rolled_back]
     dest = download_checkpoint(store, locations[current], tmp_path / "resume")
     assert (dest / "adapter_model.safetensors").read_bytes() == current.token.encode()
+
