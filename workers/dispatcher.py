@@ -495,7 +495,8 @@ class Dispatcher:
         except Exception as e:  # the object store is down, say: wait a little, then hand the job back
             logger.warning("%s: completing its committed version failed: %s; handing it back", job.id, e)
             heartbeat.lost.wait(min(30.0, self.settings.lease_ms / 1000))  # no hot loop on a lone job
-            self.jobs.leases.finish_job(fence, JobStatus.QUEUED)  # to the tail of its queue (FINISH)
+            why = JobError(code="completion_failed", message=f"Completing the committed version failed: {e}"[:2000])
+            self.jobs.leases.finish_job(fence, JobStatus.QUEUED, error=why)  # tail of its queue; why: last_failure
             return
         if done is not None:  # an earlier attempt committed its version, then died: finish with it
             used = hyperparameters_used(job.hyperparameters, done.hyperparameters) if done.hyperparameters else None
