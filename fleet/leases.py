@@ -135,6 +135,7 @@ class Leases:
         self._append_event = client.register_script(lua.APPEND_EVENT)
         self._finish = client.register_script(lua.FINISH)
         self._expire_lease = client.register_script(lua.EXPIRE_LEASE)
+        self._uptime_denied_logged = False
 
     def claim_next_job(self, worker_id: str, lease_ms: int, policy: ClaimPolicy | None = None) -> Claim | None:
         """Atomically claim the job the policy picks: queued → running, attempt += 1, fresh claim token, lease set.
@@ -350,7 +351,13 @@ class Leases:
         so an outage does not requeue (or, repeated, fail) jobs that were running fine.
         """
         if restart_grace_ms > 0:
-            uptime_ms = int(self.redis.info("server")["uptime_in_seconds"]) * 1000
+            try:
+                uptime_ms = int(self.redis.info("server")["uptime_in_seconds"]) * 1000
+            except redis.ResponseError as e:  # INFO denied (an ACL, a managed Redis): no grace, as before
+                if not self._uptime_denied_logged:
+                    log.warning("cannot read Redis's uptime (%s); expiring leases without a restart grace", e)
+                    self._uptime_denied_logged = True
+                uptime_ms = restart_grace_ms
             if uptime_ms < restart_grace_ms:
                 log.info("Redis restarted %d ms ago; expiring no leases for the first %d ms", uptime_ms,
                          restart_grace_ms)

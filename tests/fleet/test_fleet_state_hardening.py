@@ -135,3 +135,12 @@ def test_two_claims_sharing_an_attempt_number_never_write_the_same_checkpoint_ke
     dest = download_checkpoint(store, locations[current], tmp_path / "resume")
     assert (dest / "adapter_model.safetensors").read_bytes() == current.token.encode()
 
+
+
+def test_leases_still_expire_when_the_redis_user_may_not_run_info(redis_server, r):
+    r.execute_command("ACL", "SETUSER", "no-info", "on", ">pw", "~*", "&*", "+@all", "-info")
+    limited = JobStore(redis_server.client(username="no-info", password="pw", decode_responses=True))
+    job_id = _queued(limited)
+    limited.leases.claim_next_job("w", LEASE_MS)
+    (expired,) = limited.leases.requeue_expired_leases(now_ms=FAR_FUTURE_MS, restart_grace_ms=10**9)
+    assert (expired.job_id, expired.new_status) == (job_id, JobStatus.QUEUED)
