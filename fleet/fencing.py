@@ -27,6 +27,13 @@ class Fence:
     def __str__(self) -> str:
         return f"attempt {self.attempt} of job {self.job_id}"
 
+    @property
+    def writer(self) -> str:
+        """This claim's folder name in object-store paths, "a<attempt>-<token>" (at most 12 characters of
+        the token): two claims that share an attempt number (one rolled back by a Redis failover) never
+        write the same keys."""
+        return f"a{self.attempt}-{self.token[:12]}"
+
 
 def new_claim_token() -> str:
     """A fresh claim token (16 hex characters, 64 random bits)."""

@@ -189,6 +189,12 @@ def adapter_version_seq(tenant_id: str, name: str) -> str:
     return f"{PREFIX}tenant:{tenant_id}:adapter:{name}:seq"
 
 
+def adapter_import_reservation(tenant_id: str, name: str, import_id: str) -> str:
+    """String, expiring: the version number one import (its client-drawn id) reserved, so a retried
+    reservation gets the same number back."""
+    return f"{PREFIX}tenant:{tenant_id}:adapter:{name}:import:{import_id}"
+
+
 # --- webhooks (fleet.webhooks, fleet.webhook_delivery) --------------------------------------------
 def webhook_outbox() -> str:
     """Stream: events the job scripts append in the same step as the state change (consumer group)."""

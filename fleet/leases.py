@@ -6,7 +6,7 @@ a stale fence raises FencedOut and changes nothing.
 
 A dispatcher's loop, in outline:
     leases = jobs.leases
-    leases.requeue_expired_leases()               # at start-up, then every few seconds
+    leases.requeue_expired_leases(restart_grace_ms=lease_ms + heartbeat_ms)   # start-up, then every few s
     claim = leases.claim_next_job(worker_id, lease_ms)
     if claim is None: leases.wait_for_work(timeout_s); loop
     fence = claim.fence
@@ -135,6 +135,7 @@ class Leases:
         self._append_event = client.register_script(lua.APPEND_EVENT)
         self._finish = client.register_script(lua.FINISH)
         self._expire_lease = client.register_script(lua.EXPIRE_LEASE)
+        self._uptime_denied_logged = False
 
     def claim_next_job(self, worker_id: str, lease_ms: int, policy: ClaimPolicy | None = None) -> Claim | None:
         """Atomically claim the job the policy picks: queued → running, attempt += 1, fresh claim token, lease set.
@@ -286,9 +287,10 @@ class Leases:
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
         user's cancel wins, so the worker must finish the job as cancelled instead. Once the job's
         adapter version is committed (fleet.registry) the commit is the point of no return: `succeeded`
-        always succeeds, and any other status hands the job back (queued, its fields dropped) so the
-        next attempt completes it (`complete_committed_publication`); a job with a committed version
-        can only end succeeded.
+        always succeeds, and any other status hands the job back (queued at the tail of its queue, its
+        fields dropped, the reason in `last_failure`, an event only the first time) so a later attempt
+        completes it (`complete_committed_publication`); a job with a committed version can only end
+        succeeded.
         Raises PauseWithdrawn (and changes nothing) for `paused` when no pause is pending any more (the
         tenant resumed after the worker saw the pause): the worker must not end the job paused; it hands
         the job back (`queued`), and the next attempt resumes from the checkpoint the pause saved.
@@ -323,6 +325,8 @@ class Leases:
         )
         raise_for_refusal(reply, fence, f"mark the job {target.value}")
         outcome = JobStatus(reply[1])
+        if reply[2] != "1":  # a committed job handed back again: announced the first time only
+            return self._load_job(job_id)
         message = {
             JobStatus.SUCCEEDED: "The job has successfully completed.",
             JobStatus.FAILED: f"The job failed: {error.message if error else 'unknown error'}",
@@ -333,13 +337,31 @@ class Leases:
         self.events.append(job_id, "error" if outcome == JobStatus.FAILED else "info", message)
         return self._load_job(job_id)
 
-    def requeue_expired_leases(self, now_ms: int | None = None) -> list[ExpiredLease]:
+    def requeue_expired_leases(self, now_ms: int | None = None, *, restart_grace_ms: int = 0) -> list[ExpiredLease]:
         """Recover jobs whose worker stopped heartbeating (call at dispatcher start-up and periodically).
 
         Each such job goes back to the head of its tenant's queue (its checkpoints are kept, so the next
-        attempt resumes), or is failed with the reason once it has lost `max_attempts` workers. A pending
-        cancel/pause request is honoured instead. `now_ms` defaults to the Redis server clock.
+        attempt resumes), or is failed with the reason once it has lost `max_attempts` workers in a row
+        (a recorded checkpoint resets the count). A pending cancel/pause request is honoured instead.
+        `now_ms` defaults to the Redis server clock.
+
+        `restart_grace_ms` (dispatchers pass lease_ms + heartbeat_ms): while the Redis server has been
+        up for less than this, nothing is expired. Leases run on during a Redis outage although no
+        worker could renew them; after a restart their workers get a full lease to reconnect and renew,
+        so an outage does not requeue (or, repeated, fail) jobs that were running fine.
         """
+        if restart_grace_ms > 0:
+            try:
+                uptime_ms = int(self.redis.info("server")["uptime_in_seconds"]) * 1000
+            except redis.ResponseError as e:  # INFO denied (an ACL, a managed Redis): no grace, as before
+                if not self._uptime_denied_logged:
+                    log.warning("cannot read Redis's uptime (%s); expiring leases without a restart grace", e)
+                    self._uptime_denied_logged = True
+                uptime_ms = restart_grace_ms
+            if uptime_ms < restart_grace_ms:
+                log.info("Redis restarted %d ms ago; expiring no leases for the first %d ms", uptime_ms,
+                         restart_grace_ms)
+                return []
         if now_ms is None:
             seconds, micros = self.redis.time()
             now_ms = seconds * 1000 + micros // 1000

@@ -198,8 +198,9 @@ class JobStore:
         outcome, job_id = reply[0], reply[1]
         if outcome == "conflict":
             raise _idempotency_conflict(idempotency_key, job_id)
-        if outcome == "existing":
+        if outcome == "existing" and job_id != job.id:  # an earlier request with this Idempotency-Key
             return CreatedJob(self.load_job(job_id), created=False)
+        # "created", or "existing" under our own id: the script ran, its reply was lost and it was retried.
         self.append_event(job.id, "info", f"Created fine-tuning job: {job.id}")
         return CreatedJob(self.load_job(job.id), created=True)
 

@@ -87,9 +87,12 @@ end
 
 # KEYS: job, tenant_jobs, idempotency, job_seq, queue, queue_tenants, wakeup
 # ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, field, value, ...   (created queued)
+# The client draws the job id, so a retry of this script (its reply lost, the client retried it) carries
+# the same id: the job already exists and is returned, never created or queued twice.
 CREATE = (
     PRELUDE
     + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end
 if ARGV[3] == '1' then
   local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
   if seen[1] then
@@ -247,12 +250,15 @@ return {'ok', redis.call('HGET', KEYS[1], 'control') or ''}
 )
 
 # KEYS: job, checkpoints.  ARGV: attempt, token, step, checkpoint_json
+# A new step is progress: the job's count of lost workers (lease_expirations, which EXPIRE_LEASE checks
+# against max_attempts) starts again from 0, so outages spread over a long job never add up to a failure.
 CHECKPOINT = (
     PRELUDE
     + """
 local refused = fence_check(KEYS[1], ARGV[1], ARGV[2])
 if refused then return refused end
 if redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) == 1 then  -- a new step, not a retried write
+  redis.call('HSET', KEYS[1], 'lease_expirations', 0)
   local job_id = job_id_of(KEYS[1])
   emit('fine_tuning.job.checkpoint.created', redis.call('HGET', KEYS[1], 'tenant_id'),
        {id = job_id, step = tonumber(ARGV[3]),
@@ -268,9 +274,12 @@ return {'ok'}
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
 # Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing. Once the job's
 # version is committed nothing but succeeding ends it: succeeded is granted whatever was requested, and
-# any other status hands the job back (queued) for the next attempt to complete. Pausing with no
-# pause pending (the tenant resumed before the worker stopped) is refused ('pause_withdrawn').
-# Returns {'ok', status the job is now in}.
+# any other status hands the job back (queued) for the next attempt to complete: at the TAIL of its
+# queue (completing failed, e.g. the object store is down: other jobs go first), with the reason in
+# last_failure; only the first such hand-back is announced (event, webhook), so a completion that keeps
+# failing does not flood them. Pausing with no pause pending (the tenant resumed before the worker
+# stopped) is refused ('pause_withdrawn').
+# Returns {'ok', status the job is now in, '1' when announced else '0'}.
 FINISH = (
     PRELUDE
     + """
@@ -279,8 +288,19 @@ if refused then return refused end
 local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
 local tenant, control = v[1], v[2]
 local st, fields = ARGV[4], tail(5)
+local at_head, announce = true, true
 if committed(KEYS[7]) then
-  if st ~= 'succeeded' then st, fields = 'queued', {} end  -- the next attempt completes it
+  if st ~= 'succeeded' then  -- the next attempt completes it
+    local why = 'attempt ' .. ARGV[2] .. ' ended ' .. st .. ' after its version was committed'
+    for i = 1, #fields - 1, 2 do
+      if fields[i] == 'error' then
+        local ok, err = pcall(cjson.decode, fields[i + 1])
+        if ok and type(err) == 'table' and err['message'] then why = why .. ': ' .. tostring(err['message']) end
+      end
+    end
+    st, fields, at_head = 'queued', {'last_failure', why}, false
+    announce = redis.call('HINCRBY', KEYS[1], 'completion_handbacks', 1) == 1
+  end
 else
   if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
   if st == 'paused' and not control then return {'pause_withdrawn'} end
@@ -298,10 +318,10 @@ if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 elseif st == 'queued' then
-  enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], true, now)
+  enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], at_head, now)
 end
-emit_job(st, tenant, ARGV[1])
-return {'ok', st}
+if announce then emit_job(st, tenant, ARGV[1]) end
+return {'ok', st, announce and '1' or '0'}
 """
 )
 
@@ -361,6 +381,17 @@ redis.call('HSET', KEYS[2], 'name', ARGV[4], 'version', n, 'state', 'uploading',
 return {'reserved', ARGV[4], n, 'uploading'}
 """
 )
+
+# KEYS: version_seq, import reservation.  ARGV: ttl_s
+# Reserve a version number for one import. The import id is drawn by the client, so a retry of this
+# script (its reply lost) gets the number it reserved back instead of spending another.
+RESERVE_IMPORT_VERSION = """
+local n = redis.call('GET', KEYS[2])
+if n then return tonumber(n) end
+n = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], n, 'EX', tonumber(ARGV[1]))
+return n
+"""
 
 # KEYS: job, publication.  ARGV: attempt, token, manifest_json
 # The first commit wins; later ones get the committed manifest back, so every writer writes the same bytes.

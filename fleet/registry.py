@@ -2,11 +2,11 @@
 
 Layout: tenants/<tid>/adapters/<name>/v<N>/ holds a manifest.json (sha256, size and stored key of
 each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, created_at);
-the files themselves lie under v<N>/a<attempt>/ (training) or v<N>/import/ (import), so no two writers
-ever share a key. Publishing a version:
+the files themselves lie under v<N>/a<attempt>-<token>/ (training: one folder per claim, `Fence.writer`)
+or v<N>/import/ (import), so no two writers ever share a key. Publishing a version:
   1. reserve N (Redis INCR) and record job → version, fenced by the claim (attempt and token); a job
      that already reserved a version gets the same N back, so a retried attempt never makes a second one;
-  2. upload the files under the attempt's own prefix;
+  2. upload the files under the claim's own prefix;
   3. commit the manifest in Redis (fenced, atomic): the first attempt to commit decides the version's
      bytes for good, and any later publish of the job reuses that manifest instead of its own;
   4. write manifest.json LAST, always the committed bytes; 5. mark the version ready in Redis.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+IMPORT_RESERVATION_TTL_S = 24 * 3600  # a reservation outlives any retry of the script that made it
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_NAME = 96
 _REF_RE = re.compile(r"^(?P<name>[^:]+)(?::v(?P<version>[0-9]+))?$")
@@ -227,6 +229,7 @@ class AdapterRegistry:
         self._commit = client.register_script(lua.COMMIT_VERSION)
         self._control = client.register_script(lua.CONTROL)
         self._ready = client.register_script(lua.READY_VERSION)
+        self._reserve_import = client.register_script(lua.RESERVE_IMPORT_VERSION)
 
     @staticmethod
     def version_prefix(tenant_id: str, name: str, version: int) -> str:
@@ -269,7 +272,7 @@ class AdapterRegistry:
             manifest_json = self.redis.hget(publication_key, "manifest")
         else:
             entries = self._upload_files(
-                prefix, f"a{attempt}/", Path(local_dir), before_each_write=lambda: self._check_owner(fence)
+                prefix, f"{fence.writer}/", Path(local_dir), before_each_write=lambda: self._check_owner(fence)
             )
             fields = {**manifest_fields, "source": "training", "job_id": job_id, "attempt": attempt}
             manifest = _new_manifest(tenant_id, name, version, fields, entries)
@@ -332,7 +335,7 @@ class AdapterRegistry:
             adapter_dir = unpack_adapter(source, Path(tmp), self.max_import_bytes)
             info = validate_peft_adapter_dir(adapter_dir)
             fields = {**manifest_fields_from_peft(info), **(extra_manifest or {}), "source": "import"}
-            version = int(self.redis.incr(keys.adapter_version_seq(tenant_id, name)))  # N is this import's alone
+            version = self._reserve_import_version(tenant_id, name, secrets.token_hex(8))  # N is this import's alone
             prefix = self.version_prefix(tenant_id, name, version)
             try:
                 entries = self._upload_files(prefix, "import/", adapter_dir)
@@ -343,6 +346,16 @@ class AdapterRegistry:
                 self._release_import_version(tenant_id, name, version)
                 raise
         return self.get_version(tenant_id, format_adapter_ref(name, version))
+
+    def _reserve_import_version(self, tenant_id: str, name: str, import_id: str) -> int:
+        """The next version number, reserved for the import `import_id` (drawn once per import): a retried
+        call (make_redis retries a script whose reply was lost) returns the same number, spending none."""
+        reply = self._reserve_import(
+            keys=[keys.adapter_version_seq(tenant_id, name),
+                  keys.adapter_import_reservation(tenant_id, name, import_id)],
+            args=[IMPORT_RESERVATION_TTL_S],
+        )
+        return int(reply)
 
     def _release_import_version(self, tenant_id: str, name: str, version: int) -> None:
         """Undo a failed import's number, so the next version is N again: remove what it uploaded, then

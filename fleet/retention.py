@@ -2,11 +2,12 @@
 
 The Lua scripts index every job as it becomes terminal (succeeded/failed/cancelled) in three sorted
 sets scored by finished_at (fleet.keys.retention_indexes). `run_retention`, called periodically by a
-dispatcher, takes from each index only the jobs whose delay has passed, handles them, and removes
-them from that index, so a run costs O(jobs due), never a scan of every job:
+dispatcher, takes from each index only the jobs whose delay has passed (removing each from the index
+first: the caller whose ZREM removed it handles it, and puts it back should handling fail), so a run
+costs O(jobs due), never a scan of every job:
 
 - after `retention_upload_grace_s` (default 1 h): adapter uploads of the job that no committed
-  manifest names (`v<N>/a<k>/` of attempts that lost, or a whole version that never committed) are
+  manifest names (`v<N>/a<k>-<token>/` of attempts that lost, or a whole version that never committed) are
   deleted; a published version's files and manifest are never touched;
 - after `retention_checkpoint_days` (default 7): every checkpoint but the last (highest step) is
   deleted, records and objects, and the event stream is trimmed to `retention_events_max_len`;
@@ -14,12 +15,14 @@ them from that index, so a run costs O(jobs due), never a scan of every job:
   publication record, idempotency key and every object under its job prefix. Adapter versions it
   published stay (they belong to the adapter, not the job).
 
-Several dispatchers may run this at once: every step is idempotent.
+Several dispatchers may run this at once: each job is handled by one of them, and every step is
+idempotent. A dispatcher killed while handling a job leaves that stage of it undone (a leak, never a loss).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,22 +71,34 @@ def run_retention(
         now = float(seconds)
     report = RetentionReport()
     batch = settings.retention_batch_size
-    for job_id in _due(client, keys.uploads_to_sweep(), now - settings.retention_upload_grace_s, batch):
-        _sweep_uncommitted_uploads(client, store, job_id, report)
-        client.zrem(keys.uploads_to_sweep(), job_id)
-    for job_id in _due(client, keys.checkpoints_to_prune(), now - settings.retention_checkpoint_days * _DAY_S, batch):
-        _prune_checkpoints(client, store, job_id, settings.retention_events_max_len, report)
-        client.zrem(keys.checkpoints_to_prune(), job_id)
-    for job_id in _due(client, keys.finished_jobs(), now - settings.retention_job_days * _DAY_S, batch):
-        _expire_job(client, store, job_id, report)
+    stages: list[tuple[str, float, Callable[[str], None]]] = [
+        (keys.uploads_to_sweep(), now - settings.retention_upload_grace_s,
+         lambda job_id: _sweep_uncommitted_uploads(client, store, job_id, report)),
+        (keys.checkpoints_to_prune(), now - settings.retention_checkpoint_days * _DAY_S,
+         lambda job_id: _prune_checkpoints(client, store, job_id, settings.retention_events_max_len, report)),
+        (keys.finished_jobs(), now - settings.retention_job_days * _DAY_S,
+         lambda job_id: _expire_job(client, store, job_id, report)),
+    ]
+    for index, cutoff_s, handle in stages:
+        for job_id, score in _due(client, index, cutoff_s, batch):
+            if not client.zrem(index, job_id):
+                continue  # another dispatcher took it first
+            try:
+                handle(job_id)
+            except BaseException:
+                client.zadd(index, {job_id: score}, nx=True)  # put it back: the next call retries it
+                raise
     if report != RetentionReport():
         log.info("retention: %s", report)
     return report
 
 
-def _due(client: redis.Redis, index: str, cutoff_s: float, batch: int) -> list[str]:
-    """Job ids in `index` that finished at or before `cutoff_s`, oldest first, at most `batch`."""
-    return client.zrangebyscore(index, "-inf", cutoff_s, start=0, num=batch)
+def _due(client: redis.Redis, index: str, cutoff_s: float, batch: int) -> list[tuple[str, float]]:
+    """(job id, score) in `index` of jobs that finished at or before `cutoff_s`, oldest first, at most `batch`.
+
+    Every dispatcher runs retention: each job is taken (ZREM) before it is handled, and only by the
+    caller whose ZREM removed it, so no two dispatchers handle the same job."""
+    return client.zrangebyscore(index, "-inf", cutoff_s, start=0, num=batch, withscores=True)
 
 
 def _delete_objects(store: ObjectStore, object_keys: list[str], report: RetentionReport) -> int:
@@ -95,7 +110,7 @@ def _delete_objects(store: ObjectStore, object_keys: list[str], report: Retentio
 
 def _sweep_uncommitted_uploads(client: redis.Redis, store: ObjectStore, job_id: str, report: RetentionReport) -> None:
     """Delete the job's adapter uploads that no committed manifest names (a version that never committed:
-    all of it; a committed one: the other attempts' `a<k>/` folders)."""
+    all of it; a committed one: the other claims' `a<k>-<token>/` folders)."""
     name, version, state, manifest_json = client.hmget(
         keys.job_publication(job_id), "name", "version", "state", "manifest"
     )

@@ -23,6 +23,7 @@ job: the reporter rides it out, and a longer outage hands the job back to resume
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -177,10 +178,10 @@ class JobReporter:
 
     def _upload_and_record(self, step: int, path: Path) -> None:
         # Runs on the uploader's thread. An attempt fenced out after this check still writes only under
-        # its own a<attempt>/ prefix, which no newer attempt records.
+        # its own a<attempt>-<token>/ prefix, which no newer claim records.
         if self.control() == "cancel":
             return
-        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, attempt=self.attempt)
+        prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, fence=self.fence)
         # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
         deadline = time.monotonic() + _CHECKPOINT_RECORD_TIMEOUT_S
         while True:
@@ -381,7 +382,10 @@ class Dispatcher:
         """Claim this dispatcher's work dir and start the thread that reclaims expired leases every
         ~lease_ms/3 and runs `run_housekeeping` (see workers/maintenance.py); stop it when done."""
         claim_work_dir(self.work_root)
-        return MaintenanceThread(reclaim=self.jobs.leases.requeue_expired_leases, housekeeping=self.run_housekeeping,
+        grace_ms = self.settings.lease_ms + self.settings.heartbeat_ms  # after a Redis restart: let leases renew
+        return MaintenanceThread(reclaim=functools.partial(self.jobs.leases.requeue_expired_leases,
+                                                           restart_grace_ms=grace_ms),
+                                 housekeeping=self.run_housekeeping,
                                  interval_s=self.settings.lease_ms / 3000,
                                  name=f"maintenance-{self.worker_id}").start()
 
@@ -503,7 +507,16 @@ class Dispatcher:
         self._abandoned = [t for t in self._abandoned if t.is_alive()]
 
     def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: _Heartbeat) -> None:
-        done = self.registry.complete_committed_publication(fence)
+        try:
+            done = self.registry.complete_committed_publication(fence)
+        except (FleetError, redis.ConnectionError, redis.TimeoutError):
+            raise  # fenced out, cancelled, Redis away: handled by run_claim
+        except Exception as e:  # the object store is down, say: wait a little, then hand the job back
+            logger.warning("%s: completing its committed version failed: %s; handing it back", job.id, e)
+            heartbeat.lost.wait(min(30.0, self.settings.lease_ms / 1000))  # no hot loop on a lone job
+            why = JobError(code="completion_failed", message=f"Completing the committed version failed: {e}"[:2000])
+            self.jobs.leases.finish_job(fence, JobStatus.QUEUED, error=why)  # tail of its queue; why: last_failure
+            return
         if done is not None:  # an earlier attempt committed its version, then died: finish with it
             used = hyperparameters_used(job.hyperparameters, done.hyperparameters) if done.hyperparameters else None
             self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref,

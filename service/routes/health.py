@@ -45,8 +45,9 @@ def readyz(redis: RedisDep) -> JSONResponse:
     try:
         redis.ping()
     except (RedisConnectionError, RedisTimeoutError) as e:
+        # The address is for the operator's log only: anyone who can reach the port may call /readyz.
         logger.warning("readiness check failed: Redis did not answer PING: %s", e)
-        return JSONResponse({"status": "unavailable", "redis": f"unreachable: {e}"}, status_code=503)
+        return JSONResponse({"status": "unavailable", "redis": "Redis unreachable"}, status_code=503)
     return JSONResponse({"status": "ok", "redis": "ok"})
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from fleet.checkpoints import checkpoint_prefix, delete_job_checkpoints, download_checkpoint, upload_checkpoint
 from fleet.exceptions import InvalidRequest, NotFound, PayloadTooLarge
+from fleet.fencing import Fence
 from fleet.files import FileStore, file_object_key
 from fleet.objectstore import LocalObjectStore
 
@@ -106,8 +107,10 @@ def test_checkpoints_round_trip_through_the_store(object_store, tmp_path):
     (src / "optimizer").mkdir(parents=True)
     (src / "adapter_model.safetensors").write_bytes(b"weights")
     (src / "optimizer" / "state.pt").write_bytes(b"adam")
-    location = upload_checkpoint(object_store, "t1", "ftjob-abc", 40, src, attempt=1)
-    assert location == checkpoint_prefix("t1", "ftjob-abc", 40, attempt=1)
+    fence = Fence("ftjob-abc", 1, "0123456789abcdef")
+    location = upload_checkpoint(object_store, "t1", "ftjob-abc", 40, src, fence=fence)
+    assert location == checkpoint_prefix("t1", "ftjob-abc", 40, fence=fence)
+    assert location == "tenants/t1/jobs/ftjob-abc/checkpoints/a1-0123456789ab/step-00000040/"
     dest = download_checkpoint(object_store, location, tmp_path / "resume")
     assert (dest / "optimizer" / "state.pt").read_bytes() == b"adam"
     assert (dest / "adapter_model.safetensors").read_bytes() == b"weights"

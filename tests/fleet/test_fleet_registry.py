@@ -98,12 +98,14 @@ def test_publish_allocates_versions_and_writes_a_verifiable_manifest(jobs, regis
     )
     assert manifest.dataset["file_id"] == "file-x"
     prefix = "tenants/t1/adapters/support-bot/v2/"
+    w = claim.fence.writer  # a<attempt>-<token>: the publishing claim's own folder
+    assert w == f"a1-{claim.fence.token[:12]}"
     assert sorted(object_store.list(prefix)) == sorted(  # the files under the publishing attempt's own prefix
-        [prefix + "a1/adapter_config.json", prefix + "a1/adapter_model.safetensors", prefix + MANIFEST_FILE]
+        [prefix + f"{w}/adapter_config.json", prefix + f"{w}/adapter_model.safetensors", prefix + MANIFEST_FILE]
     )
     assert sorted((e.path, e.key) for e in manifest.files) == [
-        ("adapter_config.json", "a1/adapter_config.json"),
-        ("adapter_model.safetensors", "a1/adapter_model.safetensors"),
+        ("adapter_config.json", f"{w}/adapter_config.json"),
+        ("adapter_model.safetensors", f"{w}/adapter_model.safetensors"),
     ]
     for entry in manifest.files:
         data = object_store.get_bytes(prefix + entry.key)
@@ -155,7 +157,8 @@ def test_publish_is_idempotent_per_job_and_a_stale_attempt_cannot_publish(jobs, 
     assert [v.ref for v in registry.list_versions("t1", "a")] == ["a:v1"]
     assert object_store.list("tenants/t1/adapters/a/") == [
         f"tenants/t1/adapters/a/v1/{n}"
-        for n in ("a2/adapter_config.json", "a2/adapter_model.safetensors", MANIFEST_FILE)
+        for n in (f"{second.fence.writer}/adapter_config.json", f"{second.fence.writer}/adapter_model.safetensors",
+                  MANIFEST_FILE)
     ]
 
 
@@ -171,7 +174,7 @@ def test_version_without_manifest_is_invisible_and_a_retry_completes_it(jobs, re
     with pytest.raises(RuntimeError):
         registry.publish_adapter_version("t1", "a", src, FIELDS, fence=claim.fence)
     object_store.put_bytes = real_put_bytes
-    assert object_store.exists("tenants/t1/adapters/a/v1/a1/adapter_model.safetensors")
+    assert object_store.exists(f"tenants/t1/adapters/a/v1/{claim.fence.writer}/adapter_model.safetensors")
     with pytest.raises(NotFound):
         registry.get_version("t1", "a:v1")
     assert registry.list_adapters("t1") == []

@@ -57,7 +57,7 @@ def _checkpoint(jobs, store, claim, step: int, tmp_path: Path) -> str:
     local = tmp_path / f"ckpt-{claim.job.id}-{step}"
     local.mkdir()
     (local / "optimizer.pt").write_bytes(b"x" * 100)
-    location = upload_checkpoint(store, "t1", claim.job.id, step, local, attempt=claim.attempt)
+    location = upload_checkpoint(store, "t1", claim.job.id, step, local, fence=claim.fence)
     jobs.leases.record_checkpoint(claim.fence, step, location)
     return location
 
@@ -140,3 +140,32 @@ def test_each_run_handles_a_bounded_batch_of_the_jobs_due(jobs, r, store):
     assert [run_retention(r, store, small_batches, now=later).jobs_expired for _ in range(4)] == [2, 2, 1, 0]
     assert jobs.list_jobs("t1") == ([], False)
     assert all(r.zcard(index) == 0 for index in keys.retention_indexes())
+
+
+class _StoreThatLetsAnotherDispatcherIn(LocalObjectStore):
+    """A real local store whose second listing (the checkpoint stage, after the job's checkpoint records
+    were read) first runs `interleave()`: another dispatcher's whole retention run lands while this one
+    is in the middle of handling the job."""
+
+    interleave = None
+    listings = 0
+
+    def list(self, prefix: str) -> list[str]:
+        self.listings += 1
+        if self.listings == 2 and self.interleave is not None:
+            self.interleave()
+        return super().list(prefix)
+
+
+def test_two_dispatchers_running_retention_at_once_handle_each_job_once(jobs, r, tmp_path):
+    store = _StoreThatLetsAnotherDispatcherIn(tmp_path / "objects")
+    job_id, _ = _trained_and_published(jobs, AdapterRegistry(r, store), store, tmp_path)
+    now = jobs.load_job(job_id).finished_at + 30 * 86_400 + 1  # every stage is due
+    other = []
+    store.interleave = lambda: other.append(run_retention(r, LocalObjectStore(tmp_path / "objects"), SETTINGS, now=now))
+    mine = run_retention(r, store, SETTINGS, now=now)
+    assert other, "the other dispatcher's run did not happen"
+    total = {f: getattr(mine, f) + getattr(other[0], f) for f in ("uploads_swept", "checkpoints_deleted",
+                                                                  "jobs_expired", "objects_deleted")}
+    assert total == {"uploads_swept": 1, "checkpoints_deleted": 2, "jobs_expired": 1, "objects_deleted": 4}
+    assert not any(r.zscore(index, job_id) for index in keys.retention_indexes())

@@ -220,7 +220,8 @@ def test_a_stale_attempt_cannot_overwrite_the_checkpoint_a_newer_attempt_recorde
     fetched = download_checkpoint(make_object_store(settings), latest.location, tmp_path / "fetched")
     assert (fetched / "adapter_model.safetensors").read_bytes() == b"attempt 2"
     stored = make_object_store(settings).list(f"tenants/t1/jobs/{claim.job.id}/checkpoints/")
-    assert stored and all(f"/a{newer_claim.attempt}/" in key for key in stored), stored  # nothing uploaded once fenced
+    newer = newer_claim.fence.writer
+    assert stored and all(f"/{newer}/" in key for key in stored), stored  # nothing uploaded once fenced
 
 
 def test_the_reporter_rides_out_a_redis_restart_without_raising_into_training(running_job, redis_server, tmp_path):
