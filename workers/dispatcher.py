@@ -57,7 +57,8 @@ __all__ = ["Dispatcher", "JobReporter", "JobReporterFactory", "build_training_sp
 logger = logging.getLogger(__name__)
 
 _LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# READONLY: a replica answering during a failover, before it is promoted; as transient as an outage.
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 _PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint before the run is killed
 _POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
 _CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint

@@ -393,3 +393,35 @@ def test_a_dispatchers_housekeeping_applies_the_retention_policy(redis_server, t
 
     with pytest.raises(NotFound):
         jobs.get_job("t1", job.id)
+
+
+# ------------------------------------------------------------------- errors: what hands a job back
+def test_a_failover_readonly_reply_counts_as_redis_away_not_a_job_failure(redis_server):
+    import redis
+
+    from workers.dispatcher import _caused_by_redis_outage
+
+    replica = redis_server.client()
+    replica.execute_command("REPLICAOF", "127.0.0.1", "1")  # a replica of nothing: writes answer READONLY
+    try:
+        with pytest.raises(redis.exceptions.ReadOnlyError) as raised:
+            replica.set("k", "v")
+    finally:
+        replica.execute_command("REPLICAOF", "NO", "ONE")
+    wrapped = RuntimeError("training job failed on Ray")
+    wrapped.__cause__ = raised.value  # as Ray wraps a worker's error
+    assert _caused_by_redis_outage(wrapped)
+
+
+def test_fleet_clients_retry_a_readonly_reply_until_the_failover_ends(redis_server):
+    settings = Settings(redis_url=redis_server.url)
+    client = make_redis(settings)
+    admin = redis_server.client()
+    admin.execute_command("REPLICAOF", "127.0.0.1", "1")
+    promote = threading.Timer(1.0, lambda: admin.execute_command("REPLICAOF", "NO", "ONE"))
+    promote.start()
+    try:
+        assert client.set("k", "v")  # retried through the READONLY replies until promoted
+    finally:
+        promote.join(timeout=10)
+    assert client.get("k") == "v"
