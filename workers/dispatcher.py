@@ -47,6 +47,7 @@ from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.checkpoint_uploader import CheckpointUploader
+from workers.errors import error_chain, full_text, scrub_paths, tenant_summary
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
@@ -63,6 +64,7 @@ _PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint befor
 _POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
 _CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint
 _CHECKPOINT_UPLOAD_WAIT_S = 600.0  # how long the end of a run waits for its checkpoint uploads
+_LAST_FAILURE_MAX_CHARS = 20_000  # of the operator-only account of a failure kept on the job
 T = TypeVar("T")
 
 
@@ -317,14 +319,7 @@ class _TrainingStop:
 
 def _caused_by_redis_outage(error: BaseException) -> bool:
     """Whether Redis being unreachable is anywhere in `error`'s chain (Ray wraps worker errors)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, _REDIS_DOWN):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(e, _REDIS_DOWN) for e in error_chain(error))
 
 
 # ------------------------------------------------------------------------------------ dispatcher
@@ -436,10 +431,12 @@ class Dispatcher:
             self._finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="invalid_request", message=str(e), param=e.param))
         except TrainingSetupError as e:
-            message = (f"Training cannot run with this job's configuration or data: {e}. Retrying would fail "
-                       "the same way; fix it and create a new job.")
+            logger.warning("job %s attempt %d: training cannot run: %s", job.id, attempt, e)
+            message = (f"Training cannot run with this job's configuration or data: {scrub_paths(str(e))}. "
+                       "Retrying would fail the same way; fix it and create a new job.")
             self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="invalid_training_config", message=message[:2000]))
+                                 error=JobError(code="invalid_training_config", message=message[:2000]),
+                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
         except Exception as e:
             if _caused_by_redis_outage(e):
                 # Not the job's fault: hand it back to resume from its checkpoint. If Redis is still
@@ -448,11 +445,10 @@ class Dispatcher:
                 self._finish_quietly(fence, JobStatus.QUEUED)
                 return
             logger.exception("job %s attempt %d failed", job.id, attempt)
-            message = f"Training failed: {type(e).__name__}: {e}"
-            if e.__cause__ is not None:
-                message += f" (caused by {type(e.__cause__).__name__}: {e.__cause__})"
+            # The tenant reads a short summary without server paths; the whole story is the operator's.
             self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="training_error", message=message[:2000]))
+                                 error=JobError(code="training_error", message=f"Training failed: {tenant_summary(e)}"),
+                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
         finally:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
             self._join_abandoned()
@@ -461,12 +457,14 @@ class Dispatcher:
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
-    def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None) -> None:
+    def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None,
+                        last_failure: str | None = None) -> None:
         """End the attempt as `status`, logging (not raising) a refusal; a pause the user withdrew
-        before the attempt stopped hands the job back instead, to resume from its last checkpoint."""
+        before the attempt stopped hands the job back instead, to resume from its last checkpoint.
+        `last_failure` is the operator-only account of an error (fleet.jobs.Job.last_failure)."""
         try:
             try:
-                self.jobs.leases.finish_job(fence, status, error=error)
+                self.jobs.leases.finish_job(fence, status, error=error, last_failure=last_failure)
             except PauseWithdrawn:
                 self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
         except (FleetError, *_REDIS_DOWN) as e:

@@ -425,3 +425,51 @@ def test_fleet_clients_retry_a_readonly_reply_until_the_failover_ends(redis_serv
     finally:
         promote.join(timeout=10)
     assert client.get("k") == "v"
+
+
+def _queued_job_on_a_real_file(settings: Settings, tmp_path: Path) -> tuple[JobStore, Job]:
+    from fleet.files import FileStore
+    from workers.synthetic import write_synthetic_splits
+
+    client = make_redis(settings)
+    train, _ = write_synthetic_splits(tmp_path / "data", n_train=24, n_val=4, seed=1)
+    files = FileStore(client, make_object_store(settings), max_upload_bytes=settings.max_upload_bytes)
+    file = files.create_file("t1", filename="train.jsonl", purpose="fine-tune", content=train.read_bytes())
+    jobs = JobStore(client, max_attempts=settings.max_attempts)
+    return jobs, jobs.create_job("t1", model="tiny-llama", training_file=file.id, seed=1).job
+
+
+def test_a_failed_jobs_error_shows_the_tenant_no_server_paths(redis_server, tmp_path):
+    import json
+
+    from service.objects import job_object
+
+    catalog = {"tiny-llama": {"path": "/srv/secret/models/x", "quantization": "none", "max_rank": 8}}
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog)
+    jobs, job = _queued_job_on_a_real_file(settings, tmp_path)
+
+    Dispatcher(settings, worker_id="leak-test").step()  # the tokenizer load fails, naming the model's path
+
+    failed = jobs.load_job(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error.code == "training_error", failed.error
+    shown = json.dumps(job_object(failed))
+    assert "/srv/" not in shown and "<path>" in failed.error.message, failed.error.message
+    assert len(failed.error.message) < 400
+    assert "/srv/secret/models/x" in failed.last_failure  # the operator still sees everything
+
+
+def test_a_tenant_summary_keeps_the_class_and_first_line_without_paths():
+    from workers.errors import tenant_summary
+
+    try:
+        try:
+            raise FileNotFoundError("No such file: '/srv/models/llama/config.json'\nTraceback ... /opt/ray/x.py")
+        except FileNotFoundError as inner:
+            raise RuntimeError("training job 'j' failed on Ray") from inner
+    except RuntimeError as e:
+        summary = tenant_summary(e)
+    assert summary == ("RuntimeError: training job 'j' failed on Ray "
+                       "(caused by FileNotFoundError: No such file: '<path>')")
+    assert tenant_summary(ValueError("see https://example.com/a/b and org/name")) == \
+        "ValueError: see https://example.com/a/b and org/name"
+    assert len(tenant_summary(ValueError("x" * 5000))) <= 300
