@@ -276,6 +276,7 @@ class Leases:
         trained_tokens: int | None = None,
         hyperparameters: dict[str, Any] | None = None,
         last_failure: str | None = None,
+        infra_faults: int | None = None,
     ) -> Job:
         """End a running attempt (fenced): succeeded/failed/cancelled, paused, or queued (handed back).
 
@@ -284,7 +285,8 @@ class Leases:
         The returned Job carries the status the job actually ended in.
         `hyperparameters`, when given, replaces the requested ones ("auto" included) by the values used.
         `last_failure`, when given, is the operator-only account of why the attempt ended (never shown
-        to the tenant, whose `error` must not carry server paths or tracebacks).
+        to the tenant, whose `error` must not carry server paths or tracebacks); `infra_faults`, the
+        number of attempts handed back after infrastructure faults so far (the dispatcher bounds it).
 
         Raises FencedOut if `fence` is stale; a stale attempt can never change the job.
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
@@ -315,6 +317,8 @@ class Leases:
             fields += ["hyperparameters", json.dumps(hyperparameters, separators=(",", ":"), sort_keys=True)]
         if last_failure is not None:
             fields += ["last_failure", last_failure]
+        if infra_faults is not None:
+            fields += ["infra_faults", infra_faults]
         reply = self._finish(
             keys=[
                 keys.job(job_id),

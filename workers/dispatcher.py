@@ -18,6 +18,8 @@ and training runs as a Ray task the dispatcher kills (workers.ray_train). A canc
 `cancelled` at once; a pause first gives the training loop _PAUSE_GRACE_S to write a checkpoint, then
 ends it `paused`, to resume from its last recorded checkpoint. Redis being unreachable never fails a
 job: the reporter rides it out, and a longer outage hands the job back to resume from its checkpoint.
+An object-store or Ray node fault hands the job back too, at most `max_infra_faults` times
+(workers.errors says which errors are faults of the machinery, and what of an error a tenant sees).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.checkpoint_uploader import CheckpointUploader
-from workers.errors import error_chain, full_text, scrub_paths, tenant_summary
+from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
@@ -444,6 +446,9 @@ class Dispatcher:
                 logger.warning("job %s attempt %d: Redis unreachable (%s); handing it back", job.id, attempt, e)
                 self._finish_quietly(fence, JobStatus.QUEUED)
                 return
+            if is_infrastructure_fault(e):
+                self._hand_back_after_fault(claim, e)
+                return
             logger.exception("job %s attempt %d failed", job.id, attempt)
             # The tenant reads a short summary without server paths; the whole story is the operator's.
             self._finish_quietly(fence, JobStatus.FAILED,
@@ -457,14 +462,34 @@ class Dispatcher:
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
+    def _hand_back_after_fault(self, claim: Claim, error: Exception) -> None:
+        """An object-store or Ray node fault is not the job's: hand it back to resume from its checkpoint,
+        at most `max_infra_faults` times; the fault after that fails it (infrastructure_error)."""
+        job, fence = claim.job, claim.fence
+        faults = job.infra_faults + 1
+        details = full_text(error)[:_LAST_FAILURE_MAX_CHARS]
+        if faults <= self.settings.max_infra_faults:
+            logger.warning("job %s attempt %d: infrastructure fault %d of %d allowed, handing it back: %s",
+                           job.id, claim.attempt, faults, self.settings.max_infra_faults, details)
+            self._finish_quietly(fence, JobStatus.QUEUED, last_failure=details, infra_faults=faults)
+            return
+        logger.error("job %s attempt %d: infrastructure fault %d, over the %d allowed; failing it: %s",
+                     job.id, claim.attempt, faults, self.settings.max_infra_faults, details)
+        message = (f"Training was interrupted by {faults} infrastructure faults (object store or compute "
+                   f"node unavailable); the last: {tenant_summary(error)}. Nothing is wrong with the job "
+                   "itself: create it again once the service is healthy, or contact the operator.")
+        self._finish_quietly(fence, JobStatus.FAILED, error=JobError(code="infrastructure_error", message=message),
+                             last_failure=details, infra_faults=faults)
+
     def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None,
-                        last_failure: str | None = None) -> None:
+                        last_failure: str | None = None, infra_faults: int | None = None) -> None:
         """End the attempt as `status`, logging (not raising) a refusal; a pause the user withdrew
         before the attempt stopped hands the job back instead, to resume from its last checkpoint.
         `last_failure` is the operator-only account of an error (fleet.jobs.Job.last_failure)."""
         try:
             try:
-                self.jobs.leases.finish_job(fence, status, error=error, last_failure=last_failure)
+                self.jobs.leases.finish_job(fence, status, error=error, last_failure=last_failure,
+                                            infra_faults=infra_faults)
             except PauseWithdrawn:
                 self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
         except (FleetError, *_REDIS_DOWN) as e:

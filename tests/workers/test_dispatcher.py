@@ -470,6 +470,56 @@ def test_a_tenant_summary_keeps_the_class_and_first_line_without_paths():
         summary = tenant_summary(e)
     assert summary == ("RuntimeError: training job 'j' failed on Ray "
                        "(caused by FileNotFoundError: No such file: '<path>')")
-    assert tenant_summary(ValueError("see https://example.com/a/b and org/name")) == \
-        "ValueError: see https://example.com/a/b and org/name"
+    assert tenant_summary(ValueError("no answer from http://10.0.0.5:9000/b/k for org/name")) == \
+        "ValueError: no answer from <url> for org/name"
     assert len(tenant_summary(ValueError("x" * 5000))) <= 300
+
+
+def test_an_unreachable_object_store_hands_the_job_back_a_bounded_number_of_times(redis_server, tmp_path,
+                                                                                   tiny_model_dir):
+    import socket
+
+    catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog)
+    jobs, job = _queued_job_on_a_real_file(settings, tmp_path)  # its file is in the local store
+    with socket.socket() as probe:  # a port nothing listens on: every S3 request is refused
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = Settings(
+        redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog, max_infra_faults=1,
+        object_store="s3", s3_bucket="lorafleet", s3_endpoint_url=f"http://127.0.0.1:{closed_port}",
+        s3_access_key_id="k", s3_secret_access_key="s")
+
+    Dispatcher(unreachable, worker_id="s3-down").step()  # the download fails: not the job's fault
+
+    handed_back = jobs.load_job(job.id)
+    assert handed_back.status == JobStatus.QUEUED and handed_back.error is None, handed_back.error
+    assert handed_back.infra_faults == 1 and "EndpointConnectionError" in handed_back.last_failure
+
+    Dispatcher(unreachable, worker_id="s3-down").step()  # one fault more than allowed: the job fails
+
+    failed = jobs.load_job(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error.code == "infrastructure_error", failed.error
+    assert "2 infrastructure faults" in failed.error.message and "127.0.0.1" not in failed.error.message
+
+
+def test_only_faults_of_the_machinery_count_as_infrastructure_faults(tmp_path):
+    import ray.exceptions
+
+    from fleet.objectstore import LocalObjectStore
+    from workers.errors import is_infrastructure_fault
+
+    def wrapped(error: Exception) -> RuntimeError:
+        outer = RuntimeError("training job 'j' failed on Ray")
+        outer.__cause__ = error
+        return outer
+
+    assert is_infrastructure_fault(wrapped(ray.exceptions.NodeDiedError("node gone")))
+    assert is_infrastructure_fault(wrapped(ray.exceptions.WorkerCrashedError()))
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put_bytes("a", b"a file where a folder should be")
+    with pytest.raises(OSError) as in_store:  # as a full or failing disk would
+        store.put_bytes("a/b", b"v")
+    assert is_infrastructure_fault(in_store.value)
+    assert not is_infrastructure_fault(OSError("Can't load tokenizer for '/srv/models/x'"))
+    assert not is_infrastructure_fault(wrapped(ValueError("bad config")))
