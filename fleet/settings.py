@@ -93,6 +93,10 @@ class Settings(BaseSettings):
                     '{"a100": 1}; empty: Ray Train\'s default (1 CPU, or 1 GPU with use_gpu).',
     )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
+    pause_grace_s: float = Field(
+        default=60.0, gt=0,
+        description="How long a pause waits for the training loop to record its checkpoint before the run is killed.",
+    )
     max_infra_faults: int = Field(
         default=5, ge=0,
         description="Times a job is handed back after an object-store or Ray node fault before it fails.",

@@ -15,8 +15,8 @@ checkpoint.
 Cancel and pause reach every phase: the heartbeat keeps the latest control signal RENEW returns, each
 blocking phase (downloads, dataset checks) runs on a helper thread the dispatcher stops waiting for,
 and training runs as a Ray task the dispatcher kills (workers.ray_train). A cancel ends the job
-`cancelled` at once; a pause first gives the training loop _PAUSE_GRACE_S to write a checkpoint, then
-ends it `paused`, to resume from its last recorded checkpoint. Redis being unreachable never fails a
+`cancelled` at once; a pause first lets the training loop write and record its checkpoint (at most
+settings.pause_grace_s), then ends it `paused`, to resume from that checkpoint. Redis being unreachable never fails a
 job: the reporter rides it out, and a longer outage hands the job back to resume from its checkpoint.
 An object-store or Ray node fault hands the job back too, at most `max_infra_faults` times
 (workers.errors says which errors are faults of the machinery, and what of an error a tenant sees).
@@ -62,7 +62,9 @@ logger = logging.getLogger(__name__)
 _LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
 # READONLY: a replica answering during a failover, before it is promoted; as transient as an outage.
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
-_PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint before the run is killed
+# How long a pause lets a run whose training loop has not started yet end by itself before it is killed;
+# a training loop gets up to settings.pause_grace_s to write and record its checkpoint.
+_PAUSE_GRACE_S = 2.0
 _POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
 _CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint
 _CHECKPOINT_UPLOAD_WAIT_S = 600.0  # how long the end of a run waits for its checkpoint uploads
@@ -290,16 +292,28 @@ class _Heartbeat:
 
 
 class _TrainingStop:
-    """`should_stop` for a training run: at once when fenced out or cancelled; for a pause, after the
-    loop had _PAUSE_GRACE_S to checkpoint and stop by itself (a withdrawn pause restarts the clock).
+    """`should_stop` for a training run: at once when fenced out or cancelled. For a pause, once the
+    pause's checkpoint is recorded (a checkpoint newer than the one recorded when the pause was seen),
+    at most `pause_grace_s` after the pause was seen; a run whose training loop has not reported
+    progress yet (waiting for resources, loading the model) has nothing to save and is stopped after
+    _PAUSE_GRACE_S. A withdrawn pause restarts the clock. A run that ends "paused" by itself is
+    finished by the caller.
+
+    `latest_checkpoint` and `training_started` read the job in Redis; while Redis is away they count
+    as "nothing new" and the wait is bounded by `pause_grace_s` alone.
 
     On a cancel or pause it first calls `end_job(signal)`, so the job ends as the user asked at once,
     while the run is still being torn down (its late writes are fenced out)."""
 
-    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None]) -> None:
+    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None], *,
+                 latest_checkpoint: Callable[[], Checkpoint | None], training_started: Callable[[], bool],
+                 pause_grace_s: float) -> None:
         self.heartbeat, self.end_job = heartbeat, end_job
+        self.latest_checkpoint, self.training_started = latest_checkpoint, training_started
+        self.pause_grace_s = pause_grace_s
         self.reason: str | None = None
         self._pause_seen_at: float | None = None
+        self._checkpoint_at_pause: tuple[int, str] | None = None
 
     def __call__(self) -> str | None:
         if self.reason is not None:
@@ -309,14 +323,35 @@ class _TrainingStop:
         elif self.heartbeat.control == "cancel":
             self.reason = "cancel"
         elif self.heartbeat.control == "pause":
-            self._pause_seen_at = self._pause_seen_at or time.monotonic()
-            if time.monotonic() - self._pause_seen_at >= _PAUSE_GRACE_S:
+            if self._pause_seen_at is None:
+                self._pause_seen_at = time.monotonic()
+                self._checkpoint_at_pause = self._checkpoint_key()
+            elif self._pause_may_end(time.monotonic() - self._pause_seen_at):
                 self.reason = "pause"
         else:
             self._pause_seen_at = None
         if self.reason in ("cancel", "pause"):
             self.end_job(self.reason)  # type: ignore[arg-type]
         return self.reason
+
+    def _pause_may_end(self, waited_s: float) -> bool:
+        if waited_s >= self.pause_grace_s:
+            return True
+        checkpoint = self._checkpoint_key()
+        if checkpoint is not None and checkpoint != self._checkpoint_at_pause:
+            return True  # the pause's checkpoint is recorded: the job resumes from it
+        return waited_s >= _PAUSE_GRACE_S and not self._safely(self.training_started, True)
+
+    def _checkpoint_key(self) -> tuple[int, str] | None:
+        latest = self._safely(self.latest_checkpoint, None)
+        return None if latest is None else (latest.step, latest.location)
+
+    @staticmethod
+    def _safely(read: Callable[[], T], when_redis_is_away: T) -> T:
+        try:
+            return read()
+        except _REDIS_DOWN:
+            return when_redis_is_away
 
 
 def _caused_by_redis_outage(error: BaseException) -> bool:
@@ -609,7 +644,11 @@ class Dispatcher:
             status = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
             self._finish_quietly(fence, status)
 
-        stop = _TrainingStop(heartbeat, end_job)
+        progress_at_start = self.jobs.load_job(job.id).progress  # changes once this attempt's loop reports
+
+        stop = _TrainingStop(heartbeat, end_job, latest_checkpoint=lambda: self.jobs.latest_checkpoint(job.id),
+                             training_started=lambda: self.jobs.load_job(job.id).progress != progress_at_start,
+                             pause_grace_s=self.settings.pause_grace_s)
         try:
             result = run_training_on_ray(
                 spec,

@@ -523,3 +523,32 @@ def test_only_faults_of_the_machinery_count_as_infrastructure_faults(tmp_path):
     assert is_infrastructure_fault(in_store.value)
     assert not is_infrastructure_fault(OSError("Can't load tokenizer for '/srv/models/x'"))
     assert not is_infrastructure_fault(wrapped(ValueError("bad config")))
+
+
+def test_a_pause_waits_for_the_training_loops_checkpoint_then_ends_the_job(running_job):
+    from workers.dispatcher import _Heartbeat, _TrainingStop
+
+    settings, jobs, claim = running_job
+    settings = settings.model_copy(update={"heartbeat_ms": 100, "pause_grace_s": 30.0})
+    reporter = JobReporterFactory(settings, "t1", claim.fence)()
+    ended: list[str] = []
+    progress_at_start = jobs.load_job(claim.job.id).progress
+    with _Heartbeat(jobs, claim, settings) as heartbeat:
+        stop = _TrainingStop(heartbeat, ended.append,
+                             latest_checkpoint=lambda: jobs.latest_checkpoint(claim.job.id),
+                             training_started=lambda: jobs.load_job(claim.job.id).progress != progress_at_start,
+                             pause_grace_s=settings.pause_grace_s)
+        reporter.metrics(10, {"step": 10, "total_steps": 100, "train_loss": 2.0})  # the loop is training
+        jobs.request_pause("t1", claim.job.id)
+        deadline = time.monotonic() + 10
+        while heartbeat.control != "pause":
+            assert time.monotonic() < deadline, "the heartbeat never saw the pause"
+            time.sleep(0.05)
+        waited_until = time.monotonic() + 3.0  # past the 2 s a run gets before its loop has started
+        while time.monotonic() < waited_until:
+            assert stop() is None, "the pause ended the run before its loop recorded a checkpoint"
+            time.sleep(0.1)
+
+        jobs.leases.record_checkpoint(claim.fence, 20, "ckpt/step-20")  # the loop's pause checkpoint
+
+        assert stop() == "pause" and ended == ["pause"]
