@@ -552,3 +552,23 @@ def test_a_pause_waits_for_the_training_loops_checkpoint_then_ends_the_job(runni
         jobs.leases.record_checkpoint(claim.fence, 20, "ckpt/step-20")  # the loop's pause checkpoint
 
         assert stop() == "pause" and ended == ["pause"]
+
+
+def test_a_corrupted_checkpoints_decode_errors_are_retried_not_blamed_on_the_spec(tmp_path):
+    import json
+
+    from lora_core.exceptions import TargetModulesError
+    from workers.ray_train import setup_error_message
+
+    truncated = tmp_path / "trainer_state.json"
+    truncated.write_bytes(b'{"global_step": 4')  # a checkpoint cut off mid-write
+    with pytest.raises(json.JSONDecodeError) as bad_json:
+        json.loads(truncated.read_text())
+    truncated.write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(UnicodeDecodeError) as bad_text:
+        truncated.read_text(encoding="utf-8")
+    assert setup_error_message(bad_json.value) is None
+    assert setup_error_message(bad_text.value) is None
+    assert setup_error_message(RuntimeError("CUDA out of memory")) is None
+    assert setup_error_message(TargetModulesError("matched no linear layer")) == \
+        "TargetModulesError: matched no linear layer"
