@@ -138,6 +138,7 @@ class Job(BaseModel):
     estimated_finish: int | None = None
     attempt: int = 0
     lease_expirations: int = 0
+    infra_faults: int = 0  # attempts handed back after an object-store or Ray node fault (operator data)
     worker_id: str | None = None
     claim_token: str | None = None
     lease_expires_at_ms: int | None = None

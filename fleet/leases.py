@@ -275,6 +275,8 @@ class Leases:
         result_files: list[str] | None = None,
         trained_tokens: int | None = None,
         hyperparameters: dict[str, Any] | None = None,
+        last_failure: str | None = None,
+        infra_faults: int | None = None,
     ) -> Job:
         """End a running attempt (fenced): succeeded/failed/cancelled, paused, or queued (handed back).
 
@@ -282,6 +284,9 @@ class Leases:
         pausing with a cancel pending cancels the job; handing back with a pause pending pauses it.
         The returned Job carries the status the job actually ended in.
         `hyperparameters`, when given, replaces the requested ones ("auto" included) by the values used.
+        `last_failure`, when given, is the operator-only account of why the attempt ended (never shown
+        to the tenant, whose `error` must not carry server paths or tracebacks); `infra_faults`, the
+        number of attempts handed back after infrastructure faults so far (the dispatcher bounds it).
 
         Raises FencedOut if `fence` is stale; a stale attempt can never change the job.
         Raises CancelRequested (and changes nothing) for `succeeded` while a cancel is pending: the
@@ -310,6 +315,10 @@ class Leases:
             fields += ["trained_tokens", trained_tokens]
         if hyperparameters is not None:
             fields += ["hyperparameters", json.dumps(hyperparameters, separators=(",", ":"), sort_keys=True)]
+        if last_failure is not None:
+            fields += ["last_failure", last_failure]
+        if infra_faults is not None:
+            fields += ["infra_faults", infra_faults]
         reply = self._finish(
             keys=[
                 keys.job(job_id),

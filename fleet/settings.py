@@ -93,6 +93,14 @@ class Settings(BaseSettings):
                     '{"a100": 1}; empty: Ray Train\'s default (1 CPU, or 1 GPU with use_gpu).',
     )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
+    pause_grace_s: float = Field(
+        default=60.0, gt=0,
+        description="How long a pause waits for the training loop to record its checkpoint before the run is killed.",
+    )
+    max_infra_faults: int = Field(
+        default=5, ge=0,
+        description="Times a job is handed back after an object-store or Ray node fault before it fails.",
+    )
 
     # Webhooks (fleet.webhook_delivery): how events are delivered to tenants' endpoints.
     webhook_allow_private: bool = Field(
@@ -150,23 +158,26 @@ def _outage_retry_class() -> type:
 def make_redis(settings: Settings) -> redis.Redis:
     """A Redis client for `settings.redis_url`, decoding responses to str as fleet's stores expect.
 
-    Connection and timeout errors are retried (REDIS_RETRIES times, exponential backoff with jitter,
-    8.5-17 s in all): a Redis restart is waited out. Only a longer outage raises ConnectionError,
-    which callers treat as "Redis is away", never as a failure of the job they work on. Retried writes
-    are safe: every fleet write is idempotent or fenced (a claim whose reply was lost only leaves a
-    lease that expires and requeues the job).
+    Connection and timeout errors, and READONLY replies (a failover in progress), are retried
+    (REDIS_RETRIES times, exponential backoff with jitter, 8.5-17 s in all): a Redis restart is waited
+    out. Only a longer outage raises ConnectionError, which callers treat as "Redis is away", never as a
+    failure of the job they work on. Retried writes are safe: every fleet write is idempotent or fenced
+    (a claim whose reply was lost only leaves a lease that expires and requeues the job).
     """
     import redis
     from redis.backoff import EqualJitterBackoff
 
+    # READONLY is what a replica answers during a failover until it is promoted: retried like an outage.
+    transient = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+
     # Blocking reads (BLPOP in wait_for_work, XREAD for SSE) block at most MAX_BLOCK_S, well inside
     # the socket timeout; redis-py's default of 5 s would cut a 5 s BLPOP off.
     retry = _outage_retry_class()(EqualJitterBackoff(base=REDIS_BACKOFF_BASE_S, cap=REDIS_BACKOFF_CAP_S),
-                                  retries=REDIS_RETRIES, supported_errors=(redis.ConnectionError, redis.TimeoutError))
+                                  retries=REDIS_RETRIES, supported_errors=transient)
     return redis.Redis.from_url(
         settings.redis_url, decode_responses=True, health_check_interval=30,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5,
-        retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry=retry, retry_on_error=list(transient),
     )
 
 

@@ -15,9 +15,11 @@ checkpoint.
 Cancel and pause reach every phase: the heartbeat keeps the latest control signal RENEW returns, each
 blocking phase (downloads, dataset checks) runs on a helper thread the dispatcher stops waiting for,
 and training runs as a Ray task the dispatcher kills (workers.ray_train). A cancel ends the job
-`cancelled` at once; a pause first gives the training loop _PAUSE_GRACE_S to write a checkpoint, then
-ends it `paused`, to resume from its last recorded checkpoint. Redis being unreachable never fails a
+`cancelled` at once; a pause first lets the training loop write and record its checkpoint (at most
+settings.pause_grace_s), then ends it `paused`, to resume from that checkpoint. Redis being unreachable never fails a
 job: the reporter rides it out, and a longer outage hands the job back to resume from its checkpoint.
+An object-store or Ray node fault hands the job back too, at most `max_infra_faults` times
+(workers.errors says which errors are faults of the machinery, and what of an error a tenant sees).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.checkpoint_uploader import CheckpointUploader
+from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
@@ -57,11 +60,15 @@ __all__ = ["Dispatcher", "JobReporter", "JobReporterFactory", "build_training_sp
 logger = logging.getLogger(__name__)
 
 _LEVELS = {"warning": "warn", "warn": "warn", "error": "error", "critical": "error"}
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-_PAUSE_GRACE_S = 2.0  # how long a pause lets the training loop checkpoint before the run is killed
+# READONLY: a replica answering during a failover, before it is promoted; as transient as an outage.
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+# How long a pause lets a run whose training loop has not started yet end by itself before it is killed;
+# a training loop gets up to settings.pause_grace_s to write and record its checkpoint.
+_PAUSE_GRACE_S = 2.0
 _POLL_S = 0.25  # how often a waiting dispatcher looks at the heartbeat's control signal
 _CHECKPOINT_RECORD_TIMEOUT_S = 60.0  # how long the reporter retries recording an uploaded checkpoint
 _CHECKPOINT_UPLOAD_WAIT_S = 600.0  # how long the end of a run waits for its checkpoint uploads
+_LAST_FAILURE_MAX_CHARS = 20_000  # of the operator-only account of a failure kept on the job
 T = TypeVar("T")
 
 
@@ -285,16 +292,28 @@ class _Heartbeat:
 
 
 class _TrainingStop:
-    """`should_stop` for a training run: at once when fenced out or cancelled; for a pause, after the
-    loop had _PAUSE_GRACE_S to checkpoint and stop by itself (a withdrawn pause restarts the clock).
+    """`should_stop` for a training run: at once when fenced out or cancelled. For a pause, once the
+    pause's checkpoint is recorded (a checkpoint newer than the one recorded when the pause was seen),
+    at most `pause_grace_s` after the pause was seen; a run whose training loop has not reported
+    progress yet (waiting for resources, loading the model) has nothing to save and is stopped after
+    _PAUSE_GRACE_S. A withdrawn pause restarts the clock. A run that ends "paused" by itself is
+    finished by the caller.
+
+    `latest_checkpoint` and `training_started` read the job in Redis; while Redis is away they count
+    as "nothing new" and the wait is bounded by `pause_grace_s` alone.
 
     On a cancel or pause it first calls `end_job(signal)`, so the job ends as the user asked at once,
     while the run is still being torn down (its late writes are fenced out)."""
 
-    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None]) -> None:
+    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None], *,
+                 latest_checkpoint: Callable[[], Checkpoint | None], training_started: Callable[[], bool],
+                 pause_grace_s: float) -> None:
         self.heartbeat, self.end_job = heartbeat, end_job
+        self.latest_checkpoint, self.training_started = latest_checkpoint, training_started
+        self.pause_grace_s = pause_grace_s
         self.reason: str | None = None
         self._pause_seen_at: float | None = None
+        self._checkpoint_at_pause: tuple[int, str] | None = None
 
     def __call__(self) -> str | None:
         if self.reason is not None:
@@ -304,8 +323,10 @@ class _TrainingStop:
         elif self.heartbeat.control == "cancel":
             self.reason = "cancel"
         elif self.heartbeat.control == "pause":
-            self._pause_seen_at = self._pause_seen_at or time.monotonic()
-            if time.monotonic() - self._pause_seen_at >= _PAUSE_GRACE_S:
+            if self._pause_seen_at is None:
+                self._pause_seen_at = time.monotonic()
+                self._checkpoint_at_pause = self._checkpoint_key()
+            elif self._pause_may_end(time.monotonic() - self._pause_seen_at):
                 self.reason = "pause"
         else:
             self._pause_seen_at = None
@@ -313,17 +334,29 @@ class _TrainingStop:
             self.end_job(self.reason)  # type: ignore[arg-type]
         return self.reason
 
+    def _pause_may_end(self, waited_s: float) -> bool:
+        if waited_s >= self.pause_grace_s:
+            return True
+        checkpoint = self._checkpoint_key()
+        if checkpoint is not None and checkpoint != self._checkpoint_at_pause:
+            return True  # the pause's checkpoint is recorded: the job resumes from it
+        return waited_s >= _PAUSE_GRACE_S and not self._safely(self.training_started, True)
+
+    def _checkpoint_key(self) -> tuple[int, str] | None:
+        latest = self._safely(self.latest_checkpoint, None)
+        return None if latest is None else (latest.step, latest.location)
+
+    @staticmethod
+    def _safely(read: Callable[[], T], when_redis_is_away: T) -> T:
+        try:
+            return read()
+        except _REDIS_DOWN:
+            return when_redis_is_away
+
 
 def _caused_by_redis_outage(error: BaseException) -> bool:
     """Whether Redis being unreachable is anywhere in `error`'s chain (Ray wraps worker errors)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, _REDIS_DOWN):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(e, _REDIS_DOWN) for e in error_chain(error))
 
 
 # ------------------------------------------------------------------------------------ dispatcher
@@ -435,10 +468,12 @@ class Dispatcher:
             self._finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="invalid_request", message=str(e), param=e.param))
         except TrainingSetupError as e:
-            message = (f"Training cannot run with this job's configuration or data: {e}. Retrying would fail "
-                       "the same way; fix it and create a new job.")
+            logger.warning("job %s attempt %d: training cannot run: %s", job.id, attempt, e)
+            message = (f"Training cannot run with this job's configuration or data: {scrub_paths(str(e))}. "
+                       "Retrying would fail the same way; fix it and create a new job.")
             self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="invalid_training_config", message=message[:2000]))
+                                 error=JobError(code="invalid_training_config", message=message[:2000]),
+                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
         except Exception as e:
             if _caused_by_redis_outage(e):
                 # Not the job's fault: hand it back to resume from its checkpoint. If Redis is still
@@ -446,12 +481,14 @@ class Dispatcher:
                 logger.warning("job %s attempt %d: Redis unreachable (%s); handing it back", job.id, attempt, e)
                 self._finish_quietly(fence, JobStatus.QUEUED)
                 return
+            if is_infrastructure_fault(e):
+                self._hand_back_after_fault(claim, e)
+                return
             logger.exception("job %s attempt %d failed", job.id, attempt)
-            message = f"Training failed: {type(e).__name__}: {e}"
-            if e.__cause__ is not None:
-                message += f" (caused by {type(e.__cause__).__name__}: {e.__cause__})"
+            # The tenant reads a short summary without server paths; the whole story is the operator's.
             self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="training_error", message=message[:2000]))
+                                 error=JobError(code="training_error", message=f"Training failed: {tenant_summary(e)}"),
+                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
         finally:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
             self._join_abandoned()
@@ -460,12 +497,34 @@ class Dispatcher:
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
-    def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None) -> None:
+    def _hand_back_after_fault(self, claim: Claim, error: Exception) -> None:
+        """An object-store or Ray node fault is not the job's: hand it back to resume from its checkpoint,
+        at most `max_infra_faults` times; the fault after that fails it (infrastructure_error)."""
+        job, fence = claim.job, claim.fence
+        faults = job.infra_faults + 1
+        details = full_text(error)[:_LAST_FAILURE_MAX_CHARS]
+        if faults <= self.settings.max_infra_faults:
+            logger.warning("job %s attempt %d: infrastructure fault %d of %d allowed, handing it back: %s",
+                           job.id, claim.attempt, faults, self.settings.max_infra_faults, details)
+            self._finish_quietly(fence, JobStatus.QUEUED, last_failure=details, infra_faults=faults)
+            return
+        logger.error("job %s attempt %d: infrastructure fault %d, over the %d allowed; failing it: %s",
+                     job.id, claim.attempt, faults, self.settings.max_infra_faults, details)
+        message = (f"Training was interrupted by {faults} infrastructure faults (object store or compute "
+                   f"node unavailable); the last: {tenant_summary(error)}. Nothing is wrong with the job "
+                   "itself: create it again once the service is healthy, or contact the operator.")
+        self._finish_quietly(fence, JobStatus.FAILED, error=JobError(code="infrastructure_error", message=message),
+                             last_failure=details, infra_faults=faults)
+
+    def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None,
+                        last_failure: str | None = None, infra_faults: int | None = None) -> None:
         """End the attempt as `status`, logging (not raising) a refusal; a pause the user withdrew
-        before the attempt stopped hands the job back instead, to resume from its last checkpoint."""
+        before the attempt stopped hands the job back instead, to resume from its last checkpoint.
+        `last_failure` is the operator-only account of an error (fleet.jobs.Job.last_failure)."""
         try:
             try:
-                self.jobs.leases.finish_job(fence, status, error=error)
+                self.jobs.leases.finish_job(fence, status, error=error, last_failure=last_failure,
+                                            infra_faults=infra_faults)
             except PauseWithdrawn:
                 self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
         except (FleetError, *_REDIS_DOWN) as e:
@@ -585,7 +644,11 @@ class Dispatcher:
             status = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
             self._finish_quietly(fence, status)
 
-        stop = _TrainingStop(heartbeat, end_job)
+        progress_at_start = self.jobs.load_job(job.id).progress  # changes once this attempt's loop reports
+
+        stop = _TrainingStop(heartbeat, end_job, latest_checkpoint=lambda: self.jobs.latest_checkpoint(job.id),
+                             training_started=lambda: self.jobs.load_job(job.id).progress != progress_at_start,
+                             pause_grace_s=self.settings.pause_grace_s)
         try:
             result = run_training_on_ray(
                 spec,

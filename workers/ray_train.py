@@ -35,7 +35,7 @@ from workers.spec import TrainingSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingAborted", "TrainingSetupError", "run_training_on_ray"]
+__all__ = ["TrainingAborted", "TrainingSetupError", "run_training_on_ray", "setup_error_message"]
 
 _FINAL_DIR = "final"
 _RESULT_FILE = "training_result.json"
@@ -45,6 +45,9 @@ _SETUP_ERROR = "setup_error"  # key of the result a worker returns instead of ra
 # lora_core's LoraConfigError/TargetModulesError, DatasetFormatError, ChatTemplateError, pydantic's
 # ValidationError (all ValueErrors). Infra errors (OSError, RuntimeError: OOM, NCCL) stay retryable.
 _DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, NotImplementedError)
+# ValueErrors that a truncated or corrupted file raises (a restored checkpoint's JSON or text): not the
+# spec's fault, so they stay retryable (Ray restores, the dispatcher hands back).
+_CORRUPT_FILE_ERRORS = (UnicodeDecodeError, json.JSONDecodeError)
 
 
 class TrainingAborted(Exception):
@@ -73,6 +76,14 @@ def _close_reporter(reporter: Reporter | None) -> None:
         logger.exception("finishing the checkpoint uploads at the end of the run")
         with contextlib.suppress(Exception):
             reporter.log(f"the last checkpoint upload did not complete: {e}", "warning")
+
+
+def setup_error_message(error: BaseException) -> str | None:
+    """What to tell about `error` if the spec itself caused it (retrying would fail the same way), else
+    None: the error is the machine's or a corrupted file's, and worth a retry."""
+    if isinstance(error, _CORRUPT_FILE_ERRORS) or not isinstance(error, _DETERMINISTIC_ERRORS):
+        return None
+    return f"{type(error).__name__}: {error}"
 
 
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +127,11 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
         except _DETERMINISTIC_ERRORS as e:
             _close_reporter(reporter)
+            message = setup_error_message(e)
+            if message is None:
+                raise  # a corrupted file's, not the spec's: Ray restarts the group
             # Returned, not raised: Ray Train would restart the worker group for a raised error.
-            return {_SETUP_ERROR: f"{type(e).__name__}: {e}"}
+            return {_SETUP_ERROR: message}
         except BaseException:
             _close_reporter(reporter)
             raise

@@ -393,3 +393,182 @@ def test_a_dispatchers_housekeeping_applies_the_retention_policy(redis_server, t
 
     with pytest.raises(NotFound):
         jobs.get_job("t1", job.id)
+
+
+# ------------------------------------------------------------------- errors: what hands a job back
+def test_a_failover_readonly_reply_counts_as_redis_away_not_a_job_failure(redis_server):
+    import redis
+
+    from workers.dispatcher import _caused_by_redis_outage
+
+    replica = redis_server.client()
+    replica.execute_command("REPLICAOF", "127.0.0.1", "1")  # a replica of nothing: writes answer READONLY
+    try:
+        with pytest.raises(redis.exceptions.ReadOnlyError) as raised:
+            replica.set("k", "v")
+    finally:
+        replica.execute_command("REPLICAOF", "NO", "ONE")
+    wrapped = RuntimeError("training job failed on Ray")
+    wrapped.__cause__ = raised.value  # as Ray wraps a worker's error
+    assert _caused_by_redis_outage(wrapped)
+
+
+def test_fleet_clients_retry_a_readonly_reply_until_the_failover_ends(redis_server):
+    settings = Settings(redis_url=redis_server.url)
+    client = make_redis(settings)
+    admin = redis_server.client()
+    admin.execute_command("REPLICAOF", "127.0.0.1", "1")
+    promote = threading.Timer(1.0, lambda: admin.execute_command("REPLICAOF", "NO", "ONE"))
+    promote.start()
+    try:
+        assert client.set("k", "v")  # retried through the READONLY replies until promoted
+    finally:
+        promote.join(timeout=10)
+    assert client.get("k") == "v"
+
+
+def _queued_job_on_a_real_file(settings: Settings, tmp_path: Path) -> tuple[JobStore, Job]:
+    from fleet.files import FileStore
+    from workers.synthetic import write_synthetic_splits
+
+    client = make_redis(settings)
+    train, _ = write_synthetic_splits(tmp_path / "data", n_train=24, n_val=4, seed=1)
+    files = FileStore(client, make_object_store(settings), max_upload_bytes=settings.max_upload_bytes)
+    file = files.create_file("t1", filename="train.jsonl", purpose="fine-tune", content=train.read_bytes())
+    jobs = JobStore(client, max_attempts=settings.max_attempts)
+    return jobs, jobs.create_job("t1", model="tiny-llama", training_file=file.id, seed=1).job
+
+
+def test_a_failed_jobs_error_shows_the_tenant_no_server_paths(redis_server, tmp_path):
+    import json
+
+    from service.objects import job_object
+
+    catalog = {"tiny-llama": {"path": "/srv/secret/models/x", "quantization": "none", "max_rank": 8}}
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog)
+    jobs, job = _queued_job_on_a_real_file(settings, tmp_path)
+
+    Dispatcher(settings, worker_id="leak-test").step()  # the tokenizer load fails, naming the model's path
+
+    failed = jobs.load_job(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error.code == "training_error", failed.error
+    shown = json.dumps(job_object(failed))
+    assert "/srv/" not in shown and "<path>" in failed.error.message, failed.error.message
+    assert len(failed.error.message) < 400
+    assert "/srv/secret/models/x" in failed.last_failure  # the operator still sees everything
+
+
+def test_a_tenant_summary_keeps_the_class_and_first_line_without_paths():
+    from workers.errors import tenant_summary
+
+    try:
+        try:
+            raise FileNotFoundError("No such file: '/srv/models/llama/config.json'\nTraceback ... /opt/ray/x.py")
+        except FileNotFoundError as inner:
+            raise RuntimeError("training job 'j' failed on Ray") from inner
+    except RuntimeError as e:
+        summary = tenant_summary(e)
+    assert summary == ("RuntimeError: training job 'j' failed on Ray "
+                       "(caused by FileNotFoundError: No such file: '<path>')")
+    assert tenant_summary(ValueError("no answer from http://10.0.0.5:9000/b/k for org/name")) == \
+        "ValueError: no answer from <url> for org/name"
+    assert len(tenant_summary(ValueError("x" * 5000))) <= 300
+
+
+def test_an_unreachable_object_store_hands_the_job_back_a_bounded_number_of_times(redis_server, tmp_path,
+                                                                                   tiny_model_dir):
+    import socket
+
+    catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog)
+    jobs, job = _queued_job_on_a_real_file(settings, tmp_path)  # its file is in the local store
+    with socket.socket() as probe:  # a port nothing listens on: every S3 request is refused
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = Settings(
+        redis_url=redis_server.url, data_dir=tmp_path / "var", catalog=catalog, max_infra_faults=1,
+        object_store="s3", s3_bucket="lorafleet", s3_endpoint_url=f"http://127.0.0.1:{closed_port}",
+        s3_access_key_id="k", s3_secret_access_key="s")
+
+    Dispatcher(unreachable, worker_id="s3-down").step()  # the download fails: not the job's fault
+
+    handed_back = jobs.load_job(job.id)
+    assert handed_back.status == JobStatus.QUEUED and handed_back.error is None, handed_back.error
+    assert handed_back.infra_faults == 1 and "EndpointConnectionError" in handed_back.last_failure
+
+    Dispatcher(unreachable, worker_id="s3-down").step()  # one fault more than allowed: the job fails
+
+    failed = jobs.load_job(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error.code == "infrastructure_error", failed.error
+    assert "2 infrastructure faults" in failed.error.message and "127.0.0.1" not in failed.error.message
+
+
+def test_only_faults_of_the_machinery_count_as_infrastructure_faults(tmp_path):
+    import ray.exceptions
+
+    from fleet.objectstore import LocalObjectStore
+    from workers.errors import is_infrastructure_fault
+
+    def wrapped(error: Exception) -> RuntimeError:
+        outer = RuntimeError("training job 'j' failed on Ray")
+        outer.__cause__ = error
+        return outer
+
+    assert is_infrastructure_fault(wrapped(ray.exceptions.NodeDiedError("node gone")))
+    assert is_infrastructure_fault(wrapped(ray.exceptions.WorkerCrashedError()))
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put_bytes("a", b"a file where a folder should be")
+    with pytest.raises(OSError) as in_store:  # as a full or failing disk would
+        store.put_bytes("a/b", b"v")
+    assert is_infrastructure_fault(in_store.value)
+    assert not is_infrastructure_fault(OSError("Can't load tokenizer for '/srv/models/x'"))
+    assert not is_infrastructure_fault(wrapped(ValueError("bad config")))
+
+
+def test_a_pause_waits_for_the_training_loops_checkpoint_then_ends_the_job(running_job):
+    from workers.dispatcher import _Heartbeat, _TrainingStop
+
+    settings, jobs, claim = running_job
+    settings = settings.model_copy(update={"heartbeat_ms": 100, "pause_grace_s": 30.0})
+    reporter = JobReporterFactory(settings, "t1", claim.fence)()
+    ended: list[str] = []
+    progress_at_start = jobs.load_job(claim.job.id).progress
+    with _Heartbeat(jobs, claim, settings) as heartbeat:
+        stop = _TrainingStop(heartbeat, ended.append,
+                             latest_checkpoint=lambda: jobs.latest_checkpoint(claim.job.id),
+                             training_started=lambda: jobs.load_job(claim.job.id).progress != progress_at_start,
+                             pause_grace_s=settings.pause_grace_s)
+        reporter.metrics(10, {"step": 10, "total_steps": 100, "train_loss": 2.0})  # the loop is training
+        jobs.request_pause("t1", claim.job.id)
+        deadline = time.monotonic() + 10
+        while heartbeat.control != "pause":
+            assert time.monotonic() < deadline, "the heartbeat never saw the pause"
+            time.sleep(0.05)
+        waited_until = time.monotonic() + 3.0  # past the 2 s a run gets before its loop has started
+        while time.monotonic() < waited_until:
+            assert stop() is None, "the pause ended the run before its loop recorded a checkpoint"
+            time.sleep(0.1)
+
+        jobs.leases.record_checkpoint(claim.fence, 20, "ckpt/step-20")  # the loop's pause checkpoint
+
+        assert stop() == "pause" and ended == ["pause"]
+
+
+def test_a_corrupted_checkpoints_decode_errors_are_retried_not_blamed_on_the_spec(tmp_path):
+    import json
+
+    from lora_core.exceptions import TargetModulesError
+    from workers.ray_train import setup_error_message
+
+    truncated = tmp_path / "trainer_state.json"
+    truncated.write_bytes(b'{"global_step": 4')  # a checkpoint cut off mid-write
+    with pytest.raises(json.JSONDecodeError) as bad_json:
+        json.loads(truncated.read_text())
+    truncated.write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(UnicodeDecodeError) as bad_text:
+        truncated.read_text(encoding="utf-8")
+    assert setup_error_message(bad_json.value) is None
+    assert setup_error_message(bad_text.value) is None
+    assert setup_error_message(RuntimeError("CUDA out of memory")) is None
+    assert setup_error_message(TargetModulesError("matched no linear layer")) == \
+        "TargetModulesError: matched no linear layer"
