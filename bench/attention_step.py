@@ -25,6 +25,7 @@ import random
 import time
 
 import torch
+from tensor_memory import peak_live_tensor_bytes
 from torch import nn
 
 from workers.attention import VARLEN_ATTENTION, use_varlen_attention
@@ -76,17 +77,7 @@ def step(model: nn.Module, loss_module: nn.Module, examples, block_mask: str, se
 
 def measured_step(*args) -> tuple[int, float]:
     """(peak live tensor bytes above the start, CPU seconds) of collate + step, from profiler memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        seconds = step(*args)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, seconds
+    return peak_live_tensor_bytes(lambda: step(*args))
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from tensor_memory import peak_live_tensor_bytes
 
 SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512)
@@ -150,16 +151,7 @@ def child_time(base_dir: Path, quant: str | None, steps: int, variants: list[str
 
 def peak_step_bytes(model, ids) -> int:
     """Peak of live torch tensor bytes during one step, relative to its start (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, ids)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
+    peak, _ = peak_live_tensor_bytes(lambda: step(model, ids))
     return peak
 
 

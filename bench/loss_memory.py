@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tensor_memory import peak_live_tensor_bytes
 from torch import nn
 
 from workers.token_loss import TokenLoss
@@ -77,17 +78,7 @@ def step(loss_module: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
 
 def peak_step_bytes(loss_module: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, float]:
     """(peak live tensor bytes above the start, CPU seconds) of one step, from profiler memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        seconds = step(loss_module, inputs)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, seconds
+    return peak_live_tensor_bytes(lambda: step(loss_module, inputs))
 
 
 def main() -> None:
