@@ -125,8 +125,11 @@ def _serve_in_thread(settings: Settings) -> tuple[Any, threading.Thread, str]:
 
 
 @pytest.fixture
-def start_api_server() -> Iterator[Callable[[Settings], APIServer]]:
-    """Factory: start an API server for given settings; every server started is stopped at teardown."""
+def start_api_server(redis_server: Any) -> Iterator[Callable[[Settings], APIServer]]:
+    """Factory: start an API server for given settings; every server started is stopped at teardown.
+
+    It depends on `redis_server` so that Redis outlives the servers: a server stopping after Redis is
+    gone spends ~15 s in its clients' outage retries (the webhook deliverer leaving its group)."""
     running: list[tuple[Any, threading.Thread]] = []
 
     def start(settings: Settings) -> APIServer:
