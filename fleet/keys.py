@@ -146,7 +146,8 @@ def sched_tenant(tenant_id: str) -> str:
 
 
 def sched_cluster() -> str:
-    """Hash {allocated, incoming}: GPUs held by running jobs; of those, GPUs of jobs being preempted."""
+    """Hash {allocated, incoming, admissions}: GPUs held by running jobs; of those, GPUs of jobs being
+    preempted; admissions so far (orders running jobs by recency for preemption)."""
     return f"{PREFIX}sched:cluster"
 
 
@@ -172,7 +173,7 @@ def sched_holding() -> str:
 
 
 def sched_backoff() -> str:
-    """Sorted set: idle tenants whose head job is in a placement back-off, scored by its end (ms)."""
+    """Sorted set: queued jobs parked out of their queue by a placement back-off, scored by its end (ms)."""
     return f"{PREFIX}sched:backoff"
 
 

@@ -278,7 +278,7 @@ return {'ok'}
 # stopped) is refused ('pause_withdrawn').
 # A job handed back otherwise returns to its place in the queue. Handed back preempted (or with a
 # preemption pending) it announces fine_tuning.job.preempted instead of queued; with retry_after_ms it
-# is not admitted again before then (its tenant waits in the back-off index meanwhile).
+# is parked out of the queue until then (the tenant's other jobs go on) and returns to its place.
 # Returns {'ok', status the job is now in, '1' when announced else '0', '1' when preempted else '0'}.
 FINISH = (
     PRELUDE
@@ -320,8 +320,11 @@ if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 elseif st == 'queued' then
-  if tonumber(ARGV[7]) > 0 then redis.call('HSET', KEYS[1], 'not_before_ms', int(now + tonumber(ARGV[7]))) end
-  enqueue(tenant, ARGV[1], to_back, now)
+  if tonumber(ARGV[7]) > 0 and not to_back then
+    park(ARGV[1], now + tonumber(ARGV[7]))
+  else
+    enqueue(tenant, ARGV[1], to_back, now)
+  end
 end
 if announce then
   if preempted then emit('fine_tuning.job.preempted', tenant, {id = ARGV[1]}) else emit_job(st, tenant, ARGV[1]) end

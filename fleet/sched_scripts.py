@@ -8,7 +8,8 @@ formulas in Python for the views and estimates.
 State (keys in fleet.keys): per tenant `sched_tenant` {consumed, at_ms, gpus, preempting, slot}; the
 cluster's `sched_cluster` {allocated, incoming}; each queued job's hash carries `gpus`,
 `priority_value`, `queue_seq` (its place: the creation seq, or a fresh one when sent to the back) and
-`not_before_ms` (a placement back-off).
+`not_before_ms` (a placement back-off: the job is parked in `sched_backoff`, out of its queue, so the
+tenant's next job is not held up, and goes back to its place when the time is up).
 
 Usage: consumed(t) = current + (consumed₀ − current)·2^(−(t − t₀)/H), the closed form of
 consumed ← (1 − α)·consumed + α·current with α(Δt) = 1 − 0.5^(Δt/H); it composes exactly, so it is
@@ -23,7 +24,7 @@ The index, so that a decision never scans the queued jobs or every tenant:
   head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum.
 - Tenants holding GPUs (at most one per running job) are scored directly (`sched_holding`).
 - Idle tenants blocked by their own limits (head over nominal + borrowing limit, max_running_jobs 0)
-  are in no bucket; a head in back-off waits in `sched_backoff` until its time.
+  are in no bucket.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ end
 local function head_of(tenant)
   local h = redis.call('ZRANGE', Q_PREFIX .. tenant, 0, 0, 'WITHSCORES')
   if #h == 0 then return nil end
-  local v = redis.call('HMGET', JOB_KEY_PREFIX .. h[1], 'gpus', 'priority_value', 'not_before_ms')
-  return {id = h[1], qscore = tonumber(h[2]), gpus = num(v[1], 1), prio = num(v[2], 0), not_before = num(v[3], 0)}
+  local v = redis.call('HMGET', JOB_KEY_PREFIX .. h[1], 'gpus', 'priority_value')
+  return {id = h[1], qscore = tonumber(h[2]), gpus = num(v[1], 1), prio = num(v[2], 0)}
 end
 -- Admitting g more GPUs at usage u: 0 within nominal; 1 borrowing from below nominal; 2 borrowing;
 -- nil over nominal + borrowing limit.
@@ -94,7 +95,6 @@ local function tier_of(q, u, g)
 end
 local function unindex(tenant, slot)
   if slot == '' then return end
-  if slot == 'backoff' then redis.call('ZREM', BACKOFF, tenant); return end
   redis.call('ZREM', slot, tenant)
   if redis.call('EXISTS', slot) == 0 then redis.call('ZREM', BUCKETS, slot) end
 end
@@ -105,22 +105,17 @@ local function reindex(tenant, now)
   local slot = ''
   local head = head_of(tenant)
   if head and st.gpus <= 0 then
-    if head.not_before > now then
-      slot = 'backoff'
-      redis.call('ZADD', BACKOFF, head.not_before, tenant)
-    else
-      local q = quota_of(tenant)
-      local tier = tier_of(q, 0, head.gpus)
-      if tier and (q.max_running == nil or q.max_running > 0) then
-        local hl = half_life_ms()
-        local kind, score = 'z', head.qscore
-        if hl > 0 and st.consumed > 0 then
-          kind, score = 'k', math.log(st.consumed / q.weight) / math.log(2) + st.at / hl
-        end
-        slot = BUCKET_PREFIX .. tier .. ':' .. kind .. ':' .. int(head.gpus)
-        redis.call('ZADD', slot, float(score), tenant)
-        redis.call('ZADD', BUCKETS, head.gpus, slot)
+    local q = quota_of(tenant)
+    local tier = tier_of(q, 0, head.gpus)
+    if tier and (q.max_running == nil or q.max_running > 0) then
+      local hl = half_life_ms()
+      local kind, score = 'z', head.qscore
+      if hl > 0 and st.consumed > 0 then
+        kind, score = 'k', math.log(st.consumed / q.weight) / math.log(2) + st.at / hl
       end
+      slot = BUCKET_PREFIX .. tier .. ':' .. kind .. ':' .. int(head.gpus)
+      redis.call('ZADD', slot, float(score), tenant)
+      redis.call('ZADD', BUCKETS, head.gpus, slot)
     end
   end
   if slot ~= st.slot then
@@ -151,8 +146,14 @@ local function enqueue(tenant, job_id, to_back, now)
   redis.call('LTRIM', WAKEUP, 0, 63)
   reindex(tenant, now)
 end
+-- Park a queued job out of its queue until `until_ms` (a placement back-off); ADMIT puts it back.
+local function park(job_id, until_ms)
+  redis.call('HSET', JOB_KEY_PREFIX .. job_id, 'not_before_ms', int(until_ms))
+  redis.call('ZADD', BACKOFF, until_ms, job_id)
+end
 local function unqueue(tenant, job_id, now)
   local qkey = Q_PREFIX .. tenant
+  redis.call('ZREM', BACKOFF, job_id)
   redis.call('ZREM', qkey, job_id)
   if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
   reindex(tenant, now)
@@ -180,8 +181,13 @@ ADMIT = r"""
 CLOCK = clock_arg(ARGV[4])
 local now = now_ms()
 local hl = half_life_ms()
--- 1. heads whose placement back-off is over are indexed again
-for _, t in ipairs(redis.call('ZRANGEBYSCORE', BACKOFF, '-inf', now, 'LIMIT', 0, 100)) do reindex(t, now) end
+-- 1. jobs whose placement back-off is over go back to their places
+for _, jid in ipairs(redis.call('ZRANGEBYSCORE', BACKOFF, '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', BACKOFF, jid)
+  local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'status', 'tenant_id')
+  redis.call('HDEL', JOB_KEY_PREFIX .. jid, 'not_before_ms')
+  if v[1] == 'queued' then enqueue(v[2], jid, false, now) end
+end
 -- 2. capacity: unknown (no dispatcher reported nodes) bounds nothing
 local inf = math.huge
 local total = num(redis.call('HGET', CAPACITY, 'total_gpus'), inf)
@@ -207,7 +213,7 @@ end
 for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
   local st = tenant_state(t)
   local head = head_of(t)
-  if head and head.not_before <= now then
+  if head then
     local q = quota_of(t)
     local tier = tier_of(q, st.gpus, head.gpus)
     local running = num(redis.call('HGET', RUNNING, t), 0)
@@ -286,7 +292,8 @@ for _, c in ipairs(cands) do
     redis.call('HSETNX', job_key, 'started_at', sec(now))
     redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus')
     redis.call('ZADD', LEASES, expires, c.head.id)
-    redis.call('ZADD', RUNNING_JOBS, (c.head.prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - now), c.head.id)
+    local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
+    redis.call('ZADD', RUNNING_JOBS, (c.head.prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
     add_usage(c.tenant, g, 1, now)
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}

@@ -136,10 +136,8 @@ def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
     """Why the tenant's head job is not admitted now, in a tenant's words (never naming others)."""
     if not t.jobs:
         return None
-    _, g, _, not_before = t.jobs[0]
+    _, g, _, _ = t.jobs[0]
     q = t.quota
-    if not_before > now_ms:
-        return f"waiting {math.ceil((not_before - now_ms) / 1000)} s to retry placing its {g} GPUs on the nodes"
     if q.max_running_jobs is not None and t.running >= q.max_running_jobs:
         return f"tenant at max_running_jobs ({q.max_running_jobs})"
     if fair_share.tier(q, t.gpus, g) is None:
