@@ -196,7 +196,11 @@ if st == 'paused' then
   emit_job('queued', ARGV[2], ARGV[1])
   return {'queued'}
 elseif st == 'running' and v[3] == 'pause' then
-  redis.call('HDEL', KEYS[1], 'control')
+  if redis.call('HEXISTS', KEYS[1], 'preempting_gpus') == 1 then  -- it was being preempted: it still is
+    redis.call('HSET', KEYS[1], 'control', 'preempt')
+  else
+    redis.call('HDEL', KEYS[1], 'control')
+  end
   return {'unpaused'}
 elseif st == 'running' or st == 'queued' then
   return {'noop'}
