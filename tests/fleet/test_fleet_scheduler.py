@@ -399,3 +399,18 @@ def test_the_index_stays_consistent_through_every_kind_of_change(r, seed):
         for job_id in [j for j in c.claims if r.hget(keys.job(j), "status") != "running"]:
             c.claims.pop(job_id)  # cancelled while running: its worker would stop
         assert _index_problems(r, tenants) == [], f"after step {step} ({action})"
+
+
+def test_reclaim_frees_the_whole_nominal_quota_in_one_wave(r):
+    """The owner's three 2-GPU jobs fit its nominal 6: one wave preempts 6 GPUs of the borrower, so
+    the owner holds its quota after one checkpoint + restart, not one per job."""
+    c = Cluster(r, 8, owner=TenantQuota(nominal_gpus=6))
+    c.submit("borrower", 8)
+    assert len(c.admit()) == 8
+    owner_jobs = c.submit("owner", 3, gpus=2, at=S)
+    assert c.admit(at=S) == []
+    assert len(c.preempting()) == 6
+    for victim in c.preempting():
+        c.finish(victim, at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert sorted(c.admit(at=2 * S)) == sorted(owner_jobs)
+    assert c.held() == {"owner": 6, "borrower": 2}
