@@ -164,6 +164,9 @@ def test_a_handed_back_job_returns_at_its_place_and_retry_after_is_honoured(r):
     c.finish(first, at=1 * S, status=JobStatus.QUEUED, retry_after_ms=5 * S)
     (other,) = c.submit("b", at=1 * S)
     assert set(c.admit(at=2 * S)) == {second, other}  # first backs off; the others are not blocked
+    c.finish(second, at=2 * S)
+    reasons = {t.tenant_id: t.waiting_reason for t in cluster_view(r, now_ms=3 * S).tenants}
+    assert reasons["a"] == "waiting 3 s to retry placing its 1 GPU on the nodes"
     assert c.jobs.leases.claim_next_job("w", 60_000, now_ms=5 * S) is None
     retried = c.jobs.leases.claim_next_job("w", 60_000, now_ms=6 * S)
     assert (retried.job.id, retried.attempt) == (first, 2)
