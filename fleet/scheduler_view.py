@@ -76,7 +76,7 @@ class _Tenant:
     running: int = 0
     preempting: int = 0
     queued: int = 0
-    jobs: list[tuple[str, int, float, int]] = field(default_factory=list)  # (id, gpus, queue score, 0)
+    jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (id, gpus, queue score), head first
     parked: list[tuple[str, int, int]] = field(default_factory=list)  # backing off: (id, gpus, until ms)
 
 
@@ -153,7 +153,7 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             preempting=int(state[3] or 0),
             running=int(state[4] or 0),
             queued=int(queued),
-            jobs=[(job_id, 1, score, 0) for job_id, score in entries],
+            jobs=[(job_id, 1, score) for job_id, score in entries],
             parked=parked_by_tenant.get(t, []),
         )
     ends = []
@@ -167,7 +167,7 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             pipe.hget(keys.job(job_id), "gpus")
     gpus = iter(pipe.execute())
     for tenant in tenants.values():
-        tenant.jobs = [(job_id, int(next(gpus) or 1), score, 0) for job_id, _, score, _ in tenant.jobs]
+        tenant.jobs = [(job_id, int(next(gpus) or 1), score) for job_id, _, score in tenant.jobs]
     return _State(
         now_ms=now,
         half_life_ms=float(hl) if hl is not None else DEFAULT_HALF_LIFE_MS,
@@ -192,7 +192,7 @@ def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
             _, g, until = t.parked[0]
             return f"waiting {math.ceil(max(until - now_ms, 0) / 1000)} s to retry placing its {_gpus(g)} on the nodes"
         return None
-    _, g, _, _ = t.jobs[0]
+    _, g, _ = t.jobs[0]
     q = t.quota
     if q.max_running_jobs is not None and t.running >= q.max_running_jobs:
         return f"tenant at max_running_jobs ({q.max_running_jobs})"
@@ -284,13 +284,13 @@ def _simulate(
     entries: dict[str, list] = {}
     holding = {tid for tid, tn in tenants.items() if tn.gpus > 0}
 
-    def head(tenant: _Tenant) -> tuple[str, int, float, int] | None:
+    def head(tenant: _Tenant) -> tuple[str, int, float] | None:
         i = heads[tenant.tenant_id]
         if i < len(tenant.jobs):
             return tenant.jobs[i]
         if i < tenant.queued and tenant.jobs:  # beyond what was read: like its last read job
-            job_id, g, score, _ = tenant.jobs[-1]
-            return (f"{job_id}+{i}", g, score + i, 0)
+            job_id, g, score = tenant.jobs[-1]
+            return (f"{job_id}+{i}", g, score + i)
         return None
 
     def place(tenant: _Tenant) -> None:
@@ -359,7 +359,7 @@ def _simulate(
                         holding.discard(tid)
                         place(tenants[tid])
             continue
-        tenant, (job_id, g, _, _) = chosen
+        tenant, (job_id, g, _) = chosen
         admitted += 1
         heads[tenant.tenant_id] += 1
         if job_id in wanted:
