@@ -417,3 +417,16 @@ def test_reclaim_frees_the_whole_nominal_quota_in_one_wave(r):
         c.finish(victim, at=2 * S, status=JobStatus.QUEUED, preempted=True)
     assert sorted(c.admit(at=2 * S)) == sorted(owner_jobs)
     assert c.held() == {"owner": 6, "borrower": 2}
+
+
+def test_a_quota_change_takes_effect_at_the_next_decision(r):
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=0))
+    (job_id,) = c.submit("a", gpus=4)
+    assert c.admit() == []
+    c.quotas.set("a", TenantQuota(nominal_gpus=4))
+    assert c.admit() == [job_id]
+    c.submit("a", gpus=4)
+    c.quotas.set("a", TenantQuota(max_running_jobs=1))
+    assert c.admit() == []
+    c.quotas.reset("a")  # back to the default: no limits
+    assert len(c.admit()) == 1
