@@ -222,8 +222,10 @@ for i = 1, #buckets, 2 do
     end
   end
 end
+local states = {}  -- tenants holding GPUs, read once: candidates here, victims' tenants in read_pool
 for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
   local st = tenant_state(t)
+  states[t] = st
   if st.head then
     local q = st.q
     local tier = tier_of(q, st.gpus, st.head.gpus)
@@ -274,7 +276,7 @@ local function read_pool()
     local vt = v[1]
     if vt and not v[3] and v[4] == 'running' then
       if usage[vt] == nil then
-        local st = tenant_state(vt)
+        local st = states[vt] or tenant_state(vt)
         usage[vt], quotas[vt] = st.gpus - st.preempting, st.q
       end
       jobs[#jobs + 1] = {id = jid, tenant = vt, gpus = num(v[2], 1)}
