@@ -6,16 +6,21 @@ service/ or workers/. Build stores from one `Settings` at the edge:
     settings = Settings()
     r = make_redis(settings)
     store = make_object_store(settings)
-    jobs = JobStore(r, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
+    jobs = JobStore(r, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len,
+                    fair_share_half_life_s=settings.fair_share_half_life_s)
+    quotas = QuotaStore(r, default=settings.default_quota)   # writes the default quota the scheduler reads
+    capacity = CapacityStore(r)                               # dispatchers record Ray's nodes in it
     tenants = TenantStore(r, admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None)
     files = FileStore(r, store, max_upload_bytes=settings.max_upload_bytes)
     registry = AdapterRegistry(r, store)
     catalog = load_catalog(settings)
 
-Dispatchers use `jobs.leases` (claim, fenced writes; see fleet.leases) and call
+Dispatchers use `jobs.leases` (claim = the scheduler's admission, fenced writes; see fleet.leases and
+docs/scheduling.md) and call
 `run_retention(r, store, settings)` periodically (fleet.retention).
 """
 
+from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.catalog import BaseModelSpec, Catalog
 from fleet.checkpoints import checkpoint_prefix, download_checkpoint, upload_checkpoint
 from fleet.events import EventLog
@@ -30,6 +35,7 @@ from fleet.exceptions import (
     NotFound,
     PauseWithdrawn,
     PayloadTooLarge,
+    QuotaExceeded,
 )
 from fleet.fencing import Fence
 from fleet.files import FileObject, FileStore
@@ -48,6 +54,7 @@ from fleet.leases import Claim, ExpiredLease, Lease
 from fleet.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
 from fleet.peft_format import PeftAdapterInfo, validate_peft_adapter_dir
 from fleet.queue import CreatedJob, JobStore
+from fleet.quotas import QuotaStore, TenantQuota
 from fleet.registry import (
     AdapterRegistry,
     AdapterSummary,
@@ -59,8 +66,10 @@ from fleet.registry import (
     parse_adapter_ref,
     validate_adapter_name,
 )
+from fleet.resources import PriorityClass, Resources
 from fleet.retention import RetentionReport, run_retention
-from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue, estimate_queue_position, round_robin
+from fleet.scheduler_view import ClusterView, QueueEstimate, cluster_view
+from fleet.scheduling import QueueSnapshot, TenantQueue
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import ApiKey, Principal, Tenant, TenantStore
 
@@ -78,12 +87,13 @@ __all__ = [
     "checkpoint_prefix",
     "Claim",
     "CompletedPublication",
-    "ClaimPolicy",
+    "CapacityStore",
+    "ClusterView",
+    "cluster_view",
     "Conflict",
     "ControlSignal",
     "CreatedJob",
     "download_checkpoint",
-    "estimate_queue_position",
     "Event",
     "EventLog",
     "ExpiredLease",
@@ -111,12 +121,18 @@ __all__ = [
     "parse_adapter_ref",
     "PauseWithdrawn",
     "PayloadTooLarge",
+    "QuotaExceeded",
     "PeftAdapterInfo",
     "Principal",
     "Progress",
     "QueueSnapshot",
     "RetentionReport",
-    "round_robin",
+    "QuotaStore",
+    "QueueEstimate",
+    "Resources",
+    "PriorityClass",
+    "NodeCapacity",
+    "TenantQuota",
     "run_retention",
     "S3ObjectStore",
     "Settings",

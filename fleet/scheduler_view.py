@@ -1,0 +1,393 @@
+"""What the scheduler shows: the cluster view (nodes, GPUs, who runs, borrows, waits and why) and
+each queued job's position and estimated start under the real policy."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import redis
+from pydantic import BaseModel
+
+from fleet import fair_share, keys
+from fleet.capacity import NodeCapacity
+from fleet.quotas import QUOTA_FIELDS, TenantQuota
+from fleet.sched_scripts import DEFAULT_HALF_LIFE_MS
+
+__all__ = [
+    "ClusterTotals",
+    "TenantView",
+    "ClusterView",
+    "QueueEstimate",
+    "cluster_view",
+    "estimate_queue",
+    "ASSUMED_JOB_S",
+]
+
+# A job's duration when nothing better is known (a queued job; a running one reporting no ETA, which is
+# assumed half done). Estimates are rough by nature: they say so in docs/scheduling.md.
+ASSUMED_JOB_S = 3600.0
+# An estimate runs on every job read through the API (and every create), so it is bounded: it replays
+# at most this many admissions, reading at most _READ_AHEAD queued jobs per tenant (later ones are
+# taken to be like the last one read); past that, positions are extrapolated by weight.
+_MAX_SIMULATED_ADMISSIONS = 256
+_READ_AHEAD = 32
+
+
+class ClusterTotals(BaseModel):
+    gpus: int | None  # None: no dispatcher has reported the nodes yet
+    allocated: int
+    free: int | None
+    being_preempted: int
+
+
+class TenantView(BaseModel):
+    tenant_id: str
+    quota: TenantQuota
+    running_jobs: int
+    running_gpus: int
+    borrowed_gpus: int
+    queued_jobs: int
+    share_score: float
+    waiting_reason: str | None = None  # why its head job waits (None: nothing queued)
+
+
+class ClusterView(BaseModel):
+    nodes: list[NodeCapacity]
+    totals: ClusterTotals
+    tenants: list[TenantView]
+
+
+class QueueEstimate(BaseModel):
+    position: int  # 1-based: jobs the policy admits before this one, plus one
+    estimated_start_at: int | None  # Unix seconds; None when it cannot be estimated
+
+
+@dataclass
+class _Tenant:
+    """A tenant as the view and the estimate read it."""
+
+    tenant_id: str
+    quota: TenantQuota
+    consumed: float = 0.0
+    at_ms: float = 0.0
+    gpus: int = 0
+    running: int = 0
+    preempting: int = 0
+    queued: int = 0
+    jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (id, gpus, queue score), head first
+    parked: list[tuple[str, int, int]] = field(default_factory=list)  # backing off: (id, gpus, until ms)
+
+
+@dataclass
+class _State:
+    """The scheduler's state as one estimate or view reads it (a few round trips, whatever the size)."""
+
+    now_ms: int
+    half_life_ms: float
+    total: int | None
+    allocated: int
+    incoming: int
+    tenants: dict[str, _Tenant]
+    ends: list[tuple[float, str, int]]  # running jobs: (expected end ms, tenant, gpus)
+    wanted: dict[str, str]  # queued job id -> tenant, of the job ids asked about
+    ranks: dict[str, int]  # queued job id -> index in its tenant's queue
+
+
+def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, depth: int | None = None) -> _State:
+    """Read what views and estimates need: the cluster, every tenant that waits or runs (quota, usage,
+    up to `depth` queued jobs; None: as many as an estimate can use), the running jobs, and the
+    status and queue rank of `job_ids`. Running jobs end at their reported ETA (estimated_finish), else
+    are taken to be half done."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), "status", "tenant_id")
+    pipe.time()
+    pipe.hget(keys.capacity(), "total_gpus")
+    pipe.hmget(keys.sched_cluster(), "allocated", "incoming")
+    pipe.zrange(keys.queue_tenants(), 0, -1)
+    pipe.smembers(keys.sched_holding())
+    pipe.hgetall(keys.default_quota())
+    pipe.hget(keys.sched_config(), "half_life_ms")
+    pipe.zrange(keys.sched_running_jobs(), 0, -1)
+    pipe.zrange(keys.sched_backoff(), 0, -1, withscores=True)
+    *statuses, (seconds, micros), total, (allocated, incoming), waiting, holding, default, hl, running_ids, parked = (
+        pipe.execute()
+    )
+    now = int(now_ms) if now_ms is not None else seconds * 1000 + micros // 1000
+    wanted = {j: t for j, (status, t) in zip(job_ids, statuses, strict=True) if status == "queued" and t}
+    parked_pipe = client.pipeline(transaction=False)
+    for job_id, _ in parked:
+        parked_pipe.hmget(keys.job(job_id), "tenant_id", "gpus")
+    parked_by_tenant: dict[str, list[tuple[str, int, int]]] = {}
+    for (job_id, until), (tenant, g) in zip(parked, parked_pipe.execute() if parked else [], strict=True):
+        if tenant is not None:
+            parked_by_tenant.setdefault(tenant, []).append((job_id, int(g or 1), int(until)))
+    ids = sorted(set(waiting) | set(holding) | set(parked_by_tenant))
+    if depth is None:
+        depth = min(_READ_AHEAD, max(2, 2048 // max(len(ids), 1)))
+    pipe = client.pipeline(transaction=False)
+    for job_id, tenant in wanted.items():
+        pipe.zrank(keys.queue(tenant), job_id)
+    for t in ids:
+        pipe.hgetall(keys.quota(t))
+        pipe.hmget(keys.sched_tenant(t), "consumed", "at_ms", "gpus", "preempting", "running")
+        pipe.zcard(keys.queue(t))
+        pipe.zrange(keys.queue(t), 0, depth - 1, withscores=True)
+    for job_id in running_ids:
+        pipe.hmget(keys.job(job_id), "tenant_id", "gpus", "estimated_finish")
+    replies = pipe.execute()
+    ranks = {j: r for j, r in zip(wanted, replies, strict=False) if r is not None}
+    replies = replies[len(wanted) :]
+    tenants: dict[str, _Tenant] = {}
+    for i, t in enumerate(ids):
+        quota_hash, state, queued, entries = replies[4 * i : 4 * i + 4]
+        quota_fields = quota_hash or default
+        tenants[t] = _Tenant(
+            t,
+            TenantQuota.from_redis_hash({k: v for k, v in quota_fields.items() if k in QUOTA_FIELDS}),
+            consumed=float(state[0] or 0),
+            at_ms=float(state[1] or 0),
+            gpus=int(state[2] or 0),
+            preempting=int(state[3] or 0),
+            running=int(state[4] or 0),
+            queued=int(queued),
+            jobs=[(job_id, 1, score) for job_id, score in entries],
+            parked=parked_by_tenant.get(t, []),
+        )
+    ends = []
+    for tenant, g, finish in replies[4 * len(ids) :]:
+        if tenant is not None:
+            end = float(finish) * 1000 if finish else now + ASSUMED_JOB_S * 500
+            ends.append((max(end, now), tenant, int(g or 1)))
+    pipe = client.pipeline(transaction=False)
+    for tenant in tenants.values():
+        for job_id, *_ in tenant.jobs:
+            pipe.hget(keys.job(job_id), "gpus")
+    gpus = iter(pipe.execute())
+    for tenant in tenants.values():
+        tenant.jobs = [(job_id, int(next(gpus) or 1), score) for job_id, _, score in tenant.jobs]
+    return _State(
+        now_ms=now,
+        half_life_ms=float(hl) if hl is not None else DEFAULT_HALF_LIFE_MS,
+        total=int(total) if total is not None else None,
+        allocated=max(int(allocated or 0), 0),
+        incoming=max(int(incoming or 0), 0),
+        tenants=tenants,
+        ends=ends,
+        wanted=wanted,
+        ranks=ranks,
+    )
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
+    """Why the tenant's head job is not admitted now, in a tenant's words (never naming others)."""
+    if not t.jobs:
+        if t.parked:
+            _, g, until = t.parked[0]
+            return f"waiting {math.ceil(max(until - now_ms, 0) / 1000)} s to retry placing its {_gpus(g)} on the nodes"
+        return None
+    _, g, _ = t.jobs[0]
+    q = t.quota
+    if q.max_running_jobs is not None and t.running >= q.max_running_jobs:
+        return f"tenant at max_running_jobs ({q.max_running_jobs})"
+    if fair_share.tier(q, t.gpus, g) is None:
+        limit = q.nominal_gpus + (q.borrowing_limit_gpus or 0)
+        return (
+            f"waiting for {_gpus(g)}; tenant holds {t.gpus} of its nominal quota {q.nominal_gpus} "
+            f"+ borrowing limit {q.borrowing_limit_gpus} = {limit}"
+        )
+    free_text = "capacity unknown" if free is None else f"{free} free"
+    if t.gpus >= q.nominal_gpus:
+        standing = "tenant at nominal quota" if q.nominal_gpus else "tenant has no nominal quota (borrows idle GPUs)"
+    elif t.gpus + g <= q.nominal_gpus:
+        standing = "within the tenant's nominal quota"
+    else:
+        standing = "tenant below nominal quota; the job would borrow"
+    if free is not None and g > free:
+        reclaim = "; reclaiming borrowed GPUs" if t.gpus < q.nominal_gpus else ""
+        return f"waiting for {_gpus(g)}; {free_text}; {standing}{reclaim}"
+    return f"waiting for its turn ({_gpus(g)}; {free_text}; {standing}); tenants with a lower share go first"
+
+
+def cluster_view(client: redis.Redis, now_ms: int | None = None) -> ClusterView:
+    """Nodes, GPU totals, and per tenant: quota, what it runs, what it borrows, what waits and why."""
+    state = _read_state(client, [], now_ms, depth=1)
+    free = None if state.total is None else max(state.total - state.allocated, 0)
+    raw_nodes = client.hgetall(keys.capacity_nodes())
+    nodes = [NodeCapacity.model_validate_json(raw_nodes[n]) for n in sorted(raw_nodes)]
+    views = []
+    for t in state.tenants.values():
+        usage = fair_share.decayed_usage(t.consumed, t.at_ms, t.gpus, state.now_ms, state.half_life_ms)
+        views.append(
+            TenantView(
+                tenant_id=t.tenant_id,
+                quota=t.quota,
+                running_jobs=t.running,
+                running_gpus=t.gpus,
+                borrowed_gpus=max(t.gpus - t.quota.nominal_gpus, 0),
+                queued_jobs=t.queued,
+                share_score=round(usage / t.quota.weight, 6),
+                waiting_reason=_waiting_reason(t, free, state.now_ms),
+            )
+        )
+    totals = ClusterTotals(gpus=state.total, allocated=state.allocated, free=free, being_preempted=state.incoming)
+    return ClusterView(nodes=nodes, totals=totals, tenants=views)
+
+
+def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | None = None) -> dict[str, QueueEstimate]:
+    """Position and estimated start of each queued job in `job_ids` (jobs not queued are left out).
+
+    Replays the policy forward (fleet.fair_share's order, quotas, free capacity, back-offs) from the
+    current state. Assumptions: running jobs end at their reported ETA (else are half done), queued
+    jobs run ASSUMED_JOB_S, no new jobs arrive, nothing is cancelled, and reclaim waits for jobs to
+    end instead of preempting them (so a reclaiming tenant's estimate is an upper bound). Past
+    _MAX_SIMULATED_ADMISSIONS, a job's position is extrapolated (every other waiting tenant admits
+    jobs in proportion to its weight meanwhile) and its start is None. A job parked by a placement
+    back-off is out of the queue until its time: no estimate.
+    """
+    state = _read_state(client, job_ids, now_ms)
+    if not state.wanted:
+        return {}
+    return _simulate(
+        state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks, state.wanted
+    )
+
+
+def _simulate(
+    tenants: dict[str, _Tenant],
+    ends: list[tuple[float, str, int]],
+    total: int | None,
+    now: int,
+    hl: float,
+    ranks: dict[str, int],
+    wanted: dict[str, str],
+) -> dict[str, QueueEstimate]:
+    """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue).
+
+    Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs) under their time-invariant
+    order, tenants holding GPUs scored directly; a step costs O(buckets + holding tenants + log T).
+    """
+    capacity = math.inf if total is None else total
+    used = sum(g for _, _, g in ends)
+    heapq.heapify(ends)
+    heads = {t: 0 for t in tenants}  # index of each tenant's next job in its read (or extrapolated) queue
+    out: dict[str, QueueEstimate] = {}
+    admitted = 0
+    t = float(now)
+    buckets: dict[tuple[int, int], list[list]] = {}  # (tier, gpus) -> heap of [order, tenant id, valid]
+    entries: dict[str, list] = {}
+    holding = {tid for tid, tn in tenants.items() if tn.gpus > 0}
+
+    def head(tenant: _Tenant) -> tuple[str, int, float] | None:
+        i = heads[tenant.tenant_id]
+        if i < len(tenant.jobs):
+            return tenant.jobs[i]
+        if i < tenant.queued and tenant.jobs:  # beyond what was read: like its last read job
+            job_id, g, score = tenant.jobs[-1]
+            return (f"{job_id}+{i}", g, score + i)
+        return None
+
+    def place(tenant: _Tenant) -> None:
+        """(Re-)index an idle tenant's head, as the Lua's reindex does."""
+        if (old := entries.pop(tenant.tenant_id, None)) is not None:
+            old[2] = False
+        h = head(tenant)
+        q = tenant.quota
+        if tenant.gpus > 0 or h is None or (q.max_running_jobs is not None and q.max_running_jobs <= 0):
+            return
+        entry_tier = fair_share.tier(q, 0, h[1])
+        if entry_tier is None:
+            return
+        if hl <= 0 or tenant.consumed <= 0:
+            order = (0, 0.0, h[2])
+        else:
+            order = (1, math.log2(tenant.consumed / q.weight) + tenant.at_ms / hl, h[2])
+        entry = [order, tenant.tenant_id, True]
+        heapq.heappush(buckets.setdefault((entry_tier, h[1]), []), entry)
+        entries[tenant.tenant_id] = entry
+
+    for tenant in tenants.values():
+        place(tenant)
+    while len(out) < len(wanted) and admitted < _MAX_SIMULATED_ADMISSIONS:
+        avail = capacity - used
+        cands = []
+        for (entry_tier, g), heap in buckets.items():
+            while heap and not heap[0][2]:
+                heapq.heappop(heap)
+            if not heap or (entry_tier == fair_share.BORROWING and g > avail):
+                continue
+            order, tid, _ = heap[0]
+            tenant = tenants[tid]
+            h = head(tenant)
+            score = 0.0 if order[0] == 0 else 2.0 ** min(order[1] - t / hl, 1000.0)
+            cands.append((fair_share.entry_key(entry_tier, score, 0.0, h[2]), tenant, h, entry_tier))
+        for tid in holding:
+            tenant = tenants[tid]
+            h = head(tenant)
+            q = tenant.quota
+            if h is None or (q.max_running_jobs is not None and tenant.running >= q.max_running_jobs):
+                continue
+            entry_tier = fair_share.tier(q, tenant.gpus, h[1])
+            if entry_tier is None:
+                continue
+            score = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl) / q.weight
+            cands.append((fair_share.entry_key(entry_tier, score, tenant.gpus / q.weight, h[2]), tenant, h, entry_tier))
+        cands.sort(key=lambda c: c[0])
+        chosen = None
+        for _, tenant, h, entry_tier in cands:
+            if h[1] <= avail:
+                chosen = (tenant, h)
+                break
+            if entry_tier <= fair_share.RECLAIMING and tenant.gpus < tenant.quota.nominal_gpus:
+                avail = 0  # a reclaiming head holds the free capacity (as the Lua does)
+        if chosen is None:
+            if not ends:
+                break  # nothing running and nothing admissible: the rest waits on a quota change
+            t = max(t, ends[0][0])
+            while ends and ends[0][0] <= t:
+                _, tid, g = heapq.heappop(ends)
+                used -= g
+                if tid in tenants:
+                    _fold(tenants[tid], -g, -1, t, hl)
+                    if tenants[tid].gpus <= 0:
+                        holding.discard(tid)
+                        place(tenants[tid])
+            continue
+        tenant, (job_id, g, _) = chosen
+        admitted += 1
+        heads[tenant.tenant_id] += 1
+        if job_id in wanted:
+            out[job_id] = QueueEstimate(position=admitted, estimated_start_at=int(t // 1000))
+        used += g
+        _fold(tenant, g, 1, t, hl)
+        holding.add(tenant.tenant_id)
+        place(tenant)  # now holding: out of the idle index
+        heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, tenant.tenant_id, g))
+    for job_id, rank in ranks.items():
+        if job_id not in out:  # beyond the simulated horizon: the others admit in proportion to weight
+            mine = tenants[wanted[job_id]]
+            ahead = rank - heads[mine.tenant_id]
+            others = sum(
+                min(tn.queued - heads[tn.tenant_id], ahead * tn.quota.weight / mine.quota.weight)
+                for tn in tenants.values()
+                if tn is not mine
+            )
+            out[job_id] = QueueEstimate(position=admitted + ahead + round(others) + 1, estimated_start_at=None)
+    return out
+
+
+def _fold(tenant: _Tenant, dg: int, dj: int, t: float, hl: float) -> None:
+    """The tenant now holds dg more GPUs (as the Lua's add_usage)."""
+    tenant.consumed = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl)
+    tenant.gpus += dg
+    tenant.running += dj
+    tenant.at_ms = t
+    if hl <= 0:
+        tenant.consumed = tenant.gpus
+
