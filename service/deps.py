@@ -37,35 +37,35 @@ __all__ = [
 ]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> redis.Redis:
+async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_catalog(request: Request) -> Catalog:
+async def get_catalog(request: Request) -> Catalog:
     return request.app.state.catalog
 
 
-def get_jobs(request: Request) -> JobStore:
+async def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_tenants(request: Request) -> TenantStore:
+async def get_tenants(request: Request) -> TenantStore:
     return request.app.state.tenants
 
 
-def get_files(request: Request) -> FileStore:
+async def get_files(request: Request) -> FileStore:
     return request.app.state.files
 
 
-def get_registry(request: Request) -> AdapterRegistry:
+async def get_registry(request: Request) -> AdapterRegistry:
     return request.app.state.registry
 
 
@@ -127,7 +127,7 @@ def get_principal(request: Request, tenants: TenantsDep) -> Principal:
 CallerPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def get_tenant_principal(principal: CallerPrincipal) -> Principal:
+async def get_tenant_principal(principal: CallerPrincipal) -> Principal:
     """A caller acting as a tenant (the tenant's own resources); the operator key has no tenant."""
     if principal.tenant_id is None:
         raise APIError(
@@ -146,13 +146,13 @@ def _require_role(principal: Principal, roles: tuple[str, ...], message: str, co
     return principal
 
 
-def get_admin_principal(principal: CallerPrincipal) -> Principal:
+async def get_admin_principal(principal: CallerPrincipal) -> Principal:
     """The operator, or a tenant's admin-role key (which may only manage its own tenant's keys)."""
     return _require_role(principal, ("operator", "admin"),
                          "This endpoint needs the operator's admin key or an admin-role API key.", "admin_required")
 
 
-def get_operator_principal(principal: CallerPrincipal) -> Principal:
+async def get_operator_principal(principal: CallerPrincipal) -> Principal:
     """The operator (the settings' admin key): operator-wide data such as /metrics, never a tenant's key."""
     return _require_role(principal, ("operator",),
                          "This endpoint needs the operator's admin key (LORAFLEET_ADMIN_KEY); tenant keys cannot "
