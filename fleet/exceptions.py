@@ -1,7 +1,8 @@
 """Domain exceptions raised by fleet; the HTTP layer maps each to one status code.
 
 Suggested mapping (service/): NotFound → 404, Conflict (and subclasses) → 409, InvalidRequest → 400,
-PayloadTooLarge → 413, FencedOut, CancelRequested and PauseWithdrawn are internal to workers (never reach a client).
+PayloadTooLarge → 413, QuotaExceeded → 429 with Retry-After; FencedOut, CancelRequested and PauseWithdrawn
+are internal to workers (never reach a client).
 Every exception carries `message`, `param` (the request field at fault, or None) and `code`
 (a short machine-readable string), matching OpenAI's error object `{message, type, param, code}`.
 """
@@ -19,6 +20,7 @@ __all__ = [
     "InvalidRequest",
     "PayloadTooLarge",
     "FencedOut",
+    "QuotaExceeded",
 ]
 
 
@@ -96,3 +98,17 @@ class FencedOut(FleetError):
     """
 
     default_code = "fenced_out"
+
+
+class QuotaExceeded(FleetError):
+    """A submission over one of the tenant's limits (`limit` names the TenantQuota field).
+
+    Nothing was created; the caller may retry after `retry_after_s` seconds (HTTP 429 + Retry-After).
+    """
+
+    default_code = "quota_exceeded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.limit = limit
+        self.retry_after_s = retry_after_s

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.resources import PriorityClass, Resources, priority_value
+
 __all__ = [
     "JobStatus",
     "TERMINAL_STATUSES",
@@ -60,7 +62,9 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
-ControlSignal = Literal["cancel", "pause"]
+# "preempt": the scheduler reclaims the job's GPUs for a tenant below its nominal quota; the worker
+# checkpoints now and hands the job back with finish_job(fence, QUEUED, preempted=True).
+ControlSignal = Literal["cancel", "pause", "preempt"]
 
 
 _JOB_ID = re.compile(r"^ftjob-[A-Za-z0-9]{1,64}$")
@@ -96,8 +100,11 @@ class Progress(BaseModel):
 
 
 # A job is a Redis hash: scalar fields as plain strings (the Lua scripts in fleet.queue_scripts read and write
-# those), structured fields as JSON. A field that is None is absent from the hash.
-_JOB_JSON_FIELDS = frozenset({"metadata", "method", "hyperparameters", "lora", "error", "result_files", "progress"})
+# those), structured fields as JSON. A field that is None is absent from the hash. The hash also carries
+# scalars only the Lua reads: `gpus` (resources.total_gpus) and `priority_value`, written with the job.
+_JOB_JSON_FIELDS = frozenset(
+    {"metadata", "method", "hyperparameters", "lora", "error", "result_files", "progress", "resources"}
+)
 
 
 class Job(BaseModel):
@@ -127,6 +134,8 @@ class Job(BaseModel):
     method: dict[str, Any] | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     lora: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    priority: PriorityClass = "normal"
     status: JobStatus = JobStatus.QUEUED
     error: JobError | None = None
     fine_tuned_model: str | None = None
@@ -158,6 +167,8 @@ class Job(BaseModel):
                 out[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
             else:
                 out[name] = str(value)
+        out["gpus"] = str(self.resources.total_gpus)
+        out["priority_value"] = str(priority_value(self.priority))
         return out
 
     @classmethod

@@ -21,6 +21,10 @@ __all__ = [
     "running_per_tenant",
     "leases",
     "wakeup",
+    "quota",
+    "default_quota",
+    "capacity",
+    "capacity_nodes",
     "tenant",
     "tenants",
     "tenant_names",
@@ -129,6 +133,27 @@ def leases() -> str:
 def wakeup() -> str:
     """List: tokens pushed when work appears; idle dispatchers BLPOP it instead of polling."""
     return f"{PREFIX}queue:wakeup"
+
+
+# --- quotas and capacity (fleet.quotas, fleet.capacity) -------------------------------------------
+def quota(tenant_id: str) -> str:
+    """Hash: a tenant's quota, flat TenantQuota fields (absent: None); missing: the default quota."""
+    return f"{PREFIX}quota:{tenant_id}"
+
+
+def default_quota() -> str:
+    """Hash: the quota of every tenant without one of its own (Settings.default_quota)."""
+    return f"{PREFIX}sched:default_quota"
+
+
+def capacity() -> str:
+    """Hash {total_gpus}: accelerators on alive nodes at the last report; no field: capacity unknown."""
+    return f"{PREFIX}capacity"
+
+
+def capacity_nodes() -> str:
+    """Hash: node id → NodeCapacity JSON, as the dispatchers last read it from Ray."""
+    return f"{PREFIX}capacity:nodes"
 
 
 # --- tenants and API keys -------------------------------------------------------------------------

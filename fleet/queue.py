@@ -24,13 +24,18 @@ import redis
 from fleet import keys
 from fleet import queue_scripts as lua
 from fleet.events import EventLog
-from fleet.exceptions import IdempotencyConflict, InvalidRequest, InvalidState, NotFound
+from fleet.exceptions import IdempotencyConflict, InvalidRequest, InvalidState, NotFound, QuotaExceeded
 from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, read_queue_snapshot
+from fleet.resources import PriorityClass, Resources
 from fleet.scheduling import ClaimPolicy, PositionEstimator, QueueSnapshot, estimate_queue_position, round_robin
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
+
+# Retry-After of a submission refused at max_queued_jobs: a slot frees when a queued job starts, which
+# the submitter cannot see; a minute is a polite default between a busy loop and a stalled client.
+QUEUED_QUOTA_RETRY_AFTER_S = 60
 
 
 class CreatedJob(NamedTuple):
@@ -122,6 +127,8 @@ class JobStore:
         init_adapter: str | None = None,
         idempotency_key: str | None = None,
         request_body: Any = None,
+        resources: Resources | None = None,
+        priority: PriorityClass = "normal",
     ) -> CreatedJob:
         """Create a job, queued (its files were validated at upload; the caller checked the rest).
 
@@ -132,6 +139,10 @@ class JobStore:
         JSON body, or the fields above when None) returns the first job with `created=False`; the same
         key with a different body raises IdempotencyConflict. Keys are per tenant and expire after
         `idempotency_ttl_s`. A seed is drawn when none is given, so every run is reproducible.
+
+        `resources` (default: one worker, one GPU) and `priority` (within the tenant) are what the
+        scheduler admits by. A tenant at its `max_queued_jobs` quota gets QuotaExceeded, atomically
+        with the count (two racing submissions cannot both pass the last slot).
         """
         now = int(time.time())
         job = Job(
@@ -150,6 +161,8 @@ class JobStore:
             method=method,
             hyperparameters=hyperparameters or {},
             lora=lora or {},
+            resources=resources or Resources(),
+            priority=priority,
             status=JobStatus.QUEUED,
             idempotency_key=idempotency_key,
         )
@@ -168,6 +181,8 @@ class JobStore:
                         "method",
                         "hyperparameters",
                         "lora",
+                        "resources",
+                        "priority",
                     },
                 )
                 if seed is None:
@@ -196,6 +211,13 @@ class JobStore:
             ],
         )
         outcome, job_id = reply[0], reply[1]
+        if outcome == "quota":
+            raise QuotaExceeded(
+                f"Tenant {tenant_id} already has {reply[2]} queued jobs, its {reply[1]} quota. Wait for some "
+                "to start, or cancel some, then submit again (an admin can raise the quota).",
+                limit=reply[1],
+                retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S,
+            )
         if outcome == "conflict":
             raise _idempotency_conflict(idempotency_key, job_id)
         if outcome == "existing" and job_id != job.id:  # an earlier request with this Idempotency-Key

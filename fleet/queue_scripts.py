@@ -22,6 +22,8 @@ PRELUDE = f"""
 local OUTBOX = '{keys.webhook_outbox()}'
 local JOB_KEY_PREFIX = '{keys.job("")}'
 local OUTBOX_MAX_LEN = '{OUTBOX_MAX_LEN}'
+local QUOTA_PREFIX = '{keys.quota("")}'
+local DEFAULT_QUOTA = '{keys.default_quota()}'
 """ + """
 local function now_ms()
   local t = redis.call('TIME')
@@ -77,6 +79,14 @@ end
 local function emit_job(status, tenant, job_id)
   emit('fine_tuning.job.' .. status, tenant, {id = job_id})
 end
+-- A tenant's quota field as a number, nil when unset (no limit): its own quota hash, else the default.
+local function quota_field(tenant, field)
+  local key = QUOTA_PREFIX .. tenant
+  if redis.call('EXISTS', key) == 0 then key = DEFAULT_QUOTA end
+  local v = redis.call('HGET', key, field)
+  if v then return tonumber(v) end
+  return nil
+end
 local function job_id_of(job_key) return string.sub(job_key, #JOB_KEY_PREFIX + 1) end
 local function tail(from)
   local out = {}
@@ -88,7 +98,9 @@ end
 # KEYS: job, tenant_jobs, idempotency, job_seq, queue, queue_tenants, wakeup
 # ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, field, value, ...   (created queued)
 # The client draws the job id, so a retry of this script (its reply lost, the client retried it) carries
-# the same id: the job already exists and is returned, never created or queued twice.
+# the same id: the job already exists and is returned, never created or queued twice. A tenant at its
+# max_queued_jobs quota gets {'quota', 'max_queued_jobs', limit} and nothing is created (a replay of an
+# Idempotency-Key still answers with its job).
 CREATE = (
     PRELUDE
     + """
@@ -99,6 +111,10 @@ if ARGV[3] == '1' then
     if seen[2] == ARGV[4] then return {'existing', seen[1]} end
     return {'conflict', seen[1]}
   end
+end
+local max_queued = quota_field(ARGV[2], 'max_queued_jobs')
+if max_queued and redis.call('LLEN', KEYS[5]) >= max_queued then
+  return {'quota', 'max_queued_jobs', int(max_queued)}
 end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(6)))

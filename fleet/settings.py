@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.catalog import BaseModelSpec, Catalog, read_catalog_file
+from fleet.quotas import TenantQuota
 
 if TYPE_CHECKING:
     import redis
@@ -100,6 +101,28 @@ class Settings(BaseSettings):
     max_infra_faults: int = Field(
         default=5, ge=0,
         description="Times a job is handed back after an object-store or Ray node fault before it fails.",
+    )
+
+    # Scheduling (fleet.scheduling): quotas, fair share, and what a "GPU" is on this cluster.
+    default_quota: TenantQuota = Field(
+        default_factory=TenantQuota,
+        description='Quota of every tenant without one of its own; LORAFLEET_DEFAULT_QUOTA as JSON, e.g. '
+                    '{"nominal_gpus": 4, "max_queued_jobs": 100}.',
+    )
+    fair_share_half_life_s: float = Field(
+        default=3600.0, ge=0,
+        description="Half-life of the decayed GPU usage fair sharing compares; 0: current usage only.",
+    )
+    accelerator_resource: str = Field(
+        default="GPU", min_length=1,
+        description="Ray resource a job's GPUs are counted in (a custom logical resource on CPU clusters).",
+    )
+    placement_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="How long a job's gang reservation (Ray placement group) may wait before it is handed back.",
+    )
+    local_accelerators: int = Field(
+        default=4, ge=0, description="Logical accelerators the local Ray node of `lorafleet up` declares.",
     )
 
     # Webhooks (fleet.webhook_delivery): how events are delivered to tenants' endpoints.
