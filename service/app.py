@@ -13,8 +13,10 @@ import anyio
 from fastapi import FastAPI
 from redis.exceptions import RedisError
 
+from fleet.capacity import CapacityStore
 from fleet.files import FileStore
 from fleet.queue import JobStore
+from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import TenantStore
@@ -85,6 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.tenants = TenantStore(client, admin_key=admin_key)
         app.state.files = FileStore(client, store, max_upload_bytes=settings.max_upload_bytes)
         app.state.registry = AdapterRegistry(client, store)
+        app.state.quotas = QuotaStore(client, default=settings.default_quota)
+        app.state.capacity = CapacityStore(client)
         app.state.stream_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STREAMS)
         stale = remove_stale_spool_files(Path(settings.data_dir) / "tmp")
         if stale:

@@ -11,10 +11,12 @@ from typing import Annotated
 import redis
 from fastapi import Depends, Request
 
+from fleet.capacity import CapacityStore
 from fleet.catalog import Catalog
 from fleet.files import FileStore
 from fleet.objectstore import ObjectStore
 from fleet.queue import JobStore
+from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
 from fleet.settings import Settings
 from fleet.tenants import Principal, TenantStore
@@ -29,6 +31,8 @@ __all__ = [
     "TenantsDep",
     "FilesDep",
     "RegistryDep",
+    "QuotasDep",
+    "CapacityDep",
     "Principal",
     "CallerPrincipal",
     "CurrentTenant",
@@ -69,6 +73,14 @@ async def get_registry(request: Request) -> AdapterRegistry:
     return request.app.state.registry
 
 
+async def get_quotas(request: Request) -> QuotaStore:
+    return request.app.state.quotas
+
+
+async def get_capacity(request: Request) -> CapacityStore:
+    return request.app.state.capacity
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
@@ -77,6 +89,8 @@ JobsDep = Annotated[JobStore, Depends(get_jobs)]
 TenantsDep = Annotated[TenantStore, Depends(get_tenants)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+QuotasDep = Annotated[QuotaStore, Depends(get_quotas)]
+CapacityDep = Annotated[CapacityStore, Depends(get_capacity)]
 
 _WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="lorafleet"'}
 

@@ -1,0 +1,48 @@
+"""`lorafleet admin quota ...` against a live API server (in-process through typer's runner)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+
+
+@pytest.fixture
+def admin_cli(api_server):
+    runner = CliRunner()
+
+    def run(*args: str, expect: int = 0):
+        env = {"LORAFLEET_BASE_URL": api_server.url, "LORAFLEET_ADMIN_KEY": api_server.operator_key,
+               "LORAFLEET_API_KEY": "", "COLUMNS": "200"}
+        result = runner.invoke(app, ["admin", *args], env=env)
+        assert result.exit_code == expect, (args, result.output, result.exception)
+        return result.output
+
+    return run
+
+
+def test_quota_set_changes_only_the_given_fields_and_reset_restores_the_default(admin_cli, tenant_a):
+    shown = admin_cli("quota", "get", tenant_a.id)
+    assert "the default quota" in shown and "no limit" in shown
+    admin_cli("quota", "set", tenant_a.id, "--nominal-gpus", "8", "--max-queued", "100")
+    admin_cli("quota", "set", tenant_a.id, "--weight", "2.5", "--borrowing-limit", "4")
+    quota = json.loads(admin_cli("quota", "get", tenant_a.id, "--json"))
+    assert (quota["nominal_gpus"], quota["max_queued_jobs"], quota["weight"], quota["borrowing_limit_gpus"]) == (
+        8, 100, 2.5, 4)
+    assert quota["is_default"] is False
+    admin_cli("quota", "set", tenant_a.id, "--max-queued", "none")
+    assert json.loads(admin_cli("quota", "get", tenant_a.id, "--json"))["max_queued_jobs"] is None
+    table = admin_cli("quota", "get", tenant_a.id)
+    assert "its own quota" in table and "nominal_gpus" in table and " 8 " in table
+    assert json.loads(admin_cli("quota", "reset", tenant_a.id, "--json"))["is_default"] is True
+
+
+def test_quota_set_refuses_bad_values_with_the_servers_or_its_own_message(admin_cli, tenant_a):
+    assert "whole number or 'none'" in admin_cli("quota", "set", tenant_a.id, "--max-running", "lots", expect=1)
+    assert "nothing to set" in admin_cli("quota", "set", tenant_a.id, expect=1)
+    refused = admin_cli("quota", "set", tenant_a.id, "--weight", "0", expect=1)
+    assert "HTTP 400" in refused and "weight" in refused
+    assert "HTTP 404" in admin_cli("quota", "get", "tenant-nope", expect=1)
