@@ -16,6 +16,7 @@ Dispatchers use `jobs.leases` (claim, fenced writes; see fleet.leases) and call
 `run_retention(r, store, settings)` periodically (fleet.retention).
 """
 
+from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.catalog import BaseModelSpec, Catalog
 from fleet.checkpoints import checkpoint_prefix, download_checkpoint, upload_checkpoint
 from fleet.events import EventLog
@@ -30,6 +31,7 @@ from fleet.exceptions import (
     NotFound,
     PauseWithdrawn,
     PayloadTooLarge,
+    QuotaExceeded,
 )
 from fleet.fencing import Fence
 from fleet.files import FileObject, FileStore
@@ -48,6 +50,7 @@ from fleet.leases import Claim, ExpiredLease, Lease
 from fleet.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
 from fleet.peft_format import PeftAdapterInfo, validate_peft_adapter_dir
 from fleet.queue import CreatedJob, JobStore
+from fleet.quotas import QuotaStore, TenantQuota
 from fleet.registry import (
     AdapterRegistry,
     AdapterSummary,
@@ -59,8 +62,10 @@ from fleet.registry import (
     parse_adapter_ref,
     validate_adapter_name,
 )
+from fleet.resources import PriorityClass, Resources
 from fleet.retention import RetentionReport, run_retention
-from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue, estimate_queue_position, round_robin
+from fleet.scheduler_view import ClusterView, QueueEstimate, cluster_view
+from fleet.scheduling import QueueSnapshot, TenantQueue
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import ApiKey, Principal, Tenant, TenantStore
 
@@ -78,12 +83,13 @@ __all__ = [
     "checkpoint_prefix",
     "Claim",
     "CompletedPublication",
-    "ClaimPolicy",
+    "CapacityStore",
+    "ClusterView",
+    "cluster_view",
     "Conflict",
     "ControlSignal",
     "CreatedJob",
     "download_checkpoint",
-    "estimate_queue_position",
     "Event",
     "EventLog",
     "ExpiredLease",
@@ -111,12 +117,18 @@ __all__ = [
     "parse_adapter_ref",
     "PauseWithdrawn",
     "PayloadTooLarge",
+    "QuotaExceeded",
     "PeftAdapterInfo",
     "Principal",
     "Progress",
     "QueueSnapshot",
     "RetentionReport",
-    "round_robin",
+    "QuotaStore",
+    "QueueEstimate",
+    "Resources",
+    "PriorityClass",
+    "NodeCapacity",
+    "TenantQuota",
     "run_retention",
     "S3ObjectStore",
     "Settings",

@@ -17,10 +17,17 @@ __all__ = [
     "retention_indexes",
     "queue",
     "queue_tenants",
-    "queue_cursor",
     "running_per_tenant",
     "leases",
     "wakeup",
+    "sched_tenant",
+    "sched_cluster",
+    "sched_config",
+    "sched_bucket_prefix",
+    "sched_buckets",
+    "sched_holding",
+    "sched_backoff",
+    "sched_running_jobs",
     "quota",
     "default_quota",
     "capacity",
@@ -106,7 +113,8 @@ def retention_indexes() -> list[str]:
 
 # --- queue and scheduling -------------------------------------------------------------------------
 def queue(tenant_id: str) -> str:
-    """List: a tenant's queued job ids, head first (FIFO within the tenant)."""
+    """Sorted set: a tenant's queued job ids, head first, scored by (priority desc, queue_seq asc)
+    (fleet.sched_scripts: a job handed back or preempted returns at its place)."""
     return f"{PREFIX}queue:{tenant_id}"
 
 
@@ -115,13 +123,8 @@ def queue_tenants() -> str:
     return f"{PREFIX}queue:tenants"
 
 
-def queue_cursor() -> str:
-    """String: the tenant the claim policy served last (the round-robin cursor)."""
-    return f"{PREFIX}queue:cursor"
-
-
 def running_per_tenant() -> str:
-    """Hash: tenant id → number of running jobs (input for quota / fair-share policies)."""
+    """Hash: tenant id → number of running jobs (max_running_jobs, metrics)."""
     return f"{PREFIX}queue:running"
 
 
@@ -133,6 +136,50 @@ def leases() -> str:
 def wakeup() -> str:
     """List: tokens pushed when work appears; idle dispatchers BLPOP it instead of polling."""
     return f"{PREFIX}queue:wakeup"
+
+
+# --- the scheduler's state and index (fleet.sched_scripts) ----------------------------------------
+def sched_tenant(tenant_id: str) -> str:
+    """Hash {consumed, at_ms, gpus, preempting, slot}: a tenant's decayed usage as of at_ms, the GPUs it
+    holds now, those being preempted, and where its queue head is indexed."""
+    return f"{PREFIX}sched:tenant:{tenant_id}"
+
+
+def sched_cluster() -> str:
+    """Hash {allocated, incoming, admissions}: GPUs held by running jobs; of those, GPUs of jobs being
+    preempted; admissions so far (orders running jobs by recency for preemption)."""
+    return f"{PREFIX}sched:cluster"
+
+
+def sched_config() -> str:
+    """Hash {half_life_ms}: the fair-share half-life every process scores with."""
+    return f"{PREFIX}sched:config"
+
+
+def sched_bucket_prefix() -> str:
+    """Prefix of the index buckets "<prefix><tier>:<kind>:<gpus>" (sorted sets of idle tenants whose
+    head job needs <gpus>; kind z: no usage left, scored by head job; kind k: by log2 usage key)."""
+    return f"{PREFIX}sched:bucket:"
+
+
+def sched_buckets() -> str:
+    """Sorted set: the non-empty index buckets, scored by the GPUs their head jobs need."""
+    return f"{PREFIX}sched:buckets"
+
+
+def sched_holding() -> str:
+    """Set: tenants holding GPUs now (scored directly at each decision; at most one per running job)."""
+    return f"{PREFIX}sched:holding"
+
+
+def sched_backoff() -> str:
+    """Sorted set: queued jobs parked out of their queue by a placement back-off, scored by its end (ms)."""
+    return f"{PREFIX}sched:backoff"
+
+
+def sched_running_jobs() -> str:
+    """Sorted set: running job ids in preemption order (lowest priority, then most recently admitted)."""
+    return f"{PREFIX}sched:running"
 
 
 # --- quotas and capacity (fleet.quotas, fleet.capacity) -------------------------------------------

@@ -14,7 +14,9 @@ A dispatcher's loop, in outline:
     done = registry.complete_committed_publication(fence)   # an earlier attempt committed: finish with it
     if done: leases.finish_job(fence, "succeeded", fine_tuned_model=done.ref, ...); next claim
     resume from jobs.latest_checkpoint(job_id) (fleet.checkpoints.download_checkpoint)
-    each step: signal = leases.record_progress(fence, ...); "cancel"/"pause" → finish_job(fence, "cancelled"/"paused")
+    each step: signal = leases.record_progress(fence, ...); "cancel"/"pause" → finish_job(fence, "cancelled"/"paused");
+        "preempt" → checkpoint now, then finish_job(fence, "queued", preempted=True)
+    gang not placed in time → finish_job(fence, "queued", retry_after_ms=N)
     each checkpoint: upload_checkpoint(...), then leases.record_checkpoint(fence, step, location)
     log lines: leases.append_event(fence, level, message)
     ref = registry.publish_adapter_version(..., fence=fence)
@@ -40,10 +42,20 @@ from fleet import queue_scripts as lua
 from fleet.events import EventLog, event_fields, event_from_stream
 from fleet.fencing import Fence, new_claim_token, raise_for_refusal
 from fleet.jobs import Checkpoint, ControlSignal, Event, Job, JobError, JobStatus, Progress
-from fleet.scheduling import ClaimPolicy, QueueSnapshot, TenantQueue
+from fleet.scheduling import QueueSnapshot, TenantQueue
 from fleet.settings import MAX_BLOCK_S
 
-__all__ = ["Leases", "Claim", "Fence", "Lease", "ExpiredLease", "queue_key_of", "read_queue_snapshot"]
+__all__ = [
+    "Leases",
+    "Claim",
+    "Fence",
+    "Lease",
+    "ExpiredLease",
+    "queue_key_of",
+    "read_queue_snapshot",
+    "clock_arg",
+    "PREEMPTED_MESSAGE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,8 @@ _FINISH_STATUSES = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED, JobStatus.QUEUED}
 )
 _CLAIM_RETRIES = 100
+# What a preempted job's tenant reads: why, and that no work is lost; never who took the capacity.
+PREEMPTED_MESSAGE = "Preempted to return borrowed capacity; it will resume from its checkpoint."
 
 
 @dataclass(frozen=True)
@@ -90,23 +104,28 @@ def queue_key_of(client: redis.Redis, job_id: str) -> str:
 
 
 def read_queue_snapshot(client: redis.Redis) -> QueueSnapshot:
-    """The queues as the claim policy sees them (tenants with queued jobs, cursor, running counts)."""
+    """Who waits and who runs, for metrics and views: tenants with queued jobs (head, length, since
+    when) and running jobs per tenant. O(tenants waiting); the scheduler itself never reads this."""
     entries = client.zrange(keys.queue_tenants(), 0, -1, withscores=True)
     pipe = client.pipeline(transaction=False)
     for tenant_id, _ in entries:
-        pipe.lindex(keys.queue(tenant_id), 0)
-        pipe.llen(keys.queue(tenant_id))
-    pipe.get(keys.queue_cursor())
+        pipe.zrange(keys.queue(tenant_id), 0, 0)
+        pipe.zcard(keys.queue(tenant_id))
     pipe.hgetall(keys.running_per_tenant())
     replies = pipe.execute()
     tenants = []
     for i, (tenant_id, since) in enumerate(entries):
         head, length = replies[2 * i], replies[2 * i + 1]
-        if head is not None:
-            tenants.append(TenantQueue(tenant_id, head, int(length), int(since)))
+        if head:
+            tenants.append(TenantQueue(tenant_id, head[0], int(length), int(since)))
     tenants.sort(key=lambda t: t.tenant_id)
     running = {t: int(n) for t, n in replies[-1].items()}
-    return QueueSnapshot(tenants=tenants, cursor=replies[-2], running=running)
+    return QueueSnapshot(tenants=tenants, running=running)
+
+
+def clock_arg(now_ms: int | None) -> str:
+    """A script's clock argument: '' for the Redis server's clock, else a simulated time (ms)."""
+    return "" if now_ms is None else str(int(now_ms))
 
 
 class Leases:
@@ -119,14 +138,12 @@ class Leases:
         load_job: Callable[[str], Job],
         *,
         max_attempts: int,
-        policy: ClaimPolicy,
     ) -> None:
-        """`load_job` reads a job by id (JobStore.load_job); `policy` picks whose job is claimed next."""
+        """`load_job` reads a job by id (JobStore.load_job)."""
         self.redis = client
         self.events = events
         self._load_job = load_job
         self.max_attempts = max_attempts
-        self.policy = policy
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
         self._control = client.register_script(lua.CONTROL)
@@ -137,42 +154,31 @@ class Leases:
         self._expire_lease = client.register_script(lua.EXPIRE_LEASE)
         self._uptime_denied_logged = False
 
-    def claim_next_job(self, worker_id: str, lease_ms: int, policy: ClaimPolicy | None = None) -> Claim | None:
-        """Atomically claim the job the policy picks: queued → running, attempt += 1, fresh claim token, lease set.
+    def claim_next_job(self, worker_id: str, lease_ms: int, *, now_ms: int | None = None) -> Claim | None:
+        """Admit the job the scheduler picks and claim it: queued → running, attempt += 1, fresh claim
+        token, lease set, its GPUs allocated to its tenant; all in one Lua step (never a double start,
+        never an overcommit, however many dispatchers call at once).
 
-        Returns None when nothing is queued. Races between workers are settled by the Lua claim, which
-        only takes the head the policy saw; a loser re-reads the queues and tries again.
+        The policy (fleet.sched_scripts, docs/scheduling.md): Kueue's admission fair sharing over the
+        tenants' queue heads that fit the free capacity and their quotas. The same step may ask
+        borrowers' running jobs to stop ("preempt") so a tenant below its nominal quota gets it back.
+        Returns None when nothing is admissible now. `now_ms`: a simulated clock (None: Redis's).
         """
-        choose = policy or self.policy
         for _ in range(_CLAIM_RETRIES):
-            snap = read_queue_snapshot(self.redis)
-            tenant_id = choose(snap)
-            if tenant_id is None:
-                return None
-            head = next((t.head_job_id for t in snap.tenants if t.tenant_id == tenant_id), None)
-            if head is None:
-                raise ValueError(f"Claim policy chose tenant {tenant_id!r}, which has no queued job.")
             token = new_claim_token()
-            reply = self._claim(
-                keys=[
-                    keys.job(head),
-                    keys.queue(tenant_id),
-                    keys.queue_tenants(),
-                    keys.queue_cursor(),
-                    keys.running_per_tenant(),
-                    keys.leases(),
-                ],
-                args=[head, tenant_id, worker_id, lease_ms, token],
-            )
-            if reply[0] == "claimed":
-                fence = Fence(head, int(reply[1]), token)
-                # Unfenced: the claim just happened, and a claim must never raise FencedOut. Tenants read
-                # events, so the worker's host:pid stays on the job record (worker_id), for operators.
-                self.events.append(head, "info", f"Job started (attempt {fence.attempt}).")
-                return Claim(self._load_job(head), fence, int(reply[2]))
-            if reply[0] == "skip":
-                log.warning("dropped queue entry %s of tenant %s: job was no longer queued", head, tenant_id)
-        log.warning("claim_next_job gave up after %d contended retries", _CLAIM_RETRIES)
+            reply = self._claim(keys=[], args=[worker_id, lease_ms, token, clock_arg(now_ms)])
+            if reply[0] == "retry":  # an index entry named a job no longer queued; it was dropped
+                log.warning("scheduler index named a job that was not queued; retrying the decision")
+                continue
+            if reply[0] == "none":
+                return None
+            job_id, attempt, expires = reply[1], int(reply[2]), int(reply[3])
+            fence = Fence(job_id, attempt, token)
+            # Unfenced: the claim just happened, and a claim must never raise FencedOut. Tenants read
+            # events, so the worker's host:pid stays on the job record (worker_id), for operators.
+            self.events.append(job_id, "info", f"Job started (attempt {attempt}).")
+            return Claim(self._load_job(job_id), fence, expires)
+        log.warning("claim_next_job gave up after %d retries", _CLAIM_RETRIES)
         return None
 
     def renew_lease(self, fence: Fence, lease_ms: int) -> Lease:
@@ -184,7 +190,7 @@ class Leases:
         return Lease(int(reply[1]), reply[2] or None)
 
     def control_signal(self, fence: Fence) -> ControlSignal | None:
-        """The pending request for a running attempt: None, "cancel" or "pause". FencedOut if stale."""
+        """The pending request for a running attempt: None, "cancel", "pause" or "preempt". FencedOut if stale."""
         reply = self._control(keys=[keys.job(fence.job_id)], args=[fence.attempt, fence.token])
         raise_for_refusal(reply, fence, "read its control signal")
         return reply[1] or None
@@ -277,6 +283,9 @@ class Leases:
         hyperparameters: dict[str, Any] | None = None,
         last_failure: str | None = None,
         infra_faults: int | None = None,
+        preempted: bool = False,
+        retry_after_ms: int = 0,
+        now_ms: int | None = None,
     ) -> Job:
         """End a running attempt (fenced): succeeded/failed/cancelled, paused, or queued (handed back).
 
@@ -299,6 +308,12 @@ class Leases:
         Raises PauseWithdrawn (and changes nothing) for `paused` when no pause is pending any more (the
         tenant resumed after the worker saw the pause): the worker must not end the job paused; it hands
         the job back (`queued`), and the next attempt resumes from the checkpoint the pause saved.
+
+        Every end of an attempt releases its GPUs in the same step. A job handed back (`queued`) returns
+        to its place in its tenant's queue. `preempted=True` (the worker stopped for a "preempt"
+        request; one pending counts too) says so in its events and announces fine_tuning.job.preempted.
+        `retry_after_ms`: a job that could not be placed (its gang reservation timed out) is not
+        admitted again for that long (not an attempt failure). `now_ms`: a simulated clock.
         """
         job_id = fence.job_id
         target = JobStatus(status)
@@ -330,11 +345,23 @@ class Leases:
                 keys.job_publication(job_id),
                 *keys.retention_indexes(),
             ],
-            args=[job_id, fence.attempt, fence.token, target.value, *fields],
+            args=[
+                job_id,
+                fence.attempt,
+                fence.token,
+                target.value,
+                clock_arg(now_ms),
+                "1" if preempted else "0",
+                max(int(retry_after_ms), 0),
+                *fields,
+            ],
         )
         raise_for_refusal(reply, fence, f"mark the job {target.value}")
         outcome = JobStatus(reply[1])
         if reply[2] != "1":  # a committed job handed back again: announced the first time only
+            return self._load_job(job_id)
+        if reply[3] == "1":
+            self.events.append(job_id, "info", PREEMPTED_MESSAGE)
             return self._load_job(job_id)
         message = {
             JobStatus.SUCCEEDED: "The job has successfully completed.",
@@ -371,6 +398,7 @@ class Leases:
                 log.info("Redis restarted %d ms ago; expiring no leases for the first %d ms", uptime_ms,
                          restart_grace_ms)
                 return []
+        clock = clock_arg(now_ms)
         if now_ms is None:
             seconds, micros = self.redis.time()
             now_ms = seconds * 1000 + micros // 1000
@@ -403,7 +431,8 @@ class Leases:
                     keys.job_publication(job_id),
                     *keys.retention_indexes(),
                 ],
-                args=[job_id, now_ms, self.max_attempts, attempt, operator_reason, error.model_dump_json()],
+                args=[job_id, now_ms, self.max_attempts, attempt, operator_reason, error.model_dump_json(),
+                      clock],
             )
             if reply[0] == "skip":
                 continue

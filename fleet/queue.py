@@ -26,9 +26,10 @@ from fleet import queue_scripts as lua
 from fleet.events import EventLog
 from fleet.exceptions import IdempotencyConflict, InvalidRequest, InvalidState, NotFound, QuotaExceeded
 from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
-from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, read_queue_snapshot
+from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, clock_arg, read_queue_snapshot
 from fleet.resources import PriorityClass, Resources
-from fleet.scheduling import ClaimPolicy, PositionEstimator, QueueSnapshot, estimate_queue_position, round_robin
+from fleet.scheduler_view import QueueEstimate, estimate_queue
+from fleet.scheduling import QueueSnapshot, set_half_life
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
@@ -83,31 +84,27 @@ class JobStore:
         max_attempts: int = 3,
         events_max_len: int = 10_000,
         idempotency_ttl_s: int = 24 * 3600,
-        policy: ClaimPolicy = round_robin,
-        position_estimator: PositionEstimator = estimate_queue_position,
+        fair_share_half_life_s: float | None = None,
     ) -> None:
-        """`policy` picks whose job is claimed next; `position_estimator` must predict that same policy."""
+        """`fair_share_half_life_s` (Settings.fair_share_half_life_s): when given, written to Redis for
+        every process's scheduler (None: keep what is there, 1 h by default)."""
         check_redis_client(client)
         self.redis = client
         self.events = EventLog(client, max_len=events_max_len)
         self.idempotency_ttl_s = idempotency_ttl_s
-        self.position_estimator = position_estimator
+        if fair_share_half_life_s is not None:
+            set_half_life(client, fair_share_half_life_s)
         self._create = client.register_script(lua.CREATE)
         self._cancel = client.register_script(lua.CANCEL)
         self._pause = client.register_script(lua.PAUSE)
         self._resume = client.register_script(lua.RESUME)
         # The dispatcher side (claim, lease, fenced writes, finish): dispatchers call `jobs.leases.<call>`.
-        self.leases: Leases = Leases(client, self.events, self.load_job, max_attempts=max_attempts, policy=policy)
+        self.leases: Leases = Leases(client, self.events, self.load_job, max_attempts=max_attempts)
 
     @property
     def max_attempts(self) -> int:
         """Workers a job may lose (expired leases) before it fails; held by `leases`."""
         return self.leases.max_attempts
-
-    @property
-    def policy(self) -> ClaimPolicy:
-        """The claim policy `claim_next_job` uses by default; held by `leases`."""
-        return self.leases.policy
 
     # -- API side -----------------------------------------------------------------------------------
     def create_job(
@@ -129,6 +126,7 @@ class JobStore:
         request_body: Any = None,
         resources: Resources | None = None,
         priority: PriorityClass = "normal",
+        now_ms: int | None = None,
     ) -> CreatedJob:
         """Create a job, queued (its files were validated at upload; the caller checked the rest).
 
@@ -142,7 +140,8 @@ class JobStore:
 
         `resources` (default: one worker, one GPU) and `priority` (within the tenant) are what the
         scheduler admits by. A tenant at its `max_queued_jobs` quota gets QuotaExceeded, atomically
-        with the count (two racing submissions cannot both pass the last slot).
+        with the count (two racing submissions cannot both pass the last slot). `now_ms`: a simulated
+        clock for the scheduler (bench/sched_sim.py; None: Redis's).
         """
         now = int(time.time())
         job = Job(
@@ -198,8 +197,6 @@ class JobStore:
                 keys.idempotency(tenant_id, idempotency_key or ""),
                 keys.job_seq(),
                 keys.queue(tenant_id),
-                keys.queue_tenants(),
-                keys.wakeup(),
             ],
             args=[
                 job.id,
@@ -207,6 +204,7 @@ class JobStore:
                 "1" if idempotency_key is not None else "0",
                 job.request_sha256 or "",
                 self.idempotency_ttl_s,
+                clock_arg(now_ms),
                 *flat,
             ],
         )
@@ -302,7 +300,7 @@ class JobStore:
                 break
         return page[:limit], len(page) > limit
 
-    def request_cancel(self, tenant_id: str, job_id: str) -> Job:
+    def request_cancel(self, tenant_id: str, job_id: str, *, now_ms: int | None = None) -> Job:
         """Cancel: immediate unless running; a running job gets a cancel request its worker acts on.
 
         Once the job's adapter version is committed the cancel changes nothing: the job completes
@@ -313,26 +311,28 @@ class JobStore:
             "requested": "Cancellation requested; stopping the running job.",
             "completing": "Cancel arrived after the adapter was published; the job completes.",
         }
-        return self._control(self._cancel, tenant_id, job_id, "cancelled", messages)
+        return self._control(self._cancel, tenant_id, job_id, "cancelled", messages, now_ms)
 
-    def request_pause(self, tenant_id: str, job_id: str) -> Job:
+    def request_pause(self, tenant_id: str, job_id: str, *, now_ms: int | None = None) -> Job:
         """Pause: a queued job leaves the queue now; a running one gets a pause request (it checkpoints)."""
         messages = {
             "paused": "Job paused.",
             "requested": "Pause requested; the job will stop at its next checkpoint.",
             "completing": "Pause arrived after the adapter was published; the job completes.",
         }
-        return self._control(self._pause, tenant_id, job_id, "paused", messages)
+        return self._control(self._pause, tenant_id, job_id, "paused", messages, now_ms)
 
-    def resume(self, tenant_id: str, job_id: str) -> Job:
+    def resume(self, tenant_id: str, job_id: str, *, now_ms: int | None = None) -> Job:
         """paused → queued (at the back of the tenant's queue); also withdraws a pending pause request."""
         messages = {
             "queued": "Job resumed; queued to continue from its last checkpoint.",
             "unpaused": "Pause request withdrawn; the job keeps running.",
         }
-        return self._control(self._resume, tenant_id, job_id, "resumed", messages)
+        return self._control(self._resume, tenant_id, job_id, "resumed", messages, now_ms)
 
-    def _control(self, script: Any, tenant_id: str, job_id: str, verb: str, messages: dict[str, str]) -> Job:
+    def _control(
+        self, script: Any, tenant_id: str, job_id: str, verb: str, messages: dict[str, str], now_ms: int | None
+    ) -> Job:
         """Run a tenant's control script (cancel/pause/resume) and log its outcome as an event."""
         _require_job_id(job_id)
         reply = script(
@@ -344,7 +344,7 @@ class JobStore:
                 keys.job_publication(job_id),
                 *keys.retention_indexes(),
             ],
-            args=[job_id, tenant_id],
+            args=[job_id, tenant_id, clock_arg(now_ms)],
         )
         if reply[0] == "missing":
             raise _job_not_found(job_id)
@@ -355,36 +355,24 @@ class JobStore:
         return self.load_job(job_id)
 
     def queue_position(self, job_id: str) -> int | None:
-        """1-based estimated position of a queued job under the claim policy; None if not queued."""
-        if not is_job_id(job_id):
-            return None
-        status, tenant_id = self.redis.hmget(keys.job(job_id), "status", "tenant_id")
-        if status != JobStatus.QUEUED.value or tenant_id is None:
-            return None
-        index = self.redis.lpos(keys.queue(tenant_id), job_id)
-        if index is None:
-            return None
-        return self.position_estimator(self.snapshot(), tenant_id, int(index))
+        """1-based estimated position of a queued job under the scheduler's policy; None if not queued
+        (fleet.scheduler_view.estimate_queue: the assumptions)."""
+        estimate = self.queue_estimates([job_id]).get(job_id)
+        return estimate.position if estimate else None
 
     def queue_positions(self, jobs: list[Job]) -> dict[str, int]:
-        """`queue_position` of each queued job of a page, from one snapshot and one round trip (job id →
-        position; jobs not queued are left out). For listings: O(page), not a snapshot per job."""
-        queued = [job for job in jobs if job.status == JobStatus.QUEUED]
-        if not queued:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for job in queued:
-            pipe.lpos(keys.queue(job.tenant_id), job.id)
-        indexes = pipe.execute()
-        snapshot = self.snapshot()
-        return {
-            job.id: self.position_estimator(snapshot, job.tenant_id, int(index))
-            for job, index in zip(queued, indexes, strict=True)
-            if index is not None
-        }
+        """`queue_position` of each queued job of a page, from one estimate (job id → position; jobs not
+        queued are left out). For listings: one simulation for the page, not one per job."""
+        queued = [job.id for job in jobs if job.status == JobStatus.QUEUED]
+        return {job_id: e.position for job_id, e in self.queue_estimates(queued).items()}
+
+    def queue_estimates(self, job_ids: list[str], *, now_ms: int | None = None) -> dict[str, QueueEstimate]:
+        """Position and estimated start of each queued job among `job_ids` (others are left out)."""
+        ids = [j for j in job_ids if is_job_id(j)]
+        return estimate_queue(self.redis, ids, now_ms=now_ms) if ids else {}
 
     def snapshot(self) -> QueueSnapshot:
-        """The queues as the claim policy sees them (tenants with queued jobs, cursor, running counts)."""
+        """Who waits and who runs (tenants with queued jobs, running jobs per tenant), for metrics."""
         return read_queue_snapshot(self.redis)
 
     # -- checkpoints (recorded by dispatchers through `leases.record_checkpoint`) -------------------

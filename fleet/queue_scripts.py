@@ -12,6 +12,7 @@ lease expiry.
 from __future__ import annotations
 
 from fleet import keys
+from fleet.sched_scripts import ADMIT, FUNCTIONS
 
 # Webhook events (fleet.webhooks) go to one outbox stream in the same script as the state change, so a
 # change and its event are written together or not at all. The outbox key is a constant written into
@@ -25,26 +26,16 @@ local OUTBOX_MAX_LEN = '{OUTBOX_MAX_LEN}'
 local QUOTA_PREFIX = '{keys.quota("")}'
 local DEFAULT_QUOTA = '{keys.default_quota()}'
 """ + """
+-- The clock: the Redis server's, unless the script set CLOCK (a simulated clock, bench/sched_sim.py).
+local CLOCK = nil
 local function now_ms()
+  if CLOCK then return CLOCK end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function clock_arg(s) if s and s ~= '' then return tonumber(s) end return nil end
 local function int(n) return string.format('%d', n) end
 local function sec(ms) return int(math.floor(ms / 1000)) end
-local function enqueue(qkey, tenants_key, wake_key, tenant, job_id, at_head, now)
-  if at_head then redis.call('LPUSH', qkey, job_id) else redis.call('RPUSH', qkey, job_id) end
-  redis.call('ZADD', tenants_key, 'NX', now, tenant)
-  redis.call('LPUSH', wake_key, job_id)
-  redis.call('LTRIM', wake_key, 0, 63)
-end
-local function unqueue(qkey, tenants_key, tenant, job_id)
-  redis.call('LREM', qkey, 0, job_id)
-  if redis.call('LLEN', qkey) == 0 then redis.call('ZREM', tenants_key, tenant) end
-end
-local function release_running(running_key, leases_key, tenant, job_id)
-  redis.call('ZREM', leases_key, job_id)
-  if redis.call('HINCRBY', running_key, tenant, -1) <= 0 then redis.call('HDEL', running_key, tenant) end
-end
 -- The one fencing check: nil when the job is running under this attempt and claim token, else the
 -- refusal every fenced script returns unchanged: {'fenced', status, current attempt}.
 local function fence_check(job_key, attempt, token)
@@ -93,10 +84,11 @@ local function tail(from)
   for i = from, #ARGV do out[#out + 1] = ARGV[i] end
   return out
 end
-"""
+""" + FUNCTIONS
 
-# KEYS: job, tenant_jobs, idempotency, job_seq, queue, queue_tenants, wakeup
-# ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, field, value, ...   (created queued)
+# KEYS: job, tenant_jobs, idempotency, job_seq, queue
+# ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, clock_ms ('' = Redis's),
+#       field, value, ...   (created queued, at its place: priority, then seq)
 # The client draws the job id, so a retry of this script (its reply lost, the client retried it) carries
 # the same id: the job already exists and is returned, never created or queued twice. A tenant at its
 # max_queued_jobs quota gets {'quota', 'max_queued_jobs', limit} and nothing is created (a replay of an
@@ -113,24 +105,25 @@ if ARGV[3] == '1' then
   end
 end
 local max_queued = quota_field(ARGV[2], 'max_queued_jobs')
-if max_queued and redis.call('LLEN', KEYS[5]) >= max_queued then
+if max_queued and redis.call('ZCARD', KEYS[5]) >= max_queued then
   return {'quota', 'max_queued_jobs', int(max_queued)}
 end
+CLOCK = clock_arg(ARGV[6])
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(6)))
+redis.call('HSET', KEYS[1], 'seq', seq, 'queue_seq', seq, unpack(tail(7)))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
 end
-enqueue(KEYS[5], KEYS[6], KEYS[7], ARGV[2], ARGV[1], false, now_ms())
+enqueue(ARGV[2], ARGV[1], false, now_ms())
 emit_job('queued', ARGV[2], ARGV[1])
 return {'created', ARGV[1]}
 """
 )
 
 # KEYS: job, queue, queue_tenants, wakeup (unused), publication, retention indexes (3: fleet.keys.retention_indexes)
-# ARGV: job_id, tenant_id (another tenant's job: missing)
+# ARGV: job_id, tenant_id (another tenant's job: missing), clock_ms ('' = Redis's)
 # Once the job's version is committed the job completes: 'completing', nothing changed.
 CANCEL = (
     PRELUDE
@@ -138,10 +131,11 @@ CANCEL = (
 local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
 local st = v[1]
+CLOCK = clock_arg(ARGV[3])
 local now = sec(now_ms())
 if (st == 'queued' or st == 'paused' or st == 'running') and committed(KEYS[5]) then return {'completing'} end
 if st == 'queued' or st == 'paused' then
-  if st == 'queued' then unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1]) end
+  if st == 'queued' then unqueue(ARGV[2], ARGV[1], now_ms()) end
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now)
   redis.call('HDEL', KEYS[1], 'control')
   index_finished(KEYS[6], KEYS[7], KEYS[8], ARGV[1], now)
@@ -157,18 +151,20 @@ return {'invalid', st}
 """
 )
 
-# KEYS: job, queue, queue_tenants, wakeup (unused), publication.  ARGV: job_id, tenant_id
-# Once the job's version is committed the job completes: 'completing', nothing changed.
+# KEYS: job, queue, queue_tenants, wakeup (unused), publication.  ARGV: job_id, tenant_id, clock_ms
+# Once the job's version is committed the job completes: 'completing', nothing changed. Pausing a job
+# being preempted replaces the preemption (the job stops either way; its GPUs still count as coming).
 PAUSE = (
     PRELUDE
     + """
 local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
 local st = v[1]
+CLOCK = clock_arg(ARGV[3])
 local now = sec(now_ms())
 if (st == 'queued' or st == 'running') and committed(KEYS[5]) then return {'completing'} end
 if st == 'queued' then
-  unqueue(KEYS[2], KEYS[3], ARGV[2], ARGV[1])
+  unqueue(ARGV[2], ARGV[1], now_ms())
   redis.call('HSET', KEYS[1], 'status', 'paused', 'updated_at', now)
   emit_job('paused', ARGV[2], ARGV[1])
   return {'paused'}
@@ -183,18 +179,20 @@ return {'invalid', st}
 """
 )
 
-# KEYS: job, queue, queue_tenants, wakeup, publication (unused).  ARGV: job_id, tenant_id
+# KEYS: job, queue, queue_tenants, wakeup, publication (unused).  ARGV: job_id, tenant_id, clock_ms
+# A resumed job goes to the back of its tenant's queue (within its priority).
 RESUME = (
     PRELUDE
     + """
 local v = redis.call('HMGET', KEYS[1], 'status', 'tenant_id', 'control')
 if not v[1] or v[2] ~= ARGV[2] then return {'missing'} end
 local st = v[1]
+CLOCK = clock_arg(ARGV[3])
 local now = now_ms()
 if st == 'paused' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', sec(now))
   redis.call('HDEL', KEYS[1], 'control')
-  enqueue(KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[1], false, now)
+  enqueue(ARGV[2], ARGV[1], true, now)
   emit_job('queued', ARGV[2], ARGV[1])
   return {'queued'}
 elseif st == 'running' and v[3] == 'pause' then
@@ -207,29 +205,10 @@ return {'invalid', st}
 """
 )
 
-# KEYS: job, queue, queue_tenants, queue_cursor, running, leases
-# ARGV: job_id (the head the policy chose), tenant_id, worker_id, lease_ms, claim_token (fresh, random)
-CLAIM = (
-    PRELUDE
-    + """
-if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[1] then return {'retry'} end
-redis.call('LPOP', KEYS[2])
-if redis.call('LLEN', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
-redis.call('SET', KEYS[4], ARGV[2])
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {'skip'} end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-local now = now_ms()
-local expires = now + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker_id', ARGV[3], 'lease_expires_at_ms', int(expires),
-           'claim_token', ARGV[5], 'updated_at', sec(now))
-redis.call('HSETNX', KEYS[1], 'started_at', sec(now))
-redis.call('HDEL', KEYS[1], 'control')
-redis.call('ZADD', KEYS[6], expires, ARGV[1])
-redis.call('HINCRBY', KEYS[5], ARGV[2], 1)
-emit_job('running', ARGV[2], ARGV[1])
-return {'claimed', attempt, int(expires)}
-"""
-)
+# The scheduler's decision and the claim that applies it, in one step (fleet.sched_scripts.ADMIT).
+# KEYS: none (a single Redis: the scheduler reads the index and the chosen tenant's keys by name)
+# ARGV: worker_id, lease_ms, claim_token (fresh, random), clock_ms ('' = Redis's)
+CLAIM = PRELUDE + ADMIT
 
 # KEYS: job, leases.  ARGV: job_id, attempt, token, lease_ms
 RENEW = (
@@ -285,26 +264,32 @@ return {'ok'}
 )
 
 # KEYS: job, leases, running, queue, queue_tenants, wakeup, publication, retention indexes (3)
-# ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), field, value, ...
+# ARGV: job_id, attempt, token, status (succeeded|failed|cancelled|paused|queued), clock_ms ('' = Redis's),
+#       preempted ('0'|'1'), retry_after_ms ('0': none), field, value, ...
+# The attempt's GPUs are released in the same step, whatever the status.
 # A pending control request wins over what the worker asked for, as in EXPIRE_LEASE: handing back
 # (queued) or pausing with a cancel pending cancels; handing back with a pause pending pauses.
 # Succeeding with a cancel pending is refused ('cancel_requested'), changing nothing. Once the job's
 # version is committed nothing but succeeding ends it: succeeded is granted whatever was requested, and
-# any other status hands the job back (queued) for the next attempt to complete: at the TAIL of its
+# any other status hands the job back (queued) for the next attempt to complete: at the BACK of its
 # queue (completing failed, e.g. the object store is down: other jobs go first), with the reason in
 # last_failure; only the first such hand-back is announced (event, webhook), so a completion that keeps
 # failing does not flood them. Pausing with no pause pending (the tenant resumed before the worker
 # stopped) is refused ('pause_withdrawn').
-# Returns {'ok', status the job is now in, '1' when announced else '0'}.
+# A job handed back otherwise returns to its place in the queue. Handed back preempted (or with a
+# preemption pending) it announces fine_tuning.job.preempted instead of queued; with retry_after_ms it
+# is parked out of the queue until then (the tenant's other jobs go on) and returns to its place.
+# Returns {'ok', status the job is now in, '1' when announced else '0', '1' when preempted else '0'}.
 FINISH = (
     PRELUDE
     + """
 local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
 if refused then return refused end
+CLOCK = clock_arg(ARGV[5])
 local v = redis.call('HMGET', KEYS[1], 'tenant_id', 'control')
 local tenant, control = v[1], v[2]
-local st, fields = ARGV[4], tail(5)
-local at_head, announce = true, true
+local st, fields = ARGV[4], tail(8)
+local to_back, announce, preempted = false, true, false
 if committed(KEYS[7]) then
   if st ~= 'succeeded' then  -- the next attempt completes it
     local why = 'attempt ' .. ARGV[2] .. ' ended ' .. st .. ' after its version was committed'
@@ -314,37 +299,45 @@ if committed(KEYS[7]) then
         if ok and type(err) == 'table' and err['message'] then why = why .. ': ' .. tostring(err['message']) end
       end
     end
-    st, fields, at_head = 'queued', {'last_failure', why}, false
+    st, fields, to_back = 'queued', {'last_failure', why}, true
     announce = redis.call('HINCRBY', KEYS[1], 'completion_handbacks', 1) == 1
   end
 else
   if st == 'succeeded' and control == 'cancel' then return {'cancel_requested'} end
-  if st == 'paused' and not control then return {'pause_withdrawn'} end
+  if st == 'paused' and control ~= 'pause' and control ~= 'cancel' then return {'pause_withdrawn'} end
   if (st == 'queued' or st == 'paused') and control == 'cancel' then
     st = 'cancelled'
   elseif st == 'queued' and control == 'pause' then
     st = 'paused'
   end
+  preempted = st == 'queued' and (ARGV[6] == '1' or control == 'preempt')
 end
 local now = now_ms()
-release_running(KEYS[3], KEYS[2], tenant, ARGV[1])
+release(tenant, ARGV[1], now)
 redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'claim_token')
 redis.call('HSET', KEYS[1], 'status', st, 'updated_at', sec(now), unpack(fields))
 if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 elseif st == 'queued' then
-  enqueue(KEYS[4], KEYS[5], KEYS[6], tenant, ARGV[1], at_head, now)
+  if tonumber(ARGV[7]) > 0 and not to_back then
+    park(ARGV[1], now + tonumber(ARGV[7]))
+  else
+    enqueue(tenant, ARGV[1], to_back, now)
+  end
 end
-if announce then emit_job(st, tenant, ARGV[1]) end
-return {'ok', st, announce and '1' or '0'}
+if announce then
+  if preempted then emit('fine_tuning.job.preempted', tenant, {id = ARGV[1]}) else emit_job(st, tenant, ARGV[1]) end
+end
+return {'ok', st, announce and '1' or '0', preempted and '1' or '0'}
 """
 )
 
 # KEYS: job, leases, running, queue, queue_tenants, wakeup, publication, retention indexes (3)
-# ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json
-# A job whose version is committed always goes back to the head of its queue (whatever the control
-# request or the attempts lost): the next attempt completes it without training.
+# ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json, clock_ms ('' = Redis's)
+# The attempt's GPUs are released in the same step. A job going back to the queue returns to its
+# place; a job whose version is committed always goes back (whatever the control request or the
+# attempts lost): the next attempt completes it without training.
 EXPIRE_LEASE = (
     PRELUDE
     + """
@@ -353,15 +346,15 @@ if not score or tonumber(score) > tonumber(ARGV[2]) then return {'skip'} end
 local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id', 'control', 'lease_expirations')
 if v[1] ~= 'running' then redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip'} end
 if v[2] ~= ARGV[4] then return {'skip'} end
-release_running(KEYS[3], KEYS[2], v[3], ARGV[1])
-local lost = tonumber(v[5] or '0') + 1
+CLOCK = clock_arg(ARGV[7])
 local now = now_ms()
+release(v[3], ARGV[1], now)
+local lost = tonumber(v[5] or '0') + 1
 redis.call('HSET', KEYS[1], 'lease_expirations', lost, 'last_failure', ARGV[5], 'updated_at', sec(now))
 redis.call('HDEL', KEYS[1], 'worker_id', 'lease_expires_at_ms', 'control', 'claim_token')
 local new
 if committed(KEYS[7]) then
   new = 'queued'
-  enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
 elseif v[4] == 'cancel' then
   new = 'cancelled'
 elseif lost >= tonumber(ARGV[3]) then
@@ -371,10 +364,11 @@ elseif v[4] == 'pause' then
   new = 'paused'
 else
   new = 'queued'
-  enqueue(KEYS[4], KEYS[5], KEYS[6], v[3], ARGV[1], true, now)
 end
 redis.call('HSET', KEYS[1], 'status', new)
-if new == 'cancelled' or new == 'failed' then
+if new == 'queued' then
+  enqueue(v[3], ARGV[1], false, now)
+elseif new == 'cancelled' or new == 'failed' then
   redis.call('HSET', KEYS[1], 'finished_at', sec(now))
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 end
@@ -449,5 +443,19 @@ if created == 1 then
   emit('adapter.version.published', ARGV[5], data)
 end
 return created
+"""
+)
+
+# KEYS: none.  ARGV: clock_ms ('' = Redis's), tenant_id, ...  (none: every tenant with queued work)
+# Re-index tenants after their quota, the default quota or the half-life changed.
+REINDEX = (
+    PRELUDE
+    + """
+CLOCK = clock_arg(ARGV[1])
+local now = now_ms()
+local tenants = tail(2)
+if #tenants == 0 then tenants = redis.call('ZRANGE', QUEUE_TENANTS, 0, -1) end
+for _, t in ipairs(tenants) do reindex(t, now) end
+return #tenants
 """
 )

@@ -6,6 +6,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import keys
+from fleet.scheduling import reindex_tenants
 
 __all__ = ["TenantQuota", "QuotaStore", "QUOTA_FIELDS"]
 
@@ -48,7 +49,9 @@ class QuotaStore:
     def __init__(self, client: redis.Redis, *, default: TenantQuota) -> None:
         self.redis = client
         self.default = default
-        self._write(keys.default_quota(), default)
+        if self.redis.hgetall(keys.default_quota()) != default.to_redis_hash():
+            self._write(keys.default_quota(), default)
+            reindex_tenants(client)  # tenants on the default may have changed tier
 
     def _write(self, key: str, quota: TenantQuota) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -83,5 +86,4 @@ class QuotaStore:
         return dict(sorted(out.items()))
 
     def _reindex(self, tenant_id: str) -> None:
-        """Place the tenant's queue head in the scheduler's index under its current quota (the
-        scheduler's index lands in the next commit; until then admission reads quotas directly)."""
+        reindex_tenants(self.redis, [tenant_id])

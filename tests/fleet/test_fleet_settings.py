@@ -1,4 +1,4 @@
-"""Settings from the environment, the base model catalog, and the pure claim policy."""
+"""Settings from the environment, the base model catalog, and the pure fair-share formulas."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from fleet.catalog import Catalog, read_catalog_file
 from fleet.exceptions import InvalidRequest
+from fleet.fair_share import BORROWING, RECLAIMING, WITHIN_NOMINAL, decayed_usage, share, tier
 from fleet.objectstore import LocalObjectStore, S3ObjectStore
-from fleet.scheduling import QueueSnapshot, TenantQueue, estimate_queue_position, round_robin
+from fleet.quotas import TenantQuota
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 
 
@@ -71,21 +72,25 @@ def test_catalog_errors_list_available_models_and_rank_limits(tmp_path):
     assert "a.path" in str(err.value) and "a.max_rank" in str(err.value) and "b.quantization" in str(err.value)
 
 
-def _snap(lengths: dict[str, int], cursor=None) -> QueueSnapshot:
-    return QueueSnapshot(tenants=[TenantQueue(t, f"{t}-head", n) for t, n in sorted(lengths.items())], cursor=cursor)
+def test_decayed_usage_composes_exactly_so_updates_only_on_usage_changes():
+    h = 1000.0
+    one_step = decayed_usage(8.0, 0, 2, 3000, h)
+    two_steps = decayed_usage(decayed_usage(8.0, 0, 2, 1000, h), 1000, 2, 3000, h)
+    assert one_step == pytest.approx(two_steps) == pytest.approx(2 + 6 / 8)
+    # the recurrence consumed <- (1 - a) consumed + a current, a = 1 - 0.5^(dt/H), step by step
+    consumed = 8.0
+    for _ in range(3):
+        alpha = 1 - 0.5 ** (1000 / h)
+        consumed = (1 - alpha) * consumed + alpha * 2
+    assert consumed == pytest.approx(one_step)
+    assert decayed_usage(8.0, 0, 2, 3000, 0) == 2  # half-life 0: current usage only
 
 
-def test_round_robin_serves_the_tenant_after_the_cursor_and_wraps():
-    assert round_robin(_snap({})) is None
-    assert round_robin(_snap({"a": 1, "b": 1, "c": 1})) == "a"
-    assert round_robin(_snap({"a": 1, "b": 1, "c": 1}, cursor="a")) == "b"
-    assert round_robin(_snap({"a": 1, "c": 1}, cursor="b")) == "c"  # cursor tenant has drained
-    assert round_robin(_snap({"a": 1, "b": 1}, cursor="b")) == "a"
-
-
-def test_queue_position_estimate_interleaves_tenants():
-    snap = _snap({"a": 3, "b": 1, "c": 2}, cursor=None)
-    # claim order a0 b0 c0 a1 c1 a2
-    assert [estimate_queue_position(snap, "a", i) for i in range(3)] == [1, 4, 6]
-    assert estimate_queue_position(snap, "b", 0) == 2
-    assert [estimate_queue_position(snap, "c", i) for i in range(2)] == [3, 5]
+def test_tiers_follow_nominal_and_borrowing_limit():
+    q = TenantQuota(nominal_gpus=4, borrowing_limit_gpus=2)
+    assert tier(q, 0, 4) == WITHIN_NOMINAL
+    assert tier(q, 2, 3) == RECLAIMING  # starts below nominal, ends borrowing
+    assert tier(q, 4, 2) == BORROWING
+    assert tier(q, 4, 3) is None  # over nominal + borrowing limit
+    assert tier(TenantQuota(), 0, 64) == BORROWING  # no nominal, no limit: borrows idle capacity
+    assert share(q, 6) == 2 and share(TenantQuota(nominal_gpus=4, weight=2), 8) == 2 and share(q, 3) == 0

@@ -77,7 +77,7 @@ def test_a_retried_create_script_returns_the_job_it_created_and_queues_it_once(j
     again = jobs.create_job("t1", model="tiny-llama", training_file="file-x")
     assert first.job.id == again.job.id and again.job.seq == first.job.seq
     assert [j.id for j in jobs.list_jobs("t1")[0]] == [first.job.id]
-    assert jobs.redis.llen(keys.queue("t1")) == 1
+    assert jobs.redis.zcard(keys.queue("t1")) == 1
     claim = jobs.leases.claim_next_job("w", 5000)
     assert claim.job.id == first.job.id and jobs.leases.claim_next_job("w", 5000) is None
 

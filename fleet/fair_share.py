@@ -1,0 +1,47 @@
+"""Kueue's admission fair sharing in Python: decayed usage, tiers, shares and the order of entry.
+
+The same formulas as the scheduler's Lua (fleet.sched_scripts), for views and estimates:
+  consumed(t) = current + (consumed₀ − current)·2^(−(t − t₀)/H)   (H = 0: consumed = current)
+  score       = consumed / weight
+  share       = max(usage − nominal, 0) / weight                     (preemption's rule)
+Entries (tenants' queue heads) go in the order: within nominal before borrowing, lower score, higher
+priority, older; between equal scores, the tenant holding fewer GPUs per weight first.
+"""
+
+from __future__ import annotations
+
+from fleet.quotas import TenantQuota
+
+__all__ = ["decayed_usage", "tier", "share", "entry_key", "WITHIN_NOMINAL", "RECLAIMING", "BORROWING"]
+
+WITHIN_NOMINAL, RECLAIMING, BORROWING = 0, 1, 2  # RECLAIMING: borrows, but starts below nominal
+
+
+def decayed_usage(consumed0: float, at_ms: float, current: float, now_ms: float, half_life_ms: float) -> float:
+    """Usage at `now_ms`: `consumed0` at `at_ms`, `current` GPUs held since, decaying with half-life H."""
+    if half_life_ms <= 0:
+        return current
+    dt = max(now_ms - at_ms, 0.0)
+    return current + (consumed0 - current) * 2.0 ** (-dt / half_life_ms)
+
+
+def tier(quota: TenantQuota, usage: int, gpus: int) -> int | None:
+    """Tier of admitting `gpus` more at `usage`; None when over nominal + borrowing limit."""
+    if usage + gpus <= quota.nominal_gpus:
+        return WITHIN_NOMINAL
+    if quota.borrowing_limit_gpus is not None and usage + gpus > quota.nominal_gpus + quota.borrowing_limit_gpus:
+        return None
+    return RECLAIMING if usage < quota.nominal_gpus else BORROWING
+
+
+def share(quota: TenantQuota, usage: float) -> float:
+    """Borrowed GPUs above nominal per unit of weight (0 within nominal)."""
+    return max(usage - quota.nominal_gpus, 0) / quota.weight
+
+
+def entry_key(
+    entry_tier: int, score: float, held_per_weight: float, queue_score: float
+) -> tuple[int, float, float, float]:
+    """Sort key of a queue head: within nominal first, then lower score, then fewer GPUs held per weight
+    (equal scores: the same instant, or H = 0), then (priority, age) as the queue score orders them."""
+    return (min(entry_tier, 1), score, held_per_weight, queue_score)

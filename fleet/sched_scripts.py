@@ -1,0 +1,317 @@
+"""Lua of the scheduler: usage with decay, the index of waiting tenants, admission and preemption.
+
+fleet.queue_scripts appends `FUNCTIONS` to its prelude (so every script that changes a queue, a usage
+or a quota re-indexes the tenant in the same atomic step) and runs `ADMIT` as the claim. The policy is
+Kueue's admission fair sharing, written out in docs/scheduling.md; fleet.fair_share holds the same
+formulas in Python for the views and estimates.
+
+State (keys in fleet.keys): per tenant `sched_tenant` {consumed, at_ms, gpus, preempting, slot}; the
+cluster's `sched_cluster` {allocated, incoming}; each queued job's hash carries `gpus`,
+`priority_value`, `queue_seq` (its place: the creation seq, or a fresh one when sent to the back) and
+`not_before_ms` (a placement back-off: the job is parked in `sched_backoff`, out of its queue, so the
+tenant's next job is not held up, and goes back to its place when the time is up).
+
+Usage: consumed(t) = current + (consumed₀ − current)·2^(−(t − t₀)/H), the closed form of
+consumed ← (1 − α)·consumed + α·current with α(Δt) = 1 − 0.5^(Δt/H); it composes exactly, so it is
+updated only when `current` (the GPUs the tenant holds) changes. H = 0: consumed = current.
+Score = consumed / weight.
+
+The index, so that a decision never scans the queued jobs or every tenant:
+- A tenant holding no GPUs has score(t) = consumed₀·2^(−(t−t₀)/H)/w, whose order among such tenants
+  never changes: key = log2(consumed₀/w) + t₀/H. Its queue head sits in one bucket (a sorted set) per
+  (tier, kind, head GPUs g): tier 0 fits within nominal, 1 must borrow but the tenant is below nominal
+  (may reclaim), 2 must borrow; kind "k" is scored by key, kind "z" (no usage left: score 0) by the
+  head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum.
+- Tenants holding GPUs (at most one per running job) are scored directly (`sched_holding`).
+- Idle tenants blocked by their own limits (head over nominal + borrowing limit, max_running_jobs 0)
+  are in no bucket.
+"""
+
+from __future__ import annotations
+
+from fleet import keys
+
+# Queue score = (1 − priority_value)·2^46 + queue_seq: higher priority first, then older. Exact in a
+# double while queue_seq < 2^46.
+PRIORITY_SPAN = 2**46
+DEFAULT_HALF_LIFE_MS = 3_600_000  # Settings.fair_share_half_life_s's default, until a process writes one
+
+FUNCTIONS = f"""
+local Q_PREFIX = '{keys.queue("")}'
+local QUEUE_TENANTS = '{keys.queue_tenants()}'
+local RUNNING = '{keys.running_per_tenant()}'
+local LEASES = '{keys.leases()}'
+local WAKEUP = '{keys.wakeup()}'
+local JOB_SEQ = '{keys.job_seq()}'
+local ST_PREFIX = '{keys.sched_tenant("")}'
+local CLUSTER = '{keys.sched_cluster()}'
+local CONFIG = '{keys.sched_config()}'
+local BUCKET_PREFIX = '{keys.sched_bucket_prefix()}'
+local BUCKETS = '{keys.sched_buckets()}'
+local HOLDING = '{keys.sched_holding()}'
+local BACKOFF = '{keys.sched_backoff()}'
+local RUNNING_JOBS = '{keys.sched_running_jobs()}'
+local CAPACITY = '{keys.capacity()}'
+local PRIORITY_SPAN = {PRIORITY_SPAN}
+local DEFAULT_HALF_LIFE_MS = {DEFAULT_HALF_LIFE_MS}
+""" + r"""
+local function num(s, default) if s then return tonumber(s) end return default end
+local function float(x) return string.format('%.17g', x) end
+local function half_life_ms() return num(redis.call('HGET', CONFIG, 'half_life_ms'), DEFAULT_HALF_LIFE_MS) end
+-- consumed at `now`, given consumed0 at t0 and `current` GPUs held since t0
+local function decayed(c0, t0, current, now, hl)
+  if hl <= 0 then return current end
+  local dt = now - t0
+  if dt < 0 then dt = 0 end
+  return current + (c0 - current) * math.pow(2, -dt / hl)
+end
+local function tenant_state(tenant)
+  local v = redis.call('HMGET', ST_PREFIX .. tenant, 'consumed', 'at_ms', 'gpus', 'preempting', 'slot')
+  return {consumed = num(v[1], 0), at = num(v[2], 0), gpus = num(v[3], 0), preempting = num(v[4], 0), slot = v[5] or ''}
+end
+local function quota_of(tenant)
+  local key = QUOTA_PREFIX .. tenant
+  if redis.call('EXISTS', key) == 0 then key = DEFAULT_QUOTA end
+  local v = redis.call('HMGET', key, 'nominal_gpus', 'borrowing_limit_gpus', 'max_running_jobs', 'weight')
+  return {nominal = num(v[1], 0), borrow = num(v[2], nil), max_running = num(v[3], nil), weight = num(v[4], 1)}
+end
+local function queue_score(job_key)
+  local v = redis.call('HMGET', job_key, 'priority_value', 'queue_seq', 'seq')
+  return (1 - num(v[1], 0)) * PRIORITY_SPAN + num(v[2] or v[3], 0)
+end
+local function head_of(tenant)
+  local h = redis.call('ZRANGE', Q_PREFIX .. tenant, 0, 0, 'WITHSCORES')
+  if #h == 0 then return nil end
+  local v = redis.call('HMGET', JOB_KEY_PREFIX .. h[1], 'gpus', 'priority_value')
+  return {id = h[1], qscore = tonumber(h[2]), gpus = num(v[1], 1), prio = num(v[2], 0)}
+end
+-- Admitting g more GPUs at usage u: 0 within nominal; 1 borrowing from below nominal; 2 borrowing;
+-- nil over nominal + borrowing limit.
+local function tier_of(q, u, g)
+  if u + g <= q.nominal then return 0 end
+  if q.borrow and u + g > q.nominal + q.borrow then return nil end
+  if u < q.nominal then return 1 end
+  return 2
+end
+local function unindex(tenant, slot)
+  if slot == '' then return end
+  redis.call('ZREM', slot, tenant)
+  if redis.call('EXISTS', slot) == 0 then redis.call('ZREM', BUCKETS, slot) end
+end
+-- Put the tenant's queue head where decisions find it (see the module docstring); call after any
+-- change to its queue, usage or quota.
+local function reindex(tenant, now)
+  local st = tenant_state(tenant)
+  local slot = ''
+  local head = head_of(tenant)
+  if head and st.gpus <= 0 then
+    local q = quota_of(tenant)
+    local tier = tier_of(q, 0, head.gpus)
+    if tier and (q.max_running == nil or q.max_running > 0) then
+      local hl = half_life_ms()
+      local kind, score = 'z', head.qscore
+      if hl > 0 and st.consumed > 0 then
+        kind, score = 'k', math.log(st.consumed / q.weight) / math.log(2) + st.at / hl
+      end
+      slot = BUCKET_PREFIX .. tier .. ':' .. kind .. ':' .. int(head.gpus)
+      redis.call('ZADD', slot, float(score), tenant)
+      redis.call('ZADD', BUCKETS, head.gpus, slot)
+    end
+  end
+  if slot ~= st.slot then
+    unindex(tenant, st.slot)
+    redis.call('HSET', ST_PREFIX .. tenant, 'slot', slot)
+  end
+end
+-- The tenant now holds dg more GPUs in dj more running jobs: fold the usage up to now, then re-index.
+local function add_usage(tenant, dg, dj, now)
+  local st = tenant_state(tenant)
+  local hl = half_life_ms()
+  local gpus = st.gpus + dg
+  local consumed = decayed(st.consumed, st.at, st.gpus, now, hl)
+  if hl <= 0 then consumed = gpus end
+  redis.call('HSET', ST_PREFIX .. tenant, 'consumed', float(consumed), 'at_ms', int(now), 'gpus', int(gpus))
+  if redis.call('HINCRBY', RUNNING, tenant, dj) <= 0 then redis.call('HDEL', RUNNING, tenant) end
+  redis.call('HINCRBY', CLUSTER, 'allocated', dg)
+  if gpus > 0 then redis.call('SADD', HOLDING, tenant) else redis.call('SREM', HOLDING, tenant) end
+  reindex(tenant, now)
+end
+-- Queue a job at its place (its queue_seq; `to_back`: a fresh one, behind every job queued so far).
+local function enqueue(tenant, job_id, to_back, now)
+  local job_key = JOB_KEY_PREFIX .. job_id
+  if to_back then redis.call('HSET', job_key, 'queue_seq', redis.call('INCR', JOB_SEQ)) end
+  redis.call('ZADD', Q_PREFIX .. tenant, queue_score(job_key), job_id)
+  redis.call('ZADD', QUEUE_TENANTS, 'NX', now, tenant)
+  redis.call('LPUSH', WAKEUP, job_id)
+  redis.call('LTRIM', WAKEUP, 0, 63)
+  reindex(tenant, now)
+end
+-- Park a queued job out of its queue until `until_ms` (a placement back-off); ADMIT puts it back.
+local function park(job_id, until_ms)
+  redis.call('HSET', JOB_KEY_PREFIX .. job_id, 'not_before_ms', int(until_ms))
+  redis.call('ZADD', BACKOFF, until_ms, job_id)
+end
+local function unqueue(tenant, job_id, now)
+  local qkey = Q_PREFIX .. tenant
+  redis.call('ZREM', BACKOFF, job_id)
+  redis.call('ZREM', qkey, job_id)
+  if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
+  reindex(tenant, now)
+end
+-- A running attempt ended (any way): its GPUs go back, with any preemption that was coming.
+local function release(tenant, job_id, now)
+  local job_key = JOB_KEY_PREFIX .. job_id
+  redis.call('ZREM', LEASES, job_id)
+  redis.call('ZREM', RUNNING_JOBS, job_id)
+  local v = redis.call('HMGET', job_key, 'gpus', 'preempting_gpus')
+  if v[2] then
+    redis.call('HINCRBY', CLUSTER, 'incoming', -tonumber(v[2]))
+    redis.call('HINCRBY', ST_PREFIX .. tenant, 'preempting', -tonumber(v[2]))
+    redis.call('HDEL', job_key, 'preempting_gpus')
+  end
+  add_usage(tenant, -num(v[1], 1), -1, now)
+end
+"""
+
+# Run as the body of queue_scripts.CLAIM, after the prelude.
+# ARGV: worker_id, lease_ms, claim_token (fresh, random), clock_ms ('' = the Redis clock)
+# Returns {'claimed', job_id, attempt, lease_expires_ms, tenant, preempted} or {'none', preempted}
+# (preempted: how many running jobs this decision asked to stop).
+ADMIT = r"""
+CLOCK = clock_arg(ARGV[4])
+local now = now_ms()
+local hl = half_life_ms()
+-- 1. jobs whose placement back-off is over go back to their places
+for _, jid in ipairs(redis.call('ZRANGEBYSCORE', BACKOFF, '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', BACKOFF, jid)
+  local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'status', 'tenant_id')
+  redis.call('HDEL', JOB_KEY_PREFIX .. jid, 'not_before_ms')
+  if v[1] == 'queued' then enqueue(v[2], jid, false, now) end
+end
+-- 2. capacity: unknown (no dispatcher reported nodes) bounds nothing
+local inf = math.huge
+local total = num(redis.call('HGET', CAPACITY, 'total_gpus'), inf)
+local cl = redis.call('HMGET', CLUSTER, 'allocated', 'incoming')
+local allocated, incoming = math.max(num(cl[1], 0), 0), math.max(num(cl[2], 0), 0)
+local free = math.max(total - allocated, 0)
+-- 3. candidates: each bucket's minimum, and every tenant holding GPUs
+local cands = {}
+local buckets = redis.call('ZRANGE', BUCKETS, 0, -1, 'WITHSCORES')
+for i = 1, #buckets, 2 do
+  local bucket, g = buckets[i], tonumber(buckets[i + 1])
+  local tier, kind = string.match(bucket, ':(%d):(%a):%d+$')
+  tier = tonumber(tier)
+  if tier < 2 or g <= free then
+    local m = redis.call('ZRANGE', bucket, 0, 0, 'WITHSCORES')
+    if #m > 0 then
+      local score = 0
+      if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[2]) - now / hl) end
+      cands[#cands + 1] = {tenant = m[1], tier = tier, score = score, u = 0}
+    end
+  end
+end
+for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
+  local st = tenant_state(t)
+  local head = head_of(t)
+  if head then
+    local q = quota_of(t)
+    local tier = tier_of(q, st.gpus, head.gpus)
+    local running = num(redis.call('HGET', RUNNING, t), 0)
+    if tier and (q.max_running == nil or running < q.max_running) then
+      local score = decayed(st.consumed, st.at, st.gpus, now, hl) / q.weight
+      cands[#cands + 1] = {tenant = t, tier = tier, score = score, u = st.gpus, head = head, q = q}
+    end
+  end
+end
+local ready = {}
+for _, c in ipairs(cands) do
+  c.head = c.head or head_of(c.tenant)
+  c.q = c.q or quota_of(c.tenant)
+  if c.head then ready[#ready + 1] = c end
+end
+cands = ready
+-- Kueue's order: within nominal first, then lower share score, higher priority, older (fleet.fair_share)
+table.sort(cands, function(a, b)
+  local ta, tb = math.min(a.tier, 1), math.min(b.tier, 1)
+  if ta ~= tb then return ta < tb end
+  if a.score ~= b.score then return a.score < b.score end
+  local ua, ub = a.u / a.q.weight, b.u / b.q.weight  -- equal scores (same instant, H = 0): fewer GPUs held
+  if ua ~= ub then return ua < ub end
+  return a.head.qscore < b.head.qscore
+end)
+-- Reclaim for `c` (below nominal, its head does not fit): pick borrowers' running jobs, lowest priority
+-- then most recently admitted, while c's share after admission <= the victim tenant's share after the
+-- preemption (share = GPUs above nominal / weight); all or nothing. Returns the GPUs freed.
+local function preempt_for(c, need)
+  local share_after = math.max(c.u + c.head.gpus - c.q.nominal, 0) / c.q.weight
+  local usage, quotas, picked, freed = {}, {}, {}, 0
+  for _, jid in ipairs(redis.call('ZRANGE', RUNNING_JOBS, 0, -1)) do
+    local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'tenant_id', 'gpus', 'control', 'status')
+    local vt = v[1]
+    if vt and vt ~= c.tenant and not v[3] and v[4] == 'running' then
+      if usage[vt] == nil then
+        local st = tenant_state(vt)
+        usage[vt], quotas[vt] = st.gpus - st.preempting, quota_of(vt)
+      end
+      local qv, g = quotas[vt], num(v[2], 1)
+      if usage[vt] > qv.nominal and share_after <= math.max(usage[vt] - g - qv.nominal, 0) / qv.weight then
+        picked[#picked + 1] = {jid, vt, g}
+        usage[vt] = usage[vt] - g
+        freed = freed + g
+        if freed >= need then break end
+      end
+    end
+  end
+  if freed < need then return 0, 0 end
+  for _, p in ipairs(picked) do
+    redis.call('HSET', JOB_KEY_PREFIX .. p[1], 'control', 'preempt', 'preempting_gpus', int(p[3]))
+    redis.call('HINCRBY', CLUSTER, 'incoming', p[3])
+    redis.call('HINCRBY', ST_PREFIX .. p[2], 'preempting', p[3])
+  end
+  return #picked, freed
+end
+-- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit holds
+-- the free capacity and waits for GPUs already being preempted, or preempts for what is missing.
+local preempted = 0
+local reserved, spoken = 0, 0  -- free GPUs held for waiting reclaimers; incoming GPUs promised to them
+for _, c in ipairs(cands) do
+  local avail = free - reserved
+  local g = c.head.gpus
+  if g <= avail then
+    local job_key = JOB_KEY_PREFIX .. c.head.id
+    redis.call('ZREM', Q_PREFIX .. c.tenant, c.head.id)
+    if redis.call('ZCARD', Q_PREFIX .. c.tenant) == 0 then redis.call('ZREM', QUEUE_TENANTS, c.tenant) end
+    if redis.call('HGET', job_key, 'status') ~= 'queued' then
+      reindex(c.tenant, now)
+      return {'retry', preempted}
+    end
+    local attempt = redis.call('HINCRBY', job_key, 'attempt', 1)
+    local expires = now + tonumber(ARGV[2])
+    redis.call('HSET', job_key, 'status', 'running', 'worker_id', ARGV[1], 'lease_expires_at_ms', int(expires),
+               'claim_token', ARGV[3], 'updated_at', sec(now))
+    redis.call('HSETNX', job_key, 'started_at', sec(now))
+    redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus')
+    redis.call('ZADD', LEASES, expires, c.head.id)
+    local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
+    redis.call('ZADD', RUNNING_JOBS, (c.head.prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
+    add_usage(c.tenant, g, 1, now)
+    emit_job('running', c.tenant, c.head.id)
+    return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}
+  end
+  if c.tier <= 1 and c.u < c.q.nominal then
+    local missing = g - avail - (incoming - spoken)
+    if missing > 0 then
+      local n, freed = preempt_for(c, missing)
+      if n > 0 then
+        preempted = preempted + n
+        incoming = incoming + freed
+      end
+    end
+    if g <= avail + (incoming - spoken) then
+      spoken = spoken + (g - avail)
+      reserved = reserved + avail
+    end
+  end
+end
+return {'none', preempted}
+"""

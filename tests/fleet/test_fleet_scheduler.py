@@ -1,0 +1,297 @@
+"""The scheduler against a real redis-server, in the style of Kueue's fair-sharing tests: small
+deterministic clusters (quotas, weights, arrivals, finishes, preemptions) driven with a simulated clock,
+with the exact admission order and shares expected."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from fleet import keys
+from fleet.capacity import CapacityStore, NodeCapacity
+from fleet.jobs import JobStatus
+from fleet.leases import PREEMPTED_MESSAGE, Claim
+from fleet.queue import JobStore
+from fleet.quotas import QuotaStore, TenantQuota
+from fleet.resources import Resources
+from fleet.scheduler_view import cluster_view
+
+S = 1000  # ms
+
+
+class Cluster:
+    """A JobStore on a cluster of `gpus`, with quotas, driven at simulated times (ms)."""
+
+    def __init__(self, r: redis.Redis, gpus: int | None, half_life_s: float = 0, **quotas: TenantQuota) -> None:
+        self.r = r
+        self.jobs = JobStore(r, fair_share_half_life_s=half_life_s)
+        self.quotas = QuotaStore(r, default=TenantQuota())
+        for tenant, quota in quotas.items():
+            self.quotas.set(tenant, quota)
+        if gpus is not None:
+            CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=gpus)])
+        self.claims: dict[str, Claim] = {}
+
+    def submit(self, tenant: str, n: int = 1, gpus: int = 1, priority: str = "normal", at: int = 0) -> list[str]:
+        return [
+            self.jobs.create_job(
+                tenant, model="m", training_file="f", resources=Resources(workers=gpus), priority=priority, now_ms=at
+            ).job.id
+            for _ in range(n)
+        ]
+
+    def admit(self, at: int = 0, limit: int = 100) -> list[str]:
+        """Claim until nothing is admissible; the admitted job ids in order."""
+        out = []
+        while len(out) < limit and (claim := self.jobs.leases.claim_next_job("w", 60_000, now_ms=at)) is not None:
+            self.claims[claim.job.id] = claim
+            out.append(claim.job.id)
+        return out
+
+    def tenant_of(self, job_ids: list[str]) -> list[str]:
+        return [self.jobs.load_job(j).tenant_id for j in job_ids]
+
+    def finish(self, job_id: str, at: int, status: JobStatus = JobStatus.SUCCEEDED, **kwargs) -> None:
+        self.jobs.leases.finish_job(self.claims.pop(job_id).fence, status, now_ms=at, **kwargs)
+
+    def preempting(self) -> list[str]:
+        return sorted(j for j in self.claims if self.r.hget(keys.job(j), "control") == "preempt")
+
+    def held(self) -> dict[str, int]:
+        view = cluster_view(self.r, now_ms=0)
+        return {t.tenant_id: t.running_gpus for t in view.tenants if t.running_gpus}
+
+
+def test_within_nominal_work_goes_first_then_lower_usage_then_older(r):
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=2), b=TenantQuota(nominal_gpus=6))
+    c.submit("a", 4)
+    c.submit("b", 4)
+    admitted = c.admit()
+    # a0 (tie: older), b0 (lower usage), a1 (tie: older), then a borrows: b's within-nominal work first
+    assert c.tenant_of(admitted) == ["a", "b", "a", "b", "b", "b", "a", "a"]
+    assert c.held() == {"a": 4, "b": 4}
+
+
+def test_weights_split_the_cluster_in_proportion(r):
+    c = Cluster(r, 6, a=TenantQuota(weight=2), b=TenantQuota(weight=1))
+    c.submit("a", 10)
+    c.submit("b", 10)
+    assert c.tenant_of(c.admit()) == ["a", "b", "a", "a", "b", "a"]
+    assert c.held() == {"a": 4, "b": 2}
+    view = {t.tenant_id: t for t in cluster_view(r, now_ms=0).tenants}
+    assert view["a"].share_score == view["b"].share_score == 2.0  # usage / weight, equal
+
+
+@pytest.mark.parametrize(("at_s", "first"), [(10, "b"), (40, "a")])
+def test_decayed_usage_decides_who_goes_first(r, at_s, first):
+    """Half-life 10 s. a held 4 GPUs during [0, 10 s]; b holds 1 GPU from 0 on. At 10 s a's usage is
+    4·(1 - 2^-1) = 2 and b's 0.5: b first. a's usage then decays, b's grows toward 1: at 40 s a has
+    2·2^-3 = 0.25 and b 1 - 2^-4 = 0.9375: a first (a idle is scored through the index, b directly)."""
+    c = Cluster(r, 5, half_life_s=10)
+    (b_long,) = c.submit("b")
+    a_jobs = c.submit("a", 4)
+    assert sorted(c.admit(at=0)) == sorted([b_long, *a_jobs])
+    for job_id in a_jobs:
+        c.finish(job_id, at=10 * S)
+    c.submit("a", at=at_s * S)
+    c.submit("b", at=at_s * S)
+    view = {t.tenant_id: t.share_score for t in cluster_view(r, now_ms=at_s * S).tenants}
+    expected_a = 2 * 2 ** -((at_s - 10) / 10)
+    expected_b = 1 - 2 ** -(at_s / 10)
+    assert view == pytest.approx({"a": expected_a, "b": expected_b})
+    assert c.tenant_of(c.admit(at=at_s * S, limit=1)) == [first]
+
+
+def test_borrowing_limit_and_max_running_block_only_their_tenant(r):
+    c = Cluster(
+        r,
+        8,
+        a=TenantQuota(nominal_gpus=2, borrowing_limit_gpus=1),
+        b=TenantQuota(max_running_jobs=1),
+    )
+    c.submit("a", 5)
+    c.submit("b", 3)
+    c.submit("c", 2)
+    admitted = c.admit()
+    assert sorted(c.tenant_of(admitted)) == ["a", "a", "a", "b", "c", "c"]
+    view = {t.tenant_id: t for t in cluster_view(r, now_ms=0).tenants}
+    assert view["a"].borrowed_gpus == 1
+    assert "borrowing limit 1" in view["a"].waiting_reason
+    assert view["b"].waiting_reason == "tenant at max_running_jobs (1)"
+    assert view["c"].waiting_reason is None
+
+
+def test_a_job_over_nominal_plus_borrowing_limit_waits_without_blocking_others(r):
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=2, borrowing_limit_gpus=0))
+    c.submit("a", gpus=4)
+    (b_job,) = c.submit("b")
+    assert c.admit() == [b_job]
+    reason = {t.tenant_id: t.waiting_reason for t in cluster_view(r, now_ms=0).tenants}["a"]
+    assert reason.startswith("waiting for 4 GPUs")
+
+
+def test_jobs_wait_for_free_capacity_and_a_finish_admits_the_next(r):
+    c = Cluster(r, 4)
+    big, small = c.submit("a", gpus=3), c.submit("a", gpus=2)
+    assert c.admit() == big
+    reason = {t.tenant_id: t.waiting_reason for t in cluster_view(r, now_ms=0).tenants}["a"]
+    assert reason.startswith("waiting for 2 GPUs; 1 free")
+    c.finish(big[0], at=S)
+    assert c.admit(at=S) == small
+    assert r.hget(keys.sched_cluster(), "allocated") == "2"
+
+
+def test_priority_orders_a_tenants_queue(r):
+    c = Cluster(r, 1)
+    low = c.submit("a", priority="low")
+    normal = c.submit("a")
+    high = c.submit("a", priority="high")
+    order = []
+    for step in range(3):
+        (job_id,) = c.admit(at=step * S)
+        order.append(job_id)
+        c.finish(job_id, at=step * S + 1)
+    assert order == high + normal + low
+
+
+def test_a_handed_back_job_returns_at_its_place_and_retry_after_is_honoured(r):
+    c = Cluster(r, 4)
+    first, second = c.submit("a", 2)
+    assert c.admit(at=0, limit=1) == [first]
+    c.finish(first, at=1 * S, status=JobStatus.QUEUED, retry_after_ms=5 * S)
+    (other,) = c.submit("b", at=1 * S)
+    assert set(c.admit(at=2 * S)) == {second, other}  # first backs off; the others are not blocked
+    assert c.jobs.leases.claim_next_job("w", 60_000, now_ms=5 * S) is None
+    retried = c.jobs.leases.claim_next_job("w", 60_000, now_ms=6 * S)
+    assert (retried.job.id, retried.attempt) == (first, 2)
+
+
+def test_requeue_keeps_the_place_in_the_queue(r):
+    c = Cluster(r, 1)
+    first, second, third = c.submit("a", 3)
+    assert c.admit() == [first]
+    c.finish(first, at=S, status=JobStatus.QUEUED)
+    assert r.zrange(keys.queue("a"), 0, -1) == [first, second, third]
+    assert c.admit(at=S) == [first]
+
+
+def test_reclaim_preempts_borrowers_lowest_priority_then_newest_once(r):
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=4), b=TenantQuota(nominal_gpus=0))
+    b_low = c.submit("b", 2, priority="low")
+    b_normal = c.submit("b", 6)
+    assert len(c.admit()) == 8
+    (a_job,) = c.submit("a", gpus=4, at=S)
+    assert c.admit(at=S) == []
+    # the two low-priority jobs first (though older), then the newest normal ones
+    assert c.preempting() == sorted(b_low + b_normal[-2:])
+    assert c.admit(at=2 * S) == [] and len(c.preempting()) == 4  # no second wave while they stop
+    for victim in c.preempting():
+        c.finish(victim, at=3 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.admit(at=3 * S) == [a_job]
+    assert c.held() == {"a": 4, "b": 4}
+    victim = b_low[0]
+    assert c.jobs.load_job(victim).status == JobStatus.QUEUED
+    assert PREEMPTED_MESSAGE in [e.message for e in c.jobs.read_events(victim)]
+    outbox = [fields["type"] for _, fields in r.xrange(keys.webhook_outbox())]
+    assert outbox.count("fine_tuning.job.preempted") == 4
+    assert r.zrange(keys.queue("b"), 0, -1)[:2] == b_normal[-2:]  # back at their places (normal before low)
+
+
+def test_preemption_cannot_ping_pong(r):
+    """a and b each have nominal 4 on 8 GPUs and submit 5-GPU jobs. b runs one (borrowing 1). Naive
+    reclaim ("a is below nominal, preempt the borrower") would preempt b, then b, now below nominal,
+    would preempt a, and so on. LessThanOrEqualToFinalShare: a's share after admission (1) must be <=
+    b's share after the preemption (0): it is not, so a waits for b's job to end."""
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=4), b=TenantQuota(nominal_gpus=4))
+    (b_job,) = c.submit("b", gpus=5)
+    assert c.admit() == [b_job]
+    (a_job,) = c.submit("a", gpus=5, at=S)
+    for step in range(1, 4):
+        assert c.admit(at=step * S) == []
+        assert c.preempting() == []
+    c.finish(b_job, at=5 * S)
+    assert c.admit(at=5 * S) == [a_job]
+
+
+def test_reclaim_within_nominal_preempts_and_the_victim_does_not_preempt_back(r):
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=4), b=TenantQuota(nominal_gpus=4))
+    (b_job,) = c.submit("b", gpus=5)
+    assert c.admit() == [b_job]
+    (a_job,) = c.submit("a", gpus=4, at=S)
+    assert c.admit(at=S) == [] and c.preempting() == [b_job]  # a's share after: 0 <= b's after: 0
+    c.finish(b_job, at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.admit(at=2 * S) == [a_job]
+    assert c.admit(at=3 * S) == [] and c.preempting() == []  # b (5 GPUs, 4 free) cannot take a's nominal
+
+
+def test_a_lost_worker_releases_its_gpus(r):
+    c = Cluster(r, 2)
+    (job_id,) = c.submit("a", gpus=2)
+    (waiting,) = c.submit("b")
+    assert c.admit() == [job_id]
+    expired = c.jobs.leases.requeue_expired_leases(now_ms=120 * S)
+    assert [e.new_status for e in expired] == [JobStatus.QUEUED]
+    assert r.hget(keys.sched_cluster(), "allocated") == "0"
+    assert c.admit(at=121 * S) == [job_id]  # back at its place, older than b's
+
+
+def test_two_claimers_never_double_start_or_overcommit(redis_server):
+    setup = redis_server.client(decode_responses=True)
+    c = Cluster(setup, 10)
+    sizes = [1, 2, 3] * 12
+    job_ids = [c.submit(f"t{i % 4}", gpus=g)[0] for i, g in enumerate(sizes)]
+    started: list[str] = []
+    holding: list[Claim] = []
+    lock = threading.Lock()
+    start = threading.Barrier(2)
+
+    def claimer(n: int) -> None:
+        jobs = JobStore(redis_server.client(decode_responses=True))
+        mine: list[Claim] = []
+        start.wait(timeout=30)
+        while True:
+            claim = jobs.leases.claim_next_job(f"w{n}", 60_000)
+            if claim is None:
+                if not mine:
+                    return
+                done = mine.pop(0)  # free capacity so the run goes on
+                with lock:
+                    holding.remove(done)
+                jobs.leases.finish_job(done.fence, JobStatus.SUCCEEDED)
+                continue
+            mine.append(claim)
+            with lock:
+                started.append(claim.job.id)
+                holding.append(claim)
+                held = sum(x.job.resources.total_gpus for x in holding)
+            assert held <= 10, f"overcommitted: {held} GPUs claimed on 10"
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "claimer thread did not finish within 60 s"
+    assert sorted(started) == sorted(job_ids)  # every job started, exactly once
+    assert all(setup.hget(keys.job(j), "attempt") == "1" for j in job_ids)
+    assert setup.hget(keys.sched_cluster(), "allocated") == "0"
+
+
+def test_queue_positions_follow_the_admission_order(r):
+    c = Cluster(r, 2, b=TenantQuota(weight=2))
+    a_jobs = c.submit("a", 3)
+    b_jobs = c.submit("b", 3)
+    everyone = a_jobs + b_jobs
+    positions = c.jobs.queue_estimates(everyone, now_ms=0)
+    predicted = sorted(everyone, key=lambda j: positions[j].position)
+    actual: list[str] = []
+    at = 0
+    while len(actual) < len(everyone):
+        actual += c.admit(at=at)
+        at += S
+        c.finish(actual[len(actual) - len(c.claims)], at=at)  # the oldest running job ends
+    assert actual == predicted
+    assert [positions[j].position for j in predicted] == list(range(1, 7))
+    assert positions[predicted[0]].estimated_start_at == 0
