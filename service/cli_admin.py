@@ -1,4 +1,5 @@
-"""`lorafleet admin quota ...`: read, set and reset a tenant's quota (the operator's admin key)."""
+"""`lorafleet admin quota ...` (read, set and reset a tenant's quota) and `lorafleet admin cluster` (who
+runs, borrows and waits): the operator's admin key."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from service.console import DEFAULT_BASE_URL, AdminKey, BaseUrl, JsonOutput, call, connect, console, fail, print_json
 
-__all__ = ["quota_app", "QUOTA_FIELDS"]
+__all__ = ["quota_app", "QUOTA_FIELDS", "cluster"]
 
 quota_app = typer.Typer(help="Tenants' quotas: GPUs, borrowing, job limits, fair-share weight.", no_args_is_help=True)
 
@@ -103,3 +104,33 @@ def quota_reset(tenant_id: TenantId, base_url: BaseUrl = DEFAULT_BASE_URL, api_k
     with connect(base_url, api_key) as client:
         quota = call(client.reset_quota, tenant_id)
     _print(quota, as_json)
+
+
+def _limit_text(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def cluster(base_url: BaseUrl = DEFAULT_BASE_URL, api_key: AdminKey = None, as_json: JsonOutput = False) -> None:
+    """Show the cluster: nodes and GPUs, then each tenant that runs or waits, what it borrows and why it waits."""
+    with connect(base_url, api_key) as client:
+        view = call(client.cluster)
+    if as_json:
+        print_json(view)
+        return
+    totals = view["totals"]
+    gpus = "unknown (no dispatcher has reported the nodes)" if totals["gpus"] is None else str(totals["gpus"])
+    console.print(f"GPUs: {gpus}; allocated {totals['allocated']}; free {_limit_text(totals['free'])}; "
+                  f"being preempted {totals['being_preempted']}")
+    nodes = Table("node", "address", "GPUs", "alive", title="Nodes")
+    for node in view["nodes"]:
+        nodes.add_row(node["node_id"], node["address"] or "-", str(node["gpus"]), "yes" if node["alive"] else "no")
+    console.print(nodes)
+    tenants = Table("tenant", "nominal", "borrow limit", "weight", "running", "GPUs", "borrowed", "queued",
+                    "share", "waiting because", title="Tenants")
+    for t in view["tenants"]:
+        quota = t["quota"]
+        tenants.add_row(t.get("tenant_name") or t["tenant_id"], str(quota["nominal_gpus"]),
+                        _limit_text(quota["borrowing_limit_gpus"]), f"{quota['weight']:g}", str(t["running_jobs"]),
+                        str(t["running_gpus"]), str(t["borrowed_gpus"]), str(t["queued_jobs"]),
+                        f"{t['share_score']:.3g}", t["waiting_reason"] or "-")
+    console.print(tenants)

@@ -1,5 +1,5 @@
-"""`/v1/admin`: tenants, API keys and quotas. The operator manages every tenant; a tenant's admin key its
-own keys. Quotas are the operator's alone.
+"""`/v1/admin`: tenants, API keys, quotas and the cluster view. The operator manages every tenant; a
+tenant's admin key its own keys. Quotas and the cluster view are the operator's alone.
 
 Raw API keys appear exactly once, in the response that creates them; only their sha256 is stored.
 """
@@ -13,8 +13,9 @@ from fastapi import APIRouter
 
 from fleet.exceptions import NotFound
 from fleet.quotas import QuotaStore, TenantQuota
+from fleet.scheduler_view import cluster_view
 from fleet.tenants import ApiKey, Principal, Tenant
-from service.deps import AdminPrincipal, OperatorPrincipal, QuotasDep, TenantsDep
+from service.deps import AdminPrincipal, OperatorPrincipal, QuotasDep, RedisDep, TenantsDep
 from service.errors import APIError
 from service.objects import list_envelope
 from service.openapi import TENANT_ERRORS
@@ -152,3 +153,16 @@ def reset_quota(tenant_id: str, principal: OperatorPrincipal, tenants: TenantsDe
     quotas.reset(tenant_id)
     logger.info("quota of tenant %s reset to the default", tenant_id)
     return _quota_object(tenant_id, quotas.default, is_default=True)
+
+
+# --- the cluster (operator only) -------------------------------------------------------------------------
+@router.get("/cluster")
+def retrieve_cluster(principal: OperatorPrincipal, client: RedisDep, tenants: TenantsDep) -> dict:
+    """Nodes and their GPUs, GPU totals, and per tenant that runs or waits: its quota, running jobs and
+    GPUs, borrowed GPUs, queued jobs, share score and why its next job waits."""
+    view = cluster_view(client)
+    names = {t.id: t.name for t in tenants.list_tenants()}
+    body = view.model_dump(mode="json")
+    for tenant in body["tenants"]:
+        tenant["tenant_name"] = names.get(tenant["tenant_id"])
+    return {"object": "cluster", **body}

@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from fleet.capacity import CapacityStore, NodeCapacity
+from fleet.queue import JobStore
 from fleet.settings import make_redis
 from tests.service.conftest import make_api_settings, write_tiny_llama_config
 
@@ -169,3 +170,43 @@ def test_quotas_are_the_operators_alone_and_unknown_tenants_are_404(api_server, 
         assert admin.get("/v1/admin/tenants/tenant-nope/quota").status_code == 404
         assert admin.put("/v1/admin/tenants/tenant-nope/quota", json={}).status_code == 404
         assert admin.delete("/v1/admin/tenants/tenant-nope/quota").status_code == 404
+
+
+# --- the cluster view ------------------------------------------------------------------------------------
+def test_the_cluster_view_shows_nodes_who_runs_borrows_and_why_a_job_waits(api_server, tenant_a, tenant_b,
+                                                                           dataset_path):
+    client = make_redis(api_server.settings)
+    try:
+        CapacityStore(client).record_nodes([NodeCapacity(node_id="node-1", address="10.0.0.1", gpus=2),
+                                            NodeCapacity(node_id="node-2", address="10.0.0.2", gpus=2)])
+        with api_server.admin() as admin:
+            for tenant in (tenant_a, tenant_b):
+                assert admin.put(f"/v1/admin/tenants/{tenant.id}/quota", json={"nominal_gpus": 2}).status_code == 200
+        files = {}
+        for tenant in (tenant_a, tenant_b):
+            with open(dataset_path, "rb") as fh:
+                files[tenant.id] = api_server.openai(tenant.api_key).files.create(file=fh, purpose="fine-tune").id
+        for _ in range(2):
+            assert _create(api_server, tenant_a, files[tenant_a.id], resources={"gpus": 2}).status_code == 200
+        leases = JobStore(client).leases
+        assert leases.claim_next_job("dispatcher-1", lease_ms=60_000) is not None  # team-a: 2 GPUs
+        assert leases.claim_next_job("dispatcher-1", lease_ms=60_000) is not None  # team-a borrows the rest
+        assert _create(api_server, tenant_b, files[tenant_b.id], resources={"gpus": 2}).status_code == 200
+        assert leases.claim_next_job("dispatcher-1", lease_ms=60_000) is None  # full: team-b reclaims
+    finally:
+        client.close()
+    with api_server.admin() as admin:
+        view = admin.get("/v1/admin/cluster").json()
+    assert view["object"] == "cluster"
+    assert [(n["node_id"], n["gpus"], n["alive"]) for n in view["nodes"]] == [("node-1", 2, True), ("node-2", 2, True)]
+    totals = view["totals"]
+    assert (totals["gpus"], totals["allocated"], totals["free"], totals["being_preempted"]) == (4, 4, 0, 2)
+    tenants = {t["tenant_name"]: t for t in view["tenants"]}
+    a, b = tenants["team-a"], tenants["team-b"]
+    assert (a["running_jobs"], a["running_gpus"], a["borrowed_gpus"], a["queued_jobs"]) == (2, 4, 2, 0)
+    assert a["waiting_reason"] is None
+    assert (b["running_gpus"], b["queued_jobs"]) == (0, 1)
+    assert b["waiting_reason"].startswith("waiting for 2 GPUs; 0 free;"), b["waiting_reason"]
+    assert "reclaiming borrowed GPUs" in b["waiting_reason"]
+    with api_server.client(tenant_a.api_key) as c:
+        assert c.get("/v1/admin/cluster").status_code == 403

@@ -7,6 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from fleet.capacity import CapacityStore, NodeCapacity
+from fleet.queue import JobStore
+from fleet.resources import Resources
+from fleet.settings import make_redis
 from service.cli import app
 
 
@@ -46,3 +50,22 @@ def test_quota_set_refuses_bad_values_with_the_servers_or_its_own_message(admin_
     refused = admin_cli("quota", "set", tenant_a.id, "--weight", "0", expect=1)
     assert "HTTP 400" in refused and "weight" in refused
     assert "HTTP 404" in admin_cli("quota", "get", "tenant-nope", expect=1)
+
+
+def test_cluster_prints_nodes_and_why_each_tenant_waits(admin_cli, api_server, tenant_a):
+    client = make_redis(api_server.settings)
+    try:
+        CapacityStore(client).record_nodes([NodeCapacity(node_id="gpu-node-1", gpus=2)])
+        JobStore(client).create_job(tenant_a.id, model="tiny-llama", training_file="file-x",
+                                    resources=Resources(workers=1, gpus_per_worker=2))
+        JobStore(client).create_job(tenant_a.id, model="tiny-llama", training_file="file-x",
+                                    resources=Resources(workers=1, gpus_per_worker=2))
+        assert JobStore(client).leases.claim_next_job("d1", lease_ms=60_000) is not None
+    finally:
+        client.close()
+    out = admin_cli("cluster")
+    assert "GPUs: 2; allocated 2; free 0" in out
+    assert "gpu-node-1" in out and "team-a" in out
+    assert "waiting for 2 GPUs; 0 free" in out
+    view = json.loads(admin_cli("cluster", "--json"))
+    assert view["tenants"][0]["queued_jobs"] == 1
