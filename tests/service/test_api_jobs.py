@@ -236,10 +236,11 @@ def test_queue_position_follows_the_queue(api_server, tenant_a, uploaded):
 
 
 def _snapshot_reads(redis_client, list_page) -> int:
-    """How many times serving `list_page()` read the queues' heads (LINDEX: once per queue snapshot)."""
+    """How many times serving `list_page()` read the scheduler's state for queue estimates (SMEMBERS of
+    the tenants holding GPUs: once per fleet.scheduler_view.estimate_queue)."""
     redis_client.config_resetstat()
     list_page()
-    return int(redis_client.info("commandstats").get("cmdstat_lindex", {}).get("calls", 0))
+    return int(redis_client.info("commandstats").get("cmdstat_smembers", {}).get("calls", 0))
 
 
 def test_listing_jobs_reads_the_queues_once_per_request_not_per_job(api_server, tenant_a, uploaded, job_store):
