@@ -83,6 +83,7 @@ class Stats:
     total_while_waiting: float = 0.0  # GPU-ms of capacity while some job waited
     idle_while_fit: float = 0.0  # GPU-ms free while a waiting job was no larger than the free GPUs
     preemptions: int = 0
+    preemption_gpu_ms: float = 0.0  # GPU-ms a preemption costs: the victim's checkpoint and its restart later
 
 
 class Sim:
@@ -151,6 +152,7 @@ class Sim:
         self._release(job_id)
         self.queued[job_id] = run.job
         self.stats.preemptions += 1
+        self.stats.preemption_gpu_ms += run.job.gpus * (self.checkpoint_ms + self.restart_ms)
 
     # --- the scheduler's side ------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -283,7 +285,8 @@ def scenario_mixed(client: redis.Redis, quick: bool, rng: random.Random) -> None
     print(f"mixed: {len(tenants)} tenants, Poisson arrivals at ~110 % of {TOTAL_GPUS} GPUs, {hours} h simulated: "
           f"utilization while jobs wait {st.busy_while_waiting / max(st.total_while_waiting, 1):.3f} [>= 0.95]; "
           f"GPU-time idle while a waiting job would fit {st.idle_while_fit / max(st.total_while_waiting, 1):.3f}; "
-          f"{st.preemptions} preemptions")
+          f"{st.preemptions} preemptions costing {st.preemption_gpu_ms / max(st.total_while_waiting, 1):.3f} of the "
+          "GPU-time (checkpoint + restart)")
     for tenant in tenants:
         waits = st.waits_ms[tenant]
         print(f"  {tenant:9s} GPU share {st.gpu_ms[tenant] / max(sum(st.gpu_ms.values()), 1):.3f}, "
