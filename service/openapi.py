@@ -69,9 +69,17 @@ _DESCRIPTIONS = {
 }
 
 
+# Answers that say when to try again.
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route or router: each status with its description and OpenAI's error body."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+    return {
+        code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code],
+               **({"headers": _RETRY_AFTER} if code in (429, 503) else {})}
+        for code in codes
+    }
 
 
 # Any route: a body over the cap (413) or nested too deep (400), a bug (500), Redis down (503).

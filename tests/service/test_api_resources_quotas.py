@@ -101,6 +101,13 @@ def test_a_job_larger_than_the_cluster_is_a_400_once_the_nodes_are_known(api_ser
     assert error["code"] == "larger_than_cluster"
     assert "asks for 8 GPUs; the cluster has 4" in error["message"]
     assert _create(api_server, tenant_a, training_file, resources={"gpus": 4}).status_code == 200
+    on_one_node = _create(api_server, tenant_a, training_file, resources={"workers": 1, "gpus_per_worker": 4})
+    assert on_one_node.status_code == 400  # 4 GPUs in the cluster, but never 4 on one node
+    error = on_one_node.json()["error"]
+    assert (error["param"], error["code"]) == ("resources.gpus_per_worker", "larger_than_node")
+    assert "the largest node has 2" in error["message"]
+    spread = _create(api_server, tenant_a, training_file, resources={"workers": 2, "gpus_per_worker": 2})
+    assert spread.status_code == 200
 
 
 def test_a_tenant_at_max_queued_jobs_gets_429_with_retry_after_naming_the_limit(
