@@ -10,8 +10,9 @@ event and the rendered job with its queue position. The bare endpoint parses the
 then HSETs it under a fresh id and RPUSHes the id on a list (two commands, no checks).
 
 Rounds alternate ours / bare (ABAB), so a load spike from other work hits both; the script prints each
-side's median requests/s and their ratio (target >= 0.5). `--profile` runs ours under cProfile instead
-and prints the top functions by cumulative time.
+side's median requests/s and their ratio (target >= 0.5), and the server CPU each side spent per
+request. To see where ours spends it, sample its process with py-spy (`py-spy record --gil -p PID`):
+the routes run in the threadpool, which cProfile does not see.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _bare_app(redis_url: str):  # -> FastAPI
     return app
 
 
-def _serve(kind: str, port: int, redis_url: str, data_dir: Path, profile: bool) -> None:
+def _serve(kind: str, port: int, redis_url: str, data_dir: Path) -> None:
     import uvicorn
 
     if kind == "ours":
@@ -77,27 +78,13 @@ def _serve(kind: str, port: int, redis_url: str, data_dir: Path, profile: bool) 
         app = create_app(_our_settings(redis_url, data_dir))
     else:
         app = _bare_app(redis_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    if not profile:
-        server.run()
-        return
-    import cProfile
-    import pstats
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        server.run()
-    finally:
-        profiler.disable()
-        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(45)
-        sys.stdout.flush()
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)).run()
 
 
-def _start(kind: str, redis_url: str, data_dir: Path, *, profile: bool = False) -> tuple[subprocess.Popen, str]:
+def _start(kind: str, redis_url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--redis", redis_url,
-               "--data-dir", str(data_dir)] + (["--profile"] if profile else [])
+               "--data-dir", str(data_dir)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(command, env=env)
     wait_for_port(port, what=f"the {kind} API server", proc=proc, timeout_s=60)
@@ -157,29 +144,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="creates per round and side")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=1, help="client threads (keep-alive connections)")
-    parser.add_argument("--profile", action="store_true", help="profile our server (cProfile) instead")
     parser.add_argument("--serve", choices=["ours", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        _serve(args.serve, args.port, args.redis, args.data_dir, args.profile)
+        _serve(args.serve, args.port, args.redis, args.data_dir)
         return
 
     with tempfile.TemporaryDirectory() as tmp, local_redis() as redis_url:
-        ours, our_url = _start("ours", redis_url, Path(tmp), profile=args.profile)
-        bare, bare_url = (None, None) if args.profile else _start("bare", redis_url, Path(tmp))
+        ours, our_url = _start("ours", redis_url, Path(tmp))
+        bare, bare_url = _start("bare", redis_url, Path(tmp))
         try:
             key, file_id = _our_tenant(our_url)
             body = {"model": MODEL, "training_file": file_id}
             _rate(our_url, key, body, 50, 1)  # warm-up: imports, lru caches, script loading
-            if bare_url is not None:
-                _rate(bare_url, key, body, 50, 1)
-            if args.profile:
-                rate = _rate(our_url, key, body, args.requests, args.concurrency)
-                print(f"ours under cProfile: {rate:.0f} req/s")
-                return
+            _rate(bare_url, key, body, 50, 1)
             rates: dict[str, list[float]] = {"ours": [], "bare": []}
             cpu_ms: dict[str, list[float]] = {"ours": [], "bare": []}
             for _ in range(args.rounds):
@@ -199,9 +180,8 @@ def main() -> None:
                   f"concurrency {args.concurrency}")
         finally:
             for proc in (ours, bare):
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(timeout=15)
+                proc.terminate()
+                proc.wait(timeout=15)
 
 
 if __name__ == "__main__":
