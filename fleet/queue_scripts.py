@@ -196,7 +196,11 @@ if st == 'paused' then
   emit_job('queued', ARGV[2], ARGV[1])
   return {'queued'}
 elseif st == 'running' and v[3] == 'pause' then
-  redis.call('HDEL', KEYS[1], 'control')
+  if redis.call('HEXISTS', KEYS[1], 'preempting_gpus') == 1 then  -- it was being preempted: it still is
+    redis.call('HSET', KEYS[1], 'control', 'preempt')
+  else
+    redis.call('HDEL', KEYS[1], 'control')
+  end
   return {'unpaused'}
 elseif st == 'running' or st == 'queued' then
   return {'noop'}
@@ -446,7 +450,7 @@ return created
 """
 )
 
-# KEYS: none.  ARGV: clock_ms ('' = Redis's), tenant_id, ...  (none: every tenant with queued work)
+# KEYS: none.  ARGV: clock_ms ('' = Redis's), tenant_id, ...  (none: every tenant queued or holding GPUs)
 # Re-index tenants after their quota, the default quota or the half-life changed.
 REINDEX = (
     PRELUDE
@@ -454,7 +458,10 @@ REINDEX = (
 CLOCK = clock_arg(ARGV[1])
 local now = now_ms()
 local tenants = tail(2)
-if #tenants == 0 then tenants = redis.call('ZRANGE', QUEUE_TENANTS, 0, -1) end
+if #tenants == 0 then
+  tenants = redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)
+  for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do tenants[#tenants + 1] = t end
+end
 for _, t in ipairs(tenants) do reindex(t, now) end
 return #tenants
 """

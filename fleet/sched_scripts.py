@@ -65,9 +65,15 @@ local function decayed(c0, t0, current, now, hl)
   if dt < 0 then dt = 0 end
   return current + (c0 - current) * math.pow(2, -dt / hl)
 end
+-- A tenant's state in one read: usage, its queue head and its quota as `reindex` last cached them.
 local function tenant_state(tenant)
-  local v = redis.call('HMGET', ST_PREFIX .. tenant, 'consumed', 'at_ms', 'gpus', 'preempting', 'slot')
-  return {consumed = num(v[1], 0), at = num(v[2], 0), gpus = num(v[3], 0), preempting = num(v[4], 0), slot = v[5] or ''}
+  local v = redis.call('HMGET', ST_PREFIX .. tenant, 'consumed', 'at_ms', 'gpus', 'preempting', 'slot', 'running',
+                       'head', 'head_gpus', 'head_qscore', 'nominal', 'borrow', 'max_running', 'weight')
+  local st = {consumed = num(v[1], 0), at = num(v[2], 0), gpus = num(v[3], 0), preempting = num(v[4], 0),
+              slot = v[5] or '', running = num(v[6], 0)}
+  if v[7] and v[7] ~= '' then st.head = {id = v[7], gpus = num(v[8], 1), qscore = num(v[9], 0)} end
+  st.q = {nominal = num(v[10], 0), borrow = num(v[11], nil), max_running = num(v[12], nil), weight = num(v[13], 1)}
+  return st
 end
 local function quota_of(tenant)
   local key = QUOTA_PREFIX .. tenant
@@ -82,8 +88,7 @@ end
 local function head_of(tenant)
   local h = redis.call('ZRANGE', Q_PREFIX .. tenant, 0, 0, 'WITHSCORES')
   if #h == 0 then return nil end
-  local v = redis.call('HMGET', JOB_KEY_PREFIX .. h[1], 'gpus', 'priority_value')
-  return {id = h[1], qscore = tonumber(h[2]), gpus = num(v[1], 1), prio = num(v[2], 0)}
+  return {id = h[1], qscore = tonumber(h[2]), gpus = num(redis.call('HGET', JOB_KEY_PREFIX .. h[1], 'gpus'), 1)}
 end
 -- Admitting g more GPUs at usage u: 0 within nominal; 1 borrowing from below nominal; 2 borrowing;
 -- nil over nominal + borrowing limit.
@@ -98,14 +103,19 @@ local function unindex(tenant, slot)
   redis.call('ZREM', slot, tenant)
   if redis.call('EXISTS', slot) == 0 then redis.call('ZREM', BUCKETS, slot) end
 end
--- Put the tenant's queue head where decisions find it (see the module docstring); call after any
--- change to its queue, usage or quota.
+-- Put the tenant's queue head where decisions find it (see the module docstring) and cache its head
+-- and quota in its state; call after any change to its queue, usage or quota.
 local function reindex(tenant, now)
   local st = tenant_state(tenant)
   local slot = ''
   local head = head_of(tenant)
+  local q = quota_of(tenant)
+  local h = head or {id = '', gpus = 0, qscore = 0}
+  local function opt(x) if x == nil then return '' end return float(x) end
+  redis.call('HSET', ST_PREFIX .. tenant, 'head', h.id, 'head_gpus', int(h.gpus), 'head_qscore', float(h.qscore),
+             'nominal', float(q.nominal), 'borrow', opt(q.borrow), 'max_running', opt(q.max_running),
+             'weight', float(q.weight))
   if head and st.gpus <= 0 then
-    local q = quota_of(tenant)
     local tier = tier_of(q, 0, head.gpus)
     if tier and (q.max_running == nil or q.max_running > 0) then
       local hl = half_life_ms()
@@ -130,7 +140,8 @@ local function add_usage(tenant, dg, dj, now)
   local gpus = st.gpus + dg
   local consumed = decayed(st.consumed, st.at, st.gpus, now, hl)
   if hl <= 0 then consumed = gpus end
-  redis.call('HSET', ST_PREFIX .. tenant, 'consumed', float(consumed), 'at_ms', int(now), 'gpus', int(gpus))
+  redis.call('HSET', ST_PREFIX .. tenant, 'consumed', float(consumed), 'at_ms', int(now), 'gpus', int(gpus),
+             'running', int(st.running + dj))
   if redis.call('HINCRBY', RUNNING, tenant, dj) <= 0 then redis.call('HDEL', RUNNING, tenant) end
   redis.call('HINCRBY', CLUSTER, 'allocated', dg)
   if gpus > 0 then redis.call('SADD', HOLDING, tenant) else redis.call('SREM', HOLDING, tenant) end
@@ -206,27 +217,24 @@ for i = 1, #buckets, 2 do
     if #m > 0 then
       local score = 0
       if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[2]) - now / hl) end
-      cands[#cands + 1] = {tenant = m[1], tier = tier, score = score, u = 0}
+      local st = tenant_state(m[1])
+      cands[#cands + 1] = {tenant = m[1], tier = tier, score = score, u = 0, head = st.head, q = st.q}
     end
   end
 end
 for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
   local st = tenant_state(t)
-  local head = head_of(t)
-  if head then
-    local q = quota_of(t)
-    local tier = tier_of(q, st.gpus, head.gpus)
-    local running = num(redis.call('HGET', RUNNING, t), 0)
-    if tier and (q.max_running == nil or running < q.max_running) then
+  if st.head then
+    local q = st.q
+    local tier = tier_of(q, st.gpus, st.head.gpus)
+    if tier and (q.max_running == nil or st.running < q.max_running) then
       local score = decayed(st.consumed, st.at, st.gpus, now, hl) / q.weight
-      cands[#cands + 1] = {tenant = t, tier = tier, score = score, u = st.gpus, head = head, q = q}
+      cands[#cands + 1] = {tenant = t, tier = tier, score = score, u = st.gpus, head = st.head, q = q}
     end
   end
 end
 local ready = {}
 for _, c in ipairs(cands) do
-  c.head = c.head or head_of(c.tenant)
-  c.q = c.q or quota_of(c.tenant)
   if c.head then ready[#ready + 1] = c end
 end
 cands = ready
@@ -241,32 +249,47 @@ table.sort(cands, function(a, b)
 end)
 -- Reclaim for `c` (below nominal, its head does not fit): pick borrowers' running jobs, lowest priority
 -- then most recently admitted, while c's share after admission <= the victim tenant's share after the
--- preemption (share = GPUs above nominal / weight); all or nothing. Returns the GPUs freed.
-local function preempt_for(c, need)
-  local share_after = math.max(c.u + c.head.gpus - c.q.nominal, 0) / c.q.weight
-  local usage, quotas, picked, freed = {}, {}, {}, 0
+-- preemption (share = GPUs above nominal / weight); all or nothing. Returns (jobs asked, GPUs freed).
+-- The running jobs and their tenants' usage are read once per decision (`pool`), so each attempt is
+-- arithmetic over at most one entry per running job.
+local pool = nil
+local function read_pool()
+  local jobs, usage, quotas = {}, {}, {}
   for _, jid in ipairs(redis.call('ZRANGE', RUNNING_JOBS, 0, -1)) do
     local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'tenant_id', 'gpus', 'control', 'status')
     local vt = v[1]
-    if vt and vt ~= c.tenant and not v[3] and v[4] == 'running' then
+    if vt and not v[3] and v[4] == 'running' then
       if usage[vt] == nil then
         local st = tenant_state(vt)
-        usage[vt], quotas[vt] = st.gpus - st.preempting, quota_of(vt)
+        usage[vt], quotas[vt] = st.gpus - st.preempting, st.q
       end
-      local qv, g = quotas[vt], num(v[2], 1)
-      if usage[vt] > qv.nominal and share_after <= math.max(usage[vt] - g - qv.nominal, 0) / qv.weight then
-        picked[#picked + 1] = {jid, vt, g}
-        usage[vt] = usage[vt] - g
-        freed = freed + g
+      jobs[#jobs + 1] = {id = jid, tenant = vt, gpus = num(v[2], 1)}
+    end
+  end
+  return {jobs = jobs, usage = usage, quotas = quotas}
+end
+local function preempt_for(c, need)
+  pool = pool or read_pool()
+  local share_after = math.max(c.u + c.head.gpus - c.q.nominal, 0) / c.q.weight
+  local usage, picked, freed = {}, {}, 0
+  for _, j in ipairs(pool.jobs) do
+    if j.tenant ~= c.tenant and not j.taken then
+      local qv, u = pool.quotas[j.tenant], usage[j.tenant] or pool.usage[j.tenant]
+      if u > qv.nominal and share_after <= math.max(u - j.gpus - qv.nominal, 0) / qv.weight then
+        picked[#picked + 1] = j
+        usage[j.tenant] = u - j.gpus
+        freed = freed + j.gpus
         if freed >= need then break end
       end
     end
   end
   if freed < need then return 0, 0 end
-  for _, p in ipairs(picked) do
-    redis.call('HSET', JOB_KEY_PREFIX .. p[1], 'control', 'preempt', 'preempting_gpus', int(p[3]))
-    redis.call('HINCRBY', CLUSTER, 'incoming', p[3])
-    redis.call('HINCRBY', ST_PREFIX .. p[2], 'preempting', p[3])
+  for _, j in ipairs(picked) do
+    j.taken = true
+    pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus
+    redis.call('HSET', JOB_KEY_PREFIX .. j.id, 'control', 'preempt', 'preempting_gpus', int(j.gpus))
+    redis.call('HINCRBY', CLUSTER, 'incoming', j.gpus)
+    redis.call('HINCRBY', ST_PREFIX .. j.tenant, 'preempting', j.gpus)
   end
   return #picked, freed
 end
@@ -279,6 +302,10 @@ for _, c in ipairs(cands) do
   local g = c.head.gpus
   if g <= avail then
     local job_key = JOB_KEY_PREFIX .. c.head.id
+    if redis.call('ZRANGE', Q_PREFIX .. c.tenant, 0, 0)[1] ~= c.head.id then  -- a stale cache: never, but check
+      reindex(c.tenant, now)
+      return {'retry', preempted}
+    end
     redis.call('ZREM', Q_PREFIX .. c.tenant, c.head.id)
     if redis.call('ZCARD', Q_PREFIX .. c.tenant) == 0 then redis.call('ZREM', QUEUE_TENANTS, c.tenant) end
     if redis.call('HGET', job_key, 'status') ~= 'queued' then
@@ -293,7 +320,8 @@ for _, c in ipairs(cands) do
     redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus')
     redis.call('ZADD', LEASES, expires, c.head.id)
     local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
-    redis.call('ZADD', RUNNING_JOBS, (c.head.prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
+    local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
+    redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
     add_usage(c.tenant, g, 1, now)
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}

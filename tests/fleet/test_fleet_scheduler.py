@@ -4,6 +4,7 @@ with the exact admission order and shares expected."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -295,3 +296,106 @@ def test_queue_positions_follow_the_admission_order(r):
     assert actual == predicted
     assert [positions[j].position for j in predicted] == list(range(1, 7))
     assert positions[predicted[0]].estimated_start_at == 0
+
+
+def test_withdrawing_a_pause_keeps_a_pending_preemption(r):
+    c = Cluster(r, 2, a=TenantQuota(nominal_gpus=2))
+    (b_job,) = c.submit("b", gpus=2)
+    assert c.admit() == [b_job]
+    c.submit("a", gpus=2)
+    assert c.admit(at=S) == [] and c.preempting() == [b_job]
+    c.jobs.request_pause("b", b_job)
+    c.jobs.resume("b", b_job)
+    assert c.preempting() == [b_job]
+    assert c.jobs.leases.control_signal(c.claims[b_job].fence) == "preempt"
+
+
+def _index_problems(r: redis.Redis, tenants: list[str]) -> list[str]:
+    """Every way the scheduler's state disagrees with the jobs themselves (an empty list: consistent)."""
+    problems = []
+    job_keys = [k for k in r.keys(keys.job("*")) if ":" not in k[len(keys.job("")):]]
+    running = [k for k in job_keys if r.hget(k, "status") == "running"]
+    gpus_by_tenant: dict[str, int] = {}
+    for key in running:
+        tenant, gpus = r.hmget(key, "tenant_id", "gpus")
+        gpus_by_tenant[tenant] = gpus_by_tenant.get(tenant, 0) + int(gpus)
+    allocated = int(r.hget(keys.sched_cluster(), "allocated") or 0)
+    if allocated != sum(gpus_by_tenant.values()):
+        problems.append(f"allocated {allocated} != running jobs' GPUs {sum(gpus_by_tenant.values())}")
+    incoming = int(r.hget(keys.sched_cluster(), "incoming") or 0)
+    being_preempted = sum(int(r.hget(k, "preempting_gpus") or 0) for k in running)
+    if incoming != being_preempted:
+        problems.append(f"incoming {incoming} != GPUs of jobs being preempted {being_preempted}")
+    if set(r.smembers(keys.sched_holding())) != set(gpus_by_tenant):
+        problems.append(f"holding {r.smembers(keys.sched_holding())} != {set(gpus_by_tenant)}")
+    buckets = {b: set(r.zrange(b, 0, -1)) for b in r.zrange(keys.sched_buckets(), 0, -1)}
+    for tenant in tenants:
+        state = r.hgetall(keys.sched_tenant(tenant))
+        if int(state.get("gpus") or 0) != gpus_by_tenant.get(tenant, 0):
+            problems.append(f"{tenant}: gpus {state.get('gpus')} != {gpus_by_tenant.get(tenant, 0)}")
+        head = r.zrange(keys.queue(tenant), 0, 0)
+        if (state.get("head") or "") != (head[0] if head else ""):
+            problems.append(f"{tenant}: cached head {state.get('head')} != {head}")
+        in_buckets = [b for b, members in buckets.items() if tenant in members]
+        if head and tenant not in gpus_by_tenant:
+            g = r.hget(keys.job(head[0]), "gpus")
+            if len(in_buckets) > 1 or (in_buckets and not in_buckets[0].endswith(f":{g}")):
+                problems.append(f"{tenant}: head needs {g} GPUs, indexed in {in_buckets}")
+            if not in_buckets and float(state["borrow"] or "inf") >= int(g) - float(state["nominal"]):
+                problems.append(f"{tenant}: admissible head {head[0]} in no bucket")
+        elif in_buckets:
+            problems.append(f"{tenant}: holds GPUs or has no queue, yet indexed in {in_buckets}")
+    return problems
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_index_stays_consistent_through_every_kind_of_change(r, seed):
+    """A seeded random walk over every script that touches queues, usage or quotas."""
+    rng = random.Random(seed)
+    c = Cluster(
+        r, 8, half_life_s=5, a=TenantQuota(nominal_gpus=4), b=TenantQuota(nominal_gpus=2, borrowing_limit_gpus=2)
+    )
+    tenants = ["a", "b", "c"]
+    queued: list[str] = []
+    paused: list[str] = []
+    for step in range(300):
+        at = step * 100
+        action = rng.choice(["submit", "submit", "admit", "finish", "handback", "preempted", "cancel", "pause",
+                             "resume", "expire", "quota", "backoff"])
+        if action == "submit":
+            queued += c.submit(rng.choice(tenants), gpus=rng.choice([1, 2, 3, 4]),
+                               priority=rng.choice(["low", "normal", "high"]), at=at)
+        elif action == "admit":
+            c.admit(at=at, limit=rng.randint(1, 3))
+        elif action in ("finish", "handback", "preempted", "backoff") and c.claims:
+            job_id = rng.choice(sorted(c.claims))
+            status = JobStatus.SUCCEEDED if action == "finish" else JobStatus.QUEUED
+            if r.hget(keys.job(job_id), "control") == "cancel":
+                status = JobStatus.CANCELLED
+            kwargs = {"preempted": True} if action == "preempted" else {}
+            if action == "backoff":
+                kwargs = {"retry_after_ms": 500}
+            c.finish(job_id, at=at, status=status, **kwargs)
+        elif action == "cancel" and (queued or c.claims):
+            job_id = rng.choice(queued + sorted(c.claims))
+            if not c.jobs.load_job(job_id).status.is_terminal:
+                c.jobs.request_cancel(c.jobs.load_job(job_id).tenant_id, job_id, now_ms=at)
+        elif action == "pause" and queued:
+            job_id = rng.choice(queued)
+            if c.jobs.load_job(job_id).status == JobStatus.QUEUED:
+                c.jobs.request_pause(c.jobs.load_job(job_id).tenant_id, job_id, now_ms=at)
+                paused.append(job_id)
+        elif action == "resume" and paused:
+            job_id = paused.pop(rng.randrange(len(paused)))
+            if c.jobs.load_job(job_id).status == JobStatus.PAUSED:
+                c.jobs.resume(c.jobs.load_job(job_id).tenant_id, job_id, now_ms=at)
+        elif action == "expire" and c.claims:
+            job_id = rng.choice(sorted(c.claims))
+            r.zadd(keys.leases(), {job_id: 0})  # its worker vanished
+            c.jobs.leases.requeue_expired_leases(now_ms=at)
+            c.claims.pop(job_id)
+        elif action == "quota":
+            c.quotas.set(rng.choice(tenants), TenantQuota(nominal_gpus=rng.randint(0, 6), weight=rng.choice([1, 2])))
+        for job_id in [j for j in c.claims if r.hget(keys.job(j), "status") != "running"]:
+            c.claims.pop(job_id)  # cancelled while running: its worker would stop
+        assert _index_problems(r, tenants) == [], f"after step {step} ({action})"
