@@ -152,6 +152,16 @@ class JobCreateRequest(_Strict):
                                       "preempted first.",
     )
 
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _gpus_in_range(cls, value: object) -> object:
+        # Resources turns {"gpus": N} into N workers; without this a bad N would be reported as 'workers'.
+        if isinstance(value, dict) and "gpus" in value:
+            gpus, most = value["gpus"], _upper_bound(Resources, "workers")
+            if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= most:
+                raise ValueError(f"'gpus' must be a whole number from 1 to {most} (got {gpus!r})")
+        return value
+
     @field_validator("suffix")
     @classmethod
     def _safe_suffix(cls, value: str | None) -> str | None:

@@ -62,12 +62,16 @@ def test_a_job_without_resources_gets_its_base_models_default_from_the_catalog(
     ({"workers": 0}, "resources.workers"),
     ({"workers": 1, "gpus_per_worker": 17}, "resources.gpus_per_worker"),
     ({"cpus": 2}, "resources.cpus"),
+    ({"gpus": 0}, "resources"),  # named 'gpus' in the message, not the 'workers' it stands for
+    ({"gpus": 65}, "resources"),
     ("four", "resources"),
 ])
 def test_malformed_resources_are_a_400_naming_the_field(api_server, tenant_a, training_file, resources, param):
     response = _create(api_server, tenant_a, training_file, resources=resources)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+    if isinstance(resources, dict) and list(resources) == ["gpus"]:
+        assert "'gpus' must be a whole number from 1 to 64" in response.json()["error"]["message"]
 
 
 def test_an_unknown_priority_is_a_400(api_server, tenant_a, training_file):
