@@ -55,6 +55,9 @@ def test_a_job_without_resources_gets_its_base_models_default_from_the_catalog(
     with server.client(tenant.api_key) as c:
         plain = c.post("/v1/fine_tuning/jobs", json={"model": "tiny-one", "training_file": file_id}).json()
     assert plain["resources"] == {"workers": 1, "gpus_per_worker": 1}
+    models = {m.id: m.model_extra for m in server.openai(tenant.api_key).models.list().data}
+    assert models["tiny-llama"]["resources"] == {"workers": 2, "gpus_per_worker": 2}  # what a job gets
+    assert models["tiny-one"]["resources"] == {"workers": 1, "gpus_per_worker": 1}
 
 
 @pytest.mark.parametrize("resources, param", [
