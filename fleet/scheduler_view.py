@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from fleet import fair_share, keys
 from fleet.capacity import NodeCapacity
 from fleet.quotas import QUOTA_FIELDS, TenantQuota
-from fleet.scheduling import half_life_ms
+from fleet.sched_scripts import DEFAULT_HALF_LIFE_MS
 
 __all__ = [
     "ClusterTotals",
@@ -28,8 +28,11 @@ __all__ = [
 # A job's duration when nothing better is known (a queued job; a running one reporting no ETA, which is
 # assumed half done). Estimates are rough by nature: they say so in docs/scheduling.md.
 ASSUMED_JOB_S = 3600.0
-_MAX_SIMULATED_ADMISSIONS = 2000
-_READ_AHEAD = 200  # most queued jobs read per tenant for an estimate
+# An estimate runs on every job read through the API (and every create), so it is bounded: it replays
+# at most this many admissions, reading at most _READ_AHEAD queued jobs per tenant (later ones are
+# taken to be like the last one read); past that, positions are extrapolated by weight.
+_MAX_SIMULATED_ADMISSIONS = 256
+_READ_AHEAD = 32
 
 
 class ClusterTotals(BaseModel):
@@ -76,60 +79,96 @@ class _Tenant:
     jobs: list[tuple[str, int, float, int]] = field(default_factory=list)  # (id, gpus, queue score, not_before_ms)
 
 
-def _now_ms(client: redis.Redis, now_ms: int | None) -> int:
-    if now_ms is not None:
-        return int(now_ms)
-    seconds, micros = client.time()
-    return seconds * 1000 + micros // 1000
+@dataclass
+class _State:
+    """The scheduler's state as one estimate or view reads it (three round trips, whatever the size)."""
+
+    now_ms: int
+    half_life_ms: float
+    total: int | None
+    allocated: int
+    incoming: int
+    tenants: dict[str, _Tenant]
+    ends: list[tuple[float, str, int]]  # running jobs: (expected end ms, tenant, gpus)
+    wanted: dict[str, str]  # queued job id -> tenant, of the job ids asked about
+    ranks: dict[str, int]  # queued job id -> index in its tenant's queue
 
 
-def _read_tenants(client: redis.Redis, depth: int) -> dict[str, _Tenant]:
-    """Every tenant that waits or runs: quota, usage state, and up to `depth` queued jobs each."""
-    waiting = client.zrange(keys.queue_tenants(), 0, -1)
-    holding = client.smembers(keys.sched_holding())
-    ids = sorted(set(waiting) | set(holding))
-    default = client.hgetall(keys.default_quota())
+def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, depth: int | None = None) -> _State:
+    """Read what views and estimates need: the cluster, every tenant that waits or runs (quota, usage,
+    up to `depth` queued jobs; None: as many as an estimate can use), the running jobs, and the
+    status and queue rank of `job_ids`. Running jobs end at their reported ETA (estimated_finish), else
+    are taken to be half done."""
     pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(keys.job(job_id), "status", "tenant_id")
+    pipe.time()
+    pipe.hget(keys.capacity(), "total_gpus")
+    pipe.hmget(keys.sched_cluster(), "allocated", "incoming")
+    pipe.zrange(keys.queue_tenants(), 0, -1)
+    pipe.smembers(keys.sched_holding())
+    pipe.hgetall(keys.default_quota())
+    pipe.hget(keys.sched_config(), "half_life_ms")
+    pipe.zrange(keys.sched_running_jobs(), 0, -1)
+    *statuses, (seconds, micros), total, (allocated, incoming), waiting, holding, default, hl, running_ids = (
+        pipe.execute()
+    )
+    now = int(now_ms) if now_ms is not None else seconds * 1000 + micros // 1000
+    wanted = {j: t for j, (status, t) in zip(job_ids, statuses, strict=True) if status == "queued" and t}
+    ids = sorted(set(waiting) | set(holding))
+    if depth is None:
+        depth = min(_READ_AHEAD, max(2, 2048 // max(len(ids), 1)))
+    pipe = client.pipeline(transaction=False)
+    for job_id, tenant in wanted.items():
+        pipe.zrank(keys.queue(tenant), job_id)
     for t in ids:
         pipe.hgetall(keys.quota(t))
-        pipe.hmget(keys.sched_tenant(t), "consumed", "at_ms", "gpus", "preempting")
-        pipe.hget(keys.running_per_tenant(), t)
+        pipe.hmget(keys.sched_tenant(t), "consumed", "at_ms", "gpus", "preempting", "running")
         pipe.zcard(keys.queue(t))
         pipe.zrange(keys.queue(t), 0, depth - 1, withscores=True)
+    for job_id in running_ids:
+        pipe.hmget(keys.job(job_id), "tenant_id", "gpus", "estimated_finish")
     replies = pipe.execute()
+    ranks = {j: r for j, r in zip(wanted, replies, strict=False) if r is not None}
+    replies = replies[len(wanted) :]
     tenants: dict[str, _Tenant] = {}
     for i, t in enumerate(ids):
-        quota_hash, state, running, queued, entries = replies[5 * i : 5 * i + 5]
+        quota_hash, state, queued, entries = replies[4 * i : 4 * i + 4]
         quota_fields = quota_hash or default
-        quota = TenantQuota.from_redis_hash({k: v for k, v in quota_fields.items() if k in QUOTA_FIELDS})
         tenants[t] = _Tenant(
             t,
-            quota,
+            TenantQuota.from_redis_hash({k: v for k, v in quota_fields.items() if k in QUOTA_FIELDS}),
             consumed=float(state[0] or 0),
             at_ms=float(state[1] or 0),
             gpus=int(state[2] or 0),
-            running=int(running or 0),
             preempting=int(state[3] or 0),
+            running=int(state[4] or 0),
             queued=int(queued),
             jobs=[(job_id, 1, score, 0) for job_id, score in entries],
         )
+    ends = []
+    for tenant, g, finish in replies[4 * len(ids) :]:
+        if tenant is not None:
+            end = float(finish) * 1000 if finish else now + ASSUMED_JOB_S * 500
+            ends.append((max(end, now), tenant, int(g or 1)))
     pipe = client.pipeline(transaction=False)
     for tenant in tenants.values():
         for job_id, *_ in tenant.jobs:
-            pipe.hmget(keys.job(job_id), "gpus", "not_before_ms")
-    fields = iter(pipe.execute())
+            pipe.hget(keys.job(job_id), "gpus")
+    gpus = iter(pipe.execute())
     for tenant in tenants.values():
-        tenant.jobs = [
-            (job_id, int(g or 1), score, int(nb or 0))
-            for (job_id, _, score, _), (g, nb) in zip(tenant.jobs, fields, strict=False)
-        ]
-    return tenants
-
-
-def _read_capacity(client: redis.Redis) -> tuple[int | None, int, int]:
-    total = client.hget(keys.capacity(), "total_gpus")
-    allocated, incoming = client.hmget(keys.sched_cluster(), "allocated", "incoming")
-    return (int(total) if total is not None else None), max(int(allocated or 0), 0), max(int(incoming or 0), 0)
+        tenant.jobs = [(job_id, int(next(gpus) or 1), score, 0) for job_id, _, score, _ in tenant.jobs]
+    return _State(
+        now_ms=now,
+        half_life_ms=float(hl) if hl is not None else DEFAULT_HALF_LIFE_MS,
+        total=int(total) if total is not None else None,
+        allocated=max(int(allocated or 0), 0),
+        incoming=max(int(incoming or 0), 0),
+        tenants=tenants,
+        ends=ends,
+        wanted=wanted,
+        ranks=ranks,
+    )
 
 
 def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
@@ -161,15 +200,13 @@ def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
 
 def cluster_view(client: redis.Redis, now_ms: int | None = None) -> ClusterView:
     """Nodes, GPU totals, and per tenant: quota, what it runs, what it borrows, what waits and why."""
-    now = _now_ms(client, now_ms)
-    hl = half_life_ms(client)
-    total, allocated, incoming = _read_capacity(client)
-    free = None if total is None else max(total - allocated, 0)
+    state = _read_state(client, [], now_ms, depth=1)
+    free = None if state.total is None else max(state.total - state.allocated, 0)
     raw_nodes = client.hgetall(keys.capacity_nodes())
     nodes = [NodeCapacity.model_validate_json(raw_nodes[n]) for n in sorted(raw_nodes)]
     views = []
-    for t in _read_tenants(client, depth=1).values():
-        score = fair_share.decayed_usage(t.consumed, t.at_ms, t.gpus, now, hl) / t.quota.weight
+    for t in state.tenants.values():
+        usage = fair_share.decayed_usage(t.consumed, t.at_ms, t.gpus, state.now_ms, state.half_life_ms)
         views.append(
             TenantView(
                 tenant_id=t.tenant_id,
@@ -178,28 +215,12 @@ def cluster_view(client: redis.Redis, now_ms: int | None = None) -> ClusterView:
                 running_gpus=t.gpus,
                 borrowed_gpus=max(t.gpus - t.quota.nominal_gpus, 0),
                 queued_jobs=t.queued,
-                share_score=round(score, 6),
-                waiting_reason=_waiting_reason(t, free, now),
+                share_score=round(usage / t.quota.weight, 6),
+                waiting_reason=_waiting_reason(t, free, state.now_ms),
             )
         )
-    totals = ClusterTotals(gpus=total, allocated=allocated, free=free, being_preempted=incoming)
+    totals = ClusterTotals(gpus=state.total, allocated=state.allocated, free=free, being_preempted=state.incoming)
     return ClusterView(nodes=nodes, totals=totals, tenants=views)
-
-
-def _running_ends(client: redis.Redis, now_ms: int) -> list[tuple[float, str, int]]:
-    """(expected end ms, tenant, gpus) of every running job: its reported ETA (estimated_finish), else
-    assumed half done."""
-    ids = client.zrange(keys.sched_running_jobs(), 0, -1)
-    pipe = client.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.hmget(keys.job(job_id), "tenant_id", "gpus", "estimated_finish")
-    ends = []
-    for tenant, g, finish in pipe.execute():
-        if tenant is None:
-            continue
-        end = float(finish) * 1000 if finish else now_ms + ASSUMED_JOB_S * 500
-        ends.append((max(end, now_ms), tenant, int(g or 1)))
-    return ends
 
 
 def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | None = None) -> dict[str, QueueEstimate]:
@@ -209,26 +230,16 @@ def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | Non
     current state. Assumptions: running jobs end at their reported ETA (else are half done), queued
     jobs run ASSUMED_JOB_S, no new jobs arrive, nothing is cancelled, and reclaim waits for jobs to
     end instead of preempting them (so a reclaiming tenant's estimate is an upper bound). Past
-    _MAX_SIMULATED_ADMISSIONS, a job's position is extrapolated and its start is None.
+    _MAX_SIMULATED_ADMISSIONS, a job's position is extrapolated (every other waiting tenant admits
+    jobs in proportion to its weight meanwhile) and its start is None. A job parked by a placement
+    back-off is out of the queue until its time: no estimate.
     """
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hmget(keys.job(job_id), "status", "tenant_id")
-    wanted: dict[str, str] = {}
-    for job_id, (status, tenant) in zip(job_ids, pipe.execute(), strict=True):
-        if status == "queued" and tenant is not None:
-            wanted[job_id] = tenant
-    if not wanted:
+    state = _read_state(client, job_ids, now_ms)
+    if not state.wanted:
         return {}
-    pipe = client.pipeline(transaction=False)
-    for job_id, tenant in wanted.items():
-        pipe.zrank(keys.queue(tenant), job_id)
-    ranks = {j: r for j, r in zip(wanted, pipe.execute(), strict=True) if r is not None}
-    depth = min(max(ranks.values(), default=0) * 4 + 8, _READ_AHEAD)
-    now = _now_ms(client, now_ms)
-    total, _, _ = _read_capacity(client)
-    tenants = _read_tenants(client, depth)
-    return _simulate(tenants, _running_ends(client, now), total, now, half_life_ms(client), ranks, wanted)
+    return _simulate(
+        state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks, state.wanted
+    )
 
 
 def _simulate(
@@ -240,7 +251,11 @@ def _simulate(
     ranks: dict[str, int],
     wanted: dict[str, str],
 ) -> dict[str, QueueEstimate]:
-    """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue)."""
+    """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue).
+
+    Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs) under their time-invariant
+    order, tenants holding GPUs scored directly; a step costs O(buckets + holding tenants + log T).
+    """
     capacity = math.inf if total is None else total
     used = sum(g for _, _, g in ends)
     heapq.heapify(ends)
@@ -248,6 +263,9 @@ def _simulate(
     out: dict[str, QueueEstimate] = {}
     admitted = 0
     t = float(now)
+    buckets: dict[tuple[int, int], list[list]] = {}  # (tier, gpus) -> heap of [order, tenant id, valid]
+    entries: dict[str, list] = {}
+    holding = {tid for tid, tn in tenants.items() if tn.gpus > 0}
 
     def head(tenant: _Tenant) -> tuple[str, int, float, int] | None:
         i = heads[tenant.tenant_id]
@@ -258,21 +276,52 @@ def _simulate(
             return (f"{job_id}+{i}", g, score + i, 0)
         return None
 
+    def place(tenant: _Tenant) -> None:
+        """(Re-)index an idle tenant's head, as the Lua's reindex does."""
+        if (old := entries.pop(tenant.tenant_id, None)) is not None:
+            old[2] = False
+        h = head(tenant)
+        q = tenant.quota
+        if tenant.gpus > 0 or h is None or (q.max_running_jobs is not None and q.max_running_jobs <= 0):
+            return
+        entry_tier = fair_share.tier(q, 0, h[1])
+        if entry_tier is None:
+            return
+        if hl <= 0 or tenant.consumed <= 0:
+            order = (0, 0.0, h[2])
+        else:
+            order = (1, math.log2(tenant.consumed / q.weight) + tenant.at_ms / hl, h[2])
+        entry = [order, tenant.tenant_id, True]
+        heapq.heappush(buckets.setdefault((entry_tier, h[1]), []), entry)
+        entries[tenant.tenant_id] = entry
+
+    for tenant in tenants.values():
+        place(tenant)
     while len(out) < len(wanted) and admitted < _MAX_SIMULATED_ADMISSIONS:
+        avail = capacity - used
         cands = []
-        for tenant in tenants.values():
-            h = head(tenant)
-            if h is None or h[3] > t:
+        for (entry_tier, g), heap in buckets.items():
+            while heap and not heap[0][2]:
+                heapq.heappop(heap)
+            if not heap or (entry_tier == fair_share.BORROWING and g > avail):
                 continue
+            order, tid, _ = heap[0]
+            tenant = tenants[tid]
+            h = head(tenant)
+            score = 0.0 if order[0] == 0 else 2.0 ** min(order[1] - t / hl, 1000.0)
+            cands.append((fair_share.entry_key(entry_tier, score, 0.0, h[2]), tenant, h, entry_tier))
+        for tid in holding:
+            tenant = tenants[tid]
+            h = head(tenant)
             q = tenant.quota
+            if h is None or (q.max_running_jobs is not None and tenant.running >= q.max_running_jobs):
+                continue
             entry_tier = fair_share.tier(q, tenant.gpus, h[1])
-            if entry_tier is None or (q.max_running_jobs is not None and tenant.running >= q.max_running_jobs):
+            if entry_tier is None:
                 continue
             score = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl) / q.weight
-            key = fair_share.entry_key(entry_tier, score, tenant.gpus / q.weight, h[2])
-            cands.append((key, tenant, h, entry_tier))
+            cands.append((fair_share.entry_key(entry_tier, score, tenant.gpus / q.weight, h[2]), tenant, h, entry_tier))
         cands.sort(key=lambda c: c[0])
-        avail = capacity - used
         chosen = None
         for _, tenant, h, entry_tier in cands:
             if h[1] <= avail:
@@ -281,16 +330,17 @@ def _simulate(
             if entry_tier <= fair_share.RECLAIMING and tenant.gpus < tenant.quota.nominal_gpus:
                 avail = 0  # a reclaiming head holds the free capacity (as the Lua does)
         if chosen is None:
-            backoffs = [h[3] for tn in tenants.values() if (h := head(tn)) is not None and h[3] > t]
-            next_t = min(([ends[0][0]] if ends else []) + backoffs, default=None)
-            if next_t is None:
+            if not ends:
                 break  # nothing running and nothing admissible: the rest waits on a quota change
-            t = max(t, next_t)
+            t = max(t, ends[0][0])
             while ends and ends[0][0] <= t:
                 _, tid, g = heapq.heappop(ends)
                 used -= g
                 if tid in tenants:
                     _fold(tenants[tid], -g, -1, t, hl)
+                    if tenants[tid].gpus <= 0:
+                        holding.discard(tid)
+                        place(tenants[tid])
             continue
         tenant, (job_id, g, _, _) = chosen
         admitted += 1
@@ -299,13 +349,19 @@ def _simulate(
             out[job_id] = QueueEstimate(position=admitted, estimated_start_at=int(t // 1000))
         used += g
         _fold(tenant, g, 1, t, hl)
+        holding.add(tenant.tenant_id)
+        place(tenant)  # now holding: out of the idle index
         heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, tenant.tenant_id, g))
-    waiting = max(len([tn for tn in tenants.values() if tn.queued]), 1)
     for job_id, rank in ranks.items():
-        if job_id not in out:  # beyond the simulated horizon: every waiting tenant takes turns
-            tenant = tenants.get(wanted[job_id])
-            done = heads.get(wanted[job_id], 0) if tenant else 0
-            out[job_id] = QueueEstimate(position=admitted + (rank - done) * waiting + 1, estimated_start_at=None)
+        if job_id not in out:  # beyond the simulated horizon: the others admit in proportion to weight
+            mine = tenants[wanted[job_id]]
+            ahead = rank - heads[mine.tenant_id]
+            others = sum(
+                min(tn.queued - heads[tn.tenant_id], ahead * tn.quota.weight / mine.quota.weight)
+                for tn in tenants.values()
+                if tn is not mine
+            )
+            out[job_id] = QueueEstimate(position=admitted + ahead + round(others) + 1, estimated_start_at=None)
     return out
 
 
