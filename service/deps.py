@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 
+# The getters only read app state, so they are async: FastAPI runs a sync dependency in its threadpool,
+# a hand-off per dependency per request. get_principal reads Redis and stays sync.
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
