@@ -76,7 +76,11 @@ async def get_registry(request: Request) -> AdapterRegistry:
 
 
 async def get_quotas(request: Request) -> QuotaStore:
-    return request.app.state.quotas
+    quotas = request.app.state.quotas
+    if quotas is None:  # Redis has been unreachable since the API started (service.app)
+        raise APIError(503, "The service's state store (Redis) is unreachable; retry in a few seconds.",
+                       type="server_error", code="service_unavailable", headers={"Retry-After": "5"})
+    return quotas
 
 
 async def get_capacity(request: Request) -> CapacityStore:
