@@ -1,4 +1,5 @@
-"""`lorafleet admin quota ...` against a live API server (in-process through typer's runner)."""
+"""The CLI's scheduling commands against a live API server (in-process through typer's runner):
+`lorafleet admin quota ...`, `lorafleet admin cluster`, and resources/priority on `lorafleet jobs create`."""
 
 from __future__ import annotations
 
@@ -15,17 +16,23 @@ from service.cli import app
 
 
 @pytest.fixture
-def admin_cli(api_server):
+def cli(api_server):
+    """`cli(*args, api_key=None, expect=0)`: run `lorafleet ARGS` with the operator key unless `api_key`."""
     runner = CliRunner()
 
-    def run(*args: str, expect: int = 0):
+    def run(*args: str, api_key: str | None = None, expect: int = 0):
         env = {"LORAFLEET_BASE_URL": api_server.url, "LORAFLEET_ADMIN_KEY": api_server.operator_key,
-               "LORAFLEET_API_KEY": "", "COLUMNS": "200"}
-        result = runner.invoke(app, ["admin", *args], env=env)
+               "LORAFLEET_API_KEY": api_key or "", "COLUMNS": "200"}
+        result = runner.invoke(app, list(args), env=env)
         assert result.exit_code == expect, (args, result.output, result.exception)
         return result.output
 
     return run
+
+
+@pytest.fixture
+def admin_cli(cli):
+    return lambda *args, expect=0: cli("admin", *args, expect=expect)
 
 
 def test_quota_set_changes_only_the_given_fields_and_reset_restores_the_default(admin_cli, tenant_a):
@@ -69,3 +76,15 @@ def test_cluster_prints_nodes_and_why_each_tenant_waits(admin_cli, api_server, t
     assert "waiting for 2 GPUs; 0 free" in out
     view = json.loads(admin_cli("cluster", "--json"))
     assert view["tenants"][0]["queued_jobs"] == 1
+
+
+def test_jobs_create_takes_resources_and_priority(cli, tenant_a, dataset_path):
+    out = cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path), "--workers", "2",
+              "--gpus-per-worker", "2", "--priority", "high", api_key=tenant_a.api_key)
+    assert "(2 × 2 GPU, high priority)" in out
+    job = json.loads(cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path), "--gpus",
+                         "3", "--json", api_key=tenant_a.api_key).split("\n", 1)[1])
+    assert (job["resources"], job["priority"]) == ({"workers": 3, "gpus_per_worker": 1}, "normal")
+    refused = cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path), "--gpus", "2",
+                  "--workers", "2", api_key=tenant_a.api_key, expect=1)
+    assert "HTTP 400" in refused and "not both forms" in refused
