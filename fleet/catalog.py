@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.exceptions import InvalidRequest
+from fleet.resources import Resources
 
 __all__ = ["BaseModelSpec", "Catalog", "read_catalog_file"]
 
@@ -23,6 +24,15 @@ class BaseModelSpec(BaseModel):
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     max_rank: int = Field(default=64, ge=1, le=4096, description="Largest LoRA rank r a job may ask for.")
     description: str = ""
+    resources: Resources | None = Field(
+        default=None,
+        description='What a job on this model asks for when it names no `resources` ({"gpus": N} or '
+                    '{"workers": W, "gpus_per_worker": G}); omitted: one worker with one GPU.',
+    )
+
+    def default_resources(self) -> Resources:
+        """The resources a job on this model gets when its request names none."""
+        return self.resources or Resources()
 
 
 class Catalog:
@@ -68,7 +78,7 @@ class Catalog:
 
 
 def read_catalog_file(path: Path) -> dict[str, BaseModelSpec]:
-    """Parse a JSON catalog file `{name: {path, quantization, max_rank, description}}`.
+    """Parse a JSON catalog file `{name: {path, quantization, max_rank, description, resources}}`.
 
     Raises ValueError naming the file and every invalid entry.
     """

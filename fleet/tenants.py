@@ -31,6 +31,7 @@ Role = Literal["admin", "member"]
 KEY_PREFIX = "lf-"
 OPERATOR_KEY_ID = "operator"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEY_ID_CACHE_SIZE = 10_000
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # ids end up in key names: no ':' ever
 
 
@@ -86,6 +87,7 @@ class TenantStore:
         check_redis_client(client)
         self.redis = client
         self._admin_key = admin_key
+        self._key_ids: dict[str, str] = {}  # sha256 of a raw key -> its key id (immutable once issued)
 
     def create_tenant(self, name: str) -> tuple[Tenant, str]:
         """Create a tenant and its first admin key; returns (tenant, raw key). The key is shown only once."""
@@ -174,10 +176,18 @@ class TenantStore:
             return Principal(tenant_id=None, key_id=OPERATOR_KEY_ID, role="operator")
         if not raw_key.startswith(KEY_PREFIX):
             return None
-        key_id = self.redis.get(keys.api_key_by_hash(_hash_key(raw_key)))
+        digest = _hash_key(raw_key)
+        # A key's id never changes for its hash, so it is cached: one Redis read per request, the key's
+        # record, which still says at once whether it was revoked (by any process).
+        key_id = self._key_ids.get(digest)
         if key_id is None:
-            return None
+            key_id = self.redis.get(keys.api_key_by_hash(digest))
+            if key_id is None:
+                return None
+            if len(self._key_ids) >= _KEY_ID_CACHE_SIZE:
+                self._key_ids.clear()
+            self._key_ids[digest] = key_id
         fields = self.redis.hgetall(keys.api_key(key_id))
-        if not fields or "revoked_at" in fields:
+        if not fields or "revoked_at" in fields or fields.get("sha256") != digest:
             return None
         return Principal(tenant_id=fields["tenant_id"], key_id=key_id, role=fields["role"])  # type: ignore[arg-type]

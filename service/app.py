@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,9 +14,12 @@ import anyio
 from fastapi import FastAPI
 from redis.exceptions import RedisError
 
+from fleet.capacity import CapacityStore
 from fleet.files import FileStore
 from fleet.queue import JobStore
+from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
+from fleet.scheduling import set_half_life
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import TenantStore
 from fleet.webhook_delivery import Deliverer
@@ -48,6 +52,24 @@ def _queue_stats(jobs: JobStore) -> dict[str, tuple[str, float]]:
         "lorafleet_jobs_running": ("Jobs claimed by a worker.", float(sum(snapshot.running.values()))),
         "lorafleet_tenants_waiting": ("Tenants with at least one queued job.", float(len(snapshot.tenants))),
     }
+
+
+def _publish_scheduler_settings(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
+    """Write the default quota and the fair-share half-life where every process's scheduler reads them,
+    then make the quota store available to the routes (`app.state.quotas`).
+
+    Retried every 2 s while Redis is unreachable, so the API still starts (and answers 503) without it.
+    """
+    while not stop.is_set():
+        try:
+            quotas = QuotaStore(app.state.redis, default=settings.default_quota)
+            set_half_life(app.state.redis, settings.fair_share_half_life_s)
+        except RedisError as e:
+            logger.warning("cannot write the scheduler's settings to Redis yet, retrying in 2 s: %s", e)
+            stop.wait(2.0)
+            continue
+        app.state.quotas = quotas
+        return
 
 
 def _without_password(url: str) -> str:
@@ -85,6 +107,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.tenants = TenantStore(client, admin_key=admin_key)
         app.state.files = FileStore(client, store, max_upload_bytes=settings.max_upload_bytes)
         app.state.registry = AdapterRegistry(client, store)
+        app.state.capacity = CapacityStore(client)
+        app.state.quotas = None  # set by _publish_scheduler_settings once Redis has taken the settings
+        stop_publishing = threading.Event()
+        publisher = threading.Thread(target=_publish_scheduler_settings, args=(app, settings, stop_publishing),
+                                     name="publish-scheduler-settings", daemon=True)
+        publisher.start()
+        await anyio.to_thread.run_sync(publisher.join, 2.0)  # done at once when Redis is up
         app.state.stream_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STREAMS)
         stale = remove_stale_spool_files(Path(settings.data_dir) / "tmp")
         if stale:
@@ -106,6 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            stop_publishing.set()
             if deliverer is not None and deliverer_client is not None:
                 deliverer.stop()
                 deliverer_client.close()

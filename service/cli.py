@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from service import cli_local
+from service.cli_admin import cluster, quota_app
 from service.cli_jobs import jobs_app
 from service.console import (
     DEFAULT_BASE_URL,
@@ -32,10 +33,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-admin_app = typer.Typer(help="Tenants and API keys (needs the operator's admin key).", no_args_is_help=True)
+admin_app = typer.Typer(help="Tenants, API keys and quotas (needs the operator's admin key).", no_args_is_help=True)
 files_app = typer.Typer(help="Upload and list training files.", no_args_is_help=True)
 adapters_app = typer.Typer(help="List and download published adapter versions.", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
+admin_app.add_typer(quota_app, name="quota")
+admin_app.command("cluster")(cluster)
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")

@@ -70,6 +70,10 @@ def jobs_create(
     ] = None,
     use_rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
     quantization: Annotated[str | None, typer.Option(help="nf4, int8 or none.")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs: that many workers of one GPU each.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (with --gpus-per-worker).")] = None,
+    gpus_per_worker: Annotated[int | None, typer.Option(help="GPUs each worker holds.")] = None,
+    priority: Annotated[str | None, typer.Option(help="low, normal or high (among your own jobs).")] = None,
     metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE; repeatable.")] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe key (default: a fresh one per invocation).")
@@ -108,13 +112,22 @@ def jobs_create(
         lora = {k: v for k, v in lora.items() if v is not None}
         if lora:
             body["lora"] = lora
+        resources = {k: v for k, v in {"gpus": gpus, "workers": workers, "gpus_per_worker": gpus_per_worker}.items()
+                     if v is not None}
+        if resources:  # the server says what is wrong with them (e.g. --gpus with --workers)
+            body["resources"] = resources
+        if priority:
+            body["priority"] = priority
         if metadata:
             body["metadata"] = _parse_metadata(metadata)
         job = call(client.create_job, body, idempotency_key=idempotency_key or f"cli-{uuid.uuid4()}")
         if as_json:
             print_json(job)
         else:
-            console.print(f"Created job [bold]{job['id']}[/] on {job['model']}: {status_text(job['status'])}.")
+            gang = job.get("resources") or {}
+            console.print(f"Created job [bold]{job['id']}[/] on {job['model']} "
+                          f"({gang.get('workers', 1)} × {gang.get('gpus_per_worker', 1)} GPU, {job.get('priority')} "
+                          f"priority): {status_text(job['status'])}.")
         if follow:
             _follow(client, job["id"])
 

@@ -116,6 +116,18 @@ class LorafleetClient:
     def revoke_key(self, key_id: str) -> dict:
         return self.request("DELETE", f"/v1/admin/keys/{key_id}")
 
+    def get_quota(self, tenant_id: str) -> dict:
+        return self.request("GET", f"/v1/admin/tenants/{tenant_id}/quota")
+
+    def set_quota(self, tenant_id: str, quota: dict) -> dict:
+        return self.request("PUT", f"/v1/admin/tenants/{tenant_id}/quota", json=quota)
+
+    def reset_quota(self, tenant_id: str) -> dict:
+        return self.request("DELETE", f"/v1/admin/tenants/{tenant_id}/quota")
+
+    def cluster(self) -> dict:
+        return self.request("GET", "/v1/admin/cluster")
+
     # --- files --------------------------------------------------------------------------------------
     def upload_file(self, path: Path, *, purpose: str = "fine-tune") -> dict:
         with open(path, "rb") as fh:

@@ -11,10 +11,12 @@ from typing import Annotated
 import redis
 from fastapi import Depends, Request
 
+from fleet.capacity import CapacityStore
 from fleet.catalog import Catalog
 from fleet.files import FileStore
 from fleet.objectstore import ObjectStore
 from fleet.queue import JobStore
+from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
 from fleet.settings import Settings
 from fleet.tenants import Principal, TenantStore
@@ -29,6 +31,8 @@ __all__ = [
     "TenantsDep",
     "FilesDep",
     "RegistryDep",
+    "QuotasDep",
+    "CapacityDep",
     "Principal",
     "CallerPrincipal",
     "CurrentTenant",
@@ -37,36 +41,50 @@ __all__ = [
 ]
 
 
-def get_settings(request: Request) -> Settings:
+# The getters only read app state, so they are async: FastAPI runs a sync dependency in its threadpool,
+# a hand-off per dependency per request. get_principal reads Redis and stays sync.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> redis.Redis:
+async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_catalog(request: Request) -> Catalog:
+async def get_catalog(request: Request) -> Catalog:
     return request.app.state.catalog
 
 
-def get_jobs(request: Request) -> JobStore:
+async def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_tenants(request: Request) -> TenantStore:
+async def get_tenants(request: Request) -> TenantStore:
     return request.app.state.tenants
 
 
-def get_files(request: Request) -> FileStore:
+async def get_files(request: Request) -> FileStore:
     return request.app.state.files
 
 
-def get_registry(request: Request) -> AdapterRegistry:
+async def get_registry(request: Request) -> AdapterRegistry:
     return request.app.state.registry
+
+
+async def get_quotas(request: Request) -> QuotaStore:
+    quotas = request.app.state.quotas
+    if quotas is None:  # Redis has been unreachable since the API started (service.app)
+        raise APIError(503, "The service's state store (Redis) is unreachable; retry in a few seconds.",
+                       type="server_error", code="service_unavailable", headers={"Retry-After": "5"})
+    return quotas
+
+
+async def get_capacity(request: Request) -> CapacityStore:
+    return request.app.state.capacity
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -77,6 +95,8 @@ JobsDep = Annotated[JobStore, Depends(get_jobs)]
 TenantsDep = Annotated[TenantStore, Depends(get_tenants)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+QuotasDep = Annotated[QuotaStore, Depends(get_quotas)]
+CapacityDep = Annotated[CapacityStore, Depends(get_capacity)]
 
 _WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="lorafleet"'}
 
@@ -127,7 +147,7 @@ def get_principal(request: Request, tenants: TenantsDep) -> Principal:
 CallerPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def get_tenant_principal(principal: CallerPrincipal) -> Principal:
+async def get_tenant_principal(principal: CallerPrincipal) -> Principal:
     """A caller acting as a tenant (the tenant's own resources); the operator key has no tenant."""
     if principal.tenant_id is None:
         raise APIError(
@@ -146,13 +166,13 @@ def _require_role(principal: Principal, roles: tuple[str, ...], message: str, co
     return principal
 
 
-def get_admin_principal(principal: CallerPrincipal) -> Principal:
+async def get_admin_principal(principal: CallerPrincipal) -> Principal:
     """The operator, or a tenant's admin-role key (which may only manage its own tenant's keys)."""
     return _require_role(principal, ("operator", "admin"),
                          "This endpoint needs the operator's admin key or an admin-role API key.", "admin_required")
 
 
-def get_operator_principal(principal: CallerPrincipal) -> Principal:
+async def get_operator_principal(principal: CallerPrincipal) -> Principal:
     """The operator (the settings' admin key): operator-wide data such as /metrics, never a tenant's key."""
     return _require_role(principal, ("operator",),
                          "This endpoint needs the operator's admin key (LORAFLEET_ADMIN_KEY); tenant keys cannot "

@@ -31,6 +31,7 @@ from fleet.exceptions import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
 PERMISSION = "permission_error"
+RATE_LIMIT = "rate_limit_error"
 SERVER = "server_error"
 
 
@@ -103,6 +105,7 @@ _FLEET_STATUS: tuple[tuple[type[FleetError], int], ...] = (
     (PayloadTooLarge, 413),
     (Conflict, 409),
     (InvalidRequest, 400),
+    (QuotaExceeded, 429),
 )
 
 
@@ -208,6 +211,9 @@ async def _handle_fleet_error(request: Request, exc: FleetError) -> JSONResponse
     if status >= 500 or isinstance(exc, FencedOut):
         logger.error("internal fleet error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "The server had an error processing your request.", type=SERVER)
+    if isinstance(exc, QuotaExceeded):  # the OpenAI SDK waits Retry-After seconds and retries a 429
+        return error_response(429, exc.message, type=RATE_LIMIT, param=exc.param, code=exc.code,
+                              headers={"Retry-After": str(exc.retry_after_s)})
     return error_response(status, exc.message, param=exc.param, code=exc.code)
 
 

@@ -2,7 +2,8 @@
 adapter and adapter version objects.
 
 Pure functions from fleet's models to JSON-ready dicts. OpenAI's field names come first; our
-extensions (`progress`, `queue_position`, `lora`, `attempt`) are extra keys the SDK keeps as attributes.
+extensions (`progress`, `queue_position`, `lora`, `resources`, `priority`, `attempt`) are extra keys
+the SDK keeps as attributes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def job_object(job: Job, *, queue_position: int | None = None) -> dict[str, Any]
         "progress": _progress(job),
         "queue_position": queue_position,
         "lora": dict(job.lora),
+        "resources": job.resources.model_dump(),
+        "priority": job.priority,
         "base_model": job.base_model or job.model,
         "init_adapter": job.init_adapter,
         "attempt": job.attempt,

@@ -41,7 +41,9 @@ class ErrorObject(BaseModel):
     """OpenAI's error fields; `details` (ours) lists every problem when there are several."""
 
     message: str
-    type: str = Field(description="invalid_request_error, authentication_error, permission_error or server_error")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, permission_error, rate_limit_error or server_error"
+    )
     param: str | None = None
     code: str | None = None
     details: list[dict[str, Any]] | None = None
@@ -60,14 +62,24 @@ _DESCRIPTIONS = {
     404: "No such resource for this tenant (or no such URL).",
     409: "Conflicts with the current state (a name taken, a job in the wrong state, an idempotency key reused).",
     413: "The request body or uploaded file is over the limit.",
+    429: "Over one of the tenant's quotas (e.g. max_queued_jobs); the message names it. Retry after "
+         "`Retry-After` seconds.",
     500: "A bug: logged with its traceback on the server.",
     503: "Redis (the service's state store) is unreachable; retry after `Retry-After` seconds.",
 }
 
 
+# Answers that say when to try again.
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route or router: each status with its description and OpenAI's error body."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+    return {
+        code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code],
+               **({"headers": _RETRY_AFTER} if code in (429, 503) else {})}
+        for code in codes
+    }
 
 
 # Any route: a body over the cap (413) or nested too deep (400), a bug (500), Redis down (503).

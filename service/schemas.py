@@ -1,9 +1,9 @@
 """Request bodies of the API as pydantic models: the shape checks done before any Redis call.
 
 Field names and limits follow OpenAI's fine-tuning API (metadata: ≤16 keys, keys ≤64 chars, values
-≤512 chars; suffix ≤64 chars) so the official SDK's requests validate unchanged. Our own extension is
-the `lora` block. Unknown fields are rejected (`Unrecognized request argument supplied: ...`) so a typo
-is never silently ignored.
+≤512 chars; suffix ≤64 chars) so the official SDK's requests validate unchanged. Our own extensions are
+the `lora` block, `resources` and `priority`. Unknown fields are rejected (`Unrecognized request
+argument supplied: ...`) so a typo is never silently ignored.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.files import FILE_ID_PATTERN
+from fleet.quotas import TenantQuota
+from fleet.resources import PriorityClass, Resources
 
 __all__ = [
     "Hyperparameters",
     "SupervisedMethod",
     "Method",
     "LoraRequest",
+    "RESOURCES_SCHEMA",
     "JobCreateRequest",
+    "QuotaRequest",
     "TenantCreateRequest",
     "KeyCreateRequest",
     "NAME_PATTERN",
@@ -108,8 +112,29 @@ class LoraRequest(_Strict):
         return list(dict.fromkeys(cleaned))
 
 
+def _upper_bound(model: type[BaseModel], field: str) -> int:
+    """The `le` bound pydantic enforces on `model.field`, so the schema states the same limit."""
+    return next(m.le for m in model.model_fields[field].metadata if getattr(m, "le", None) is not None)
+
+
+# fleet.resources.Resources validates both forms; the schema says which two shapes it accepts.
+_WORKERS = {"type": "integer", "minimum": 1, "maximum": _upper_bound(Resources, "workers")}
+_PER_WORKER = {"type": "integer", "minimum": 1, "maximum": _upper_bound(Resources, "gpus_per_worker")}
+RESOURCES_SCHEMA = {
+    "anyOf": [
+        {"type": "object", "title": "GPUs", "properties": {"gpus": _WORKERS}, "required": ["gpus"],
+         "additionalProperties": False},
+        {"type": "object", "title": "WorkersAndGPUs",
+         "properties": {"workers": _WORKERS, "gpus_per_worker": _PER_WORKER}, "additionalProperties": False},
+        {"type": "null"},
+    ],
+    "description": 'What the job asks the cluster for: {"gpus": N} (N workers of one GPU each) or '
+                   '{"workers": W, "gpus_per_worker": G}. Default: the base model\'s, from the catalog.',
+}
+
+
 class JobCreateRequest(_Strict):
-    """`POST /v1/fine_tuning/jobs`, as the OpenAI SDK sends it, plus `lora`."""
+    """`POST /v1/fine_tuning/jobs`, as the OpenAI SDK sends it, plus `lora`, `resources` and `priority`."""
 
     model: str = Field(min_length=1)
     training_file: str = Field(min_length=1, json_schema_extra={"pattern": FILE_ID_PATTERN})
@@ -121,6 +146,21 @@ class JobCreateRequest(_Strict):
     hyperparameters: Hyperparameters | None = None
     integrations: list[dict] | None = None
     lora: LoraRequest | None = None
+    resources: Resources | None = Field(default=None, json_schema_extra=RESOURCES_SCHEMA)
+    priority: PriorityClass = Field(
+        default="normal", description="Order among the tenant's own jobs: high ones start first, low ones are "
+                                      "preempted first.",
+    )
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _gpus_in_range(cls, value: object) -> object:
+        # Resources turns {"gpus": N} into N workers; without this a bad N would be reported as 'workers'.
+        if isinstance(value, dict) and "gpus" in value:
+            gpus, most = value["gpus"], _upper_bound(Resources, "workers")
+            if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= most:
+                raise ValueError(f"'gpus' must be a whole number from 1 to {most} (got {gpus!r})")
+        return value
 
     @field_validator("suffix")
     @classmethod
@@ -185,3 +225,9 @@ class KeyCreateRequest(_Strict):
     """`POST /v1/admin/tenants/{id}/keys`."""
 
     role: Literal["member", "admin"] = "member"
+
+
+class QuotaRequest(TenantQuota):
+    """`PUT /v1/admin/tenants/{id}/quota`: the tenant's whole quota (omitted fields take their defaults)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

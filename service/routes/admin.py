@@ -1,4 +1,5 @@
-"""`/v1/admin`: tenants and API keys. The operator manages every tenant; a tenant's admin key its own keys.
+"""`/v1/admin`: tenants, API keys, quotas and the cluster view. The operator manages every tenant; a
+tenant's admin key its own keys. Quotas and the cluster view are the operator's alone.
 
 Raw API keys appear exactly once, in the response that creates them; only their sha256 is stored.
 """
@@ -11,12 +12,14 @@ from typing import Any
 from fastapi import APIRouter
 
 from fleet.exceptions import NotFound
+from fleet.quotas import QuotaStore, TenantQuota
+from fleet.scheduler_view import cluster_view
 from fleet.tenants import ApiKey, Principal, Tenant
-from service.deps import AdminPrincipal, TenantsDep
+from service.deps import AdminPrincipal, OperatorPrincipal, QuotasDep, RedisDep, TenantsDep
 from service.errors import APIError
 from service.objects import list_envelope
 from service.openapi import TENANT_ERRORS
-from service.schemas import KeyCreateRequest, TenantCreateRequest
+from service.schemas import KeyCreateRequest, QuotaRequest, TenantCreateRequest
 
 __all__ = ["router"]
 
@@ -103,3 +106,63 @@ def revoke_key(key_id: str, principal: AdminPrincipal, tenants: TenantsDep) -> d
     record = tenants.revoke_key(key_id, tenant_id=None if principal.is_operator else principal.tenant_id)
     logger.info("revoked key %s of tenant %s", key_id, record.tenant_id)
     return {**_key_object(record), "revoked": True}
+
+
+# --- quotas (operator only) ------------------------------------------------------------------------------
+def _quota_object(tenant_id: str | None, quota: TenantQuota, *, is_default: bool) -> dict[str, Any]:
+    """A tenant's quota (or the default one: `tenant_id` None, id "default") as the admin API shows it."""
+    return {"object": "tenant.quota", "id": tenant_id or "default", "tenant_id": tenant_id, "is_default": is_default,
+            **quota.model_dump()}
+
+
+def _tenant_quota(quotas: QuotaStore, tenant_id: str) -> dict[str, Any]:
+    own = quotas.list().get(tenant_id)
+    return _quota_object(tenant_id, own or quotas.default, is_default=own is None)
+
+
+@router.get("/quotas")
+def list_quotas(principal: OperatorPrincipal, quotas: QuotasDep) -> dict:
+    """The quotas set per tenant, and `default`: what every other tenant gets (LORAFLEET_DEFAULT_QUOTA)."""
+    page = [_quota_object(tenant_id, quota, is_default=False) for tenant_id, quota in quotas.list().items()]
+    return {**list_envelope(page, has_more=False), "default": _quota_object(None, quotas.default, is_default=True)}
+
+
+@router.get("/tenants/{tenant_id}/quota")
+def retrieve_quota(tenant_id: str, principal: OperatorPrincipal, tenants: TenantsDep, quotas: QuotasDep) -> dict:
+    """The tenant's quota; `is_default` when none was set for it (then it is the default quota)."""
+    tenants.get_tenant(tenant_id)
+    return _tenant_quota(quotas, tenant_id)
+
+
+@router.put("/tenants/{tenant_id}/quota")
+def set_quota(
+    tenant_id: str, body: QuotaRequest, principal: OperatorPrincipal, tenants: TenantsDep, quotas: QuotasDep
+) -> dict:
+    """Replace the tenant's quota (omitted fields take their defaults: no limit, weight 1); the next
+    submission and scheduling decision use it."""
+    tenants.get_tenant(tenant_id)
+    quota = quotas.set(tenant_id, TenantQuota.model_validate(body.model_dump()))
+    logger.info("quota of tenant %s set to %s", tenant_id, quota.model_dump())
+    return _quota_object(tenant_id, quota, is_default=False)
+
+
+@router.delete("/tenants/{tenant_id}/quota")
+def reset_quota(tenant_id: str, principal: OperatorPrincipal, tenants: TenantsDep, quotas: QuotasDep) -> dict:
+    """Back to the default quota. Resetting twice is harmless."""
+    tenants.get_tenant(tenant_id)
+    quotas.reset(tenant_id)
+    logger.info("quota of tenant %s reset to the default", tenant_id)
+    return _quota_object(tenant_id, quotas.default, is_default=True)
+
+
+# --- the cluster (operator only) -------------------------------------------------------------------------
+@router.get("/cluster")
+def retrieve_cluster(principal: OperatorPrincipal, client: RedisDep, tenants: TenantsDep) -> dict:
+    """Nodes and their GPUs, GPU totals, and per tenant that runs or waits: its quota, running jobs and
+    GPUs, borrowed GPUs, queued jobs, share score and why its next job waits."""
+    view = cluster_view(client)
+    names = {t.id: t.name for t in tenants.list_tenants()}
+    body = view.model_dump(mode="json")
+    for tenant in body["tenants"]:
+        tenant["tenant_name"] = names.get(tenant["tenant_id"])
+    return {"object": "cluster", **body}

@@ -9,19 +9,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
 
+from fleet.capacity import CapacityStore
 from fleet.catalog import Catalog
 from fleet.events import event_stream_id
 from fleet.exceptions import InvalidRequest, NotFound
 from fleet.files import FileStore
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
+from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
-from service.deps import CatalogDep, CurrentTenant, FilesDep, JobsDep, RegistryDep
+from service.deps import CapacityDep, CatalogDep, CurrentTenant, FilesDep, JobsDep, QuotasDep, RegistryDep
 from service.errors import APIError
 from service.events_stream import event_stream_response
+from service.job_resources import checked_resources
 from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
-from service.openapi import TENANT_ERRORS
+from service.openapi import TENANT_ERRORS, error_responses
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
 from service.schemas import JobCreateRequest
 from workers.spec import LoraSpec
@@ -86,7 +89,7 @@ def _check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-@router.post("")
+@router.post("", responses=error_responses(429))
 def create_job(
     body: JobCreateRequest,
     response: Response,
@@ -95,12 +98,16 @@ def create_job(
     files: FilesDep,
     catalog: CatalogDep,
     registry: RegistryDep,
+    quotas: QuotasDep,
+    capacity: CapacityDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict:
     """Create a fine-tuning job; it is queued at once (files were validated at upload).
 
     With `Idempotency-Key`, a retry with the same body returns the same job (header
-    `Idempotent-Replayed: true`); the same key with another body is a 409.
+    `Idempotent-Replayed: true`); the same key with another body is a 409. A job asking for more GPUs
+    than the tenant's `max_gpus_per_job` or the whole cluster is a 400; a tenant at its
+    `max_queued_jobs` quota gets a 429 with `Retry-After`.
     """
     key = _check_idempotency_key(idempotency_key)
     tenant_id = tenant.tenant_id
@@ -112,7 +119,8 @@ def create_job(
     if replayed is not None:
         response.headers["Idempotent-Replayed"] = "true"
         return render_job(jobs, replayed)
-    fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry)
+    fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry,
+                               quotas=quotas, capacity=capacity)
     created = jobs.create_job(
         tenant_id,
         **fields,
@@ -177,8 +185,9 @@ def _lora_block_of(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStore, catalog: Catalog,
-                      registry: AdapterRegistry) -> dict:
-    """Everything checked against the catalog and the tenant's files; the keyword arguments of create_job."""
+                      registry: AdapterRegistry, quotas: QuotaStore, capacity: CapacityStore) -> dict:
+    """Everything checked against the catalog, the tenant's files and quota and the cluster's size; the
+    keyword arguments of create_job."""
     continued = _continued_adapter(body, tenant_id=tenant_id, catalog=catalog, registry=registry)
     _require_file(files, tenant_id, body.training_file, param="training_file", min_examples=MIN_TRAINING_EXAMPLES)
     if body.validation_file is not None:
@@ -189,6 +198,8 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
     else:
         init_adapter, base_model, lora = continued
     hyperparameters = body.effective_hyperparameters().model_dump(mode="json")
+    resources = checked_resources(body.resources, tenant_id=tenant_id, base_model=base_model, catalog=catalog,
+                                  quotas=quotas, capacity=capacity)
     return {
         "model": body.model,
         "training_file": body.training_file,
@@ -201,6 +212,8 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
         "lora": lora,
         "base_model": base_model,
         "init_adapter": init_adapter,
+        "resources": resources,
+        "priority": body.priority,
     }
 
 

@@ -28,6 +28,7 @@ def _base_model(name: str, spec: BaseModelSpec, created: int) -> dict[str, Any]:
         kind="base",
         max_rank=spec.max_rank,
         quantization=spec.quantization,
+        resources=spec.default_resources().model_dump(),
         description=spec.description,
     )
 

@@ -42,6 +42,15 @@ def test_revoked_key_no_longer_authenticates(tenants):
     assert tenants.revoke_key(key_id).revoked_at is not None  # idempotent
 
 
+def test_a_key_revoked_by_another_process_is_refused_at_once_by_one_that_used_it(tenants, r):
+    """API processes cache a key's id by its hash; the revocation is still seen on the next request."""
+    tenant, raw = tenants.create_tenant("team-a")
+    assert tenants.authenticate(raw) is not None  # cached here
+    other_api = TenantStore(r, admin_key="operator-secret")
+    other_api.revoke_key(other_api.authenticate(raw).key_id)
+    assert tenants.authenticate(raw) is None
+
+
 def test_tenant_admin_cannot_revoke_another_tenants_key(tenants):
     a, raw_a = tenants.create_tenant("team-a")
     b, _ = tenants.create_tenant("team-b")
