@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fleet.settings import Settings
 from workers.ray_storage import ray_storage_for
 
@@ -27,3 +29,23 @@ def test_ray_storage_defaults_to_the_bucket_with_s3_and_to_the_local_stores_root
     assert "Contents" not in s3_endpoint.client().list_objects_v2(Bucket=s3_endpoint.bucket, Prefix="rs/ray/run-1/")
     explicit = ray_storage_for(s3.model_copy(update={"ray_storage_path": f"s3://{s3_endpoint.bucket}/elsewhere/"}))
     assert explicit.path == f"{s3_endpoint.bucket}/elsewhere" and explicit.filesystem is not None
+
+
+def test_rays_storage_in_an_unreachable_bucket_is_an_infrastructure_fault(tmp_path):
+    import socket
+
+    from workers.errors import is_infrastructure_fault
+
+    with socket.socket() as probe:  # a port nothing listens on: every request is refused
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    storage = ray_storage_for(Settings(object_store="s3", s3_bucket="lorafleet", s3_access_key_id="k",
+                                       s3_secret_access_key="s", s3_endpoint_url=f"http://127.0.0.1:{closed_port}"))
+    # What Ray Train raises in a worker that persists a checkpoint there, and hands the driver without
+    # a traceback (a bare OSError naming the AWS error), wrapped as the dispatcher gets it.
+    with pytest.raises(OSError) as raised:
+        storage.filesystem.get_file_info(storage.run_path("run-1") + "/step-00000002")
+    outer = RuntimeError("training job 'j' failed on Ray")
+    outer.__cause__ = raised.value.with_traceback(None)
+    assert is_infrastructure_fault(outer), raised.value
+    assert not is_infrastructure_fault(OSError("AWS Error ACCESS_DENIED during HeadObject operation: denied"))
