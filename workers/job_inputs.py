@@ -3,7 +3,7 @@
 A Ray Train worker may run on any node of the cluster, and nodes share nothing but the object store:
 no path on the dispatcher's disk exists there. So the dispatcher hands the workers object-store keys
 (`StoredInputs`), and every worker fetches them into a fresh directory of its own under its node's
-temp dir (`node_work_dir`: `$TMPDIR/lorafleet-work/<run>-rank<r>-*`, removed when the worker ends):
+temp dir (`node_work_dir`: `$TMPDIR/lorafleet-work/<run>-rank<r>-pid<pid>-*`, removed when the worker ends):
 the training and validation files, their pre-tokenized `.tokens.npz` (workers.pretokenized), the
 adapter version to continue from, and the checkpoint an earlier attempt left. The base model is the
 one exception: the catalog's `path` names a directory every node has (or a hub id each node caches).
@@ -14,7 +14,8 @@ one machine); nothing is fetched.
 
 from __future__ import annotations
 
-import hashlib
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from fleet.objectstore import ObjectStore, validate_key
 from fleet.settings import Settings, make_object_store
+from workers.pretokenized import file_sha256
 from workers.spec import TrainingSpec
 
 __all__ = ["FILE_FIELDS", "LocalInputs", "StoredInputs", "StoredObject", "TrainingInputs", "node_work_dir",
@@ -32,6 +34,7 @@ __all__ = ["FILE_FIELDS", "LocalInputs", "StoredInputs", "StoredObject", "Traini
 FILE_FIELDS = frozenset({"training_file", "validation_file", "pretokenized_training_file",
                          "pretokenized_validation_file", "init_adapter"})
 _NODE_WORK = "lorafleet-work"
+_OWNER_PID = re.compile(r"-pid(\d+)-[a-z0-9_]+$")  # node_work_dir's names end "-pid<pid>-<mkdtemp's suffix>"
 # Where each input lands in a worker's directory (the checkpoint goes to "resume/").
 _FILE_NAMES = {"training_file": "train.jsonl", "validation_file": "validation.jsonl",
                "pretokenized_training_file": "train.tokens.npz",
@@ -121,28 +124,39 @@ def stored_file(key: str, field_name: str, sha256: str | None = None) -> StoredO
 
 def node_work_dir(run_name: str, rank: int) -> Path:
     """A fresh directory for one worker of run `run_name` on this node, under the node's temp dir
-    (`TMPDIR` of the node's `ray start`); the worker removes it when it ends."""
+    (`TMPDIR` of the node's `ray start`); the worker removes it when it ends. The directories of
+    workers on this node that died without removing theirs (SIGKILL, the OOM killer) go first: each
+    name carries its worker's pid."""
     root = Path(tempfile.gettempdir()) / _NODE_WORK
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{run_name}-rank{rank}-", dir=root))
+    for path in root.iterdir():
+        owner = _OWNER_PID.search(path.name)
+        if owner is not None and not _alive(int(owner.group(1))):
+            remove_work_dir(path)
+    return Path(tempfile.mkdtemp(prefix=f"{run_name}-rank{rank}-pid{os.getpid()}-", dir=root))
 
 
 def remove_work_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _fetch(store: ObjectStore, stored: StoredObject, dest_dir: Path) -> Path:
     """Download one object to `dest_dir/stored.path`, checking its sha256 when one is known."""
     target = dest_dir / validate_key(stored.path)
     store.download_file(stored.key, target)
-    if stored.sha256 is not None:
-        digest = hashlib.sha256()
-        with open(target, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != stored.sha256:
-            raise RuntimeError(f"object {stored.key} does not match its sha256 ({digest.hexdigest()} != "
-                               f"{stored.sha256}): the stored object was altered or cut short")
+    if stored.sha256 is not None and (digest := file_sha256(target)) != stored.sha256:
+        raise RuntimeError(f"object {stored.key} does not match its sha256 ({digest} != {stored.sha256}): "
+                           "the stored object was altered or cut short")
     return target
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,7 +75,7 @@ def test_stored_inputs_carry_no_path_of_the_dispatcher(stored):
         StoredInputs(settings=settings, spec=spec.model_dump(mode="json"), files=inputs.files)
 
 
-def test_each_worker_gets_a_fresh_dir_under_its_nodes_temp_dir(tmp_path, monkeypatch):
+def test_each_worker_gets_a_fresh_dir_under_its_nodes_temp_dir_and_dead_workers_dirs_go(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path / "node-tmp"))
     (tmp_path / "node-tmp").mkdir()
     import tempfile
@@ -82,3 +84,11 @@ def test_each_worker_gets_a_fresh_dir_under_its_nodes_temp_dir(tmp_path, monkeyp
     first, second = node_work_dir("job-1-attempt-1", 0), node_work_dir("job-1-attempt-1", 0)
     assert first != second
     assert first.parent == second.parent == tmp_path / "node-tmp" / "lorafleet-work"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = first.parent / f"job-0-attempt-1-rank0-pid{dead.pid}-abc_12"  # its worker was SIGKILLed
+    (orphan / "inputs").mkdir(parents=True)
+    third = node_work_dir("job-1-attempt-1", 1)
+    assert not orphan.exists()
+    assert first.exists() and second.exists() and third.exists()  # this process's own are alive
