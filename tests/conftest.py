@@ -1,4 +1,5 @@
-"""Shared test fixtures: a real redis-server, a real S3 endpoint (moto server), a tiny model, local Ray."""
+"""Shared test fixtures: a real redis-server, a real S3 endpoint (moto server), a tiny model, local Ray,
+and a multi-node Ray cluster of separate node processes (`ray_nodes`, tests/cluster.py)."""
 
 from __future__ import annotations
 
