@@ -94,6 +94,14 @@ class Settings(BaseSettings):
                     '{"a100": 1}; empty: Ray Train\'s default (1 CPU, or 1 GPU with use_gpu).',
     )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
+    ray_storage_path: str | None = Field(
+        default=None,
+        description="Where Ray Train persists a run's checkpoints and final adapter, reachable from every Ray "
+                    "node: a shared filesystem path, or s3://BUCKET/PREFIX (reached with the s3_* endpoint and "
+                    "credentials). None: '<s3_prefix>ray/' in the object store's bucket with object_store='s3', "
+                    "else '<data_dir>/objects/ray' (the local object store's root, shared on one machine or "
+                    "over NFS). Each run's folder is removed when its attempt ends.",
+    )
     pause_grace_s: float = Field(
         default=60.0, gt=0,
         description="How long a pause waits for the training loop to record its checkpoint before the run is killed.",

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a real redis-server, a real S3 endpoint (moto server), a tiny model, local Ray."""
+"""Shared test fixtures: a real redis-server, a real S3 endpoint (moto server), a tiny model, local Ray,
+and a multi-node Ray cluster of separate node processes (`ray_nodes`, tests/cluster.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +165,18 @@ def ray_cluster() -> Iterator[None]:
              log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Ray cluster of separate node processes on this machine (tests/cluster.py): a head with no
+    `trainer` resource and two worker nodes with `{"trainer": 1}` each, every node with its own TMPDIR
+    (hence its own Ray temp dir and lorafleet work dir), shared by the tests of one module. Each worker
+    node's Python processes record the paths they touch under pytest's base temp dir (`node.audit()`).
+    The test process does not join it: point a dispatcher process at `ray_nodes.address`."""
+    from tests.cluster import start_cluster
+
+    cluster = start_cluster(workers=[{"trainer": 1}, {"trainer": 1}],
+                            audit_roots=[tmp_path_factory.getbasetemp()])
+    yield cluster
+    cluster.stop()

@@ -2,7 +2,10 @@
 
 One dispatcher runs one job at a time (run several for more). For each claim it:
 1. holds the job's lease by heartbeat; losing it (fenced out) means another attempt owns the job;
-2. fetches the dataset files and the latest checkpoint of earlier attempts from the object store;
+2. fetches the dataset files to check them with the base model's tokenizer, stores their tokenization
+   in the object store, and names the inputs the training workers fetch themselves: those files, the
+   adapter to continue from and the latest checkpoint of earlier attempts (workers.input_staging; no
+   path on the dispatcher's disk reaches a worker, which may run on any node);
 3. runs `workers.ray_train.run_training_on_ray`; inside the rank-0 worker a `JobReporter` writes
    progress and events to Redis, uploads each checkpoint to the object store, and relays cancel/pause;
 4. publishes the adapter through the registry (idempotent per job, fenced by the claim) and finishes
@@ -39,7 +42,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from fleet.checkpoints import download_checkpoint, upload_checkpoint
+from fleet.checkpoints import upload_checkpoint
 from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound, PauseWithdrawn
 from fleet.fencing import Fence
 from fleet.files import FileStore
@@ -50,7 +53,10 @@ from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from workers.checkpoint_uploader import CheckpointUploader
 from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
+from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
+from workers.job_inputs import StoredInputs, StoredObject
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
+from workers.ray_storage import RayStorage, ray_storage_for
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
 from workers.spec import AUTO_BASE_LEARNING_RATE, Hyperparameters, LoraSpec, TrainingSpec
@@ -493,7 +499,7 @@ class Dispatcher:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
             self._join_abandoned()
             shutil.rmtree(work_dir, ignore_errors=True)
-            shutil.rmtree(self._ray_storage / self._ray_run_name(job, attempt), ignore_errors=True)
+            self._ray_storage.remove_run(self._ray_run_name(job, attempt))
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
 
@@ -585,20 +591,23 @@ class Dispatcher:
         base_name = job.base_model or job.model
         base = self.catalog.get(base_name)
         self.jobs.leases.append_event(fence, "info", "Downloading the job's files.")
-        training, validation_path, init_adapter = self._in_phase(
+        training, validation, init_adapter = self._in_phase(
             heartbeat, "download", lambda: self._download_inputs(job, work_dir))
         spec = build_training_spec(
             job, base_model=Path(base.path), quantization=job.lora.get("quantization", base.quantization),
-            work_dir=work_dir, training_file=work_dir / "train.jsonl", validation_file=validation_path,
-            init_adapter=init_adapter,
+            work_dir=work_dir, training_file=work_dir / "train.jsonl",
+            validation_file=work_dir / "validation.jsonl" if validation else None,
         )
         self.jobs.leases.append_event(fence, "info", f"Checking the datasets with {base_name}'s tokenizer.")
-        spec = self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
-        resume_from = self._in_phase(
-            heartbeat, "download", lambda: self._fetch_latest_checkpoint(job, work_dir / "resume"))
+        pretokenized = self._in_phase(heartbeat, "checks", lambda: self._check_datasets(job, fence, spec))
+        resume_from = self._in_phase(heartbeat, "download", lambda: self._fetch_latest_checkpoint(job))
         if resume_from is not None:
             self.jobs.leases.append_event(fence, "info", f"Resuming from the checkpoint at step {resume_from[1]}.")
-        result = self._train(job, fence, spec, work_dir, heartbeat, resume_from[0] if resume_from else None)
+        inputs = stored_inputs(self.settings, job, spec, training_sha256=training.sha256,
+                               validation_sha256=validation.sha256 if validation else None,
+                               pretokenized=pretokenized, init_adapter=init_adapter,
+                               resume_from=resume_from[0] if resume_from else ())
+        result = self._train(job, fence, inputs, work_dir, heartbeat)
         if result.status == "cancelled":
             self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
             return
@@ -631,8 +640,7 @@ class Dispatcher:
                                     hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
 
-    def _train(self, job: Job, fence: Fence, spec: TrainingSpec, work_dir: Path, heartbeat: _Heartbeat,
-               resume_from: Path | None):
+    def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: _Heartbeat):
         """Run the training phase on Ray; a cancel, pause or lost lease stops the run wherever it is
         (waiting for resources, training, hung): the job is ended first, then the run torn down."""
         heartbeat.raise_if_stopped()
@@ -651,16 +659,16 @@ class Dispatcher:
                              pause_grace_s=self.settings.pause_grace_s)
         try:
             result = run_training_on_ray(
-                spec,
+                inputs,
                 output_dir=work_dir / "out",
                 reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
                 num_workers=n,
                 use_gpu=self.settings.use_gpu,
                 resources_per_worker=self.settings.train_resources_per_worker or None,
-                storage_path=self._ray_storage,
+                storage_path=self._ray_storage.path,
+                storage_filesystem=self._ray_storage.filesystem,
                 name=self._ray_run_name(job, attempt),
                 max_failures=self.settings.train_max_failures,
-                resume_from=resume_from,
                 should_stop=stop,
             )
         except TrainingAborted:
@@ -671,21 +679,21 @@ class Dispatcher:
             raise FencedOut(f"attempt {attempt} of {job.id} lost its lease while training")
         return result
 
-    def _download_inputs(self, job: Job, work_dir: Path) -> tuple[Any, Path | None, Path | None]:
-        """Fetch the training file, the validation file and the adapter to continue from, if any."""
+    def _download_inputs(self, job: Job, work_dir: Path) -> tuple[Any, Any, tuple[StoredObject, ...]]:
+        """Fetch the training and validation files (for the checks; their records carry the sha256 the
+        workers check) and name the files of the adapter version to continue from, if any."""
         training = self._download_dataset(job, "training_file", work_dir / "train.jsonl")
-        validation_path = None
+        validation = None
         if job.validation_file:
-            validation_path = work_dir / "validation.jsonl"
-            self._download_dataset(job, "validation_file", validation_path)
-        init_adapter = None
-        if job.init_adapter:  # continuing a published version: start from its weights
-            init_adapter = self.registry.download_version(job.tenant_id, job.init_adapter, work_dir / "init")
-        return training, validation_path, init_adapter
+            validation = self._download_dataset(job, "validation_file", work_dir / "validation.jsonl")
+        init_adapter: tuple[StoredObject, ...] = ()
+        if job.init_adapter:  # continuing a published version: the workers start from its weights
+            init_adapter = version_objects(self.registry, job.tenant_id, job.init_adapter)
+        return training, validation, init_adapter
 
     @property
-    def _ray_storage(self) -> Path:
-        return self.work_root / "ray"
+    def _ray_storage(self) -> RayStorage:
+        return ray_storage_for(self.settings)
 
     @staticmethod
     def _ray_run_name(job: Job, attempt: int) -> str:
@@ -708,43 +716,15 @@ class Dispatcher:
             return parse_adapter_ref(job.init_adapter)[0]
         return adapter_name_for_job(base_name, job.suffix, job.id)
 
-    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> TrainingSpec:
-        """The checks that need the base model's tokenizer (the API checked the format at upload):
-        chat template errors, token counts, examples over max_seq_len. Errors fail the job with the
-        file as `param` and the line numbers; warnings (e.g. truncated examples) become job events.
-        The tokenization done here is stored next to each file (`workers.pretokenized`): the spec
-        returned names it, and the ranks read it instead of tokenizing the dataset again."""
-        from transformers import AutoTokenizer
+    def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> dict[str, StoredObject]:
+        """Check the datasets with the base model's tokenizer and store their tokenization for the ranks
+        (workers.input_staging); errors fail the job on the file, warnings become job events."""
+        return check_and_store_datasets(job, spec, self.store,
+                                        lambda level, message: self.jobs.leases.append_event(fence, level, message))
 
-        from workers.datasets import validate_dataset
-        from workers.pretokenized import key_for, write_pretokenized
-
-        tokenizer = AutoTokenizer.from_pretrained(str(spec.base_model))
-        files = [("training_file", spec.training_file, 10), ("validation_file", spec.validation_file, 1)]
-        stored: dict[str, Path] = {}
-        for param, path, min_examples in files:
-            if path is None:
-                continue
-            examples: list = []
-            report = validate_dataset(path, tokenizer=tokenizer, max_seq_len=spec.max_seq_len,
-                                      overflow="truncate", train_on_inputs=spec.train_on_inputs,
-                                      min_examples=min_examples, examples_out=examples)
-            if not report.ok:
-                problems = "; ".join(str(issue) for issue in report.errors[:20])
-                raise InvalidRequest(f"{param} {getattr(job, param)} is not usable for {job.model}: "
-                                     f"{report.n_errors} problem(s): {problems}", param=param)
-            for issue in report.warnings[:20]:
-                self.jobs.leases.append_event(fence, "warn", f"{param}: {issue}")
-            if report.token_stats is not None:
-                self.jobs.leases.append_event(fence, "info", f"{param}: {report.summary().splitlines()[0]}")
-            key = key_for(path, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=spec.train_on_inputs)
-            stored[f"pretokenized_{param}"] = write_pretokenized(path.with_suffix(".tokens.npz"), examples, key)
-        return TrainingSpec.model_validate({**spec.model_dump(), **stored})
-
-    def _fetch_latest_checkpoint(self, job: Job, dest: Path) -> tuple[Path, int] | None:
-        """Download the job's newest checkpoint (from any earlier attempt), or None if there is none."""
+    def _fetch_latest_checkpoint(self, job: Job) -> tuple[tuple[StoredObject, ...], int] | None:
+        """The files and step of the job's newest checkpoint (from any earlier attempt), or None."""
         latest: Checkpoint | None = self.jobs.latest_checkpoint(job.id)
         if latest is None:
             return None
-        local = download_checkpoint(self.store, latest.location, dest / f"step-{latest.step:08d}")
-        return local, latest.step
+        return checkpoint_objects(self.store, latest.location), latest.step

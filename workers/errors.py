@@ -1,7 +1,8 @@
 """What a failed attempt's error means: whose fault it is, and what of it a tenant may read.
 
-An infrastructure fault (the object store or a Ray node, worker or object lost) is not the job's
-doing: the dispatcher hands the job back to resume from its checkpoint (`is_infrastructure_fault`).
+An infrastructure fault (the object store or a Ray node, worker or object lost; Ray's storage in the
+bucket unreachable) is not the job's doing: the dispatcher hands the job back to resume from its
+checkpoint (`is_infrastructure_fault`).
 
 A tenant sees an error's class and a short first line with paths and URLs removed; Ray's
 worker-group errors embed worker tracebacks, and model or tokenizer errors name the server's files.
@@ -26,6 +27,12 @@ _PATH = re.compile(r"""(?<![\w.:/~\\-])(?:[A-Za-z]:\\|~?/)[^\s'"`,;:()\[\]{}<>]+
 _URL = re.compile(r"""\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"`<>]+""")
 # Files whose OSErrors are the object store's (a local store on a full or failing disk), not the job's.
 _OBJECT_STORE_FILES = ("fleet/objectstore.py",)
+# pyarrow's S3 filesystem (Ray Train's storage in the bucket, workers.ray_storage) raises a bare OSError
+# whose message names the AWS error; it reaches the dispatcher without a traceback, so the message is all
+# there is. Unreachable, 5xx and throttling errors are the machinery's; access or config errors are not.
+_S3_STORAGE_OUTAGE = re.compile(
+    r"AWS Error (?:NETWORK_CONNECTION|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|SLOW_DOWN|THROTTLING|REQUEST_TIMEOUT)\b"
+    r"|AWS Error \w+ \(HTTP status 5\d\d\)")
 
 
 def error_chain(error: BaseException) -> Iterator[BaseException]:
@@ -92,9 +99,9 @@ def _infrastructure_types() -> tuple[type[BaseException], ...]:
 
 
 def is_infrastructure_fault(error: BaseException) -> bool:
-    """Whether `error` comes from the machinery rather than the job: the object store unreachable or
-    failing (connection errors, S3 5xx, an OSError inside the local store), or a Ray node, worker or
-    object lost. Such a job is handed back to resume from its checkpoint."""
+    """Whether `error` comes from the machinery rather than the job: the object store or Ray's storage in
+    the bucket unreachable or failing (connection errors, S3 5xx, an OSError inside the local store), or
+    a Ray node, worker or object lost. Such a job is handed back to resume from its checkpoint."""
     from botocore.exceptions import ClientError
 
     kinds = _infrastructure_types()
@@ -103,6 +110,6 @@ def is_infrastructure_fault(error: BaseException) -> bool:
             return True
         if isinstance(e, ClientError) and int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500:
             return True
-        if isinstance(e, OSError) and _raised_in_object_store(e):
+        if isinstance(e, OSError) and (_raised_in_object_store(e) or _S3_STORAGE_OUTAGE.search(str(e))):
             return True
     return False

@@ -7,8 +7,12 @@ broadcast each step so all ranks stop together. Each checkpoint is reported with
 `storage_path/name/step-NNNNNNNN`; after a worker failure Ray restarts the group
 (`FailureConfig(max_failures)`) and `ray.train.get_checkpoint()` hands back the latest one.
 
-`storage_path` must be storage every node can reach (a shared filesystem or an s3:// URI) when the
-workers span several nodes; the final adapter comes back to the driver through it.
+Nothing on the driver's disk is read or written by a worker: each worker gets its inputs from a
+`TrainingInputs` (workers.job_inputs: object-store keys it fetches itself, or a spec whose paths every
+node sees) and works in a fresh directory under its own node's temp dir, removed when it ends.
+`storage_path` (with `storage_filesystem`, e.g. pyarrow's S3FileSystem; see workers.ray_storage) must be
+storage every node can reach when the workers span several nodes: Ray restores worker groups from it,
+and the final adapter comes back to the driver through it.
 
 `fit()` runs inside a Ray task the caller can stop: while it waits for resources, trains, or hangs
 in a collective, `should_stop` is polled, and a yes aborts the run (see `_stop_fit`). Errors that
@@ -22,13 +26,13 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from workers.checkpoints import checkpoint_name
+from workers.job_inputs import LocalInputs, TrainingInputs, node_work_dir, remove_work_dir
 from workers.loop import Runtime, TrainingResult, train
 from workers.reporting import Reporter
 from workers.spec import TrainingSpec
@@ -93,8 +97,21 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    spec = TrainingSpec.model_validate(config["spec"])
-    output_dir = Path(config["output_dir"])
+    work_dir = node_work_dir(config["name"], rank)
+    try:
+        return _train_in(work_dir, config, rank, world_size)
+    finally:
+        remove_work_dir(work_dir)
+
+
+def _train_in(work_dir: Path, config: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """`_train_worker` in `work_dir`, this worker's own directory on its node."""
+    import ray.train
+    import ray.train.torch
+
+    inputs: TrainingInputs = config["inputs"]
+    spec, resume_from = inputs.fetch(work_dir)
+    output_dir = work_dir / "out"
     reporter: Reporter | None = config["reporter_factory"]() if rank == 0 else None
 
     def on_checkpoint(step: int, path: Path | None, metrics: dict[str, float]) -> None:
@@ -110,7 +127,6 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         rank=rank, world_size=world_size, device=ray.train.torch.get_device(), on_checkpoint=on_checkpoint
     )
     with contextlib.ExitStack() as stack:
-        resume_from = Path(config["resume_from"]) if config["resume_from"] else None
         restored = ray.train.get_checkpoint()
         if restored is not None:
             restored_dir = Path(stack.enter_context(restored.as_directory()))
@@ -141,7 +157,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         # Hand the adapter to the driver through persistent storage, as a checkpoint of its own.
         final = None
         if rank == 0:
-            final = Path(tempfile.mkdtemp(prefix="lorafleet-final-"))
+            final = work_dir / _FINAL_DIR
             shutil.copytree(result.adapter_dir, final / "adapter")
             (final / _RESULT_FILE).write_text(json.dumps(result.to_dict()))
         ray.train.report(
@@ -149,13 +165,11 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             checkpoint=ray.train.Checkpoint.from_directory(str(final)) if final else None,
             checkpoint_dir_name=_FINAL_DIR,
         )
-        if final is not None:
-            shutil.rmtree(final, ignore_errors=True)
     return result.to_dict()
 
 
 def run_training_on_ray(
-    spec: TrainingSpec,
+    spec: TrainingSpec | TrainingInputs,
     *,
     output_dir: Path,
     reporter_factory: Callable[[], Reporter],
@@ -163,6 +177,7 @@ def run_training_on_ray(
     use_gpu: bool = False,
     resources_per_worker: dict[str, float] | None = None,
     storage_path: str | Path,
+    storage_filesystem: Any = None,
     name: str = "lorafleet-job",
     max_failures: int = 2,
     resume_from: Path | None = None,
@@ -171,10 +186,13 @@ def run_training_on_ray(
 ) -> TrainingResult:
     """Train `spec` on a Ray Train TorchTrainer and return rank 0's result.
 
+    `spec` is what each worker trains: a TrainingSpec whose paths every node can read, or
+    TrainingInputs that each worker fetches onto its own node (workers.job_inputs; the dispatcher's
+    StoredInputs carry object-store keys and the checkpoint to resume from).
     `reporter_factory` is a picklable zero-argument callable, called inside the rank-0 worker.
-    `resume_from` is a checkpoint directory of an earlier run of the same job (the dispatcher passes
-    it after its own restart); within this run, Ray's latest checkpoint takes precedence after a
-    worker failure. The adapter ends in `output_dir/adapter` on the driver's machine.
+    `resume_from` (with a TrainingSpec) is a checkpoint directory of an earlier run of the same job;
+    within this run, Ray's latest checkpoint takes precedence after a worker failure. The adapter ends
+    in `output_dir/adapter` on the driver's machine.
 
     `should_stop` is called every `poll_s` while the run is on Ray; when it returns a reason, the run
     is killed and TrainingAborted(reason) raised. An error the spec itself causes raises
@@ -184,22 +202,24 @@ def run_training_on_ray(
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if isinstance(spec, TrainingSpec):
+        inputs: TrainingInputs = LocalInputs(spec, resume_from)
+    elif resume_from is not None:
+        raise ValueError("resume_from goes with a TrainingSpec; TrainingInputs carry their own checkpoint")
+    else:
+        inputs = spec
     output_dir = Path(output_dir)
     trainer_kwargs = dict(
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "output_dir": str(output_dir),
-            "reporter_factory": reporter_factory,
-            "resume_from": str(resume_from) if resume_from is not None else None,
-        },
+        train_loop_config={"inputs": inputs, "reporter_factory": reporter_factory, "name": name},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage_path),
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(spec.n_checkpoints, 1) + 1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(inputs.n_checkpoints, 1) + 1),
         ),
     )
     return_value, checkpoint, error = _run_abortable(trainer_kwargs, name, should_stop, poll_s)

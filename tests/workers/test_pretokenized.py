@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 import workers.loop
 from fleet.queue import JobStore
-from fleet.settings import Settings, make_redis
+from fleet.settings import Settings, make_object_store, make_redis
 from workers.datasets import read_examples, validate_dataset
-from workers.dispatcher import Dispatcher
+from workers.input_staging import check_and_store_datasets
 from workers.loop import Runtime, _setup_data
 from workers.packing import DataPosition, make_batches
 from workers.pretokenized import (
@@ -114,19 +114,31 @@ def test_a_rank_given_the_file_never_tokenizes_and_gets_the_same_batches(tiny_mo
                     assert a.inputs[name] == b.inputs[name], name
 
 
-def test_the_dispatchers_check_stores_the_tokenization_for_the_ranks(redis_server, tiny_model_dir, data, tmp_path):
+def test_the_dispatchers_check_stores_the_tokenization_for_the_ranks_and_a_retry_reuses_it(
+        redis_server, tiny_model_dir, data, tmp_path):
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path / "var")
     jobs = JobStore(make_redis(settings))
     jobs.create_job("t1", model="tiny-llama", training_file="file-1", validation_file="file-2")
-    claim = jobs.leases.claim_next_job("test-worker", lease_ms=60_000)
+    job = jobs.leases.claim_next_job("test-worker", lease_ms=60_000).job
     spec = _spec(tiny_model_dir, data)
+    store = make_object_store(settings)
+    said: list[tuple[str, str]] = []
 
-    checked = Dispatcher(settings, worker_id="w")._check_datasets(claim.job, claim.fence, spec)
+    stored = check_and_store_datasets(job, spec, store, lambda level, message: said.append((level, message)))
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    for dataset, stored in ((checked.training_file, checked.pretokenized_training_file),
-                            (checked.validation_file, checked.pretokenized_validation_file)):
-        assert stored is not None and stored.parent == dataset.parent  # next to the dataset, in the work dir
+    assert set(stored) == {"pretokenized_training_file", "pretokenized_validation_file"}
+    for param in ("training_file", "validation_file"):
+        dataset, object_ = getattr(spec, param), stored[f"pretokenized_{param}"]
+        assert object_.key.startswith(f"tenants/t1/jobs/{job.id}/pretokenized/")  # the job's, not the attempt's
+        store.download_file(object_.key, tmp_path / "fetched" / object_.path)
         key = key_for(dataset, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=False)
-        assert read_pretokenized(stored, key) == tokenize_dataset(
+        assert read_pretokenized(tmp_path / "fetched" / object_.path, key) == tokenize_dataset(
             read_examples(dataset), tokenizer, max_seq_len=spec.max_seq_len)
+    assert not any("earlier attempt" in message for _, message in said)
+
+    said.clear()
+    again = check_and_store_datasets(job, spec, store, lambda level, message: said.append((level, message)))
+    assert again == stored
+    assert said == [("info", f"{param}: checked and tokenized by an earlier attempt; reusing that.")
+                    for param in ("training_file", "validation_file")]
