@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.job_spec import JobSpec
 from fleet.resources import PriorityClass, Resources, priority_value
 
 __all__ = [
@@ -101,22 +102,25 @@ class Progress(BaseModel):
 
 # A job is a Redis hash: scalar fields as plain strings (the Lua scripts in fleet.queue_scripts read and write
 # those), structured fields as JSON. A field that is None is absent from the hash. The hash also carries
-# scalars only the Lua reads: `gpus` (resources.total_gpus) and `priority_value`, written with the job.
-_JOB_JSON_FIELDS = frozenset(
-    {"metadata", "method", "hyperparameters", "lora", "error", "result_files", "progress", "resources"}
-)
+# scalars only the Lua reads: `gpus` (spec.resources.total_gpus) and `priority_value`, written with the job.
+_JOB_JSON_FIELDS = frozenset({"metadata", "spec", "error", "result_files", "progress"})
+# `hyperparameters_used` lives in the hash field fleet.leases.finish_job writes: "hyperparameters".
+_USED_FIELD = "hyperparameters"
+# What a version before JobSpec stored instead of `spec` (JSON, except `priority`): read by `_legacy_spec`.
+_LEGACY_JSON_FIELDS = ("hyperparameters", "lora", "method", "resources")
 
 
 class Job(BaseModel):
     """One fine-tuning job: the request as accepted plus everything the system learned since.
 
-    `hyperparameters` and `lora` hold the blocks as validated by the service (their schema is the
-    training engine's, so fleet does not repeat it). `attempt` counts claims; with `claim_token` (random,
-    drawn at each claim) it forms the fence (fleet.fencing.Fence) a worker passes back on every write.
+    `spec` holds how it trains (LoRA, hyperparameters, quantization, resources, priority) as the API
+    validated it; `hyperparameters_used` the values training resolved them to, once it succeeded.
+    `attempt` counts claims; with `claim_token` (random, drawn at each claim) it forms the fence
+    (fleet.fencing.Fence) a worker passes back on every write.
     Times are Unix seconds except `lease_expires_at_ms`.
     """
 
-    model_config = ConfigDict(use_enum_values=False)
+    model_config = ConfigDict(use_enum_values=False, extra="forbid")  # a stale field name fails loudly
 
     id: str
     tenant_id: str
@@ -131,11 +135,8 @@ class Job(BaseModel):
     suffix: str | None = None
     seed: int | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
-    method: dict[str, Any] | None = None
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    lora: dict[str, Any] = Field(default_factory=dict)
-    resources: Resources = Field(default_factory=Resources)
-    priority: PriorityClass = "normal"
+    spec: JobSpec = Field(default_factory=JobSpec)
+    hyperparameters_used: dict[str, Any] | None = None  # set by finish_job on success (workers.dispatcher)
     status: JobStatus = JobStatus.QUEUED
     error: JobError | None = None
     fine_tuned_model: str | None = None
@@ -156,6 +157,16 @@ class Job(BaseModel):
     idempotency_key: str | None = None
     request_sha256: str | None = None
 
+    @property
+    def resources(self) -> Resources:
+        """What the job asks the cluster for (its spec's)."""
+        return self.spec.resources
+
+    @property
+    def priority(self) -> PriorityClass:
+        """Its priority class within the tenant (its spec's)."""
+        return self.spec.priority
+
     def to_redis_hash(self) -> dict[str, str]:
         """The hash fields to HSET; None-valued fields are left out."""
         data = self.model_dump(mode="json")
@@ -163,7 +174,9 @@ class Job(BaseModel):
         for name, value in data.items():
             if value is None:
                 continue
-            if name in _JOB_JSON_FIELDS:
+            if name == "hyperparameters_used":
+                out[_USED_FIELD] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+            elif name in _JOB_JSON_FIELDS:
                 out[name] = json.dumps(value, separators=(",", ":"), sort_keys=True)
             else:
                 out[name] = str(value)
@@ -173,13 +186,29 @@ class Job(BaseModel):
 
     @classmethod
     def from_redis_hash(cls, fields: dict[str, str]) -> Job:
-        """Rebuild a Job from HGETALL output (a client with decode_responses=True)."""
+        """Rebuild a Job from HGETALL output (a client with decode_responses=True).
+
+        A hash written before JobSpec (no `spec` field) is read through `_legacy_spec`.
+        """
         data: dict[str, Any] = {}
         for name, value in fields.items():
-            if name not in cls.model_fields:
+            if name not in cls.model_fields or name == "hyperparameters_used":
                 continue  # written by a newer version; ignore rather than fail reads
             data[name] = json.loads(value) if name in _JOB_JSON_FIELDS else value
+        used = json.loads(fields[_USED_FIELD]) if _USED_FIELD in fields else None
+        if "spec" not in fields:
+            data["spec"] = _legacy_spec(fields)
+            # Before JobSpec, `hyperparameters` held the request until finish_job replaced it on success.
+            used = used if fields.get("status") == JobStatus.SUCCEEDED.value else None
+        data["hyperparameters_used"] = used
         return cls.model_validate(data)
+
+
+def _legacy_spec(fields: dict[str, str]) -> JobSpec:
+    """The JobSpec of a hash stored by a version before JobSpec (dict fields `hyperparameters`, `lora`,
+    `method`, `resources` beside the scalar `priority`)."""
+    parsed = {name: json.loads(fields[name]) if name in fields else None for name in _LEGACY_JSON_FIELDS}
+    return JobSpec.from_legacy_fields(**parsed, priority=fields.get("priority"))
 
 
 class Checkpoint(BaseModel):

@@ -25,6 +25,7 @@ from fleet import keys
 from fleet import queue_scripts as lua
 from fleet.events import EventLog
 from fleet.exceptions import IdempotencyConflict, InvalidRequest, InvalidState, NotFound, QuotaExceeded
+from fleet.job_spec import JobSpec
 from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, clock_arg, read_queue_snapshot
 from fleet.resources import PriorityClass, Resources
@@ -117,15 +118,13 @@ class JobStore:
         suffix: str | None = None,
         seed: int | None = None,
         metadata: dict[str, str] | None = None,
-        method: dict[str, Any] | None = None,
-        hyperparameters: dict[str, Any] | None = None,
-        lora: dict[str, Any] | None = None,
+        spec: JobSpec | None = None,
         base_model: str | None = None,
         init_adapter: str | None = None,
         idempotency_key: str | None = None,
         request_body: Any = None,
         resources: Resources | None = None,
-        priority: PriorityClass = "normal",
+        priority: PriorityClass | None = None,
         now_ms: int | None = None,
     ) -> CreatedJob:
         """Create a job, queued (its files were validated at upload; the caller checked the rest).
@@ -138,12 +137,17 @@ class JobStore:
         key with a different body raises IdempotencyConflict. Keys are per tenant and expire after
         `idempotency_ttl_s`. A seed is drawn when none is given, so every run is reproducible.
 
-        `resources` (default: one worker, one GPU) and `priority` (within the tenant) are what the
-        scheduler admits by. A tenant at its `max_queued_jobs` quota gets QuotaExceeded, atomically
-        with the count (two racing submissions cannot both pass the last slot). `now_ms`: a simulated
-        clock for the scheduler (bench/sched_sim.py; None: Redis's).
+        `spec` (default: JobSpec's) is how it trains; `resources` and `priority`, when given, replace
+        the spec's (default: one worker, one GPU, "normal"): what the scheduler admits by. A tenant at
+        its `max_queued_jobs` quota gets QuotaExceeded, atomically with the count (two racing
+        submissions cannot both pass the last slot). `now_ms`: a simulated clock for the scheduler
+        (bench/sched_sim.py; None: Redis's).
         """
         now = int(time.time())
+        spec = spec or JobSpec()
+        overrides = {k: v for k, v in {"resources": resources, "priority": priority}.items() if v is not None}
+        if overrides:
+            spec = JobSpec.model_validate({**spec.model_dump(), **overrides})
         job = Job(
             id=new_job_id(),
             tenant_id=tenant_id,
@@ -157,11 +161,7 @@ class JobStore:
             suffix=suffix,
             seed=seed if seed is not None else secrets.randbelow(2**31),
             metadata=metadata or {},
-            method=method,
-            hyperparameters=hyperparameters or {},
-            lora=lora or {},
-            resources=resources or Resources(),
-            priority=priority,
+            spec=spec,
             status=JobStatus.QUEUED,
             idempotency_key=idempotency_key,
         )
@@ -177,11 +177,7 @@ class JobStore:
                         "suffix",
                         "seed",
                         "metadata",
-                        "method",
-                        "hyperparameters",
-                        "lora",
-                        "resources",
-                        "priority",
+                        "spec",
                     },
                 )
                 if seed is None:

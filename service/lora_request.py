@@ -1,4 +1,4 @@
-"""Turning a job request's `lora` block into the training engine's LoRA spec, checked against the catalog.
+"""Turning a job request's `lora` block into the job's LoRA spec and quantization, checked against the catalog.
 
 Every problem surfaces as a 400 naming the field (`lora.r`, `lora.target_modules`, ...) before the job
 is queued, so a worker never starts on a configuration it would refuse.
@@ -7,15 +7,14 @@ is queued, so a worker never starts on a configuration it would refuse.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
 from pydantic import ValidationError
 
 from fleet.catalog import BaseModelSpec, Catalog
 from fleet.exceptions import InvalidRequest
+from fleet.job_spec import LoraSpec, Quantization
 from service.schemas import LoraRequest
 from service.target_modules import ALL_LINEAR, check_target_modules, linear_module_names
-from workers.spec import LoraSpec
 
 __all__ = ["resolve_lora"]
 
@@ -26,8 +25,9 @@ def _module_names(model_path: str) -> tuple[str, ...] | None:
     return linear_module_names(model_path)
 
 
-def resolve_lora(request: LoraRequest | None, *, model: str, catalog: Catalog) -> dict[str, Any]:
-    """The job's `lora` dict: LoraSpec's fields (defaults filled in) plus the resolved `quantization`.
+def resolve_lora(request: LoraRequest | None, *, model: str,
+                 catalog: Catalog) -> tuple[LoraSpec, Quantization]:
+    """The job's LoraSpec (defaults filled in) and its quantization (the request's, else the catalog's).
 
     `"all-linear"`, and an omitted `target_modules`, become the base model's linear layer names when
     they are known from its config.json; otherwise `"all-linear"` is passed on as it is.
@@ -55,5 +55,4 @@ def resolve_lora(request: LoraRequest | None, *, model: str, catalog: Catalog) -
         raise InvalidRequest(
             f"Invalid value for 'lora.{field}': {err['msg']}.", param=f"lora.{field}", code="invalid_lora"
         ) from e
-    quantization = request.quantization or spec.quantization
-    return {**lora.model_dump(mode="json"), "quantization": quantization}
+    return lora, request.quantization or spec.quantization

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fleet.job_spec import OPENAI_HYPERPARAMETERS
 from fleet.jobs import Checkpoint, Event, Job
 from fleet.registry import AdapterSummary, AdapterVersion
 
@@ -24,8 +25,6 @@ __all__ = [
     "adapter_object",
     "version_object",
 ]
-
-_OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 # Metric names the training loop reports → OpenAI's checkpoint metric names.
 _CHECKPOINT_METRIC_NAMES = {
@@ -53,7 +52,10 @@ def list_envelope(data: Sequence[dict[str, Any]], *, has_more: bool) -> dict[str
 
 
 def _hyperparameters(job: Job) -> dict[str, Any]:
-    return {name: job.hyperparameters.get(name, "auto") for name in _OPENAI_HYPERPARAMETERS}
+    """OpenAI's three: the values used once the job succeeded, the requested ones ("auto" too) before."""
+    if job.hyperparameters_used is not None:
+        return {name: job.hyperparameters_used.get(name, "auto") for name in OPENAI_HYPERPARAMETERS}
+    return job.spec.hyperparameters.model_dump(mode="json")
 
 
 def _progress(job: Job) -> dict[str, Any] | None:
@@ -100,7 +102,7 @@ def job_object(job: Job, *, queue_position: int | None = None) -> dict[str, Any]
         # lorafleet extensions
         "progress": _progress(job),
         "queue_position": queue_position,
-        "lora": dict(job.lora),
+        "lora": job.spec.lora_block(),
         "resources": job.resources.model_dump(),
         "priority": job.priority,
         "base_model": job.base_model or job.model,

@@ -9,11 +9,12 @@ argument supplied: ...`) so a typo is never silently ignored.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.files import FILE_ID_PATTERN
+from fleet.job_spec import Alpha, Dropout, Hyperparameters, Quantization, Rank
 from fleet.quotas import TenantQuota
 from fleet.resources import PriorityClass, Resources
 
@@ -49,24 +50,13 @@ def check_name(value: str, *, what: str) -> str:
     return value
 
 
-# A module name as the engine accepts it (workers.spec.LoraSpec): letters, digits, '_' and '.'.
+# A module name as the engine accepts it (fleet.job_spec.LoraSpec): letters, digits, '_' and '.'.
 _MODULE_NAME = r"^[A-Za-z0-9_.]+$"
 _ONE_TARGET = r"^([A-Za-z0-9_.]+|all-linear)$"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # 1e999 parses as inf: refuse it
-
-
-Auto = Literal["auto"]
-
-
-class Hyperparameters(_Strict):
-    """OpenAI's supervised hyperparameters; each may be "auto" (the worker picks from the dataset)."""
-
-    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
 
 
 class SupervisedMethod(_Strict):
@@ -83,11 +73,12 @@ class Method(_Strict):
 
 
 class LoraRequest(_Strict):
-    """Our extension: the LoRA adapter to train. Omitted fields take the training engine's defaults."""
+    """Our extension: the LoRA adapter to train. Omitted fields take fleet.job_spec.LoraSpec's defaults
+    (target modules: the base model's linear layers); service.lora_request turns it into that spec."""
 
-    r: int | None = Field(default=None, gt=0, le=1024, description="LoRA rank; at most the base model's max_rank.")
-    alpha: float | None = Field(default=None, gt=0, description="Scale numerator α.")
-    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    r: Rank | None = Field(default=None, description="LoRA rank; at most the base model's max_rank.")
+    alpha: Alpha | None = Field(default=None, description="Scale numerator α.")
+    dropout: Dropout | None = None
     target_modules: list[str] | str | None = Field(
         default=None, description="Module names to adapt, one name, or 'all-linear'.",
         json_schema_extra={"anyOf": [{"type": "array", "minItems": 1,
@@ -96,7 +87,7 @@ class LoraRequest(_Strict):
     )
     use_rslora: bool | None = Field(default=None, description="Scale by α/√r instead of α/r.")
     use_dora: bool | None = Field(default=None, description="Weight-decomposed LoRA (DoRA).")
-    quantization: Literal["nf4", "int8", "none"] | None = Field(
+    quantization: Quantization | None = Field(
         default=None, description="Base model quantization; default: the catalog entry's."
     )
 

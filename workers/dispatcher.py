@@ -46,6 +46,7 @@ from fleet.checkpoints import upload_checkpoint
 from fleet.exceptions import CancelRequested, FencedOut, FleetError, InvalidRequest, NotFound, PauseWithdrawn
 from fleet.fencing import Fence
 from fleet.files import FileStore
+from fleet.job_spec import Hyperparameters
 from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus
 from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
@@ -59,7 +60,7 @@ from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_di
 from workers.ray_storage import RayStorage, ray_storage_for
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
-from workers.spec import AUTO_BASE_LEARNING_RATE, Hyperparameters, LoraSpec, TrainingSpec
+from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingHyperparameters, TrainingSpec
 
 __all__ = ["Dispatcher", "JobReporter", "JobReporterFactory", "build_training_spec"]
 
@@ -82,20 +83,13 @@ T = TypeVar("T")
 def build_training_spec(job: Job, *, base_model: Path, quantization: str | None, work_dir: Path,
                         training_file: Path, validation_file: Path | None,
                         init_adapter: Path | None = None) -> TrainingSpec:
-    """The training engine's spec for a job accepted by the API (whose fields it already validated)."""
-    lora_fields = {k: v for k, v in job.lora.items() if k in LoraSpec.model_fields}
-    hp = job.hyperparameters
-    hyperparameters = Hyperparameters(
-        n_epochs=hp.get("n_epochs", "auto"),
-        batch_size=hp.get("batch_size", "auto"),
-        learning_rate_multiplier=None if hp.get("learning_rate_multiplier", "auto") == "auto"
-        else float(hp["learning_rate_multiplier"]),
-    )
+    """The training engine's spec for a job: its JobSpec (validated by the API) plus what the dispatcher
+    resolved (local paths, and `quantization`: the job's, else its base model's catalog default)."""
     return TrainingSpec(
         base_model=base_model,
         quantization=None if quantization in (None, "none") else quantization,
-        lora=LoraSpec(**lora_fields),
-        hyperparameters=hyperparameters,
+        lora=job.spec.lora,
+        hyperparameters=TrainingHyperparameters(**job.spec.hyperparameters.model_dump()),
         training_file=training_file,
         validation_file=validation_file,
         init_adapter=init_adapter,
@@ -104,11 +98,11 @@ def build_training_spec(job: Job, *, base_model: Path, quantization: str | None,
     )
 
 
-def hyperparameters_used(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+def hyperparameters_used(requested: Hyperparameters, resolved: dict[str, Any]) -> dict[str, Any]:
     """The job's `hyperparameters` after training: OpenAI's three with "auto" replaced by the values
     used, plus every other value the engine resolved (the actual learning_rate, warmup, schedule, ...).
     An auto multiplier is reported as the chosen rate over the base rate (AUTO_BASE_LEARNING_RATE)."""
-    multiplier = requested.get("learning_rate_multiplier", "auto")
+    multiplier = requested.learning_rate_multiplier
     if multiplier == "auto":
         multiplier = round(resolved["learning_rate"] / AUTO_BASE_LEARNING_RATE, 6)
     openai_view = {"n_epochs": resolved["n_epochs"], "batch_size": resolved["batch_size"],
@@ -583,7 +577,8 @@ class Dispatcher:
             self.jobs.leases.finish_job(fence, JobStatus.QUEUED, error=why)  # tail of its queue; why: last_failure
             return
         if done is not None:  # an earlier attempt committed its version, then died: finish with it
-            used = hyperparameters_used(job.hyperparameters, done.hyperparameters) if done.hyperparameters else None
+            used = (hyperparameters_used(job.spec.hyperparameters, done.hyperparameters)
+                    if done.hyperparameters else None)
             self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref,
                                         trained_tokens=done.trained_tokens, hyperparameters=used)
             return
@@ -594,7 +589,7 @@ class Dispatcher:
         training, validation, init_adapter = self._in_phase(
             heartbeat, "download", lambda: self._download_inputs(job, work_dir))
         spec = build_training_spec(
-            job, base_model=Path(base.path), quantization=job.lora.get("quantization", base.quantization),
+            job, base_model=Path(base.path), quantization=job.spec.quantization or base.quantization,
             work_dir=work_dir, training_file=work_dir / "train.jsonl",
             validation_file=work_dir / "validation.jsonl" if validation else None,
         )
@@ -624,7 +619,7 @@ class Dispatcher:
         manifest_fields: dict[str, Any] = {
             "base_model": base_name,  # the catalog name; the server's path to it stays private
             "parent": job.init_adapter,  # the version this one continued from, if any
-            "lora_config": job.lora,
+            "lora_config": job.spec.lora_block(),
             "hyperparameters": result.hyperparameters,
             "dataset": {"file_id": job.training_file, "sha256": training.sha256,
                         "validation_file_id": job.validation_file},
@@ -637,7 +632,8 @@ class Dispatcher:
         )
         self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref,
                                     trained_tokens=result.tokens_trained,
-                                    hyperparameters=hyperparameters_used(job.hyperparameters, result.hyperparameters))
+                                    hyperparameters=hyperparameters_used(job.spec.hyperparameters,
+                                                                         result.hyperparameters))
         logger.info("job %s succeeded: published %s", job.id, ref)
 
     def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: _Heartbeat):

@@ -46,7 +46,7 @@ from workers.pretokenized import key_for, read_pretokenized
 from workers.reporting import Control, Reporter
 from workers.reporting_thread import ThreadedReporter
 from workers.schedule import lr_lambda
-from workers.spec import ResolvedHyperparameters, TrainingSpec, resolve_hyperparameters
+from workers.spec import ResolvedHyperparameters, TrainingSpec, lora_config, resolve_hyperparameters
 from workers.token_loss import TokenLoss
 from workers.tokenization import TokenizedExample, tokenize_dataset
 
@@ -323,7 +323,7 @@ def _build_model(
         apply_lora(model, read_adapter_config(spec.init_adapter))
         _load_lora_weights(model, spec.init_adapter)
     else:
-        apply_lora(model, spec.lora.to_lora_config())
+        apply_lora(model, lora_config(spec.lora))
     return model
 
 

@@ -1,4 +1,8 @@
-"""TrainingSpec, the validated description of one fine-tuning job, and the rules that resolve "auto"."""
+"""TrainingSpec, the engine's validated description of one fine-tuning run, and the rules that resolve "auto".
+
+Its `lora` and the limits of OpenAI's hyperparameters are the job's (fleet.job_spec); what is added
+here (paths, the engine's optimisation knobs, checkpointing) only the engine sets.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,18 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fleet.job_spec import Auto, Hyperparameters, LoraSpec
 
 __all__ = [
     "AUTO_BASE_LEARNING_RATE",
-    "Hyperparameters",
-    "LoraSpec",
     "ResolvedHyperparameters",
+    "TrainingHyperparameters",
     "TrainingSpec",
+    "lora_config",
     "resolve_hyperparameters",
 ]
 
@@ -37,59 +43,17 @@ _MAX_AUTO_EPOCHS = 25
 _AUTO_BATCH_FRACTION = 0.002
 _MAX_AUTO_BATCH_SEQUENCES = 16
 
-Auto = Literal["auto"]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LoraSpec(_Strict):
-    """Adapter shape; the fields of `lora_core.LoraConfig`."""
+class TrainingHyperparameters(Hyperparameters):
+    """The job's hyperparameters (fleet.job_spec, OpenAI's three and their limits) plus the engine's own
+    optimisation settings, which the API does not take. `learning_rate` may be "auto" (or None: the
+    same) and is exclusive with a numeric `learning_rate_multiplier`, which scales the auto rate."""
 
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1,
-    )
-    use_rslora: bool = False
-    use_dora: bool = False
-
-    @field_validator("target_modules")
-    @classmethod
-    def _names_are_plain(cls, names: list[str] | str) -> list[str] | str:
-        if isinstance(names, str):
-            return names
-        bad = [n for n in names if not n or not n.replace("_", "").replace(".", "").isalnum()]
-        if bad:
-            raise ValueError(f"module names must be plain identifiers like 'q_proj', got {bad}")
-        return names
-
-    def to_lora_config(self):
-        """The `lora_core.LoraConfig` this spec describes (imported lazily: lora_core pulls in torch)."""
-        from lora_core import LoraConfig
-
-        return LoraConfig(
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            target_modules=self.target_modules
-            if isinstance(self.target_modules, str)
-            else list(self.target_modules),
-            use_rslora=self.use_rslora,
-            use_dora=self.use_dora,
-        )
-
-
-class Hyperparameters(_Strict):
-    """Optimisation settings. `n_epochs`, `batch_size` and `learning_rate` accept "auto"."""
-
-    n_epochs: int | Auto = "auto"
-    batch_size: int | Auto = "auto"  # sequences per micro-batch per worker
-    learning_rate: float | Auto | None = None  # None: "auto" unless a multiplier is given
-    learning_rate_multiplier: float | None = Field(None, gt=0, le=100)
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | Auto | None = None
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -97,35 +61,25 @@ class Hyperparameters(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # caps optimizer steps; None: n_epochs decides
 
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs_in_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 100:
-            raise ValueError(f"must be between 1 and 100 or 'auto', got {v}")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_in_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 1024:
-            raise ValueError(f"must be between 1 and 1024 or 'auto', got {v}")
-        return v
-
-    @field_validator("learning_rate")
-    @classmethod
-    def _lr_in_range(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, float) and not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1] or 'auto', got {v}")
-        return v
-
     @model_validator(mode="after")
-    def _one_way_to_set_the_rate(self) -> Hyperparameters:
-        if self.learning_rate not in (None, "auto") and self.learning_rate_multiplier is not None:
+    def _one_way_to_set_the_rate(self) -> TrainingHyperparameters:
+        if self.learning_rate not in (None, "auto") and self.learning_rate_multiplier != "auto":
             raise ValueError(
                 "set either learning_rate or learning_rate_multiplier, not both "
                 "(the multiplier scales the auto learning rate)"
             )
         return self
+
+
+def lora_config(lora: LoraSpec):  # -> lora_core.LoraConfig
+    """The `lora_core.LoraConfig` a job's LoRA block describes: the one place the spec becomes the
+    library's config (imported here, not at module level: lora_core pulls in torch)."""
+    from lora_core import LoraConfig
+
+    targets = lora.target_modules
+    return LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                      target_modules=targets if isinstance(targets, str) else list(targets),
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora)
 
 
 class TrainingSpec(_Strict):
@@ -134,7 +88,7 @@ class TrainingSpec(_Strict):
     base_model: Path
     quantization: Literal["nf4", "int8"] | None = None
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: TrainingHyperparameters = Field(default_factory=TrainingHyperparameters)
     training_file: Path
     validation_file: Path | None = None
     init_adapter: Path | None = None  # continue training from this adapter dir (PEFT layout)
@@ -263,7 +217,8 @@ def resolve_hyperparameters(
         batch_size, accumulation = micro, accumulation * (batch_size // micro)
     global_batch = batch_size * accumulation * world_size
     if hp.learning_rate in (None, "auto"):
-        learning_rate = _auto_learning_rate(global_batch) * (hp.learning_rate_multiplier or 1.0)
+        multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else hp.learning_rate_multiplier
+        learning_rate = _auto_learning_rate(global_batch) * multiplier
     else:
         learning_rate = float(hp.learning_rate)
 

@@ -14,6 +14,7 @@ from fleet.catalog import Catalog
 from fleet.events import event_stream_id
 from fleet.exceptions import InvalidRequest, NotFound
 from fleet.files import FileStore
+from fleet.job_spec import JobSpec, LoraSpec, Quantization
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
 from fleet.quotas import QuotaStore
@@ -27,7 +28,6 @@ from service.objects import checkpoint_object, event_object, job_object, list_en
 from service.openapi import TENANT_ERRORS, error_responses
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
 from service.schemas import JobCreateRequest
-from workers.spec import LoraSpec
 
 __all__ = ["router", "render_job"]
 
@@ -135,10 +135,11 @@ def create_job(
 
 
 def _continued_adapter(body: JobCreateRequest, *, tenant_id: str, catalog: Catalog,
-                       registry: AdapterRegistry) -> tuple[str, str, dict[str, Any]] | None:
+                       registry: AdapterRegistry) -> tuple[str, str, LoraSpec, Quantization] | None:
     """For `model` naming one of the tenant's adapter versions ("<name>:v<N>" or "<name>" = latest),
     as OpenAI accepts a fine-tuned model to fine-tune further: (version ref, its base model, its LoRA
-    block). None when `model` is a catalog base model; 400 naming `model` when it is neither."""
+    spec, its quantization). None when `model` is a catalog base model; 400 naming `model` when it is
+    neither."""
     if body.model in catalog:
         return None
     try:
@@ -170,8 +171,7 @@ def _continued_adapter(body: JobCreateRequest, *, tenant_id: str, catalog: Catal
     except (ValidationError, InvalidRequest) as e:
         raise InvalidRequest(f"Adapter {version.ref} cannot be trained further here: {e}", param="model",
                              code="invalid_adapter") from e
-    return version.ref, base, {**shape.model_dump(mode="json"),
-                               "quantization": lora.get("quantization") or catalog.get(base).quantization}
+    return version.ref, base, shape, lora.get("quantization") or catalog.get(base).quantization
 
 
 def _lora_block_of(config: dict[str, Any]) -> dict[str, Any]:
@@ -194,12 +194,15 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
         _require_file(files, tenant_id, body.validation_file, param="validation_file")
     if continued is None:
         base_model, init_adapter = body.model, None
-        lora = resolve_lora(body.lora, model=body.model, catalog=catalog)
+        lora, quantization = resolve_lora(body.lora, model=body.model, catalog=catalog)
     else:
-        init_adapter, base_model, lora = continued
-    hyperparameters = body.effective_hyperparameters().model_dump(mode="json")
+        init_adapter, base_model, lora, quantization = continued
     resources = checked_resources(body.resources, tenant_id=tenant_id, base_model=base_model, catalog=catalog,
                                   quotas=quotas, capacity=capacity)
+    # The one place a request becomes a JobSpec: OpenAI's hyperparameters (method block or top level),
+    # our `lora` (resolved against the catalog), `resources` (checked above) and `priority`.
+    spec = JobSpec(lora=lora, quantization=quantization, hyperparameters=body.effective_hyperparameters(),
+                   resources=resources, priority=body.priority)
     return {
         "model": body.model,
         "training_file": body.training_file,
@@ -207,13 +210,9 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
         "suffix": body.suffix,
         "seed": body.seed,
         "metadata": body.metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-        "hyperparameters": hyperparameters,
-        "lora": lora,
+        "spec": spec,
         "base_model": base_model,
         "init_adapter": init_adapter,
-        "resources": resources,
-        "priority": body.priority,
     }
 
 

@@ -1,12 +1,22 @@
-"""JobSpec: one set of limits and defaults."""
+"""JobSpec: one set of limits and defaults, and jobs stored before it (dict fields in the hash) read into it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from pydantic import ValidationError
 
+from fleet import keys
 from fleet.job_spec import DEFAULT_TARGET_MODULES, Hyperparameters, JobSpec, LoraSpec
+from fleet.jobs import JobStatus
+from fleet.queue import JobStore
 from fleet.resources import Resources
+
+
+@pytest.fixture
+def jobs(r) -> JobStore:
+    return JobStore(r, max_attempts=3)
 
 
 def test_defaults_are_auto_hyperparameters_the_default_adapter_and_one_gpu():
@@ -48,3 +58,61 @@ def test_the_lora_block_is_the_spec_plus_quantization_as_the_manifest_stores_it(
     spec = JobSpec(lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]}, quantization="none")
     assert spec.lora_block() == {"r": 4, "alpha": 8.0, "dropout": 0.05, "target_modules": ["q_proj"],
                                  "use_rslora": False, "use_dora": False, "quantization": "none"}
+
+
+def test_a_created_job_stores_its_spec_as_one_json_field(jobs, r):
+    spec = JobSpec(lora={"r": 4, "target_modules": "all-linear"}, quantization="int8",
+                   hyperparameters={"n_epochs": 2}, resources={"gpus": 2}, priority="high")
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-x", spec=spec).job
+    stored = r.hgetall(keys.job(job.id))
+    assert JobSpec.model_validate_json(stored["spec"]) == spec
+    assert not {"lora", "method", "hyperparameters", "resources"} & set(stored)
+    assert (stored["gpus"], stored["priority_value"]) == ("2", "1")  # what the scheduler's Lua reads
+    assert jobs.load_job(job.id).spec == spec
+
+
+# What the version before JobSpec wrote for a job created through the API (its to_redis_hash).
+_OLD_HYPERPARAMETERS = {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}
+_OLD_FIELDS = {
+    "hyperparameters": json.dumps(_OLD_HYPERPARAMETERS),
+    "method": json.dumps({"type": "supervised", "supervised": {"hyperparameters": _OLD_HYPERPARAMETERS}}),
+    "lora": json.dumps({"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                        "use_rslora": True, "use_dora": False, "quantization": "nf4"}),
+    "resources": json.dumps({"workers": 2, "gpus_per_worker": 1}),
+    "priority": "high",
+}
+
+
+def write_old_style_job(jobs: JobStore, r, **old_fields: str) -> str:
+    """A queued job whose hash holds the dict fields a version before JobSpec wrote, and no `spec`."""
+    job = jobs.create_job("t1", model="tiny-llama", training_file="file-x", resources=Resources(gpus=2),
+                          priority="high").job
+    r.hdel(keys.job(job.id), "spec")
+    r.hset(keys.job(job.id), mapping={**_OLD_FIELDS, **old_fields})
+    return job.id
+
+
+def test_a_job_stored_before_jobspec_loads_into_the_spec(jobs, r):
+    job = jobs.load_job(write_old_style_job(jobs, r))
+    assert job.spec.hyperparameters == Hyperparameters(**_OLD_HYPERPARAMETERS)
+    assert job.spec.lora == LoraSpec(r=4, alpha=8.0, dropout=0.1, target_modules=["q_proj", "v_proj"],
+                                     use_rslora=True)
+    assert job.spec.quantization == "nf4"
+    assert (job.resources, job.priority) == (Resources(workers=2), "high")
+    assert job.hyperparameters_used is None  # a queued job's `hyperparameters` were the request
+
+
+def test_an_old_succeeded_job_keeps_its_request_and_the_values_used(jobs, r):
+    used = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5, "learning_rate": 1e-4}
+    job_id = write_old_style_job(jobs, r, hyperparameters=json.dumps(used), status=JobStatus.SUCCEEDED.value)
+    job = jobs.load_job(job_id)
+    assert job.spec.hyperparameters == Hyperparameters(**_OLD_HYPERPARAMETERS)  # from its method block
+    assert job.hyperparameters_used == used
+
+
+def test_an_old_job_created_without_lora_or_method_takes_the_defaults(jobs, r):
+    job_id = write_old_style_job(jobs, r, hyperparameters="{}", lora="{}")
+    r.hdel(keys.job(job_id), "method")
+    job = jobs.load_job(job_id)
+    assert job.spec.lora == LoraSpec() and job.spec.quantization is None
+    assert job.spec.hyperparameters == Hyperparameters()

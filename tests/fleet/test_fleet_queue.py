@@ -17,6 +17,7 @@ from fleet.exceptions import (
     PauseWithdrawn,
 )
 from fleet.fencing import Fence
+from fleet.job_spec import Hyperparameters, JobSpec
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.resources import Resources
@@ -63,8 +64,8 @@ def test_created_job_round_trips_with_all_fields(jobs):
         suffix="my-run",
         seed=7,
         metadata={"team": "nlp"},
-        hyperparameters={"n_epochs": 2, "learning_rate_multiplier": "auto"},
-        lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        spec=JobSpec(hyperparameters={"n_epochs": 2, "learning_rate_multiplier": "auto"},
+                     lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
         resources=Resources(workers=2, gpus_per_worker=2),
         priority="high",
     )
@@ -76,8 +77,10 @@ def test_created_job_round_trips_with_all_fields(jobs):
     assert job.status == JobStatus.QUEUED
     assert (job.validation_file, job.suffix, job.seed) == ("file-b", "my-run", 7)
     assert job.metadata == {"team": "nlp"}
-    assert job.hyperparameters == {"n_epochs": 2, "learning_rate_multiplier": "auto"}
-    assert job.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert job.spec.hyperparameters == Hyperparameters(n_epochs=2)
+    assert job.spec.lora.target_modules == ["q_proj", "v_proj"]
+    assert (job.resources.total_gpus, job.priority) == (4, "high")
+    assert job.hyperparameters_used is None
     assert job.attempt == 0 and job.error is None and job.result_files == []
 
 

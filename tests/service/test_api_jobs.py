@@ -13,11 +13,13 @@ import time
 import openai
 import pytest
 
+from fleet import keys
+from fleet.job_spec import Hyperparameters, LoraSpec
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.settings import make_redis
 from tests.service.conftest import make_api_settings
-from workers.spec import LoraSpec
+from workers.spec import lora_config
 
 
 @pytest.fixture
@@ -106,8 +108,8 @@ def test_all_linear_on_a_hub_id_catalog_model_is_passed_on_to_the_engine(start_a
                                                  "lora": {"target_modules": target_modules}})
     assert r.status_code == 200, r.text
     assert r.json()["lora"]["target_modules"] == "all-linear"
-    spec = LoraSpec(**{k: v for k, v in r.json()["lora"].items() if k in LoraSpec.model_fields})
-    assert spec.to_lora_config().target_modules == "all-linear"  # what the engine will build
+    spec = LoraSpec(**{k: v for k, v in r.json()["lora"].items() if k != "quantization"})
+    assert lora_config(spec).target_modules == "all-linear"  # what the engine will build
 
 
 # (patch to a valid body, the param the 400 names, fragments its message contains)
@@ -416,3 +418,33 @@ def test_naming_an_adapter_version_as_model_continues_it(api_server, tenant_a, t
     with api_server.client(tenant_b.api_key) as c:  # another tenant's version is as unknown as a missing one
         r = c.post("/v1/fine_tuning/jobs", json={"model": "helper:v1", "training_file": "file-x"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_the_request_is_stored_as_a_typed_job_spec(api_server, tenant_a, uploaded, job_store):
+    client = api_server.openai(tenant_a.api_key)
+    created = client.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=uploaded.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2}}},
+        extra_body={"lora": {"r": 4, "target_modules": ["q_proj"], "quantization": "none"},
+                    "resources": {"gpus": 1}, "priority": "low"},
+    )
+    spec = job_store.get_job(tenant_a.id, created.id).spec
+    assert spec.hyperparameters == Hyperparameters(batch_size=2)
+    assert (spec.lora.r, spec.lora.target_modules, spec.quantization) == (4, ["q_proj"], "none")
+    assert (spec.resources.total_gpus, spec.priority) == (1, "low")
+
+
+def test_a_job_stored_before_jobspec_renders_as_it_did(api_server, tenant_a, job_store):
+    job_id = job_store.create_job(tenant_a.id, model="tiny-llama", training_file="file-x").job.id
+    old_hyperparameters = {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}
+    old_lora = {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj"], "use_rslora": False,
+                "use_dora": False, "quantization": "nf4"}
+    job_store.redis.hdel(keys.job(job_id), "spec")
+    job_store.redis.hset(keys.job(job_id), mapping={
+        "hyperparameters": json.dumps(old_hyperparameters), "lora": json.dumps(old_lora),
+        "method": json.dumps({"type": "supervised", "supervised": {"hyperparameters": old_hyperparameters}}),
+        "resources": json.dumps({"workers": 1, "gpus_per_worker": 1}), "priority": "normal"})
+    job = api_server.openai(tenant_a.api_key).fine_tuning.jobs.retrieve(job_id)
+    assert job.hyperparameters.model_dump() == old_hyperparameters
+    assert job.method.supervised.hyperparameters.model_dump() == old_hyperparameters
+    assert job.model_extra["lora"] == old_lora

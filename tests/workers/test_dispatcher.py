@@ -12,6 +12,7 @@ import pytest
 
 from fleet.checkpoints import download_checkpoint
 from fleet.exceptions import NotFound
+from fleet.job_spec import Hyperparameters, JobSpec
 from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
 from fleet.settings import Settings, make_object_store, make_redis
@@ -28,11 +29,12 @@ def _job(**fields) -> Job:
 def test_job_fields_become_the_training_spec(tiny_model_dir, tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text("{}\n")
-    job = _job(
+    job = _job(spec=JobSpec(
         hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5},
         lora={"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
-              "use_rslora": True, "use_dora": False, "quantization": "nf4"},
-    )
+              "use_rslora": True, "use_dora": False},
+        quantization="nf4",
+    ))
     spec = build_training_spec(job, base_model=tiny_model_dir, quantization="nf4", work_dir=tmp_path,
                                training_file=train, validation_file=None)
     assert spec.quantization == "nf4" and spec.seed == 5
@@ -44,17 +46,16 @@ def test_job_fields_become_the_training_spec(tiny_model_dir, tmp_path):
     no_quant = build_training_spec(_job(), base_model=tiny_model_dir, quantization="none", work_dir=tmp_path,
                                    training_file=train, validation_file=None)
     assert no_quant.quantization is None
-    assert no_quant.hyperparameters.learning_rate_multiplier is None  # "auto"
+    assert no_quant.hyperparameters.learning_rate_multiplier == "auto"
 
 
 def test_reported_hyperparameters_replace_auto_with_the_values_used():
     resolved = {"n_epochs": 3, "batch_size": 4, "learning_rate": 2 * AUTO_BASE_LEARNING_RATE, "warmup_steps": 1}
-    used = hyperparameters_used({"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"},
-                                resolved)
+    used = hyperparameters_used(Hyperparameters(), resolved)
     assert used["n_epochs"] == 3 and used["batch_size"] == 4
     assert used["learning_rate_multiplier"] == pytest.approx(2.0)
     assert used["learning_rate"] == resolved["learning_rate"] and used["warmup_steps"] == 1
-    given = hyperparameters_used({"learning_rate_multiplier": 0.5}, resolved)
+    given = hyperparameters_used(Hyperparameters(learning_rate_multiplier=0.5), resolved)
     assert given["learning_rate_multiplier"] == 0.5
 
 
@@ -194,7 +195,7 @@ def test_a_committed_version_is_finished_by_the_next_attempt_without_training(re
 
     done = jobs.load_job(job.id)
     assert (done.status, done.fine_tuned_model, done.trained_tokens) == (JobStatus.SUCCEEDED, "a:v1", 777)
-    assert done.hyperparameters == hyperparameters_used({}, resolved)
+    assert done.hyperparameters_used == hyperparameters_used(Hyperparameters(), resolved)
 
 
 def test_a_stale_attempt_cannot_overwrite_the_checkpoint_a_newer_attempt_recorded(running_job, tmp_path):
@@ -315,9 +316,9 @@ def ray_job_setup(redis_server, tmp_path, tiny_model_dir):
         train, _ = write_synthetic_splits(tmp_path / "data", n_train=24, n_val=4, seed=1)
         files = FileStore(client, make_object_store(settings), max_upload_bytes=settings.max_upload_bytes)
         file = files.create_file("t1", filename="train.jsonl", purpose="fine-tune", content=train.read_bytes())
-        job = jobs.create_job("t1", model="tiny-llama", training_file=file.id, seed=1,
-                              hyperparameters={"n_epochs": 1, "batch_size": 4},
-                              lora=lora or {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}).job
+        spec = JobSpec(hyperparameters={"n_epochs": 1, "batch_size": 4},
+                       lora=lora or {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+        job = jobs.create_job("t1", model="tiny-llama", training_file=file.id, seed=1, spec=spec).job
         return settings, jobs, job
 
     return make
