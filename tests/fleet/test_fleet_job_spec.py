@@ -12,6 +12,7 @@ from fleet.job_spec import DEFAULT_TARGET_MODULES, Hyperparameters, JobSpec, Lor
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.resources import Resources
+from tests.fleet.conftest import PRE_JOBSPEC_HYPERPARAMETERS, write_pre_jobspec_job
 
 
 @pytest.fixture
@@ -71,30 +72,9 @@ def test_a_created_job_stores_its_spec_as_one_json_field(jobs, r):
     assert jobs.load_job(job.id).spec == spec
 
 
-# What the version before JobSpec wrote for a job created through the API (its to_redis_hash).
-_OLD_HYPERPARAMETERS = {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}
-_OLD_FIELDS = {
-    "hyperparameters": json.dumps(_OLD_HYPERPARAMETERS),
-    "method": json.dumps({"type": "supervised", "supervised": {"hyperparameters": _OLD_HYPERPARAMETERS}}),
-    "lora": json.dumps({"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
-                        "use_rslora": True, "use_dora": False, "quantization": "nf4"}),
-    "resources": json.dumps({"workers": 2, "gpus_per_worker": 1}),
-    "priority": "high",
-}
-
-
-def write_old_style_job(jobs: JobStore, r, **old_fields: str) -> str:
-    """A queued job whose hash holds the dict fields a version before JobSpec wrote, and no `spec`."""
-    job = jobs.create_job("t1", model="tiny-llama", training_file="file-x", resources=Resources(gpus=2),
-                          priority="high").job
-    r.hdel(keys.job(job.id), "spec")
-    r.hset(keys.job(job.id), mapping={**_OLD_FIELDS, **old_fields})
-    return job.id
-
-
 def test_a_job_stored_before_jobspec_loads_into_the_spec(jobs, r):
-    job = jobs.load_job(write_old_style_job(jobs, r))
-    assert job.spec.hyperparameters == Hyperparameters(**_OLD_HYPERPARAMETERS)
+    job = jobs.load_job(write_pre_jobspec_job(jobs, r))
+    assert job.spec.hyperparameters == Hyperparameters(**PRE_JOBSPEC_HYPERPARAMETERS)
     assert job.spec.lora == LoraSpec(r=4, alpha=8.0, dropout=0.1, target_modules=["q_proj", "v_proj"],
                                      use_rslora=True)
     assert job.spec.quantization == "nf4"
@@ -104,14 +84,14 @@ def test_a_job_stored_before_jobspec_loads_into_the_spec(jobs, r):
 
 def test_an_old_succeeded_job_keeps_its_request_and_the_values_used(jobs, r):
     used = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5, "learning_rate": 1e-4}
-    job_id = write_old_style_job(jobs, r, hyperparameters=json.dumps(used), status=JobStatus.SUCCEEDED.value)
+    job_id = write_pre_jobspec_job(jobs, r, hyperparameters=json.dumps(used), status=JobStatus.SUCCEEDED.value)
     job = jobs.load_job(job_id)
-    assert job.spec.hyperparameters == Hyperparameters(**_OLD_HYPERPARAMETERS)  # from its method block
+    assert job.spec.hyperparameters == Hyperparameters(**PRE_JOBSPEC_HYPERPARAMETERS)  # from its method block
     assert job.hyperparameters_used == used
 
 
 def test_an_old_job_created_without_lora_or_method_takes_the_defaults(jobs, r):
-    job_id = write_old_style_job(jobs, r, hyperparameters="{}", lora="{}")
+    job_id = write_pre_jobspec_job(jobs, r, hyperparameters="{}", lora="{}")
     r.hdel(keys.job(job_id), "method")
     job = jobs.load_job(job_id)
     assert job.spec.lora == LoraSpec() and job.spec.quantization is None

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from fleet.job_spec import JobSpec, LoraSpec
 from fleet.queue import JobStore
-from tests.fleet.test_fleet_job_spec import write_old_style_job
+from tests.fleet.conftest import write_pre_jobspec_job
 from workers.dispatcher import build_training_spec
 from workers.spec import TrainingSpec, lora_config
 
@@ -40,7 +40,7 @@ def test_a_job_stored_before_jobspec_is_claimed_and_becomes_a_training_spec(redi
     client = redis_server.client(decode_responses=True)
     try:
         jobs = JobStore(client, max_attempts=3)
-        job_id = write_old_style_job(jobs, client)
+        job_id = write_pre_jobspec_job(jobs, client)
         claim = jobs.leases.claim_next_job("old-hash-worker", lease_ms=3000)
     finally:
         client.close()
