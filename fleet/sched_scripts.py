@@ -301,6 +301,14 @@ local function preempt_for(c, need, goal)
     end
   end
   if freed < need then return 0, 0 end
+  -- keep only victims needed (Kueue's fill-back): a later, larger pick may make earlier ones unneeded;
+  -- sparing a victim leaves its tenant more usage, which only raises the others' share after
+  for i = #picked, 1, -1 do
+    if freed - picked[i].gpus >= goal then
+      freed = freed - picked[i].gpus
+      table.remove(picked, i)
+    end
+  end
   for _, j in ipairs(picked) do
     j.taken = true
     pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus

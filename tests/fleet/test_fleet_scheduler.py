@@ -430,3 +430,16 @@ def test_a_quota_change_takes_effect_at_the_next_decision(r):
     assert c.admit() == []
     c.quotas.reset("a")  # back to the default: no limits
     assert len(c.admit()) == 1
+
+
+def test_reclaim_spares_victims_a_later_pick_made_unneeded(r):
+    """Victim order is newest first: two 1-GPU jobs, then a 4-GPU one. Reclaiming 4 GPUs takes the
+    4-GPU job alone, not the 1-GPU jobs too."""
+    c = Cluster(r, 6, owner=TenantQuota(nominal_gpus=4))
+    (big,) = c.submit("borrower", gpus=4)
+    assert c.admit() == [big]
+    small = c.submit("borrower", 2)
+    assert sorted(c.admit()) == sorted(small)
+    c.submit("owner", gpus=4, at=S)
+    assert c.admit(at=S) == []
+    assert c.preempting() == [big]
