@@ -443,3 +443,21 @@ def test_reclaim_spares_victims_a_later_pick_made_unneeded(r):
     c.submit("owner", gpus=4, at=S)
     assert c.admit(at=S) == []
     assert c.preempting() == [big]
+
+
+def test_cluster_view_shows_nodes_totals_borrowers_and_reasons(r):
+    c = Cluster(r, None, a=TenantQuota(nominal_gpus=2))
+    CapacityStore(r).record_nodes(
+        [NodeCapacity(node_id="n1", gpus=4), NodeCapacity(node_id="n2", gpus=4, alive=False)]
+    )
+    c.submit("a", 2, gpus=2)  # a: 2 within nominal, 2 borrowed
+    c.submit("b", gpus=4)
+    assert len(c.admit()) == 2
+    view = cluster_view(r, now_ms=0)
+    assert [(n.node_id, n.gpus, n.alive) for n in view.nodes] == [("n1", 4, True), ("n2", 4, False)]
+    assert (view.totals.gpus, view.totals.allocated, view.totals.free) == (4, 4, 0)
+    tenants = {t.tenant_id: t for t in view.tenants}
+    assert (tenants["a"].running_gpus, tenants["a"].borrowed_gpus, tenants["a"].queued_jobs) == (4, 2, 0)
+    assert tenants["b"].waiting_reason == (
+        "waiting for 4 GPUs; 0 free; tenant has no nominal quota (borrows idle GPUs)"
+    )
