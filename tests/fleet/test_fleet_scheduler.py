@@ -461,3 +461,17 @@ def test_cluster_view_shows_nodes_totals_borrowers_and_reasons(r):
     assert tenants["b"].waiting_reason == (
         "waiting for 4 GPUs; 0 free; tenant has no nominal quota (borrows idle GPUs)"
     )
+
+
+def test_freed_or_added_gpus_wake_an_idle_dispatcher(r):
+    c = Cluster(r, 2)
+    (running,) = c.submit("a", gpus=2)
+    c.submit("a", gpus=2)
+    assert c.admit() == [running]
+    r.delete(keys.wakeup())  # the dispatchers have consumed every wake-up so far
+    assert not c.jobs.leases.wait_for_work(0.05)  # nothing fits: an idle dispatcher would sleep
+    c.finish(running, at=S)
+    assert c.jobs.leases.wait_for_work(2)
+    r.delete(keys.wakeup())
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=2), NodeCapacity(node_id="n2", gpus=2)])
+    assert c.jobs.leases.wait_for_work(2)
