@@ -12,6 +12,7 @@ import redis
 
 from fleet import keys
 from fleet.capacity import CapacityStore, NodeCapacity
+from fleet.fencing import Fence
 from fleet.jobs import JobStatus
 from fleet.leases import PREEMPTED_MESSAGE, Claim
 from fleet.queue import JobStore
@@ -475,3 +476,31 @@ def test_freed_or_added_gpus_wake_an_idle_dispatcher(r):
     r.delete(keys.wakeup())
     CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=2), NodeCapacity(node_id="n2", gpus=2)])
     assert c.jobs.leases.wait_for_work(2)
+
+
+def test_state_from_before_the_scheduler_is_migrated_once(r):
+    """Queues were lists and running jobs were not counted in GPUs: the first JobStore brings both up
+    to date, and the scheduler then admits and releases as if it had always run."""
+    def old_job(job_id: str, seq: int, status: str) -> None:
+        r.hset(keys.job(job_id), mapping={"id": job_id, "tenant_id": "t1", "seq": seq, "status": status,
+                                          "created_at": 0, "model": "m", "training_file": "f"})
+
+    old_job("ftjob-old1", 1, "running")
+    r.hset(keys.job("ftjob-old1"), mapping={"attempt": 1, "claim_token": "tok", "worker_id": "w"})
+    r.zadd(keys.leases(), {"ftjob-old1": 10**13})
+    r.hset(keys.running_per_tenant(), "t1", 1)
+    old_job("ftjob-old2", 2, "queued")
+    old_job("ftjob-old3", 3, "queued")
+    r.rpush(keys.queue("t1"), "ftjob-old2", "ftjob-old3")
+    r.zadd(keys.queue_tenants(), {"t1": 0})
+
+    jobs = JobStore(r)
+    assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
+    assert r.hget(keys.sched_cluster(), "allocated") == "1"
+    assert _index_problems(r, ["t1"]) == []
+    assert JobStore(r).redis.hget(keys.sched_config(), "version") == "1"  # a second store changes nothing
+    assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
+    jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
+    assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one
+    assert r.hget(keys.running_per_tenant(), "t1") == "1"
+    assert _index_problems(r, ["t1"]) == []
