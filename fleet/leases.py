@@ -138,11 +138,14 @@ class Leases:
         load_job: Callable[[str], Job],
         *,
         max_attempts: int,
+        prepare: Callable[[], None] = lambda: None,
     ) -> None:
-        """`load_job` reads a job by id (JobStore.load_job)."""
+        """`load_job` reads a job by id (JobStore.load_job); `prepare` runs before a claim (JobStore's
+        first-use setup: the fair-share half-life)."""
         self.redis = client
         self.events = events
         self._load_job = load_job
+        self._prepare = prepare
         self.max_attempts = max_attempts
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
@@ -164,6 +167,7 @@ class Leases:
         borrowers' running jobs to stop ("preempt") so a tenant below its nominal quota gets it back.
         Returns None when nothing is admissible now. `now_ms`: a simulated clock (None: Redis's).
         """
+        self._prepare()
         for _ in range(_CLAIM_RETRIES):
             token = new_claim_token()
             reply = self._claim(keys=[], args=[worker_id, lease_ms, token, clock_arg(now_ms)])
