@@ -380,10 +380,11 @@ class Leases:
     def requeue_expired_leases(self, now_ms: int | None = None, *, restart_grace_ms: int = 0) -> list[ExpiredLease]:
         """Recover jobs whose worker stopped heartbeating (call at dispatcher start-up and periodically).
 
-        Each such job goes back to the head of its tenant's queue (its checkpoints are kept, so the next
-        attempt resumes), or is failed with the reason once it has lost `max_attempts` workers in a row
-        (a recorded checkpoint resets the count). A pending cancel/pause request is honoured instead.
-        `now_ms` defaults to the Redis server clock.
+        Each such job releases its GPUs and goes back to its place in its tenant's queue (its checkpoints
+        are kept, so the next attempt resumes), or is failed with the reason once it has lost
+        `max_attempts` workers in a row (a recorded checkpoint resets the count). A pending cancel/pause
+        request is honoured instead. `now_ms` defaults to the Redis server clock; given, it is also the
+        scheduler's clock for the state change (a simulation).
 
         `restart_grace_ms` (dispatchers pass lease_ms + heartbeat_ms): while the Redis server has been
         up for less than this, nothing is expired. Leases run on during a Redis outage although no
