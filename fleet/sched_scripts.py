@@ -363,8 +363,9 @@ local function preempt_for(c, need, goal)
   end
   return #picked, freed
 end
--- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit holds
--- the free capacity and waits for GPUs already being preempted, or preempts for what is missing.
+-- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit (but would
+-- fit the cluster) holds the free capacity and waits for GPUs already being preempted, or preempts for
+-- what is missing.
 local preempted = 0
 local reserved, spoken = 0, 0  -- free GPUs held for waiting reclaimers; incoming GPUs promised to them
 for _, c in ipairs(cands) do
@@ -396,8 +397,9 @@ for _, c in ipairs(cands) do
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}
   end
-  if c.tier <= 1 and c.u < c.q.nominal then
-    local missing = g - avail - (incoming - spoken)
+  if c.tier <= 1 and c.u < c.q.nominal and g <= total then
+    -- allocated above total: a node left with jobs still counted on it; that overcommit is missing too
+    local missing = g - avail - (incoming - spoken) + math.max(allocated - total, 0)
     if missing > 0 then
       -- reclaim for the tenant's following jobs within its nominal quota too, in the same wave: it gets
       -- its quota back after one checkpoint + restart, not one per job

@@ -520,3 +520,25 @@ def test_any_script_migrates_old_state_before_it_acts(r):
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old1", "ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "0"
     assert _index_problems(r, ["t1"]) == []
+
+
+def test_no_reclaim_for_a_job_larger_than_the_cluster(r):
+    c = Cluster(r, 4, owner=TenantQuota(nominal_gpus=8))
+    c.submit("borrower", 4)
+    assert len(c.admit()) == 4
+    c.submit("owner", gpus=6, at=S)  # nominal 8, but the cluster has 4: preempting cannot make it fit
+    assert c.admit(at=S) == [] and c.preempting() == []
+
+
+def test_reclaim_after_a_node_left_counts_the_overcommit(r):
+    """A node with 2 GPUs leaves while the borrower holds 4 (its jobs there are not handed back yet):
+    the owner's 2 GPUs need 4 freed, in one wave, not one wave now and another later."""
+    c = Cluster(r, 4, owner=TenantQuota(nominal_gpus=2))
+    c.submit("borrower", 2, gpus=2)
+    assert len(c.admit()) == 2
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=2)])
+    (owner_job,) = c.submit("owner", gpus=2, at=S)
+    assert c.admit(at=S) == [] and len(c.preempting()) == 2
+    for victim in c.preempting():
+        c.finish(victim, at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.admit(at=2 * S) == [owner_job]
