@@ -6,13 +6,17 @@ service/ or workers/. Build stores from one `Settings` at the edge:
     settings = Settings()
     r = make_redis(settings)
     store = make_object_store(settings)
-    jobs = JobStore(r, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
+    jobs = JobStore(r, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len,
+                    fair_share_half_life_s=settings.fair_share_half_life_s)
+    quotas = QuotaStore(r, default=settings.default_quota)   # writes the default quota the scheduler reads
+    capacity = CapacityStore(r)                               # dispatchers record Ray's nodes in it
     tenants = TenantStore(r, admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None)
     files = FileStore(r, store, max_upload_bytes=settings.max_upload_bytes)
     registry = AdapterRegistry(r, store)
     catalog = load_catalog(settings)
 
-Dispatchers use `jobs.leases` (claim, fenced writes; see fleet.leases) and call
+Dispatchers use `jobs.leases` (claim = the scheduler's admission, fenced writes; see fleet.leases and
+docs/scheduling.md) and call
 `run_retention(r, store, settings)` periodically (fleet.retention).
 """
 

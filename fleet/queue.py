@@ -197,6 +197,7 @@ class JobStore:
                 keys.idempotency(tenant_id, idempotency_key or ""),
                 keys.job_seq(),
                 keys.queue(tenant_id),
+                keys.job_events(job.id),
             ],
             args=[
                 job.id,
@@ -205,6 +206,8 @@ class JobStore:
                 job.request_sha256 or "",
                 self.idempotency_ttl_s,
                 clock_arg(now_ms),
+                self.events.max_len,
+                now,
                 *flat,
             ],
         )
@@ -220,8 +223,9 @@ class JobStore:
             raise _idempotency_conflict(idempotency_key, job_id)
         if outcome == "existing" and job_id != job.id:  # an earlier request with this Idempotency-Key
             return CreatedJob(self.load_job(job_id), created=False)
-        # "created", or "existing" under our own id: the script ran, its reply was lost and it was retried.
-        self.append_event(job.id, "info", f"Created fine-tuning job: {job.id}")
+        if outcome == "created":  # the script wrote exactly `job` (and its first event): no read back
+            return CreatedJob(job.model_copy(update={"seq": int(reply[2])}), created=True)
+        # "existing" under our own id: the script ran, its reply was lost and it was retried.
         return CreatedJob(self.load_job(job.id), created=True)
 
     def find_replay(self, tenant_id: str, idempotency_key: str, request_body: Any) -> Job | None:

@@ -86,9 +86,11 @@ local function tail(from)
 end
 """ + FUNCTIONS
 
-# KEYS: job, tenant_jobs, idempotency, job_seq, queue
+# KEYS: job, tenant_jobs, idempotency, job_seq, queue, job_events
 # ARGV: job_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, clock_ms ('' = Redis's),
-#       field, value, ...   (created queued, at its place: priority, then seq)
+#       events_max_len, created_at (s), field, value, ...   (created queued, at its place: priority, then seq)
+# Returns {'created', job_id, seq}; the job's first event ("Created fine-tuning job: ...") is written here
+# too, so a create is one round trip.
 # The client draws the job id, so a retry of this script (its reply lost, the client retried it) carries
 # the same id: the job already exists and is returned, never created or queued twice. A tenant at its
 # max_queued_jobs quota gets {'quota', 'max_queued_jobs', limit} and nothing is created (a replay of an
@@ -110,7 +112,7 @@ if max_queued and redis.call('ZCARD', KEYS[5]) >= max_queued then
 end
 CLOCK = clock_arg(ARGV[6])
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, 'queue_seq', seq, unpack(tail(7)))
+redis.call('HSET', KEYS[1], 'seq', seq, 'queue_seq', seq, unpack(tail(9)))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
@@ -118,7 +120,9 @@ if ARGV[3] == '1' then
 end
 enqueue(ARGV[2], ARGV[1], false, now_ms())
 emit_job('queued', ARGV[2], ARGV[1])
-return {'created', ARGV[1]}
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'created_at', ARGV[8], 'level', 'info',
+           'message', 'Created fine-tuning job: ' .. ARGV[1], 'type', 'message')
+return {'created', ARGV[1], seq}
 """
 )
 

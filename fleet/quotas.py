@@ -6,7 +6,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet import keys
-from fleet.scheduling import reindex_tenants
+from fleet import queue_scripts as lua
 
 __all__ = ["TenantQuota", "QuotaStore", "QUOTA_FIELDS"]
 
@@ -50,13 +50,16 @@ class QuotaStore:
         self.redis = client
         self.default = default
         if self.redis.hgetall(keys.default_quota()) != default.to_redis_hash():
-            self._write(keys.default_quota(), default)
-            reindex_tenants(client)  # tenants on the default may have changed tier
+            self._write(keys.default_quota(), default, reindex=())  # () : every tenant (those on the default)
 
-    def _write(self, key: str, quota: TenantQuota) -> None:
+    def _write(self, key: str, quota: TenantQuota | None, *, reindex: tuple[str, ...]) -> None:
+        """Replace (None: delete) a quota hash and re-index the tenants it applies to, in one transaction,
+        so no decision ever sees the new quota with the old index or the reverse."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(key)
-        pipe.hset(key, mapping=quota.to_redis_hash())
+        if quota is not None:
+            pipe.hset(key, mapping=quota.to_redis_hash())
+        pipe.eval(lua.REINDEX, 0, "", *reindex)
         pipe.execute()
 
     def get(self, tenant_id: str) -> TenantQuota:
@@ -66,14 +69,12 @@ class QuotaStore:
 
     def set(self, tenant_id: str, quota: TenantQuota) -> TenantQuota:
         """Set a tenant's quota; its queued work is re-indexed at once under the new limits."""
-        self._write(keys.quota(tenant_id), quota)
-        self._reindex(tenant_id)
+        self._write(keys.quota(tenant_id), quota, reindex=(tenant_id,))
         return quota
 
     def reset(self, tenant_id: str) -> None:
         """Back to the default quota."""
-        self.redis.delete(keys.quota(tenant_id))
-        self._reindex(tenant_id)
+        self._write(keys.quota(tenant_id), None, reindex=(tenant_id,))
 
     def list(self) -> dict[str, TenantQuota]:
         """The explicitly set quotas, by tenant id."""
@@ -84,6 +85,3 @@ class QuotaStore:
             if fields:
                 out[key[len(prefix):]] = TenantQuota.from_redis_hash(fields)
         return dict(sorted(out.items()))
-
-    def _reindex(self, tenant_id: str) -> None:
-        reindex_tenants(self.redis, [tenant_id])

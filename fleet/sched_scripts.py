@@ -222,8 +222,10 @@ for i = 1, #buckets, 2 do
     end
   end
 end
+local states = {}  -- tenants holding GPUs, read once: candidates here, victims' tenants in read_pool
 for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
   local st = tenant_state(t)
+  states[t] = st
   if st.head then
     local q = st.q
     local tier = tier_of(q, st.gpus, st.head.gpus)
@@ -247,6 +249,20 @@ table.sort(cands, function(a, b)
   if ua ~= ub then return ua < ub end
   return a.head.qscore < b.head.qscore
 end)
+-- GPUs of the jobs queued behind c's head that fit, in order, within c's nominal quota with it
+-- (read at most MAX_RECLAIM_JOBS of them).
+local MAX_RECLAIM_JOBS = 64
+local function within_nominal_after_head(c)
+  local budget = c.q.nominal - c.u - c.head.gpus
+  if budget <= 0 then return 0 end
+  local total = 0
+  for _, jid in ipairs(redis.call('ZRANGE', Q_PREFIX .. c.tenant, 1, math.min(budget, MAX_RECLAIM_JOBS))) do
+    local g = num(redis.call('HGET', JOB_KEY_PREFIX .. jid, 'gpus'), 1)
+    if total + g > budget then break end
+    total = total + g
+  end
+  return total
+end
 -- Reclaim for `c` (below nominal, its head does not fit): pick borrowers' running jobs, lowest priority
 -- then most recently admitted, while c's share after admission <= the victim tenant's share after the
 -- preemption (share = GPUs above nominal / weight); all or nothing. Returns (jobs asked, GPUs freed).
@@ -260,7 +276,7 @@ local function read_pool()
     local vt = v[1]
     if vt and not v[3] and v[4] == 'running' then
       if usage[vt] == nil then
-        local st = tenant_state(vt)
+        local st = states[vt] or tenant_state(vt)
         usage[vt], quotas[vt] = st.gpus - st.preempting, st.q
       end
       jobs[#jobs + 1] = {id = jid, tenant = vt, gpus = num(v[2], 1)}
@@ -268,7 +284,8 @@ local function read_pool()
   end
   return {jobs = jobs, usage = usage, quotas = quotas}
 end
-local function preempt_for(c, need)
+-- Frees at least `need` GPUs or none; goes on toward `goal` (>= need) while victims qualify.
+local function preempt_for(c, need, goal)
   pool = pool or read_pool()
   local share_after = math.max(c.u + c.head.gpus - c.q.nominal, 0) / c.q.weight
   local usage, picked, freed = {}, {}, 0
@@ -279,7 +296,7 @@ local function preempt_for(c, need)
         picked[#picked + 1] = j
         usage[j.tenant] = u - j.gpus
         freed = freed + j.gpus
-        if freed >= need then break end
+        if freed >= goal then break end
       end
     end
   end
@@ -329,7 +346,9 @@ for _, c in ipairs(cands) do
   if c.tier <= 1 and c.u < c.q.nominal then
     local missing = g - avail - (incoming - spoken)
     if missing > 0 then
-      local n, freed = preempt_for(c, missing)
+      -- reclaim for the tenant's following jobs within its nominal quota too, in the same wave: it gets
+      -- its quota back after one checkpoint + restart, not one per job
+      local n, freed = preempt_for(c, missing, missing + within_nominal_after_head(c))
       if n > 0 then
         preempted = preempted + n
         incoming = incoming + freed

@@ -76,12 +76,13 @@ class _Tenant:
     running: int = 0
     preempting: int = 0
     queued: int = 0
-    jobs: list[tuple[str, int, float, int]] = field(default_factory=list)  # (id, gpus, queue score, not_before_ms)
+    jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (id, gpus, queue score), head first
+    parked: list[tuple[str, int, int]] = field(default_factory=list)  # backing off: (id, gpus, until ms)
 
 
 @dataclass
 class _State:
-    """The scheduler's state as one estimate or view reads it (three round trips, whatever the size)."""
+    """The scheduler's state as one estimate or view reads it (a few round trips, whatever the size)."""
 
     now_ms: int
     half_life_ms: float
@@ -110,12 +111,20 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
     pipe.hgetall(keys.default_quota())
     pipe.hget(keys.sched_config(), "half_life_ms")
     pipe.zrange(keys.sched_running_jobs(), 0, -1)
-    *statuses, (seconds, micros), total, (allocated, incoming), waiting, holding, default, hl, running_ids = (
+    pipe.zrange(keys.sched_backoff(), 0, -1, withscores=True)
+    *statuses, (seconds, micros), total, (allocated, incoming), waiting, holding, default, hl, running_ids, parked = (
         pipe.execute()
     )
     now = int(now_ms) if now_ms is not None else seconds * 1000 + micros // 1000
     wanted = {j: t for j, (status, t) in zip(job_ids, statuses, strict=True) if status == "queued" and t}
-    ids = sorted(set(waiting) | set(holding))
+    parked_pipe = client.pipeline(transaction=False)
+    for job_id, _ in parked:
+        parked_pipe.hmget(keys.job(job_id), "tenant_id", "gpus")
+    parked_by_tenant: dict[str, list[tuple[str, int, int]]] = {}
+    for (job_id, until), (tenant, g) in zip(parked, parked_pipe.execute() if parked else [], strict=True):
+        if tenant is not None:
+            parked_by_tenant.setdefault(tenant, []).append((job_id, int(g or 1), int(until)))
+    ids = sorted(set(waiting) | set(holding) | set(parked_by_tenant))
     if depth is None:
         depth = min(_READ_AHEAD, max(2, 2048 // max(len(ids), 1)))
     pipe = client.pipeline(transaction=False)
@@ -144,7 +153,8 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             preempting=int(state[3] or 0),
             running=int(state[4] or 0),
             queued=int(queued),
-            jobs=[(job_id, 1, score, 0) for job_id, score in entries],
+            jobs=[(job_id, 1, score) for job_id, score in entries],
+            parked=parked_by_tenant.get(t, []),
         )
     ends = []
     for tenant, g, finish in replies[4 * len(ids) :]:
@@ -157,7 +167,7 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             pipe.hget(keys.job(job_id), "gpus")
     gpus = iter(pipe.execute())
     for tenant in tenants.values():
-        tenant.jobs = [(job_id, int(next(gpus) or 1), score, 0) for job_id, _, score, _ in tenant.jobs]
+        tenant.jobs = [(job_id, int(next(gpus) or 1), score) for job_id, _, score in tenant.jobs]
     return _State(
         now_ms=now,
         half_life_ms=float(hl) if hl is not None else DEFAULT_HALF_LIFE_MS,
@@ -171,18 +181,25 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
     )
 
 
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
 def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
     """Why the tenant's head job is not admitted now, in a tenant's words (never naming others)."""
     if not t.jobs:
+        if t.parked:
+            _, g, until = t.parked[0]
+            return f"waiting {math.ceil(max(until - now_ms, 0) / 1000)} s to retry placing its {_gpus(g)} on the nodes"
         return None
-    _, g, _, _ = t.jobs[0]
+    _, g, _ = t.jobs[0]
     q = t.quota
     if q.max_running_jobs is not None and t.running >= q.max_running_jobs:
         return f"tenant at max_running_jobs ({q.max_running_jobs})"
     if fair_share.tier(q, t.gpus, g) is None:
         limit = q.nominal_gpus + (q.borrowing_limit_gpus or 0)
         return (
-            f"waiting for {g} GPUs; tenant holds {t.gpus} of its nominal quota {q.nominal_gpus} "
+            f"waiting for {_gpus(g)}; tenant holds {t.gpus} of its nominal quota {q.nominal_gpus} "
             f"+ borrowing limit {q.borrowing_limit_gpus} = {limit}"
         )
     free_text = "capacity unknown" if free is None else f"{free} free"
@@ -194,8 +211,8 @@ def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
         standing = "tenant below nominal quota; the job would borrow"
     if free is not None and g > free:
         reclaim = "; reclaiming borrowed GPUs" if t.gpus < q.nominal_gpus else ""
-        return f"waiting for {g} GPUs; {free_text}; {standing}{reclaim}"
-    return f"waiting for its turn ({g} GPUs; {free_text}; {standing}); tenants with a lower share go first"
+        return f"waiting for {_gpus(g)}; {free_text}; {standing}{reclaim}"
+    return f"waiting for its turn ({_gpus(g)}; {free_text}; {standing}); tenants with a lower share go first"
 
 
 def cluster_view(client: redis.Redis, now_ms: int | None = None) -> ClusterView:
@@ -267,13 +284,13 @@ def _simulate(
     entries: dict[str, list] = {}
     holding = {tid for tid, tn in tenants.items() if tn.gpus > 0}
 
-    def head(tenant: _Tenant) -> tuple[str, int, float, int] | None:
+    def head(tenant: _Tenant) -> tuple[str, int, float] | None:
         i = heads[tenant.tenant_id]
         if i < len(tenant.jobs):
             return tenant.jobs[i]
         if i < tenant.queued and tenant.jobs:  # beyond what was read: like its last read job
-            job_id, g, score, _ = tenant.jobs[-1]
-            return (f"{job_id}+{i}", g, score + i, 0)
+            job_id, g, score = tenant.jobs[-1]
+            return (f"{job_id}+{i}", g, score + i)
         return None
 
     def place(tenant: _Tenant) -> None:
@@ -342,7 +359,7 @@ def _simulate(
                         holding.discard(tid)
                         place(tenants[tid])
             continue
-        tenant, (job_id, g, _, _) = chosen
+        tenant, (job_id, g, _) = chosen
         admitted += 1
         heads[tenant.tenant_id] += 1
         if job_id in wanted:

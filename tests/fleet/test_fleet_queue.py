@@ -19,6 +19,7 @@ from fleet.exceptions import (
 from fleet.fencing import Fence
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
+from fleet.resources import Resources
 
 FAR_FUTURE_MS = 10**13  # "now" for requeue_expired_leases: every lease has expired by then
 
@@ -64,9 +65,13 @@ def test_created_job_round_trips_with_all_fields(jobs):
         metadata={"team": "nlp"},
         hyperparameters={"n_epochs": 2, "learning_rate_multiplier": "auto"},
         lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        resources=Resources(workers=2, gpus_per_worker=2),
+        priority="high",
     )
     assert created.created
     job = jobs.get_job("t1", created.job.id)
+    assert created.job == job  # what create returns without reading back is what was stored
+    assert [e.message for e in jobs.read_events(job.id)] == [f"Created fine-tuning job: {job.id}"]
     assert job.id.startswith("ftjob-")
     assert job.status == JobStatus.QUEUED
     assert (job.validation_file, job.suffix, job.seed) == ("file-b", "my-run", 7)

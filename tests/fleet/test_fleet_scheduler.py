@@ -164,6 +164,9 @@ def test_a_handed_back_job_returns_at_its_place_and_retry_after_is_honoured(r):
     c.finish(first, at=1 * S, status=JobStatus.QUEUED, retry_after_ms=5 * S)
     (other,) = c.submit("b", at=1 * S)
     assert set(c.admit(at=2 * S)) == {second, other}  # first backs off; the others are not blocked
+    c.finish(second, at=2 * S)
+    reasons = {t.tenant_id: t.waiting_reason for t in cluster_view(r, now_ms=3 * S).tenants}
+    assert reasons["a"] == "waiting 3 s to retry placing its 1 GPU on the nodes"
     assert c.jobs.leases.claim_next_job("w", 60_000, now_ms=5 * S) is None
     retried = c.jobs.leases.claim_next_job("w", 60_000, now_ms=6 * S)
     assert (retried.job.id, retried.attempt) == (first, 2)
@@ -399,3 +402,31 @@ def test_the_index_stays_consistent_through_every_kind_of_change(r, seed):
         for job_id in [j for j in c.claims if r.hget(keys.job(j), "status") != "running"]:
             c.claims.pop(job_id)  # cancelled while running: its worker would stop
         assert _index_problems(r, tenants) == [], f"after step {step} ({action})"
+
+
+def test_reclaim_frees_the_whole_nominal_quota_in_one_wave(r):
+    """The owner's three 2-GPU jobs fit its nominal 6: one wave preempts 6 GPUs of the borrower, so
+    the owner holds its quota after one checkpoint + restart, not one per job."""
+    c = Cluster(r, 8, owner=TenantQuota(nominal_gpus=6))
+    c.submit("borrower", 8)
+    assert len(c.admit()) == 8
+    owner_jobs = c.submit("owner", 3, gpus=2, at=S)
+    assert c.admit(at=S) == []
+    assert len(c.preempting()) == 6
+    for victim in c.preempting():
+        c.finish(victim, at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert sorted(c.admit(at=2 * S)) == sorted(owner_jobs)
+    assert c.held() == {"owner": 6, "borrower": 2}
+
+
+def test_a_quota_change_takes_effect_at_the_next_decision(r):
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=0))
+    (job_id,) = c.submit("a", gpus=4)
+    assert c.admit() == []
+    c.quotas.set("a", TenantQuota(nominal_gpus=4))
+    assert c.admit() == [job_id]
+    c.submit("a", gpus=4)
+    c.quotas.set("a", TenantQuota(max_running_jobs=1))
+    assert c.admit() == []
+    c.quotas.reset("a")  # back to the default: no limits
+    assert len(c.admit()) == 1
