@@ -29,7 +29,7 @@ from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, clock_arg, read_queue_snapshot
 from fleet.resources import PriorityClass, Resources
 from fleet.scheduler_view import QueueEstimate, estimate_queue
-from fleet.scheduling import QueueSnapshot, set_half_life
+from fleet.scheduling import QueueSnapshot, migrate_state, set_half_life
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
@@ -92,6 +92,7 @@ class JobStore:
         self.redis = client
         self.events = EventLog(client, max_len=events_max_len)
         self.idempotency_ttl_s = idempotency_ttl_s
+        migrate_state(client)  # one HGET once done: state from before the scheduler is brought up to date
         if fair_share_half_life_s is not None:
             set_half_life(client, fair_share_half_life_s)
         self._create = client.register_script(lua.CREATE)

@@ -169,7 +169,8 @@ local function unqueue(tenant, job_id, now)
   if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
   reindex(tenant, now)
 end
--- A running attempt ended (any way): its GPUs go back, with any preemption that was coming.
+-- A running attempt ended (any way): its GPUs go back, with any preemption that was coming, and an
+-- idle dispatcher is woken if anything waits.
 local function release(tenant, job_id, now)
   local job_key = JOB_KEY_PREFIX .. job_id
   redis.call('ZREM', LEASES, job_id)
@@ -181,6 +182,10 @@ local function release(tenant, job_id, now)
     redis.call('HDEL', job_key, 'preempting_gpus')
   end
   add_usage(tenant, -num(v[1], 1), -1, now)
+  if redis.call('ZCARD', QUEUE_TENANTS) > 0 then  -- freed GPUs may admit waiting work: wake a dispatcher
+    redis.call('LPUSH', WAKEUP, 'released')
+    redis.call('LTRIM', WAKEUP, 0, 63)
+  end
 end
 """
 
@@ -301,6 +306,14 @@ local function preempt_for(c, need, goal)
     end
   end
   if freed < need then return 0, 0 end
+  -- keep only victims needed (Kueue's fill-back): a later, larger pick may make earlier ones unneeded;
+  -- sparing a victim leaves its tenant more usage, which only raises the others' share after
+  for i = #picked, 1, -1 do
+    if freed - picked[i].gpus >= goal then
+      freed = freed - picked[i].gpus
+      table.remove(picked, i)
+    end
+  end
   for _, j in ipairs(picked) do
     j.taken = true
     pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus
