@@ -471,49 +471,7 @@ return #tenants
 """
 )
 
-# KEYS: none.  ARGV: none.
-# Brings Redis state written before the scheduler up to date, once (sched_config's `version`): tenant
-# queues that are lists become sorted sets at their places, jobs get the scalars the scheduler reads
-# (a job without `gpus` holds one), and running jobs' GPUs are accounted. Returns the jobs it moved.
-MIGRATE = (
-    PRELUDE
-    + """
-if redis.call('HGET', CONFIG, 'version') == '1' then return 0 end
-local now = now_ms()
-local moved = 0
-local function backfill(job_key)
-  redis.call('HSETNX', job_key, 'gpus', 1)
-  redis.call('HSETNX', job_key, 'priority_value', 0)
-  redis.call('HSETNX', job_key, 'queue_seq', redis.call('HGET', job_key, 'seq') or 0)
-end
-for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do
-  local qkey = Q_PREFIX .. t
-  if redis.call('TYPE', qkey)['ok'] == 'list' then
-    local ids = redis.call('LRANGE', qkey, 0, -1)
-    redis.call('DEL', qkey)
-    for _, jid in ipairs(ids) do
-      backfill(JOB_KEY_PREFIX .. jid)
-      redis.call('ZADD', qkey, queue_score(JOB_KEY_PREFIX .. jid), jid)
-      moved = moved + 1
-    end
-  end
-end
-if redis.call('EXISTS', CLUSTER) == 0 then  -- running jobs admitted before GPUs were counted
-  redis.call('DEL', RUNNING)  -- recounted below
-  for _, jid in ipairs(redis.call('ZRANGE', LEASES, 0, -1)) do
-    local job_key = JOB_KEY_PREFIX .. jid
-    local v = redis.call('HMGET', job_key, 'status', 'tenant_id')
-    if v[1] == 'running' and v[2] then
-      backfill(job_key)
-      local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
-      local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))
-      redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), jid)
-      add_usage(v[2], tonumber(redis.call('HGET', job_key, 'gpus')), 1, now)
-    end
-  end
-end
-for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do reindex(t, now) end
-redis.call('HSET', CONFIG, 'version', 1)
-return moved
-"""
-)
+
+# KEYS: none.  ARGV: none.  Runs nothing but the prelude, whose migrate_once() brings old state up to
+# date (fleet.scheduling.migrate_state).
+MIGRATE = PRELUDE + "return redis.call('HGET', CONFIG, 'version')"

@@ -187,6 +187,46 @@ local function release(tenant, job_id, now)
     redis.call('LTRIM', WAKEUP, 0, 63)
   end
 end
+-- State written before the scheduler (list queues, running jobs with no GPUs counted) is brought up
+-- to date by the first script that runs after an upgrade, before it does anything else; afterwards
+-- this costs one HGET. Jobs get the scalars the scheduler reads (a job without `gpus` holds one).
+local function migrate_once()
+  if redis.call('HGET', CONFIG, 'version') == '1' then return end
+  local now = now_ms()
+  local function backfill(job_key)
+    redis.call('HSETNX', job_key, 'gpus', 1)
+    redis.call('HSETNX', job_key, 'priority_value', 0)
+    redis.call('HSETNX', job_key, 'queue_seq', redis.call('HGET', job_key, 'seq') or 0)
+  end
+  for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do
+    local qkey = Q_PREFIX .. t
+    if redis.call('TYPE', qkey)['ok'] == 'list' then
+      local ids = redis.call('LRANGE', qkey, 0, -1)
+      redis.call('DEL', qkey)
+      for _, jid in ipairs(ids) do
+        backfill(JOB_KEY_PREFIX .. jid)
+        redis.call('ZADD', qkey, queue_score(JOB_KEY_PREFIX .. jid), jid)
+      end
+    end
+  end
+  if redis.call('EXISTS', CLUSTER) == 0 then  -- running jobs admitted before GPUs were counted
+    redis.call('DEL', RUNNING)  -- recounted below
+    for _, jid in ipairs(redis.call('ZRANGE', LEASES, 0, -1)) do
+      local job_key = JOB_KEY_PREFIX .. jid
+      local v = redis.call('HMGET', job_key, 'status', 'tenant_id')
+      if v[1] == 'running' and v[2] then
+        backfill(job_key)
+        local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
+        local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))
+        redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), jid)
+        add_usage(v[2], tonumber(redis.call('HGET', job_key, 'gpus')), 1, now)
+      end
+    end
+  end
+  for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do reindex(t, now) end
+  redis.call('HSET', CONFIG, 'version', 1)
+end
+migrate_once()
 """
 
 # Run as the body of queue_scripts.CLAIM, after the prelude.
@@ -323,8 +363,9 @@ local function preempt_for(c, need, goal)
   end
   return #picked, freed
 end
--- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit holds
--- the free capacity and waits for GPUs already being preempted, or preempts for what is missing.
+-- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit (but would
+-- fit the cluster) holds the free capacity and waits for GPUs already being preempted, or preempts for
+-- what is missing.
 local preempted = 0
 local reserved, spoken = 0, 0  -- free GPUs held for waiting reclaimers; incoming GPUs promised to them
 for _, c in ipairs(cands) do
@@ -356,8 +397,9 @@ for _, c in ipairs(cands) do
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}
   end
-  if c.tier <= 1 and c.u < c.q.nominal then
-    local missing = g - avail - (incoming - spoken)
+  if c.tier <= 1 and c.u < c.q.nominal and g <= total then
+    -- allocated above total: a node left with jobs still counted on it; that overcommit is missing too
+    local missing = g - avail - (incoming - spoken) + math.max(allocated - total, 0)
     if missing > 0 then
       -- reclaim for the tenant's following jobs within its nominal quota too, in the same wave: it gets
       -- its quota back after one checkpoint + restart, not one per job

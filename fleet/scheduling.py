@@ -62,9 +62,9 @@ def reindex_tenants(client: redis.Redis, tenant_ids: Sequence[str] = (), *, now_
     return int(client.eval(lua.REINDEX, 0, clock, *tenant_ids))
 
 
-def migrate_state(client: redis.Redis) -> int:
-    """Bring state written before the scheduler up to date, once per Redis (a no-op after): list
-    queues become sorted sets, running jobs' GPUs are accounted. Returns the queued jobs moved."""
-    if client.hget(keys.sched_config(), "version") == "1":
-        return 0
-    return int(client.eval(lua.MIGRATE, 0))
+def migrate_state(client: redis.Redis) -> None:
+    """Bring state written before the scheduler up to date (list queues become sorted sets, running
+    jobs' GPUs are accounted). Every fleet script does this first anyway; this is for readers that
+    use no script (queue estimates, snapshots). One HGET once done."""
+    if client.hget(keys.sched_config(), "version") != "1":
+        client.eval(lua.MIGRATE, 0)

@@ -478,9 +478,8 @@ def test_freed_or_added_gpus_wake_an_idle_dispatcher(r):
     assert c.jobs.leases.wait_for_work(2)
 
 
-def test_state_from_before_the_scheduler_is_migrated_once(r):
-    """Queues were lists and running jobs were not counted in GPUs: the first JobStore brings both up
-    to date, and the scheduler then admits and releases as if it had always run."""
+def _state_from_before_the_scheduler(r: redis.Redis) -> None:
+    """A running job with no GPUs counted and a list queue of two, as the round-robin version left them."""
     def old_job(job_id: str, seq: int, status: str) -> None:
         r.hset(keys.job(job_id), mapping={"id": job_id, "tenant_id": "t1", "seq": seq, "status": status,
                                           "created_at": 0, "model": "m", "training_file": "f"})
@@ -494,13 +493,52 @@ def test_state_from_before_the_scheduler_is_migrated_once(r):
     r.rpush(keys.queue("t1"), "ftjob-old2", "ftjob-old3")
     r.zadd(keys.queue_tenants(), {"t1": 0})
 
+
+
+def test_state_from_before_the_scheduler_is_migrated_once(r):
+    """The first reader or script brings old state up to date; the scheduler then admits and releases
+    as if it had always run."""
+    _state_from_before_the_scheduler(r)
     jobs = JobStore(r)
+    assert r.type(keys.queue("t1")) == "list"  # building a store touches nothing (Redis may be down)
+    assert jobs.queue_position("ftjob-old3") == 2  # a reader without a script migrates first
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "1"
     assert _index_problems(r, ["t1"]) == []
-    assert JobStore(r).redis.hget(keys.sched_config(), "version") == "1"  # a second store changes nothing
+    assert r.hget(keys.sched_config(), "version") == "1"
     assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
     jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
     assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one
     assert r.hget(keys.running_per_tenant(), "t1") == "1"
     assert _index_problems(r, ["t1"]) == []
+
+
+def test_any_script_migrates_old_state_before_it_acts(r):
+    _state_from_before_the_scheduler(r)
+    jobs = JobStore(r)
+    jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.QUEUED)  # the first call after an upgrade
+    assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old1", "ftjob-old2", "ftjob-old3"]
+    assert r.hget(keys.sched_cluster(), "allocated") == "0"
+    assert _index_problems(r, ["t1"]) == []
+
+
+def test_no_reclaim_for_a_job_larger_than_the_cluster(r):
+    c = Cluster(r, 4, owner=TenantQuota(nominal_gpus=8))
+    c.submit("borrower", 4)
+    assert len(c.admit()) == 4
+    c.submit("owner", gpus=6, at=S)  # nominal 8, but the cluster has 4: preempting cannot make it fit
+    assert c.admit(at=S) == [] and c.preempting() == []
+
+
+def test_reclaim_after_a_node_left_counts_the_overcommit(r):
+    """A node with 2 GPUs leaves while the borrower holds 4 (its jobs there are not handed back yet):
+    the owner's 2 GPUs need 4 freed, in one wave, not one wave now and another later."""
+    c = Cluster(r, 4, owner=TenantQuota(nominal_gpus=2))
+    c.submit("borrower", 2, gpus=2)
+    assert len(c.admit()) == 2
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=2)])
+    (owner_job,) = c.submit("owner", gpus=2, at=S)
+    assert c.admit(at=S) == [] and len(c.preempting()) == 2
+    for victim in c.preempting():
+        c.finish(victim, at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.admit(at=2 * S) == [owner_job]
