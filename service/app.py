@@ -19,7 +19,6 @@ from fleet.files import FileStore
 from fleet.queue import JobStore
 from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
-from fleet.scheduling import set_half_life
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.tenants import TenantStore
 from fleet.webhook_delivery import Deliverer
@@ -40,8 +39,10 @@ API_VERSION = "0.1.0"
 MAX_CONCURRENT_STREAMS = 256
 
 
-def _queue_stats(jobs: JobStore) -> dict[str, tuple[str, float]]:
+def _queue_stats(jobs: JobStore | None) -> dict[str, tuple[str, float]]:
     """Queue gauges for /metrics; none while Redis is down, so request metrics are still served."""
+    if jobs is None:  # Redis has been unreachable since the API started
+        return {}
     try:
         snapshot = jobs.snapshot()
     except RedisError as e:
@@ -54,21 +55,24 @@ def _queue_stats(jobs: JobStore) -> dict[str, tuple[str, float]]:
     }
 
 
-def _publish_scheduler_settings(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
-    """Write the default quota and the fair-share half-life where every process's scheduler reads them,
-    then make the quota store available to the routes (`app.state.quotas`).
+def _connect_scheduler(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
+    """Build the stores that touch Redis when built (the job store brings the scheduler's state up to
+    date; the quota store writes the default quota), write the fair-share half-life, then hand them to
+    the routes (`app.state.jobs`, `app.state.quotas`).
 
     Retried every 2 s while Redis is unreachable, so the API still starts (and answers 503) without it.
     """
     while not stop.is_set():
         try:
+            jobs = JobStore(app.state.redis, max_attempts=settings.max_attempts,
+                            events_max_len=settings.events_max_len, idempotency_ttl_s=settings.idempotency_ttl_s,
+                            fair_share_half_life_s=settings.fair_share_half_life_s)
             quotas = QuotaStore(app.state.redis, default=settings.default_quota)
-            set_half_life(app.state.redis, settings.fair_share_half_life_s)
         except RedisError as e:
-            logger.warning("cannot write the scheduler's settings to Redis yet, retrying in 2 s: %s", e)
+            logger.warning("cannot reach Redis to set up the scheduler's state yet, retrying in 2 s: %s", e)
             stop.wait(2.0)
             continue
-        app.state.quotas = quotas
+        app.state.jobs, app.state.quotas = jobs, quotas
         return
 
 
@@ -98,22 +102,16 @@ def create_app(settings: Settings) -> FastAPI:
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         app.state.redis = client
         app.state.store = store
-        app.state.jobs = JobStore(
-            client,
-            max_attempts=settings.max_attempts,
-            events_max_len=settings.events_max_len,
-            idempotency_ttl_s=settings.idempotency_ttl_s,
-        )
         app.state.tenants = TenantStore(client, admin_key=admin_key)
         app.state.files = FileStore(client, store, max_upload_bytes=settings.max_upload_bytes)
         app.state.registry = AdapterRegistry(client, store)
         app.state.capacity = CapacityStore(client)
-        app.state.quotas = None  # set by _publish_scheduler_settings once Redis has taken the settings
-        stop_publishing = threading.Event()
-        publisher = threading.Thread(target=_publish_scheduler_settings, args=(app, settings, stop_publishing),
-                                     name="publish-scheduler-settings", daemon=True)
-        publisher.start()
-        await anyio.to_thread.run_sync(publisher.join, 2.0)  # done at once when Redis is up
+        app.state.jobs = app.state.quotas = None  # set by _connect_scheduler once Redis answers
+        stop_connecting = threading.Event()
+        connector = threading.Thread(target=_connect_scheduler, args=(app, settings, stop_connecting),
+                                     name="connect-scheduler", daemon=True)
+        connector.start()
+        await anyio.to_thread.run_sync(connector.join, 2.0)  # done at once when Redis is up
         app.state.stream_limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STREAMS)
         stale = remove_stale_spool_files(Path(settings.data_dir) / "tmp")
         if stale:
@@ -135,7 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            stop_publishing.set()
+            stop_connecting.set()
             if deliverer is not None and deliverer_client is not None:
                 deliverer.stop()
                 deliverer_client.close()

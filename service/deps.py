@@ -59,8 +59,16 @@ async def get_catalog(request: Request) -> Catalog:
     return request.app.state.catalog
 
 
+def _redis_unreachable() -> APIError:
+    return APIError(503, "The service's state store (Redis) is unreachable; retry in a few seconds.",
+                    type="server_error", code="service_unavailable", headers={"Retry-After": "5"})
+
+
 async def get_jobs(request: Request) -> JobStore:
-    return request.app.state.jobs
+    jobs = request.app.state.jobs
+    if jobs is None:  # Redis has been unreachable since the API started (service.app)
+        raise _redis_unreachable()
+    return jobs
 
 
 async def get_tenants(request: Request) -> TenantStore:
@@ -78,8 +86,7 @@ async def get_registry(request: Request) -> AdapterRegistry:
 async def get_quotas(request: Request) -> QuotaStore:
     quotas = request.app.state.quotas
     if quotas is None:  # Redis has been unreachable since the API started (service.app)
-        raise APIError(503, "The service's state store (Redis) is unreachable; retry in a few seconds.",
-                       type="server_error", code="service_unavailable", headers={"Retry-After": "5"})
+        raise _redis_unreachable()
     return quotas
 
 

@@ -224,3 +224,12 @@ def test_the_cluster_view_shows_nodes_who_runs_borrows_and_why_a_job_waits(api_s
     assert "reclaiming borrowed GPUs" in b["waiting_reason"]
     with api_server.client(tenant_a.api_key) as c:
         assert c.get("/v1/admin/cluster").status_code == 403
+
+
+def test_a_high_priority_job_is_placed_before_the_tenants_earlier_normal_ones(api_server, tenant_a, training_file):
+    normal = [_create(api_server, tenant_a, training_file).json()["id"] for _ in range(2)]
+    urgent = _create(api_server, tenant_a, training_file, priority="high").json()
+    low = _create(api_server, tenant_a, training_file, priority="low").json()
+    assert (urgent["priority"], urgent["queue_position"], low["queue_position"]) == ("high", 1, 4)
+    with api_server.client(tenant_a.api_key) as c:
+        assert [c.get(f"/v1/fine_tuning/jobs/{j}").json()["queue_position"] for j in normal] == [2, 3]

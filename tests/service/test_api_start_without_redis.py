@@ -1,5 +1,5 @@
-"""The API starts while Redis is down (it answers 503 meanwhile) and writes the scheduler's settings
-(default quota, fair-share half-life) once Redis is back."""
+"""The API starts while Redis is down (it answers 503 meanwhile) and sets up the scheduler's state
+(default quota, fair-share half-life, the job store) once Redis is back."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def test_the_api_starts_without_redis_and_publishes_the_default_quota_when_it_re
             assert time.monotonic() < deadline, f"no default quota once Redis returned: {listed.text}"
             time.sleep(0.5)
     assert (listed.json()["default"]["nominal_gpus"], listed.json()["default"]["max_queued_jobs"]) == (2, 7)
+    tenant = server.create_tenant("team-a")
+    with server.client(tenant.api_key) as c:
+        assert c.get("/v1/fine_tuning/jobs").json()["data"] == []
     client = redis_server.client(decode_responses=True)
     try:
         assert client.hget(keys.default_quota(), "max_queued_jobs") == "7"
