@@ -106,9 +106,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         # worker dying right after a checkpoint still restarts from it.
         ray.train.get_all_reported_checkpoints()
 
-    runtime = Runtime(
-        rank=rank, world_size=world_size, device=ray.train.torch.get_device(), on_checkpoint=on_checkpoint
-    )
+    runtime = Runtime(rank=rank, world_size=world_size, device=_rank_device(config), on_checkpoint=on_checkpoint)
     with contextlib.ExitStack() as stack:
         resume_from = Path(config["resume_from"]) if config["resume_from"] else None
         restored = ray.train.get_checkpoint()
@@ -168,6 +166,7 @@ def run_training_on_ray(
     resume_from: Path | None = None,
     should_stop: Callable[[], str | None] | None = None,
     poll_s: float = 0.25,
+    train_on_cpu: bool = False,
 ) -> TrainingResult:
     """Train `spec` on a Ray Train TorchTrainer and return rank 0's result.
 
@@ -179,6 +178,9 @@ def run_training_on_ray(
     `should_stop` is called every `poll_s` while the run is on Ray; when it returns a reason, the run
     is killed and TrainingAborted(reason) raised. An error the spec itself causes raises
     TrainingSetupError without any retry.
+
+    `train_on_cpu` with `use_gpu`: the "GPU"s in `resources_per_worker` are logical (CPU mode, see
+    workers.placement); they place the workers, and the ranks train on the CPU with gloo.
     """
     import ray.train
 
@@ -202,6 +204,8 @@ def run_training_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(spec.n_checkpoints, 1) + 1),
         ),
     )
+    if train_on_cpu:
+        _train_on_cpu(trainer_kwargs)
     return_value, checkpoint, error = _run_abortable(trainer_kwargs, name, should_stop, poll_s)
     if error is not None:
         raise RuntimeError(f"training job {name!r} failed on Ray") from error
@@ -218,6 +222,24 @@ def run_training_on_ray(
         # The worker's own copy may sit on another node; the persisted one is reachable from here.
         result.checkpoint = Path(checkpoint.path)
     return result
+
+
+def _train_on_cpu(trainer_kwargs: dict[str, Any]) -> None:
+    """Let the ranks of a run placed by logical GPUs train on the CPU: gloo, not the NCCL Ray Train
+    picks for use_gpu, and a CPU device (`_rank_device`)."""
+    from ray.train.torch import TorchConfig
+
+    trainer_kwargs["train_loop_config"]["train_on_cpu"] = True
+    trainer_kwargs["torch_config"] = TorchConfig(backend="gloo")
+
+
+def _rank_device(config: dict[str, Any]) -> Any:
+    """This rank's torch device: Ray Train's, or the CPU for a run on logical GPUs (for which Ray Train
+    hands out a cuda device even where there is no CUDA)."""
+    import ray.train.torch
+    import torch
+
+    return torch.device("cpu") if config.get("train_on_cpu") else ray.train.torch.get_device()
 
 
 def _fit(trainer_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, BaseException | None]:
