@@ -1,5 +1,6 @@
 """One dispatcher, many jobs: each claim on its own runner thread, all handed back on shutdown; and the
-worker side of preemption (checkpoint now, back to the queue, resume from that checkpoint)."""
+worker side of preemption (checkpoint now, back to the queue, resume from that checkpoint, ending with
+the adapter an uninterrupted run gives)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.files import FileStore
@@ -17,6 +19,7 @@ from fleet.jobs import JobStatus
 from fleet.leases import PREEMPTED_MESSAGE
 from fleet.queue import JobStore
 from fleet.quotas import QuotaStore, TenantQuota
+from fleet.registry import AdapterRegistry
 from fleet.resources import Resources
 from fleet.settings import Settings, make_object_store, make_redis
 from workers.dispatcher import Dispatcher
@@ -59,6 +62,15 @@ class Setup:
     def step(self, job_id: str) -> int:
         progress = self.jobs.load_job(job_id).progress
         return progress.step if progress is not None else 0
+
+    def adapter_weights(self, job_id: str, dest: Path) -> dict[str, torch.Tensor]:
+        """The tensors of the adapter version the job published."""
+        from safetensors.torch import load_file
+
+        job = self.jobs.load_job(job_id)
+        registry = AdapterRegistry(self.client, make_object_store(self.settings))
+        folder = registry.download_version(job.tenant_id, job.fine_tuned_model, dest)
+        return load_file(str(folder / "adapter_model.safetensors"))
 
     def messages(self, job_id: str) -> list[str]:
         return [e.message for e in self.jobs.read_events(job_id, limit=1000)]
@@ -137,3 +149,13 @@ def test_a_preempted_job_checkpoints_now_and_resumes_from_that_checkpoint(redis_
     wait_for(lambda: setup.jobs.load_job(borrowed).status == JobStatus.SUCCEEDED, "the resumed job to succeed",
              timeout_s=240)
     assert f"Resuming from the checkpoint at step {checkpoint.step}." in setup.messages(borrowed)
+
+    # The same job run without interruption (same data, same seed, CPU) ends with the same adapter.
+    straight = setup.create("borrower", n_epochs=30)
+    wait_for(lambda: dispatcher.admit() == 1, "the uninterrupted job to be admitted", timeout_s=60)
+    wait_for(lambda: setup.jobs.load_job(straight).status == JobStatus.SUCCEEDED,
+             "the uninterrupted job to succeed", timeout_s=240)
+    resumed, uninterrupted = (setup.adapter_weights(j, tmp_path / j) for j in (borrowed, straight))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6, msg=name)
