@@ -281,7 +281,9 @@ def _stop_fit(task: Any, name: str, groups_before: set[str]) -> None:
     controller, which shuts the worker group down and removes its placement group. If that has not
     ended the task within _ABORT_GRACE_S, the task is killed; its controller and workers die with it
     (actors die with their owner), but placement groups live as long as the job that made them (Ray
-    Train's own cleaner needs the dashboard's state API), so the ones this run made are removed here.
+    Train's own cleaner needs the dashboard's state API), so the ones this run made are removed here:
+    those made since it started by an actor now dead (`_orphaned_placement_groups`), never the groups
+    of the other runs this dispatcher drives at the same time.
     """
     import ray
 
@@ -292,12 +294,42 @@ def _stop_fit(task: Any, name: str, groups_before: set[str]) -> None:
         return
     ray.cancel(task, force=True)
     ray.wait([task], timeout=_ABORT_GRACE_S)
-    leftover = _placement_groups_of_this_job() - groups_before
-    for group_id in leftover:
-        ray.util.remove_placement_group(ray.util.placement_group.PlacementGroup(
-            ray.PlacementGroupID(bytes.fromhex(group_id))))
+    leftover = _orphaned_placement_groups(since=groups_before)
+    _remove_placement_groups(leftover)
     logger.info("killed training run %s (%.1fs, removed %d placement group(s))",
                 name, time.monotonic() - started, len(leftover))
+
+
+def _remove_placement_groups(group_ids: set[str]) -> None:
+    """Remove the placement groups with these hex ids. (`ray.util.placement_group` is the function, not
+    the module: the class comes from the module itself.)"""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for group_id in group_ids:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
+def _orphaned_placement_groups(since: set[str]) -> set[str]:
+    """Ids of the live placement groups created under this driver's Ray job, not in `since`, whose
+    creating actor is dead: a killed run's controller made them. A dispatcher runs many jobs at once,
+    so groups made meanwhile by other runs' live controllers, or by the driver itself (a gang
+    reservation), are not this run's. Ray's public table does not say who made a group; its GCS
+    record does."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job_id = ray.get_runtime_context().get_job_id()
+    orphaned = set()
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        record = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        group_id = record.placement_group_id.hex()
+        made_by_an_actor = not ray.ActorID(record.creator_actor_id).is_nil()
+        if (group_id.endswith(job_id) and group_id not in since and made_by_an_actor
+                and record.creator_actor_dead and record.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+            orphaned.add(group_id)
+    return orphaned
 
 
 def _placement_groups_of_this_job() -> set[str]:
