@@ -86,7 +86,8 @@ def reserve_gang(gang: Gang, *, timeout_s: float, check_stop: Callable[[], None]
     group = placement_group([dict(gang.bundle)] * gang.workers, strategy="PACK", name=name)
     started = time.monotonic()
     try:
-        while not ray.wait([group.ready()], timeout=min(_POLL_S, timeout_s))[0]:
+        ready = group.ready()  # once: each call schedules a task into the group
+        while not ray.wait([ready], timeout=min(_POLL_S, timeout_s))[0]:
             check_stop()
             if time.monotonic() - started >= timeout_s:
                 raise GangNotPlaced(f"Could not reserve {gang.accelerators} GPUs on one gang within "
