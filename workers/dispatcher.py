@@ -458,7 +458,6 @@ class Dispatcher:
         from workers.capacity_watch import CapacityWatch
 
         self.connect_ray()
-        _resolve_lazy_imports()
         maintenance = self.start_maintenance()
         capacity = CapacityWatch(self.jobs.redis, self.settings).start()
         backoff_s = 0.5
@@ -480,6 +479,7 @@ class Dispatcher:
     def admit(self) -> int:
         """Claim jobs while claims succeed and fewer than `max_concurrent_jobs` run here; start a
         JobRunner thread for each. Returns how many were started."""
+        _resolve_lazy_imports()  # before any claim: the first call imports transformers (seconds)
         self._forget_finished_runners()
         started = 0
         while not self._stop.is_set() and len(self._runners) < self.settings.max_concurrent_jobs:
