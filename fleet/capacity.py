@@ -20,9 +20,9 @@ class NodeCapacity(BaseModel):
     alive: bool = True
 
 
-# KEYS: nodes hash, capacity hash.  ARGV: node_id, node_json, gpus ('0' when dead), ... (triples)
-# Replaces the node table and the total in one step; returns the ids of nodes that were alive and are
-# now dead or gone.
+# KEYS: nodes hash, capacity hash, wakeup.  ARGV: node_id, node_json, gpus ('0' when dead), ... (triples)
+# Replaces the node table and the total in one step; more GPUs than before wake an idle dispatcher.
+# Returns the ids of nodes that were alive and are now dead or gone.
 _RECORD_NODES = """
 local before = redis.call('HGETALL', KEYS[1])
 local alive_before = {}
@@ -38,7 +38,12 @@ for i = 1, #ARGV, 3 do
   if cjson.decode(ARGV[i + 1])['alive'] then alive_now[ARGV[i]] = true end
   total = total + tonumber(ARGV[i + 2])
 end
+local before_total = tonumber(redis.call('HGET', KEYS[2], 'total_gpus') or '0')
 redis.call('HSET', KEYS[2], 'total_gpus', total)
+if total > before_total then
+  redis.call('LPUSH', KEYS[3], 'capacity')
+  redis.call('LTRIM', KEYS[3], 0, 63)
+end
 local lost = {}
 for id, _ in pairs(alive_before) do
   if not alive_now[id] then lost[#lost + 1] = id end
@@ -67,7 +72,7 @@ class CapacityStore:
         args: list[str] = []
         for node in nodes:
             args += [node.node_id, node.model_dump_json(), str(node.gpus if node.alive else 0)]
-        return list(self._record(keys=[keys.capacity_nodes(), keys.capacity()], args=args))
+        return list(self._record(keys=[keys.capacity_nodes(), keys.capacity(), keys.wakeup()], args=args))
 
     def total_gpus(self) -> int:
         """Accelerators on alive nodes at the last report; 0 before any report (see `is_known`)."""

@@ -138,11 +138,14 @@ class Leases:
         load_job: Callable[[str], Job],
         *,
         max_attempts: int,
+        prepare: Callable[[], None] = lambda: None,
     ) -> None:
-        """`load_job` reads a job by id (JobStore.load_job)."""
+        """`load_job` reads a job by id (JobStore.load_job); `prepare` runs before a claim (JobStore's
+        first-use setup: the fair-share half-life)."""
         self.redis = client
         self.events = events
         self._load_job = load_job
+        self._prepare = prepare
         self.max_attempts = max_attempts
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
@@ -164,6 +167,7 @@ class Leases:
         borrowers' running jobs to stop ("preempt") so a tenant below its nominal quota gets it back.
         Returns None when nothing is admissible now. `now_ms`: a simulated clock (None: Redis's).
         """
+        self._prepare()
         for _ in range(_CLAIM_RETRIES):
             token = new_claim_token()
             reply = self._claim(keys=[], args=[worker_id, lease_ms, token, clock_arg(now_ms)])
@@ -376,10 +380,11 @@ class Leases:
     def requeue_expired_leases(self, now_ms: int | None = None, *, restart_grace_ms: int = 0) -> list[ExpiredLease]:
         """Recover jobs whose worker stopped heartbeating (call at dispatcher start-up and periodically).
 
-        Each such job goes back to the head of its tenant's queue (its checkpoints are kept, so the next
-        attempt resumes), or is failed with the reason once it has lost `max_attempts` workers in a row
-        (a recorded checkpoint resets the count). A pending cancel/pause request is honoured instead.
-        `now_ms` defaults to the Redis server clock.
+        Each such job releases its GPUs and goes back to its place in its tenant's queue (its checkpoints
+        are kept, so the next attempt resumes), or is failed with the reason once it has lost
+        `max_attempts` workers in a row (a recorded checkpoint resets the count). A pending cancel/pause
+        request is honoured instead. `now_ms` defaults to the Redis server clock; given, it is also the
+        scheduler's clock for the state change (a simulation).
 
         `restart_grace_ms` (dispatchers pass lease_ms + heartbeat_ms): while the Redis server has been
         up for less than this, nothing is expired. Leases run on during a Redis outage although no

@@ -29,7 +29,7 @@ from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, clock_arg, read_queue_snapshot
 from fleet.resources import PriorityClass, Resources
 from fleet.scheduler_view import QueueEstimate, estimate_queue
-from fleet.scheduling import QueueSnapshot, set_half_life
+from fleet.scheduling import QueueSnapshot, migrate_state, set_half_life
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
@@ -92,14 +92,26 @@ class JobStore:
         self.redis = client
         self.events = EventLog(client, max_len=events_max_len)
         self.idempotency_ttl_s = idempotency_ttl_s
-        if fair_share_half_life_s is not None:
-            set_half_life(client, fair_share_half_life_s)
+        self._half_life_s = fair_share_half_life_s
+        self._prepared = False
         self._create = client.register_script(lua.CREATE)
         self._cancel = client.register_script(lua.CANCEL)
         self._pause = client.register_script(lua.PAUSE)
         self._resume = client.register_script(lua.RESUME)
         # The dispatcher side (claim, lease, fenced writes, finish): dispatchers call `jobs.leases.<call>`.
-        self.leases: Leases = Leases(client, self.events, self.load_job, max_attempts=max_attempts)
+        self.leases: Leases = Leases(
+            client, self.events, self.load_job, max_attempts=max_attempts, prepare=self._prepare
+        )
+
+    def _prepare(self) -> None:
+        """On first use, not at construction (a store is built before Redis may be up): bring state
+        from before the scheduler up to date and write the half-life, if this store was given one."""
+        if self._prepared:
+            return
+        migrate_state(self.redis)
+        if self._half_life_s is not None:
+            set_half_life(self.redis, self._half_life_s)
+        self._prepared = True
 
     @property
     def max_attempts(self) -> int:
@@ -187,6 +199,7 @@ class JobStore:
                 if seed is None:
                     body.pop("seed")
             job.request_sha256 = request_sha256(body)
+        self._prepare()
         fields = job.to_redis_hash()
         fields.pop("seq", None)
         flat = [x for pair in fields.items() for x in pair]
@@ -373,10 +386,14 @@ class JobStore:
     def queue_estimates(self, job_ids: list[str], *, now_ms: int | None = None) -> dict[str, QueueEstimate]:
         """Position and estimated start of each queued job among `job_ids` (others are left out)."""
         ids = [j for j in job_ids if is_job_id(j)]
-        return estimate_queue(self.redis, ids, now_ms=now_ms) if ids else {}
+        if not ids:
+            return {}
+        self._prepare()
+        return estimate_queue(self.redis, ids, now_ms=now_ms)
 
     def snapshot(self) -> QueueSnapshot:
         """Who waits and who runs (tenants with queued jobs, running jobs per tenant), for metrics."""
+        self._prepare()
         return read_queue_snapshot(self.redis)
 
     # -- checkpoints (recorded by dispatchers through `leases.record_checkpoint`) -------------------

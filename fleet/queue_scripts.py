@@ -470,3 +470,8 @@ for _, t in ipairs(tenants) do reindex(t, now) end
 return #tenants
 """
 )
+
+
+# KEYS: none.  ARGV: none.  Runs nothing but the prelude, whose migrate_once() brings old state up to
+# date (fleet.scheduling.migrate_state).
+MIGRATE = PRELUDE + "return redis.call('HGET', CONFIG, 'version')"

@@ -169,7 +169,8 @@ local function unqueue(tenant, job_id, now)
   if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
   reindex(tenant, now)
 end
--- A running attempt ended (any way): its GPUs go back, with any preemption that was coming.
+-- A running attempt ended (any way): its GPUs go back, with any preemption that was coming, and an
+-- idle dispatcher is woken if anything waits.
 local function release(tenant, job_id, now)
   local job_key = JOB_KEY_PREFIX .. job_id
   redis.call('ZREM', LEASES, job_id)
@@ -181,7 +182,51 @@ local function release(tenant, job_id, now)
     redis.call('HDEL', job_key, 'preempting_gpus')
   end
   add_usage(tenant, -num(v[1], 1), -1, now)
+  if redis.call('ZCARD', QUEUE_TENANTS) > 0 then  -- freed GPUs may admit waiting work: wake a dispatcher
+    redis.call('LPUSH', WAKEUP, 'released')
+    redis.call('LTRIM', WAKEUP, 0, 63)
+  end
 end
+-- State written before the scheduler (list queues, running jobs with no GPUs counted) is brought up
+-- to date by the first script that runs after an upgrade, before it does anything else; afterwards
+-- this costs one HGET. Jobs get the scalars the scheduler reads (a job without `gpus` holds one).
+local function migrate_once()
+  if redis.call('HGET', CONFIG, 'version') == '1' then return end
+  local now = now_ms()
+  local function backfill(job_key)
+    redis.call('HSETNX', job_key, 'gpus', 1)
+    redis.call('HSETNX', job_key, 'priority_value', 0)
+    redis.call('HSETNX', job_key, 'queue_seq', redis.call('HGET', job_key, 'seq') or 0)
+  end
+  for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do
+    local qkey = Q_PREFIX .. t
+    if redis.call('TYPE', qkey)['ok'] == 'list' then
+      local ids = redis.call('LRANGE', qkey, 0, -1)
+      redis.call('DEL', qkey)
+      for _, jid in ipairs(ids) do
+        backfill(JOB_KEY_PREFIX .. jid)
+        redis.call('ZADD', qkey, queue_score(JOB_KEY_PREFIX .. jid), jid)
+      end
+    end
+  end
+  if redis.call('EXISTS', CLUSTER) == 0 then  -- running jobs admitted before GPUs were counted
+    redis.call('DEL', RUNNING)  -- recounted below
+    for _, jid in ipairs(redis.call('ZRANGE', LEASES, 0, -1)) do
+      local job_key = JOB_KEY_PREFIX .. jid
+      local v = redis.call('HMGET', job_key, 'status', 'tenant_id')
+      if v[1] == 'running' and v[2] then
+        backfill(job_key)
+        local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
+        local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))
+        redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), jid)
+        add_usage(v[2], tonumber(redis.call('HGET', job_key, 'gpus')), 1, now)
+      end
+    end
+  end
+  for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do reindex(t, now) end
+  redis.call('HSET', CONFIG, 'version', 1)
+end
+migrate_once()
 """
 
 # Run as the body of queue_scripts.CLAIM, after the prelude.
@@ -301,6 +346,14 @@ local function preempt_for(c, need, goal)
     end
   end
   if freed < need then return 0, 0 end
+  -- keep only victims needed (Kueue's fill-back): a later, larger pick may make earlier ones unneeded;
+  -- sparing a victim leaves its tenant more usage, which only raises the others' share after
+  for i = #picked, 1, -1 do
+    if freed - picked[i].gpus >= goal then
+      freed = freed - picked[i].gpus
+      table.remove(picked, i)
+    end
+  end
   for _, j in ipairs(picked) do
     j.taken = true
     pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus

@@ -15,7 +15,7 @@ import redis
 from fleet import keys
 from fleet import queue_scripts as lua
 
-__all__ = ["TenantQueue", "QueueSnapshot", "set_half_life", "half_life_ms", "reindex_tenants"]
+__all__ = ["TenantQueue", "QueueSnapshot", "set_half_life", "half_life_ms", "reindex_tenants", "migrate_state"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,11 @@ def reindex_tenants(client: redis.Redis, tenant_ids: Sequence[str] = (), *, now_
     to their quota, the default quota or the half-life. Returns how many were re-indexed."""
     clock = "" if now_ms is None else str(int(now_ms))
     return int(client.eval(lua.REINDEX, 0, clock, *tenant_ids))
+
+
+def migrate_state(client: redis.Redis) -> None:
+    """Bring state written before the scheduler up to date (list queues become sorted sets, running
+    jobs' GPUs are accounted). Every fleet script does this first anyway; this is for readers that
+    use no script (queue estimates, snapshots). One HGET once done."""
+    if client.hget(keys.sched_config(), "version") != "1":
+        client.eval(lua.MIGRATE, 0)

@@ -12,6 +12,7 @@ import redis
 
 from fleet import keys
 from fleet.capacity import CapacityStore, NodeCapacity
+from fleet.fencing import Fence
 from fleet.jobs import JobStatus
 from fleet.leases import PREEMPTED_MESSAGE, Claim
 from fleet.queue import JobStore
@@ -430,3 +431,92 @@ def test_a_quota_change_takes_effect_at_the_next_decision(r):
     assert c.admit() == []
     c.quotas.reset("a")  # back to the default: no limits
     assert len(c.admit()) == 1
+
+
+def test_reclaim_spares_victims_a_later_pick_made_unneeded(r):
+    """Victim order is newest first: two 1-GPU jobs, then a 4-GPU one. Reclaiming 4 GPUs takes the
+    4-GPU job alone, not the 1-GPU jobs too."""
+    c = Cluster(r, 6, owner=TenantQuota(nominal_gpus=4))
+    (big,) = c.submit("borrower", gpus=4)
+    assert c.admit() == [big]
+    small = c.submit("borrower", 2)
+    assert sorted(c.admit()) == sorted(small)
+    c.submit("owner", gpus=4, at=S)
+    assert c.admit(at=S) == []
+    assert c.preempting() == [big]
+
+
+def test_cluster_view_shows_nodes_totals_borrowers_and_reasons(r):
+    c = Cluster(r, None, a=TenantQuota(nominal_gpus=2))
+    CapacityStore(r).record_nodes(
+        [NodeCapacity(node_id="n1", gpus=4), NodeCapacity(node_id="n2", gpus=4, alive=False)]
+    )
+    c.submit("a", 2, gpus=2)  # a: 2 within nominal, 2 borrowed
+    c.submit("b", gpus=4)
+    assert len(c.admit()) == 2
+    view = cluster_view(r, now_ms=0)
+    assert [(n.node_id, n.gpus, n.alive) for n in view.nodes] == [("n1", 4, True), ("n2", 4, False)]
+    assert (view.totals.gpus, view.totals.allocated, view.totals.free) == (4, 4, 0)
+    tenants = {t.tenant_id: t for t in view.tenants}
+    assert (tenants["a"].running_gpus, tenants["a"].borrowed_gpus, tenants["a"].queued_jobs) == (4, 2, 0)
+    assert tenants["b"].waiting_reason == (
+        "waiting for 4 GPUs; 0 free; tenant has no nominal quota (borrows idle GPUs)"
+    )
+
+
+def test_freed_or_added_gpus_wake_an_idle_dispatcher(r):
+    c = Cluster(r, 2)
+    (running,) = c.submit("a", gpus=2)
+    c.submit("a", gpus=2)
+    assert c.admit() == [running]
+    r.delete(keys.wakeup())  # the dispatchers have consumed every wake-up so far
+    assert not c.jobs.leases.wait_for_work(0.05)  # nothing fits: an idle dispatcher would sleep
+    c.finish(running, at=S)
+    assert c.jobs.leases.wait_for_work(2)
+    r.delete(keys.wakeup())
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=2), NodeCapacity(node_id="n2", gpus=2)])
+    assert c.jobs.leases.wait_for_work(2)
+
+
+def _state_from_before_the_scheduler(r: redis.Redis) -> None:
+    """A running job with no GPUs counted and a list queue of two, as the round-robin version left them."""
+    def old_job(job_id: str, seq: int, status: str) -> None:
+        r.hset(keys.job(job_id), mapping={"id": job_id, "tenant_id": "t1", "seq": seq, "status": status,
+                                          "created_at": 0, "model": "m", "training_file": "f"})
+
+    old_job("ftjob-old1", 1, "running")
+    r.hset(keys.job("ftjob-old1"), mapping={"attempt": 1, "claim_token": "tok", "worker_id": "w"})
+    r.zadd(keys.leases(), {"ftjob-old1": 10**13})
+    r.hset(keys.running_per_tenant(), "t1", 1)
+    old_job("ftjob-old2", 2, "queued")
+    old_job("ftjob-old3", 3, "queued")
+    r.rpush(keys.queue("t1"), "ftjob-old2", "ftjob-old3")
+    r.zadd(keys.queue_tenants(), {"t1": 0})
+
+
+
+def test_state_from_before_the_scheduler_is_migrated_once(r):
+    """The first reader or script brings old state up to date; the scheduler then admits and releases
+    as if it had always run."""
+    _state_from_before_the_scheduler(r)
+    jobs = JobStore(r)
+    assert r.type(keys.queue("t1")) == "list"  # building a store touches nothing (Redis may be down)
+    assert jobs.queue_position("ftjob-old3") == 2  # a reader without a script migrates first
+    assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
+    assert r.hget(keys.sched_cluster(), "allocated") == "1"
+    assert _index_problems(r, ["t1"]) == []
+    assert r.hget(keys.sched_config(), "version") == "1"
+    assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
+    jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
+    assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one
+    assert r.hget(keys.running_per_tenant(), "t1") == "1"
+    assert _index_problems(r, ["t1"]) == []
+
+
+def test_any_script_migrates_old_state_before_it_acts(r):
+    _state_from_before_the_scheduler(r)
+    jobs = JobStore(r)
+    jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.QUEUED)  # the first call after an upgrade
+    assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old1", "ftjob-old2", "ftjob-old3"]
+    assert r.hget(keys.sched_cluster(), "allocated") == "0"
+    assert _index_problems(r, ["t1"]) == []
