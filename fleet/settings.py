@@ -86,12 +86,13 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join (host:port or 'auto'); None starts a local one."
     )
-    train_workers_per_job: int = Field(default=1, ge=1, description="Ray Train workers (ranks) per job.")
-    use_gpu: bool = Field(default=False, description="One GPU per Ray Train worker.")
+    use_gpu: bool = Field(
+        default=False, description="The accelerators are real GPUs; else logical ones, and ranks train on the CPU."
+    )
     train_resources_per_worker: dict[str, float] = Field(
         default_factory=dict,
-        description='Ray resources each Train worker asks for, e.g. {"CPU": 2} or a custom node label '
-                    '{"a100": 1}; empty: Ray Train\'s default (1 CPU, or 1 GPU with use_gpu).',
+        description='Ray resources each Train worker asks for besides its accelerators (the job\'s '
+                    'gpus_per_worker), e.g. {"CPU": 2} or a custom node label {"a100": 1}.',
     )
     train_max_failures: int = Field(default=1, ge=0, description="Worker-group restarts Ray Train may do.")
     ray_storage_path: str | None = Field(
@@ -101,6 +102,11 @@ class Settings(BaseSettings):
                     "credentials). None: '<s3_prefix>ray/' in the object store's bucket with object_store='s3', "
                     "else '<data_dir>/objects/ray' (the local object store's root, shared on one machine or "
                     "over NFS). Each run's folder is removed when its attempt ends.",
+    )
+    max_concurrent_jobs: int = Field(
+        default=1, ge=1,
+        description="Most jobs one dispatcher runs at once (each on its own thread); the scheduler in Redis "
+                    "admits only what fits the cluster, so raise it to the cluster's size.",
     )
     pause_grace_s: float = Field(
         default=60.0, gt=0,

@@ -51,12 +51,18 @@ def up(
     ray_address: Annotated[str | None, typer.Option(
         envvar="LORAFLEET_RAY_ADDRESS",
         help="Ray cluster to join (host:port); default: start a private local one.")] = None,
+    accelerators: Annotated[int | None, typer.Option(
+        min=0, help="Logical GPUs the local Ray node declares (training runs on the CPU); default: "
+                    "LORAFLEET_LOCAL_ACCELERATORS or 4.")] = None,
 ) -> None:
     """Start the whole stack in the foreground: redis-server, Ray, the API, a dispatcher, a tiny model."""
     from service.stack import StackOptions, run_local_stack
 
     _configure_logging(log_level)
-    options = StackOptions(port=port, host=host, data_dir=data_dir, ray_address=ray_address)
+    settings = _settings()
+    options = StackOptions(port=port, host=host, data_dir=data_dir, ray_address=ray_address,
+                           local_accelerators=settings.local_accelerators if accelerators is None else accelerators,
+                           accelerator_resource=settings.accelerator_resource)
     raise typer.Exit(run_local_stack(options))
 
 

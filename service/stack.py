@@ -41,6 +41,10 @@ class StackOptions:
     ray_num_cpus: int | None = None  # None: every core
     tenant_name: str = "default"
     ray_address: str | None = None  # None: start a private local Ray cluster
+    # Logical accelerators the private local Ray node declares (training itself runs on CPU), so a
+    # laptop is scheduled like a small GPU cluster; the dispatcher runs up to that many jobs at once.
+    local_accelerators: int = 4
+    accelerator_resource: str = "GPU"
 
 
 class _StopRequested(Exception):
@@ -167,15 +171,19 @@ def _bootstrap_tenant(redis_url: str, opts: StackOptions) -> str:
 
 
 def _start_ray(opts: StackOptions) -> str:
-    """Start a private local Ray cluster (or join `opts.ray_address`); returns its GCS address."""
+    """Start a private local Ray cluster declaring `opts.local_accelerators` logical accelerators (or
+    join `opts.ray_address`); returns its GCS address."""
     import ray
 
+    from workers.placement import local_node_resources
+
     where = opts.ray_address or "local"
+    local = local_node_resources(opts.accelerator_resource, opts.local_accelerators) if where == "local" else {}
     logger.info("starting Ray (%s)", "a private local cluster" if where == "local" else f"joining {where}")
     # address="local" always starts a new cluster: a bare ray.init() would join the one a past
     # `ray start` recorded under the temp dir and, if that is gone, retry forever without a word.
     ray.init(address=where, num_cpus=opts.ray_num_cpus if where == "local" else None,
-             include_dashboard=False, configure_logging=False, log_to_driver=False)
+             include_dashboard=False, configure_logging=False, log_to_driver=False, **local)
     return ray.get_runtime_context().gcs_address
 
 
@@ -227,6 +235,8 @@ def run_local_stack(opts: StackOptions) -> int:
             "LORAFLEET_CATALOG_FILE": str(catalog_file.resolve()),
             "LORAFLEET_ADMIN_KEY": admin_key,
             "LORAFLEET_RAY_ADDRESS": ray_address,
+            "LORAFLEET_ACCELERATOR_RESOURCE": opts.accelerator_resource,
+            "LORAFLEET_MAX_CONCURRENT_JOBS": str(max(1, opts.local_accelerators)),
         })
         cli = [sys.executable, "-m", "service.cli"]
         children.start("api", [*cli, "serve", "--host", opts.host, "--port", str(opts.port)],
@@ -242,7 +252,8 @@ def run_local_stack(opts: StackOptions) -> int:
 
         _wait_for(api_ready, "the API", 60, children)
         base_url = f"http://{opts.host}:{opts.port}"
-        _print_ready(base_url, tenant_key, admin_key, opts.data_dir)
+        _print_ready(base_url, tenant_key, admin_key, opts.data_dir,
+                     None if opts.ray_address else opts.local_accelerators)
 
         while True:
             dead = children.first_dead()
@@ -263,11 +274,13 @@ def run_local_stack(opts: StackOptions) -> int:
         logger.info("stack stopped")
 
 
-def _print_ready(base_url: str, tenant_key: str, admin_key: str, data_dir: Path) -> None:
+def _print_ready(base_url: str, tenant_key: str, admin_key: str, data_dir: Path, accelerators: int | None) -> None:
     from rich.console import Console
 
     console = Console()
     console.print(f"[bold green]lorafleet is up[/] at {base_url}  (data under {data_dir.resolve()})")
+    if accelerators is not None:
+        console.print(f"  local Ray      : {accelerators} logical GPUs (training runs on the CPU)")
     console.print(f"  tenant API key : {tenant_key}")
     console.print(f"  admin key      : {admin_key}")
     console.print(f"  try it         : export LORAFLEET_BASE_URL={base_url} LORAFLEET_API_KEY={tenant_key}")

@@ -158,10 +158,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the whole session (start-up costs seconds; CPU workers, gloo)."""
+    """One local Ray cluster for the whole session (start-up costs seconds; CPU workers, gloo). It
+    declares 4 logical GPUs, as `lorafleet up` does: jobs hold them (workers.placement), training runs on CPU."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
              log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

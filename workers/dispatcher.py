@@ -1,14 +1,18 @@
 """The dispatcher: claims jobs from Redis, runs them on Ray Train, streams progress back, publishes adapters.
 
-One dispatcher runs one job at a time (run several for more). For each claim it:
+One dispatcher runs many jobs at once: it claims while claims succeed (the scheduler in Redis admits
+only what fits the cluster; at most `max_concurrent_jobs` here) and runs each claim on its own
+`JobRunner` thread, which:
 1. holds the job's lease by heartbeat; losing it (fenced out) means another attempt owns the job;
 2. fetches the dataset files to check them with the base model's tokenizer, stores their tokenization
    in the object store, and names the inputs the training workers fetch themselves: those files, the
    adapter to continue from and the latest checkpoint of earlier attempts (workers.input_staging; no
    path on the dispatcher's disk reaches a worker, which may run on any node);
-3. runs `workers.ray_train.run_training_on_ray`; inside the rank-0 worker a `JobReporter` writes
+3. reserves all the job's workers on Ray at once (gang admission, workers.placement), or hands the
+   job back to the queue when they do not fit within `placement_timeout_s`;
+4. runs `workers.ray_train.run_training_on_ray`; inside the rank-0 worker a `JobReporter` writes
    progress and events to Redis, uploads each checkpoint to the object store, and relays cancel/pause;
-4. publishes the adapter through the registry (idempotent per job, fenced by the claim) and finishes
+5. publishes the adapter through the registry (idempotent per job, fenced by the claim) and finishes
    the job. Every write carries the claim's fence (attempt + token), so a stale attempt can never
    change the job.
 A dispatcher that dies leaves its lease to expire; the maintenance thread of any other dispatcher
@@ -19,8 +23,12 @@ Cancel and pause reach every phase: the heartbeat keeps the latest control signa
 blocking phase (downloads, dataset checks) runs on a helper thread the dispatcher stops waiting for,
 and training runs as a Ray task the dispatcher kills (workers.ray_train). A cancel ends the job
 `cancelled` at once; a pause first lets the training loop write and record its checkpoint (at most
-settings.pause_grace_s), then ends it `paused`, to resume from that checkpoint. Redis being unreachable never fails a
-job: the reporter rides it out, and a longer outage hands the job back to resume from its checkpoint.
+settings.pause_grace_s), then ends it `paused`, to resume from that checkpoint. A preemption (control
+"preempt", set by the scheduler to return borrowed capacity) is a pause to the training loop, after
+which the job goes back to the queue at its place (`finish_job(..., preempted=True)`); outside training
+it hands the job back at once. Stopping the dispatcher hands every running job back. Redis being
+unreachable never fails a job: the reporter rides it out, and a longer outage hands the job back to
+resume from its checkpoint.
 An object-store or Ray node fault hands the job back too, at most `max_infra_faults` times
 (workers.errors says which errors are faults of the machinery, and what of an error a tenant sees).
 """
@@ -38,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import redis
 
@@ -57,6 +65,7 @@ from workers.errors import error_chain, full_text, is_infrastructure_fault, scru
 from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
 from workers.job_inputs import StoredInputs, StoredObject
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
+from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_storage import RayStorage, ray_storage_for
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
 from workers.reporting import Control
@@ -159,7 +168,7 @@ class JobReporter:
         except _REDIS_DOWN as e:
             logger.warning("%s: Redis unreachable, progress of step %d not recorded (%s)", self.job_id, step, e)
             return
-        self._control = control
+        self._control = _loop_control(control)
         parts = [f"Step {step}/{total}" if total else f"Step {step}"]
         for name, label in (("train_loss", "training loss"), ("val_loss", "validation loss"),
                             ("val_token_accuracy", "validation token accuracy")):
@@ -215,7 +224,7 @@ class JobReporter:
             return "cancel"
         except _REDIS_DOWN:
             pass  # keep training on the last signal seen; the next poll asks again
-        return self._control
+        return _loop_control(self._control)
 
     def _append_event(self, level: str, message: str, data: dict | None = None, **kwargs: Any) -> None:
         try:
@@ -224,6 +233,12 @@ class JobReporter:
             self.fenced = True  # another attempt owns the job's log now
         except _REDIS_DOWN as e:
             logger.warning("%s: Redis unreachable, event dropped: %s (%s)", self.job_id, message, e)
+
+
+def _loop_control(signal: str | None) -> Control:
+    """The training loop's answer for a job's control signal: a preemption is a pause to the loop
+    (checkpoint now, stop); the dispatcher then requeues the job instead of pausing it."""
+    return "pause" if signal == "preempt" else signal  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -239,10 +254,17 @@ class JobReporterFactory:
 
 
 # ------------------------------------------------------------------------------------ heartbeat
-class StopRequested(Exception):
-    """A cancel or pause reached the dispatcher outside the training loop; `signal` says which."""
+# What stops an attempt: the job's control signal, or this dispatcher shutting down ("shutdown").
+StopSignal = Literal["cancel", "pause", "preempt", "shutdown"]
+# Signals that let a training loop write its checkpoint first: the job resumes from it.
+_CHECKPOINT_FIRST = ("pause", "preempt")
 
-    def __init__(self, signal: ControlSignal) -> None:
+
+class StopRequested(Exception):
+    """A cancel, pause, preemption or shutdown reached the dispatcher outside the training loop;
+    `signal` says which."""
+
+    def __init__(self, signal: StopSignal) -> None:
         super().__init__(f"{signal} requested")
         self.signal = signal
 
@@ -253,10 +275,13 @@ class _AlreadyFinished(Exception):
 
 class _Heartbeat:
     """Renews a claim's lease every heartbeat_ms on its own thread; keeps the latest control signal
-    RENEW returns (`control`) and notes when the claim is lost (`lost`)."""
+    RENEW returns (`control`) and notes when the claim is lost (`lost`). `shutdown` is set when the
+    dispatcher stops: the attempt hands its job back."""
 
-    def __init__(self, jobs: JobStore, claim: Claim, settings: Settings) -> None:
+    def __init__(self, jobs: JobStore, claim: Claim, settings: Settings,
+                 shutdown: threading.Event | None = None) -> None:
         self.jobs, self.claim, self.settings = jobs, claim, settings
+        self.shutdown = shutdown or threading.Event()
         self.lost = threading.Event()
         self.control: ControlSignal | None = None
         self._stop = threading.Event()
@@ -271,10 +296,14 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
     def raise_if_stopped(self, *, honour_pause: bool = True) -> None:
-        """Raise FencedOut if the claim was lost, StopRequested if a cancel (or pause) is pending."""
+        """Raise FencedOut if the claim was lost, StopRequested if a cancel (or pause, or preemption)
+        is pending or the dispatcher shuts down. A job whose training is done (`honour_pause` False)
+        completes despite a pause or preemption."""
         if self.lost.is_set():
             raise FencedOut(f"attempt {self.claim.attempt} of {self.claim.job.id} lost its lease")
-        if self.control == "cancel" or (self.control == "pause" and honour_pause):
+        if self.shutdown.is_set():
+            raise StopRequested("shutdown")
+        if self.control == "cancel" or (self.control in _CHECKPOINT_FIRST and honour_pause):
             raise StopRequested(self.control)
 
     def _run(self) -> None:
@@ -292,7 +321,8 @@ class _Heartbeat:
 
 
 class _TrainingStop:
-    """`should_stop` for a training run: at once when fenced out or cancelled. For a pause, once the
+    """`should_stop` for a training run: at once when fenced out, cancelled or shut down. For a pause
+    or a preemption (both checkpoint now, and resume later from that checkpoint), once the
     pause's checkpoint is recorded (a checkpoint newer than the one recorded when the pause was seen),
     at most `pause_grace_s` after the pause was seen; a run whose training loop has not reported
     progress yet (waiting for resources, loading the model) has nothing to save and is stopped after
@@ -302,10 +332,10 @@ class _TrainingStop:
     `latest_checkpoint` and `training_started` read the job in Redis; while Redis is away they count
     as "nothing new" and the wait is bounded by `pause_grace_s` alone.
 
-    On a cancel or pause it first calls `end_job(signal)`, so the job ends as the user asked at once,
+    On a cancel, pause, preemption or shutdown it first calls `end_job(signal)`, so the job ends as asked at once,
     while the run is still being torn down (its late writes are fenced out)."""
 
-    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[ControlSignal], None], *,
+    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[StopSignal], None], *,
                  latest_checkpoint: Callable[[], Checkpoint | None], training_started: Callable[[], bool],
                  pause_grace_s: float) -> None:
         self.heartbeat, self.end_job = heartbeat, end_job
@@ -320,17 +350,19 @@ class _TrainingStop:
             return self.reason
         if self.heartbeat.lost.is_set():
             self.reason = "fenced"
+        elif self.heartbeat.shutdown.is_set():
+            self.reason = "shutdown"
         elif self.heartbeat.control == "cancel":
             self.reason = "cancel"
-        elif self.heartbeat.control == "pause":
+        elif self.heartbeat.control in _CHECKPOINT_FIRST:
             if self._pause_seen_at is None:
                 self._pause_seen_at = time.monotonic()
                 self._checkpoint_at_pause = self._checkpoint_key()
             elif self._pause_may_end(time.monotonic() - self._pause_seen_at):
-                self.reason = "pause"
+                self.reason = self.heartbeat.control
         else:
             self._pause_seen_at = None
-        if self.reason in ("cancel", "pause"):
+        if self.reason in ("cancel", "shutdown", *_CHECKPOINT_FIRST):
             self.end_job(self.reason)  # type: ignore[arg-type]
         return self.reason
 
@@ -359,9 +391,20 @@ def _caused_by_redis_outage(error: BaseException) -> bool:
     return any(isinstance(e, _REDIS_DOWN) for e in error_chain(error))
 
 
+def _resolve_lazy_imports() -> None:
+    """Resolve, on one thread, the lazily imported names the runner threads use: transformers' lazy
+    module is not thread-safe, and two jobs checking their datasets at once failed with "cannot import
+    name 'AutoTokenizer' from 'transformers'"."""
+    import transformers
+
+    transformers.AutoTokenizer  # noqa: B018 - the attribute access is the import
+
+
 # ------------------------------------------------------------------------------------ dispatcher
 class Dispatcher:
-    """Claims and runs jobs until `stop()`; see the module docstring for one job's life."""
+    """Claims jobs and runs each on its own JobRunner thread until `stop()`; see the module docstring
+    for one job's life. It keeps claiming while claims succeed and fewer than `max_concurrent_jobs`
+    run here: the scheduler in Redis decides what fits the cluster, the bound keeps one process sane."""
 
     def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
         self.settings = settings
@@ -374,42 +417,107 @@ class Dispatcher:
         self.catalog = load_catalog(settings)
         self.work_root = Path(settings.data_dir).resolve() / "work" / self.worker_id.replace(":", "-")
         self._stop = threading.Event()
-        self._abandoned: list[threading.Thread] = []
+        self._runner_done = threading.Event()  # set by a runner's thread as it ends: a slot is free
+        self._runners: dict[str, JobRunner] = {}  # job id → its runner, while it runs
 
     def stop(self) -> None:
+        """Stop claiming; `run_forever` hands the jobs running here back (to resume from their checkpoints)."""
         self._stop.set()
+
+    @property
+    def running_jobs(self) -> list[str]:
+        """Ids of the jobs whose runners are still running here."""
+        return [job_id for job_id, runner in self._runners.items() if runner.is_alive()]
 
     def connect_ray(self) -> None:
         """Join the Ray cluster at `ray_address`, or start a private local one when it is unset (never
-        the cluster a past `ray start` recorded on this machine). Ray installs its own signal handlers:
-        callers that want theirs install them after this."""
+        the cluster a past `ray start` recorded on this machine), which declares
+        `local_accelerators` logical accelerators (workers.placement.local_node_resources). Ray installs
+        its own signal handlers: callers that want theirs install them after this."""
         import ray
 
+        from workers.placement import local_node_resources
+
         if not ray.is_initialized():
+            local = {}
+            if not self.settings.ray_address and not self.settings.use_gpu:  # real GPUs: Ray detects them
+                local = local_node_resources(self.settings.accelerator_resource, self.settings.local_accelerators)
             ray.init(address=self.settings.ray_address or "local", include_dashboard=False,
-                     configure_logging=False, log_to_driver=False)
+                     configure_logging=False, log_to_driver=False, **local)
             logger.info("dispatcher %s joined Ray at %s", self.worker_id, ray.get_runtime_context().gcs_address)
 
     def run_forever(self) -> None:
-        """The dispatcher's main loop: claim, run, repeat; the maintenance thread reclaims expired leases.
+        """The dispatcher's main loop: claim while claims succeed, run each job on its own runner thread,
+        wait for the queue's wakeup (or a runner ending) when nothing more is admitted. The maintenance
+        thread reclaims expired leases; the capacity watch keeps the cluster's nodes current in Redis.
 
         Redis being unreachable is waited out (with backoff), not fatal: the jobs are safe in Redis,
         and whatever this dispatcher held is requeued by lease expiry if the outage outlasts it.
+        On `stop()` or KeyboardInterrupt every running job is handed back, as a lost lease would.
         """
+        from workers.capacity_watch import CapacityWatch
+
         self.connect_ray()
         maintenance = self.start_maintenance()
+        capacity = CapacityWatch(self.jobs.redis, self.settings).start()
         backoff_s = 0.5
         try:
             while not self._stop.is_set():
                 try:
-                    self.step()
+                    if self.admit() == 0:
+                        self._wait_for_work_or_a_free_slot()
                     backoff_s = 0.5
                 except _REDIS_DOWN as e:
                     logger.warning("Redis unreachable (%s); retrying in %.1fs", e, backoff_s)
                     self._stop.wait(backoff_s)
                     backoff_s = min(backoff_s * 2, 30.0)
         finally:
+            self.hand_back_running_jobs()
+            capacity.stop()
             maintenance.stop()
+
+    def admit(self) -> int:
+        """Claim jobs while claims succeed and fewer than `max_concurrent_jobs` run here; start a
+        JobRunner thread for each. Returns how many were started."""
+        _resolve_lazy_imports()  # before any claim: the first call imports transformers (seconds)
+        self._forget_finished_runners()
+        started = 0
+        while not self._stop.is_set() and len(self._runners) < self.settings.max_concurrent_jobs:
+            claim = self.jobs.leases.claim_next_job(self.worker_id, self.settings.lease_ms)
+            if claim is None:
+                break
+            runner = JobRunner(self, claim, on_exit=self._runner_done.set)
+            self._runners[claim.job.id] = runner
+            runner.start()
+            started += 1
+        return started
+
+    def hand_back_running_jobs(self, timeout_s: float = 60.0) -> None:
+        """Stop every runner here, each handing its job back to the queue, and wait for them (at most
+        `timeout_s` in all; a runner still busy then is left to its lease)."""
+        runners = list(self._runners.values())
+        for runner in runners:
+            runner.shut_down()
+        deadline = time.monotonic() + timeout_s
+        for runner in runners:
+            runner.join(max(0.0, deadline - time.monotonic()))
+            if runner.is_alive():
+                logger.warning("%s: its runner did not end within %.0fs of the shutdown; its lease will "
+                               "expire and requeue it", runner.claim.job.id, timeout_s)
+        self._forget_finished_runners()
+
+    def _forget_finished_runners(self) -> None:
+        self._runners = {job_id: r for job_id, r in self._runners.items() if r.is_alive()}
+
+    def _wait_for_work_or_a_free_slot(self) -> None:
+        """Wait for the queue's wakeup when a slot is free here, else for a runner to end; a short poll
+        either way, since capacity freed elsewhere in the cluster wakes nobody."""
+        poll_s = max(0.2, min(2.0, self.settings.lease_ms / 2000))
+        if len(self._runners) < self.settings.max_concurrent_jobs:
+            self.jobs.leases.wait_for_work(poll_s)  # woken when queued
+        else:
+            self._runner_done.wait(poll_s)
+        self._runner_done.clear()
 
     def start_maintenance(self) -> MaintenanceThread:
         """Claim this dispatcher's work dir and start the thread that reclaims expired leases every
@@ -432,7 +540,7 @@ class Dispatcher:
         run_retention(self.jobs.redis, self.store, self.settings)
 
     def step(self) -> None:
-        """One turn of the main loop: run one job, or wait for one to be queued."""
+        """Claim one job and run it to its end on this thread, or wait a little for one to be queued."""
         claim = self.jobs.leases.claim_next_job(self.worker_id, self.settings.lease_ms)
         if claim is None:
             self.jobs.leases.wait_for_work(max(0.2, min(5.0, self.settings.lease_ms / 2000)))  # woken when queued
@@ -440,23 +548,67 @@ class Dispatcher:
         self.run_claim(claim)
 
     def run_claim(self, claim: Claim) -> None:
-        """Run one claimed attempt to its end; never raises for a job's own failure.
+        """Run one claimed attempt to its end on this thread (JobRunner.run)."""
+        JobRunner(self, claim).run()
+
+
+# ------------------------------------------------------------------------------------ one job
+class JobRunner:
+    """One claimed attempt of one job, from its heartbeat's start to the job's end, on its own thread
+    (`start`) or the caller's (`run`). Everything it holds is this attempt's: the claim, its work dir,
+    the phases it stopped waiting for. `shut_down()` hands the job back (dispatcher shutdown)."""
+
+    def __init__(self, dispatcher: Dispatcher, claim: Claim, *, on_exit: Callable[[], object] | None = None) -> None:
+        self.claim = claim
+        self.settings, self.jobs, self.files = dispatcher.settings, dispatcher.jobs, dispatcher.files
+        self.store, self.registry, self.catalog = dispatcher.store, dispatcher.registry, dispatcher.catalog
+        self.work_root = dispatcher.work_root
+        self._abandoned: list[threading.Thread] = []
+        self._shutdown = threading.Event()
+        self._on_exit = on_exit
+        self._thread = threading.Thread(target=self._run_then_signal, name=f"job-{claim.job.id}", daemon=True)
+
+    def start(self) -> JobRunner:
+        self._thread.start()
+        return self
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
+
+    def shut_down(self) -> None:
+        """Hand the job back at once, wherever it is (the run on Ray is torn down)."""
+        self._shutdown.set()
+
+    def _run_then_signal(self) -> None:
+        try:
+            self.run()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def run(self) -> None:
+        """Run the claimed attempt to its end; never raises for a job's own failure.
 
         Nothing slow may run between the claim and the heartbeat's start: the lease runs from the claim
         (workers.ray_train, which imports torch, is imported with this module for that reason).
         """
+        claim = self.claim
         job, attempt, fence = claim.job, claim.attempt, claim.fence
         work_dir = self.work_root / job.id / f"attempt-{attempt}"
         logger.info("running %s attempt %d in %s", job.id, attempt, work_dir)
         try:
-            with _Heartbeat(self.jobs, claim, self.settings) as heartbeat:
+            with _Heartbeat(self.jobs, claim, self.settings, self._shutdown) as heartbeat:
                 self._run_attempt(job, fence, work_dir, heartbeat)
         except FencedOut as e:
             logger.warning("%s: %s", job.id, e)
         except _AlreadyFinished as e:
             logger.info("%s", e)
         except StopRequested as e:
-            self._finish_quietly(fence, JobStatus.CANCELLED if e.signal == "cancel" else JobStatus.PAUSED)
+            self._end_on_signal(fence, e.signal)
         except CancelRequested:
             # Cancelled after training ended, before the version became visible: publish nothing.
             self._finish_quietly(fence, JobStatus.CANCELLED)
@@ -516,15 +668,44 @@ class Dispatcher:
         self._finish_quietly(fence, JobStatus.FAILED, error=JobError(code="infrastructure_error", message=message),
                              last_failure=details, infra_faults=faults)
 
+    def _end_on_signal(self, fence: Fence, signal: StopSignal) -> None:
+        """End the attempt as `signal` asks: cancelled, paused, or handed back to the queue (a
+        preemption, at its place and marked preempted; a shutdown, like a lost lease)."""
+        if signal == "preempt":
+            logger.info("%s: preempted; handing it back to resume from its checkpoint", fence.job_id)
+            self._finish_quietly(fence, JobStatus.QUEUED, preempted=True)
+        elif signal == "shutdown":
+            self._finish_quietly(fence, JobStatus.QUEUED)
+        else:
+            self._finish_quietly(fence, JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED)
+
+    def _reserve_gang(self, job: Job, fence: Fence, heartbeat: _Heartbeat) -> Gang:
+        """Gang admission on Ray (workers.placement): all of the job's workers fit at once, or the job
+        goes back to the queue, not to be admitted again for placement_timeout_s."""
+        gang = gang_for(job.resources, self.settings)
+        timeout_s = self.settings.placement_timeout_s
+        self.jobs.leases.append_event(fence, "info", f"Reserving {gang.describe()} on Ray; waiting for resources.")
+        try:
+            reserve_gang(gang, timeout_s=timeout_s, check_stop=heartbeat.raise_if_stopped,
+                         name=self._ray_run_name(job, fence.attempt))
+        except GangNotPlaced as e:
+            logger.info("%s: %s; requeued", job.id, e)
+            self.jobs.leases.append_event(fence, "warn", f"{e}; requeued.")
+            self._finish_quietly(fence, JobStatus.QUEUED, retry_after_ms=int(timeout_s * 1000))
+            raise _AlreadyFinished(f"{job.id}: handed back, its gang did not fit") from None
+        return gang
+
     def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None,
-                        last_failure: str | None = None, infra_faults: int | None = None) -> None:
+                        last_failure: str | None = None, infra_faults: int | None = None,
+                        **requeue: Any) -> None:
         """End the attempt as `status`, logging (not raising) a refusal; a pause the user withdrew
         before the attempt stopped hands the job back instead, to resume from its last checkpoint.
-        `last_failure` is the operator-only account of an error (fleet.jobs.Job.last_failure)."""
+        `last_failure` is the operator-only account of an error (fleet.jobs.Job.last_failure);
+        `requeue` carries a hand-back's `preempted=True` or `retry_after_ms=N` (fleet.leases.finish_job)."""
         try:
             try:
                 self.jobs.leases.finish_job(fence, status, error=error, last_failure=last_failure,
-                                            infra_faults=infra_faults)
+                                            infra_faults=infra_faults, **requeue)
             except PauseWithdrawn:
                 self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
         except (FleetError, *_REDIS_DOWN) as e:
@@ -606,11 +787,8 @@ class Dispatcher:
         if result.status == "cancelled":
             self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
             return
-        if result.status == "paused":
-            try:
-                self.jobs.leases.finish_job(fence, JobStatus.PAUSED)
-            except PauseWithdrawn:  # resumed before we stopped: hand back, resume from the pause's checkpoint
-                self.jobs.leases.finish_job(fence, JobStatus.QUEUED)
+        if result.status == "paused":  # the loop checkpointed and stopped for a pause or a preemption
+            self._end_on_signal(fence, "preempt" if self.jobs.leases.control_signal(fence) == "preempt" else "pause")
             return
         # A cancel from here on publishes nothing (and once the version is committed, cannot undo it);
         # a pause of a job whose training is done lets it complete.
@@ -640,13 +818,11 @@ class Dispatcher:
         """Run the training phase on Ray; a cancel, pause or lost lease stops the run wherever it is
         (waiting for resources, training, hung): the job is ended first, then the run torn down."""
         heartbeat.raise_if_stopped()
-        attempt, n = fence.attempt, self.settings.train_workers_per_job
-        self.jobs.leases.append_event(fence, "info",
-                                      f"Starting training on Ray ({n} worker(s)); waiting for resources.")
+        attempt, gang = fence.attempt, self._reserve_gang(job, fence, heartbeat)
+        self.jobs.leases.append_event(fence, "info", f"Starting training on Ray ({gang.describe()}).")
 
-        def end_job(signal: ControlSignal) -> None:
-            status = JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED
-            self._finish_quietly(fence, status)
+        def end_job(signal: StopSignal) -> None:
+            self._end_on_signal(fence, signal)
 
         progress_at_start = self.jobs.load_job(job.id).progress  # changes once this attempt's loop reports
 
@@ -658,9 +834,10 @@ class Dispatcher:
                 inputs,
                 output_dir=work_dir / "out",
                 reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
-                num_workers=n,
-                use_gpu=self.settings.use_gpu,
-                resources_per_worker=self.settings.train_resources_per_worker or None,
+                num_workers=gang.workers,
+                use_gpu=gang.use_gpu,
+                resources_per_worker=gang.bundle,
+                train_on_cpu=gang.train_on_cpu,
                 storage_path=self._ray_storage.path,
                 storage_filesystem=self._ray_storage.filesystem,
                 name=self._ray_run_name(job, attempt),

@@ -47,6 +47,7 @@ def error_chain(error: BaseException) -> Iterator[BaseException]:
         yield current
         wrapped = [current.__cause__, current.__context__, getattr(current, "cause", None),
                    getattr(current, "controller_failure", None),
+                   getattr(current, "health_check_failure", None),  # a rank Ray Train found unreachable
                    *(getattr(current, "worker_failures", None) or {}).values()]
         pending.extend(e for e in wrapped if isinstance(e, BaseException))
 

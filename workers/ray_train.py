@@ -123,9 +123,7 @@ def _train_in(work_dir: Path, config: dict[str, Any], rank: int, world_size: int
         # worker dying right after a checkpoint still restarts from it.
         ray.train.get_all_reported_checkpoints()
 
-    runtime = Runtime(
-        rank=rank, world_size=world_size, device=ray.train.torch.get_device(), on_checkpoint=on_checkpoint
-    )
+    runtime = Runtime(rank=rank, world_size=world_size, device=_rank_device(config), on_checkpoint=on_checkpoint)
     with contextlib.ExitStack() as stack:
         restored = ray.train.get_checkpoint()
         if restored is not None:
@@ -183,6 +181,7 @@ def run_training_on_ray(
     resume_from: Path | None = None,
     should_stop: Callable[[], str | None] | None = None,
     poll_s: float = 0.25,
+    train_on_cpu: bool = False,
 ) -> TrainingResult:
     """Train `spec` on a Ray Train TorchTrainer and return rank 0's result.
 
@@ -197,6 +196,9 @@ def run_training_on_ray(
     `should_stop` is called every `poll_s` while the run is on Ray; when it returns a reason, the run
     is killed and TrainingAborted(reason) raised. An error the spec itself causes raises
     TrainingSetupError without any retry.
+
+    `train_on_cpu` with `use_gpu`: the "GPU"s in `resources_per_worker` are logical (CPU mode, see
+    workers.placement); they place the workers, and the ranks train on the CPU with gloo.
     """
     import ray.train
 
@@ -222,6 +224,8 @@ def run_training_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(inputs.n_checkpoints, 1) + 1),
         ),
     )
+    if train_on_cpu:
+        _train_on_cpu(trainer_kwargs)
     return_value, checkpoint, error = _run_abortable(trainer_kwargs, name, should_stop, poll_s)
     if error is not None:
         raise RuntimeError(f"training job {name!r} failed on Ray") from error
@@ -238,6 +242,24 @@ def run_training_on_ray(
         # The worker's own copy may sit on another node; the persisted one is reachable from here.
         result.checkpoint = Path(checkpoint.path)
     return result
+
+
+def _train_on_cpu(trainer_kwargs: dict[str, Any]) -> None:
+    """Let the ranks of a run placed by logical GPUs train on the CPU: gloo, not the NCCL Ray Train
+    picks for use_gpu, and a CPU device (`_rank_device`)."""
+    from ray.train.torch import TorchConfig
+
+    trainer_kwargs["train_loop_config"]["train_on_cpu"] = True
+    trainer_kwargs["torch_config"] = TorchConfig(backend="gloo")
+
+
+def _rank_device(config: dict[str, Any]) -> Any:
+    """This rank's torch device: Ray Train's, or the CPU for a run on logical GPUs (for which Ray Train
+    hands out a cuda device even where there is no CUDA)."""
+    import ray.train.torch
+    import torch
+
+    return torch.device("cpu") if config.get("train_on_cpu") else ray.train.torch.get_device()
 
 
 def _fit(trainer_kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, BaseException | None]:
@@ -279,7 +301,9 @@ def _stop_fit(task: Any, name: str, groups_before: set[str]) -> None:
     controller, which shuts the worker group down and removes its placement group. If that has not
     ended the task within _ABORT_GRACE_S, the task is killed; its controller and workers die with it
     (actors die with their owner), but placement groups live as long as the job that made them (Ray
-    Train's own cleaner needs the dashboard's state API), so the ones this run made are removed here.
+    Train's own cleaner needs the dashboard's state API), so the ones this run made are removed here:
+    those made since it started by an actor now dead (`_orphaned_placement_groups`), never the groups
+    of the other runs this dispatcher drives at the same time.
     """
     import ray
 
@@ -290,12 +314,42 @@ def _stop_fit(task: Any, name: str, groups_before: set[str]) -> None:
         return
     ray.cancel(task, force=True)
     ray.wait([task], timeout=_ABORT_GRACE_S)
-    leftover = _placement_groups_of_this_job() - groups_before
-    for group_id in leftover:
-        ray.util.remove_placement_group(ray.util.placement_group.PlacementGroup(
-            ray.PlacementGroupID(bytes.fromhex(group_id))))
+    leftover = _orphaned_placement_groups(since=groups_before)
+    _remove_placement_groups(leftover)
     logger.info("killed training run %s (%.1fs, removed %d placement group(s))",
                 name, time.monotonic() - started, len(leftover))
+
+
+def _remove_placement_groups(group_ids: set[str]) -> None:
+    """Remove the placement groups with these hex ids. (`ray.util.placement_group` is the function, not
+    the module: the class comes from the module itself.)"""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for group_id in group_ids:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
+def _orphaned_placement_groups(since: set[str]) -> set[str]:
+    """Ids of the live placement groups created under this driver's Ray job, not in `since`, whose
+    creating actor is dead: a killed run's controller made them. A dispatcher runs many jobs at once,
+    so groups made meanwhile by other runs' live controllers, or by the driver itself (a gang
+    reservation), are not this run's. Ray's public table does not say who made a group; its GCS
+    record does."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job_id = ray.get_runtime_context().get_job_id()
+    orphaned = set()
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        record = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        group_id = record.placement_group_id.hex()
+        made_by_an_actor = not ray.ActorID(record.creator_actor_id).is_nil()
+        if (group_id.endswith(job_id) and group_id not in since and made_by_an_actor
+                and record.creator_actor_dead and record.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+            orphaned.add(group_id)
+    return orphaned
 
 
 def _placement_groups_of_this_job() -> set[str]:

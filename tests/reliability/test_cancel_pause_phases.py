@@ -57,7 +57,7 @@ def test_cancel_and_pause_take_effect_in_every_phase(fleet_stack, tmp_path):
     for signal in ("cancel", "pause"):
         for phase, text in (("download", "Downloading the job's files."),
                             ("checks", "Checking the datasets with"),
-                            ("waiting for resources", "Starting training on Ray")):
+                            ("waiting for resources", "on Ray; waiting for resources.")):
             _signal_in_phase(stack, signal, phase, _event(stack, text), file_id=stack.training_file_id,
                              allowed=(effect[signal],))
     waiting.terminate()

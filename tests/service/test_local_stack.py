@@ -65,6 +65,22 @@ def _up_env(tmpdir: Path) -> dict[str, str]:
     return env
 
 
+def _assert_dispatcher_sees_logical_gpus(redis_pids: set[int], gpus: int, timeout_s: float = 60.0) -> None:
+    """The local Ray node declares `gpus` logical GPUs, and the dispatcher records them as the cluster's."""
+    import psutil
+    import redis
+
+    from fleet.capacity import CapacityStore
+
+    (port,) = {c.laddr.port for pid in redis_pids for c in psutil.Process(pid).net_connections("inet")
+               if c.status == psutil.CONN_LISTEN}
+    capacity = CapacityStore(redis.Redis(port=port, decode_responses=True))
+    deadline = time.monotonic() + timeout_s
+    while capacity.total_gpus() != gpus:
+        assert time.monotonic() < deadline, f"capacity {capacity.total_gpus()} GPUs, expected {gpus}"
+        time.sleep(0.2)
+
+
 def _wait_gone(pids: set[int], what: str, timeout_s: float = 20.0) -> None:
     import psutil
 
@@ -83,7 +99,8 @@ def test_up_serves_the_api_with_a_ready_key_and_stops_cleanly(tmp_path: Path, pr
     (private_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
     env = _up_env(private_tmpdir)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--data-dir", str(data_dir),
+         "--accelerators", "3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     output: list[str] = []
@@ -107,6 +124,7 @@ def test_up_serves_the_api_with_a_ready_key_and_stops_cleanly(tmp_path: Path, pr
         assert (data_dir / "redis" / "appendonlydir").is_dir()  # AOF under the data dir
         redis_pids = _processes_in((data_dir / "redis").resolve())
         assert redis_pids, "no redis-server runs in the data dir"
+        _assert_dispatcher_sees_logical_gpus(redis_pids, 3)
         children = _processes_mentioning(str(data_dir)) - {proc.pid}
     finally:
         proc.send_signal(signal.SIGTERM)
