@@ -318,3 +318,18 @@ def test_counters_and_queues_stay_exact_through_running_pauses_cancels_and_half_
             c.claims.pop(job_id)
         problems = _index_problems(r, tenants) + _more_problems(r, tenants, 8)
         assert problems == [], f"after step {step} ({action})"
+
+
+# --- visibility -------------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="past the simulated horizon the position is extrapolated with every "
+                   "waiting tenant taking turns, counting tenants the simulation already emptied: the "
+                   "position exceeds the number of queued jobs")
+def test_an_extrapolated_queue_position_never_exceeds_the_queued_jobs(r, monkeypatch):
+    from fleet import scheduler_view
+
+    monkeypatch.setattr(scheduler_view, "_MAX_SIMULATED_ADMISSIONS", 20)
+    c = Cluster(r, 1)
+    made = [job_id for t in range(10) for job_id in c.submit(f"t{t}", 3)]
+    assert len(c.admit()) == 1
+    queued = len(made) - 1
+    assert c.jobs.queue_position(made[-1]) <= queued
