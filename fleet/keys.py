@@ -146,8 +146,9 @@ def sched_tenant(tenant_id: str) -> str:
 
 
 def sched_cluster() -> str:
-    """Hash {allocated, incoming, admissions}: GPUs held by running jobs; of those, GPUs of jobs being
-    preempted; admissions so far (orders running jobs by recency for preemption)."""
+    """Hash {allocated, incoming, admissions, schema}: GPUs held by running jobs; of those, GPUs of jobs
+    being preempted; admissions so far (orders running jobs by recency for preemption); "1" once state
+    from before the scheduler was migrated (absent: the counters are rebuilt from the leases)."""
     return f"{PREFIX}sched:cluster"
 
 

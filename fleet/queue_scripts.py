@@ -474,4 +474,4 @@ return #tenants
 
 # KEYS: none.  ARGV: none.  Runs nothing but the prelude, whose migrate_once() brings old state up to
 # date (fleet.scheduling.migrate_state).
-MIGRATE = PRELUDE + "return redis.call('HGET', CONFIG, 'version')"
+MIGRATE = PRELUDE + "return redis.call('HGET', CLUSTER, 'schema')"

@@ -190,8 +190,9 @@ end
 -- State written before the scheduler (list queues, running jobs with no GPUs counted) is brought up
 -- to date by the first script that runs after an upgrade, before it does anything else; afterwards
 -- this costs one HGET. Jobs get the scalars the scheduler reads (a job without `gpus` holds one).
+-- The mark lives in the counters it vouches for (CLUSTER): counters that are gone are recounted.
 local function migrate_once()
-  if redis.call('HGET', CONFIG, 'version') == '1' then return end
+  if redis.call('HGET', CLUSTER, 'schema') == '1' then return end
   local now = now_ms()
   local function backfill(job_key)
     redis.call('HSETNX', job_key, 'gpus', 1)
@@ -224,7 +225,7 @@ local function migrate_once()
     end
   end
   for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do reindex(t, now) end
-  redis.call('HSET', CONFIG, 'version', 1)
+  redis.call('HSET', CLUSTER, 'schema', 1)
 end
 migrate_once()
 """

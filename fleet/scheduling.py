@@ -66,5 +66,5 @@ def migrate_state(client: redis.Redis) -> None:
     """Bring state written before the scheduler up to date (list queues become sorted sets, running
     jobs' GPUs are accounted). Every fleet script does this first anyway; this is for readers that
     use no script (queue estimates, snapshots). One HGET once done."""
-    if client.hget(keys.sched_config(), "version") != "1":
+    if client.hget(keys.sched_cluster(), "schema") != "1":
         client.eval(lua.MIGRATE, 0)

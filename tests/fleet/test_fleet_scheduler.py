@@ -505,7 +505,7 @@ def test_state_from_before_the_scheduler_is_migrated_once(r):
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "1"
     assert _index_problems(r, ["t1"]) == []
-    assert r.hget(keys.sched_config(), "version") == "1"
+    assert r.hget(keys.sched_cluster(), "schema") == "1"
     assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
     jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
     assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one

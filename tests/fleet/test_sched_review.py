@@ -75,9 +75,6 @@ def _wipe_scheduler_state(r: redis.Redis, tenants: list[str]) -> None:
         r.delete(bucket)
 
 
-@pytest.mark.xfail(strict=True, reason="no migration: a queue the previous release left (a LIST) makes every "
-                   "create for its tenant fail with WRONGTYPE and its jobs are never admitted (docs/deploy.md "
-                   "promises queued jobs survive an upgrade)")
 def test_jobs_queued_before_the_upgrade_are_admitted_and_their_tenant_can_submit(r):
     c = Cluster(r, 8)
     (old,) = c.submit("a")
@@ -90,9 +87,8 @@ def test_jobs_queued_before_the_upgrade_are_admitted_and_their_tenant_can_submit
     assert c.admit(at=S) == [old, new]
 
 
-@pytest.mark.xfail(strict=True, reason="no migration: a job the previous release started is not in "
-                   "`allocated`, so the new scheduler overcommits the cluster, and its finish drives "
-                   "allocated and the tenant's gpus negative")
+@pytest.mark.xfail(strict=True, reason="the migration counts a running job of the previous release as 1 GPU; "
+                   "that release ran it on TRAIN_WORKERS_PER_JOB workers (2 here), which no script knows yet")
 def test_a_job_running_across_the_upgrade_still_holds_its_gpus(r):
     c = Cluster(r, 2)
     (old,) = c.submit("a", gpus=2)
