@@ -317,9 +317,6 @@ def test_counters_and_queues_stay_exact_through_running_pauses_cancels_and_half_
 
 
 # --- visibility -------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="past the simulated horizon the position is extrapolated with every "
-                   "waiting tenant taking turns, counting tenants the simulation already emptied: the "
-                   "position exceeds the number of queued jobs")
 def test_an_extrapolated_queue_position_never_exceeds_the_queued_jobs(r, monkeypatch):
     from fleet import scheduler_view
 
