@@ -152,7 +152,8 @@ class JobStore:
 
         `resources` (default: one worker, one GPU) and `priority` (within the tenant) are what the
         scheduler admits by. A tenant at its `max_queued_jobs` quota gets QuotaExceeded, atomically
-        with the count (two racing submissions cannot both pass the last slot). `now_ms`: a simulated
+        with the count (two racing submissions cannot both pass the last slot); a job larger than the
+        tenant's nominal quota plus its borrowing limit (when one is set) gets InvalidRequest. `now_ms`: a simulated
         clock for the scheduler (bench/sched_sim.py; None: Redis's).
         """
         now = int(time.time())
@@ -231,6 +232,14 @@ class JobStore:
                 "to start, or cancel some, then submit again (an admin can raise the quota).",
                 limit=reply[1],
                 retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S,
+            )
+        if outcome == "too_large":
+            gpus, nominal, borrow = reply[1:4]
+            raise InvalidRequest(
+                f"The job asks for {gpus} GPUs, more than tenant {tenant_id}'s nominal quota ({nominal}) plus its "
+                f"borrowing_limit_gpus ({borrow}) = {int(nominal) + int(borrow)} allow: it could never start. Ask "
+                "for fewer GPUs, or ask an admin to raise the quota.",
+                param="resources",
             )
         if outcome == "conflict":
             raise _idempotency_conflict(idempotency_key, job_id)
@@ -340,7 +349,8 @@ class JobStore:
         return self._control(self._pause, tenant_id, job_id, "paused", messages, now_ms)
 
     def resume(self, tenant_id: str, job_id: str, *, now_ms: int | None = None) -> Job:
-        """paused → queued (at the back of the tenant's queue); also withdraws a pending pause request."""
+        """paused → queued (at the back of the tenant's queue); also withdraws a pending pause request.
+        QuotaExceeded when the tenant is at its max_queued_jobs quota (parked jobs count)."""
         messages = {
             "queued": "Job resumed; queued to continue from its last checkpoint.",
             "unpaused": "Pause request withdrawn; the job keeps running.",
@@ -367,6 +377,13 @@ class JobStore:
             raise _job_not_found(job_id)
         if reply[0] == "invalid":
             raise InvalidState(f"Job {job_id} is {reply[1]}; it cannot be {verb}.")
+        if reply[0] == "quota":
+            raise QuotaExceeded(
+                f"Tenant {tenant_id} already has {reply[2]} queued jobs, its {reply[1]} quota; job {job_id} stays "
+                "paused. Wait for some to start, or cancel some, then resume it (an admin can raise the quota).",
+                limit=reply[1],
+                retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S,
+            )
         if reply[0] in messages:
             self.append_event(job_id, "info", messages[reply[0]])
         return self.load_job(job_id)

@@ -50,6 +50,9 @@ local BUCKET_PREFIX = '{keys.sched_bucket_prefix()}'
 local BUCKETS = '{keys.sched_buckets()}'
 local HOLDING = '{keys.sched_holding()}'
 local BACKOFF = '{keys.sched_backoff()}'
+local UNFIT_PREFIX = '{keys.sched_unfit("")}'
+local UNFIT_TENANTS = '{keys.sched_unfit_tenants()}'
+local EVENTS_KEY = '{keys.job_events("%s")}'  -- string.format(EVENTS_KEY, job_id)
 local RUNNING_JOBS = '{keys.sched_running_jobs()}'
 local CAPACITY = '{keys.capacity()}'
 local PRIORITY_SPAN = {PRIORITY_SPAN}
@@ -98,6 +101,72 @@ local function tier_of(q, u, g)
   if u < q.nominal then return 1 end
   return 2
 end
+-- A job of g GPUs can never be admitted under quota q (it exceeds nominal + borrowing limit).
+local function never_fits(q, g) return q.borrow ~= nil and g > q.nominal + q.borrow end
+local function opt(x) if x == nil then return '' end return float(x) end
+-- The tenant's queued jobs, wherever they wait: its queue and those parked out of it (max_queued_jobs).
+local function queued_jobs(tenant)
+  return redis.call('ZCARD', Q_PREFIX .. tenant) + num(redis.call('HGET', ST_PREFIX .. tenant, 'parked'), 0)
+end
+local function job_event(job_id, message)
+  -- not trimmed here: the stream's cap is the API's setting, and the next append through it trims
+  redis.call('XADD', string.format(EVENTS_KEY, job_id), '*', 'created_at', sec(now_ms()), 'level', 'warn',
+             'message', message, 'type', 'message')
+end
+-- Park a queued job out of its queue until `until_ms` (a placement back-off, or math.huge: set aside
+-- until its tenant's quota changes); ADMIT (or reindex) puts it back.
+local function park(tenant, job_id, until_ms)
+  if until_ms < math.huge then redis.call('HSET', JOB_KEY_PREFIX .. job_id, 'not_before_ms', int(until_ms)) end
+  if redis.call('ZADD', BACKOFF, float(until_ms), job_id) == 1 then
+    redis.call('HINCRBY', ST_PREFIX .. tenant, 'parked', 1)
+  end
+end
+-- A parked job leaves the back-off set (returns true when it was there).
+local function unpark(tenant, job_id)
+  if redis.call('ZREM', BACKOFF, job_id) == 0 then return false end
+  if tenant then
+    redis.call('HINCRBY', ST_PREFIX .. tenant, 'parked', -1)
+    local uk = UNFIT_PREFIX .. tenant
+    if redis.call('ZREM', uk, job_id) == 1 and redis.call('EXISTS', uk) == 0 then
+      redis.call('SREM', UNFIT_TENANTS, tenant)
+    end
+  end
+  return true
+end
+-- Jobs that can never fit the tenant's quota leave the head of its queue (its other jobs go on); on a
+-- quota change every job set aside goes back to its place (those that still cannot fit leave again).
+local function set_aside_unfit(tenant, q, now)
+  local uk = UNFIT_PREFIX .. tenant
+  local qkey = Q_PREFIX .. tenant
+  if redis.call('EXISTS', uk) == 1 then
+    local cached = redis.call('HMGET', ST_PREFIX .. tenant, 'nominal', 'borrow')
+    if cached[1] ~= float(q.nominal) or (cached[2] or '') ~= opt(q.borrow) then
+      for _, jid in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
+        if unpark(tenant, jid) then
+          redis.call('ZADD', qkey, queue_score(JOB_KEY_PREFIX .. jid), jid)
+          redis.call('ZADD', QUEUE_TENANTS, 'NX', now, tenant)
+          job_event(jid, "Back in the queue at its place: the tenant's quota changed.")
+        end
+      end
+      redis.call('LPUSH', WAKEUP, 'requeued')
+      redis.call('LTRIM', WAKEUP, 0, 63)
+    end
+  end
+  local head = head_of(tenant)
+  while head and never_fits(q, head.gpus) do
+    redis.call('ZREM', qkey, head.id)
+    park(tenant, head.id, math.huge)
+    redis.call('ZADD', uk, head.qscore, head.id)
+    redis.call('SADD', UNFIT_TENANTS, tenant)
+    job_event(head.id, string.format("Set aside: it asks for %d GPUs, more than the tenant's quota allows (nominal %d "
+      .. "+ borrowing limit %d = %d), so it cannot fit the tenant's quota; the tenant's other jobs go on. It returns "
+      .. "to its place when an admin changes the quota; or cancel it and submit a smaller one.",
+      head.gpus, q.nominal, q.borrow, q.nominal + q.borrow))
+    head = head_of(tenant)
+  end
+  if not head then redis.call('ZREM', QUEUE_TENANTS, tenant) end
+  return head
+end
 local function unindex(tenant, slot)
   if slot == '' then return end
   redis.call('ZREM', slot, tenant)
@@ -108,10 +177,9 @@ end
 local function reindex(tenant, now)
   local st = tenant_state(tenant)
   local slot = ''
-  local head = head_of(tenant)
   local q = quota_of(tenant)
+  local head = set_aside_unfit(tenant, q, now)
   local h = head or {id = '', gpus = 0, qscore = 0}
-  local function opt(x) if x == nil then return '' end return float(x) end
   redis.call('HSET', ST_PREFIX .. tenant, 'head', h.id, 'head_gpus', int(h.gpus), 'head_qscore', float(h.qscore),
              'nominal', float(q.nominal), 'borrow', opt(q.borrow), 'max_running', opt(q.max_running),
              'weight', float(q.weight))
@@ -157,14 +225,9 @@ local function enqueue(tenant, job_id, to_back, now)
   redis.call('LTRIM', WAKEUP, 0, 63)
   reindex(tenant, now)
 end
--- Park a queued job out of its queue until `until_ms` (a placement back-off); ADMIT puts it back.
-local function park(job_id, until_ms)
-  redis.call('HSET', JOB_KEY_PREFIX .. job_id, 'not_before_ms', int(until_ms))
-  redis.call('ZADD', BACKOFF, until_ms, job_id)
-end
 local function unqueue(tenant, job_id, now)
   local qkey = Q_PREFIX .. tenant
-  redis.call('ZREM', BACKOFF, job_id)
+  unpark(tenant, job_id)
   redis.call('ZREM', qkey, job_id)
   if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
   reindex(tenant, now)
@@ -240,8 +303,8 @@ local now = now_ms()
 local hl = half_life_ms()
 -- 1. jobs whose placement back-off is over go back to their places
 for _, jid in ipairs(redis.call('ZRANGEBYSCORE', BACKOFF, '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', BACKOFF, jid)
   local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'status', 'tenant_id')
+  unpark(v[2], jid)
   redis.call('HDEL', JOB_KEY_PREFIX .. jid, 'not_before_ms')
   if v[1] == 'queued' then enqueue(v[2], jid, false, now) end
 end
