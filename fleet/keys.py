@@ -30,6 +30,7 @@ __all__ = [
     "sched_unfit",
     "sched_unfit_tenants",
     "sched_running_jobs",
+    "sched_running_holders",
     "quota",
     "default_quota",
     "capacity",
@@ -191,6 +192,12 @@ def sched_unfit(tenant_id: str) -> str:
 def sched_unfit_tenants() -> str:
     """Set: tenants with jobs in `sched_unfit` (re-indexed with every tenant on a default-quota change)."""
     return f"{PREFIX}sched:unfit_tenants"
+
+
+def sched_running_holders() -> str:
+    """Hash: running job id -> "<gpus> <tenant id>", what its attempt holds, so its GPUs go back even if
+    the job's record is gone (an eviction, an operator's DEL)."""
+    return f"{PREFIX}sched:running_holders"
 
 
 def sched_running_jobs() -> str:

@@ -355,7 +355,8 @@ return {'ok', st, announce and '1' or '0', preempted and '1' or '0'}
 
 # KEYS: job, leases, running, queue, queue_tenants, wakeup, publication, retention indexes (3)
 # ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json, clock_ms ('' = Redis's)
-# The attempt's GPUs are released in the same step. A job going back to the queue returns to its
+# The attempt's GPUs are released in the same step, even when the job's record is gone ({'vanished'}:
+# from what the running-job entry says it holds). A job going back to the queue returns to its
 # place; a job whose version is committed always goes back (whatever the control request or the
 # attempts lost): the next attempt completes it without training.
 EXPIRE_LEASE = (
@@ -364,6 +365,14 @@ EXPIRE_LEASE = (
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return {'skip'} end
 local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id', 'control', 'lease_expirations')
+if not v[1] then  -- the record is gone: its attempt's GPUs go back all the same
+  local held = redis.call('HGET', HOLDERS, ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if not held then return {'skip'} end
+  CLOCK = clock_arg(ARGV[7])
+  release(string.match(held, '^%d+ (.*)$'), ARGV[1], now_ms())
+  return {'vanished'}
+end
 if v[1] ~= 'running' then redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip'} end
 if v[2] ~= ARGV[4] then return {'skip'} end
 CLOCK = clock_arg(ARGV[7])

@@ -54,6 +54,7 @@ local UNFIT_PREFIX = '{keys.sched_unfit("")}'
 local UNFIT_TENANTS = '{keys.sched_unfit_tenants()}'
 local EVENTS_KEY = '{keys.job_events("%s")}'  -- string.format(EVENTS_KEY, job_id)
 local RUNNING_JOBS = '{keys.sched_running_jobs()}'
+local HOLDERS = '{keys.sched_running_holders()}'
 local CAPACITY = '{keys.capacity()}'
 local PRIORITY_SPAN = {PRIORITY_SPAN}
 local DEFAULT_HALF_LIFE_MS = {DEFAULT_HALF_LIFE_MS}
@@ -232,6 +233,10 @@ local function unqueue(tenant, job_id, now)
   if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
   reindex(tenant, now)
 end
+-- Record what a running attempt holds (release reads it back, even with the job's record gone).
+local function hold(tenant, job_id, gpus)
+  redis.call('HSET', HOLDERS, job_id, int(gpus) .. ' ' .. tenant)
+end
 -- A running attempt ended (any way): its GPUs go back, with any preemption that was coming, and an
 -- idle dispatcher is woken if anything waits.
 local function release(tenant, job_id, now)
@@ -239,6 +244,9 @@ local function release(tenant, job_id, now)
   redis.call('ZREM', LEASES, job_id)
   redis.call('ZREM', RUNNING_JOBS, job_id)
   local v = redis.call('HMGET', job_key, 'gpus', 'preempting_gpus')
+  local held = redis.call('HGET', HOLDERS, job_id)  -- what the attempt was admitted with
+  if held then v[1] = string.match(held, '^(%d+) ') end
+  redis.call('HDEL', HOLDERS, job_id)
   if v[2] then
     redis.call('HINCRBY', CLUSTER, 'incoming', -tonumber(v[2]))
     redis.call('HINCRBY', ST_PREFIX .. tenant, 'preempting', -tonumber(v[2]))
@@ -283,6 +291,7 @@ local function migrate_once()
         local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
         local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))
         redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), jid)
+        hold(v[2], jid, tonumber(redis.call('HGET', job_key, 'gpus')))
         add_usage(v[2], tonumber(redis.call('HGET', job_key, 'gpus')), 1, now)
       end
     end
@@ -457,6 +466,7 @@ for _, c in ipairs(cands) do
     local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
     local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
     redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
+    hold(c.tenant, c.head.id, g)
     add_usage(c.tenant, g, 1, now)
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}

@@ -192,8 +192,6 @@ def test_pause_submit_resume_cannot_exceed_max_queued_jobs(r):
 
 
 # --- accounting when a running job's record disappears ---------------------------------------------
-@pytest.mark.xfail(strict=True, reason="requeue_expired_leases drops the lease of a running job whose hash "
-                   "is gone without releasing its GPUs: allocated, the tenant's gpus and HOLDING leak forever")
 def test_a_running_job_whose_record_vanished_gives_its_gpus_back(r):
     c = Cluster(r, 2)
     (job_id,) = c.submit("a", gpus=2)
