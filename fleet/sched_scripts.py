@@ -21,7 +21,8 @@ The index, so that a decision never scans the queued jobs or every tenant:
   never changes: key = log2(consumed₀/w) + t₀/H. Its queue head sits in one bucket (a sorted set) per
   (tier, kind, head GPUs g): tier 0 fits within nominal, 1 must borrow but the tenant is below nominal
   (may reclaim), 2 must borrow; kind "k" is scored by key, kind "z" (no usage left: score 0) by the
-  head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum.
+  head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum,
+  and up to 8 members of a bucket that may reclaim and does not fit: O(buckets × 8).
 - Tenants holding GPUs (at most one per running job) are scored directly (`sched_holding`).
 - Idle tenants blocked by their own limits (head over nominal + borrowing limit, max_running_jobs 0)
   are in no bucket.
@@ -323,7 +324,10 @@ local total = num(redis.call('HGET', CAPACITY, 'total_gpus'), inf)
 local cl = redis.call('HMGET', CLUSTER, 'allocated', 'incoming')
 local allocated, incoming = math.max(num(cl[1], 0), 0), math.max(num(cl[2], 0), 0)
 local free = math.max(total - allocated, 0)
--- 3. candidates: each bucket's minimum, and every tenant holding GPUs
+-- 3. candidates: each bucket's minimum (the first RECLAIM_DEPTH of a bucket that may reclaim: one that
+-- may not preempt must not hide one that may; members of a bucket share their head's size, so the
+-- later ones can never be admitted before the minimum, only reclaim), and every tenant holding GPUs
+local RECLAIM_DEPTH = 8
 local cands = {}
 local buckets = redis.call('ZRANGE', BUCKETS, 0, -1, 'WITHSCORES')
 for i = 1, #buckets, 2 do
@@ -331,12 +335,14 @@ for i = 1, #buckets, 2 do
   local tier, kind = string.match(bucket, ':(%d):(%a):%d+$')
   tier = tonumber(tier)
   if tier < 2 or g <= free then
-    local m = redis.call('ZRANGE', bucket, 0, 0, 'WITHSCORES')
-    if #m > 0 then
+    local depth = 1
+    if tier < 2 and g > free then depth = RECLAIM_DEPTH end
+    local m = redis.call('ZRANGE', bucket, 0, depth - 1, 'WITHSCORES')
+    for j = 1, #m, 2 do
       local score = 0
-      if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[2]) - now / hl) end
-      local st = tenant_state(m[1])
-      cands[#cands + 1] = {tenant = m[1], tier = tier, score = score, u = 0, head = st.head, q = st.q}
+      if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[j + 1]) - now / hl) end
+      local st = tenant_state(m[j])
+      cands[#cands + 1] = {tenant = m[j], tier = tier, score = score, u = 0, head = st.head, q = st.q}
     end
   end
 end

@@ -154,9 +154,6 @@ def test_a_job_set_aside_counts_against_max_queued_jobs_and_leaves_with_a_cancel
 
 
 # --- reclaim: only a bucket's minimum is looked at ------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="idle tenants are read only as each bucket's minimum: a reclaimer "
-                   "that may preempt (LessThanOrEqualToFinalShare holds for it) is hidden behind an older "
-                   "head in the same bucket that may not, so it never reclaims its nominal quota")
 def test_a_reclaimer_that_may_preempt_is_not_hidden_behind_one_that_may_not(r):
     """4 GPUs. b (nominal 0, weight 2) borrows all 4. a and c (nominal 2) each wait with a 3-GPU job
     (tier: reclaiming). a (weight 1): share after admission 1 > b's share after losing 3 GPUs (0.5), so
