@@ -157,7 +157,8 @@ def sched_cluster() -> str:
 
 
 def sched_config() -> str:
-    """Hash {half_life_ms}: the fair-share half-life every process scores with."""
+    """Hash {half_life_ms, starvation_guard_ms}: the fair-share half-life every process scores with, and
+    how long the first head in the policy's order may wait before free GPUs are held for it."""
     return f"{PREFIX}sched:config"
 
 

@@ -29,7 +29,7 @@ from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, clock_arg, read_queue_snapshot
 from fleet.resources import PriorityClass, Resources
 from fleet.scheduler_view import QueueEstimate, estimate_queue
-from fleet.scheduling import QueueSnapshot, migrate_state, set_half_life
+from fleet.scheduling import QueueSnapshot, migrate_state, set_half_life, set_starvation_guard
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
@@ -85,14 +85,17 @@ class JobStore:
         events_max_len: int = 10_000,
         idempotency_ttl_s: int = 24 * 3600,
         fair_share_half_life_s: float | None = None,
+        starvation_guard_s: float | None = None,
     ) -> None:
-        """`fair_share_half_life_s` (Settings.fair_share_half_life_s): when given, written to Redis for
-        every process's scheduler (None: keep what is there, 1 h by default)."""
+        """`fair_share_half_life_s` (Settings.fair_share_half_life_s) and `starvation_guard_s`
+        (Settings.starvation_guard_s): when given, written to Redis for every process's scheduler
+        (None: keep what is there; by default 1 h and 300 s)."""
         check_redis_client(client)
         self.redis = client
         self.events = EventLog(client, max_len=events_max_len)
         self.idempotency_ttl_s = idempotency_ttl_s
         self._half_life_s = fair_share_half_life_s
+        self._starvation_guard_s = starvation_guard_s
         self._prepared = False
         self._create = client.register_script(lua.CREATE)
         self._cancel = client.register_script(lua.CANCEL)
@@ -111,6 +114,8 @@ class JobStore:
         migrate_state(self.redis)
         if self._half_life_s is not None:
             set_half_life(self.redis, self._half_life_s)
+        if self._starvation_guard_s is not None:
+            set_starvation_guard(self.redis, self._starvation_guard_s)
         self._prepared = True
 
     @property

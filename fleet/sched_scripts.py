@@ -36,6 +36,7 @@ from fleet import keys
 # double while queue_seq < 2^46.
 PRIORITY_SPAN = 2**46
 DEFAULT_HALF_LIFE_MS = 3_600_000  # Settings.fair_share_half_life_s's default, until a process writes one
+DEFAULT_STARVATION_GUARD_MS = 300_000  # Settings.starvation_guard_s's default, until a process writes one
 
 FUNCTIONS = f"""
 local Q_PREFIX = '{keys.queue("")}'
@@ -59,6 +60,7 @@ local HOLDERS = '{keys.sched_running_holders()}'
 local CAPACITY = '{keys.capacity()}'
 local PRIORITY_SPAN = {PRIORITY_SPAN}
 local DEFAULT_HALF_LIFE_MS = {DEFAULT_HALF_LIFE_MS}
+local DEFAULT_STARVATION_GUARD_MS = {DEFAULT_STARVATION_GUARD_MS}
 """ + r"""
 local function num(s, default) if s then return tonumber(s) end return default end
 local function float(x) return string.format('%.17g', x) end
@@ -221,6 +223,7 @@ end
 local function enqueue(tenant, job_id, to_back, now)
   local job_key = JOB_KEY_PREFIX .. job_id
   if to_back then redis.call('HSET', job_key, 'queue_seq', redis.call('INCR', JOB_SEQ)) end
+  redis.call('HSETNX', job_key, 'queued_at_ms', int(now))  -- since when it waits (the starvation guard)
   redis.call('ZADD', Q_PREFIX .. tenant, queue_score(job_key), job_id)
   redis.call('ZADD', QUEUE_TENANTS, 'NX', now, tenant)
   redis.call('LPUSH', WAKEUP, job_id)
@@ -270,6 +273,7 @@ local function migrate_once()
     redis.call('HSETNX', job_key, 'gpus', 1)
     redis.call('HSETNX', job_key, 'priority_value', 0)
     redis.call('HSETNX', job_key, 'queue_seq', redis.call('HGET', job_key, 'seq') or 0)
+    redis.call('HSETNX', job_key, 'queued_at_ms', int(now))
   end
   for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do
     local qkey = Q_PREFIX .. t
@@ -328,13 +332,14 @@ local free = math.max(total - allocated, 0)
 -- may not preempt must not hide one that may; members of a bucket share their head's size, so the
 -- later ones can never be admitted before the minimum, only reclaim), and every tenant holding GPUs
 local RECLAIM_DEPTH = 8
+local guard_ms = num(redis.call('HGET', CONFIG, 'starvation_guard_ms'), DEFAULT_STARVATION_GUARD_MS)
 local cands = {}
 local buckets = redis.call('ZRANGE', BUCKETS, 0, -1, 'WITHSCORES')
 for i = 1, #buckets, 2 do
   local bucket, g = buckets[i], tonumber(buckets[i + 1])
   local tier, kind = string.match(bucket, ':(%d):(%a):%d+$')
   tier = tonumber(tier)
-  if tier < 2 or g <= free then
+  if tier < 2 or g <= free or guard_ms > 0 then  -- a head that does not fit may be the one to guard
     local depth = 1
     if tier < 2 and g > free then depth = RECLAIM_DEPTH end
     local m = redis.call('ZRANGE', bucket, 0, depth - 1, 'WITHSCORES')
@@ -445,9 +450,13 @@ end
 -- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit (but would
 -- fit the cluster) holds the free capacity and waits for GPUs already being preempted, or preempts for
 -- what is missing.
+-- The starvation guard (Kueue's spirit): once the first head in this order has waited longer than
+-- guard_ms, the free GPUs are held for it (the walk stops there: nothing smaller backfills past it,
+-- and no later head preempts for GPUs held) until it fits; without it a gang can wait forever behind
+-- a stream of small jobs.
 local preempted = 0
 local reserved, spoken = 0, 0  -- free GPUs held for waiting reclaimers; incoming GPUs promised to them
-for _, c in ipairs(cands) do
+for idx, c in ipairs(cands) do
   local avail = free - reserved
   local g = c.head.gpus
   if g <= avail then
@@ -467,7 +476,7 @@ for _, c in ipairs(cands) do
     redis.call('HSET', job_key, 'status', 'running', 'worker_id', ARGV[1], 'lease_expires_at_ms', int(expires),
                'claim_token', ARGV[3], 'updated_at', sec(now))
     redis.call('HSETNX', job_key, 'started_at', sec(now))
-    redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus')
+    redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus', 'queued_at_ms')
     redis.call('ZADD', LEASES, expires, c.head.id)
     local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
     local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
@@ -493,6 +502,10 @@ for _, c in ipairs(cands) do
       spoken = spoken + (g - avail)
       reserved = reserved + avail
     end
+  end
+  if idx == 1 and guard_ms > 0 and g <= total then
+    local since = num(redis.call('HGET', JOB_KEY_PREFIX .. c.head.id, 'queued_at_ms'), now)
+    if now - since > guard_ms then break end  -- nothing backfills past it, and nothing else reclaims
   end
 end
 return {'none', preempted}

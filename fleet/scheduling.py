@@ -15,7 +15,15 @@ import redis
 from fleet import keys
 from fleet import queue_scripts as lua
 
-__all__ = ["TenantQueue", "QueueSnapshot", "set_half_life", "half_life_ms", "reindex_tenants", "migrate_state"]
+__all__ = [
+    "TenantQueue",
+    "QueueSnapshot",
+    "set_half_life",
+    "half_life_ms",
+    "set_starvation_guard",
+    "reindex_tenants",
+    "migrate_state",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,12 @@ def set_half_life(client: redis.Redis, half_life_s: float) -> None:
         return
     client.hset(keys.sched_config(), "half_life_ms", new)
     reindex_tenants(client)
+
+
+def set_starvation_guard(client: redis.Redis, guard_s: float) -> None:
+    """Write the starvation guard (Settings.starvation_guard_s; 0: off) for every process: once the
+    head the policy would admit first has waited this long, free GPUs are held for it until it fits."""
+    client.hset(keys.sched_config(), "starvation_guard_ms", int(round(guard_s * 1000)))
 
 
 def reindex_tenants(client: redis.Redis, tenant_ids: Sequence[str] = (), *, now_ms: int | None = None) -> int:

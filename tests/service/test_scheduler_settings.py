@@ -1,4 +1,4 @@
-"""The API and the dispatcher hand Settings.fair_share_half_life_s to the scheduler in Redis."""
+"""The API and the dispatcher hand the scheduler settings (half-life, starvation guard) to Redis."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from workers.dispatcher import Dispatcher
 
 def test_the_api_and_the_dispatcher_write_the_configured_half_life(tmp_path: Path, redis_server) -> None:
     client = redis_server.client(decode_responses=True)
-    settings = make_api_settings(tmp_path, redis_server.url, fair_share_half_life_s=7)
+    settings = make_api_settings(tmp_path, redis_server.url, fair_share_half_life_s=7, starvation_guard_s=42)
     app = create_app(settings)
     with TestClient(app):
         app.state.jobs.snapshot()  # the store's first use writes what it was given
-    assert client.hget(keys.sched_config(), "half_life_ms") == "7000"
+    assert client.hmget(keys.sched_config(), "half_life_ms", "starvation_guard_ms") == ["7000", "42000"]
 
     client.delete(keys.sched_config())
-    Dispatcher(settings.model_copy(update={"fair_share_half_life_s": 9})).jobs.snapshot()
-    assert client.hget(keys.sched_config(), "half_life_ms") == "9000"
+    Dispatcher(settings.model_copy(update={"fair_share_half_life_s": 9, "starvation_guard_s": 0})).jobs.snapshot()
+    assert client.hmget(keys.sched_config(), "half_life_ms", "starvation_guard_ms") == ["9000", "0"]
