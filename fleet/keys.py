@@ -157,8 +157,9 @@ def sched_cluster() -> str:
 
 
 def sched_config() -> str:
-    """Hash {half_life_ms, starvation_guard_ms}: the fair-share half-life every process scores with, and
-    how long the first head in the policy's order may wait before free GPUs are held for it."""
+    """Hash {half_life_ms, starvation_guard_ms, legacy_job_gpus}: the fair-share half-life every process
+    scores with; how long the first head in the policy's order may wait before free GPUs are held for
+    it; the GPUs a job running across the upgrade from before the scheduler holds."""
     return f"{PREFIX}sched:config"
 
 

@@ -86,16 +86,19 @@ class JobStore:
         idempotency_ttl_s: int = 24 * 3600,
         fair_share_half_life_s: float | None = None,
         starvation_guard_s: float | None = None,
+        legacy_job_gpus: int | None = None,
     ) -> None:
         """`fair_share_half_life_s` (Settings.fair_share_half_life_s) and `starvation_guard_s`
         (Settings.starvation_guard_s): when given, written to Redis for every process's scheduler
-        (None: keep what is there; by default 1 h and 300 s)."""
+        (None: keep what is there; by default 1 h and 300 s). `legacy_job_gpus`
+        (Settings.train_workers_per_job): what a job the previous release started holds (migrate_state)."""
         check_redis_client(client)
         self.redis = client
         self.events = EventLog(client, max_len=events_max_len)
         self.idempotency_ttl_s = idempotency_ttl_s
         self._half_life_s = fair_share_half_life_s
         self._starvation_guard_s = starvation_guard_s
+        self._legacy_job_gpus = legacy_job_gpus
         self._prepared = False
         self._create = client.register_script(lua.CREATE)
         self._cancel = client.register_script(lua.CANCEL)
@@ -111,7 +114,7 @@ class JobStore:
         from before the scheduler up to date and write the half-life, if this store was given one."""
         if self._prepared:
             return
-        migrate_state(self.redis)
+        migrate_state(self.redis, self._legacy_job_gpus)
         if self._half_life_s is not None:
             set_half_life(self.redis, self._half_life_s)
         if self._starvation_guard_s is not None:

@@ -264,7 +264,9 @@ local function release(tenant, job_id, now)
 end
 -- State written before the scheduler (list queues, running jobs with no GPUs counted) is brought up
 -- to date by the first script that runs after an upgrade, before it does anything else; afterwards
--- this costs one HGET. Jobs get the scalars the scheduler reads (a job without `gpus` holds one).
+-- this costs one HGET. Jobs get the scalars the scheduler reads: a queued job without `gpus` will run
+-- on one; a running one holds what the previous release gave every job (CONFIG's legacy_job_gpus,
+-- its TRAIN_WORKERS_PER_JOB, written by fleet.scheduling.migrate_state; 1 when unknown).
 -- The mark lives in the counters it vouches for (CLUSTER): counters that are gone are recounted.
 local function migrate_once()
   if redis.call('HGET', CLUSTER, 'schema') == '1' then return end
@@ -292,6 +294,7 @@ local function migrate_once()
       local job_key = JOB_KEY_PREFIX .. jid
       local v = redis.call('HMGET', job_key, 'status', 'tenant_id')
       if v[1] == 'running' and v[2] then
+        redis.call('HSETNX', job_key, 'gpus', num(redis.call('HGET', CONFIG, 'legacy_job_gpus'), 1))
         backfill(job_key)
         local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
         local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))

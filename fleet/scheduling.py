@@ -76,9 +76,14 @@ def reindex_tenants(client: redis.Redis, tenant_ids: Sequence[str] = (), *, now_
     return int(client.eval(lua.REINDEX, 0, clock, *tenant_ids))
 
 
-def migrate_state(client: redis.Redis) -> None:
+def migrate_state(client: redis.Redis, legacy_job_gpus: int | None = None) -> None:
     """Bring state written before the scheduler up to date (list queues become sorted sets, running
     jobs' GPUs are accounted). Every fleet script does this first anyway; this is for readers that
-    use no script (queue estimates, snapshots). One HGET once done."""
+    use no script (queue estimates, snapshots). One HGET once done.
+
+    `legacy_job_gpus` (Settings.train_workers_per_job): what the previous release ran every job on, so
+    a job it started still holds that many GPUs until it ends (unknown: 1)."""
     if client.hget(keys.sched_cluster(), "schema") != "1":
+        if legacy_job_gpus is not None:
+            client.hset(keys.sched_config(), "legacy_job_gpus", legacy_job_gpus)
         client.eval(lua.MIGRATE, 0)

@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
             idempotency_ttl_s=settings.idempotency_ttl_s,
             fair_share_half_life_s=settings.fair_share_half_life_s,
             starvation_guard_s=settings.starvation_guard_s,
+            legacy_job_gpus=settings.train_workers_per_job,
         )
         app.state.tenants = TenantStore(client, admin_key=admin_key)
         app.state.files = FileStore(client, store, max_upload_bytes=settings.max_upload_bytes)

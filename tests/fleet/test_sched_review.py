@@ -87,8 +87,6 @@ def test_jobs_queued_before_the_upgrade_are_admitted_and_their_tenant_can_submit
     assert c.admit(at=S) == [old, new]
 
 
-@pytest.mark.xfail(strict=True, reason="the migration counts a running job of the previous release as 1 GPU; "
-                   "that release ran it on TRAIN_WORKERS_PER_JOB workers (2 here), which no script knows yet")
 def test_a_job_running_across_the_upgrade_still_holds_its_gpus(r):
     c = Cluster(r, 2)
     (old,) = c.submit("a", gpus=2)
@@ -96,6 +94,7 @@ def test_a_job_running_across_the_upgrade_still_holds_its_gpus(r):
     _make_legacy(r, old)
     _wipe_scheduler_state(r, ["a"])
     c2 = Cluster(r, 2)
+    c2.jobs = JobStore(r, fair_share_half_life_s=0, legacy_job_gpus=2)  # the old TRAIN_WORKERS_PER_JOB
     (new,) = c2.submit("b", at=S)
     admitted = c2.admit(at=S)
     c.finish(old, at=2 * S)
