@@ -197,8 +197,9 @@ def sched_unfit_tenants() -> str:
 
 
 def sched_running_holders() -> str:
-    """Hash: running job id -> "<gpus> <tenant id>", what its attempt holds, so its GPUs go back even if
-    the job's record is gone (an eviction, an operator's DEL)."""
+    """Hash: running job id -> "<gpus> <gpus being preempted> <tenant id>", what its attempt holds, so
+    its GPUs (and a preemption under way) go back even if the job's record is gone (an eviction, an
+    operator's DEL)."""
     return f"{PREFIX}sched:running_holders"
 
 

@@ -370,7 +370,7 @@ if not v[1] then  -- the record is gone: its attempt's GPUs go back all the same
   redis.call('ZREM', KEYS[2], ARGV[1])
   if not held then return {'skip'} end
   CLOCK = clock_arg(ARGV[7])
-  release(string.match(held, '^%d+ (.*)$'), ARGV[1], now_ms())
+  release(string.match(held, '^%d+ %d+ (.*)$'), ARGV[1], now_ms())
   return {'vanished'}
 end
 if v[1] ~= 'running' then redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip'} end

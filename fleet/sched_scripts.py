@@ -238,8 +238,9 @@ local function unqueue(tenant, job_id, now)
   reindex(tenant, now)
 end
 -- Record what a running attempt holds (release reads it back, even with the job's record gone).
-local function hold(tenant, job_id, gpus)
-  redis.call('HSET', HOLDERS, job_id, int(gpus) .. ' ' .. tenant)
+-- Entry: "<gpus> <gpus being preempted> <tenant>".
+local function hold(tenant, job_id, gpus, preempting)
+  redis.call('HSET', HOLDERS, job_id, int(gpus) .. ' ' .. int(preempting) .. ' ' .. tenant)
 end
 -- A running attempt ended (any way): its GPUs go back, with any preemption that was coming, and an
 -- idle dispatcher is woken if anything waits.
@@ -248,8 +249,12 @@ local function release(tenant, job_id, now)
   redis.call('ZREM', LEASES, job_id)
   redis.call('ZREM', RUNNING_JOBS, job_id)
   local v = redis.call('HMGET', job_key, 'gpus', 'preempting_gpus')
-  local held = redis.call('HGET', HOLDERS, job_id)  -- what the attempt was admitted with
-  if held then v[1] = string.match(held, '^(%d+) ') end
+  local held = redis.call('HGET', HOLDERS, job_id)  -- what the attempt holds (the record may be gone)
+  if held then
+    local g, p = string.match(held, '^(%d+) (%d+) ')
+    v[1] = g
+    if tonumber(p) > 0 then v[2] = p end
+  end
   redis.call('HDEL', HOLDERS, job_id)
   if v[2] then
     redis.call('HINCRBY', CLUSTER, 'incoming', -tonumber(v[2]))
@@ -299,7 +304,7 @@ local function migrate_once()
         local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
         local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))
         redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), jid)
-        hold(v[2], jid, tonumber(redis.call('HGET', job_key, 'gpus')))
+        hold(v[2], jid, tonumber(redis.call('HGET', job_key, 'gpus')), 0)
         add_usage(v[2], tonumber(redis.call('HGET', job_key, 'gpus')), 1, now)
       end
     end
@@ -445,6 +450,7 @@ local function preempt_for(c, need, goal)
     j.taken = true
     pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus
     redis.call('HSET', JOB_KEY_PREFIX .. j.id, 'control', 'preempt', 'preempting_gpus', int(j.gpus))
+    hold(j.tenant, j.id, j.gpus, j.gpus)
     redis.call('HINCRBY', CLUSTER, 'incoming', j.gpus)
     redis.call('HINCRBY', ST_PREFIX .. j.tenant, 'preempting', j.gpus)
   end
@@ -484,7 +490,7 @@ for idx, c in ipairs(cands) do
     local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
     local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
     redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
-    hold(c.tenant, c.head.id, g)
+    hold(c.tenant, c.head.id, g, 0)
     add_usage(c.tenant, g, 1, now)
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}

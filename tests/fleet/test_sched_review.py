@@ -199,6 +199,18 @@ def test_a_running_job_whose_record_vanished_gives_its_gpus_back(r):
     assert c.admit(at=121 * S) == [next_job]
 
 
+def test_a_job_being_preempted_whose_record_vanished_gives_its_gpus_and_the_preemption_back(r):
+    c = Cluster(r, 2, a=TenantQuota(nominal_gpus=2))
+    (victim,) = c.submit("b", gpus=2)
+    assert c.admit() == [victim]
+    c.submit("a", gpus=2, at=S)
+    assert c.admit(at=S) == [] and c.preempting() == [victim]
+    r.delete(keys.job(victim))
+    c.jobs.leases.requeue_expired_leases(now_ms=120 * S)
+    assert r.hmget(keys.sched_cluster(), "allocated", "incoming") == ["0", "0"]
+    assert r.hmget(keys.sched_tenant("b"), "gpus", "preempting") == ["0", "0"]
+
+
 # --- checked and sound ------------------------------------------------------------------------------
 def test_preempt_then_pause_then_cancel_releases_everything_once(r):
     c = Cluster(r, 4, a=TenantQuota(nominal_gpus=4), b=TenantQuota(nominal_gpus=0))
