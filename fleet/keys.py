@@ -27,7 +27,10 @@ __all__ = [
     "sched_buckets",
     "sched_holding",
     "sched_backoff",
+    "sched_unfit",
+    "sched_unfit_tenants",
     "sched_running_jobs",
+    "sched_running_holders",
     "quota",
     "default_quota",
     "capacity",
@@ -140,19 +143,23 @@ def wakeup() -> str:
 
 # --- the scheduler's state and index (fleet.sched_scripts) ----------------------------------------
 def sched_tenant(tenant_id: str) -> str:
-    """Hash {consumed, at_ms, gpus, preempting, slot}: a tenant's decayed usage as of at_ms, the GPUs it
-    holds now, those being preempted, and where its queue head is indexed."""
+    """Hash {consumed, at_ms, gpus, preempting, slot, parked}: a tenant's decayed usage as of at_ms, the
+    GPUs it holds now, those being preempted, where its queue head is indexed, and how many of its
+    queued jobs are parked out of its queue (`sched_backoff`; they count against max_queued_jobs)."""
     return f"{PREFIX}sched:tenant:{tenant_id}"
 
 
 def sched_cluster() -> str:
-    """Hash {allocated, incoming, admissions}: GPUs held by running jobs; of those, GPUs of jobs being
-    preempted; admissions so far (orders running jobs by recency for preemption)."""
+    """Hash {allocated, incoming, admissions, schema}: GPUs held by running jobs; of those, GPUs of jobs
+    being preempted; admissions so far (orders running jobs by recency for preemption); "1" once state
+    from before the scheduler was migrated (absent: the counters are rebuilt from the leases)."""
     return f"{PREFIX}sched:cluster"
 
 
 def sched_config() -> str:
-    """Hash {half_life_ms}: the fair-share half-life every process scores with."""
+    """Hash {half_life_ms, starvation_guard_ms, legacy_job_gpus}: the fair-share half-life every process
+    scores with; how long the first head in the policy's order may wait before free GPUs are held for
+    it; the GPUs a job running across the upgrade from before the scheduler holds."""
     return f"{PREFIX}sched:config"
 
 
@@ -173,8 +180,27 @@ def sched_holding() -> str:
 
 
 def sched_backoff() -> str:
-    """Sorted set: queued jobs parked out of their queue by a placement back-off, scored by its end (ms)."""
+    """Sorted set: queued jobs parked out of their queue, scored by when they go back (ms): a placement
+    back-off's end, or +inf for a job set aside as never fitting its tenant's quota (`sched_unfit`)."""
     return f"{PREFIX}sched:backoff"
+
+
+def sched_unfit(tenant_id: str) -> str:
+    """Sorted set: the tenant's queued jobs set aside because they exceed its nominal quota plus its
+    borrowing limit, scored by their queue score; they go back to their places when the quota changes."""
+    return f"{PREFIX}sched:unfit:{tenant_id}"
+
+
+def sched_unfit_tenants() -> str:
+    """Set: tenants with jobs in `sched_unfit` (re-indexed with every tenant on a default-quota change)."""
+    return f"{PREFIX}sched:unfit_tenants"
+
+
+def sched_running_holders() -> str:
+    """Hash: running job id -> "<gpus> <gpus being preempted> <tenant id>", what its attempt holds, so
+    its GPUs (and a preemption under way) go back even if the job's record is gone (an eviction, an
+    operator's DEL)."""
+    return f"{PREFIX}sched:running_holders"
 
 
 def sched_running_jobs() -> str:

@@ -412,9 +412,6 @@ class Leases:
             tenant_id, attempt, worker_id, lost = self.redis.hmget(
                 keys.job(job_id), "tenant_id", "attempt", "worker_id", "lease_expirations"
             )
-            if tenant_id is None:
-                self.redis.zrem(keys.leases(), job_id)
-                continue
             n_lost = int(lost or 0) + 1
             reason = f"attempt {attempt} lost its worker (lease expired without a heartbeat)"  # tenant-visible
             operator_reason = f"{reason}; worker {worker_id}"  # job record (last_failure) and log only
@@ -430,16 +427,19 @@ class Leases:
                     keys.job(job_id),
                     keys.leases(),
                     keys.running_per_tenant(),
-                    keys.queue(tenant_id),
+                    keys.queue(tenant_id or ""),
                     keys.queue_tenants(),
                     keys.wakeup(),
                     keys.job_publication(job_id),
                     *keys.retention_indexes(),
                 ],
-                args=[job_id, now_ms, self.max_attempts, attempt, operator_reason, error.model_dump_json(),
+                args=[job_id, now_ms, self.max_attempts, attempt or "", operator_reason, error.model_dump_json(),
                       clock],
             )
             if reply[0] == "skip":
+                continue
+            if reply[0] == "vanished":
+                log.warning("job %s: lease expired and its record is gone; its GPUs were released", job_id)
                 continue
             new_status = JobStatus(reply[0])
             expired.append(ExpiredLease(job_id, int(attempt), new_status))

@@ -30,7 +30,7 @@ from fleet.jobs import Checkpoint, Event, Job, JobStatus, is_job_id, new_job_id
 from fleet.leases import Claim, ExpiredLease, Fence, Lease, Leases, clock_arg, read_queue_snapshot
 from fleet.resources import PriorityClass, Resources
 from fleet.scheduler_view import QueueEstimate, estimate_queue
-from fleet.scheduling import QueueSnapshot, migrate_state, set_half_life
+from fleet.scheduling import QueueSnapshot, migrate_state, set_half_life, set_starvation_guard
 from fleet.settings import check_redis_client
 
 __all__ = ["JobStore", "CreatedJob", "Claim", "Fence", "Lease", "ExpiredLease", "request_sha256"]
@@ -86,14 +86,20 @@ class JobStore:
         events_max_len: int = 10_000,
         idempotency_ttl_s: int = 24 * 3600,
         fair_share_half_life_s: float | None = None,
+        starvation_guard_s: float | None = None,
+        legacy_job_gpus: int | None = None,
     ) -> None:
-        """`fair_share_half_life_s` (Settings.fair_share_half_life_s): when given, written to Redis for
-        every process's scheduler (None: keep what is there, 1 h by default)."""
+        """`fair_share_half_life_s` (Settings.fair_share_half_life_s) and `starvation_guard_s`
+        (Settings.starvation_guard_s): when given, written to Redis for every process's scheduler
+        (None: keep what is there; by default 1 h and 300 s). `legacy_job_gpus`
+        (Settings.legacy_job_gpus): what a job the previous release started holds (migrate_state)."""
         check_redis_client(client)
         self.redis = client
         self.events = EventLog(client, max_len=events_max_len)
         self.idempotency_ttl_s = idempotency_ttl_s
         self._half_life_s = fair_share_half_life_s
+        self._starvation_guard_s = starvation_guard_s
+        self._legacy_job_gpus = legacy_job_gpus
         self._prepared = False
         self._create = client.register_script(lua.CREATE)
         self._cancel = client.register_script(lua.CANCEL)
@@ -109,9 +115,11 @@ class JobStore:
         from before the scheduler up to date and write the half-life, if this store was given one."""
         if self._prepared:
             return
-        migrate_state(self.redis)
+        migrate_state(self.redis, self._legacy_job_gpus)
         if self._half_life_s is not None:
             set_half_life(self.redis, self._half_life_s)
+        if self._starvation_guard_s is not None:
+            set_starvation_guard(self.redis, self._starvation_guard_s)
         self._prepared = True
 
     @property
@@ -152,8 +160,9 @@ class JobStore:
         `spec` (default: JobSpec's) is how it trains; `resources` and `priority`, when given, replace
         the spec's (default: one worker, one GPU, "normal"): what the scheduler admits by. A tenant at
         its `max_queued_jobs` quota gets QuotaExceeded, atomically with the count (two racing
-        submissions cannot both pass the last slot). `now_ms`: a simulated clock for the scheduler
-        (bench/sched_sim.py; None: Redis's).
+        submissions cannot both pass the last slot); a job larger than the tenant's nominal quota plus
+        its borrowing limit (when one is set) gets InvalidRequest. `now_ms`: a simulated clock for the
+        scheduler (bench/sched_sim.py; None: Redis's).
         """
         now = int(time.time())
         spec = spec or JobSpec()
@@ -227,6 +236,14 @@ class JobStore:
                 "to start, or cancel some, then submit again (an admin can raise the quota).",
                 limit=reply[1],
                 retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S,
+            )
+        if outcome == "too_large":
+            gpus, nominal, borrow = reply[1:4]
+            raise InvalidRequest(
+                f"The job asks for {gpus} GPUs, more than tenant {tenant_id}'s nominal quota ({nominal}) plus its "
+                f"borrowing_limit_gpus ({borrow}) = {int(nominal) + int(borrow)} allow: it could never start. Ask "
+                "for fewer GPUs, or ask an admin to raise the quota.",
+                param="resources",
             )
         if outcome == "conflict":
             raise _idempotency_conflict(idempotency_key, job_id)
@@ -336,7 +353,8 @@ class JobStore:
         return self._control(self._pause, tenant_id, job_id, "paused", messages, now_ms)
 
     def resume(self, tenant_id: str, job_id: str, *, now_ms: int | None = None) -> Job:
-        """paused → queued (at the back of the tenant's queue); also withdraws a pending pause request."""
+        """paused → queued (at the back of the tenant's queue); also withdraws a pending pause request.
+        QuotaExceeded when the tenant is at its max_queued_jobs quota (parked jobs count)."""
         messages = {
             "queued": "Job resumed; queued to continue from its last checkpoint.",
             "unpaused": "Pause request withdrawn; the job keeps running.",
@@ -363,6 +381,13 @@ class JobStore:
             raise _job_not_found(job_id)
         if reply[0] == "invalid":
             raise InvalidState(f"Job {job_id} is {reply[1]}; it cannot be {verb}.")
+        if reply[0] == "quota":
+            raise QuotaExceeded(
+                f"Tenant {tenant_id} already has {reply[2]} queued jobs, its {reply[1]} quota; job {job_id} stays "
+                "paused. Wait for some to start, or cancel some, then resume it (an admin can raise the quota).",
+                limit=reply[1],
+                retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S,
+            )
         if reply[0] in messages:
             self.append_event(job_id, "info", messages[reply[0]])
         return self.load_job(job_id)

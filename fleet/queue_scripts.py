@@ -93,8 +93,9 @@ end
 # too, so a create is one round trip.
 # The client draws the job id, so a retry of this script (its reply lost, the client retried it) carries
 # the same id: the job already exists and is returned, never created or queued twice. A tenant at its
-# max_queued_jobs quota gets {'quota', 'max_queued_jobs', limit} and nothing is created (a replay of an
-# Idempotency-Key still answers with its job).
+# max_queued_jobs quota (its parked jobs count) gets {'quota', 'max_queued_jobs', limit}, and a job over
+# the tenant's nominal quota plus its borrowing limit (it could never start) gets {'too_large', gpus,
+# nominal, borrowing limit}: nothing is created (a replay of an Idempotency-Key still answers with its job).
 CREATE = (
     PRELUDE
     + """
@@ -107,8 +108,14 @@ if ARGV[3] == '1' then
   end
 end
 local max_queued = quota_field(ARGV[2], 'max_queued_jobs')
-if max_queued and redis.call('ZCARD', KEYS[5]) >= max_queued then
+if max_queued and queued_jobs(ARGV[2]) >= max_queued then
   return {'quota', 'max_queued_jobs', int(max_queued)}
+end
+local q = quota_of(ARGV[2])
+for i = 9, #ARGV - 1, 2 do
+  if ARGV[i] == 'gpus' and never_fits(q, tonumber(ARGV[i + 1])) then
+    return {'too_large', ARGV[i + 1], int(q.nominal), int(q.borrow)}
+  end
 end
 CLOCK = clock_arg(ARGV[6])
 local seq = redis.call('INCR', KEYS[4])
@@ -184,7 +191,8 @@ return {'invalid', st}
 )
 
 # KEYS: job, queue, queue_tenants, wakeup, publication (unused).  ARGV: job_id, tenant_id, clock_ms
-# A resumed job goes to the back of its tenant's queue (within its priority).
+# A resumed job goes to the back of its tenant's queue (within its priority). A tenant at its
+# max_queued_jobs quota (parked jobs count) gets {'quota', 'max_queued_jobs', limit}, nothing changed.
 RESUME = (
     PRELUDE
     + """
@@ -194,6 +202,10 @@ local st = v[1]
 CLOCK = clock_arg(ARGV[3])
 local now = now_ms()
 if st == 'paused' then
+  local max_queued = quota_field(ARGV[2], 'max_queued_jobs')
+  if max_queued and queued_jobs(ARGV[2]) >= max_queued then
+    return {'quota', 'max_queued_jobs', int(max_queued)}
+  end
   redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', sec(now))
   redis.call('HDEL', KEYS[1], 'control')
   enqueue(ARGV[2], ARGV[1], true, now)
@@ -329,7 +341,7 @@ if st == 'succeeded' or st == 'failed' or st == 'cancelled' then
   index_finished(KEYS[8], KEYS[9], KEYS[10], ARGV[1], sec(now))
 elseif st == 'queued' then
   if tonumber(ARGV[7]) > 0 and not to_back then
-    park(ARGV[1], now + tonumber(ARGV[7]))
+    park(tenant, ARGV[1], now + tonumber(ARGV[7]))
   else
     enqueue(tenant, ARGV[1], to_back, now)
   end
@@ -343,7 +355,8 @@ return {'ok', st, announce and '1' or '0', preempted and '1' or '0'}
 
 # KEYS: job, leases, running, queue, queue_tenants, wakeup, publication, retention indexes (3)
 # ARGV: job_id, now_ms, max_attempts, expected_attempt, reason, failure_error_json, clock_ms ('' = Redis's)
-# The attempt's GPUs are released in the same step. A job going back to the queue returns to its
+# The attempt's GPUs are released in the same step, even when the job's record is gone ({'vanished'}:
+# from what the running-job entry says it holds). A job going back to the queue returns to its
 # place; a job whose version is committed always goes back (whatever the control request or the
 # attempts lost): the next attempt completes it without training.
 EXPIRE_LEASE = (
@@ -352,6 +365,14 @@ EXPIRE_LEASE = (
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return {'skip'} end
 local v = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'tenant_id', 'control', 'lease_expirations')
+if not v[1] then  -- the record is gone: its attempt's GPUs go back all the same
+  local held = redis.call('HGET', HOLDERS, ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if not held then return {'skip'} end
+  CLOCK = clock_arg(ARGV[7])
+  release(string.match(held, '^%d+ %d+ (.*)$'), ARGV[1], now_ms())
+  return {'vanished'}
+end
 if v[1] ~= 'running' then redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip'} end
 if v[2] ~= ARGV[4] then return {'skip'} end
 CLOCK = clock_arg(ARGV[7])
@@ -454,7 +475,8 @@ return created
 """
 )
 
-# KEYS: none.  ARGV: clock_ms ('' = Redis's), tenant_id, ...  (none: every tenant queued or holding GPUs)
+# KEYS: none.  ARGV: clock_ms ('' = Redis's), tenant_id, ...  (none: every tenant queued, holding GPUs or
+# with jobs set aside as never fitting its quota)
 # Re-index tenants after their quota, the default quota or the half-life changed.
 REINDEX = (
     PRELUDE
@@ -465,6 +487,7 @@ local tenants = tail(2)
 if #tenants == 0 then
   tenants = redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)
   for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do tenants[#tenants + 1] = t end
+  for _, t in ipairs(redis.call('SMEMBERS', UNFIT_TENANTS)) do tenants[#tenants + 1] = t end
 end
 for _, t in ipairs(tenants) do reindex(t, now) end
 return #tenants
@@ -474,4 +497,4 @@ return #tenants
 
 # KEYS: none.  ARGV: none.  Runs nothing but the prelude, whose migrate_once() brings old state up to
 # date (fleet.scheduling.migrate_state).
-MIGRATE = PRELUDE + "return redis.call('HGET', CONFIG, 'version')"
+MIGRATE = PRELUDE + "return redis.call('HGET', CLUSTER, 'schema')"

@@ -21,7 +21,8 @@ The index, so that a decision never scans the queued jobs or every tenant:
   never changes: key = log2(consumed₀/w) + t₀/H. Its queue head sits in one bucket (a sorted set) per
   (tier, kind, head GPUs g): tier 0 fits within nominal, 1 must borrow but the tenant is below nominal
   (may reclaim), 2 must borrow; kind "k" is scored by key, kind "z" (no usage left: score 0) by the
-  head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum.
+  head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum,
+  and up to 8 members of a bucket that may reclaim and does not fit: O(buckets × 8).
 - Tenants holding GPUs (at most one per running job) are scored directly (`sched_holding`).
 - Idle tenants blocked by their own limits (head over nominal + borrowing limit, max_running_jobs 0)
   are in no bucket.
@@ -35,6 +36,7 @@ from fleet import keys
 # double while queue_seq < 2^46.
 PRIORITY_SPAN = 2**46
 DEFAULT_HALF_LIFE_MS = 3_600_000  # Settings.fair_share_half_life_s's default, until a process writes one
+DEFAULT_STARVATION_GUARD_MS = 300_000  # Settings.starvation_guard_s's default, until a process writes one
 
 FUNCTIONS = f"""
 local Q_PREFIX = '{keys.queue("")}'
@@ -50,10 +52,15 @@ local BUCKET_PREFIX = '{keys.sched_bucket_prefix()}'
 local BUCKETS = '{keys.sched_buckets()}'
 local HOLDING = '{keys.sched_holding()}'
 local BACKOFF = '{keys.sched_backoff()}'
+local UNFIT_PREFIX = '{keys.sched_unfit("")}'
+local UNFIT_TENANTS = '{keys.sched_unfit_tenants()}'
+local EVENTS_KEY = '{keys.job_events("%s")}'  -- string.format(EVENTS_KEY, job_id)
 local RUNNING_JOBS = '{keys.sched_running_jobs()}'
+local HOLDERS = '{keys.sched_running_holders()}'
 local CAPACITY = '{keys.capacity()}'
 local PRIORITY_SPAN = {PRIORITY_SPAN}
 local DEFAULT_HALF_LIFE_MS = {DEFAULT_HALF_LIFE_MS}
+local DEFAULT_STARVATION_GUARD_MS = {DEFAULT_STARVATION_GUARD_MS}
 """ + r"""
 local function num(s, default) if s then return tonumber(s) end return default end
 local function float(x) return string.format('%.17g', x) end
@@ -98,6 +105,72 @@ local function tier_of(q, u, g)
   if u < q.nominal then return 1 end
   return 2
 end
+-- A job of g GPUs can never be admitted under quota q (it exceeds nominal + borrowing limit).
+local function never_fits(q, g) return q.borrow ~= nil and g > q.nominal + q.borrow end
+local function opt(x) if x == nil then return '' end return float(x) end
+-- The tenant's queued jobs, wherever they wait: its queue and those parked out of it (max_queued_jobs).
+local function queued_jobs(tenant)
+  return redis.call('ZCARD', Q_PREFIX .. tenant) + num(redis.call('HGET', ST_PREFIX .. tenant, 'parked'), 0)
+end
+local function job_event(job_id, message)
+  -- not trimmed here: the stream's cap is the API's setting, and the next append through it trims
+  redis.call('XADD', string.format(EVENTS_KEY, job_id), '*', 'created_at', sec(now_ms()), 'level', 'warn',
+             'message', message, 'type', 'message')
+end
+-- Park a queued job out of its queue until `until_ms` (a placement back-off, or math.huge: set aside
+-- until its tenant's quota changes); ADMIT (or reindex) puts it back.
+local function park(tenant, job_id, until_ms)
+  if until_ms < math.huge then redis.call('HSET', JOB_KEY_PREFIX .. job_id, 'not_before_ms', int(until_ms)) end
+  if redis.call('ZADD', BACKOFF, float(until_ms), job_id) == 1 then
+    redis.call('HINCRBY', ST_PREFIX .. tenant, 'parked', 1)
+  end
+end
+-- A parked job leaves the back-off set (returns true when it was there).
+local function unpark(tenant, job_id)
+  if redis.call('ZREM', BACKOFF, job_id) == 0 then return false end
+  if tenant then
+    redis.call('HINCRBY', ST_PREFIX .. tenant, 'parked', -1)
+    local uk = UNFIT_PREFIX .. tenant
+    if redis.call('ZREM', uk, job_id) == 1 and redis.call('EXISTS', uk) == 0 then
+      redis.call('SREM', UNFIT_TENANTS, tenant)
+    end
+  end
+  return true
+end
+-- Jobs that can never fit the tenant's quota leave the head of its queue (its other jobs go on); on a
+-- quota change every job set aside goes back to its place (those that still cannot fit leave again).
+local function set_aside_unfit(tenant, q, now)
+  local uk = UNFIT_PREFIX .. tenant
+  local qkey = Q_PREFIX .. tenant
+  if redis.call('EXISTS', uk) == 1 then
+    local cached = redis.call('HMGET', ST_PREFIX .. tenant, 'nominal', 'borrow')
+    if cached[1] ~= float(q.nominal) or (cached[2] or '') ~= opt(q.borrow) then
+      for _, jid in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
+        if unpark(tenant, jid) then
+          redis.call('ZADD', qkey, queue_score(JOB_KEY_PREFIX .. jid), jid)
+          redis.call('ZADD', QUEUE_TENANTS, 'NX', now, tenant)
+          job_event(jid, "Back in the queue at its place: the tenant's quota changed.")
+        end
+      end
+      redis.call('LPUSH', WAKEUP, 'requeued')
+      redis.call('LTRIM', WAKEUP, 0, 63)
+    end
+  end
+  local head = head_of(tenant)
+  while head and never_fits(q, head.gpus) do
+    redis.call('ZREM', qkey, head.id)
+    park(tenant, head.id, math.huge)
+    redis.call('ZADD', uk, head.qscore, head.id)
+    redis.call('SADD', UNFIT_TENANTS, tenant)
+    job_event(head.id, string.format("Set aside: it asks for %d GPUs, more than the tenant's quota allows (nominal %d "
+      .. "+ borrowing limit %d = %d), so it cannot fit the tenant's quota; the tenant's other jobs go on. It returns "
+      .. "to its place when an admin changes the quota; or cancel it and submit a smaller one.",
+      head.gpus, q.nominal, q.borrow, q.nominal + q.borrow))
+    head = head_of(tenant)
+  end
+  if not head then redis.call('ZREM', QUEUE_TENANTS, tenant) end
+  return head
+end
 local function unindex(tenant, slot)
   if slot == '' then return end
   redis.call('ZREM', slot, tenant)
@@ -108,10 +181,9 @@ end
 local function reindex(tenant, now)
   local st = tenant_state(tenant)
   local slot = ''
-  local head = head_of(tenant)
   local q = quota_of(tenant)
+  local head = set_aside_unfit(tenant, q, now)
   local h = head or {id = '', gpus = 0, qscore = 0}
-  local function opt(x) if x == nil then return '' end return float(x) end
   redis.call('HSET', ST_PREFIX .. tenant, 'head', h.id, 'head_gpus', int(h.gpus), 'head_qscore', float(h.qscore),
              'nominal', float(q.nominal), 'borrow', opt(q.borrow), 'max_running', opt(q.max_running),
              'weight', float(q.weight))
@@ -151,23 +223,24 @@ end
 local function enqueue(tenant, job_id, to_back, now)
   local job_key = JOB_KEY_PREFIX .. job_id
   if to_back then redis.call('HSET', job_key, 'queue_seq', redis.call('INCR', JOB_SEQ)) end
+  redis.call('HSETNX', job_key, 'queued_at_ms', int(now))  -- since when it waits (the starvation guard)
   redis.call('ZADD', Q_PREFIX .. tenant, queue_score(job_key), job_id)
   redis.call('ZADD', QUEUE_TENANTS, 'NX', now, tenant)
   redis.call('LPUSH', WAKEUP, job_id)
   redis.call('LTRIM', WAKEUP, 0, 63)
   reindex(tenant, now)
 end
--- Park a queued job out of its queue until `until_ms` (a placement back-off); ADMIT puts it back.
-local function park(job_id, until_ms)
-  redis.call('HSET', JOB_KEY_PREFIX .. job_id, 'not_before_ms', int(until_ms))
-  redis.call('ZADD', BACKOFF, until_ms, job_id)
-end
 local function unqueue(tenant, job_id, now)
   local qkey = Q_PREFIX .. tenant
-  redis.call('ZREM', BACKOFF, job_id)
+  unpark(tenant, job_id)
   redis.call('ZREM', qkey, job_id)
   if redis.call('ZCARD', qkey) == 0 then redis.call('ZREM', QUEUE_TENANTS, tenant) end
   reindex(tenant, now)
+end
+-- Record what a running attempt holds (release reads it back, even with the job's record gone).
+-- Entry: "<gpus> <gpus being preempted> <tenant>".
+local function hold(tenant, job_id, gpus, preempting)
+  redis.call('HSET', HOLDERS, job_id, int(gpus) .. ' ' .. int(preempting) .. ' ' .. tenant)
 end
 -- A running attempt ended (any way): its GPUs go back, with any preemption that was coming, and an
 -- idle dispatcher is woken if anything waits.
@@ -176,6 +249,13 @@ local function release(tenant, job_id, now)
   redis.call('ZREM', LEASES, job_id)
   redis.call('ZREM', RUNNING_JOBS, job_id)
   local v = redis.call('HMGET', job_key, 'gpus', 'preempting_gpus')
+  local held = redis.call('HGET', HOLDERS, job_id)  -- what the attempt holds (the record may be gone)
+  if held then
+    local g, p = string.match(held, '^(%d+) (%d+) ')
+    v[1] = g
+    if tonumber(p) > 0 then v[2] = p end
+  end
+  redis.call('HDEL', HOLDERS, job_id)
   if v[2] then
     redis.call('HINCRBY', CLUSTER, 'incoming', -tonumber(v[2]))
     redis.call('HINCRBY', ST_PREFIX .. tenant, 'preempting', -tonumber(v[2]))
@@ -189,14 +269,18 @@ local function release(tenant, job_id, now)
 end
 -- State written before the scheduler (list queues, running jobs with no GPUs counted) is brought up
 -- to date by the first script that runs after an upgrade, before it does anything else; afterwards
--- this costs one HGET. Jobs get the scalars the scheduler reads (a job without `gpus` holds one).
+-- this costs one HGET. Jobs get the scalars the scheduler reads: a queued job without `gpus` will run
+-- on one; a running one holds what the previous release gave every job (CONFIG's legacy_job_gpus,
+-- its TRAIN_WORKERS_PER_JOB, written by fleet.scheduling.migrate_state; 1 when unknown).
+-- The mark lives in the counters it vouches for (CLUSTER): counters that are gone are recounted.
 local function migrate_once()
-  if redis.call('HGET', CONFIG, 'version') == '1' then return end
+  if redis.call('HGET', CLUSTER, 'schema') == '1' then return end
   local now = now_ms()
   local function backfill(job_key)
     redis.call('HSETNX', job_key, 'gpus', 1)
     redis.call('HSETNX', job_key, 'priority_value', 0)
     redis.call('HSETNX', job_key, 'queue_seq', redis.call('HGET', job_key, 'seq') or 0)
+    redis.call('HSETNX', job_key, 'queued_at_ms', int(now))
   end
   for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do
     local qkey = Q_PREFIX .. t
@@ -215,16 +299,18 @@ local function migrate_once()
       local job_key = JOB_KEY_PREFIX .. jid
       local v = redis.call('HMGET', job_key, 'status', 'tenant_id')
       if v[1] == 'running' and v[2] then
+        redis.call('HSETNX', job_key, 'gpus', num(redis.call('HGET', CONFIG, 'legacy_job_gpus'), 1))
         backfill(job_key)
         local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
         local prio = tonumber(redis.call('HGET', job_key, 'priority_value'))
         redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), jid)
+        hold(v[2], jid, tonumber(redis.call('HGET', job_key, 'gpus')), 0)
         add_usage(v[2], tonumber(redis.call('HGET', job_key, 'gpus')), 1, now)
       end
     end
   end
   for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do reindex(t, now) end
-  redis.call('HSET', CONFIG, 'version', 1)
+  redis.call('HSET', CLUSTER, 'schema', 1)
 end
 migrate_once()
 """
@@ -239,8 +325,8 @@ local now = now_ms()
 local hl = half_life_ms()
 -- 1. jobs whose placement back-off is over go back to their places
 for _, jid in ipairs(redis.call('ZRANGEBYSCORE', BACKOFF, '-inf', now, 'LIMIT', 0, 100)) do
-  redis.call('ZREM', BACKOFF, jid)
   local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'status', 'tenant_id')
+  unpark(v[2], jid)
   redis.call('HDEL', JOB_KEY_PREFIX .. jid, 'not_before_ms')
   if v[1] == 'queued' then enqueue(v[2], jid, false, now) end
 end
@@ -250,20 +336,26 @@ local total = num(redis.call('HGET', CAPACITY, 'total_gpus'), inf)
 local cl = redis.call('HMGET', CLUSTER, 'allocated', 'incoming')
 local allocated, incoming = math.max(num(cl[1], 0), 0), math.max(num(cl[2], 0), 0)
 local free = math.max(total - allocated, 0)
--- 3. candidates: each bucket's minimum, and every tenant holding GPUs
+-- 3. candidates: each bucket's minimum (the first RECLAIM_DEPTH of a bucket that may reclaim: one that
+-- may not preempt must not hide one that may; members of a bucket share their head's size, so the
+-- later ones can never be admitted before the minimum, only reclaim), and every tenant holding GPUs
+local RECLAIM_DEPTH = 8
+local guard_ms = num(redis.call('HGET', CONFIG, 'starvation_guard_ms'), DEFAULT_STARVATION_GUARD_MS)
 local cands = {}
 local buckets = redis.call('ZRANGE', BUCKETS, 0, -1, 'WITHSCORES')
 for i = 1, #buckets, 2 do
   local bucket, g = buckets[i], tonumber(buckets[i + 1])
   local tier, kind = string.match(bucket, ':(%d):(%a):%d+$')
   tier = tonumber(tier)
-  if tier < 2 or g <= free then
-    local m = redis.call('ZRANGE', bucket, 0, 0, 'WITHSCORES')
-    if #m > 0 then
+  if tier < 2 or g <= free or guard_ms > 0 then  -- a head that does not fit may be the one to guard
+    local depth = 1
+    if tier < 2 and g > free then depth = RECLAIM_DEPTH end
+    local m = redis.call('ZRANGE', bucket, 0, depth - 1, 'WITHSCORES')
+    for j = 1, #m, 2 do
       local score = 0
-      if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[2]) - now / hl) end
-      local st = tenant_state(m[1])
-      cands[#cands + 1] = {tenant = m[1], tier = tier, score = score, u = 0, head = st.head, q = st.q}
+      if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[j + 1]) - now / hl) end
+      local st = tenant_state(m[j])
+      cands[#cands + 1] = {tenant = m[j], tier = tier, score = score, u = 0, head = st.head, q = st.q}
     end
   end
 end
@@ -358,6 +450,7 @@ local function preempt_for(c, need, goal)
     j.taken = true
     pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus
     redis.call('HSET', JOB_KEY_PREFIX .. j.id, 'control', 'preempt', 'preempting_gpus', int(j.gpus))
+    hold(j.tenant, j.id, j.gpus, j.gpus)
     redis.call('HINCRBY', CLUSTER, 'incoming', j.gpus)
     redis.call('HINCRBY', ST_PREFIX .. j.tenant, 'preempting', j.gpus)
   end
@@ -366,9 +459,13 @@ end
 -- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit (but would
 -- fit the cluster) holds the free capacity and waits for GPUs already being preempted, or preempts for
 -- what is missing.
+-- The starvation guard (Kueue's spirit): once the first head in this order has waited longer than
+-- guard_ms, the free GPUs are held for it (the walk stops there: nothing smaller backfills past it,
+-- and no later head preempts for GPUs held) until it fits; without it a gang can wait forever behind
+-- a stream of small jobs.
 local preempted = 0
 local reserved, spoken = 0, 0  -- free GPUs held for waiting reclaimers; incoming GPUs promised to them
-for _, c in ipairs(cands) do
+for idx, c in ipairs(cands) do
   local avail = free - reserved
   local g = c.head.gpus
   if g <= avail then
@@ -388,11 +485,12 @@ for _, c in ipairs(cands) do
     redis.call('HSET', job_key, 'status', 'running', 'worker_id', ARGV[1], 'lease_expires_at_ms', int(expires),
                'claim_token', ARGV[3], 'updated_at', sec(now))
     redis.call('HSETNX', job_key, 'started_at', sec(now))
-    redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus')
+    redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus', 'queued_at_ms')
     redis.call('ZADD', LEASES, expires, c.head.id)
     local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
     local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
     redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
+    hold(c.tenant, c.head.id, g, 0)
     add_usage(c.tenant, g, 1, now)
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}
@@ -413,6 +511,10 @@ for _, c in ipairs(cands) do
       spoken = spoken + (g - avail)
       reserved = reserved + avail
     end
+  end
+  if idx == 1 and guard_ms > 0 and g <= total then
+    local since = num(redis.call('HGET', JOB_KEY_PREFIX .. c.head.id, 'queued_at_ms'), now)
+    if now - since > guard_ms then break end  -- nothing backfills past it, and nothing else reclaims
   end
 end
 return {'none', preempted}

@@ -77,7 +77,8 @@ class _Tenant:
     preempting: int = 0
     queued: int = 0
     jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (id, gpus, queue score), head first
-    parked: list[tuple[str, int, int]] = field(default_factory=list)  # backing off: (id, gpus, until ms)
+    # out of the queue: (id, gpus, until ms), until None for a job set aside as never fitting the quota
+    parked: list[tuple[str, int, int | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -120,10 +121,11 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
     parked_pipe = client.pipeline(transaction=False)
     for job_id, _ in parked:
         parked_pipe.hmget(keys.job(job_id), "tenant_id", "gpus")
-    parked_by_tenant: dict[str, list[tuple[str, int, int]]] = {}
+    parked_by_tenant: dict[str, list[tuple[str, int, int | None]]] = {}
     for (job_id, until), (tenant, g) in zip(parked, parked_pipe.execute() if parked else [], strict=True):
         if tenant is not None:
-            parked_by_tenant.setdefault(tenant, []).append((job_id, int(g or 1), int(until)))
+            end = None if math.isinf(until) else int(until)
+            parked_by_tenant.setdefault(tenant, []).append((job_id, int(g or 1), end))
     ids = sorted(set(waiting) | set(holding) | set(parked_by_tenant))
     if depth is None:
         depth = min(_READ_AHEAD, max(2, 2048 // max(len(ids), 1)))
@@ -186,10 +188,26 @@ def _gpus(n: int) -> str:
 
 
 def _waiting_reason(t: _Tenant, free: int | None, now_ms: int) -> str | None:
-    """Why the tenant's head job is not admitted now, in a tenant's words (never naming others)."""
+    """Why the tenant's head job is not admitted now, in a tenant's words (never naming others); jobs
+    set aside as never fitting the tenant's quota are said too."""
+    unfit = [g for _, g, until in t.parked if until is None]
+    backing_off = [(g, until) for _, g, until in t.parked if until is not None]
+    aside = ""
+    if unfit:
+        q = t.quota
+        limit = q.nominal_gpus + (q.borrowing_limit_gpus or 0)
+        aside = (
+            f"{len(unfit)} job(s) of {_gpus(max(unfit))} set aside: cannot fit the tenant's quota (nominal "
+            f"{q.nominal_gpus} + borrowing limit {q.borrowing_limit_gpus} = {limit}); back when the quota changes"
+        )
+    head = _head_reason(t, free, now_ms, backing_off)
+    return "; ".join(r for r in (head, aside) if r) or None
+
+
+def _head_reason(t: _Tenant, free: int | None, now_ms: int, backing_off: list[tuple[int, int]]) -> str | None:
     if not t.jobs:
-        if t.parked:
-            _, g, until = t.parked[0]
+        if backing_off:
+            g, until = backing_off[0]
             return f"waiting {math.ceil(max(until - now_ms, 0) / 1000)} s to retry placing its {_gpus(g)} on the nodes"
         return None
     _, g, _ = t.jobs[0]

@@ -15,7 +15,15 @@ import redis
 from fleet import keys
 from fleet import queue_scripts as lua
 
-__all__ = ["TenantQueue", "QueueSnapshot", "set_half_life", "half_life_ms", "reindex_tenants", "migrate_state"]
+__all__ = [
+    "TenantQueue",
+    "QueueSnapshot",
+    "set_half_life",
+    "half_life_ms",
+    "set_starvation_guard",
+    "reindex_tenants",
+    "migrate_state",
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,12 @@ def set_half_life(client: redis.Redis, half_life_s: float) -> None:
     reindex_tenants(client)
 
 
+def set_starvation_guard(client: redis.Redis, guard_s: float) -> None:
+    """Write the starvation guard (Settings.starvation_guard_s; 0: off) for every process: once the
+    head the policy would admit first has waited this long, free GPUs are held for it until it fits."""
+    client.hset(keys.sched_config(), "starvation_guard_ms", int(round(guard_s * 1000)))
+
+
 def reindex_tenants(client: redis.Redis, tenant_ids: Sequence[str] = (), *, now_ms: int | None = None) -> int:
     """Re-index these tenants' queue heads (none given: every tenant with queued work) after a change
     to their quota, the default quota or the half-life. Returns how many were re-indexed."""
@@ -62,9 +76,14 @@ def reindex_tenants(client: redis.Redis, tenant_ids: Sequence[str] = (), *, now_
     return int(client.eval(lua.REINDEX, 0, clock, *tenant_ids))
 
 
-def migrate_state(client: redis.Redis) -> None:
+def migrate_state(client: redis.Redis, legacy_job_gpus: int | None = None) -> None:
     """Bring state written before the scheduler up to date (list queues become sorted sets, running
     jobs' GPUs are accounted). Every fleet script does this first anyway; this is for readers that
-    use no script (queue estimates, snapshots). One HGET once done."""
-    if client.hget(keys.sched_config(), "version") != "1":
+    use no script (queue estimates, snapshots). One HGET once done.
+
+    `legacy_job_gpus` (Settings.legacy_job_gpus): what the previous release ran every job on, so
+    a job it started still holds that many GPUs until it ends (unknown: 1)."""
+    if client.hget(keys.sched_cluster(), "schema") != "1":
+        if legacy_job_gpus is not None:
+            client.hset(keys.sched_config(), "legacy_job_gpus", legacy_job_gpus)
         client.eval(lua.MIGRATE, 0)

@@ -127,6 +127,16 @@ class Settings(BaseSettings):
         default=3600.0, ge=0,
         description="Half-life of the decayed GPU usage fair sharing compares; 0: current usage only.",
     )
+    legacy_job_gpus: int = Field(
+        default=1, ge=1,
+        description="GPUs each job that a release before the scheduler started holds (that release's "
+                    "TRAIN_WORKERS_PER_JOB): counted once, when the scheduler first builds its state in Redis.",
+    )
+    starvation_guard_s: float = Field(
+        default=300.0, ge=0,
+        description="Once the job the policy would admit first has waited this long without fitting, free GPUs "
+                    "are held for it (no smaller job backfills past it) until it fits; 0: off.",
+    )
     accelerator_resource: str = Field(
         default="GPU", min_length=1,
         description="Ray resource a job's GPUs are counted in (a custom logical resource on CPU clusters).",

@@ -66,7 +66,9 @@ def _connect_scheduler(app: FastAPI, settings: Settings, stop: threading.Event) 
         try:
             jobs = JobStore(app.state.redis, max_attempts=settings.max_attempts,
                             events_max_len=settings.events_max_len, idempotency_ttl_s=settings.idempotency_ttl_s,
-                            fair_share_half_life_s=settings.fair_share_half_life_s)
+                            fair_share_half_life_s=settings.fair_share_half_life_s,
+                            starvation_guard_s=settings.starvation_guard_s,
+                            legacy_job_gpus=settings.legacy_job_gpus)
             quotas = QuotaStore(app.state.redis, default=settings.default_quota)
         except RedisError as e:
             logger.warning("cannot reach Redis to set up the scheduler's state yet, retrying in 2 s: %s", e)

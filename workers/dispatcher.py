@@ -411,7 +411,10 @@ class Dispatcher:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         client = make_redis(settings)
         self.store = make_object_store(settings)
-        self.jobs = JobStore(client, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len)
+        self.jobs = JobStore(client, max_attempts=settings.max_attempts, events_max_len=settings.events_max_len,
+                             fair_share_half_life_s=settings.fair_share_half_life_s,
+                             starvation_guard_s=settings.starvation_guard_s,
+                             legacy_job_gpus=settings.legacy_job_gpus)
         self.files = FileStore(client, self.store, max_upload_bytes=settings.max_upload_bytes)
         self.registry = AdapterRegistry(client, self.store)
         self.catalog = load_catalog(settings)

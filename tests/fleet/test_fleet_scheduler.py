@@ -126,12 +126,13 @@ def test_borrowing_limit_and_max_running_block_only_their_tenant(r):
 
 
 def test_a_job_over_nominal_plus_borrowing_limit_waits_without_blocking_others(r):
-    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=2, borrowing_limit_gpus=0))
+    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=4, borrowing_limit_gpus=0))
     c.submit("a", gpus=4)
+    c.quotas.set("a", TenantQuota(nominal_gpus=2, borrowing_limit_gpus=0))  # too large from now on
     (b_job,) = c.submit("b")
     assert c.admit() == [b_job]
     reason = {t.tenant_id: t.waiting_reason for t in cluster_view(r, now_ms=0).tenants}["a"]
-    assert reason.startswith("waiting for 4 GPUs")
+    assert reason.startswith("1 job(s) of 4 GPUs set aside: cannot fit the tenant's quota")
 
 
 def test_jobs_wait_for_free_capacity_and_a_finish_admits_the_next(r):
@@ -421,8 +422,9 @@ def test_reclaim_frees_the_whole_nominal_quota_in_one_wave(r):
 
 
 def test_a_quota_change_takes_effect_at_the_next_decision(r):
-    c = Cluster(r, 8, a=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=0))
+    c = Cluster(r, 8)
     (job_id,) = c.submit("a", gpus=4)
+    c.quotas.set("a", TenantQuota(nominal_gpus=0, borrowing_limit_gpus=0))
     assert c.admit() == []
     c.quotas.set("a", TenantQuota(nominal_gpus=4))
     assert c.admit() == [job_id]
@@ -505,7 +507,7 @@ def test_state_from_before_the_scheduler_is_migrated_once(r):
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "1"
     assert _index_problems(r, ["t1"]) == []
-    assert r.hget(keys.sched_config(), "version") == "1"
+    assert r.hget(keys.sched_cluster(), "schema") == "1"
     assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
     jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
     assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one

@@ -15,12 +15,12 @@ import torch
 
 from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.files import FileStore
+from fleet.job_spec import JobSpec
 from fleet.jobs import JobStatus
 from fleet.leases import PREEMPTED_MESSAGE
 from fleet.queue import JobStore
 from fleet.quotas import QuotaStore, TenantQuota
 from fleet.registry import AdapterRegistry
-from fleet.job_spec import JobSpec
 from fleet.resources import Resources
 from fleet.settings import Settings, make_object_store, make_redis
 from workers.dispatcher import Dispatcher

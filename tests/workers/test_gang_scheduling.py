@@ -22,9 +22,9 @@ import pytest
 
 from fleet.capacity import CapacityStore
 from fleet.files import FileStore
+from fleet.job_spec import JobSpec
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
-from fleet.job_spec import JobSpec
 from fleet.resources import Resources
 from fleet.settings import Settings, make_object_store, make_redis
 from tests.workers.ray_nodes import RayCluster, RayNode, start_cluster

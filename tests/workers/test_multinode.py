@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from fleet.catalog import BaseModelSpec
+from fleet.resources import Resources
 from fleet.settings import Settings
 from tests.service.conftest import APIServer, make_api_settings, start_api_server, tar_gz_of  # noqa: F401
 from tests.service.test_end_to_end import Dispatchers
@@ -72,10 +73,12 @@ def node_stack(tmp_path: Path, redis_server: Any, s3_endpoint: Any, tiny_model_d
     prefix = f"nodes-{time.time_ns()}/"
     settings = make_api_settings(
         tmp_path / "api", redis_server.url, model_dir=tiny_model_dir,
-        catalog={"tiny-llama": BaseModelSpec(path=str(tiny_model_dir), quantization="none", max_rank=64)},
+        # Jobs train as gangs of two workers, one per worker node: a node's `trainer` is its accelerator.
+        catalog={"tiny-llama": BaseModelSpec(path=str(tiny_model_dir), quantization="none", max_rank=64,
+                                             resources=Resources(workers=2, gpus_per_worker=1))},
         object_store="s3", s3_endpoint_url=s3_endpoint.endpoint_url, s3_bucket=s3_endpoint.bucket,
         s3_prefix=prefix, s3_access_key_id="test", s3_secret_access_key="test",
-        lease_ms=3000, heartbeat_ms=250, train_workers_per_job=2, train_resources_per_worker={"trainer": 1})
+        lease_ms=3000, heartbeat_ms=250, accelerator_resource="trainer")
     server = start_api_server(settings)
     api_key = server.create_tenant("team-nodes").api_key
     client = server.openai(api_key)
