@@ -16,54 +16,11 @@ from fleet.fencing import Fence
 from fleet.jobs import JobStatus
 from fleet.leases import PREEMPTED_MESSAGE, Claim
 from fleet.queue import JobStore
-from fleet.quotas import QuotaStore, TenantQuota
-from fleet.resources import Resources
+from fleet.quotas import TenantQuota
 from fleet.scheduler_view import cluster_view
+from tests.fleet.sched_harness import Cluster, index_problems
 
 S = 1000  # ms
-
-
-class Cluster:
-    """A JobStore on a cluster of `gpus`, with quotas, driven at simulated times (ms)."""
-
-    def __init__(self, r: redis.Redis, gpus: int | None, half_life_s: float = 0, **quotas: TenantQuota) -> None:
-        self.r = r
-        self.jobs = JobStore(r, fair_share_half_life_s=half_life_s)
-        self.quotas = QuotaStore(r, default=TenantQuota())
-        for tenant, quota in quotas.items():
-            self.quotas.set(tenant, quota)
-        if gpus is not None:
-            CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=gpus)])
-        self.claims: dict[str, Claim] = {}
-
-    def submit(self, tenant: str, n: int = 1, gpus: int = 1, priority: str = "normal", at: int = 0) -> list[str]:
-        return [
-            self.jobs.create_job(
-                tenant, model="m", training_file="f", resources=Resources(workers=gpus), priority=priority, now_ms=at
-            ).job.id
-            for _ in range(n)
-        ]
-
-    def admit(self, at: int = 0, limit: int = 100) -> list[str]:
-        """Claim until nothing is admissible; the admitted job ids in order."""
-        out = []
-        while len(out) < limit and (claim := self.jobs.leases.claim_next_job("w", 60_000, now_ms=at)) is not None:
-            self.claims[claim.job.id] = claim
-            out.append(claim.job.id)
-        return out
-
-    def tenant_of(self, job_ids: list[str]) -> list[str]:
-        return [self.jobs.load_job(j).tenant_id for j in job_ids]
-
-    def finish(self, job_id: str, at: int, status: JobStatus = JobStatus.SUCCEEDED, **kwargs) -> None:
-        self.jobs.leases.finish_job(self.claims.pop(job_id).fence, status, now_ms=at, **kwargs)
-
-    def preempting(self) -> list[str]:
-        return sorted(j for j in self.claims if self.r.hget(keys.job(j), "control") == "preempt")
-
-    def held(self) -> dict[str, int]:
-        view = cluster_view(self.r, now_ms=0)
-        return {t.tenant_id: t.running_gpus for t in view.tenants if t.running_gpus}
 
 
 def test_within_nominal_work_goes_first_then_lower_usage_then_older(r):
@@ -315,44 +272,6 @@ def test_withdrawing_a_pause_keeps_a_pending_preemption(r):
     assert c.jobs.leases.control_signal(c.claims[b_job].fence) == "preempt"
 
 
-def _index_problems(r: redis.Redis, tenants: list[str]) -> list[str]:
-    """Every way the scheduler's state disagrees with the jobs themselves (an empty list: consistent)."""
-    problems = []
-    job_keys = [k for k in r.keys(keys.job("*")) if ":" not in k[len(keys.job("")):]]
-    running = [k for k in job_keys if r.hget(k, "status") == "running"]
-    gpus_by_tenant: dict[str, int] = {}
-    for key in running:
-        tenant, gpus = r.hmget(key, "tenant_id", "gpus")
-        gpus_by_tenant[tenant] = gpus_by_tenant.get(tenant, 0) + int(gpus)
-    allocated = int(r.hget(keys.sched_cluster(), "allocated") or 0)
-    if allocated != sum(gpus_by_tenant.values()):
-        problems.append(f"allocated {allocated} != running jobs' GPUs {sum(gpus_by_tenant.values())}")
-    incoming = int(r.hget(keys.sched_cluster(), "incoming") or 0)
-    being_preempted = sum(int(r.hget(k, "preempting_gpus") or 0) for k in running)
-    if incoming != being_preempted:
-        problems.append(f"incoming {incoming} != GPUs of jobs being preempted {being_preempted}")
-    if set(r.smembers(keys.sched_holding())) != set(gpus_by_tenant):
-        problems.append(f"holding {r.smembers(keys.sched_holding())} != {set(gpus_by_tenant)}")
-    buckets = {b: set(r.zrange(b, 0, -1)) for b in r.zrange(keys.sched_buckets(), 0, -1)}
-    for tenant in tenants:
-        state = r.hgetall(keys.sched_tenant(tenant))
-        if int(state.get("gpus") or 0) != gpus_by_tenant.get(tenant, 0):
-            problems.append(f"{tenant}: gpus {state.get('gpus')} != {gpus_by_tenant.get(tenant, 0)}")
-        head = r.zrange(keys.queue(tenant), 0, 0)
-        if (state.get("head") or "") != (head[0] if head else ""):
-            problems.append(f"{tenant}: cached head {state.get('head')} != {head}")
-        in_buckets = [b for b, members in buckets.items() if tenant in members]
-        if head and tenant not in gpus_by_tenant:
-            g = r.hget(keys.job(head[0]), "gpus")
-            if len(in_buckets) > 1 or (in_buckets and not in_buckets[0].endswith(f":{g}")):
-                problems.append(f"{tenant}: head needs {g} GPUs, indexed in {in_buckets}")
-            if not in_buckets and float(state["borrow"] or "inf") >= int(g) - float(state["nominal"]):
-                problems.append(f"{tenant}: admissible head {head[0]} in no bucket")
-        elif in_buckets:
-            problems.append(f"{tenant}: holds GPUs or has no queue, yet indexed in {in_buckets}")
-    return problems
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_the_index_stays_consistent_through_every_kind_of_change(r, seed):
     """A seeded random walk over every script that touches queues, usage or quotas."""
@@ -403,7 +322,7 @@ def test_the_index_stays_consistent_through_every_kind_of_change(r, seed):
             c.quotas.set(rng.choice(tenants), TenantQuota(nominal_gpus=rng.randint(0, 6), weight=rng.choice([1, 2])))
         for job_id in [j for j in c.claims if r.hget(keys.job(j), "status") != "running"]:
             c.claims.pop(job_id)  # cancelled while running: its worker would stop
-        assert _index_problems(r, tenants) == [], f"after step {step} ({action})"
+        assert index_problems(r, tenants) == [], f"after step {step} ({action})"
 
 
 def test_reclaim_frees_the_whole_nominal_quota_in_one_wave(r):
@@ -506,13 +425,13 @@ def test_state_from_before_the_scheduler_is_migrated_once(r):
     assert jobs.queue_position("ftjob-old3") == 2  # a reader without a script migrates first
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "1"
-    assert _index_problems(r, ["t1"]) == []
+    assert index_problems(r, ["t1"]) == []
     assert r.hget(keys.sched_cluster(), "schema") == "1"
     assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
     jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
     assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one
     assert r.hget(keys.running_per_tenant(), "t1") == "1"
-    assert _index_problems(r, ["t1"]) == []
+    assert index_problems(r, ["t1"]) == []
 
 
 def test_any_script_migrates_old_state_before_it_acts(r):
@@ -521,7 +440,7 @@ def test_any_script_migrates_old_state_before_it_acts(r):
     jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.QUEUED)  # the first call after an upgrade
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old1", "ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "0"
-    assert _index_problems(r, ["t1"]) == []
+    assert index_problems(r, ["t1"]) == []
 
 
 def test_no_reclaim_for_a_job_larger_than_the_cluster(r):

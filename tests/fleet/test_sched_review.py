@@ -10,55 +10,14 @@ import pytest
 import redis
 
 from fleet import keys
-from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.exceptions import FencedOut, InvalidRequest, QuotaExceeded
 from fleet.jobs import JobStatus
-from fleet.leases import Claim
 from fleet.queue import JobStore
-from fleet.quotas import QuotaStore, TenantQuota
-from fleet.resources import Resources
+from fleet.quotas import TenantQuota
 from fleet.scheduling import set_half_life
-from tests.fleet.test_fleet_scheduler import _index_problems
+from tests.fleet.sched_harness import Cluster, index_problems
 
 S = 1000  # ms
-
-
-class Cluster:
-    """A JobStore on a cluster of `gpus` with quotas, driven at simulated times (ms)."""
-
-    def __init__(self, r: redis.Redis, gpus: int | None, **quotas: TenantQuota) -> None:
-        self.r = r
-        self.jobs = JobStore(r, fair_share_half_life_s=0)
-        self.quotas = QuotaStore(r, default=TenantQuota())
-        for tenant, quota in quotas.items():
-            self.quotas.set(tenant, quota)
-        if gpus is not None:
-            CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=gpus)])
-        self.claims: dict[str, Claim] = {}
-
-    def submit(self, tenant: str, n: int = 1, gpus: int = 1, priority: str = "normal", at: int = 0) -> list[str]:
-        return [
-            self.jobs.create_job(
-                tenant, model="m", training_file="f", resources=Resources(workers=gpus), priority=priority, now_ms=at
-            ).job.id
-            for _ in range(n)
-        ]
-
-    def admit(self, at: int = 0, limit: int = 100) -> list[str]:
-        out = []
-        while len(out) < limit and (claim := self.jobs.leases.claim_next_job("w", 60_000, now_ms=at)) is not None:
-            self.claims[claim.job.id] = claim
-            out.append(claim.job.id)
-        return out
-
-    def finish(self, job_id: str, at: int, status: JobStatus = JobStatus.SUCCEEDED, **kwargs) -> None:
-        self.jobs.leases.finish_job(self.claims.pop(job_id).fence, status, now_ms=at, **kwargs)
-
-    def preempting(self) -> list[str]:
-        return sorted(j for j in self.claims if self.r.hget(keys.job(j), "control") == "preempt")
-
-    def allocated(self) -> int:
-        return int(self.r.hget(keys.sched_cluster(), "allocated") or 0)
 
 
 # --- upgrade from the round-robin queue (LIST queues, no scheduler state) --------------------------
@@ -137,7 +96,7 @@ def test_a_head_made_impossible_by_a_lowered_quota_is_set_aside_and_returns_when
     c.quotas.set("a", TenantQuota(nominal_gpus=4, borrowing_limit_gpus=0))
     assert c.admit(at=3 * S) == [big]
     assert not r.exists(keys.sched_unfit("a")) and not r.smembers(keys.sched_unfit_tenants())
-    assert _more_problems(r, ["a"], 8) == [] and _index_problems(r, ["a"]) == []
+    assert _more_problems(r, ["a"], 8) == [] and index_problems(r, ["a"]) == []
 
 
 def test_a_job_set_aside_counts_against_max_queued_jobs_and_leaves_with_a_cancel(r):
@@ -271,7 +230,7 @@ def test_a_gang_is_not_starved_forever_by_a_stream_of_small_jobs(r):
 
 
 def _more_problems(r: redis.Redis, tenants: list[str], total: int) -> list[str]:
-    """What _index_problems does not check: lost or doubly placed jobs, overcommit, per-tenant counters."""
+    """What index_problems does not check: lost or doubly placed jobs, overcommit, per-tenant counters."""
     problems = []
     job_keys = [k for k in r.keys(keys.job("*")) if ":" not in k[len(keys.job("")):]]
     backoff = set(r.zrange(keys.sched_backoff(), 0, -1))
@@ -361,7 +320,7 @@ def test_counters_and_queues_stay_exact_through_running_pauses_cancels_and_half_
             set_half_life(r, rng.choice([0, 5, 50]))
         for job_id in [j for j in c.claims if r.hget(keys.job(j), "status") != "running"]:
             c.claims.pop(job_id)
-        problems = _index_problems(r, tenants) + _more_problems(r, tenants, 8)
+        problems = index_problems(r, tenants) + _more_problems(r, tenants, 8)
         assert problems == [], f"after step {step} ({action})"
 
 
