@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["StackOptions", "run_local_stack"]
@@ -142,12 +142,16 @@ def _start_redis(opts: StackOptions, children: _Children, logs: Path) -> str:
 
 
 def _ensure_tiny_model(opts: StackOptions) -> Path:
-    model_dir = (opts.data_dir / "models" / TINY_MODEL_NAME).resolve()
-    if not (model_dir / "config.json").exists():
-        from workers.tiny_model import make_tiny_model
+    """The demo base model (workers.tiny_model.DEMO_SHAPE), generated on the first `up`, and again
+    when the one under the data dir was made with another shape (an older lorafleet's)."""
+    from workers.tiny_model import DEMO_SHAPE, make_tiny_model
 
+    model_dir = (opts.data_dir / "models" / TINY_MODEL_NAME).resolve()
+    recorded = model_dir / "lorafleet_tiny.json"
+    wanted = {"seed": 0, **asdict(DEMO_SHAPE)}
+    if not (model_dir / "config.json").exists() or not recorded.exists() or json.loads(recorded.read_text()) != wanted:
         logger.info("generating the tiny base model under %s", model_dir)
-        make_tiny_model(model_dir, seed=0)
+        make_tiny_model(model_dir, seed=0, shape=DEMO_SHAPE)
     return model_dir
 
 

@@ -238,6 +238,7 @@ def _setup_data(
     say: Reporter | None,
     mask_dtype: torch.dtype,
     max_micro_batch_sequences: int | None = None,
+    base_hidden_size: int | None = None,
 ) -> _Data:
     """Tokenize (or read the pre-tokenized examples), plan the epochs and resolve the hyperparameters
     (total steps and warmup, once)."""
@@ -286,6 +287,7 @@ def _setup_data(
         world_size=runtime.world_size,
         count_micro_batches=count_micro_batches,
         max_micro_batch_sequences=max_micro_batch_sequences,
+        base_hidden_size=base_hidden_size,
     )
     if say:
         say.log(
@@ -379,7 +381,8 @@ def _setup(
     _seed_everything(spec.seed)  # the adapter's initial weights
     model = _build_model(spec, device, compute_dtype, runtime.attention)
     max_micro = _max_micro_batch_sequences(spec, model, device, compute_dtype, say)
-    data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype, max_micro_batch_sequences=max_micro)
+    data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype, max_micro_batch_sequences=max_micro,
+                       base_hidden_size=getattr(model.config, "hidden_size", None))
     _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own dropout stream
     params = trainable_parameters(model)
     for param in params:

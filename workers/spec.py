@@ -28,6 +28,10 @@ __all__ = [
 # The learning rate that `learning_rate_multiplier` multiplies and the centre of the auto rule:
 # the usual LoRA/QLoRA rate for 7B-class models with r = 8..64 (QLoRA paper, Axolotl, torchtune).
 AUTO_BASE_LEARNING_RATE = 2e-4
+# That rate is tuned at the width of those models. A narrower base gets a proportionally larger rate
+# (muP: Adam's rate for hidden matrices scales as 1/width), up to 32x; a wider one keeps the base rate.
+_AUTO_RATE_REFERENCE_HIDDEN_SIZE = 4096
+_MAX_AUTO_WIDTH_FACTOR = 32.0
 
 # OpenAI's published auto rule for n_epochs: aim for 3 epochs, but see at least 100 and at most
 # 25 000 examples in total, never fewer than 1 or more than 25 epochs.
@@ -169,9 +173,11 @@ def _auto_batch_size(n_train_sequences: int) -> int:
     return int(min(_MAX_AUTO_BATCH_SEQUENCES, 2 ** math.floor(math.log2(target))))
 
 
-def _auto_learning_rate(global_batch_sequences: int) -> float:
+def _auto_learning_rate(global_batch_sequences: int, base_hidden_size: int | None) -> float:
     # Square-root scaling with the batch around 16 sequences, clamped to [0.5x, 2x] of the base rate.
     factor = min(2.0, max(0.5, math.sqrt(global_batch_sequences / 16)))
+    if base_hidden_size is not None:
+        factor *= min(_MAX_AUTO_WIDTH_FACTOR, max(1.0, _AUTO_RATE_REFERENCE_HIDDEN_SIZE / base_hidden_size))
     return AUTO_BASE_LEARNING_RATE * factor
 
 
@@ -184,6 +190,7 @@ def resolve_hyperparameters(
     world_size: int = 1,
     count_micro_batches: Callable[[int, int], Sequence[int]] | None = None,
     max_micro_batch_sequences: int | None = None,
+    base_hidden_size: int | None = None,
 ) -> ResolvedHyperparameters:
     """Turn "auto" into numbers from the dataset's size (pure; see docs/training.md for the rules).
 
@@ -196,6 +203,8 @@ def resolve_hyperparameters(
     `max_micro_batch_sequences` (from workers.memory_plan: what fits the device) splits an "auto"
     batch that does not fit into micro-batches of a power of two sequences and accumulates them:
     the sequences per optimizer step, hence the learning rate, stay what the data asks for.
+    `base_hidden_size` (the base model's width) scales an "auto" learning rate up for narrow models;
+    None leaves it at the rate for 7B-class widths.
     """
     if n_train_examples < 1:
         raise ValueError("training_file: has no usable examples")
@@ -218,7 +227,7 @@ def resolve_hyperparameters(
     global_batch = batch_size * accumulation * world_size
     if hp.learning_rate in (None, "auto"):
         multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else hp.learning_rate_multiplier
-        learning_rate = _auto_learning_rate(global_batch) * multiplier
+        learning_rate = _auto_learning_rate(global_batch, base_hidden_size) * multiplier
     else:
         learning_rate = float(hp.learning_rate)
 

@@ -3,6 +3,13 @@
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on a short text shipped in
 `workers/data/tiny_corpus.txt`, and the weights are a seeded random init. The same seed always gives
 bit-identical weights, so tests can rely on it. Real users point the catalog at a real model instead.
+
+`DEMO_SHAPE` is what `lorafleet up` serves: the same size, but an output head initialised at
+std 1/√hidden instead of Llama's 0.02. LoRA leaves the head and the final norm frozen, and a
+unit-RMS hidden state h gives logits W·h with |logit| ≤ ‖W_row‖·√hidden = std·hidden: 2.6 with
+std 0.02 at hidden 128, which caps the probability of any token near 3% over a 512-token vocabulary
+(loss ≥ ~3.5 nats whatever the adapter learns). At std 1/√hidden the cap is √hidden ≈ 11, and the
+untrained model still starts near uniform (logit std 1).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["TINY_CHAT_TEMPLATE", "TinyModelShape", "make_tiny_model"]
+__all__ = ["DEMO_SHAPE", "TINY_CHAT_TEMPLATE", "TinyModelShape", "make_tiny_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,12 @@ class TinyModelShape:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2  # GQA, as in Llama 3
     max_position_embeddings: int = 1024
+    # std of the output head's init; None: Llama's initializer_range (0.02), as the test fixtures use.
+    lm_head_init_std: float | None = None
+
+
+# The quickstart's base model: a head the frozen base lets LoRA reach peaked predictions through.
+DEMO_SHAPE = TinyModelShape(lm_head_init_std=TinyModelShape.hidden_size**-0.5)
 
 
 def _corpus_text() -> str:
@@ -111,6 +124,8 @@ def make_tiny_model(out_dir: Path | str, *, seed: int = 0, shape: TinyModelShape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        if shape.lm_head_init_std is not None:
+            torch.nn.init.normal_(model.lm_head.weight, mean=0.0, std=shape.lm_head_init_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -9,7 +9,7 @@ from fleet.job_spec import JobSpec, LoraSpec
 from fleet.queue import JobStore
 from tests.fleet.conftest import write_pre_jobspec_job
 from workers.dispatcher import build_training_spec
-from workers.spec import TrainingSpec, lora_config
+from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingSpec, lora_config, resolve_hyperparameters
 
 
 @pytest.fixture
@@ -64,3 +64,17 @@ def test_a_new_job_round_trips_through_redis_into_the_same_training_spec(redis_s
     spec = build_training_spec(job, base_model=tiny_model_dir, quantization=None, work_dir=train_file.parent,
                                training_file=train_file, validation_file=None)
     assert spec.lora == wanted.lora and spec.hyperparameters.batch_size == 3
+
+
+def test_an_auto_learning_rate_grows_for_a_narrow_base_and_stays_for_a_wide_one(tmp_path, train_file):
+    def rate(hidden_size, **hyperparameters):
+        spec = TrainingSpec(base_model=tmp_path, training_file=train_file,
+                            hyperparameters={"batch_size": 16, **hyperparameters})
+        return resolve_hyperparameters(spec, n_train_examples=400, n_train_tokens=16_000,
+                                       base_hidden_size=hidden_size).learning_rate
+
+    assert rate(None) == rate(4096) == rate(8192) == pytest.approx(AUTO_BASE_LEARNING_RATE)
+    assert rate(2048) == pytest.approx(2 * AUTO_BASE_LEARNING_RATE)  # 1/width below 7B-class widths
+    assert rate(128) == rate(64) == pytest.approx(32 * AUTO_BASE_LEARNING_RATE)  # capped at 32x
+    assert rate(128, learning_rate_multiplier=0.5) == pytest.approx(16 * AUTO_BASE_LEARNING_RATE)
+    assert rate(128, learning_rate=1e-4) == 1e-4  # a rate the job gives is used as it is
