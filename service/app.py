@@ -24,6 +24,7 @@ from fleet.tenants import TenantStore
 from fleet.webhook_delivery import Deliverer
 from service.body_limit import BodyLimitMiddleware
 from service.errors import LastResortMiddleware, install_error_handlers
+from service.log_context import LogContextMiddleware
 from service.metrics import APIMetrics, MetricsMiddleware, SchedulerCollector
 from service.openapi import install_openapi
 from service.routes import adapters, admin, files, health, jobs, models, webhooks
@@ -139,6 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outside the body limit, so it sees every answer
+    app.add_middleware(LogContextMiddleware)  # log lines of a job's requests name it (fleet.log_format)
     app.add_middleware(LastResortMiddleware)  # added last: outermost, so no exception reaches uvicorn
     install_error_handlers(app)
     install_openapi(app)

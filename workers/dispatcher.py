@@ -56,6 +56,7 @@ from fleet.fencing import Fence
 from fleet.files import FileStore
 from fleet.job_spec import Hyperparameters
 from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus
+from fleet.log_format import WorkerLogging, set_job_log_context
 from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
@@ -626,6 +627,7 @@ class JobRunner:
         self._shutdown.set()
 
     def _run_then_signal(self) -> None:
+        set_job_log_context(self.claim.job.id, self.claim.job.tenant_id)  # this thread's lines name the job
         try:
             self.run()
         finally:
@@ -876,6 +878,7 @@ class JobRunner:
                 inputs,
                 output_dir=work_dir / "out",
                 reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
+                worker_logging=WorkerLogging(self.settings.log_format, job.id, job.tenant_id),
                 num_workers=gang.workers,
                 use_gpu=gang.use_gpu,
                 resources_per_worker=gang.bundle,

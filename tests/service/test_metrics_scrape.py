@@ -1,8 +1,10 @@
 """Both /metrics endpoints scraped over real HTTP while a job trains: the API's (the scheduler's state
-read from Redis) and the dispatcher's own (training series), with a real `lorafleet worker` process."""
+read from Redis) and the dispatcher's own (training series), with a real `lorafleet worker` process,
+which logs JSON lines naming the job it runs."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -48,9 +50,9 @@ def _create_job(client: Any, train_id: str, suffix: str) -> Any:
     )
 
 
-def test_metrics_of_the_api_and_the_dispatcher_during_a_running_job(e2e, synthetic):  # noqa: F811
+def test_metrics_of_the_api_and_the_dispatcher_during_a_running_job(e2e, synthetic, tmp_path):  # noqa: F811
     port = _free_port()
-    server, dispatchers = e2e(metrics_port=port)
+    server, dispatchers = e2e(metrics_port=port, log_format="json")
     tenant = server.create_tenant("team-metrics")
     with server.admin() as admin:  # one job at a time: the second waits in the tenant's queue
         assert admin.put(f"/v1/admin/tenants/{tenant.id}/quota", json={"max_running_jobs": 1}).status_code == 200
@@ -102,3 +104,11 @@ def test_metrics_of_the_api_and_the_dispatcher_during_a_running_job(e2e, synthet
     _wait_for(lambda: ("lorafleet_training_tokens_per_second", job)
               not in _parse(httpx.get(dispatcher_url, timeout=5).text),
               "the ended job's series to leave the dispatcher's /metrics", 30)
+
+    dispatchers.stop_all()
+    lines = [json.loads(line) for line in (tmp_path / "dispatcher-metrics.log").read_text().splitlines()
+             if line.startswith("{")]
+    of_the_job = [line for line in lines if line.get("job_id") == running.id]
+    assert of_the_job, lines[-20:]
+    assert all(line["tenant_id"] == tenant.id and {"time", "level", "logger", "message"} <= line.keys()
+               for line in of_the_job)
