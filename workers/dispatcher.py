@@ -36,6 +36,7 @@ An object-store or Ray node fault hands the job back too, at most `max_infra_fau
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -304,7 +305,9 @@ class _Heartbeat:
         self.lost = threading.Event()
         self.control: ControlSignal | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job.id}", daemon=True)
+        # Started on the job's runner thread: its log context (the job, fleet.log_format) goes along.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"heartbeat-{claim.job.id}", daemon=True)
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -768,7 +771,8 @@ class JobRunner:
             except BaseException as e:  # handed to the dispatcher thread below
                 outcome["error"] = e
 
-        thread = threading.Thread(target=run, name=f"{what}-{heartbeat.claim.job.id}", daemon=True)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(run,),  # with the job's log context
+                                  name=f"{what}-{heartbeat.claim.job.id}", daemon=True)
         thread.start()
         while thread.is_alive():
             thread.join(timeout=_POLL_S)
