@@ -20,6 +20,7 @@ __all__ = [
     "running_per_tenant",
     "leases",
     "wakeup",
+    "job_status_counts",
     "sched_tenant",
     "sched_cluster",
     "sched_config",
@@ -129,6 +130,12 @@ def queue_tenants() -> str:
 def running_per_tenant() -> str:
     """Hash: tenant id → number of running jobs (max_running_jobs, metrics)."""
     return f"{PREFIX}queue:running"
+
+
+def job_status_counts() -> str:
+    """Hash: job status → how many times jobs entered it (every status change a script makes;
+    Prometheus' lorafleet_job_status_changes_total)."""
+    return f"{PREFIX}metrics:job_status_changes"
 
 
 def leases() -> str:

@@ -25,6 +25,7 @@ local JOB_KEY_PREFIX = '{keys.job("")}'
 local OUTBOX_MAX_LEN = '{OUTBOX_MAX_LEN}'
 local QUOTA_PREFIX = '{keys.quota("")}'
 local DEFAULT_QUOTA = '{keys.default_quota()}'
+local STATUS_COUNTS = '{keys.job_status_counts()}'
 """ + """
 -- The clock: the Redis server's, unless the script set CLOCK (a simulated clock, bench/sched_sim.py).
 local CLOCK = nil
@@ -68,6 +69,7 @@ local function emit(event_type, tenant, data)
              'tenant_id', tenant, 'created_at', sec(now_ms()), 'data', cjson.encode(data))
 end
 local function emit_job(status, tenant, job_id)
+  redis.call('HINCRBY', STATUS_COUNTS, status, 1)  -- every status change passes here (metrics)
   emit('fine_tuning.job.' .. status, tenant, {id = job_id})
 end
 -- A tenant's quota field as a number, nil when unset (no limit): its own quota hash, else the default.

@@ -168,6 +168,15 @@ class Settings(BaseSettings):
         description="Run a webhook deliverer thread in each API process (`lorafleet webhooks` runs one alone).",
     )
 
+    # Observability (docs/operations.md): each dispatcher's own Prometheus endpoint, and the log format.
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of a dispatcher's Prometheus /metrics (training series); 0: not served.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text, or one JSON object per line (with job_id and tenant_id).",
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         problems = []

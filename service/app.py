@@ -24,7 +24,8 @@ from fleet.tenants import TenantStore
 from fleet.webhook_delivery import Deliverer
 from service.body_limit import BodyLimitMiddleware
 from service.errors import LastResortMiddleware, install_error_handlers
-from service.metrics import APIMetrics, MetricsMiddleware, QueueCollector
+from service.log_context import LogContextMiddleware
+from service.metrics import APIMetrics, MetricsMiddleware, SchedulerCollector
 from service.openapi import install_openapi
 from service.routes import adapters, admin, files, health, jobs, models, webhooks
 from service.uploads import remove_stale_spool_files
@@ -37,22 +38,6 @@ API_VERSION = "0.1.0"
 
 # Live event streams (SSE) each hold a thread while they wait on Redis; they get their own pool.
 MAX_CONCURRENT_STREAMS = 256
-
-
-def _queue_stats(jobs: JobStore | None) -> dict[str, tuple[str, float]]:
-    """Queue gauges for /metrics; none while Redis is down, so request metrics are still served."""
-    if jobs is None:  # Redis has been unreachable since the API started
-        return {}
-    try:
-        snapshot = jobs.snapshot()
-    except RedisError as e:
-        logger.warning("queue metrics skipped: Redis error: %s", e)
-        return {}
-    return {
-        "lorafleet_jobs_queued": ("Jobs waiting in the queue.", float(sum(t.length for t in snapshot.tenants))),
-        "lorafleet_jobs_running": ("Jobs claimed by a worker.", float(sum(snapshot.running.values()))),
-        "lorafleet_tenants_waiting": ("Tenants with at least one queued job.", float(len(snapshot.tenants))),
-    }
 
 
 def _connect_scheduler(app: FastAPI, settings: Settings, stop: threading.Event) -> None:
@@ -118,7 +103,8 @@ def create_app(settings: Settings) -> FastAPI:
         stale = remove_stale_spool_files(Path(settings.data_dir) / "tmp")
         if stale:
             logger.info("removed %d stale spooled upload/download file(s)", stale)
-        collector = QueueCollector(lambda: _queue_stats(app.state.jobs))
+        # The scheduler gauges, once the scheduler state is set up in Redis (app.state.jobs).
+        collector = SchedulerCollector(lambda: app.state.redis if app.state.jobs is not None else None)
         metrics.registry.register(collector)
         # The deliverer has its own client: its blocking outbox reads never wait for a request's connection.
         deliverer_client = make_redis(settings) if settings.webhook_deliverer_in_api else None
@@ -154,6 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outside the body limit, so it sees every answer
+    app.add_middleware(LogContextMiddleware)  # log lines of a job's requests name it (fleet.log_format)
     app.add_middleware(LastResortMiddleware)  # added last: outermost, so no exception reaches uvicorn
     install_error_handlers(app)
     install_openapi(app)

@@ -13,8 +13,10 @@ import typer
 __all__ = ["register"]
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    from fleet.log_format import configure_logging
+
+    configure_logging(level, log_format)
 
 
 def _settings():
@@ -58,8 +60,8 @@ def up(
     """Start the whole stack in the foreground: redis-server, Ray, the API, a dispatcher, a tiny model."""
     from service.stack import StackOptions, run_local_stack
 
-    _configure_logging(log_level)
     settings = _settings()
+    _configure_logging(log_level, settings.log_format)
     options = StackOptions(port=port, host=host, data_dir=data_dir, ray_address=ray_address,
                            local_accelerators=settings.local_accelerators if accelerators is None else accelerators,
                            accelerator_resource=settings.accelerator_resource)
@@ -74,8 +76,8 @@ def serve(
     """Serve the REST API (settings from LORAFLEET_* environment variables)."""
     from service.server import run_server
 
-    _configure_logging(log_level)
     settings = _settings()
+    _configure_logging(log_level, settings.log_format)
     _check_redis_login(settings)
     run_server(settings, host=host, port=port, log_level=log_level)
 
@@ -87,8 +89,8 @@ def worker(
     """Run a dispatcher: claim queued jobs, train them on Ray, publish adapters (until SIGTERM/Ctrl-C)."""
     from workers.dispatcher import Dispatcher
 
-    _configure_logging(log_level)
     settings = _settings()
+    _configure_logging(log_level, settings.log_format)
     _check_redis_login(settings)
     dispatcher = Dispatcher(settings, worker_id=worker_id)
     dispatcher.connect_ray()

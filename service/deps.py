@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fleet.capacity import CapacityStore
 from fleet.catalog import Catalog
 from fleet.files import FileStore
+from fleet.log_format import set_log_tenant
 from fleet.objectstore import ObjectStore
 from fleet.queue import JobStore
 from fleet.quotas import QuotaStore
@@ -156,6 +157,8 @@ CallerPrincipal = Annotated[Principal, Depends(get_principal)]
 
 async def get_tenant_principal(principal: CallerPrincipal) -> Principal:
     """A caller acting as a tenant (the tenant's own resources); the operator key has no tenant."""
+    if principal.tenant_id is not None:
+        set_log_tenant(principal.tenant_id)  # this request's log lines name the tenant (fleet.log_format)
     if principal.tenant_id is None:
         raise APIError(
             403,

@@ -27,6 +27,8 @@ def make_server(
         # Errors are logged by the app's own handlers; no uvicorn access log noise per request by default.
         access_log=log_level == "debug",
         proxy_headers=True,
+        # JSON logs: uvicorn's loggers propagate to the root handler (fleet.log_format) instead of its own.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=5,
     )
     return uvicorn.Server(config)

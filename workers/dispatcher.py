@@ -36,6 +36,7 @@ An object-store or Ray node fault hands the job back too, at most `max_infra_fau
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -56,6 +57,7 @@ from fleet.fencing import Fence
 from fleet.files import FileStore
 from fleet.job_spec import Hyperparameters
 from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus
+from fleet.log_format import WorkerLogging, set_job_log_context
 from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
@@ -65,6 +67,7 @@ from workers.errors import error_chain, full_text, is_infrastructure_fault, scru
 from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
 from workers.job_inputs import StoredInputs, StoredObject
 from workers.maintenance import MaintenanceThread, claim_work_dir, sweep_work_dirs
+from workers.metrics import StepClock, TrainingMetrics, TrainingTelemetry, serve_metrics
 from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_storage import RayStorage, ray_storage_for
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
@@ -139,6 +142,9 @@ class JobReporter:
         self._started = time.monotonic()
         self._first_step: int | None = None
         self._uploads: CheckpointUploader | None = None  # started by the first checkpoint
+        # Timings for the dispatcher's /metrics (workers.metrics), carried by the metrics events.
+        self._step_clock = StepClock()
+        self._upload_s: list[float] = []  # appended by the uploader's thread, taken by the next metrics event
 
     def log(self, message: str, level: str = "info") -> None:
         if self.fenced:
@@ -146,6 +152,13 @@ class JobReporter:
         self._append_event(_LEVELS.get(level, "info"), message)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        timed = self._step_clock.row_arrived(time.monotonic())
+        try:
+            self._report_step(step, values, timed)
+        finally:
+            self._step_clock.row_done(time.monotonic())
+
+    def _report_step(self, step: int, values: dict[str, float], timed: tuple[float, int] | None) -> None:
         if self.fenced:
             return
         total = int(values["total_steps"]) if "total_steps" in values else None
@@ -174,7 +187,12 @@ class JobReporter:
                             ("val_token_accuracy", "validation token accuracy")):
             if name in shown:
                 parts.append(f"{label}={shown[name]:.4f}")
-        self._append_event("info", ", ".join(parts), {"step": step, **shown}, type="metrics")
+        timings: dict[str, Any] = {}
+        if timed is not None:
+            timings.update(step_time_s=round(timed[0], 6), steps_timed=timed[1])
+        if self._upload_s:  # pop() is atomic: an upload ending meanwhile goes with the next event
+            timings["checkpoint_upload_s"] = [self._upload_s.pop(0) for _ in range(len(self._upload_s))]
+        self._append_event("info", ", ".join(parts), {"step": step, **shown, **timings}, type="metrics")
 
     def checkpoint(self, step: int, path: Path) -> None:
         """Hand the checkpoint to the background uploader and return at once (the step never waits
@@ -197,7 +215,9 @@ class JobReporter:
         # its own a<attempt>-<token>/ prefix, which no newer claim records.
         if self.control() == "cancel":
             return
+        started = time.monotonic()
         prefix = upload_checkpoint(self.store, self.tenant_id, self.job_id, step, path, fence=self.fence)
+        self._upload_s.append(round(time.monotonic() - started, 3))
         # Every file is stored before the fenced Redis write commits it, so a listed checkpoint is whole.
         deadline = time.monotonic() + _CHECKPOINT_RECORD_TIMEOUT_S
         while True:
@@ -285,7 +305,9 @@ class _Heartbeat:
         self.lost = threading.Event()
         self.control: ControlSignal | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job.id}", daemon=True)
+        # Started on the job's runner thread: its log context (the job, fleet.log_format) goes along.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"heartbeat-{claim.job.id}", daemon=True)
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -432,6 +454,10 @@ class Dispatcher:
         """Ids of the jobs whose runners are still running here."""
         return [job_id for job_id, runner in self._runners.items() if runner.is_alive()]
 
+    def running_job_tenants(self) -> dict[str, str]:
+        """{job id: tenant id} of the jobs running here (for the metrics thread: a copy, read safely)."""
+        return {job_id: r.claim.job.tenant_id for job_id, r in list(self._runners.items()) if r.is_alive()}
+
     def connect_ray(self) -> None:
         """Join the Ray cluster at `ray_address`, or start a private local one when it is unset (never
         the cluster a past `ray start` recorded on this machine), which declares
@@ -463,6 +489,7 @@ class Dispatcher:
         self.connect_ray()
         maintenance = self.start_maintenance()
         capacity = CapacityWatch(self.jobs.redis, self.settings).start()
+        stop_metrics = self.serve_metrics() if self.settings.metrics_port else None
         backoff_s = 0.5
         try:
             while not self._stop.is_set():
@@ -476,8 +503,24 @@ class Dispatcher:
                     backoff_s = min(backoff_s * 2, 30.0)
         finally:
             self.hand_back_running_jobs()
+            if stop_metrics is not None:
+                stop_metrics()
             capacity.stop()
             maintenance.stop()
+
+    def serve_metrics(self) -> Callable[[], None]:
+        """Serve this dispatcher's training series on `metrics_port` (workers.metrics); returns the stop."""
+        metrics = TrainingMetrics(self.running_job_tenants)
+        client = make_redis(self.settings)
+        telemetry = TrainingTelemetry(client, metrics, self.running_job_tenants).start()
+        stop_server = serve_metrics(metrics.registry, self.settings.metrics_port)
+
+        def stop() -> None:
+            stop_server()
+            telemetry.stop()
+            client.close()
+
+        return stop
 
     def admit(self) -> int:
         """Claim jobs while claims succeed and fewer than `max_concurrent_jobs` run here; start a
@@ -587,6 +630,7 @@ class JobRunner:
         self._shutdown.set()
 
     def _run_then_signal(self) -> None:
+        set_job_log_context(self.claim.job.id, self.claim.job.tenant_id)  # this thread's lines name the job
         try:
             self.run()
         finally:
@@ -727,7 +771,8 @@ class JobRunner:
             except BaseException as e:  # handed to the dispatcher thread below
                 outcome["error"] = e
 
-        thread = threading.Thread(target=run, name=f"{what}-{heartbeat.claim.job.id}", daemon=True)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(run,),  # with the job's log context
+                                  name=f"{what}-{heartbeat.claim.job.id}", daemon=True)
         thread.start()
         while thread.is_alive():
             thread.join(timeout=_POLL_S)
@@ -837,6 +882,7 @@ class JobRunner:
                 inputs,
                 output_dir=work_dir / "out",
                 reporter_factory=JobReporterFactory(self.settings, job.tenant_id, fence),
+                worker_logging=WorkerLogging(self.settings.log_format, job.id, job.tenant_id),
                 num_workers=gang.workers,
                 use_gpu=gang.use_gpu,
                 resources_per_worker=gang.bundle,

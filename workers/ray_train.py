@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fleet.log_format import WorkerLogging
 from workers.checkpoints import checkpoint_name
 from workers.job_inputs import LocalInputs, TrainingInputs, node_work_dir, remove_work_dir
 from workers.loop import Runtime, TrainingResult, train
@@ -95,6 +96,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    if config.get("logging") is not None:
+        config["logging"].apply()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     work_dir = node_work_dir(config["name"], rank)
@@ -182,6 +185,7 @@ def run_training_on_ray(
     should_stop: Callable[[], str | None] | None = None,
     poll_s: float = 0.25,
     train_on_cpu: bool = False,
+    worker_logging: WorkerLogging | None = None,
 ) -> TrainingResult:
     """Train `spec` on a Ray Train TorchTrainer and return rank 0's result.
 
@@ -189,6 +193,7 @@ def run_training_on_ray(
     TrainingInputs that each worker fetches onto its own node (workers.job_inputs; the dispatcher's
     StoredInputs carry object-store keys and the checkpoint to resume from).
     `reporter_factory` is a picklable zero-argument callable, called inside the rank-0 worker.
+    `worker_logging` (fleet.log_format) is applied in every worker: its lines name the job.
     `resume_from` (with a TrainingSpec) is a checkpoint directory of an earlier run of the same job;
     within this run, Ray's latest checkpoint takes precedence after a worker failure. The adapter ends
     in `output_dir/adapter` on the driver's machine.
@@ -212,7 +217,8 @@ def run_training_on_ray(
         inputs = spec
     output_dir = Path(output_dir)
     trainer_kwargs = dict(
-        train_loop_config={"inputs": inputs, "reporter_factory": reporter_factory, "name": name},
+        train_loop_config={"inputs": inputs, "reporter_factory": reporter_factory, "name": name,
+                           "logging": worker_logging},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
         ),

@@ -104,7 +104,7 @@ def test_metrics_count_requests_by_route_template_and_report_the_queue(api_serve
     with api_server.admin() as operator:
         text = operator.get("/metrics").text
     assert 'lorafleet_http_requests_total{method="GET",route="/v1/files/{file_id}",status="404"} 2.0' in text
-    assert "lorafleet_jobs_queued 0.0" in text
+    assert 'lorafleet_jobs{state="queued"} 0.0' in text
     assert "lorafleet_http_request_duration_seconds_bucket" in text
 
 
