@@ -21,7 +21,7 @@ function h(tag, attrs = {}, ...children) {
     else if (k === "class") node.className = v;
     else node.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
+  for (const c of children.flat(Infinity)) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
   return node;
 }
 
@@ -144,7 +144,8 @@ async function jobsPage(params) {
 
 function jobSummary(job) {
   const p = job.progress || {};
-  const metrics = Object.entries(p.metrics || {}).map(([k, v]) => `${k} ${typeof v === "number" ? v.toPrecision(4) : v}`);
+  const hidden = new Set(["step", "total_steps", "epoch", "tokens_trained"]);
+  const metrics = Object.entries(p.metrics || {}).filter(([k]) => !hidden.has(k)).map(([k, v]) => `${k} ${typeof v === "number" ? v.toPrecision(4) : v}`);
   return h("dl", { class: "facts" },
     h("dt", {}, "Status"), h("dd", { id: "job-status" }, badge(job.status)),
     h("dt", {}, "Progress"), h("dd", {}, progressCell(job), p.percent !== undefined && p.percent !== null ? ` (${p.percent}%)` : ""),
@@ -195,10 +196,11 @@ async function jobPage(id) {
     checkpointsAt = Date.now();
     try {
       const page = await api(`/v1/fine_tuning/jobs/${id}/checkpoints?limit=100`);
-      checkpoints.replaceChildren(table(["Step", "Checkpoint", "Train loss", "Valid loss", "Created"],
+      const shown = (m) => Object.entries(m || {}).filter(([k]) => k !== "step")
+        .map(([k, v]) => `${k} ${typeof v === "number" ? v.toPrecision(4) : v}`).join(", ");
+      checkpoints.replaceChildren(table(["Step", "Checkpoint", "Metrics", "Created"],
         page.data.map((c) => h("tr", {}, h("td", {}, c.step_number), h("td", {}, c.fine_tuned_model_checkpoint),
-          h("td", {}, dash(c.metrics?.train_loss?.toPrecision?.(4))), h("td", {}, dash(c.metrics?.valid_loss?.toPrecision?.(4))),
-          h("td", {}, time(c.created_at))))));
+          h("td", {}, dash(shown(c.metrics))), h("td", {}, time(c.created_at))))));
     } catch (e) { checkpoints.replaceChildren(); showError(e, checkpoints); }
   };
   const onEvent = (event) => {
@@ -253,7 +255,7 @@ async function download(name, version) {
 }
 
 function manifestView(m) {
-  const kv = (obj) => h("dl", { class: "facts" }, Object.entries(obj || {}).map(([k, v]) =>
+  const kv = (obj, id) => h("dl", { class: "facts", id }, Object.entries(obj || {}).map(([k, v]) =>
     [h("dt", {}, k), h("dd", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v))]));
   return h("section", { id: "manifest", "aria-label": `Manifest of ${m.ref}` },
     h("h2", {}, `Manifest of ${m.ref}`),
@@ -264,7 +266,7 @@ function manifestView(m) {
       h("dt", {}, "Continues"), h("dd", {}, dash(m.parent)),
       h("dt", {}, "Dataset"), h("dd", {}, m.dataset?.file_id ? `${m.dataset.file_id} (sha256 ${m.dataset.sha256})` : "—"),
       h("dt", {}, "Created"), h("dd", {}, time(m.created_at))),
-    h("h3", {}, "LoRA config"), kv(m.lora_config),
+    h("h3", {}, "LoRA config"), kv(m.lora_config, "lora-config"),
     h("h3", {}, "Hyperparameters"), kv(m.hyperparameters),
     h("h3", {}, "Final metrics"), kv(m.final_metrics),
     h("h3", {}, "Files"),

@@ -1,7 +1,7 @@
 // A small SVG line chart: one or more series of (step, value) points, axes with min/max labels.
 
 const NS = "http://www.w3.org/2000/svg";
-const W = 640, H = 260, PAD = { left: 56, right: 16, top: 16, bottom: 36 };
+const W = 640, H = 260, PAD = { left: 56, right: 16, top: 28, bottom: 36 };
 const COLORS = ["#1f6feb", "#d9480f", "#2b8a3e", "#862e9c"];
 
 function el(name, attrs = {}, text) {
@@ -81,7 +81,7 @@ export class LineChart {
       }));
       if (pts.length === 1) svg.append(el("circle", { cx: sx(pts[0][0]), cy: sy(pts[0][1]), r: 3, fill: s.color }));
       const last = pts[pts.length - 1][1];
-      svg.append(el("text", { x: legendX, y: PAD.top + 16, fill: s.color, class: "legend" }, `${s.label} ${fmt(last)}`));
+      svg.append(el("text", { x: legendX, y: PAD.top - 10, fill: s.color, class: "legend" }, `${s.label} ${fmt(last)}`));
       legendX += 190;
     }
   }

@@ -108,6 +108,8 @@ def test_tenant_watches_loss_curve_grow_and_cancels_a_job_from_the_page(
     manifest.wait_for()
     assert "tiny-llama" in manifest.inner_text() and "adapter_model.safetensors" in manifest.inner_text()
     assert watched in manifest.inner_text()
+    assert "q_proj" in manifest.locator("#lora-config").inner_text()  # the LoRA config, field by field
+    assert "[object" not in manifest.inner_text()
     with page.expect_download() as download:
         page.get_by_role("button", name="Download").click()
     assert download.value.suggested_filename == "reverser-v1.tar.gz"
