@@ -31,6 +31,8 @@ def test_dashboard_files_are_public_but_every_data_request_needs_a_key(server: A
         assert http.get("/ui/secrets.txt").status_code == 404
         assert http.get("/v1/fine_tuning/jobs").status_code == 401
         assert http.get("/v1/admin/cluster").status_code == 401
+        paths = http.get("/openapi.json").json()["paths"]
+        assert not [p for p in paths if p == "/" or p.startswith("/ui")], "the dashboard is no part of the API schema"
 
 
 def test_operator_sees_cluster_view_tenants_keys_and_quotas(server: APIServer, redis_server: Any, page: Any,

@@ -1,12 +1,12 @@
 """A tenant's dashboard in chromium over a real stack: API, Redis, Ray and a `lorafleet worker` dispatcher.
 
 The job page's loss curve is fed by the job's SSE stream; the test watches it gain points while the
-job trains, cancels another job with the page's button, and opens the published adapter's manifest.
+job trains, pauses, resumes and cancels another job with the page's buttons, and opens the published
+adapter's manifest.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,21 +16,12 @@ import pytest
 from fleet.catalog import BaseModelSpec
 from fleet.settings import Settings
 from tests.browser.conftest import sign_in
+from tests.reliability.conftest import wait_for
 from tests.service.conftest import APIServer, make_api_settings
 from tests.service.test_end_to_end import Dispatchers
 from workers.synthetic import write_synthetic_splits
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @pytest.fixture
@@ -51,7 +42,7 @@ def _points(page: Any, series: str) -> int:
     return int(line.get_attribute("data-points")) if line.count() else 0
 
 
-def test_tenant_watches_loss_curve_grow_and_cancels_a_job_from_the_page(
+def test_tenant_watches_loss_curve_grow_and_pauses_resumes_cancels_a_job_from_the_page(
         stack: tuple[APIServer, Dispatchers], page: Any, screenshots: Path, tmp_path: Path) -> None:
     server, dispatchers = stack
     tenant = server.create_tenant("team-nlp")
@@ -72,11 +63,15 @@ def test_tenant_watches_loss_curve_grow_and_cancels_a_job_from_the_page(
     watched, doomed = create("reverser"), create("doomed")
     sign_in(page, server.url, tenant.api_key)
     rows = page.locator("#jobs tbody tr")
-    _wait_for(lambda: rows.count() == 2, "both jobs in the jobs list")
+    wait_for(lambda: rows.count() == 2, "both jobs in the jobs list")
     assert "queued" in page.locator(f'tr[data-job="{doomed}"]').inner_text()
 
-    # Cancel the second job from its page, before any dispatcher runs.
+    # Pause, resume, then cancel the second job from its page, before any dispatcher runs.
     page.locator(f'a[href="#/jobs/{doomed}"]').click()
+    page.get_by_role("button", name="Pause").click()
+    page.locator("#job-status").get_by_text("paused").wait_for()
+    page.get_by_role("button", name="Resume").click()
+    page.locator("#job-status").get_by_text("queued").wait_for()
     page.get_by_role("button", name="Cancel").click()
     page.locator("#job-status").get_by_text("cancelled").wait_for()
     assert client.fine_tuning.jobs.retrieve(doomed).status == "cancelled"
@@ -88,8 +83,8 @@ def test_tenant_watches_loss_curve_grow_and_cancels_a_job_from_the_page(
     page.locator("#loss-chart").wait_for()
     assert _points(page, "train_loss") == 0
     dispatchers.start("dispatcher-1")
-    first = _wait_for(lambda: _points(page, "train_loss"), "the first training loss point on the page")
-    _wait_for(lambda: _points(page, "train_loss") > first, f"the loss curve to grow past {first} point(s)")
+    first = wait_for(lambda: _points(page, "train_loss"), "the first training loss point on the page")
+    wait_for(lambda: _points(page, "train_loss") > first, f"the loss curve to grow past {first} point(s)")
     page.locator("#job-status").get_by_text("succeeded").wait_for(timeout=180_000)
     steps = client.fine_tuning.jobs.retrieve(watched).model_extra["progress"]["total_steps"]
     assert steps >= 20 and _points(page, "train_loss") == steps  # every step is logged on CPU
@@ -101,7 +96,7 @@ def test_tenant_watches_loss_curve_grow_and_cancels_a_job_from_the_page(
     # The list shows both outcomes; the adapter page shows the published version's manifest.
     page.get_by_role("link", name="Jobs", exact=True).click()
     page.locator("#status-filter").select_option("succeeded")
-    _wait_for(lambda: rows.count() == 1 and watched in rows.first.inner_text(), "the status filter")
+    wait_for(lambda: rows.count() == 1 and watched in rows.first.inner_text(), "the status filter")
     page.get_by_role("link", name="Adapters").click()
     page.get_by_role("link", name="reverser").click()
     manifest = page.locator("#manifest")
