@@ -27,7 +27,7 @@ from service.errors import LastResortMiddleware, install_error_handlers
 from service.log_context import LogContextMiddleware
 from service.metrics import APIMetrics, MetricsMiddleware, SchedulerCollector
 from service.openapi import install_openapi
-from service.routes import adapters, admin, files, health, jobs, models, webhooks
+from service.routes import adapters, admin, dashboard, files, health, jobs, models, webhooks
 from service.uploads import remove_stale_spool_files
 
 __all__ = ["create_app"]
@@ -152,4 +152,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(adapters.router, prefix="/v1")
     app.include_router(admin.router, prefix="/v1")
     app.include_router(webhooks.router, prefix="/v1")
+    app.include_router(dashboard.router)  # static files only; data comes through /v1
     return app
