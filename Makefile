@@ -15,7 +15,7 @@ up: install redis-server
 
 ## test: install everything, then lint and run the whole test suite (slow end-to-end tests included)
 test: install redis-server chromium lint
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=30
 
 lint: install
 	$(BIN)/ruff check .
