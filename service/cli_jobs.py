@@ -22,6 +22,7 @@ from service.console import (
     connect,
     console,
     duration,
+    err_console,
     fail,
     print_json,
     status_text,
@@ -137,7 +138,7 @@ def _file_id(client: LorafleetClient, value: str) -> str:
     path = Path(value)
     if path.is_file():
         uploaded = call(client.upload_file, path)
-        console.print(f"Uploaded {path} as {uploaded['id']}.")
+        err_console.print(f"Uploaded {path} as {uploaded['id']}.")  # stderr: `--json` output stays pure JSON
         return uploaded["id"]
     return value
 

@@ -17,6 +17,12 @@ from typing import Any
 
 import pytest
 
+# pytest-xdist workers inherit COLUMNS=80 and LINES=24. Rich fixes a console's width from COLUMNS when
+# the console is made (service.console, at import), which would override the width the CLI tests give
+# each call; without them, the consoles size themselves per call from the environment the test sets.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -96,8 +96,10 @@ def test_follow_renders_progress_until_the_job_succeeds(cli, api_server, tenant_
 
 
 def test_follow_exits_nonzero_for_a_cancelled_job(cli, tenant_a, dataset_path):
-    job = json.loads(cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path), "--json",
-                         api_key=tenant_a.api_key).output.split("\n", 1)[1])
+    created = cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path), "--json",
+                  api_key=tenant_a.api_key)
+    job = json.loads(created.stdout)  # the upload notice goes to stderr: stdout is the job's JSON alone
+    assert "Uploaded" in created.stderr
     cli("jobs", "cancel", job["id"], api_key=tenant_a.api_key)
     out = cli("jobs", "follow", job["id"], api_key=tenant_a.api_key, expect=1).output
     assert "cancelled" in out

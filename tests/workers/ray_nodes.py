@@ -70,6 +70,7 @@ class RayCluster:
     def add_node(self, name: str, *, gpus: int, cpus: int = 1) -> RayNode:
         """Start a worker node declaring `gpus` logical GPUs; returns once `ray start` has joined it."""
         proc = _start(["--address", self.address, f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+                       f"--dashboard-agent-listen-port={free_port()}",
                        f"--temp-dir={self.temp_dir}"], self.env, self.temp_dir / f"{name}.log")
         node = RayNode(name, gpus, proc)
         self.nodes.append(node)
@@ -104,7 +105,10 @@ def start_cluster(temp_dir: Path, *, worker_gpus: list[int]) -> RayCluster:
     env = {**os.environ, "TMPDIR": str(temp_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "OMP_NUM_THREADS": "1"}
     port = free_port()
+    # Every port Ray would otherwise take at a fixed default is drawn free, so that this cluster can start
+    # while another Ray runs on the machine (make test runs two test files at once).
     head = _start(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
+                   f"--dashboard-agent-listen-port={free_port()}",
                    f"--temp-dir={temp_dir}"], env, temp_dir / "head.log")
     cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir, env=env)
     cluster.nodes.append(RayNode("head", 0, head))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,10 +38,14 @@ LEASE_MS, HEARTBEAT_MS = 3000, 250
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    started = start_cluster(tmp_path_factory.mktemp("ray-nodes"), worker_gpus=[2, 2])
+def cluster() -> Iterator[RayCluster]:
+    # A short temp dir: Ray's socket paths under it must stay within AF_UNIX's 107 bytes, which pytest's
+    # per-worker temp dirs (…/pytest-N/popen-gw0/…) exceed.
+    temp_dir = Path(tempfile.mkdtemp(prefix="lf-gang-"))
+    started = start_cluster(temp_dir, worker_gpus=[2, 2])
     yield started
     started.stop()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 180.0) -> Any:
