@@ -287,6 +287,8 @@ def _print_ready(base_url: str, tenant_key: str, admin_key: str, data_dir: Path,
         console.print(f"  local Ray      : {accelerators} logical GPUs (training runs on the CPU)")
     console.print(f"  tenant API key : {tenant_key}")
     console.print(f"  admin key      : {admin_key}")
-    console.print(f"  try it         : export LORAFLEET_BASE_URL={base_url} LORAFLEET_API_KEY={tenant_key}")
+    # soft_wrap: the line is meant to be pasted into a shell, so a narrow terminal must not break it
+    console.print(f"  try it         : export LORAFLEET_BASE_URL={base_url} LORAFLEET_API_KEY={tenant_key}",
+                  soft_wrap=True, highlight=False)
     console.print("                   lorafleet jobs list")
     console.print("  Ctrl-C stops everything.")
