@@ -5,8 +5,6 @@ the adapter an uninterrupted run gives)."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +21,12 @@ from fleet.quotas import QuotaStore, TenantQuota
 from fleet.registry import AdapterRegistry
 from fleet.resources import Resources
 from fleet.settings import Settings, make_object_store, make_redis
+from tests.reliability.conftest import wait_for
 from workers.dispatcher import Dispatcher
 from workers.synthetic import write_synthetic_splits
 
 pytestmark = pytest.mark.slow
 
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class Setup:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from fleet.jobs import JobStatus
 from fleet.queue import JobStore
 from fleet.resources import Resources
 from fleet.settings import Settings, make_object_store, make_redis
+from tests.reliability.conftest import wait_for
 from tests.workers.ray_nodes import RayCluster, RayNode, start_cluster
 from workers.synthetic import write_synthetic_splits
 
@@ -47,15 +47,6 @@ def cluster() -> Iterator[RayCluster]:
     started.stop()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class Fleet:
