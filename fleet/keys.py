@@ -36,6 +36,7 @@ __all__ = [
     "default_quota",
     "capacity",
     "capacity_nodes",
+    "throughput",
     "tenant",
     "tenants",
     "tenant_names",
@@ -234,6 +235,12 @@ def capacity() -> str:
 def capacity_nodes() -> str:
     """Hash: node id → NodeCapacity JSON, as the dispatchers last read it from Ray."""
     return f"{PREFIX}capacity:nodes"
+
+
+def throughput() -> str:
+    """Hash: "<accelerator kind>|<base model>" → JSON {tokens_per_s_per_worker (EWMA), jobs, updated_at}:
+    the training speed finished jobs measured (fleet.throughput)."""
+    return f"{PREFIX}throughput"
 
 
 # --- tenants and API keys -------------------------------------------------------------------------

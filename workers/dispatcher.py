@@ -62,6 +62,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from fleet.throughput import record_job_throughput
 from workers.checkpoint_uploader import CheckpointUploader
 from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
 from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
@@ -860,6 +861,9 @@ class JobRunner:
                                     trained_tokens=result.tokens_trained,
                                     hyperparameters=hyperparameters_used(job.spec.hyperparameters,
                                                                          result.hyperparameters))
+        record_job_throughput(self.jobs.redis, self.settings, base_name,  # for estimates (fleet.throughput)
+                              tokens_per_s=result.metrics.get("tokens_per_s"),
+                              workers=int(result.hyperparameters.get("world_size", 1)))
         logger.info("job %s succeeded: published %s", job.id, ref)
 
     def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: _Heartbeat):
