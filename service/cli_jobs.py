@@ -1,7 +1,8 @@
-"""`lorafleet jobs ...`: create, list, inspect, steer and follow fine-tuning jobs (follow = live progress)."""
+"""`lorafleet jobs ...`: estimate, create, list, inspect, steer and follow fine-tuning jobs (follow = live progress)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import uuid
@@ -86,41 +87,12 @@ def jobs_create(
 ) -> None:
     """Create a fine-tuning job (uploading local files first)."""
     with connect(base_url, api_key) as client:
-        training_id = _file_id(client, training_file)
-        body: dict[str, Any] = {"model": model, "training_file": training_id}
-        if validation_file:
-            body["validation_file"] = _file_id(client, validation_file)
-        if suffix:
-            body["suffix"] = suffix
-        if seed is not None:
-            body["seed"] = seed
-        hyperparameters = {
-            k: v
-            for k, v in {
-                "n_epochs": _number_or_auto(n_epochs, int),
-                "batch_size": _number_or_auto(batch_size, int),
-                "learning_rate_multiplier": _number_or_auto(learning_rate_multiplier, float),
-            }.items()
-            if v is not None
-        }
-        if hyperparameters:
-            body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
-        lora: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": dropout, "quantization": quantization}
-        if target_modules:
-            lora["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
-        if use_rslora:
-            lora["use_rslora"] = True
-        lora = {k: v for k, v in lora.items() if v is not None}
-        if lora:
-            body["lora"] = lora
-        resources = {k: v for k, v in {"gpus": gpus, "workers": workers, "gpus_per_worker": gpus_per_worker}.items()
-                     if v is not None}
-        if resources:  # the server says what is wrong with them (e.g. --gpus with --workers)
-            body["resources"] = resources
-        if priority:
-            body["priority"] = priority
-        if metadata:
-            body["metadata"] = _parse_metadata(metadata)
+        body = _job_body(client, model=model, training_file=training_file, validation_file=validation_file,
+                         suffix=suffix, seed=seed, n_epochs=n_epochs, batch_size=batch_size,
+                         learning_rate_multiplier=learning_rate_multiplier, r=r, alpha=alpha, dropout=dropout,
+                         target_modules=target_modules, use_rslora=use_rslora, quantization=quantization,
+                         gpus=gpus, workers=workers, gpus_per_worker=gpus_per_worker, priority=priority,
+                         metadata=metadata)
         job = call(client.create_job, body, idempotency_key=idempotency_key or f"cli-{uuid.uuid4()}")
         if as_json:
             print_json(job)
@@ -131,6 +103,101 @@ def jobs_create(
                           f"priority): {status_text(job['status'])}.")
         if follow:
             _follow(client, job["id"])
+
+
+def jobs_estimate(**options: Any) -> None:
+    """Estimate a job before running it (the options of `jobs create`): parameters, adapter size, peak
+    memory, tokens and duration, each with its assumption. Creates nothing."""
+    base_url, api_key, as_json = options.pop("base_url"), options.pop("api_key"), options.pop("as_json")
+    with connect(base_url, api_key) as client:
+        estimate = call(client.estimate_job, _job_body(client, **options))
+    if as_json:
+        print_json(estimate)
+        return
+    table = Table("figure", "estimate", "assumption", title=f"Estimate for {estimate['model']} "
+                  f"({estimate['workers']} worker(s), quantization {estimate['quantization']})")
+    memory = estimate["peak_memory_bytes"]
+    rows = [("trainable parameters", _count_text(estimate["trainable_parameters"]["value"]),
+             estimate["trainable_parameters"]["assumption"]),
+            ("adapter file", _bytes_text(estimate["adapter_file_bytes"]["value"]),
+             estimate["adapter_file_bytes"]["assumption"]),
+            ("peak memory per worker", _bytes_text(memory["value"]), memory["assumption"])]
+    rows += [(f"  {part.replace('_', ' ')}", _bytes_text(memory[part]["value"]), memory[part]["assumption"])
+             for part in ("base_weights", "adapter_weights", "gradients", "optimizer_state", "activations",
+                          "loss_logits", "reserve")]
+    rows += [("training tokens", _count_text(estimate["training_tokens"]["value"]),
+              estimate["training_tokens"]["assumption"]),
+             ("duration", duration(estimate["duration_s"]["value"]) if estimate["duration_s"]["value"] is not None
+              else "unknown", estimate["duration_s"]["assumption"])]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+# `jobs estimate` takes exactly the options of `jobs create` but the create-only ones: its signature is
+# create's, so an option added to create reaches estimate too (typer reads `__signature__`).
+_CREATE_SIGNATURE = inspect.signature(jobs_create, eval_str=True)
+jobs_estimate.__signature__ = _CREATE_SIGNATURE.replace(parameters=[  # type: ignore[attr-defined]
+    p for name, p in _CREATE_SIGNATURE.parameters.items() if name not in ("idempotency_key", "follow")])
+jobs_app.command("estimate")(jobs_estimate)
+
+
+def _count_text(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:,}"
+
+
+def _bytes_text(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+
+
+def _job_body(client: LorafleetClient, *, model: str, training_file: str, validation_file: str | None,
+              suffix: str | None, seed: int | None, n_epochs: str | None, batch_size: str | None,
+              learning_rate_multiplier: str | None, r: int | None, alpha: float | None, dropout: float | None,
+              target_modules: str | None, use_rslora: bool, quantization: str | None, gpus: int | None,
+              workers: int | None, gpus_per_worker: int | None, priority: str | None,
+              metadata: list[str] | None) -> dict[str, Any]:
+    """The create (and estimate) request body from the command's options, uploading local files first."""
+    training_id = _file_id(client, training_file)
+    body: dict[str, Any] = {"model": model, "training_file": training_id}
+    if validation_file:
+        body["validation_file"] = _file_id(client, validation_file)
+    if suffix:
+        body["suffix"] = suffix
+    if seed is not None:
+        body["seed"] = seed
+    hyperparameters = {
+        k: v
+        for k, v in {
+            "n_epochs": _number_or_auto(n_epochs, int),
+            "batch_size": _number_or_auto(batch_size, int),
+            "learning_rate_multiplier": _number_or_auto(learning_rate_multiplier, float),
+        }.items()
+        if v is not None
+    }
+    if hyperparameters:
+        body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    lora: dict[str, Any] = {"r": r, "alpha": alpha, "dropout": dropout, "quantization": quantization}
+    if target_modules:
+        lora["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
+    if use_rslora:
+        lora["use_rslora"] = True
+    lora = {k: v for k, v in lora.items() if v is not None}
+    if lora:
+        body["lora"] = lora
+    resources = {k: v for k, v in {"gpus": gpus, "workers": workers, "gpus_per_worker": gpus_per_worker}.items()
+                 if v is not None}
+    if resources:  # the server says what is wrong with them (e.g. --gpus with --workers)
+        body["resources"] = resources
+    if priority:
+        body["priority"] = priority
+    if metadata:
+        body["metadata"] = _parse_metadata(metadata)
+    return body
 
 
 def _file_id(client: LorafleetClient, value: str) -> str:

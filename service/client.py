@@ -141,6 +141,10 @@ class LorafleetClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self.request("POST", "/v1/fine_tuning/jobs", json=body, headers=headers)
 
+    def estimate_job(self, body: dict) -> dict:
+        """What the job in `body` (create's body) would cost; nothing is created."""
+        return self.request("POST", "/v1/fine_tuning/jobs/estimate", json=body)
+
     def list_jobs(self, *, limit: int = 20, after: str | None = None) -> dict:
         params: dict[str, Any] = {"limit": limit}
         if after:

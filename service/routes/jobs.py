@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from fleet.capacity import CapacityStore
 from fleet.catalog import Catalog
+from fleet.estimate import JobEstimate
 from fleet.events import event_stream_id
 from fleet.exceptions import InvalidRequest, NotFound
 from fleet.files import FileStore
@@ -19,9 +20,20 @@ from fleet.jobs import Job, JobStatus
 from fleet.queue import JobStore
 from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
-from service.deps import CapacityDep, CatalogDep, CurrentTenant, FilesDep, JobsDep, QuotasDep, RegistryDep
+from service.deps import (
+    CapacityDep,
+    CatalogDep,
+    CurrentTenant,
+    FilesDep,
+    JobsDep,
+    QuotasDep,
+    RedisDep,
+    RegistryDep,
+    SettingsDep,
+)
 from service.errors import APIError
 from service.events_stream import event_stream_response
+from service.job_estimate import estimate_validated_job
 from service.job_resources import checked_resources
 from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
@@ -343,3 +355,18 @@ def list_checkpoints(
         checkpoints = checkpoints[ids.index(after) + 1:]
     page = checkpoints[:limit]
     return list_envelope([checkpoint_object(job, c) for c in page], has_more=len(checkpoints) > limit)
+
+
+@router.post("/estimate")
+def estimate_job(body: JobCreateRequest, tenant: CurrentTenant, files: FilesDep, catalog: CatalogDep,
+                 registry: RegistryDep, quotas: QuotasDep, capacity: CapacityDep, client: RedisDep,
+                 settings: SettingsDep) -> JobEstimate:
+    """What the job in the body (create's body, checked as create checks it) would cost: trainable
+    parameters, adapter file, peak memory per worker, training tokens and, once a job on its base model
+    has finished here, its duration. Each figure states its assumption; nothing is created or queued."""
+    tenant_id = tenant.tenant_id
+    assert tenant_id is not None  # CurrentTenant guarantees it
+    fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry,
+                               quotas=quotas, capacity=capacity)
+    return estimate_validated_job(fields, tenant_id=tenant_id, files=files, catalog=catalog, client=client,
+                                  settings=settings)
