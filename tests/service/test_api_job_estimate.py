@@ -19,6 +19,7 @@ from fleet.settings import make_redis
 from fleet.throughput import ThroughputStore
 from service.cli import app
 from tests.service.conftest import make_api_settings, write_chat_dataset
+from tests.service.test_end_to_end import e2e, synthetic  # noqa: F401  (fixtures: API, dispatchers, Ray)
 
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 352,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
@@ -248,3 +249,35 @@ def test_the_cli_estimate_takes_every_option_of_create_but_the_create_only_ones(
     options = {name: {opt for p in jobs.commands[name].params for opt in p.opts} for name in ("create", "estimate")}
     assert options["create"] - options["estimate"] == {"--idempotency-key", "--follow"}
     assert options["estimate"] <= options["create"]
+
+
+@pytest.mark.slow
+def test_a_job_that_finishes_gives_its_base_model_a_measured_duration(e2e, synthetic):  # noqa: F811 (fixtures)
+    """Through a real dispatcher and Ray: the succeeded job's speed is recorded, and the next estimate
+    on its base model has a duration."""
+    from tests.service.test_end_to_end import _finished, _wait_for
+
+    server, dispatchers = e2e()
+    tenant = server.create_tenant("team-e2e")
+    train_path, _ = synthetic
+    with server.client(tenant.api_key) as http, open(train_path, "rb") as fh:
+        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}, data={"purpose": "fine-tune"}).json()["id"]
+    body = {"model": "tiny-llama", "training_file": file_id, "lora": {"r": 4, "target_modules": ["q_proj"]},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}}}
+    before = _post(server, tenant, "/v1/fine_tuning/jobs/estimate", body).json()
+    assert before["duration_s"]["value"] is None
+
+    dispatchers.start("dispatcher-1")
+    job = _post(server, tenant, "/v1/fine_tuning/jobs", body).json()
+    client = server.openai(tenant.api_key)
+    done = _wait_for(lambda: _finished(client, job["id"]), f"job {job['id']} to finish")
+    assert done.status == "succeeded", done.error
+
+    redis_client = make_redis(server.settings)
+    measured = ThroughputStore(redis_client).get("cpu", "tiny-llama")
+    redis_client.close()
+    assert measured is not None and measured.jobs == 1 and measured.tokens_per_s_per_worker > 0
+    after = _post(server, tenant, "/v1/fine_tuning/jobs/estimate", body).json()
+    assert after["duration_s"]["value"] == pytest.approx(
+        after["training_tokens"]["value"] / measured.tokens_per_s_per_worker, abs=0.1)
+    assert "1 finished job(s) on tiny-llama" in after["duration_s"]["assumption"]
