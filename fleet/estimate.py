@@ -139,13 +139,10 @@ def adapter_tensors(shape: BaseModelShape, lora: LoraSpec) -> list[tuple[str, tu
     """The adapter's tensors as lora_core.io saves them (PEFT keys, shapes); ValueError naming the
     target modules whose shape a Llama-style block does not tell."""
     names = _target_names(lora)
-    unknown = [n for n in names if shape.linear_shape(n) is None]
-    if unknown:
-        raise ValueError(f"the shape of target module(s) {', '.join(unknown)} is not known for a Llama-style block")
+    shapes = shape.linear_shapes(names)
     tensors: list[tuple[str, tuple[int, ...]]] = []
     for layer in range(shape.decoder.n_layers):
-        for name in names:
-            fan_in, fan_out = shape.linear_shape(name)  # type: ignore[misc]
+        for name, (fan_in, fan_out) in zip(names, shapes, strict=True):
             block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{name}."
             tensors += [(prefix + "lora_A.weight", (lora.r, fan_in)), (prefix + "lora_B.weight", (fan_out, lora.r))]
@@ -175,13 +172,13 @@ def peak_memory(shape: BaseModelShape, lora: LoraSpec, quantization: str | None,
     fleet.memory_model's terms."""
     a, d = run.activation_bytes, shape.decoder
     micro_batch_tokens = run.micro_batch_sequences * row_tokens
-    adapted = [shape.linear_shape(n) for n in _target_names(lora)]
+    adapted = shape.linear_shapes(_target_names(lora))
     per_token = activation_bytes_per_token(d, a, run.gradient_checkpointing) + dropout_bytes_per_token(
-        sum(i for i, _ in adapted), n_layers=d.n_layers, activation_bytes=a, dropout=lora.dropout,  # type: ignore[misc]
+        sum(i for i, _ in adapted), n_layers=d.n_layers, activation_bytes=a, dropout=lora.dropout,
         gradient_checkpointing=run.gradient_checkpointing)
     activations = micro_batch_tokens * per_token
     if lora.use_dora:
-        activations += dora_activation_bytes(micro_batch_tokens, adapted, n_layers=d.n_layers,  # type: ignore[arg-type]
+        activations += dora_activation_bytes(micro_batch_tokens, adapted, n_layers=d.n_layers,
                                              gradient_checkpointing=run.gradient_checkpointing)
     checkpointing = "with" if run.gradient_checkpointing else "without"
     dtype = {2: "bf16", 4: "fp32"}.get(a, f"{a}-byte")

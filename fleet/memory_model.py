@@ -38,6 +38,7 @@ __all__ = [
     "ADAPTER_BYTES_PER_PARAM",
     "ADAMW_BYTES_PER_PARAM",
     "GRADIENT_BYTES_PER_PARAM",
+    "LLAMA_STYLE_LINEARS",
     "LOSS_CHUNK_BYTES",
     "RESERVE_BYTES",
     "WEIGHT_BYTES_PER_PARAM",
@@ -109,10 +110,11 @@ class BaseModelShape:
         decoder = DecoderShape(config["num_hidden_layers"], hidden, config["intermediate_size"], kv_heads * head_dim)
         return cls(decoder, heads * head_dim, config["vocab_size"], bool(config.get("tie_word_embeddings", False)))
 
-    def linear_shape(self, name: str) -> tuple[int, int] | None:
-        """(in, out) of the decoder block's linear layer `name`; None for a name not in a Llama block."""
+    def linear_shapes(self, names: list[str] | tuple[str, ...]) -> list[tuple[int, int]]:
+        """(in, out) of each named linear layer of a decoder block; ValueError naming those a Llama-style
+        block does not have."""
         d = self.decoder
-        return {
+        known = {
             "q_proj": (d.hidden_size, self.q_size),
             "k_proj": (d.hidden_size, d.kv_size),
             "v_proj": (d.hidden_size, d.kv_size),
@@ -120,10 +122,11 @@ class BaseModelShape:
             "gate_proj": (d.hidden_size, d.intermediate_size),
             "up_proj": (d.hidden_size, d.intermediate_size),
             "down_proj": (d.intermediate_size, d.hidden_size),
-        }.get(name)
-
-    def linear_params_per_layer(self) -> int:
-        return sum(i * o for i, o in (self.linear_shape(n) for n in LLAMA_STYLE_LINEARS))  # type: ignore[misc]
+        }
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"the shape of target module(s) {', '.join(unknown)} is not known for a Llama-style block")
+        return [known[n] for n in names]
 
     def other_params(self) -> int:
         """Embeddings, the output head (unless tied) and the norms: what no quantization touches."""
@@ -135,13 +138,13 @@ class BaseModelShape:
 def base_weight_bytes(shape: BaseModelShape, quantization: str | None, dense_bytes: int = 2) -> int:
     """The frozen base on the device: the decoder's linear weights in `quantization` ("nf4", "int8", or
     None/"none": dense), everything else in the compute dtype (`dense_bytes` a parameter)."""
-    matrices = [shape.linear_shape(n) for n in LLAMA_STYLE_LINEARS] * shape.decoder.n_layers
+    matrices = shape.linear_shapes(LLAMA_STYLE_LINEARS) * shape.decoder.n_layers
     if quantization == "nf4":
-        quantized = sum(_nf4_bytes(i * o) for i, o in matrices)  # type: ignore[misc]
+        quantized = sum(_nf4_bytes(i * o) for i, o in matrices)
     elif quantization == "int8":
-        quantized = sum(i * o + 4 * o for i, o in matrices)  # type: ignore[misc]
+        quantized = sum(i * o + 4 * o for i, o in matrices)
     elif quantization in (None, "none"):
-        quantized = sum(dense_bytes * i * o for i, o in matrices)  # type: ignore[misc]
+        quantized = sum(dense_bytes * i * o for i, o in matrices)
     else:
         raise ValueError(f"quantization must be 'nf4', 'int8' or 'none', got {quantization!r}")
     return quantized + dense_bytes * shape.other_params()
