@@ -1,7 +1,8 @@
 """Adapter registry: immutable, numbered adapter versions per tenant in the object store.
 
 Layout: tenants/<tid>/adapters/<name>/v<N>/ holds a manifest.json (sha256, size and stored key of
-each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, created_at);
+each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, the rank
+report, created_at);
 the files themselves lie under v<N>/a<attempt>-<token>/ (training: one folder per claim, `Fence.writer`)
 or v<N>/import/ (import), so no two writers ever share a key. Publishing a version:
   1. reserve N (Redis INCR) and record job → version, fenced by the claim (attempt and token); a job
@@ -145,6 +146,11 @@ class Manifest(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)
     final_metrics: dict[str, Any] = Field(default_factory=dict)
+    # What the adapter learned (lora_core.report.RankReport.to_json: per-module singular values, effective
+    # rank at 90 % energy, verdicts, a summary); computed by the worker at publish. None on imports.
+    rank_report: dict[str, Any] | None = None
+    # A rank sweep's version (fleet.sweeps): the ranks tried, every child's result, the one chosen.
+    rank_sweep: dict[str, Any] | None = None
     files: list[ManifestFile]
 
 
@@ -160,6 +166,7 @@ class AdapterVersion(BaseModel):
     job_id: str | None = None
     base_model: str | None = None
     bytes_total: int
+    rank_report_summary: dict[str, Any] | None = None  # the manifest's rank_report["summary"]
     deleted_at: int | None = None
 
 
@@ -407,6 +414,7 @@ class AdapterRegistry:
             job_id=manifest.job_id,
             base_model=manifest.base_model,
             bytes_total=sum(f.size for f in manifest.files),
+            rank_report_summary=(manifest.rank_report or {}).get("summary"),
         )
         publication = [keys.job_publication(job_id)] if job_id is not None else []
         self._ready(  # one step, which also sends adapter.version.published (once) to the webhook outbox

@@ -62,6 +62,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from lora_core.report import adapter_rank_report
 from workers.checkpoint_uploader import CheckpointUploader
 from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
 from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
@@ -851,6 +852,7 @@ class JobRunner:
                         "validation_file_id": job.validation_file},
             "final_metrics": result.metrics,
             "trained_tokens": result.tokens_trained,
+            "rank_report": adapter_rank_report(result.adapter_dir).to_json(),  # what the adapter learned
         }
         ref = self.registry.publish_adapter_version(
             job.tenant_id, self._adapter_name(job, base_name), result.adapter_dir, manifest_fields,
