@@ -217,9 +217,9 @@ class SweepStore:
         spec: JobSpec = fields["spec"]
         parent = Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
                      status=JobStatus.RUNNING, rank_sweep=RankSweep(ranks=list(ranks)),
-                     idempotency_key=idempotency_key,
+                     idempotency_key=idempotency_key, metadata=fields.get("metadata") or {},
                      **{k: fields[k] for k in ("model", "base_model", "training_file", "validation_file", "suffix",
-                                               "seed", "metadata", "spec")})
+                                               "seed", "spec")})
         if parent.seed is None:  # drawn once: every child trains from the same seed, so only r differs
             parent.seed = secrets.randbelow(2**31)
         if idempotency_key is not None:
