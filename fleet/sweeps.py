@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import BaseModel, Field
 
 from fleet import keys
@@ -48,7 +49,7 @@ from fleet.queue_scripts import PRELUDE
 from fleet.registry import AdapterRegistry, adapter_name_for_job
 from fleet.retention import job_objects_prefix
 
-__all__ = ["MIN_RANKS", "MAX_RANKS", "SweepCandidate", "SweepStore", "rank_sweep_problems"]
+__all__ = ["MIN_RANKS", "MAX_RANKS", "SweepCandidate", "SweepStore", "rank_sweep_problems", "with_live_children"]
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +410,19 @@ class SweepStore:
         self.jobs.append_event(fence.job_id, "error" if status == JobStatus.FAILED else "info",
                                _end_message(status, sweep, fine_tuned_model, error))
         return status
+
+
+def with_live_children(client: redis.Redis, parent: Job) -> Job:
+    """A running sweep's parent with each child's current status and step filled in (they are recorded
+    on the parent only when the sweep ends). Any other job is returned as it is."""
+    if parent.rank_sweep is None or parent.status.is_terminal:
+        return parent
+    children = []
+    for child in parent.rank_sweep.children:
+        status, progress = client.hmget(keys.job(child.id), "status", "progress")
+        children.append(child.model_copy(update={"status": JobStatus(status) if status else None,
+                                                 "steps": json.loads(progress).get("step") if progress else None}))
+    return parent.model_copy(update={"rank_sweep": parent.rank_sweep.model_copy(update={"children": children})})
 
 
 def _end_message(status: JobStatus, sweep: RankSweep, ref: str | None, error: JobError | None) -> str:

@@ -19,6 +19,7 @@ from fleet.jobs import Job, JobStatus
 from fleet.queue import CreatedJob, JobStore
 from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
+from fleet.sweeps import with_live_children
 from service.deps import CapacityDep, CatalogDep, CurrentTenant, FilesDep, JobsDep, QuotasDep, RegistryDep
 from service.errors import APIError
 from service.events_stream import event_stream_response
@@ -41,8 +42,10 @@ _EVENT_ID = re.compile(r"^(ftevent-)?[0-9]{1,20}-[0-9]{1,20}$")
 
 
 def render_job(jobs: JobStore, job: Job) -> dict[str, Any]:
-    """The job object, with its queue position when it waits in the queue."""
+    """The job object, with its queue position when it waits in the queue (a running rank sweep: with
+    its children's current statuses)."""
     position = jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+    job = with_live_children(jobs.redis, job)
     return job_object(job, queue_position=position)
 
 
