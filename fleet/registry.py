@@ -58,6 +58,7 @@ __all__ = [
     "parse_adapter_ref",
     "format_adapter_ref",
     "MANIFEST_FILE",
+    "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,8 @@ class AdapterSummary(BaseModel):
     updated_at: int
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (what manifests record)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1024 * 1024):
@@ -398,7 +400,7 @@ class AdapterRegistry:
                 before_each_write()
             self.store.put_file(prefix + subdir + rel, path)
             entries.append(
-                ManifestFile(path=rel, sha256=_sha256_file(path), size=path.stat().st_size, key=subdir + rel)
+                ManifestFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size, key=subdir + rel)
             )
         return entries
 
@@ -481,7 +483,7 @@ class AdapterRegistry:
         for entry in manifest.files:
             target = dest_dir / entry.path
             self.store.download_file(prefix + entry.stored_at, target)
-            if target.stat().st_size != entry.size or _sha256_file(target) != entry.sha256:
+            if target.stat().st_size != entry.size or sha256_file(target) != entry.sha256:
                 raise RuntimeError(
                     f"{manifest.ref}/{entry.path} does not match its manifest (size/sha256); the stored "
                     "version is corrupt."

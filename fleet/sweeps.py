@@ -26,7 +26,6 @@ No torch, no Ray: the API and the dispatchers both import this.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from fleet.job_spec import JobSpec, LoraSpec
 from fleet.jobs import TERMINAL_STATUSES, Job, JobError, JobStatus, RankSweep, SweepChild, new_job_id
 from fleet.queue import JobStore, request_sha256
 from fleet.queue_scripts import PRELUDE
-from fleet.registry import AdapterRegistry, adapter_name_for_job
+from fleet.registry import AdapterRegistry, adapter_name_for_job, sha256_file
 from fleet.retention import job_objects_prefix
 
 __all__ = ["MIN_RANKS", "MAX_RANKS", "SweepCandidate", "SweepStore", "rank_sweep_problems", "with_live_children"]
@@ -285,7 +284,7 @@ class SweepStore:
         for path in sorted(p for p in Path(adapter_dir).rglob("*") if p.is_file() and not p.is_symlink()):
             rel = path.relative_to(adapter_dir).as_posix()
             self.store.put_file(prefix + rel, path)
-            files.append(CandidateFile(path=rel, key=prefix + rel, sha256=_sha256_file(path), size=path.stat().st_size))
+            files.append(CandidateFile(path=rel, key=prefix + rel, sha256=sha256_file(path), size=path.stat().st_size))
         record = SweepCandidate(**candidate, files=files)
         reply = self._submit(keys=[keys.job(job.id), keys.sweep(job.parent)],
                              args=[fence.attempt, fence.token, job.id, record.model_dump_json()])
@@ -367,7 +366,7 @@ class SweepStore:
                 for f in chosen.files:
                     target = Path(tmp) / f.path
                     self.store.download_file(f.key, target)
-                    if _sha256_file(target) != f.sha256:
+                    if sha256_file(target) != f.sha256:
                         raise RuntimeError(f"{f.key} does not match the sha256 its child recorded; the stored "
                                            "candidate is corrupt.")
                 ref = self.registry.publish_adapter_version(parent.tenant_id, name, Path(tmp), fields, fence=fence)
@@ -434,11 +433,3 @@ def _end_message(status: JobStatus, sweep: RankSweep, ref: str | None, error: Jo
     if status == JobStatus.CANCELLED:
         return f"Rank sweep cancelled ({results}); nothing published."
     return f"Rank sweep failed: {error.message if error else results}"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
