@@ -41,7 +41,7 @@ from pydantic import BaseModel, Field
 from fleet import keys
 from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, NotFound
 from fleet.fencing import Fence, new_claim_token, raise_for_refusal
-from fleet.job_spec import JobSpec, LoraSpec
+from fleet.job_spec import JobSpec
 from fleet.jobs import TERMINAL_STATUSES, Job, JobError, JobStatus, RankSweep, SweepChild, new_job_id
 from fleet.queue import JobStore, request_sha256
 from fleet.queue_scripts import PRELUDE
@@ -215,11 +215,13 @@ class SweepStore:
         """
         now = int(time.time())
         spec: JobSpec = fields["spec"]
+        # Until it ends, the parent's `lora` shows the first rank; then the chosen one.
+        parent_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": ranks[0]})})
         parent = Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
-                     status=JobStatus.RUNNING, rank_sweep=RankSweep(ranks=list(ranks)),
+                     status=JobStatus.RUNNING, rank_sweep=RankSweep(ranks=list(ranks)), spec=parent_spec,
                      idempotency_key=idempotency_key, metadata=fields.get("metadata") or {},
                      **{k: fields[k] for k in ("model", "base_model", "training_file", "validation_file", "suffix",
-                                               "seed", "spec")})
+                                               "seed")})
         if parent.seed is None:  # drawn once: every child trains from the same seed, so only r differs
             parent.seed = secrets.randbelow(2**31)
         if idempotency_key is not None:
@@ -243,7 +245,7 @@ class SweepStore:
             return self.jobs.load_job(reply[1]), False
         children: list[SweepChild] = []
         for rank in ranks:
-            child_spec = spec.model_copy(update={"lora": LoraSpec(**{**spec.lora.model_dump(), "r": rank})})
+            child_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})
             try:
                 child = self.jobs.create_job(tenant_id, **{**fields, "spec": child_spec, "seed": parent.seed},
                                              parent=parent.id).job
@@ -374,9 +376,11 @@ class SweepStore:
             return self._end_parent(fence, JobStatus.CANCELLED, sweep)
         trained = [c.trained_tokens for c in candidates.values() if c.trained_tokens is not None]
         logger.info("rank sweep %s: published %s from r=%d (%s)", parent.id, ref, best.rank, best.id)
+        # The parent's `lora` now says what its version is: the chosen child's shape.
+        spec = parent.spec.model_copy(update={"lora": parent.spec.lora.model_copy(update={"r": best.rank})})
         return self._end_parent(fence, JobStatus.SUCCEEDED, sweep, fine_tuned_model=ref,
                                 trained_tokens=sum(trained) if trained else None,
-                                hyperparameters=chosen.hyperparameters_used or None)
+                                hyperparameters=chosen.hyperparameters_used or None, spec=spec)
 
     def _child_result(self, child: SweepChild, candidate: SweepCandidate | None) -> SweepChild:
         try:
@@ -391,8 +395,10 @@ class SweepStore:
 
     def _end_parent(self, fence: Fence, status: JobStatus, sweep: RankSweep, *, error: JobError | None = None,
                     fine_tuned_model: str | None = None, trained_tokens: int | None = None,
-                    hyperparameters: dict[str, Any] | None = None) -> JobStatus:
+                    hyperparameters: dict[str, Any] | None = None, spec: JobSpec | None = None) -> JobStatus:
         fields: dict[str, str] = {"rank_sweep": sweep.model_dump_json()}
+        if spec is not None:
+            fields["spec"] = json.dumps(spec.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
         if error is not None:
             fields["error"] = error.model_dump_json()
         if fine_tuned_model is not None:

@@ -106,6 +106,7 @@ def test_the_best_child_by_validation_loss_is_the_parents_one_version_with_every
     parent = s.jobs.load_job(parent_id)
     assert parent.status == JobStatus.SUCCEEDED and parent.fine_tuned_model == "swept:v1"
     assert parent.rank_sweep.chosen == children[16]
+    assert parent.spec.lora.r == 16  # the parent's LoRA shape is its version's
     assert [(c.rank, c.status, c.val_loss) for c in parent.rank_sweep.children] == [
         (8, JobStatus.SUCCEEDED, 1.5), (16, JobStatus.SUCCEEDED, 1.2), (32, JobStatus.SUCCEEDED, 1.3)]
     manifest = s.manifest(parent_id)
