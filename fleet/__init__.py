@@ -15,7 +15,8 @@ service/ or workers/. Build stores from one `Settings` at the edge:
     registry = AdapterRegistry(r, store)
     catalog = load_catalog(settings)
 
-Dispatchers use `jobs.leases` (claim = the scheduler's admission, fenced writes; see fleet.leases and
+Rank sweeps (a parent job, a child per rank, the best published once): `SweepStore(jobs, registry)`
+(fleet.sweeps). Dispatchers use `jobs.leases` (claim = the scheduler's admission, fenced writes; see fleet.leases and
 docs/scheduling.md) and call
 `run_retention(r, store, settings)` periodically (fleet.retention).
 """
@@ -71,6 +72,7 @@ from fleet.retention import RetentionReport, run_retention
 from fleet.scheduler_view import ClusterView, QueueEstimate, cluster_view
 from fleet.scheduling import QueueSnapshot, TenantQueue
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from fleet.sweeps import SweepStore
 from fleet.tenants import ApiKey, Principal, Tenant, TenantStore
 
 __all__ = [
@@ -134,6 +136,7 @@ __all__ = [
     "NodeCapacity",
     "TenantQuota",
     "run_retention",
+    "SweepStore",
     "S3ObjectStore",
     "Settings",
     "Tenant",

@@ -23,6 +23,8 @@ __all__ = [
     "Job",
     "Checkpoint",
     "Event",
+    "RankSweep",
+    "SweepChild",
     "new_job_id",
     "is_job_id",
 ]
@@ -100,10 +102,30 @@ class Progress(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class SweepChild(BaseModel):
+    """One child job of a rank sweep. The results (status onwards) are filled in when the sweep ends."""
+
+    id: str
+    rank: int
+    status: JobStatus | None = None
+    val_loss: float | None = None
+    steps: int | None = None
+    rank_report: dict[str, Any] | None = None  # the summary of the child's rank report
+    error: str | None = None
+
+
+class RankSweep(BaseModel):
+    """A rank sweep's parent job: the ranks asked for, its children, and which child was published."""
+
+    ranks: list[int]
+    children: list[SweepChild] = Field(default_factory=list)
+    chosen: str | None = None  # the child whose adapter became the parent's version
+
+
 # A job is a Redis hash: scalar fields as plain strings (the Lua scripts in fleet.queue_scripts read and write
 # those), structured fields as JSON. A field that is None is absent from the hash. The hash also carries
 # scalars only the Lua reads: `gpus` (spec.resources.total_gpus) and `priority_value`, written with the job.
-_JOB_JSON_FIELDS = frozenset({"metadata", "spec", "error", "result_files", "progress"})
+_JOB_JSON_FIELDS = frozenset({"metadata", "spec", "error", "result_files", "progress", "rank_sweep"})
 # `hyperparameters_used` lives in the hash field fleet.leases.finish_job writes: "hyperparameters".
 _USED_FIELD = "hyperparameters"
 # What a version before JobSpec stored instead of `spec` (JSON, except `priority`): read by `_legacy_spec`.
@@ -156,6 +178,8 @@ class Job(BaseModel):
     last_failure: str | None = None
     idempotency_key: str | None = None
     request_sha256: str | None = None
+    parent: str | None = None  # a rank-sweep child: its parent job (fleet.sweeps)
+    rank_sweep: RankSweep | None = None  # a rank sweep's parent job: its children and results (fleet.sweeps)
 
     @property
     def resources(self) -> Resources:

@@ -8,6 +8,8 @@ __all__ = [
     "job_events",
     "job_checkpoints",
     "job_publication",
+    "sweep",
+    "active_sweeps",
     "job_seq",
     "tenant_jobs",
     "idempotency",
@@ -78,6 +80,17 @@ def job_checkpoints(job_id: str) -> str:
 def job_publication(job_id: str) -> str:
     """Hash: the adapter version this job published (or is publishing); makes publishing idempotent."""
     return f"{PREFIX}job:{job_id}:publication"
+
+
+def sweep(parent_job_id: str) -> str:
+    """Hash: a rank sweep's coordination state (fleet.sweeps): its children, each succeeded child's
+    candidate adapter, and who finishes it. Deleted once the parent job ends."""
+    return f"{PREFIX}sweep:{parent_job_id}"
+
+
+def active_sweeps() -> str:
+    """Set: parent job ids of the rank sweeps not yet finished (what housekeeping looks at)."""
+    return f"{PREFIX}sweeps:active"
 
 
 def job_seq() -> str:

@@ -146,6 +146,7 @@ class JobStore:
         resources: Resources | None = None,
         priority: PriorityClass | None = None,
         now_ms: int | None = None,
+        parent: str | None = None,
     ) -> CreatedJob:
         """Create a job, queued (its files were validated at upload; the caller checked the rest).
 
@@ -162,7 +163,8 @@ class JobStore:
         its `max_queued_jobs` quota gets QuotaExceeded, atomically with the count (two racing
         submissions cannot both pass the last slot); a job larger than the tenant's nominal quota plus
         its borrowing limit (when one is set) gets InvalidRequest. `now_ms`: a simulated clock for the
-        scheduler (bench/sched_sim.py; None: Redis's).
+        scheduler (bench/sched_sim.py; None: Redis's). `parent`: the rank sweep (fleet.sweeps) this
+        job is a child of.
         """
         now = int(time.time())
         spec = spec or JobSpec()
@@ -185,6 +187,7 @@ class JobStore:
             spec=spec,
             status=JobStatus.QUEUED,
             idempotency_key=idempotency_key,
+            parent=parent,
         )
         if idempotency_key is not None:
             body = request_body

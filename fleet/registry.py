@@ -1,7 +1,8 @@
 """Adapter registry: immutable, numbered adapter versions per tenant in the object store.
 
 Layout: tenants/<tid>/adapters/<name>/v<N>/ holds a manifest.json (sha256, size and stored key of
-each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, created_at);
+each PEFT file, base model, LoRA config, hyperparameters, dataset, job id, final metrics, the rank
+report, created_at);
 the files themselves lie under v<N>/a<attempt>-<token>/ (training: one folder per claim, `Fence.writer`)
 or v<N>/import/ (import), so no two writers ever share a key. Publishing a version:
   1. reserve N (Redis INCR) and record job → version, fenced by the claim (attempt and token); a job
@@ -57,6 +58,7 @@ __all__ = [
     "parse_adapter_ref",
     "format_adapter_ref",
     "MANIFEST_FILE",
+    "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,11 @@ class Manifest(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)
     final_metrics: dict[str, Any] = Field(default_factory=dict)
+    # What the adapter learned (lora_core.report.RankReport.to_json: per-module singular values, effective
+    # rank at 90 % energy, verdicts, a summary); computed by the worker at publish. None on imports.
+    rank_report: dict[str, Any] | None = None
+    # A rank sweep's version (fleet.sweeps): the ranks tried, every child's result, the one chosen.
+    rank_sweep: dict[str, Any] | None = None
     files: list[ManifestFile]
 
 
@@ -160,6 +167,7 @@ class AdapterVersion(BaseModel):
     job_id: str | None = None
     base_model: str | None = None
     bytes_total: int
+    rank_report_summary: dict[str, Any] | None = None  # the manifest's rank_report["summary"]
     deleted_at: int | None = None
 
 
@@ -180,7 +188,8 @@ class AdapterSummary(BaseModel):
     updated_at: int
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (what manifests record)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1024 * 1024):
@@ -391,7 +400,7 @@ class AdapterRegistry:
                 before_each_write()
             self.store.put_file(prefix + subdir + rel, path)
             entries.append(
-                ManifestFile(path=rel, sha256=_sha256_file(path), size=path.stat().st_size, key=subdir + rel)
+                ManifestFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size, key=subdir + rel)
             )
         return entries
 
@@ -407,6 +416,7 @@ class AdapterRegistry:
             job_id=manifest.job_id,
             base_model=manifest.base_model,
             bytes_total=sum(f.size for f in manifest.files),
+            rank_report_summary=(manifest.rank_report or {}).get("summary"),
         )
         publication = [keys.job_publication(job_id)] if job_id is not None else []
         self._ready(  # one step, which also sends adapter.version.published (once) to the webhook outbox
@@ -473,7 +483,7 @@ class AdapterRegistry:
         for entry in manifest.files:
             target = dest_dir / entry.path
             self.store.download_file(prefix + entry.stored_at, target)
-            if target.stat().st_size != entry.size or _sha256_file(target) != entry.sha256:
+            if target.stat().st_size != entry.size or sha256_file(target) != entry.sha256:
                 raise RuntimeError(
                     f"{manifest.ref}/{entry.path} does not match its manifest (size/sha256); the stored "
                     "version is corrupt."

@@ -22,19 +22,14 @@ from lora_core.exceptions import (
 
 if TYPE_CHECKING:
     from lora_core.compose import (
-        ModuleRank,
-        RankReport,
         adapters_disabled,
         combine_adapters,
         delete_adapter,
         disable_adapters,
-        effective_rank,
         enable_adapters,
         list_adapters,
         merge_adapter,
         merge_and_unload,
-        rank_report,
-        singular_values_of_delta,
         ties_merge,
         unmerge_adapter,
     )
@@ -63,15 +58,23 @@ if TYPE_CHECKING:
         load_base_model,
         prepare_for_training,
     )
-    from lora_core.report import TrainableParameterReport, trainable_parameter_report
+    from lora_core.report import (
+        ModuleRank,
+        RankReport,
+        TrainableParameterReport,
+        adapter_rank_report,
+        effective_rank,
+        rank_report,
+        singular_values_of_delta,
+        trainable_parameter_report,
+    )
 
 # name → the module that defines it, for everything that needs torch.
 _LAZY = {
     name: module
     for module, names in {
-        "lora_core.compose": ("ModuleRank", "RankReport", "adapters_disabled", "combine_adapters", "delete_adapter",
-                              "disable_adapters", "effective_rank", "enable_adapters", "list_adapters",
-                              "merge_adapter", "merge_and_unload", "rank_report", "singular_values_of_delta",
+        "lora_core.compose": ("adapters_disabled", "combine_adapters", "delete_adapter", "disable_adapters",
+                              "enable_adapters", "list_adapters", "merge_adapter", "merge_and_unload",
                               "ties_merge", "unmerge_adapter"),
         "lora_core.inject": ("active_adapters", "add_adapter", "apply_lora", "find_target_modules",
                              "linear_layer_names", "lora_layers", "set_active_adapter", "trainable_parameters"),
@@ -80,7 +83,9 @@ _LAZY = {
         "lora_core.layers": ("LoraLinear",),
         "lora_core.quant": ("dequantize_model", "export_merged_model", "is_quantized", "load_base_model",
                             "prepare_for_training"),
-        "lora_core.report": ("TrainableParameterReport", "trainable_parameter_report"),
+        "lora_core.report": ("ModuleRank", "RankReport", "TrainableParameterReport", "adapter_rank_report",
+                             "effective_rank", "rank_report", "singular_values_of_delta",
+                             "trainable_parameter_report"),
     }.items()
     for name in names
 }
@@ -109,6 +114,7 @@ __all__ = [
     "TargetModulesError",
     "TrainableParameterReport",
     "active_adapters",
+    "adapter_rank_report",
     "add_adapter",
     "adapters_disabled",
     "apply_lora",

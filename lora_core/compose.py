@@ -1,22 +1,16 @@
-"""Several adapters on one base: add, switch, disable, delete, merge; combining adapters; the rank report.
+"""Several adapters on one base: add, switch, disable, delete, merge; combining adapters.
 
 Linear combination is exact because ranks concatenate: Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁ | w₂s₂B₂ | …]·[A₁; A₂; …],
 so the result is one adapter of rank Σrᵢ with scale 1. TIES (Yadav et al. 2023, arXiv:2306.01708) works on
 the dense updates τᵢ = wᵢ·ΔWᵢ of each module: trim every τᵢ to its largest-magnitude fraction ``density``,
 elect a sign per entry (sign of Σᵢ trimmed τᵢ), average only the entries that agree with it, then factor
 the result back to rank k by SVD (approximate unless k reaches the rank of the merged update).
-
-Rank report: ΔW = s·B·A has rank ≤ r, and its singular values come from the small factors. With
-B = Q_B·R_B and Aᵀ = Q_A·R_A (thin QR), ΔW = s·Q_B·(R_B·R_Aᵀ)·Q_Aᵀ, and Q_B, Q_A have orthonormal columns,
-so σ(ΔW) = s·σ(R_B·R_Aᵀ), an r×r SVD. The effective rank at e % is the smallest k whose σ₁²+…+σ_k²
-reach e % of Σσ²: how many of the r directions the update actually uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -191,103 +185,3 @@ def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     B[:, :k] = U[:, :k] * root
     A[:k] = root[:, None] * Vh[:k]
     return B, A
-
-
-# --- rank report ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModuleRank:
-    """Spectrum of ΔW for one adapted module."""
-
-    module: str
-    r: int
-    singular_values: tuple[float, ...]
-    effective_rank_90: int
-    effective_rank_99: int
-    verdict: str
-
-
-@dataclass(frozen=True)
-class RankReport:
-    adapter: str
-    modules: tuple[ModuleRank, ...]
-    verdict: str
-
-    def __str__(self) -> str:
-        lines = [f"rank report for adapter {self.adapter!r}: {self.verdict}",
-                 f"{'module':<48} {'r':>4} {'eff90':>6} {'eff99':>6}  verdict"]
-        for m in self.modules:
-            lines.append(f"{m.module:<48} {m.r:>4} {m.effective_rank_90:>6} {m.effective_rank_99:>6}  {m.verdict}")
-        return "\n".join(lines)
-
-
-def singular_values_of_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """σ(s·B·A) from the factors alone: s·σ(R_B·R_Aᵀ) with B = Q_B·R_B, Aᵀ = Q_A·R_A. O((in+out)·r²)."""
-    R_B = torch.linalg.qr(B.double(), mode="r").R  # (r, r)
-    R_A = torch.linalg.qr(A.double().T, mode="r").R  # (r, r)
-    return abs(scale) * torch.linalg.svdvals(R_B @ R_A.T)
-
-
-def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest k with σ₁²+…+σ_k² ≥ energy·Σσ² (0 for a zero update)."""
-    power = singular_values.double() ** 2
-    total = power.sum()
-    if total <= 0:
-        return 0
-    cumulative = torch.cumsum(power, 0) / total
-    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
-
-
-def rank_report(model: nn.Module, adapter_name: str | None = None) -> RankReport:
-    """Per adapted module: σ(ΔW), effective rank at 90 %/99 % energy and a verdict; plus an overall verdict.
-
-    For DoRA adapters it describes the direction update s·B·A (the magnitude rescaling is not included).
-    """
-    configs = adapter_configs(model)
-    if adapter_name is None:
-        active = active_adapters(model)
-        if len(active) != 1:
-            raise AdapterNotFoundError(f"name the adapter to report on; active adapters: {list(active)}")
-        adapter_name = active[0]
-    if adapter_name not in configs:
-        raise AdapterNotFoundError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
-    modules = []
-    with torch.no_grad():
-        for path, layer in lora_layers(model):
-            if adapter_name not in layer.lora_A:
-                continue
-            r = layer.rank[adapter_name]
-            sv = singular_values_of_delta(layer.lora_A[adapter_name], layer.lora_B[adapter_name],
-                                          layer.scale[adapter_name])
-            e90, e99 = effective_rank(sv, 0.90), effective_rank(sv, 0.99)
-            modules.append(ModuleRank(path, r, tuple(float(v) for v in sv), e90, e99,
-                                      _module_verdict(r, e90, e99, min(layer.in_features, layer.out_features))))
-    return RankReport(adapter_name, tuple(modules), _overall_verdict(modules))
-
-
-def _module_verdict(r: int, e90: int, e99: int, max_rank: int) -> str:
-    if e99 == 0:
-        return "untrained: ΔW = 0"
-    if e99 >= r and r < max_rank:
-        return "saturated: every direction carries energy; a larger r may help"
-    if e90 <= max(1, r // 4):
-        suggestion = 1 << max(0, (e99 - 1).bit_length())
-        return f"oversized: 90% of ΔW lies in {e90} of {r} directions; r={min(suggestion, r)} would do"
-    return "fits"
-
-
-def _overall_verdict(modules: list[ModuleRank]) -> str:
-    if not modules:
-        return "no adapted modules"
-    counts: dict[str, int] = {}
-    for m in modules:
-        key = m.verdict.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-    worst = max(counts, key=counts.get)
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    advice = {"saturated": "rank looks saturated; try a larger r",
-              "oversized": "rank looks oversized; a smaller r would do",
-              "untrained": "adapter is untrained (B = 0)",
-              "fits": "rank fits the update"}[worst]
-    return f"{advice} ({summary} of {len(modules)} modules)"

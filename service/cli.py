@@ -12,6 +12,7 @@ from rich.table import Table
 from service import cli_local
 from service.cli_admin import cluster, quota_app
 from service.cli_jobs import jobs_app
+from service.cli_ranks import rank_report_table, rank_sweep_table
 from service.console import (
     DEFAULT_BASE_URL,
     AdminKey,
@@ -194,6 +195,35 @@ def adapters_list(
             table.add_row(a["name"], a.get("latest_ref") or "-", str(a.get("version_count", "-")),
                           when(a.get("updated_at") or a.get("created_at")))
     console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(
+    model: Annotated[str, typer.Argument(help="NAME:vN, or NAME for its latest version.")],
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    api_key: ApiKey = None,
+    as_json: JsonOutput = False,
+) -> None:
+    """Show one version: where it came from, and its rank report (did the rank fit what it learned?)."""
+    name, _, version = model.partition(":")
+    with connect(base_url, api_key) as client:
+        found = call(client.get_version, name, version or "latest")
+    if as_json:
+        print_json(found)
+        return
+    manifest = found.get("manifest") or {}
+    console.print(f"[bold]{found['id']}[/]  base model {found.get('base_model') or '-'}  "
+                  f"job {found.get('job_id') or '-'}  created {when(found.get('created_at'))}  "
+                  f"{found.get('bytes', 0):,} bytes", highlight=False)
+    sweep = manifest.get("rank_sweep")
+    if sweep:
+        console.print(rank_sweep_table(sweep))
+    report = found.get("rank_report")
+    if not report:
+        console.print("No rank report (the version was imported, or published before versions carried one).")
+        return
+    console.print(f"Rank report: {report['summary']['message']}", highlight=False)
+    console.print(rank_report_table(report))
 
 
 @adapters_app.command("download")

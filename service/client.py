@@ -182,6 +182,10 @@ class LorafleetClient:
     def list_versions(self, name: str) -> dict:
         return self.request("GET", f"/v1/adapters/{name}/versions")
 
+    def get_version(self, name: str, version: str) -> dict:
+        """One version with its rank report and manifest; `version` is "vN", "N" or "latest"."""
+        return self.request("GET", f"/v1/adapters/{name}/versions/{version}")
+
     def download_version(self, name: str, version: str, out: Path) -> int:
         """Stream the version's archive to `out`; the number of bytes written."""
         written = 0

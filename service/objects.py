@@ -109,6 +109,8 @@ def job_object(job: Job, *, queue_position: int | None = None) -> dict[str, Any]
         "init_adapter": job.init_adapter,
         "attempt": job.attempt,
         "started_at": job.started_at,
+        "parent": job.parent,  # a rank-sweep child: its sweep's parent job
+        "rank_sweep": job.rank_sweep.model_dump(mode="json") if job.rank_sweep else None,
     }
 
 
@@ -177,4 +179,5 @@ def version_object(version: AdapterVersion) -> dict[str, Any]:
         "job_id": version.job_id,
         "base_model": version.base_model,
         "bytes": version.bytes_total,
+        "rank_report_summary": version.rank_report_summary,
     }

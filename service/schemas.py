@@ -2,7 +2,7 @@
 
 Field names and limits follow OpenAI's fine-tuning API (metadata: ≤16 keys, keys ≤64 chars, values
 ≤512 chars; suffix ≤64 chars) so the official SDK's requests validate unchanged. Our own extensions are
-the `lora` block, `resources` and `priority`. Unknown fields are rejected (`Unrecognized request
+the `lora` block, `resources`, `priority` and `rank_sweep`. Unknown fields are rejected (`Unrecognized request
 argument supplied: ...`) so a typo is never silently ignored.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from fleet.files import FILE_ID_PATTERN
 from fleet.job_spec import Alpha, Dropout, Hyperparameters, Quantization, Rank
@@ -125,7 +125,8 @@ RESOURCES_SCHEMA = {
 
 
 class JobCreateRequest(_Strict):
-    """`POST /v1/fine_tuning/jobs`, as the OpenAI SDK sends it, plus `lora`, `resources` and `priority`."""
+    """`POST /v1/fine_tuning/jobs`, as the OpenAI SDK sends it, plus `lora`, `resources`, `priority`
+    and `rank_sweep` (fleet.sweeps)."""
 
     model: str = Field(min_length=1)
     training_file: str = Field(min_length=1, json_schema_extra={"pattern": FILE_ID_PATTERN})
@@ -141,6 +142,10 @@ class JobCreateRequest(_Strict):
     priority: PriorityClass = Field(
         default="normal", description="Order among the tenant's own jobs: high ones start first, low ones are "
                                       "preempted first.",
+    )
+    rank_sweep: list[StrictInt] | None = Field(
+        default=None, description="Train one child job per LoRA rank (2-8 distinct ranks, e.g. [8, 16, 32]) and "
+                                  "publish only the best by validation loss (needs validation_file; omit lora.r).",
     )
 
     @field_validator("resources", mode="before")

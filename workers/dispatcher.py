@@ -62,7 +62,9 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from fleet.sweeps import SweepStore
 from fleet.throughput import record_job_throughput
+from lora_core.report import adapter_rank_report
 from workers.checkpoint_uploader import CheckpointUploader
 from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
 from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
@@ -440,6 +442,7 @@ class Dispatcher:
                              legacy_job_gpus=settings.legacy_job_gpus)
         self.files = FileStore(client, self.store, max_upload_bytes=settings.max_upload_bytes)
         self.registry = AdapterRegistry(client, self.store)
+        self.sweeps = SweepStore(self.jobs, self.registry)
         self.catalog = load_catalog(settings)
         self.work_root = Path(settings.data_dir).resolve() / "work" / self.worker_id.replace(":", "-")
         self._stop = threading.Event()
@@ -581,10 +584,11 @@ class Dispatcher:
         """Periodic chores, on the maintenance thread (at most every HOUSEKEEPING_INTERVAL_S): show this
         dispatcher's work dir is alive, remove those of dispatchers that are gone, and apply the
         retention policy to jobs that finished long enough ago (fleet.retention; idempotent, so every
-        dispatcher may run it)."""
+        dispatcher may run it), and end the rank sweeps whose children have all ended (fleet.sweeps)."""
         claim_work_dir(self.work_root)
         sweep_work_dirs(self.work_root.parent, keep=self.work_root)
         run_retention(self.jobs.redis, self.store, self.settings)
+        self.sweeps.finish_ended_sweeps()  # sweeps whose last child ended without a dispatcher (fleet.sweeps)
 
     def step(self) -> None:
         """Claim one job and run it to its end on this thread, or wait a little for one to be queued."""
@@ -609,6 +613,7 @@ class JobRunner:
         self.claim = claim
         self.settings, self.jobs, self.files = dispatcher.settings, dispatcher.jobs, dispatcher.files
         self.store, self.registry, self.catalog = dispatcher.store, dispatcher.registry, dispatcher.catalog
+        self.sweeps = dispatcher.sweeps
         self.work_root = dispatcher.work_root
         self._abandoned: list[threading.Thread] = []
         self._shutdown = threading.Event()
@@ -696,6 +701,15 @@ class JobRunner:
             self._ray_storage.remove_run(self._ray_run_name(job, attempt))
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
+            if job.parent is not None:  # a rank-sweep child that ended may end its sweep
+                self._end_sweep_if_done(job)
+
+    def _end_sweep_if_done(self, job: Job) -> None:
+        """Housekeeping retries what fails here (fleet.sweeps.SweepStore.finish_ended_sweeps)."""
+        try:
+            self.sweeps.after_job_ended(job)
+        except Exception:
+            logger.exception("job %s: ending its rank sweep %s failed; housekeeping retries it", job.id, job.parent)
 
     def _hand_back_after_fault(self, claim: Claim, error: Exception) -> None:
         """An object-store or Ray node fault is not the job's: hand it back to resume from its checkpoint,
@@ -852,18 +866,26 @@ class JobRunner:
                         "validation_file_id": job.validation_file},
             "final_metrics": result.metrics,
             "trained_tokens": result.tokens_trained,
+            "rank_report": adapter_rank_report(result.adapter_dir).to_json(),  # what the adapter learned
         }
+        used = hyperparameters_used(job.spec.hyperparameters, result.hyperparameters)
+        record_job_throughput(self.jobs.redis, self.settings, base_name,  # for estimates (fleet.throughput)
+                              tokens_per_s=result.metrics.get("tokens_per_s"),
+                              workers=int(result.hyperparameters.get("world_size", 1)))
+        if job.parent is not None:  # a rank-sweep child: its sweep publishes the best child (fleet.sweeps)
+            self.sweeps.submit_candidate(job, fence, result.adapter_dir, {
+                "rank": job.spec.lora.r, "val_loss": result.metrics.get("val_loss"), "steps": result.step,
+                "trained_tokens": result.tokens_trained, "hyperparameters_used": used,
+                "manifest_fields": manifest_fields})
+            self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, trained_tokens=result.tokens_trained,
+                                        hyperparameters=used)
+            return
         ref = self.registry.publish_adapter_version(
             job.tenant_id, self._adapter_name(job, base_name), result.adapter_dir, manifest_fields,
             fence=fence,
         )
         self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref,
-                                    trained_tokens=result.tokens_trained,
-                                    hyperparameters=hyperparameters_used(job.spec.hyperparameters,
-                                                                         result.hyperparameters))
-        record_job_throughput(self.jobs.redis, self.settings, base_name,  # for estimates (fleet.throughput)
-                              tokens_per_s=result.metrics.get("tokens_per_s"),
-                              workers=int(result.hyperparameters.get("world_size", 1)))
+                                    trained_tokens=result.tokens_trained, hyperparameters=used)
         logger.info("job %s succeeded: published %s", job.id, ref)
 
     def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: _Heartbeat):

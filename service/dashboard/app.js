@@ -154,22 +154,34 @@ function jobSummary(job) {
     h("dt", {}, "Model"), h("dd", {}, job.model),
     h("dt", {}, "Result"), h("dd", {}, job.fine_tuned_model
       ? h("a", { href: `#/adapters/${job.fine_tuned_model.split(":")[0]}` }, job.fine_tuned_model) : "—"),
-    h("dt", {}, "LoRA"), h("dd", {}, job.lora ? `r=${job.lora.r} α=${job.lora.alpha} ${[].concat(job.lora.target_modules).join(", ")}` : "—"),
+    h("dt", {}, "LoRA"), h("dd", {}, job.lora ? `r=${job.rank_sweep ? job.rank_sweep.ranks.join(", ") + " (a rank sweep)" : job.lora.r} α=${job.lora.alpha} ${[].concat(job.lora.target_modules).join(", ")}` : "—"),
     h("dt", {}, "Resources"), h("dd", {}, `${job.resources.workers} worker(s) × ${job.resources.gpus_per_worker} GPU`),
     h("dt", {}, "Latest metrics"), h("dd", {}, metrics.join(", ") || "—"),
     h("dt", {}, "Attempt"), h("dd", {}, job.attempt),
+    job.parent ? [h("dt", {}, "Rank sweep"), h("dd", {}, h("a", { href: `#/jobs/${job.parent}` }, job.parent))] : null,
     job.error ? [h("dt", {}, "Error"), h("dd", { class: "error" }, `${job.error.code}: ${job.error.message}`)] : null);
+}
+
+// The rank report of the version a job published, below its summary (loaded once the job has one).
+async function jobRankReport(job, slot) {
+  if (!job.fine_tuned_model || slot.dataset.ref === job.fine_tuned_model) return;
+  slot.dataset.ref = job.fine_tuned_model;
+  const [name, version] = job.fine_tuned_model.split(":");
+  try { slot.replaceChildren(rankReportView((await api(`/v1/adapters/${name}/versions/${version}`)).rank_report)); }
+  catch (e) { slot.replaceChildren(); showError(e, slot); }
 }
 
 async function jobPage(id) {
   const controller = new AbortController();
   const summary = h("div", { id: "job-summary" });
+  const rankReport = h("div", { id: "job-rank-report" });
+  const sweep = h("div", { id: "job-sweep" });
   const actions = h("div", { class: "actions", role: "group", "aria-label": "Job actions" });
   const notice = h("p", { id: "job-notice", role: "status" });
   const charts = h("div", { class: "charts" });
   const events = h("ol", { id: "events", class: "events", reversed: true });
   const checkpoints = h("div", { id: "checkpoints" });
-  view().replaceChildren(h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")), h("h1", {}, id), summary, actions, notice,
+  view().replaceChildren(h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")), h("h1", {}, id), summary, sweep, rankReport, actions, notice,
     h("h2", {}, "Curves"), charts, h("h2", {}, "Checkpoints"), checkpoints, h("h2", {}, "Events"), events);
   const loss = new LineChart(charts, "Loss", [{ key: "train_loss", label: "training" }, { key: "val_loss", label: "validation" }]);
   loss.figure.id = "loss-chart";
@@ -185,10 +197,11 @@ async function jobPage(id) {
   };
   const showJob = (job) => {
     summary.replaceChildren(jobSummary(job));
+    jobRankReport(job, rankReport);
     const done = FINISHED.has(job.status);
     actions.replaceChildren(
       h("button", { type: "button", id: "cancel", onclick: act("cancel"), disabled: done }, "Cancel"),
-      h("button", { type: "button", id: "pause", onclick: act("pause"), disabled: done || job.status === "paused" }, "Pause"),
+      h("button", { type: "button", id: "pause", onclick: act("pause"), disabled: done || job.status === "paused" || !!job.rank_sweep }, "Pause"),
       h("button", { type: "button", id: "resume", onclick: act("resume"), disabled: job.status !== "paused" }, "Resume"));
   };
   let checkpointsAt = 0;
@@ -218,7 +231,17 @@ async function jobPage(id) {
       h("time", { datetime: new Date(event.created_at * 1000).toISOString() }, time(event.created_at)), " ", event.message));
   };
 
-  try { showJob(await api(`/v1/fine_tuning/jobs/${id}`)); } catch (e) { showError(e); return () => {}; }
+  let job;
+  try { job = await api(`/v1/fine_tuning/jobs/${id}`); showJob(job); } catch (e) { showError(e); return () => {}; }
+  // A rank sweep's children, with their current statuses from GET (its stream carries the parent's own).
+  const showSweep = (j) => sweep.replaceChildren(rankSweepView(j.rank_sweep.children, j.rank_sweep.chosen));
+  let stopSweep = () => {};
+  if (job.rank_sweep) {
+    showSweep(job);
+    stopSweep = every(3000, async () => {
+      try { showSweep(await api(`/v1/fine_tuning/jobs/${id}`)); } catch (e) { showError(e, sweep); }
+    });
+  }
   loadCheckpoints();
   followStream(`/v1/fine_tuning/jobs/${id}/events/stream`, sessionStorage.getItem(KEY), (frame) => {
     const data = JSON.parse(frame.data);
@@ -229,7 +252,7 @@ async function jobPage(id) {
     } else if (frame.event === "message") onEvent(data);
     else if (frame.event === "error") notice.textContent = data.message;
   }, controller.signal, (message) => { notice.textContent = message; });
-  return () => controller.abort();
+  return () => { controller.abort(); stopSweep(); };
 }
 
 // ------------------------------------------------------------------------------------------ adapters
@@ -254,6 +277,32 @@ async function download(name, version) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
+// A version's rank report (docs/api.md, "Rank report"): the summary, then one row per adapted module.
+function rankReportView(report) {
+  if (!report) return h("p", { class: "muted", id: "rank-report" }, "No rank report (an imported version).");
+  const shown = (values) => values.slice(0, 6).map((v) => v.toPrecision(3)).join(" ") + (values.length > 6 ? " …" : "");
+  return h("section", { id: "rank-report", "aria-label": "Rank report" },
+    h("h3", {}, "Rank report"),
+    h("p", { id: "rank-verdict", class: `verdict verdict-${report.summary.verdict}` }, report.summary.message),
+    table(["Module", "r", "Effective rank (90%)", "Effective rank (99%)", "Verdict", "Leading singular values of ΔW"],
+      report.modules.map((m) => h("tr", {}, h("td", { class: "mono" }, m.module), h("td", {}, m.r),
+        h("td", {}, m.effective_rank_90), h("td", {}, m.effective_rank_99),
+        h("td", { title: m.note }, m.verdict.replaceAll("_", " ")), h("td", { class: "mono" }, shown(m.singular_values))))));
+}
+
+// A rank sweep's children (on the parent job, and in the version it published): the chosen one marked.
+function rankSweepView(children, chosen) {
+  return h("section", { id: "rank-sweep", "aria-label": "Rank sweep" },
+    h("h3", {}, "Rank sweep"),
+    table(["Rank", "Job", "Status", "Validation loss", "Steps", "Rank report", ""],
+      children.map((c) => h("tr", { class: c.id === chosen ? "chosen" : null }, h("td", {}, c.rank),
+        h("td", {}, h("a", { href: `#/jobs/${c.id}` }, c.id)), h("td", {}, c.status ? badge(c.status) : "—"),
+        h("td", {}, c.val_loss === null || c.val_loss === undefined ? "—" : c.val_loss.toPrecision(4)),
+        h("td", {}, dash(c.steps)), h("td", {}, c.rank_report ? c.rank_report.verdict.replaceAll("_", " ") : dash(c.error)),
+        h("td", {}, c.id === chosen ? "chosen" : ""))),
+      "Lowest validation loss wins; ties go to the smaller rank"));
+}
+
 function manifestView(m) {
   const kv = (obj, id) => h("dl", { class: "facts", id }, Object.entries(obj || {}).map(([k, v]) =>
     [h("dt", {}, k), h("dd", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v))]));
@@ -269,6 +318,8 @@ function manifestView(m) {
     h("h3", {}, "LoRA config"), kv(m.lora_config, "lora-config"),
     h("h3", {}, "Hyperparameters"), kv(m.hyperparameters),
     h("h3", {}, "Final metrics"), kv(m.final_metrics),
+    rankReportView(m.rank_report),
+    m.rank_sweep ? rankSweepView(m.rank_sweep.children, m.rank_sweep.chosen.job_id) : null,
     h("h3", {}, "Files"),
     table(["File", "Size", "sha256"], (m.files || []).map((f) => h("tr", {},
       h("td", {}, f.path), h("td", {}, bytes(f.bytes ?? f.size)), h("td", { class: "mono" }, f.sha256)))));

@@ -152,7 +152,7 @@ def retrieve_version(name: AdapterName, version: VersionPath, tenant: CurrentTen
     ref = version_ref(name, version)
     record = registry.get_version(tenant.tenant_id, ref)
     manifest = registry.read_manifest(tenant.tenant_id, record.ref)
-    return {**version_object(record), "manifest": manifest.model_dump(mode="json")}
+    return {**version_object(record), "rank_report": manifest.rank_report, "manifest": manifest.model_dump(mode="json")}
 
 
 @router.get("/{name}/versions/{version}/manifest")

@@ -17,9 +17,10 @@ from fleet.exceptions import InvalidRequest, NotFound
 from fleet.files import FileStore
 from fleet.job_spec import JobSpec, LoraSpec, Quantization
 from fleet.jobs import Job, JobStatus
-from fleet.queue import JobStore
+from fleet.queue import CreatedJob, JobStore
 from fleet.quotas import QuotaStore
 from fleet.registry import AdapterRegistry
+from fleet.sweeps import with_live_children
 from service.deps import (
     CapacityDep,
     CatalogDep,
@@ -38,6 +39,7 @@ from service.job_resources import checked_resources
 from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
 from service.openapi import TENANT_ERRORS, error_responses
+from service.rank_sweeps import after_cancel, create_rank_sweep, refuse_pause_of_parent
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
 from service.schemas import JobCreateRequest
 
@@ -52,8 +54,10 @@ _EVENT_ID = re.compile(r"^(ftevent-)?[0-9]{1,20}-[0-9]{1,20}$")
 
 
 def render_job(jobs: JobStore, job: Job) -> dict[str, Any]:
-    """The job object, with its queue position when it waits in the queue."""
+    """The job object, with its queue position when it waits in the queue (a running rank sweep: with
+    its children's current statuses)."""
     position = jobs.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+    job = with_live_children(jobs.redis, job)
     return job_object(job, queue_position=position)
 
 
@@ -133,12 +137,16 @@ def create_job(
         return render_job(jobs, replayed)
     fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry,
                                quotas=quotas, capacity=capacity)
-    created = jobs.create_job(
-        tenant_id,
-        **fields,
-        idempotency_key=key,
-        request_body=request_body,
-    )
+    if body.rank_sweep is not None:  # a parent job and one child per rank (fleet.sweeps)
+        created = CreatedJob(*create_rank_sweep(body, fields, tenant_id=tenant_id, jobs=jobs, registry=registry,
+                                                catalog=catalog, idempotency_key=key, request_body=request_body))
+    else:
+        created = jobs.create_job(
+            tenant_id,
+            **fields,
+            idempotency_key=key,
+            request_body=request_body,
+        )
     if not created.created:
         response.headers["Idempotent-Replayed"] = "true"
     else:
@@ -268,20 +276,24 @@ def retrieve_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
-    """Cancel: immediate for a waiting job; a running one stops within seconds and publishes nothing."""
-    return render_job(jobs, jobs.request_cancel(tenant.tenant_id, job_id))
+def cancel_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep, registry: RegistryDep) -> dict:
+    """Cancel: immediate for a waiting job; a running one stops within seconds and publishes nothing.
+    Cancelling a rank sweep cancels its children."""
+    job = jobs.request_cancel(tenant.tenant_id, job_id)
+    return render_job(jobs, after_cancel(jobs, registry, tenant.tenant_id, job))
 
 
 @router.post("/{job_id}/pause")
 def pause_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
     """Pause: a queued job leaves the queue; a running one checkpoints and stops."""
+    refuse_pause_of_parent(jobs.get_job(tenant.tenant_id, job_id), "paused")
     return render_job(jobs, jobs.request_pause(tenant.tenant_id, job_id))
 
 
 @router.post("/{job_id}/resume")
 def resume_job(job_id: str, tenant: CurrentTenant, jobs: JobsDep) -> dict:
     """Resume a paused job: back in the queue, continuing from its last checkpoint."""
+    refuse_pause_of_parent(jobs.get_job(tenant.tenant_id, job_id), "resumed")
     return render_job(jobs, jobs.resume(tenant.tenant_id, job_id))
 
 

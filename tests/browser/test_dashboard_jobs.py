@@ -86,6 +86,9 @@ def test_tenant_watches_loss_curve_grow_and_pauses_resumes_cancels_a_job_from_th
     first = wait_for(lambda: _points(page, "train_loss"), "the first training loss point on the page")
     wait_for(lambda: _points(page, "train_loss") > first, f"the loss curve to grow past {first} point(s)")
     page.locator("#job-status").get_by_text("succeeded").wait_for(timeout=180_000)
+    verdict = page.locator("#job-rank-report #rank-verdict")  # the published version's rank report
+    verdict.wait_for()
+    assert verdict.inner_text().startswith(("rank looks", "adapter is untrained")), verdict.inner_text()
     steps = client.fine_tuning.jobs.retrieve(watched).model_extra["progress"]["total_steps"]
     assert steps >= 20 and _points(page, "train_loss") == steps  # every step is logged on CPU
     assert _points(page, "val_loss") >= 3  # before training, then once per epoch
@@ -104,6 +107,8 @@ def test_tenant_watches_loss_curve_grow_and_pauses_resumes_cancels_a_job_from_th
     assert "tiny-llama" in manifest.inner_text() and "adapter_model.safetensors" in manifest.inner_text()
     assert watched in manifest.inner_text()
     assert "q_proj" in manifest.locator("#lora-config").inner_text()  # the LoRA config, field by field
+    report_rows = manifest.locator("#rank-report tbody tr")  # one per adapted module: q_proj, v_proj per layer
+    assert report_rows.count() >= 2 and "self_attn.q_proj" in report_rows.first.inner_text()
     assert "[object" not in manifest.inner_text()
     with page.expect_download() as download:
         page.get_by_role("button", name="Download").click()

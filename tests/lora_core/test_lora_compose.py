@@ -1,4 +1,4 @@
-"""Several adapters on one base, combining adapters (linear exact, TIES), and the rank report."""
+"""Several adapters on one base, combining adapters (linear exact, TIES)."""
 
 from __future__ import annotations
 
@@ -100,44 +100,6 @@ def test_dora_adapters_cannot_be_combined(load_tiny):
     with pytest.raises(lora_core.LoraError, match="uses DoRA"):
         lora_core.combine_adapters(model, {"default": 1.0}, "x")
 
-
-def test_rank_report_matches_a_dense_svd(load_tiny, randomize):
-    model = apply_lora(load_tiny(), LoraConfig(r=8, alpha=16, target_modules=["q_proj", "down_proj"]))
-    randomize(model)
-    report = lora_core.rank_report(model)
-    assert len(report.modules) == 8
-    for entry in report.modules:
-        layer = model.get_submodule(entry.module)
-        dense = torch.linalg.svdvals(layer.delta_weight("default").double())[:8]
-        torch.testing.assert_close(torch.tensor(entry.singular_values, dtype=torch.float64), dense,
-                                   rtol=1e-6, atol=1e-9)
-        assert 1 <= entry.effective_rank_90 <= entry.effective_rank_99 <= 8
-    assert "rank report for adapter 'default'" in str(report)
-
-
-def test_rank_report_verdicts():
-    from torch import nn
-
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
-    apply_lora(model, LoraConfig(r=8, target_modules=["0", "1", "2"]))
-    with torch.no_grad():
-        # layer 0: rank-1 update -> oversized; layer 1: 8 equal directions -> saturated; layer 2: untrained
-        u, v = torch.randn(64, 1), torch.randn(1, 64)
-        model[0].lora_B["default"].zero_()[:, :1] = u
-        model[0].lora_A["default"].copy_(torch.cat([v, torch.zeros(7, 64)]))
-        q, _ = torch.linalg.qr(torch.randn(64, 8))
-        model[1].lora_B["default"].copy_(q)
-        model[1].lora_A["default"].copy_(q.T)
-    report = lora_core.rank_report(model)
-    verdicts = [m.verdict.split(":")[0] for m in report.modules]
-    assert verdicts == ["oversized", "saturated", "untrained"]
-    assert [m.effective_rank_99 for m in report.modules] == [1, 8, 0]
-
-
-def test_effective_rank_counts_energy():
-    assert lora_core.effective_rank(torch.tensor([3.0, 1.0, 0.0]), 0.9) == 1
-    assert lora_core.effective_rank(torch.tensor([3.0, 1.0, 0.0]), 0.99) == 2
-    assert lora_core.effective_rank(torch.zeros(4), 0.9) == 0
 
 
 def test_two_dora_adapters_merge_like_their_forward_and_like_peft(load_tiny, randomize, batch, tmp_path):

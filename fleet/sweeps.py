@@ -1,0 +1,441 @@
+"""Rank sweeps: one child job per rank, then the best child by validation loss becomes the parent's version.
+
+The seeds' advice ("start at r=16; bracket 8/16/32") run for the user. A sweep is a parent job and one
+ordinary child job per rank (queued, fair-shared, cancellable; `Job.parent` names the parent). The
+parent is `running` from its creation, but no worker ever claims it: it is never queued and holds no
+lease. Its life:
+1. create (the API, `create_sweep`): the parent first (CREATE_SWEEP: Idempotency-Key, the parent's
+   record, the sweep hash), then each child through JobStore.create_job; the parent's
+   `rank_sweep.children` lists them as they are made.
+2. a child that trains to the end uploads its adapter under its own job prefix and records it as its
+   candidate (`submit_candidate`, fenced by its claim: a stale attempt records nothing), with its
+   validation loss, steps and rank report; then it finishes succeeded and publishes no version.
+3. whoever sees a child end (its dispatcher, the API's cancel, housekeeping) calls `finish_if_done`.
+   CLAIM_FINISH is the one atomic step that decides: when every child is terminal it hands the finish
+   to exactly one caller, as a new attempt and claim token of the parent (a `Fence`). Two dispatchers
+   ending the last two children at once get one 'finish' between them.
+4. the finisher picks the best succeeded child by validation loss (ties → the smaller rank), publishes
+   its adapter as the parent's version through the registry (fenced by the parent's claim, idempotent
+   per job) with every child's result in the manifest's `rank_sweep`, and ends the parent (END_PARENT,
+   fenced): succeeded; failed when no child succeeded; cancelled when the parent was cancelled.
+A finisher that dies leaves its claim to expire after `finish_lease_ms`; housekeeping then claims the
+finish again under a new attempt, which fences the old finisher out, and the registry's per-job
+publication makes the retry reuse whatever the first one had committed.
+No torch, no Ray: the API and the dispatchers both import this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from fleet import keys
+from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, NotFound
+from fleet.fencing import Fence, new_claim_token, raise_for_refusal
+from fleet.job_spec import JobSpec
+from fleet.jobs import TERMINAL_STATUSES, Job, JobError, JobStatus, RankSweep, SweepChild, new_job_id
+from fleet.queue import JobStore, request_sha256
+from fleet.queue_scripts import PRELUDE
+from fleet.registry import AdapterRegistry, adapter_name_for_job, sha256_file
+from fleet.retention import job_objects_prefix
+
+__all__ = ["MIN_RANKS", "MAX_RANKS", "SweepCandidate", "SweepStore", "rank_sweep_problems", "with_live_children"]
+
+logger = logging.getLogger(__name__)
+
+MIN_RANKS, MAX_RANKS = 2, 8
+DEFAULT_FINISH_LEASE_MS = 120_000  # publishing one adapter: a download and an upload of its files
+
+# KEYS: parent job, tenant_jobs, idempotency, job_seq, sweep, active_sweeps, job_events
+# ARGV: parent_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, events_max_len, now_s,
+#       n_children, first event's message, field, value, ...
+# Creates the parent, running, with the sweep hash; the Idempotency-Key works as for CREATE (a replay
+# gets {'existing', job_id}, another body {'conflict', job_id}).
+CREATE_SWEEP = (
+    PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end
+if ARGV[3] == '1' then
+  local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
+  if seen[1] then
+    if seen[2] == ARGV[4] then return {'existing', seen[1]} end
+    return {'conflict', seen[1]}
+  end
+end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(10)))
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+end
+redis.call('HSET', KEYS[5], 'tenant_id', ARGV[2], 'expected', ARGV[8], 'state', 'running')
+redis.call('SADD', KEYS[6], ARGV[1])
+emit_job('running', ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'created_at', ARGV[7], 'level', 'info',
+           'message', ARGV[9], 'type', 'message')
+return {'created', ARGV[1], seq}
+"""
+)
+
+# KEYS: child job, sweep.  ARGV: attempt, token, child_id, candidate_json
+# A child's candidate, recorded only while its claim holds and no cancel is pending (publish_check).
+SUBMIT_CANDIDATE = (
+    PRELUDE
+    + """
+local refused = publish_check(KEYS[1], ARGV[1], ARGV[2])
+if refused then return refused end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'no_sweep'} end
+redis.call('HSET', KEYS[2], 'candidate:' .. ARGV[3], ARGV[4])
+return {'ok'}
+"""
+)
+
+# KEYS: sweep, parent job, every child job.  ARGV: claim_token, finish_lease_ms
+# The exactly-once step. {'finish', attempt} to one caller once every child is terminal (a child whose
+# record is gone counts as ended) and no live finisher holds the sweep; the parent gets that attempt and
+# the token, so the caller holds its Fence. Otherwise {'waiting', why}, {'busy'} or {'none'} (no sweep).
+CLAIM_FINISH = (
+    PRELUDE
+    + """
+local v = redis.call('HMGET', KEYS[1], 'state', 'expected', 'finisher_expires_ms')
+if not v[1] then return {'none'} end
+if #KEYS - 2 ~= tonumber(v[2]) then return {'waiting', 'children still being created'} end
+for i = 3, #KEYS do
+  local st = redis.call('HGET', KEYS[i], 'status')
+  if st and st ~= 'succeeded' and st ~= 'failed' and st ~= 'cancelled' then return {'waiting', job_id_of(KEYS[i])} end
+end
+local now = now_ms()
+if v[1] == 'finishing' and tonumber(v[3]) > now then return {'busy'} end
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return {'none'} end
+local attempt = redis.call('HINCRBY', KEYS[2], 'attempt', 1)
+redis.call('HSET', KEYS[2], 'claim_token', ARGV[1], 'updated_at', sec(now))
+redis.call('HSET', KEYS[1], 'state', 'finishing', 'finisher_expires_ms', int(now + tonumber(ARGV[2])))
+return {'finish', attempt}
+"""
+)
+
+# KEYS: parent job, sweep, active_sweeps, retention indexes (3)
+# ARGV: parent_id, attempt, token, status (succeeded|failed|cancelled), field, value, ...
+# Ends the parent (fenced by the finisher's claim) and forgets the sweep's coordination state.
+END_PARENT = (
+    PRELUDE
+    + """
+local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
+if refused then return refused end
+local now = sec(now_ms())
+local tenant = redis.call('HGET', KEYS[1], 'tenant_id')
+redis.call('HDEL', KEYS[1], 'control', 'claim_token')
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now, 'updated_at', now, unpack(tail(5)))
+index_finished(KEYS[4], KEYS[5], KEYS[6], ARGV[1], now)
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+emit_job(ARGV[4], tenant, ARGV[1])
+return {'ok'}
+"""
+)
+
+
+class CandidateFile(BaseModel):
+    """One file of a child's adapter: its name in the adapter dir, where it is stored, its checksum."""
+
+    path: str
+    key: str
+    sha256: str
+    size: int
+
+
+class SweepCandidate(BaseModel):
+    """What a child that trained to the end hands its sweep: its adapter, the manifest fields a version
+    of it would carry (rank report included), and what the comparison needs."""
+
+    rank: int
+    val_loss: float | None
+    steps: int
+    trained_tokens: int | None = None
+    hyperparameters_used: dict[str, Any] = Field(default_factory=dict)
+    manifest_fields: dict[str, Any]
+    files: list[CandidateFile]
+
+
+def rank_sweep_problems(ranks: list[int], *, max_rank: int, has_validation_file: bool, lora_r_given: bool,
+                        continuing: str | None) -> list[str]:
+    """Everything wrong with a `rank_sweep` request, each naming what to do (empty: it is fine)."""
+    problems = []
+    if not MIN_RANKS <= len(ranks) <= MAX_RANKS:
+        problems.append(f"give {MIN_RANKS} to {MAX_RANKS} ranks, got {len(ranks)}")
+    if len(set(ranks)) != len(ranks):
+        problems.append(f"the ranks must be distinct, got {ranks}")
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max_rank]
+    if bad:
+        problems.append(f"each rank must be a whole number from 1 to {max_rank} (the base model's max_rank), "
+                        f"got {bad}")
+    if not has_validation_file:
+        problems.append("a rank sweep picks the best rank by validation loss: give a validation_file")
+    if lora_r_given:
+        problems.append("lora.r conflicts with rank_sweep (each child trains one of the swept ranks): omit lora.r")
+    if continuing:
+        problems.append(f"continuing {continuing} keeps its rank; a rank sweep must start from a base model")
+    return problems
+
+
+class SweepStore:
+    """Rank sweeps in Redis and the object store: create, a child's candidate, the exactly-once finish."""
+
+    def __init__(self, jobs: JobStore, registry: AdapterRegistry, *,
+                 finish_lease_ms: int = DEFAULT_FINISH_LEASE_MS) -> None:
+        self.jobs = jobs
+        self.registry = registry
+        self.redis = jobs.redis
+        self.store = registry.store
+        self.finish_lease_ms = finish_lease_ms
+        self._create = self.redis.register_script(CREATE_SWEEP)
+        self._submit = self.redis.register_script(SUBMIT_CANDIDATE)
+        self._claim = self.redis.register_script(CLAIM_FINISH)
+        self._end = self.redis.register_script(END_PARENT)
+
+    # -- creating (the API) -------------------------------------------------------------------------
+    def create_sweep(self, tenant_id: str, ranks: list[int], *, fields: dict[str, Any],
+                     idempotency_key: str | None = None, request_body: Any = None) -> tuple[Job, bool]:
+        """Create the parent and one queued child per rank; (the parent, whether it was created now).
+
+        `fields` are JobStore.create_job's keyword arguments as the API validated them (its `spec` holds
+        the LoRA shape every child shares but r). With an Idempotency-Key, a replay returns the first
+        parent and creates nothing. A child refused (a quota, say) cancels the children made so far and
+        fails the parent, and the refusal is raised.
+        """
+        now = int(time.time())
+        spec: JobSpec = fields["spec"]
+        # Until it ends, the parent's `lora` shows the first rank; then the chosen one.
+        parent_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": ranks[0]})})
+        parent = Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
+                     status=JobStatus.RUNNING, rank_sweep=RankSweep(ranks=list(ranks)), spec=parent_spec,
+                     idempotency_key=idempotency_key, metadata=fields.get("metadata") or {},
+                     **{k: fields[k] for k in ("model", "base_model", "training_file", "validation_file", "suffix",
+                                               "seed")})
+        if parent.seed is None:  # drawn once: every child trains from the same seed, so only r differs
+            parent.seed = secrets.randbelow(2**31)
+        if idempotency_key is not None:
+            parent.request_sha256 = request_sha256(request_body)
+        hash_fields = parent.to_redis_hash()
+        hash_fields.pop("seq", None)
+        message = (f"Created rank sweep {parent.id}: one child job per rank r={', '.join(map(str, ranks))}; "
+                   "the best by validation loss is published.")
+        reply = self._create(
+            keys=[keys.job(parent.id), keys.tenant_jobs(tenant_id), keys.idempotency(tenant_id, idempotency_key or ""),
+                  keys.job_seq(), keys.sweep(parent.id), keys.active_sweeps(), keys.job_events(parent.id)],
+            args=[parent.id, tenant_id, "1" if idempotency_key is not None else "0", parent.request_sha256 or "",
+                  self.jobs.idempotency_ttl_s, self.jobs.events.max_len, now, len(ranks), message,
+                  *[x for pair in hash_fields.items() for x in pair]],
+        )
+        if reply[0] == "conflict":
+            raise IdempotencyConflict(
+                f"Idempotency-Key {idempotency_key!r} was already used with a different request body (it created "
+                f"job {reply[1]}). Use a new key for a different request.", param="Idempotency-Key")
+        if reply[0] == "existing" and reply[1] != parent.id:
+            return self.jobs.load_job(reply[1]), False
+        children: list[SweepChild] = []
+        for rank in ranks:
+            child_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})
+            try:
+                child = self.jobs.create_job(tenant_id, **{**fields, "spec": child_spec, "seed": parent.seed},
+                                             parent=parent.id).job
+            except Exception as e:
+                self._abandon_creation(parent, children, e)
+                raise
+            children.append(SweepChild(id=child.id, rank=rank))
+            self.redis.hset(keys.job(parent.id), "rank_sweep",
+                            RankSweep(ranks=list(ranks), children=children).model_dump_json())
+        return self.jobs.load_job(parent.id), True
+
+    def _abandon_creation(self, parent: Job, children: list[SweepChild], error: Exception) -> None:
+        """A child could not be created: cancel those that were, and fail the parent saying why."""
+        for child in children:
+            self.jobs.request_cancel(parent.tenant_id, child.id)
+        self.redis.hset(keys.sweep(parent.id), "expected", len(children))  # the finish waits for these only
+        token = new_claim_token()
+        reply = self._claim(keys=[keys.sweep(parent.id), keys.job(parent.id), *[keys.job(c.id) for c in children]],
+                            args=[token, self.finish_lease_ms])
+        if reply[0] != "finish":  # a cancelled child whose record says otherwise: housekeeping ends it later
+            return
+        fence = Fence(parent.id, int(reply[1]), token)
+        sweep = RankSweep(ranks=parent.rank_sweep.ranks if parent.rank_sweep else [], children=children)
+        error_obj = JobError(code="rank_sweep_not_created",
+                             message=f"The sweep's child jobs could not all be created: {error}")
+        self._end_parent(fence, JobStatus.FAILED, sweep, error=error_obj)
+
+    # -- a child (the dispatcher) -------------------------------------------------------------------
+    def submit_candidate(self, job: Job, fence: Fence, adapter_dir: Path, candidate: dict[str, Any]) -> bool:
+        """Upload a child's adapter under its own job prefix and record it as its sweep's candidate.
+
+        `candidate` holds SweepCandidate's fields but `files`. Returns False when the sweep is gone (its
+        parent ended): the child just finishes. FencedOut / CancelRequested as for a publish.
+        """
+        assert job.parent is not None, "only a sweep child has a candidate"
+        prefix = f"{job_objects_prefix(job.tenant_id, job.id)}sweep/{fence.writer}/"
+        files = []
+        for path in sorted(p for p in Path(adapter_dir).rglob("*") if p.is_file() and not p.is_symlink()):
+            rel = path.relative_to(adapter_dir).as_posix()
+            self.store.put_file(prefix + rel, path)
+            files.append(CandidateFile(path=rel, key=prefix + rel, sha256=sha256_file(path), size=path.stat().st_size))
+        record = SweepCandidate(**candidate, files=files)
+        reply = self._submit(keys=[keys.job(job.id), keys.sweep(job.parent)],
+                             args=[fence.attempt, fence.token, job.id, record.model_dump_json()])
+        raise_for_refusal(reply, fence, "submit its rank-sweep candidate")
+        return reply[0] == "ok"
+
+    # -- finishing (whoever saw a child end) --------------------------------------------------------
+    def finish_if_done(self, parent_id: str) -> JobStatus | None:
+        """End the sweep `parent_id` if every child has ended and no one else is ending it; the parent's
+        final status, or None when it is not this caller's to end (yet)."""
+        parent = self.jobs.load_job(parent_id)
+        if parent.rank_sweep is None or parent.status != JobStatus.RUNNING:
+            return None
+        token = new_claim_token()
+        reply = self._claim(
+            keys=[keys.sweep(parent_id), keys.job(parent_id), *[keys.job(c.id) for c in parent.rank_sweep.children]],
+            args=[token, self.finish_lease_ms],
+        )
+        if reply[0] != "finish":
+            return None
+        fence = Fence(parent_id, int(reply[1]), token)
+        try:
+            return self._finish(self.jobs.load_job(parent_id), fence)
+        except FencedOut as e:  # a later finisher took over (this one ran past its lease)
+            logger.warning("%s", e)
+            return None
+
+    def finish_ended_sweeps(self) -> list[str]:
+        """Housekeeping: try to end every unfinished sweep (children cancelled while queued, failed by
+        lost leases, a finisher that died). Returns the parents ended now."""
+        ended = []
+        for parent_id in sorted(self.redis.smembers(keys.active_sweeps())):
+            if not self.redis.exists(keys.job(parent_id)):
+                self.redis.srem(keys.active_sweeps(), parent_id)
+                continue
+            if self.finish_if_done(parent_id) is not None:
+                ended.append(parent_id)
+        return ended
+
+    def after_job_ended(self, job: Job) -> JobStatus | None:
+        """Call when `job` may have ended: if it is a sweep's child, end the sweep should it be done."""
+        return self.finish_if_done(job.parent) if job.parent else None
+
+    def cancel(self, tenant_id: str, parent: Job) -> None:
+        """Cancelling a sweep's parent cancels its children (the parent has its cancel request already);
+        the parent ends cancelled once they have, here when none was running."""
+        for child in parent.rank_sweep.children if parent.rank_sweep else []:
+            if self.jobs.load_job(child.id).status not in TERMINAL_STATUSES:
+                self.jobs.request_cancel(tenant_id, child.id)
+        self.finish_if_done(parent.id)
+
+    def _finish(self, parent: Job, fence: Fence) -> JobStatus:
+        assert parent.rank_sweep is not None
+        raw = self.redis.hgetall(keys.sweep(parent.id))
+        candidates = {k.removeprefix("candidate:"): SweepCandidate.model_validate_json(v)
+                      for k, v in raw.items() if k.startswith("candidate:")}
+        children = [self._child_result(child, candidates.get(child.id)) for child in parent.rank_sweep.children]
+        sweep = RankSweep(ranks=parent.rank_sweep.ranks, children=children)
+        if self.redis.hget(keys.job(parent.id), "control") == "cancel":
+            return self._end_parent(fence, JobStatus.CANCELLED, sweep)
+        succeeded = [c for c in children if c.status == JobStatus.SUCCEEDED and c.id in candidates]
+        if not succeeded:
+            failures = "; ".join(f"r={c.rank} ({c.id}) {c.status.value if c.status else 'gone'}"
+                                 + (f": {c.error}" if c.error else "") for c in children)
+            error = JobError(code="rank_sweep_failed",
+                             message=f"No child of the rank sweep succeeded: {failures}. Fix what they report "
+                                     "and create the sweep again."[:2000])
+            return self._end_parent(fence, JobStatus.FAILED, sweep, error=error)
+        best = min(succeeded, key=lambda c: (c.val_loss if c.val_loss is not None else math.inf, c.rank))
+        sweep.chosen = best.id
+        chosen = candidates[best.id]
+        fields = {**chosen.manifest_fields,
+                  "rank_sweep": {"ranks": sweep.ranks, "chosen": {"job_id": best.id, "rank": best.rank},
+                                 "selection": "lowest validation loss; ties go to the smaller rank",
+                                 "children": [c.model_dump(mode="json") for c in children]}}
+        name = adapter_name_for_job(parent.base_model or parent.model, parent.suffix, parent.id)
+        try:
+            with tempfile.TemporaryDirectory(prefix="lf-sweep-") as tmp:
+                for f in chosen.files:
+                    target = Path(tmp) / f.path
+                    self.store.download_file(f.key, target)
+                    if sha256_file(target) != f.sha256:
+                        raise RuntimeError(f"{f.key} does not match the sha256 its child recorded; the stored "
+                                           "candidate is corrupt.")
+                ref = self.registry.publish_adapter_version(parent.tenant_id, name, Path(tmp), fields, fence=fence)
+        except CancelRequested:
+            return self._end_parent(fence, JobStatus.CANCELLED, sweep)
+        trained = [c.trained_tokens for c in candidates.values() if c.trained_tokens is not None]
+        logger.info("rank sweep %s: published %s from r=%d (%s)", parent.id, ref, best.rank, best.id)
+        # The parent's `lora` now says what its version is: the chosen child's shape.
+        spec = parent.spec.model_copy(update={"lora": parent.spec.lora.model_copy(update={"r": best.rank})})
+        return self._end_parent(fence, JobStatus.SUCCEEDED, sweep, fine_tuned_model=ref,
+                                trained_tokens=sum(trained) if trained else None,
+                                hyperparameters=chosen.hyperparameters_used or None, spec=spec)
+
+    def _child_result(self, child: SweepChild, candidate: SweepCandidate | None) -> SweepChild:
+        try:
+            job = self.jobs.load_job(child.id)
+        except NotFound:  # the child's record expired: reported as gone
+            return child
+        summary = ((candidate.manifest_fields.get("rank_report") or {}).get("summary") if candidate else None)
+        return SweepChild(id=child.id, rank=child.rank, status=job.status,
+                          val_loss=candidate.val_loss if candidate else None,
+                          steps=candidate.steps if candidate else (job.progress.step if job.progress else None),
+                          rank_report=summary, error=job.error.message if job.error else None)
+
+    def _end_parent(self, fence: Fence, status: JobStatus, sweep: RankSweep, *, error: JobError | None = None,
+                    fine_tuned_model: str | None = None, trained_tokens: int | None = None,
+                    hyperparameters: dict[str, Any] | None = None, spec: JobSpec | None = None) -> JobStatus:
+        fields: dict[str, str] = {"rank_sweep": sweep.model_dump_json()}
+        if spec is not None:
+            fields["spec"] = json.dumps(spec.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
+        if error is not None:
+            fields["error"] = error.model_dump_json()
+        if fine_tuned_model is not None:
+            fields["fine_tuned_model"] = fine_tuned_model
+        if trained_tokens is not None:
+            fields["trained_tokens"] = str(trained_tokens)
+        if hyperparameters is not None:
+            fields["hyperparameters"] = json.dumps(hyperparameters, separators=(",", ":"), sort_keys=True)
+        reply = self._end(
+            keys=[keys.job(fence.job_id), keys.sweep(fence.job_id), keys.active_sweeps(), *keys.retention_indexes()],
+            args=[fence.job_id, fence.attempt, fence.token, status.value, *[x for p in fields.items() for x in p]],
+        )
+        raise_for_refusal(reply, fence, "end the rank sweep")
+        self.jobs.append_event(fence.job_id, "error" if status == JobStatus.FAILED else "info",
+                               _end_message(status, sweep, fine_tuned_model, error))
+        return status
+
+
+def with_live_children(client: redis.Redis, parent: Job) -> Job:
+    """A running sweep's parent with each child's current status and step filled in (they are recorded
+    on the parent only when the sweep ends). Any other job is returned as it is."""
+    if parent.rank_sweep is None or parent.status.is_terminal:
+        return parent
+    children = []
+    for child in parent.rank_sweep.children:
+        status, progress = client.hmget(keys.job(child.id), "status", "progress")
+        children.append(child.model_copy(update={"status": JobStatus(status) if status else None,
+                                                 "steps": json.loads(progress).get("step") if progress else None}))
+    return parent.model_copy(update={"rank_sweep": parent.rank_sweep.model_copy(update={"children": children})})
+
+
+def _end_message(status: JobStatus, sweep: RankSweep, ref: str | None, error: JobError | None) -> str:
+    results = ", ".join(f"r={c.rank}: {c.status.value if c.status else 'gone'}"
+                        + (f" val_loss={c.val_loss:.4g}" if c.val_loss is not None else "") for c in sweep.children)
+    if status == JobStatus.SUCCEEDED:
+        chosen = next(c for c in sweep.children if c.id == sweep.chosen)
+        return f"Rank sweep done ({results}); published {ref} from r={chosen.rank}."
+    if status == JobStatus.CANCELLED:
+        return f"Rank sweep cancelled ({results}); nothing published."
+    return f"Rank sweep failed: {error.message if error else results}"

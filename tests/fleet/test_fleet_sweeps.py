@@ -1,0 +1,222 @@
+"""Rank sweeps in fleet (no Ray, no torch): the request's checks, choosing the best child, the exactly-once
+finish when two dispatchers end the last two children at the same time, failures, cancel, a finisher
+that died."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fleet import keys
+from fleet.exceptions import FencedOut
+from fleet.fencing import Fence
+from fleet.job_spec import JobSpec
+from fleet.jobs import JobError, JobStatus
+from fleet.objectstore import LocalObjectStore
+from fleet.queue import Claim, JobStore
+from fleet.registry import AdapterRegistry
+from fleet.sweeps import SweepStore, rank_sweep_problems
+from tests.service.conftest import write_peft_adapter
+
+LEASE_MS = 60_000
+
+
+class Sweeps:
+    """A JobStore, a registry on a local object store and a SweepStore over one Redis."""
+
+    def __init__(self, r: redis.Redis, tmp_path: Path, *, finish_lease_ms: int = 60_000) -> None:
+        self.tmp_path = tmp_path
+        self.jobs = JobStore(r)
+        self.registry = AdapterRegistry(r, LocalObjectStore(tmp_path / "objects"))
+        self.sweeps = SweepStore(self.jobs, self.registry, finish_lease_ms=finish_lease_ms)
+
+    def create(self, ranks: list[int], **extra: Any) -> tuple[str, dict[int, str]]:
+        fields = {"model": "tiny-llama", "base_model": "tiny-llama", "init_adapter": None, "training_file": "file-t",
+                  "validation_file": "file-v", "suffix": "swept", "seed": 5, "metadata": {},
+                  "spec": JobSpec(lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}), **extra}
+        parent, created = self.sweeps.create_sweep("t1", ranks, fields=fields)
+        assert created and parent.status == JobStatus.RUNNING
+        children = {c.rank: c.id for c in parent.rank_sweep.children}
+        assert list(children) == ranks
+        return parent.id, children
+
+    def claim_all(self) -> dict[str, Claim]:
+        claims = {}
+        while (claim := self.jobs.leases.claim_next_job("w", LEASE_MS)) is not None:
+            claims[claim.job.id] = claim
+        return claims
+
+    def succeed(self, claim: Claim, val_loss: float) -> None:
+        """What a dispatcher does for a child that trained to the end: its candidate, then succeeded."""
+        job, rank = claim.job, claim.job.spec.lora.r
+        adapter = write_peft_adapter(self.tmp_path / f"adapter-{job.id}", r=rank, seed=rank)
+        fields = {"base_model": "tiny-llama", "lora_config": job.spec.lora_block(), "final_metrics":
+                  {"val_loss": val_loss}, "rank_report": {"summary": {"verdict": "adequate", "r": rank}}}
+        assert self.sweeps.submit_candidate(job, claim.fence, adapter, {
+            "rank": rank, "val_loss": val_loss, "steps": 3, "trained_tokens": 100,
+            "hyperparameters_used": {"n_epochs": 1}, "manifest_fields": fields})
+        self.jobs.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, trained_tokens=100)
+
+    def fail(self, claim: Claim, message: str = "out of memory") -> None:
+        self.jobs.leases.finish_job(claim.fence, JobStatus.FAILED,
+                                    error=JobError(code="training_error", message=message))
+
+    def manifest(self, parent_id: str) -> Any:
+        parent = self.jobs.load_job(parent_id)
+        return self.registry.read_manifest("t1", parent.fine_tuned_model)
+
+
+@pytest.fixture
+def s(r: redis.Redis, tmp_path: Path) -> Sweeps:
+    return Sweeps(r, tmp_path)
+
+
+def test_a_rank_sweep_request_names_every_problem_at_once():
+    fine = rank_sweep_problems([8, 16, 32], max_rank=64, has_validation_file=True, lora_r_given=False,
+                               continuing=None)
+    assert fine == []
+    problems = rank_sweep_problems([8, 8, 128], max_rank=64, has_validation_file=False, lora_r_given=True,
+                                   continuing="mine:v1")
+    text = " | ".join(problems)
+    assert len(problems) == 5, problems
+    for expected in ("distinct", "from 1 to 64", "validation_file", "omit lora.r", "continuing mine:v1"):
+        assert expected in text
+    assert "give 2 to 8 ranks" in rank_sweep_problems([8], max_rank=64, has_validation_file=True,
+                                                      lora_r_given=False, continuing=None)[0]
+    assert rank_sweep_problems(list(range(1, 10)), max_rank=64, has_validation_file=True, lora_r_given=False,
+                               continuing=None)
+
+
+def test_the_best_child_by_validation_loss_is_the_parents_one_version_with_every_result(s: Sweeps):
+    parent_id, children = s.create([8, 16, 32])
+    claims = s.claim_all()
+    assert sorted(claims) == sorted(children.values())  # ordinary queued jobs, each claimed like any other
+    assert all(c.job.parent == parent_id for c in claims.values())
+    s.succeed(claims[children[8]], val_loss=1.5)
+    s.succeed(claims[children[16]], val_loss=1.2)
+    assert s.sweeps.finish_if_done(parent_id) is None  # r=32 still runs
+    s.succeed(claims[children[32]], val_loss=1.3)
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.SUCCEEDED
+
+    parent = s.jobs.load_job(parent_id)
+    assert parent.status == JobStatus.SUCCEEDED and parent.fine_tuned_model == "swept:v1"
+    assert parent.rank_sweep.chosen == children[16]
+    assert parent.spec.lora.r == 16  # the parent's LoRA shape is its version's
+    assert [(c.rank, c.status, c.val_loss) for c in parent.rank_sweep.children] == [
+        (8, JobStatus.SUCCEEDED, 1.5), (16, JobStatus.SUCCEEDED, 1.2), (32, JobStatus.SUCCEEDED, 1.3)]
+    manifest = s.manifest(parent_id)
+    assert manifest.job_id == parent_id and manifest.lora_config["r"] == 16
+    assert manifest.rank_report == {"summary": {"verdict": "adequate", "r": 16}}
+    assert manifest.rank_sweep["chosen"] == {"job_id": children[16], "rank": 16}
+    assert [c["rank"] for c in manifest.rank_sweep["children"]] == [8, 16, 32]
+    assert [v.ref for v in s.registry.list_versions("t1", "swept")] == ["swept:v1"]  # children published none
+    assert all(s.jobs.load_job(c).fine_tuned_model is None for c in children.values())
+    assert not s.sweeps.redis.sismember(keys.active_sweeps(), parent_id)
+    assert s.sweeps.finish_if_done(parent_id) is None  # ended once, for good
+
+
+def test_a_tie_goes_to_the_smaller_rank(s: Sweeps):
+    parent_id, children = s.create([16, 4])
+    claims = s.claim_all()
+    s.succeed(claims[children[16]], val_loss=0.75)
+    s.succeed(claims[children[4]], val_loss=0.75)
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.SUCCEEDED
+    assert s.jobs.load_job(parent_id).rank_sweep.chosen == children[4]
+
+
+def test_two_dispatchers_ending_the_last_two_children_at_once_publish_once(s: Sweeps):
+    for round_ in range(5):  # the race, several times over
+        _race_to_end_the_last_two_children(s, f"race{round_}")
+
+
+def _race_to_end_the_last_two_children(s: Sweeps, suffix: str) -> None:
+    parent_id, children = s.create([4, 8, 16], suffix=suffix)
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=2.0)
+    barrier = threading.Barrier(2)
+    outcomes: list[JobStatus | None] = []
+
+    def end_child(rank: int, loss: float) -> None:  # one dispatcher's runner thread
+        barrier.wait(timeout=10)
+        s.succeed(claims[children[rank]], val_loss=loss)
+        outcomes.append(s.sweeps.finish_if_done(parent_id))
+
+    threads = [threading.Thread(target=end_child, args=a) for a in ((8, 1.0), (16, 1.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(outcomes, key=str) == sorted([JobStatus.SUCCEEDED, None], key=str), outcomes
+    assert [v.ref for v in s.registry.list_versions("t1", suffix)] == [f"{suffix}:v1"]
+    parent = s.jobs.load_job(parent_id)
+    assert parent.attempt == 1, "the finish was claimed more than once"
+    assert parent.rank_sweep.chosen == children[8]
+    ended = [e for e in s.jobs.read_events(parent_id) if e.message.startswith("Rank sweep done")]
+    assert len(ended) == 1, ended
+
+
+def test_a_failed_child_is_recorded_and_the_sweep_picks_among_the_others(s: Sweeps):
+    parent_id, children = s.create([4, 8, 16])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.4)
+    s.fail(claims[children[8]], "CUDA out of memory")
+    s.succeed(claims[children[16]], val_loss=1.6)
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.SUCCEEDED
+    results = {c["rank"]: c for c in s.manifest(parent_id).rank_sweep["children"]}
+    assert results[8]["status"] == "failed" and "CUDA out of memory" in results[8]["error"]
+    assert s.manifest(parent_id).rank_sweep["chosen"]["rank"] == 4
+
+
+def test_when_every_child_fails_the_parent_fails_saying_why(s: Sweeps):
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.fail(claims[children[4]], "bad data on line 3")
+    s.fail(claims[children[8]], "bad data on line 3")
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.FAILED
+    parent = s.jobs.load_job(parent_id)
+    assert parent.error.code == "rank_sweep_failed"
+    assert "No child of the rank sweep succeeded" in parent.error.message
+    assert "r=4" in parent.error.message and "bad data on line 3" in parent.error.message
+    assert parent.fine_tuned_model is None
+    with pytest.raises(Exception, match="No adapter"):
+        s.registry.list_versions("t1", "swept")
+
+
+def test_cancelling_the_parent_cancels_its_children_and_publishes_nothing(s: Sweeps):
+    parent_id, children = s.create([4, 8, 16])
+    claim = s.jobs.leases.claim_next_job("w", LEASE_MS)  # one child runs, two wait
+    s.jobs.request_cancel("t1", parent_id)
+    s.sweeps.cancel("t1", s.jobs.load_job(parent_id))
+    waiting = [c for c in children.values() if c != claim.job.id]
+    assert [s.jobs.load_job(c).status for c in waiting] == [JobStatus.CANCELLED] * 2
+    assert s.jobs.load_job(parent_id).status == JobStatus.RUNNING  # until its running child stops
+    assert s.jobs.load_job(claim.job.id).control == "cancel"
+    s.jobs.leases.finish_job(claim.fence, JobStatus.CANCELLED)  # the dispatcher honours the cancel
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.CANCELLED
+    parent = s.jobs.load_job(parent_id)
+    assert parent.status == JobStatus.CANCELLED and parent.fine_tuned_model is None
+    assert [c.status for c in parent.rank_sweep.children] == [JobStatus.CANCELLED] * 3
+
+
+def test_a_finisher_that_died_is_taken_over_once_its_claim_expires(r: redis.Redis, tmp_path: Path):
+    s = Sweeps(r, tmp_path, finish_lease_ms=300)
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    s.succeed(claims[children[8]], val_loss=2.0)
+    # A finisher claims the finish, then dies before publishing anything.
+    reply = s.sweeps._claim(keys=[keys.sweep(parent_id), keys.job(parent_id),
+                                  *[keys.job(c) for c in children.values()]], args=["deadbeef", 300])
+    assert reply[0] == "finish"
+    dead = Fence(parent_id, int(reply[1]), "deadbeef")
+    assert s.sweeps.finish_if_done(parent_id) is None  # its claim still holds
+    time.sleep(0.4)
+    assert s.sweeps.finish_ended_sweeps() == [parent_id]  # housekeeping takes it over
+    assert s.jobs.load_job(parent_id).fine_tuned_model == "swept:v1"
+    with pytest.raises(FencedOut):  # the dead finisher, were it to wake, is fenced out
+        s.registry.publish_adapter_version("t1", "swept", write_peft_adapter(tmp_path / "late"), {}, fence=dead)
