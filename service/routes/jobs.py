@@ -107,7 +107,8 @@ def create_job(
     With `Idempotency-Key`, a retry with the same body returns the same job (header
     `Idempotent-Replayed: true`); the same key with another body is a 409. A job asking for more GPUs
     than the tenant's `max_gpus_per_job` or the whole cluster is a 400; a tenant at its
-    `max_queued_jobs` quota gets a 429 with `Retry-After`.
+    `max_queued_jobs` quota gets a 429 with `Retry-After`. The response's `queue_position` is null:
+    retrieve the job for its estimated position.
     """
     key = _check_idempotency_key(idempotency_key)
     tenant_id = tenant.tenant_id
@@ -118,7 +119,7 @@ def create_job(
     replayed = jobs.find_replay(tenant_id, key, request_body) if key is not None else None
     if replayed is not None:
         response.headers["Idempotent-Replayed"] = "true"
-        return render_job(jobs, replayed)
+        return job_object(replayed)
     fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry,
                                quotas=quotas, capacity=capacity)
     created = jobs.create_job(
@@ -131,7 +132,9 @@ def create_job(
         response.headers["Idempotent-Replayed"] = "true"
     else:
         logger.info("tenant %s created job %s on %s", tenant_id, created.job.id, created.job.model)
-    return render_job(jobs, created.job)
+    # No queue_position here: the estimate replays the scheduler's policy (fleet.scheduler_view), which
+    # cost more than the rest of a submission; GET the job for it (docs/api.md).
+    return job_object(created.job)
 
 
 def _continued_adapter(body: JobCreateRequest, *, tenant_id: str, catalog: Catalog,
