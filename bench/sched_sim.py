@@ -208,7 +208,7 @@ def _work_ms(rng: random.Random, mean_min: float) -> float:
     return min(max(rng.expovariate(1 / (mean_min * MIN)), 5 * MIN), 6 * H)
 
 
-def _closed_loop(client: redis.Redis, weights: dict[str, float], hours: float, rng: random.Random, *,
+def closed_loop(client: redis.Redis, weights: dict[str, float], hours: float, rng: random.Random, *,
                  half_life_s: float = 3600, backlog: int = 4) -> Stats:
     """Each tenant keeps `backlog` jobs waiting (1-8 GPUs, ~30 min): the cluster is always saturated."""
     sim = Sim(client, {t: TenantQuota(weight=w) for t, w in weights.items()}, half_life_s=half_life_s,
@@ -232,7 +232,7 @@ def jain(values: list[float]) -> float:
 def scenario_fair(client: redis.Redis, quick: bool, rng: random.Random) -> None:
     tenants = {f"team-{i}": 1.0 for i in range(3 if quick else 6)}
     hours = 6 if quick else 72
-    stats = _closed_loop(client, tenants, hours, rng)
+    stats = closed_loop(client, tenants, hours, rng)
     shares = [stats.gpu_ms[t] / weight for t, weight in tenants.items()]
     total = sum(stats.gpu_ms.values())
     print(f"fair: {len(tenants)} tenants, equal weights, {hours} h simulated (first 2 h warm-up): "
@@ -246,7 +246,7 @@ def scenario_weights(client: redis.Redis, quick: bool, rng: random.Random) -> No
     hours = 6 if quick else 72
     weight_sum = sum(tenants.values())
     for half_life_h in (1, 24):  # the default half-life, and a long memory
-        stats = _closed_loop(client, tenants, hours, rng, half_life_s=half_life_h * 3600)
+        stats = closed_loop(client, tenants, hours, rng, half_life_s=half_life_h * 3600)
         total = sum(stats.gpu_ms.values())
         parts, worst = [], 0.0
         for tenant, weight in tenants.items():

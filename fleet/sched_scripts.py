@@ -14,15 +14,19 @@ tenant's next job is not held up, and goes back to its place when the time is up
 Usage: consumed(t) = current + (consumed₀ − current)·2^(−(t − t₀)/H), the closed form of
 consumed ← (1 − α)·consumed + α·current with α(Δt) = 1 − 0.5^(Δt/H); it composes exactly, so it is
 updated only when `current` (the GPUs the tenant holds) changes. H = 0: consumed = current.
-Score = consumed / weight.
+Score = consumed / weight. Queue heads are ordered by their entry score (fleet.fair_share.entry_score):
+the score halfway from now to where admitting the head would take it, so a tenant whose jobs are large
+for its weight is not admitted while just below its share and left well above it.
 
 The index, so that a decision never scans the queued jobs or every tenant:
 - A tenant holding no GPUs has score(t) = consumed₀·2^(−(t−t₀)/H)/w, whose order among such tenants
-  never changes: key = log2(consumed₀/w) + t₀/H. Its queue head sits in one bucket (a sorted set) per
-  (tier, kind, head GPUs g): tier 0 fits within nominal, 1 must borrow but the tenant is below nominal
-  (may reclaim), 2 must borrow; kind "k" is scored by key, kind "z" (no usage left: score 0) by the
-  head's queue score (priority, then age), Kueue's tie-breaks. A decision reads each bucket's minimum,
-  and up to 8 members of a bucket that may reclaim and does not fit: O(buckets × 8).
+  never changes: key = log2(consumed₀/w) + t₀/H; its entry score is a·score(t) + b with a and b set by
+  its weight w and head size g, so among tenants of the same (w, g) that order is the entry order too.
+  Its queue head sits in one bucket (a sorted set) per (tier, kind, weight w, head GPUs g): tier 0 fits
+  within nominal, 1 must borrow but the tenant is below nominal (may reclaim), 2 must borrow; kind "k"
+  is scored by key, kind "z" (no usage left: equal entry scores) by the head's queue score (priority,
+  then age), Kueue's tie-breaks. A decision reads each bucket's minimum, and up to 8 members of a bucket
+  that may reclaim and does not fit: O(buckets × 8), buckets ≤ tiers × sizes × distinct weights.
 - Tenants holding GPUs (at most one per running job) are scored directly (`sched_holding`).
 - Idle tenants blocked by their own limits (head over nominal + borrowing limit, max_running_jobs 0)
   are in no bucket.
@@ -37,6 +41,12 @@ from fleet import keys
 PRIORITY_SPAN = 2**46
 DEFAULT_HALF_LIFE_MS = 3_600_000  # Settings.fair_share_half_life_s's default, until a process writes one
 DEFAULT_STARVATION_GUARD_MS = 300_000  # Settings.starvation_guard_s's default, until a process writes one
+# T of the entry score (fleet.fair_share.entry_score): how long an admitted head is taken to hold its
+# GPUs, the job length the queue estimates assume too (fleet.scheduler_view.ASSUMED_JOB_S).
+ENTRY_HORIZON_MS = 3_600_000
+# The layout of the scheduler's state; a script finding an older one brings it up to date first
+# (migrate_once). 2: buckets keyed by weight too.
+SCHEMA = "2"
 
 FUNCTIONS = f"""
 local Q_PREFIX = '{keys.queue("")}'
@@ -61,6 +71,8 @@ local CAPACITY = '{keys.capacity()}'
 local PRIORITY_SPAN = {PRIORITY_SPAN}
 local DEFAULT_HALF_LIFE_MS = {DEFAULT_HALF_LIFE_MS}
 local DEFAULT_STARVATION_GUARD_MS = {DEFAULT_STARVATION_GUARD_MS}
+local ENTRY_HORIZON_MS = {ENTRY_HORIZON_MS}
+local SCHEMA = '{SCHEMA}'
 """ + r"""
 local function num(s, default) if s then return tonumber(s) end return default end
 local function float(x) return string.format('%.17g', x) end
@@ -71,6 +83,13 @@ local function decayed(c0, t0, current, now, hl)
   local dt = now - t0
   if dt < 0 then dt = 0 end
   return current + (c0 - current) * math.pow(2, -dt / hl)
+end
+-- The order of a queue head (fleet.fair_share.entry_score): usage per weight halfway to where admitting
+-- its g GPUs would take it over ENTRY_HORIZON_MS, at consumed c and `current` GPUs held.
+local function entry_score(c, current, g, w, hl)
+  local a = 1
+  if hl > 0 then a = 1 - math.pow(2, -ENTRY_HORIZON_MS / hl) end
+  return (c + 0.5 * a * (current + g - c)) / w
 end
 -- A tenant's state in one read: usage, its queue head and its quota as `reindex` last cached them.
 local function tenant_state(tenant)
@@ -195,7 +214,7 @@ local function reindex(tenant, now)
       if hl > 0 and st.consumed > 0 then
         kind, score = 'k', math.log(st.consumed / q.weight) / math.log(2) + st.at / hl
       end
-      slot = BUCKET_PREFIX .. tier .. ':' .. kind .. ':' .. int(head.gpus)
+      slot = BUCKET_PREFIX .. tier .. ':' .. kind .. ':w' .. float(q.weight) .. ':' .. int(head.gpus)
       redis.call('ZADD', slot, float(score), tenant)
       redis.call('ZADD', BUCKETS, head.gpus, slot)
     end
@@ -274,7 +293,7 @@ end
 -- its TRAIN_WORKERS_PER_JOB, written by fleet.scheduling.migrate_state; 1 when unknown).
 -- The mark lives in the counters it vouches for (CLUSTER): counters that are gone are recounted.
 local function migrate_once()
-  if redis.call('HGET', CLUSTER, 'schema') == '1' then return end
+  if redis.call('HGET', CLUSTER, 'schema') == SCHEMA then return end
   local now = now_ms()
   local function backfill(job_key)
     redis.call('HSETNX', job_key, 'gpus', 1)
@@ -310,7 +329,7 @@ local function migrate_once()
     end
   end
   for _, t in ipairs(redis.call('ZRANGE', QUEUE_TENANTS, 0, -1)) do reindex(t, now) end
-  redis.call('HSET', CLUSTER, 'schema', 1)
+  redis.call('HSET', CLUSTER, 'schema', SCHEMA)
 end
 migrate_once()
 """
@@ -345,16 +364,20 @@ local cands = {}
 local buckets = redis.call('ZRANGE', BUCKETS, 0, -1, 'WITHSCORES')
 for i = 1, #buckets, 2 do
   local bucket, g = buckets[i], tonumber(buckets[i + 1])
-  local tier, kind = string.match(bucket, ':(%d):(%a):%d+$')
+  local tier, kind = string.match(bucket, ':(%d):(%a):w[^:]+:%d+$')
   tier = tonumber(tier)
   if tier < 2 or g <= free or guard_ms > 0 then  -- a head that does not fit may be the one to guard
     local depth = 1
     if tier < 2 and g > free then depth = RECLAIM_DEPTH end
     local m = redis.call('ZRANGE', bucket, 0, depth - 1, 'WITHSCORES')
     for j = 1, #m, 2 do
-      local score = 0
-      if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[j + 1]) - now / hl) end
       local st = tenant_state(m[j])
+      local score = 0
+      if st.head then
+        local consumed = 0
+        if kind == 'k' and hl > 0 then consumed = math.pow(2, tonumber(m[j + 1]) - now / hl) * st.q.weight end
+        score = entry_score(consumed, 0, st.head.gpus, st.q.weight, hl)
+      end
       cands[#cands + 1] = {tenant = m[j], tier = tier, score = score, u = 0, head = st.head, q = st.q}
     end
   end
@@ -367,7 +390,7 @@ for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
     local q = st.q
     local tier = tier_of(q, st.gpus, st.head.gpus)
     if tier and (q.max_running == nil or st.running < q.max_running) then
-      local score = decayed(st.consumed, st.at, st.gpus, now, hl) / q.weight
+      local score = entry_score(decayed(st.consumed, st.at, st.gpus, now, hl), st.gpus, st.head.gpus, q.weight, hl)
       cands[#cands + 1] = {tenant = t, tier = tier, score = score, u = st.gpus, head = st.head, q = q}
     end
   end
@@ -377,7 +400,7 @@ for _, c in ipairs(cands) do
   if c.head then ready[#ready + 1] = c end
 end
 cands = ready
--- Kueue's order: within nominal first, then lower share score, higher priority, older (fleet.fair_share)
+-- Kueue's order: within nominal first, then lower entry score, higher priority, older (fleet.fair_share)
 table.sort(cands, function(a, b)
   local ta, tb = math.min(a.tier, 1), math.min(b.tier, 1)
   if ta ~= tb then return ta < tb end
@@ -386,6 +409,26 @@ table.sort(cands, function(a, b)
   if ua ~= ub then return ua < ub end
   return a.head.qscore < b.head.qscore
 end)
+-- The starvation guard (Kueue's spirit): the first head in this order that has waited longer than
+-- guard_ms and could fit the cluster goes first among its tier's (within nominal / borrowing), and the
+-- walk stops at it (step 4). It must go first: the entry score weighs the head's size, so an idle tenant's
+-- small head can keep coming before a waiting gang of a tenant with the same usage.
+local guarded = nil
+if guard_ms > 0 then
+  for idx, c in ipairs(cands) do
+    if c.head.gpus <= total then
+      local since = num(redis.call('HGET', JOB_KEY_PREFIX .. c.head.id, 'queued_at_ms'), now)
+      if now - since > guard_ms then
+        guarded = c
+        local first = idx
+        while first > 1 and math.min(cands[first - 1].tier, 1) == math.min(c.tier, 1) do first = first - 1 end
+        table.remove(cands, idx)
+        table.insert(cands, first, c)
+        break
+      end
+    end
+  end
+end
 -- GPUs of the jobs queued behind c's head that fit, in order, within c's nominal quota with it
 -- (read at most MAX_RECLAIM_JOBS of them).
 local MAX_RECLAIM_JOBS = 64
@@ -459,13 +502,12 @@ end
 -- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit (but would
 -- fit the cluster) holds the free capacity and waits for GPUs already being preempted, or preempts for
 -- what is missing.
--- The starvation guard (Kueue's spirit): once the first head in this order has waited longer than
--- guard_ms, the free GPUs are held for it (the walk stops there: nothing smaller backfills past it,
--- and no later head preempts for GPUs held) until it fits; without it a gang can wait forever behind
--- a stream of small jobs.
+-- The guarded head (above): the free GPUs are held for it (the walk stops there: nothing smaller
+-- backfills past it, and no later head preempts for GPUs held) until it fits; without it a gang can
+-- wait forever behind a stream of small jobs.
 local preempted = 0
 local reserved, spoken = 0, 0  -- free GPUs held for waiting reclaimers; incoming GPUs promised to them
-for idx, c in ipairs(cands) do
+for _, c in ipairs(cands) do
   local avail = free - reserved
   local g = c.head.gpus
   if g <= avail then
@@ -512,10 +554,7 @@ for idx, c in ipairs(cands) do
       reserved = reserved + avail
     end
   end
-  if idx == 1 and guard_ms > 0 and g <= total then
-    local since = num(redis.call('HGET', JOB_KEY_PREFIX .. c.head.id, 'queued_at_ms'), now)
-    if now - since > guard_ms then break end  -- nothing backfills past it, and nothing else reclaims
-  end
+  if c == guarded then break end  -- nothing backfills past it, and nothing else reclaims
 end
 return {'none', preempted}
 """

@@ -288,7 +288,7 @@ def _simulate(
 ) -> dict[str, QueueEstimate]:
     """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue).
 
-    Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs) under their time-invariant
+    Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs, weight) under their time-invariant
     order, tenants holding GPUs scored directly; a step costs O(buckets + holding tenants + log T).
     """
     capacity = math.inf if total is None else total
@@ -298,7 +298,8 @@ def _simulate(
     out: dict[str, QueueEstimate] = {}
     admitted = 0
     t = float(now)
-    buckets: dict[tuple[int, int], list[list]] = {}  # (tier, gpus) -> heap of [order, tenant id, valid]
+    # (tier, gpus, weight) -> heap of [order, tenant id, valid]
+    buckets: dict[tuple[int, int, float], list[list]] = {}
     entries: dict[str, list] = {}
     holding = {tid for tid, tn in tenants.items() if tn.gpus > 0}
 
@@ -327,7 +328,7 @@ def _simulate(
         else:
             order = (1, math.log2(tenant.consumed / q.weight) + tenant.at_ms / hl, h[2])
         entry = [order, tenant.tenant_id, True]
-        heapq.heappush(buckets.setdefault((entry_tier, h[1]), []), entry)
+        heapq.heappush(buckets.setdefault((entry_tier, h[1], q.weight), []), entry)
         entries[tenant.tenant_id] = entry
 
     for tenant in tenants.values():
@@ -335,7 +336,7 @@ def _simulate(
     while len(out) < len(wanted) and admitted < _MAX_SIMULATED_ADMISSIONS:
         avail = capacity - used
         cands = []
-        for (entry_tier, g), heap in buckets.items():
+        for (entry_tier, g, weight), heap in buckets.items():
             while heap and not heap[0][2]:
                 heapq.heappop(heap)
             if not heap or (entry_tier == fair_share.BORROWING and g > avail):
@@ -343,7 +344,8 @@ def _simulate(
             order, tid, _ = heap[0]
             tenant = tenants[tid]
             h = head(tenant)
-            score = 0.0 if order[0] == 0 else 2.0 ** min(order[1] - t / hl, 1000.0)
+            consumed = 0.0 if order[0] == 0 else 2.0 ** min(order[1] - t / hl, 1000.0) * weight
+            score = fair_share.entry_score(consumed, 0, g, weight, hl)
             cands.append((fair_share.entry_key(entry_tier, score, 0.0, h[2]), tenant, h, entry_tier))
         for tid in holding:
             tenant = tenants[tid]
@@ -354,7 +356,8 @@ def _simulate(
             entry_tier = fair_share.tier(q, tenant.gpus, h[1])
             if entry_tier is None:
                 continue
-            score = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl) / q.weight
+            consumed = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl)
+            score = fair_share.entry_score(consumed, tenant.gpus, h[1], q.weight, hl)
             cands.append((fair_share.entry_key(entry_tier, score, tenant.gpus / q.weight, h[2]), tenant, h, entry_tier))
         cands.sort(key=lambda c: c[0])
         chosen = None

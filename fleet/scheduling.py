@@ -14,6 +14,7 @@ import redis
 
 from fleet import keys
 from fleet import queue_scripts as lua
+from fleet.sched_scripts import SCHEMA
 
 __all__ = [
     "TenantQueue",
@@ -83,7 +84,7 @@ def migrate_state(client: redis.Redis, legacy_job_gpus: int | None = None) -> No
 
     `legacy_job_gpus` (Settings.legacy_job_gpus): what the previous release ran every job on, so
     a job it started still holds that many GPUs until it ends (unknown: 1)."""
-    if client.hget(keys.sched_cluster(), "schema") != "1":
+    if client.hget(keys.sched_cluster(), "schema") != SCHEMA:
         if legacy_job_gpus is not None:
             client.hset(keys.sched_config(), "legacy_job_gpus", legacy_job_gpus)
         client.eval(lua.MIGRATE, 0)

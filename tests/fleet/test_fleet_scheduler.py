@@ -17,6 +17,7 @@ from fleet.jobs import JobStatus
 from fleet.leases import PREEMPTED_MESSAGE, Claim
 from fleet.queue import JobStore
 from fleet.quotas import TenantQuota
+from fleet.sched_scripts import SCHEMA
 from fleet.scheduler_view import cluster_view
 from tests.fleet.sched_harness import Cluster, index_problems
 
@@ -192,7 +193,7 @@ def test_reclaim_within_nominal_preempts_and_the_victim_does_not_preempt_back(r)
 def test_a_lost_worker_releases_its_gpus(r):
     c = Cluster(r, 2)
     (job_id,) = c.submit("a", gpus=2)
-    (waiting,) = c.submit("b")
+    (waiting,) = c.submit("b", gpus=2)  # the same size: the same entry score, so age decides
     assert c.admit() == [job_id]
     expired = c.jobs.leases.requeue_expired_leases(now_ms=120 * S)
     assert [e.new_status for e in expired] == [JobStatus.QUEUED]
@@ -258,6 +259,36 @@ def test_queue_positions_follow_the_admission_order(r):
     assert actual == predicted
     assert [positions[j].position for j in predicted] == list(range(1, 7))
     assert positions[predicted[0]].estimated_start_at == 0
+
+
+def test_at_equal_usage_the_smaller_head_goes_first_and_the_estimate_agrees(r):
+    """The entry score counts half the head's GPUs (H = 0: usage + head / 2, per weight)."""
+    c = Cluster(r, 2)
+    (big,) = c.submit("a", gpus=2)
+    (small,) = c.submit("b", gpus=1)
+    positions = c.jobs.queue_estimates([big, small], now_ms=0)
+    assert (positions[small].position, positions[big].position) == (1, 2)
+    assert c.admit() == [small]
+
+
+def test_idle_tenants_of_different_weights_are_ordered_by_entry_score_not_by_usage_per_weight(r):
+    """x (weight 1) used 1 GPU and y (weight 4) 7 GPUs for the same 30 min: x has the lower usage per
+    weight, yet y's 5-GPU head lifts y's share by 5/4 where x's lifts x's by 5, so y goes first, though
+    both wait idle with heads of one size. Their heads sit in different buckets (weights differ)."""
+    c = Cluster(r, 8, half_life_s=3600, x=TenantQuota(weight=1), y=TenantQuota(weight=4))
+    (x_first,) = c.submit("x", gpus=1)
+    (y_first,) = c.submit("y", gpus=7)
+    assert sorted(c.admit()) == sorted([x_first, y_first])
+    c.finish(x_first, at=30 * 60 * S)
+    c.finish(y_first, at=30 * 60 * S)
+    (x_head,) = c.submit("x", gpus=5, at=31 * 60 * S)
+    (y_head,) = c.submit("y", gpus=5, at=31 * 60 * S)
+    shares = {t.tenant_id: t.share_score for t in cluster_view(r, now_ms=31 * 60 * S).tenants}
+    assert shares["x"] < shares["y"]
+    positions = c.jobs.queue_estimates([x_head, y_head], now_ms=31 * 60 * S)
+    assert (positions[y_head].position, positions[x_head].position) == (1, 2)
+    assert c.admit(at=31 * 60 * S) == [y_head]
+    assert index_problems(r, ["x", "y"]) == []
 
 
 def test_withdrawing_a_pause_keeps_a_pending_preemption(r):
@@ -426,12 +457,29 @@ def test_state_from_before_the_scheduler_is_migrated_once(r):
     assert r.zrange(keys.queue("t1"), 0, -1) == ["ftjob-old2", "ftjob-old3"]
     assert r.hget(keys.sched_cluster(), "allocated") == "1"
     assert index_problems(r, ["t1"]) == []
-    assert r.hget(keys.sched_cluster(), "schema") == "1"
+    assert r.hget(keys.sched_cluster(), "schema") == SCHEMA
     assert jobs.leases.claim_next_job("w", 60_000).job.id == "ftjob-old2"
     jobs.leases.finish_job(Fence("ftjob-old1", 1, "tok"), JobStatus.SUCCEEDED)
     assert r.hget(keys.sched_cluster(), "allocated") == "1"  # old1 released, old2 holds one
     assert r.hget(keys.running_per_tenant(), "t1") == "1"
     assert index_problems(r, ["t1"]) == []
+
+
+def test_buckets_named_before_weights_were_in_their_key_are_renamed_before_a_decision(r):
+    """Schema 1 keyed waiting heads by (tier, kind, size): the first script after the upgrade re-indexes
+    every waiting tenant, so ADMIT never meets an old bucket name."""
+    c = Cluster(r, 1)
+    (job_id,) = c.submit("a", gpus=1)
+    (new_name,) = r.zrange(keys.sched_buckets(), 0, -1)
+    old_name = new_name.replace(":w1:", ":")
+    r.rename(new_name, old_name)
+    r.delete(keys.sched_buckets())
+    r.zadd(keys.sched_buckets(), {old_name: 1})
+    r.hset(keys.sched_tenant("a"), "slot", old_name)
+    r.hset(keys.sched_cluster(), "schema", "1")
+    assert c.admit() == [job_id]
+    assert r.hget(keys.sched_cluster(), "schema") == SCHEMA
+    assert not r.exists(old_name) and r.zrange(keys.sched_buckets(), 0, -1) == []
 
 
 def test_any_script_migrates_old_state_before_it_acts(r):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleet import fair_share
 from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.jobs import JobStatus
 from fleet.queue import JobStore
@@ -70,6 +71,10 @@ def test_the_worked_example_of_docs_scheduling_md(r):
     jobs.leases.finish_job(claims.pop(a0).fence, JobStatus.SUCCEEDED, now_ms=40 * MIN)
     assert admit(40 * MIN) == [a2]
     assert round(tenants(40 * MIN)["team-a"].share_score, 2) == 1.65
+    # the page's aside: had a2 been borrowing too, c0 would have gone first (entry scores 2.24 vs 0.25)
+    consumed_a = tenants(40 * MIN)["team-a"].share_score  # weight 1
+    assert round(fair_share.entry_score(consumed_a, 2, 2, 1.0, 3_600_000), 2) == 2.24
+    assert round(fair_share.entry_score(0.0, 0, 2, 2.0, 3_600_000), 2) == 0.25
     # 50 min: a1 ends; c0 borrows the 2 GPUs.
     jobs.leases.finish_job(claims.pop(a1).fence, JobStatus.SUCCEEDED, now_ms=50 * MIN)
     assert admit(50 * MIN) == [c0]
