@@ -142,6 +142,10 @@ class JobCreateRequest(_Strict):
         default="normal", description="Order among the tenant's own jobs: high ones start first, low ones are "
                                       "preempted first.",
     )
+    co_training: bool = Field(
+        default=True, description="Whether the job may be co-trained with other jobs on the same base model, "
+                                  "in one process holding one copy of the base (false: it always trains alone).",
+    )
 
     @field_validator("resources", mode="before")
     @classmethod
