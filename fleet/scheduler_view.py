@@ -46,8 +46,8 @@ class TenantView(BaseModel):
     tenant_id: str
     quota: TenantQuota
     running_jobs: int
-    running_gpus: int
-    borrowed_gpus: int
+    running_gpus: int | float  # a co-trained job counts its share of its group's GPUs (docs/scheduling.md)
+    borrowed_gpus: int | float
     queued_jobs: int
     share_score: float
     waiting_reason: str | None = None  # why its head job waits (None: nothing queued)
@@ -151,7 +151,7 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             TenantQuota.from_redis_hash({k: v for k, v in quota_fields.items() if k in QUOTA_FIELDS}),
             consumed=float(state[0] or 0),
             at_ms=float(state[1] or 0),
-            gpus=int(state[2] or 0),
+            gpus=_held_gpus(state[2]),
             preempting=int(state[3] or 0),
             running=int(state[4] or 0),
             queued=int(queued),
@@ -181,6 +181,12 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
         wanted=wanted,
         ranks=ranks,
     )
+
+
+def _held_gpus(stored: str | None) -> int | float:
+    """A tenant's GPUs as the Lua stores them: whole, or with co-trained jobs' shares, to the milli-GPU."""
+    held = float(stored or 0)
+    return int(held) if held.is_integer() else held
 
 
 def _gpus(n: int) -> str:
