@@ -40,11 +40,13 @@ if TYPE_CHECKING:
     )
     from lora_core.inject import (
         active_adapters,
+        adapter_parameters,
         add_adapter,
         apply_lora,
         find_target_modules,
         linear_layer_names,
         lora_layers,
+        route_tokens,
         set_active_adapter,
         trainable_parameters,
     )
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
         save_adapter,
         set_lora_state_dict,
     )
-    from lora_core.layers import LoraLinear
+    from lora_core.layers import LoraLinear, TokenRoute
     from lora_core.quant import (
         dequantize_model,
         export_merged_model,
@@ -73,11 +75,12 @@ _LAZY = {
                               "disable_adapters", "effective_rank", "enable_adapters", "list_adapters",
                               "merge_adapter", "merge_and_unload", "rank_report", "singular_values_of_delta",
                               "ties_merge", "unmerge_adapter"),
-        "lora_core.inject": ("active_adapters", "add_adapter", "apply_lora", "find_target_modules",
-                             "linear_layer_names", "lora_layers", "set_active_adapter", "trainable_parameters"),
+        "lora_core.inject": ("active_adapters", "adapter_parameters", "add_adapter", "apply_lora",
+                             "find_target_modules", "linear_layer_names", "lora_layers", "route_tokens",
+                             "set_active_adapter", "trainable_parameters"),
         "lora_core.io": ("load_adapter", "lora_state_dict", "read_adapter_config", "save_adapter",
                          "set_lora_state_dict"),
-        "lora_core.layers": ("LoraLinear",),
+        "lora_core.layers": ("LoraLinear", "TokenRoute"),
         "lora_core.quant": ("dequantize_model", "export_merged_model", "is_quantized", "load_base_model",
                             "prepare_for_training"),
         "lora_core.report": ("TrainableParameterReport", "trainable_parameter_report"),
@@ -107,8 +110,10 @@ __all__ = [
     "QuantizedMergeError",
     "RankReport",
     "TargetModulesError",
+    "TokenRoute",
     "TrainableParameterReport",
     "active_adapters",
+    "adapter_parameters",
     "add_adapter",
     "adapters_disabled",
     "apply_lora",
@@ -132,6 +137,7 @@ __all__ = [
     "prepare_for_training",
     "rank_report",
     "read_adapter_config",
+    "route_tokens",
     "save_adapter",
     "set_active_adapter",
     "set_lora_state_dict",

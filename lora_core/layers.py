@@ -18,12 +18,20 @@ DoRA (Liu et al. 2024, arXiv:2402.09353), as PEFT computes it:
     h  = W0·x + (m/n - 1)·(W0·x̃) + (m/n)·s·B·A·x̃    n = ‖W0 + s·B·A‖_row, detached (paper §4.3)
 where x̃ = dropout(x). Merging writes W' (DoRA) or W0 + s·B·A (LoRA) into a dense base weight;
 quantized (bitsandbytes 4-bit / 8-bit) weights refuse to merge rather than silently re-quantize.
+
+Token routing (co-training several adapters on one base in one forward pass): with `routes` set
+(lora_core.inject.route_tokens), adapter a applies only to the tokens start_a:end_a of the flattened
+(B·T) input, h_t = W0·x_t + s_a·B_a·A_a·dropout_a(x_t) for t in a's range and W0·x_t elsewhere, so no
+adapter sees another's tokens. A route may also carry a dropout seed: the mask is then drawn from a
+generator seeded by it alone (not the global RNG), so it is the same however many other adapters share
+the pass, and the same again when gradient checkpointing recomputes the forward in the backward pass.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +92,33 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
             scale = base.state.SCB
         return weight.data.float() * (scale.float().view(-1, 1) / 127.0)
     return weight.T if is_conv1d(base) else weight
+
+
+@dataclass(frozen=True)
+class TokenRoute:
+    """Where one adapter applies in a routed forward pass: tokens start:end of the flattened (B·T) input.
+
+    `dropout_seed`: seeds this adapter's dropout mask (one generator per layer and forward, see
+    route_tokens), so the mask depends on the seed and the shape of the range only; None: nn.Dropout
+    on the global RNG.
+    """
+
+    start: int = 0
+    end: int | None = None  # None: to the last token
+    dropout_seed: int | None = None
+
+
+def _seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x with each element zeroed with probability p (the rest scaled by 1/(1-p)), the mask drawn from `seed`.
+
+    The mask is drawn over x's elements in order (x is (N, in)): the same seed and shape give the same
+    mask whatever else runs, which is what makes a checkpointed recomputation, or an adapter trained
+    alone and in a group, see the same dropout.
+    """
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p  # (N, in) bool
+    return x * keep * (1.0 / (1.0 - p))
 
 
 class _LoraDelta(torch.autograd.Function):
@@ -171,6 +206,8 @@ class LoraLinear(nn.Module):
         self.adapters_disabled = False
         self.merged_adapters: list[str] = []
         self._merged_dora_norms: dict[str, torch.Tensor] = {}
+        # Set by lora_core.inject.route_tokens: which adapters apply to which tokens; None: all active, everywhere.
+        self.routes: dict[str, TokenRoute] | None = None
 
     # The wrapped layer still looks like a linear layer to code that inspects it.
     @property
@@ -232,6 +269,8 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.adapters_disabled:
             return out
+        if self.routes is not None:
+            return self._add_routed(out, x)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue  # already inside the base weight
@@ -241,17 +280,41 @@ class LoraLinear(nn.Module):
                 out = self._add_lora(out, x, name)
         return out
 
-    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_routed(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out with each routed adapter's branch added on its own tokens only (the rows of the flattened input)."""
+        if not out.is_contiguous():
+            out = out.contiguous()
+        rows = x.reshape(-1, x.shape[-1])  # (N, in), N = B·T
+        flat = out.view(-1, out.shape[-1])  # (N, out), a view: the branches below write into `out`
+        for name, route in self.routes.items():
+            if name not in self.lora_A:
+                continue  # this adapter does not target this layer
+            start, stop = route.start, flat.shape[0] if route.end is None else route.end
+            if name in self.lora_magnitude:  # DoRA is computed out of place: put its rows back between the others
+                part = self._add_dora(flat[start:stop], rows[start:stop], name, route.dropout_seed)
+                flat = torch.cat([flat[:start], part, flat[stop:]])
+            else:
+                self._add_lora(flat[start:stop], rows[start:stop], name, route.dropout_seed)  # in place, into `flat`
+        return flat.view(out.shape)
+
+    def _dropout(self, x: torch.Tensor, name: str, seed: int | None) -> torch.Tensor:
+        """The adapter's dropout of its branch input: nn.Dropout, or a mask drawn from `seed` (see TokenRoute)."""
+        dropout = self.lora_dropout[name]
+        if seed is None or not isinstance(dropout, nn.Dropout) or not dropout.training:
+            return dropout(x)
+        return _seeded_dropout(x.reshape(-1, x.shape[-1]), dropout.p, seed).view(x.shape)
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
         """out + (dropout(x) @ A.T @ B.T) * scale, computed by _LoraDelta (see there for how)."""
-        x_tilde = self.lora_dropout[name](x)  # (..., in), the base dtype: dropout on the branch input only
+        x_tilde = self._dropout(x, name, seed)  # (..., in), the base dtype: dropout on the branch input only
         if not out.is_contiguous():
             out = out.contiguous()
         return _LoraDelta.apply(out, x_tilde, self.lora_A[name], self.lora_B[name], self.scale[name])
 
-    def _add_dora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_dora(self, out: torch.Tensor, x: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
         A, B, m, s = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name], self.scale[name]
         dropout = self.lora_dropout[name]
-        x_tilde = dropout(x.to(A.dtype))  # (..., in)
+        x_tilde = self._dropout(x.to(A.dtype), name, seed)  # (..., in)
         weight = dense_weight(self.base_layer).to(A.dtype)  # (out, in)
         with torch.no_grad():  # n is a constant for the gradient (DoRA §4.3)
             norm = torch.linalg.vector_norm(weight + s * (B @ A), dim=1)  # (out,)

@@ -1,0 +1,130 @@
+"""Co-training is exact: a job trained in a group of four gives the adapter and events it gives alone (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.cotrain import GroupMember, train_group
+from workers.loop import TrainingResult, train
+from workers.reporting import ListReporter
+from workers.spec import TrainingSpec
+from workers.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+
+_CO_TRAINED = "co-trained with"
+
+
+def _specs(model_dir: Path, data_dir: Path) -> dict[str, TrainingSpec]:
+    """Four jobs that differ in everything a job may choose: rank, targets, dropout, data, seed, lr, batch."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    def data(name: str, n: int, seed: int, task: str = "reverse") -> Path:
+        return write_synthetic_dataset(data_dir / f"{name}.jsonl", n, seed=seed, task=task)
+
+    def spec(**fields) -> TrainingSpec:
+        return TrainingSpec(base_model=model_dir, **{"n_checkpoints": 0, **fields})
+
+    return {
+        "a": spec(training_file=data("a", 24, 0), max_seq_len=64, seed=1,
+                  lora={"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+                  hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate": 2e-3, "max_steps": 5}),
+        "b": spec(training_file=data("b", 24, 1, "sort"), max_seq_len=48, seed=2, packing=False,
+                  lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ["k_proj", "o_proj", "down_proj"]},
+                  hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "max_steps": 4,
+                                   "lr_scheduler": "cosine"}),
+        "c": spec(training_file=data("c", 24, 2, "uppercase"), validation_file=data("c-val", 6, 3, "uppercase"),
+                  max_seq_len=64, seed=3, eval_every_steps=2, n_checkpoints=2,
+                  lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                  hyperparameters={"n_epochs": 1, "batch_size": 1, "gradient_accumulation_steps": 2,
+                                   "learning_rate": 3e-3, "max_steps": 6, "warmup_ratio": 0.2}),
+        "d": spec(training_file=data("d", 32, 4, "first_last"), max_seq_len=96, seed=4,
+                  lora={"r": 32, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                        "use_rslora": True},
+                  hyperparameters={"n_epochs": 2, "batch_size": 3, "learning_rate": 5e-4, "max_steps": 7}),
+    }
+
+
+def _tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(got: Path, want: Path, atol: float = 1e-4) -> None:
+    a, b = _tensors(got), _tensors(want)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"max abs difference {worst:.3g} > {atol}"
+    config = "adapter_config.json"
+    assert json.loads((got / config).read_text()) == json.loads((want / config).read_text())
+
+
+def assert_same_events(got: ListReporter, want: ListReporter) -> None:
+    """The same metrics rows (steps, keys, values close but the timing) and checkpoints; the same logs but one."""
+    assert [(s, sorted(r)) for s, r in got.metric_rows] == [(s, sorted(r)) for s, r in want.metric_rows]
+    for (step, row), (_, expected) in zip(got.metric_rows, want.metric_rows, strict=True):
+        for key, value in row.items():
+            if key != "tokens_per_s":
+                assert math.isclose(value, expected[key], rel_tol=1e-4, abs_tol=1e-5), (step, key, value, expected[key])
+    assert [s for s, _ in got.checkpoints] == [s for s, _ in want.checkpoints]
+    assert [p.name for _, p in got.checkpoints] == [p.name for _, p in want.checkpoints]
+    assert [m for m in got.logs if _CO_TRAINED not in m[1]] == want.logs
+    assert sum(_CO_TRAINED in m for _, m in got.logs) == 1
+
+
+def assert_same_result(got: TrainingResult, want: TrainingResult) -> None:
+    assert (got.status, got.step, got.total_steps, got.tokens_trained) == (
+        want.status, want.step, want.total_steps, want.tokens_trained)
+    assert got.hyperparameters == want.hyperparameters
+    assert [p.name for p in got.checkpoints] == [p.name for p in want.checkpoints]
+    assert len(got.history) == len(want.history)
+    for row, expected in zip(got.history, want.history, strict=True):
+        assert row == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model_dir, tmp_path_factory) -> tuple[dict[str, TrainingSpec], dict[str, tuple[TrainingResult, Any]]]:
+    """Each of the four jobs trained alone, once for the module."""
+    root = tmp_path_factory.mktemp("alone")
+    specs = _specs(tiny_model_dir, root / "data")
+    runs = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        runs[name] = (train(spec, output_dir=root / name, reporter=reporter), reporter)
+    return specs, runs
+
+
+def test_a_job_trained_in_a_group_of_four_equals_it_trained_alone(alone, tmp_path):
+    specs, runs = alone
+    reporters = {name: ListReporter() for name in specs}
+    members = [GroupMember(job_id=name, spec=spec, output_dir=tmp_path / name, reporter=reporters[name])
+               for name, spec in specs.items()]
+    outcomes = train_group(members)
+
+    assert sorted(outcomes) == sorted(specs)
+    for name, (want, want_events) in runs.items():
+        got = outcomes[name]
+        assert isinstance(got, TrainingResult), got
+        assert got.status == "succeeded" and got.adapter_dir == tmp_path / name / "adapter"
+        assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        assert_same_result(got, want)
+        assert_same_events(reporters[name], want_events)
+        saved = TrainingResult.from_dict(json.loads((tmp_path / name / "training_result.json").read_text()))
+        assert saved.status == "succeeded" and saved.step == want.step
+    # c's checkpoints (written in the group) hold the same adapter as alone
+    for got, want in zip(outcomes["c"].checkpoints, runs["c"][0].checkpoints, strict=True):
+        assert_same_adapter(got / "adapter", want / "adapter")
+
+
+def test_a_group_of_one_is_train(alone, tmp_path):
+    specs, runs = alone
+    reporter = ListReporter()
+    outcome = train_group([GroupMember("a", specs["a"], tmp_path / "a", reporter)])["a"]
+    assert_same_adapter(outcome.adapter_dir, runs["a"][0].adapter_dir, atol=1e-6)
+    assert_same_events(reporter, runs["a"][1])
