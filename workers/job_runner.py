@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -24,13 +25,14 @@ from fleet.job_spec import Hyperparameters
 from fleet.jobs import Checkpoint, ControlSignal, Job, JobError, JobStatus
 from fleet.log_format import WorkerLogging, set_job_log_context
 from fleet.queue import Claim, JobStore
-from fleet.registry import adapter_name_for_job, parse_adapter_ref
+from fleet.registry import AdapterRegistry, adapter_name_for_job, parse_adapter_ref
 from fleet.settings import Settings
 from workers.errors import error_chain, full_text, is_infrastructure_fault, scrub_paths, tenant_summary
 from workers.input_staging import check_and_store_datasets, checkpoint_objects, stored_inputs, version_objects
 from workers.job_inputs import StoredInputs, StoredObject
 from workers.job_reporter import REDIS_DOWN as _REDIS_DOWN
 from workers.job_reporter import JobReporterFactory
+from workers.loop import TrainingResult
 from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_storage import RayStorage, ray_storage_for
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
@@ -39,7 +41,8 @@ from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingHyperparameters, Train
 if TYPE_CHECKING:
     from workers.dispatcher import Dispatcher
 
-__all__ = ["JobRunner", "StopRequested", "StopSignal", "build_training_spec", "hyperparameters_used"]
+__all__ = ["JobRunner", "StagedJob", "StopRequested", "StopSignal", "build_training_spec", "hyperparameters_used",
+           "publish_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,47 @@ def hyperparameters_used(requested: Hyperparameters, resolved: dict[str, Any]) -
     openai_view = {"n_epochs": resolved["n_epochs"], "batch_size": resolved["batch_size"],
                    "learning_rate_multiplier": multiplier}
     return {**resolved, **openai_view}
+
+
+@dataclass(frozen=True)
+class StagedJob:
+    """A job's attempt ready to train: the inputs its training process fetches, and what publishing needs."""
+
+    inputs: StoredInputs
+    training_sha256: str
+    base_name: str  # the catalog base model
+
+
+def _adapter_name(job: Job, base_name: str) -> str:
+    """Where the job publishes: its suffix; else, continuing a version, that adapter (a new version
+    of it); else a name from the base model and the job id."""
+    if not job.suffix and job.init_adapter:
+        return parse_adapter_ref(job.init_adapter)[0]
+    return adapter_name_for_job(base_name, job.suffix, job.id)
+
+
+def publish_version(registry: AdapterRegistry, jobs: JobStore, job: Job, fence: Fence, result: TrainingResult,
+                    staged: StagedJob) -> str:
+    """Publish a succeeded attempt's adapter as the job's version and finish the job `succeeded`, both
+    fenced by the claim (a cancel pending refuses: CancelRequested). The same for a job trained alone
+    (JobRunner, after the run) and one co-trained (inside the group's process, as soon as it ends)."""
+    assert result.adapter_dir is not None
+    manifest_fields: dict[str, Any] = {
+        "base_model": staged.base_name,  # the catalog name; the server's path to it stays private
+        "parent": job.init_adapter,  # the version this one continued from, if any
+        "lora_config": job.spec.lora_block(),
+        "hyperparameters": result.hyperparameters,
+        "dataset": {"file_id": job.training_file, "sha256": staged.training_sha256,
+                    "validation_file_id": job.validation_file},
+        "final_metrics": result.metrics,
+        "trained_tokens": result.tokens_trained,
+    }
+    ref = registry.publish_adapter_version(job.tenant_id, _adapter_name(job, staged.base_name), result.adapter_dir,
+                                           manifest_fields, fence=fence)
+    jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref, trained_tokens=result.tokens_trained,
+                           hyperparameters=hyperparameters_used(job.spec.hyperparameters, result.hyperparameters))
+    logger.info("job %s succeeded: published %s", job.id, ref)
+    return ref
 
 
 # ------------------------------------------------------------------------------------ heartbeat
@@ -275,44 +319,12 @@ class JobRunner:
         try:
             with _Heartbeat(self.jobs, claim, self.settings, self._shutdown) as heartbeat:
                 self._run_attempt(job, fence, work_dir, heartbeat)
-        except FencedOut as e:
-            logger.warning("%s: %s", job.id, e)
-        except _AlreadyFinished as e:
-            logger.info("%s", e)
-        except StopRequested as e:
-            self._end_on_signal(fence, e.signal)
-        except CancelRequested:
-            # Cancelled after training ended, before the version became visible: publish nothing.
-            self._finish_quietly(fence, JobStatus.CANCELLED)
         except KeyboardInterrupt:
             # Stopping the dispatcher: hand the job back so another one resumes it from its checkpoint.
             self._finish_quietly(fence, JobStatus.QUEUED)
             raise
-        except InvalidRequest as e:
-            self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="invalid_request", message=str(e), param=e.param))
-        except TrainingSetupError as e:
-            logger.warning("job %s attempt %d: training cannot run: %s", job.id, attempt, e)
-            message = (f"Training cannot run with this job's configuration or data: {scrub_paths(str(e))}. "
-                       "Retrying would fail the same way; fix it and create a new job.")
-            self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="invalid_training_config", message=message[:2000]),
-                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
         except Exception as e:
-            if _caused_by_redis_outage(e):
-                # Not the job's fault: hand it back to resume from its checkpoint. If Redis is still
-                # away this write fails too, and the lease expiring requeues the job instead.
-                logger.warning("job %s attempt %d: Redis unreachable (%s); handing it back", job.id, attempt, e)
-                self._finish_quietly(fence, JobStatus.QUEUED)
-                return
-            if is_infrastructure_fault(e):
-                self._hand_back_after_fault(claim, e)
-                return
-            logger.exception("job %s attempt %d failed", job.id, attempt)
-            # The tenant reads a short summary without server paths; the whole story is the operator's.
-            self._finish_quietly(fence, JobStatus.FAILED,
-                                 error=JobError(code="training_error", message=f"Training failed: {tenant_summary(e)}"),
-                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
+            self.end_after_error(e)
         finally:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
             self._join_abandoned()
@@ -320,6 +332,44 @@ class JobRunner:
             self._ray_storage.remove_run(self._ray_run_name(job, attempt))
             with contextlib.suppress(OSError):
                 work_dir.parent.rmdir()  # the job's folder, once no attempt of it runs here
+
+    def end_after_error(self, e: Exception) -> None:
+        """End the attempt as the error that stopped it says (a lost lease, a stop signal, a cancel after
+        training, the job's own failure, an infrastructure fault); never raises for a job's own failure."""
+        claim = self.claim
+        job, attempt, fence = claim.job, claim.attempt, claim.fence
+        if isinstance(e, FencedOut):
+            logger.warning("%s: %s", job.id, e)
+        elif isinstance(e, _AlreadyFinished):
+            logger.info("%s", e)
+        elif isinstance(e, StopRequested):
+            self._end_on_signal(fence, e.signal)
+        elif isinstance(e, CancelRequested):
+            # Cancelled after training ended, before the version became visible: publish nothing.
+            self._finish_quietly(fence, JobStatus.CANCELLED)
+        elif isinstance(e, InvalidRequest):
+            self._finish_quietly(fence, JobStatus.FAILED,
+                                 error=JobError(code="invalid_request", message=str(e), param=e.param))
+        elif isinstance(e, TrainingSetupError):
+            logger.warning("job %s attempt %d: training cannot run: %s", job.id, attempt, e)
+            message = (f"Training cannot run with this job's configuration or data: {scrub_paths(str(e))}. "
+                       "Retrying would fail the same way; fix it and create a new job.")
+            self._finish_quietly(fence, JobStatus.FAILED,
+                                 error=JobError(code="invalid_training_config", message=message[:2000]),
+                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
+        elif _caused_by_redis_outage(e):
+            # Not the job's fault: hand it back to resume from its checkpoint. If Redis is still
+            # away this write fails too, and the lease expiring requeues the job instead.
+            logger.warning("job %s attempt %d: Redis unreachable (%s); handing it back", job.id, attempt, e)
+            self._finish_quietly(fence, JobStatus.QUEUED)
+        elif is_infrastructure_fault(e):
+            self._hand_back_after_fault(claim, e)
+        else:
+            logger.error("job %s attempt %d failed", job.id, attempt, exc_info=e)
+            # The tenant reads a short summary without server paths; the whole story is the operator's.
+            self._finish_quietly(fence, JobStatus.FAILED,
+                                 error=JobError(code="training_error", message=f"Training failed: {tenant_summary(e)}"),
+                                 last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
 
     def _hand_back_after_fault(self, claim: Claim, error: Exception) -> None:
         """An object-store or Ray node fault is not the job's: hand it back to resume from its checkpoint,
@@ -420,6 +470,26 @@ class JobRunner:
         self._abandoned = [t for t in self._abandoned if t.is_alive()]
 
     def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: _Heartbeat) -> None:
+        staged = self.stage_inputs(heartbeat, work_dir)
+        if staged is None:
+            return
+        result = self._train(job, fence, staged.inputs, work_dir, heartbeat)
+        if result.status == "cancelled":
+            self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
+            return
+        if result.status == "paused":  # the loop checkpointed and stopped for a pause or a preemption
+            self._end_on_signal(fence, "preempt" if self.jobs.leases.control_signal(fence) == "preempt" else "pause")
+            return
+        # A cancel from here on publishes nothing (and once the version is committed, cannot undo it);
+        # a pause of a job whose training is done lets it complete.
+        heartbeat.raise_if_stopped(honour_pause=False)
+        publish_version(self.registry, self.jobs, job, fence, result, staged)
+
+    def stage_inputs(self, heartbeat: _Heartbeat, work_dir: Path) -> StagedJob | None:
+        """Everything before training: complete a version an earlier attempt committed (then the job is
+        finished: None), fetch and check the datasets, find the checkpoint to resume from, and name the
+        inputs the training process fetches itself (workers.input_staging)."""
+        job, fence = self.claim.job, self.claim.fence
         try:
             done = self.registry.complete_committed_publication(fence)
         except (FleetError, redis.ConnectionError, redis.TimeoutError):
@@ -429,13 +499,13 @@ class JobRunner:
             heartbeat.lost.wait(min(30.0, self.settings.lease_ms / 1000))  # no hot loop on a lone job
             why = JobError(code="completion_failed", message=f"Completing the committed version failed: {e}"[:2000])
             self.jobs.leases.finish_job(fence, JobStatus.QUEUED, error=why)  # tail of its queue; why: last_failure
-            return
+            return None
         if done is not None:  # an earlier attempt committed its version, then died: finish with it
             used = (hyperparameters_used(job.spec.hyperparameters, done.hyperparameters)
                     if done.hyperparameters else None)
             self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=done.ref,
                                         trained_tokens=done.trained_tokens, hyperparameters=used)
-            return
+            return None
         work_dir.mkdir(parents=True, exist_ok=True)
         base_name = job.base_model or job.model
         base = self.catalog.get(base_name)
@@ -456,36 +526,7 @@ class JobRunner:
                                validation_sha256=validation.sha256 if validation else None,
                                pretokenized=pretokenized, init_adapter=init_adapter,
                                resume_from=resume_from[0] if resume_from else ())
-        result = self._train(job, fence, inputs, work_dir, heartbeat)
-        if result.status == "cancelled":
-            self.jobs.leases.finish_job(fence, JobStatus.CANCELLED)
-            return
-        if result.status == "paused":  # the loop checkpointed and stopped for a pause or a preemption
-            self._end_on_signal(fence, "preempt" if self.jobs.leases.control_signal(fence) == "preempt" else "pause")
-            return
-        # A cancel from here on publishes nothing (and once the version is committed, cannot undo it);
-        # a pause of a job whose training is done lets it complete.
-        heartbeat.raise_if_stopped(honour_pause=False)
-        assert result.adapter_dir is not None
-        manifest_fields: dict[str, Any] = {
-            "base_model": base_name,  # the catalog name; the server's path to it stays private
-            "parent": job.init_adapter,  # the version this one continued from, if any
-            "lora_config": job.spec.lora_block(),
-            "hyperparameters": result.hyperparameters,
-            "dataset": {"file_id": job.training_file, "sha256": training.sha256,
-                        "validation_file_id": job.validation_file},
-            "final_metrics": result.metrics,
-            "trained_tokens": result.tokens_trained,
-        }
-        ref = self.registry.publish_adapter_version(
-            job.tenant_id, self._adapter_name(job, base_name), result.adapter_dir, manifest_fields,
-            fence=fence,
-        )
-        self.jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref,
-                                    trained_tokens=result.tokens_trained,
-                                    hyperparameters=hyperparameters_used(job.spec.hyperparameters,
-                                                                         result.hyperparameters))
-        logger.info("job %s succeeded: published %s", job.id, ref)
+        return StagedJob(inputs=inputs, training_sha256=training.sha256, base_name=base_name)
 
     def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: _Heartbeat):
         """Run the training phase on Ray; a cancel, pause or lost lease stops the run wherever it is
@@ -555,13 +596,6 @@ class JobRunner:
             raise InvalidRequest(f"{param} {file_id} no longer exists (was it deleted after the job was "
                                  "created?); upload it again and create a new job.", param=param) from e
 
-    @staticmethod
-    def _adapter_name(job: Job, base_name: str) -> str:
-        """Where the job publishes: its suffix; else, continuing a version, that adapter (a new version
-        of it); else a name from the base model and the job id."""
-        if not job.suffix and job.init_adapter:
-            return parse_adapter_ref(job.init_adapter)[0]
-        return adapter_name_for_job(base_name, job.suffix, job.id)
 
     def _check_datasets(self, job: Job, fence: Fence, spec: TrainingSpec) -> dict[str, StoredObject]:
         """Check the datasets with the base model's tokenizer and store their tokenization for the ranks
