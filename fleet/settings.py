@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     co_training_memory_gib: float | None = Field(
         default=None, gt=0,
         description="Accelerator memory a co-training group may fill (GiB per GPU of the group): members join only "
-                    "while the estimate (workers/co_training_plan.py) fits. Unset: on real GPUs, the device's "
-                    "memory as the dispatcher's node reports it; in CPU mode, unchecked.",
+                    "while the estimate (workers/co_training_plan.py) fits. Unset: not checked (CPU logical "
+                    "accelerators); set it on GPU clusters.",
     )
     accelerator_resource: str = Field(
         default="GPU", min_length=1,

@@ -44,11 +44,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fleet.co_training import GroupJoin, MemberMemory, join_group
+from fleet.exceptions import InvalidRequest
 from fleet.files import FileStore
+from fleet.jobs import Job
 from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
+from workers.co_training_plan import group_memory
+from workers.group_runner import GroupRunner
 from workers.job_reporter import REDIS_DOWN as _REDIS_DOWN
 from workers.job_reporter import JobReporter, JobReporterFactory
 from workers.job_runner import JobRunner, build_training_spec, hyperparameters_used
@@ -93,7 +98,7 @@ class Dispatcher:
         self.work_root = Path(settings.data_dir).resolve() / "work" / self.worker_id.replace(":", "-")
         self._stop = threading.Event()
         self._runner_done = threading.Event()  # set by a runner's thread as it ends: a slot is free
-        self._runners: dict[str, JobRunner] = {}  # job id → its runner, while it runs
+        self._runners: dict[str, JobRunner | GroupRunner] = {}  # job id → its runner (a group: one for all)
 
     def stop(self) -> None:
         """Stop claiming; `run_forever` hands the jobs running here back (to resume from their checkpoints)."""
@@ -106,7 +111,8 @@ class Dispatcher:
 
     def running_job_tenants(self) -> dict[str, str]:
         """{job id: tenant id} of the jobs running here (for the metrics thread: a copy, read safely)."""
-        return {job_id: r.claim.job.tenant_id for job_id, r in list(self._runners.items()) if r.is_alive()}
+        return {c.job.id: c.job.tenant_id for r in list(self._runners.values()) if r.is_alive()
+                for c in _claims_of(r)}
 
     def connect_ray(self) -> None:
         """Join the Ray cluster at `ray_address`, or start a private local one when it is unset (never
@@ -178,20 +184,62 @@ class Dispatcher:
         _resolve_lazy_imports()  # before any claim: the first call imports transformers (seconds)
         self._forget_finished_runners()
         started = 0
-        while not self._stop.is_set() and len(self._runners) < self.settings.max_concurrent_jobs:
+        while not self._stop.is_set() and self._running_count() < self.settings.max_concurrent_jobs:
             claim = self.jobs.leases.claim_next_job(self.worker_id, self.settings.lease_ms)
             if claim is None:
                 break
-            runner = JobRunner(self, claim, on_exit=self._runner_done.set)
-            self._runners[claim.job.id] = runner
+            joined = self._join_co_training_group(claim)
+            runner: JobRunner | GroupRunner
+            if joined:
+                group_id, members = joined[0].group_id, [claim, *(j.claim for j in joined)]
+                runner = GroupRunner(self, members, group_id, on_exit=self._runner_done.set)
+            else:
+                members = [claim]
+                runner = JobRunner(self, claim, on_exit=self._runner_done.set)
+            for member in members:
+                self._runners[member.job.id] = runner
             runner.start()
-            started += 1
+            started += len(members)
         return started
+
+    def _running_count(self) -> int:
+        """Runners here (a co-training group counts once: it is one process)."""
+        return len({id(r) for r in self._runners.values()})
+
+    def _join_co_training_group(self, leader: Claim) -> list[GroupJoin]:
+        """Claim the jobs that join the just-claimed `leader` in a co-training group (fleet.co_training;
+        none when co-training is off, the leader opted out or runs a gang of several workers)."""
+        job, most = leader.job, self.settings.co_training_max_group
+        if most < 2 or not job.spec.co_training or job.resources.workers != 1:
+            return []
+        memory = self._co_training_memory(job)
+        joined: list[GroupJoin] = []
+        while len(joined) + 1 < most:
+            join = join_group(self.jobs, leader.fence, self.worker_id, self.settings.lease_ms, max_members=most,
+                              memory=memory)
+            if join is None:
+                break
+            joined.append(join)
+        return joined
+
+    def _co_training_memory(self, job: Job) -> MemberMemory | None:
+        """What the group's device memory leaves for members (workers.co_training_plan), or None when
+        unchecked: CPU logical accelerators without `co_training_memory_gib` set."""
+        gib = self.settings.co_training_memory_gib
+        if gib is None:
+            return None
+        try:
+            base = self.catalog.get(job.base_model or job.model)
+        except InvalidRequest:  # not in the catalog: the job fails on its own; nothing joins it
+            return MemberMemory(budget_bytes=0, member_fixed_bytes=1, bytes_per_rank=0)
+        device_bytes = int(gib * 2**30 * job.resources.total_gpus)
+        return group_memory(Path(base.path), job.spec.quantization or base.quantization,
+                            device_bytes=device_bytes, leader_rank=job.spec.lora.r)
 
     def hand_back_running_jobs(self, timeout_s: float = 60.0) -> None:
         """Stop every runner here, each handing its job back to the queue, and wait for them (at most
         `timeout_s` in all; a runner still busy then is left to its lease)."""
-        runners = list(self._runners.values())
+        runners = list({id(r): r for r in self._runners.values()}.values())
         for runner in runners:
             runner.shut_down()
         deadline = time.monotonic() + timeout_s
@@ -199,7 +247,7 @@ class Dispatcher:
             runner.join(max(0.0, deadline - time.monotonic()))
             if runner.is_alive():
                 logger.warning("%s: its runner did not end within %.0fs of the shutdown; its lease will "
-                               "expire and requeue it", runner.claim.job.id, timeout_s)
+                               "expire and requeue it", [c.job.id for c in _claims_of(runner)], timeout_s)
         self._forget_finished_runners()
 
     def _forget_finished_runners(self) -> None:
@@ -209,7 +257,7 @@ class Dispatcher:
         """Wait for the queue's wakeup when a slot is free here, else for a runner to end; a short poll
         either way, since capacity freed elsewhere in the cluster wakes nobody."""
         poll_s = max(0.2, min(2.0, self.settings.lease_ms / 2000))
-        if len(self._runners) < self.settings.max_concurrent_jobs:
+        if self._running_count() < self.settings.max_concurrent_jobs:
             self.jobs.leases.wait_for_work(poll_s)  # woken when queued
         else:
             self._runner_done.wait(poll_s)
@@ -246,3 +294,7 @@ class Dispatcher:
     def run_claim(self, claim: Claim) -> None:
         """Run one claimed attempt to its end on this thread (JobRunner.run)."""
         JobRunner(self, claim).run()
+
+
+def _claims_of(runner: JobRunner | GroupRunner) -> list[Claim]:
+    return runner.claims if isinstance(runner, GroupRunner) else [runner.claim]

@@ -125,7 +125,8 @@ def test_shares_grow_back_as_members_leave_and_the_last_returns_the_gpus(r):
     ids = [_submit(c, t, gpus_per_worker=2) for t in "abc"]
     leader = _lead(c)
     _join_all(c, leader)
-    assert _held(c) == {"a": 0.667, "b": 0.667, "c": 0.666}  # 2000 milli-GPUs in three, summing exactly
+    held = _held(c)  # 2000 milli-GPUs in three, summing exactly (which member gets the odd one: by job id)
+    assert set(held) == {"a", "b", "c"} and sorted(held.values()) == [0.666, 0.667, 0.667]
     c.finish(ids[1], at=1 * S)
     assert _held(c) == {"a": 1, "c": 1}
     c.finish(leader, at=2 * S, status=JobStatus.FAILED)  # the leader may leave first: the group goes on
