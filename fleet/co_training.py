@@ -24,7 +24,7 @@ from fleet.queue_scripts import PRELUDE
 from fleet.sched_scripts import CO_JOIN
 from fleet.scheduling import migrate_state
 
-__all__ = ["MemberMemory", "GroupJoin", "join_group", "group_of", "group_shares"]
+__all__ = ["MemberMemory", "GroupJoin", "join_group", "group_of", "group_shares", "set_max_group"]
 
 _JOIN_RETRIES = 8  # a stale index entry is dropped by the script; decide again
 _SCRIPT = PRELUDE + CO_JOIN
@@ -82,3 +82,10 @@ def group_shares(client: redis.Redis, group_id: str) -> dict[str, float]:
     """{job id: GPUs it counts for fair share and quotas} of the group's members."""
     fields = client.hgetall(keys.sched_co_group(group_id))
     return {name[2:]: int(value.split(" ", 1)[0]) / 1000 for name, value in fields.items() if name.startswith("m:")}
+
+
+def set_max_group(client: redis.Redis, max_group: int) -> None:
+    """Record the dispatchers' group size limit (Settings.co_training_max_group) where queue estimates
+    read it (fleet.scheduler_view: co-trained jobs start together)."""
+    client.hset(keys.sched_config(), "co_training_max_group", int(max_group))
+

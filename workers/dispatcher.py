@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fleet.co_training import GroupJoin, MemberMemory, join_group
+from fleet.co_training import GroupJoin, MemberMemory, join_group, set_max_group
 from fleet.exceptions import InvalidRequest
 from fleet.files import FileStore
 from fleet.jobs import Job
@@ -147,6 +147,10 @@ class Dispatcher:
         capacity = CapacityWatch(self.jobs.redis, self.settings).start()
         stop_metrics = self.serve_metrics() if self.settings.metrics_port else None
         backoff_s = 0.5
+        try:
+            set_max_group(self.jobs.redis, self.settings.co_training_max_group)  # for the queue estimates
+        except _REDIS_DOWN as e:  # estimates then show no co-training until the next start
+            logger.warning("could not record co_training_max_group: %s", e)
         try:
             while not self._stop.is_set():
                 try:

@@ -161,3 +161,23 @@ def test_no_job_is_claimed_twice_when_two_leaders_compete(r, max_members):
     joined = [j for leader in leaders for j in _join_all(c, leader, max_members=max_members)]
     assert len(set(joined)) == len(joined)
     assert len(joined) == min(len(ids) - 2, 2 * (max_members - 1))
+
+
+def test_queue_estimates_start_compatible_jobs_together_in_a_group(r):
+    from fleet.co_training import set_max_group
+    from fleet.scheduler_view import estimate_queue
+
+    c = Cluster(r, 1)
+    running = _submit(c, "z", base="other")
+    assert _lead(c) == running  # holds the only GPU for an hour (no ETA reported: assumed half done)
+    ids = [_submit(c, t, at=i) for i, t in enumerate("abcde")]
+    set_max_group(r, 1)
+    alone = estimate_queue(r, ids, now_ms=0)
+    assert [alone[j].position for j in ids] == [1, 2, 3, 4, 5]
+    set_max_group(r, 4)
+    grouped = estimate_queue(r, ids, now_ms=0)
+    assert [grouped[j].position for j in ids] == [1, 2, 3, 4, 5]
+    first = {grouped[j].estimated_start_at for j in ids[:4]}
+    assert len(first) == 1, "the four that co-train start together"
+    assert grouped[ids[4]].estimated_start_at > first.pop()  # the fifth waits for the group's end
+    assert alone[ids[3]].estimated_start_at > grouped[ids[3]].estimated_start_at
