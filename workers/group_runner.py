@@ -34,7 +34,7 @@ from fleet.settings import Settings, make_object_store, make_redis
 from workers.job_reporter import JobReporterFactory
 from workers.job_runner import JobRunner, StagedJob, _Heartbeat, publish_version
 from workers.loop import TrainingResult
-from workers.placement import gang_for
+from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_train import GroupEntry, TrainingAborted, run_group_on_ray
 
 if TYPE_CHECKING:
@@ -174,6 +174,8 @@ class GroupRunner:
                     member._finish_quietly(member.claim.fence, JobStatus.CANCELLED)
             return None
 
+        if not self._reserve(gang, staged, should_stop):
+            return
         try:
             outcomes = run_group_on_ray(entries, resources=gang.bundle, train_on_cpu=gang.train_on_cpu,
                                         name=f"{self.group_id}-group", should_stop=should_stop,
@@ -192,3 +194,30 @@ class GroupRunner:
                 member.end_after_error(outcome)
             elif outcome is None:  # never reported: hand it back to resume from its checkpoint
                 member._finish_quietly(member.claim.fence, JobStatus.QUEUED)
+
+    def _reserve(self, gang: Gang, staged: dict[str, tuple[JobRunner, StagedJob]],
+                 should_stop: Callable[[], str | None]) -> bool:
+        """Gang admission on Ray for the group, as for a job alone (JobRunner._reserve_gang): the group's
+        gang fits within placement_timeout_s, or every member goes back to the queue, parked for that
+        long. False when the group does not go on (handed back, or the dispatcher stops)."""
+        timeout_s = self.settings.placement_timeout_s
+        for member, _ in staged.values():
+            member.jobs.leases.append_event(member.claim.fence, "info",
+                                            f"Reserving {gang.describe()} on Ray; waiting for resources.")
+
+        def check_stop() -> None:
+            if should_stop() == "shutdown":
+                raise GangNotPlaced("the dispatcher is stopping")
+
+        try:
+            reserve_gang(gang, timeout_s=timeout_s, check_stop=check_stop, name=f"{self.group_id}-group")
+        except GangNotPlaced as e:
+            shutting_down = self._shutdown.is_set()
+            for member, _ in staged.values():
+                if not shutting_down:
+                    member.jobs.leases.append_event(member.claim.fence, "warn", f"{e}; requeued.")
+                retry = {} if shutting_down else {"retry_after_ms": int(timeout_s * 1000)}
+                member._finish_quietly(member.claim.fence, JobStatus.QUEUED, **retry)
+            return False
+        return True
+

@@ -90,3 +90,30 @@ def test_a_cancelled_member_leaves_the_group_and_the_others_finish(e2e_stack, tm
         assert _group_of(client, job.id)[0] == 2
         version_dir = _download_version(server, tenant.api_key, done.fine_tuned_model, tmp_path / f"dl-{job.id}")
         _assert_loads_in_ours_and_peft(version_dir, tiny_model_dir)
+
+
+def test_a_killed_dispatcher_requeues_every_member_once_and_each_resumes_from_its_checkpoint(e2e_stack, tmp_path):
+    import signal
+
+    server, dispatchers = e2e_stack(co_training_max_group=4)
+    data = _datasets(tmp_path, 3, 24)
+    members = [_submit(server, f"team-{name}", path, r=4, seed=i, n_epochs=6)
+               for i, (name, path) in enumerate(zip("abc", data, strict=True))]
+    doomed = dispatchers.start("dispatcher-doomed")
+    for _, client, job in members:
+        _wait_for(lambda c=client, j=job: c.fine_tuning.jobs.checkpoints.list(j.id).data,
+                  f"a first checkpoint of co-trained job {job.id}")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=10)
+    dispatchers.start("dispatcher-rescuer")
+
+    for tenant, client, job in members:
+        done = _wait_for(lambda c=client, j=job: _finished(c, j.id), f"rescued job {job.id} to finish", timeout_s=300)
+        assert done.status == "succeeded", done.error
+        assert done.model_extra["attempt"] == 2  # requeued once by lease expiry, never run twice at once
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
+        assert any(m.startswith("Resuming from the checkpoint at step") for m in messages), messages
+        with server.client(tenant.api_key) as http:
+            name = done.fine_tuned_model.split(":")[0]
+            versions = http.get(f"/v1/adapters/{name}/versions").json()["data"]
+        assert [v["version"] for v in versions] == [1], versions  # published once
