@@ -54,6 +54,7 @@ def test_four_tenants_jobs_co_train_as_one_group_and_publish_four_peft_loadable_
     for (tenant, client, job), name, r in zip(submitted, "abcd", (4, 8, 8, 16), strict=True):
         done = _wait_for(lambda c=client, j=job: _finished(c, j.id), f"co-trained job {job.id} to finish")
         assert done.status == "succeeded", done.error
+        assert done.model_extra["attempt"] == 1  # every member's lease stayed alive: none was requeued
         assert done.fine_tuned_model == f"team-{name}:v1"
         assert done.model_extra["lora"]["r"] == r  # each kept its own adapter shape
         membership = _group_of(client, job.id)
@@ -65,29 +66,35 @@ def test_four_tenants_jobs_co_train_as_one_group_and_publish_four_peft_loadable_
     assert len(groups) == 1, f"the four jobs trained in {len(groups)} groups, not one: {groups}"
 
 
-def test_a_cancelled_member_leaves_the_group_and_the_others_finish(e2e_stack, tmp_path, tiny_model_dir):
+def test_a_cancelled_and_a_paused_member_leave_the_group_and_the_others_finish(e2e_stack, tmp_path,
+                                                                               tiny_model_dir):
     server, dispatchers = e2e_stack(co_training_max_group=4)
-    data = _datasets(tmp_path, 3, 24)
+    data = _datasets(tmp_path, 4, 24)
     stays_a = _submit(server, "team-a", data[0], r=4, seed=1)
-    leaves = _submit(server, "team-b", data[1], r=4, seed=2, n_epochs=40)  # long enough to be cancelled mid-run
-    stays_c = _submit(server, "team-c", data[2], r=8, seed=3)
+    cancelled_b = _submit(server, "team-b", data[1], r=4, seed=2, n_epochs=40)  # long enough to be stopped mid-run
+    paused_c = _submit(server, "team-c", data[2], r=4, seed=3, n_epochs=40)
+    stays_d = _submit(server, "team-d", data[3], r=8, seed=4)
     dispatchers.start("dispatcher-co")
 
-    _, client_b, job_b = leaves
-
-    def training() -> bool:
-        job = client_b.fine_tuning.jobs.retrieve(job_b.id)
+    def training(client, job_id: str) -> bool:
+        job = client.fine_tuning.jobs.retrieve(job_id)
         return job.status == "running" and bool((job.model_extra.get("progress") or {}).get("step"))
 
-    _wait_for(training, f"job {job_b.id} to train in its group")
-    assert _group_of(client_b, job_b.id) is not None
+    for _, client, job in (cancelled_b, paused_c):
+        _wait_for(lambda c=client, j=job: training(c, j.id), f"job {job.id} to train in its group")
+        assert _group_of(client, job.id) == (3, _group_of(stays_a[1], stays_a[2].id)[1])
+    (_, client_b, job_b), (_, client_c, job_c) = cancelled_b, paused_c
     client_b.fine_tuning.jobs.cancel(job_b.id)
+    client_c.fine_tuning.jobs.pause(job_c.id)
     cancelled = _wait_for(lambda: _finished(client_b, job_b.id), f"job {job_b.id} to end cancelled")
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
-    for tenant, client, job in (stays_a, stays_c):
-        done = _wait_for(lambda c=client, j=job: _finished(c, j.id), f"job {job.id} to finish after the cancel")
+    paused = _wait_for(lambda: (j := client_c.fine_tuning.jobs.retrieve(job_c.id)).status == "paused" and j,
+                       f"job {job_c.id} to pause", timeout_s=120)
+    assert paused.fine_tuned_model is None
+    assert client_c.fine_tuning.jobs.checkpoints.list(job_c.id).data, "the pause wrote no checkpoint to resume from"
+    for tenant, client, job in (stays_a, stays_d):
+        done = _wait_for(lambda c=client, j=job: _finished(c, j.id), f"job {job.id} to finish after the others left")
         assert done.status == "succeeded", done.error
-        assert _group_of(client, job.id)[0] == 2
         version_dir = _download_version(server, tenant.api_key, done.fine_tuned_model, tmp_path / f"dl-{job.id}")
         _assert_loads_in_ours_and_peft(version_dir, tiny_model_dir)
 
