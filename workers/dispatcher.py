@@ -219,8 +219,12 @@ class Dispatcher:
         memory = self._co_training_memory(job)
         joined: list[GroupJoin] = []
         while len(joined) + 1 < most:
-            join = join_group(self.jobs, leader.fence, self.worker_id, self.settings.lease_ms, max_members=most,
-                              memory=memory)
+            try:
+                join = join_group(self.jobs, leader.fence, self.worker_id, self.settings.lease_ms,
+                                  max_members=most, memory=memory)
+            except _REDIS_DOWN as e:  # the claims made so far stand; the group trains with them
+                logger.warning("%s: could not grow its co-training group (%s)", job.id, e)
+                break
             if join is None:
                 break
             joined.append(join)

@@ -130,11 +130,11 @@ class GroupRunner:
                 self._run_group(beats)
         except KeyboardInterrupt:
             for member in self.members:
-                member._finish_quietly(member.claim.fence, JobStatus.QUEUED)
+                member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
             raise
         finally:
             for member in self.members:
-                member._join_abandoned()
+                member.join_abandoned()
                 work_dir = self._work_dir(member)
                 shutil.rmtree(work_dir, ignore_errors=True)
                 with contextlib.suppress(OSError):
@@ -171,7 +171,7 @@ class GroupRunner:
             for job_id, (member, _) in staged.items():  # a cancel ends that job now; the others go on
                 if job_id not in ended and beats[job_id].control == "cancel":
                     ended.add(job_id)
-                    member._finish_quietly(member.claim.fence, JobStatus.CANCELLED)
+                    member.finish_quietly(member.claim.fence, JobStatus.CANCELLED)
             return None
 
         if not self._reserve(gang, staged, should_stop):
@@ -182,7 +182,7 @@ class GroupRunner:
                                         worker_logging=WorkerLogging(self.settings.log_format, self.group_id, ""))
         except TrainingAborted:
             for member, _ in staged.values():
-                member._finish_quietly(member.claim.fence, JobStatus.QUEUED)
+                member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
             return
         except Exception as e:  # the task itself failed (a node died, say): each member as a job alone would
             for member, _ in staged.values():
@@ -193,7 +193,7 @@ class GroupRunner:
             if isinstance(outcome, Exception):
                 member.end_after_error(outcome)
             elif outcome is None:  # never reported: hand it back to resume from its checkpoint
-                member._finish_quietly(member.claim.fence, JobStatus.QUEUED)
+                member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
 
     def _reserve(self, gang: Gang, staged: dict[str, tuple[JobRunner, StagedJob]],
                  should_stop: Callable[[], str | None]) -> bool:
@@ -217,7 +217,7 @@ class GroupRunner:
                 if not shutting_down:
                     member.jobs.leases.append_event(member.claim.fence, "warn", f"{e}; requeued.")
                 retry = {} if shutting_down else {"retry_after_ms": int(timeout_s * 1000)}
-                member._finish_quietly(member.claim.fence, JobStatus.QUEUED, **retry)
+                member.finish_quietly(member.claim.fence, JobStatus.QUEUED, **retry)
             return False
         return True
 

@@ -321,13 +321,13 @@ class JobRunner:
                 self._run_attempt(job, fence, work_dir, heartbeat)
         except KeyboardInterrupt:
             # Stopping the dispatcher: hand the job back so another one resumes it from its checkpoint.
-            self._finish_quietly(fence, JobStatus.QUEUED)
+            self.finish_quietly(fence, JobStatus.QUEUED)
             raise
         except Exception as e:
             self.end_after_error(e)
         finally:
             # Checkpoints that matter live in the object store; Ray's copies and the work dir go.
-            self._join_abandoned()
+            self.join_abandoned()
             shutil.rmtree(work_dir, ignore_errors=True)
             self._ray_storage.remove_run(self._ray_run_name(job, attempt))
             with contextlib.suppress(OSError):
@@ -346,28 +346,28 @@ class JobRunner:
             self._end_on_signal(fence, e.signal)
         elif isinstance(e, CancelRequested):
             # Cancelled after training ended, before the version became visible: publish nothing.
-            self._finish_quietly(fence, JobStatus.CANCELLED)
+            self.finish_quietly(fence, JobStatus.CANCELLED)
         elif isinstance(e, InvalidRequest):
-            self._finish_quietly(fence, JobStatus.FAILED,
+            self.finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="invalid_request", message=str(e), param=e.param))
         elif isinstance(e, TrainingSetupError):
             logger.warning("job %s attempt %d: training cannot run: %s", job.id, attempt, e)
             message = (f"Training cannot run with this job's configuration or data: {scrub_paths(str(e))}. "
                        "Retrying would fail the same way; fix it and create a new job.")
-            self._finish_quietly(fence, JobStatus.FAILED,
+            self.finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="invalid_training_config", message=message[:2000]),
                                  last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
         elif _caused_by_redis_outage(e):
             # Not the job's fault: hand it back to resume from its checkpoint. If Redis is still
             # away this write fails too, and the lease expiring requeues the job instead.
             logger.warning("job %s attempt %d: Redis unreachable (%s); handing it back", job.id, attempt, e)
-            self._finish_quietly(fence, JobStatus.QUEUED)
+            self.finish_quietly(fence, JobStatus.QUEUED)
         elif is_infrastructure_fault(e):
             self._hand_back_after_fault(claim, e)
         else:
             logger.error("job %s attempt %d failed", job.id, attempt, exc_info=e)
             # The tenant reads a short summary without server paths; the whole story is the operator's.
-            self._finish_quietly(fence, JobStatus.FAILED,
+            self.finish_quietly(fence, JobStatus.FAILED,
                                  error=JobError(code="training_error", message=f"Training failed: {tenant_summary(e)}"),
                                  last_failure=full_text(e)[:_LAST_FAILURE_MAX_CHARS])
 
@@ -380,14 +380,14 @@ class JobRunner:
         if faults <= self.settings.max_infra_faults:
             logger.warning("job %s attempt %d: infrastructure fault %d of %d allowed, handing it back: %s",
                            job.id, claim.attempt, faults, self.settings.max_infra_faults, details)
-            self._finish_quietly(fence, JobStatus.QUEUED, last_failure=details, infra_faults=faults)
+            self.finish_quietly(fence, JobStatus.QUEUED, last_failure=details, infra_faults=faults)
             return
         logger.error("job %s attempt %d: infrastructure fault %d, over the %d allowed; failing it: %s",
                      job.id, claim.attempt, faults, self.settings.max_infra_faults, details)
         message = (f"Training was interrupted by {faults} infrastructure faults (object store or compute "
                    f"node unavailable); the last: {tenant_summary(error)}. Nothing is wrong with the job "
                    "itself: create it again once the service is healthy, or contact the operator.")
-        self._finish_quietly(fence, JobStatus.FAILED, error=JobError(code="infrastructure_error", message=message),
+        self.finish_quietly(fence, JobStatus.FAILED, error=JobError(code="infrastructure_error", message=message),
                              last_failure=details, infra_faults=faults)
 
     def _end_on_signal(self, fence: Fence, signal: StopSignal) -> None:
@@ -395,11 +395,11 @@ class JobRunner:
         preemption, at its place and marked preempted; a shutdown, like a lost lease)."""
         if signal == "preempt":
             logger.info("%s: preempted; handing it back to resume from its checkpoint", fence.job_id)
-            self._finish_quietly(fence, JobStatus.QUEUED, preempted=True)
+            self.finish_quietly(fence, JobStatus.QUEUED, preempted=True)
         elif signal == "shutdown":
-            self._finish_quietly(fence, JobStatus.QUEUED)
+            self.finish_quietly(fence, JobStatus.QUEUED)
         else:
-            self._finish_quietly(fence, JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED)
+            self.finish_quietly(fence, JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED)
 
     def _reserve_gang(self, job: Job, fence: Fence, heartbeat: _Heartbeat) -> Gang:
         """Gang admission on Ray (workers.placement): all of the job's workers fit at once, or the job
@@ -413,11 +413,11 @@ class JobRunner:
         except GangNotPlaced as e:
             logger.info("%s: %s; requeued", job.id, e)
             self.jobs.leases.append_event(fence, "warn", f"{e}; requeued.")
-            self._finish_quietly(fence, JobStatus.QUEUED, retry_after_ms=int(timeout_s * 1000))
+            self.finish_quietly(fence, JobStatus.QUEUED, retry_after_ms=int(timeout_s * 1000))
             raise _AlreadyFinished(f"{job.id}: handed back, its gang did not fit") from None
         return gang
 
-    def _finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None,
+    def finish_quietly(self, fence: Fence, status: JobStatus, error: JobError | None = None,
                         last_failure: str | None = None, infra_faults: int | None = None,
                         **requeue: Any) -> None:
         """End the attempt as `status`, logging (not raising) a refusal; a pause the user withdrew
@@ -462,7 +462,7 @@ class JobRunner:
             raise outcome["error"]
         return outcome["value"]
 
-    def _join_abandoned(self, timeout_s: float = 5.0) -> None:
+    def join_abandoned(self, timeout_s: float = 5.0) -> None:
         """Give phases stopped midway a moment to end before their work dir is removed."""
         deadline = time.monotonic() + timeout_s
         for thread in self._abandoned:
