@@ -32,7 +32,7 @@ from fleet.queue import Claim, JobStore
 from fleet.registry import AdapterRegistry
 from fleet.settings import Settings, make_object_store, make_redis
 from workers.job_reporter import JobReporterFactory
-from workers.job_runner import JobRunner, StagedJob, _Heartbeat, publish_version
+from workers.job_runner import Heartbeat, JobRunner, StagedJob, publish_version
 from workers.loop import TrainingResult
 from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_train import GroupEntry, TrainingAborted, run_group_on_ray
@@ -124,7 +124,7 @@ class GroupRunner:
         logger.info("running co-training group %s: %s", self.group_id, [c.job.id for c in self.claims])
         try:
             with contextlib.ExitStack() as stack:
-                beats = {m.claim.job.id: stack.enter_context(_Heartbeat(self.jobs, m.claim, self.settings,
+                beats = {m.claim.job.id: stack.enter_context(Heartbeat(self.jobs, m.claim, self.settings,
                                                                         self._shutdown))
                          for m in self.members}
                 self._run_group(beats)
@@ -140,7 +140,7 @@ class GroupRunner:
                 with contextlib.suppress(OSError):
                     work_dir.parent.rmdir()
 
-    def _run_group(self, beats: dict[str, _Heartbeat]) -> None:
+    def _run_group(self, beats: dict[str, Heartbeat]) -> None:
         staged: dict[str, tuple[JobRunner, StagedJob]] = {}
         for member in self.members:  # one after another: each member's checks are its own
             job_id = member.claim.job.id

@@ -41,8 +41,8 @@ from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingHyperparameters, Train
 if TYPE_CHECKING:
     from workers.dispatcher import Dispatcher
 
-__all__ = ["JobRunner", "StagedJob", "StopRequested", "StopSignal", "build_training_spec", "hyperparameters_used",
-           "publish_version"]
+__all__ = ["Heartbeat", "JobRunner", "StagedJob", "StopRequested", "StopSignal", "build_training_spec",
+           "hyperparameters_used", "publish_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class _AlreadyFinished(Exception):
     """The attempt already wrote the job's end (a cancel or pause during training); nothing is left to do."""
 
 
-class _Heartbeat:
+class Heartbeat:
     """Renews a claim's lease every heartbeat_ms on its own thread; keeps the latest control signal
     RENEW returns (`control`) and notes when the claim is lost (`lost`). `shutdown` is set when the
     dispatcher stops: the attempt hands its job back."""
@@ -162,7 +162,7 @@ class _Heartbeat:
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
                                         name=f"heartbeat-{claim.job.id}", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -210,7 +210,7 @@ class _TrainingStop:
     On a cancel, pause, preemption or shutdown it first calls `end_job(signal)`, so the job ends as asked at once,
     while the run is still being torn down (its late writes are fenced out)."""
 
-    def __init__(self, heartbeat: _Heartbeat, end_job: Callable[[StopSignal], None], *,
+    def __init__(self, heartbeat: Heartbeat, end_job: Callable[[StopSignal], None], *,
                  latest_checkpoint: Callable[[], Checkpoint | None], training_started: Callable[[], bool],
                  pause_grace_s: float) -> None:
         self.heartbeat, self.end_job = heartbeat, end_job
@@ -317,7 +317,7 @@ class JobRunner:
         work_dir = self.work_root / job.id / f"attempt-{attempt}"
         logger.info("running %s attempt %d in %s", job.id, attempt, work_dir)
         try:
-            with _Heartbeat(self.jobs, claim, self.settings, self._shutdown) as heartbeat:
+            with Heartbeat(self.jobs, claim, self.settings, self._shutdown) as heartbeat:
                 self._run_attempt(job, fence, work_dir, heartbeat)
         except KeyboardInterrupt:
             # Stopping the dispatcher: hand the job back so another one resumes it from its checkpoint.
@@ -401,7 +401,7 @@ class JobRunner:
         else:
             self.finish_quietly(fence, JobStatus.CANCELLED if signal == "cancel" else JobStatus.PAUSED)
 
-    def _reserve_gang(self, job: Job, fence: Fence, heartbeat: _Heartbeat) -> Gang:
+    def _reserve_gang(self, job: Job, fence: Fence, heartbeat: Heartbeat) -> Gang:
         """Gang admission on Ray (workers.placement): all of the job's workers fit at once, or the job
         goes back to the queue, not to be admitted again for placement_timeout_s."""
         gang = gang_for(job.resources, self.settings)
@@ -433,7 +433,7 @@ class JobRunner:
         except (FleetError, *_REDIS_DOWN) as e:
             logger.warning("could not mark %s %s: %s", fence.job_id, status.value, e)
 
-    def _in_phase(self, heartbeat: _Heartbeat, what: str, work: Callable[[], T]) -> T:
+    def _in_phase(self, heartbeat: Heartbeat, what: str, work: Callable[[], T]) -> T:
         """Run one blocking phase (`what`: "download", "checks") on a helper thread, so that a cancel,
         pause or lost lease stops the attempt within _POLL_S instead of after the phase. A phase so
         stopped is left to end by itself; its output lands in a work dir about to be removed."""
@@ -469,7 +469,7 @@ class JobRunner:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._abandoned = [t for t in self._abandoned if t.is_alive()]
 
-    def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: _Heartbeat) -> None:
+    def _run_attempt(self, job: Job, fence: Fence, work_dir: Path, heartbeat: Heartbeat) -> None:
         staged = self.stage_inputs(heartbeat, work_dir)
         if staged is None:
             return
@@ -485,7 +485,7 @@ class JobRunner:
         heartbeat.raise_if_stopped(honour_pause=False)
         publish_version(self.registry, self.jobs, job, fence, result, staged)
 
-    def stage_inputs(self, heartbeat: _Heartbeat, work_dir: Path) -> StagedJob | None:
+    def stage_inputs(self, heartbeat: Heartbeat, work_dir: Path) -> StagedJob | None:
         """Everything before training: complete a version an earlier attempt committed (then the job is
         finished: None), fetch and check the datasets, find the checkpoint to resume from, and name the
         inputs the training process fetches itself (workers.input_staging)."""
@@ -528,7 +528,7 @@ class JobRunner:
                                resume_from=resume_from[0] if resume_from else ())
         return StagedJob(inputs=inputs, training_sha256=training.sha256, base_name=base_name)
 
-    def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: _Heartbeat):
+    def _train(self, job: Job, fence: Fence, inputs: StoredInputs, work_dir: Path, heartbeat: Heartbeat):
         """Run the training phase on Ray; a cancel, pause or lost lease stops the run wherever it is
         (waiting for resources, training, hung): the job is ended first, then the run torn down."""
         heartbeat.raise_if_stopped()
