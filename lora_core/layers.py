@@ -117,7 +117,7 @@ def _seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """
     generator = torch.Generator(device=x.device)
     generator.manual_seed(seed)
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p  # (N, in) bool
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)  # (N, in)
     return x * keep * (1.0 / (1.0 - p))
 
 
