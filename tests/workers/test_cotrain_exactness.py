@@ -191,3 +191,35 @@ def test_a_group_on_two_bases_is_refused_naming_both_jobs(alone, tmp_path):
     with pytest.raises(ValueError, match="quantization: job a has None, job b has nf4"):
         train_group([GroupMember("a", specs["a"], tmp_path / "a", None),
                      GroupMember("b", other_base, tmp_path / "b", None)])
+
+
+def test_a_checkpoint_written_alone_resumes_in_a_group(alone, tmp_path):
+    specs, runs = alone
+    paused = train(specs["d"], output_dir=tmp_path / "d", reporter=ListReporter(control_at={3: "pause"}))
+    assert paused.status == "paused"
+    outcomes = train_group([
+        GroupMember("a", specs["a"], tmp_path / "a", ListReporter()),
+        GroupMember("d", specs["d"], tmp_path / "d", ListReporter(), resume_from=paused.checkpoint),
+    ])
+    assert outcomes["d"].step == runs["d"][0].step
+    assert_same_adapter(outcomes["d"].adapter_dir, runs["d"][0].adapter_dir)
+    assert_same_adapter(outcomes["a"].adapter_dir, runs["a"][0].adapter_dir)
+
+
+class _BrokenReporter(ListReporter):
+    """A reporter whose delivery fails at one step, as a lost connection to the service would."""
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        if step == 2:
+            raise ConnectionError("the events stream is gone")
+        super().metrics(step, values)
+
+
+def test_a_member_failing_mid_run_leaves_with_its_error_and_the_others_finish(alone, tmp_path):
+    specs, runs = alone
+    outcomes = train_group([
+        GroupMember("a", specs["a"], tmp_path / "a", ListReporter()),
+        GroupMember("b", specs["b"], tmp_path / "b", _BrokenReporter()),
+    ])
+    assert isinstance(outcomes["b"], ConnectionError)
+    assert_same_adapter(outcomes["a"].adapter_dir, runs["a"][0].adapter_dir)
