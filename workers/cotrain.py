@@ -132,7 +132,13 @@ def train_group(
     autocast = running[0].run.autocast if running else None
     while running:
         for member in list(running):
-            if not member.micro and not _next_step(member):
+            try:
+                has_step = bool(member.micro) or _next_step(member)
+            except Exception as error:  # its own data or plan: this member fails, the others go on
+                running.remove(member)
+                _leave(member, model, done, _raise(error))
+                continue
+            if not has_step:
                 running.remove(member)
                 _leave(member, model, done, lambda m=member: end(m.run, m.state, m.progress))
         if not running:
@@ -148,7 +154,12 @@ def train_group(
             member.done += 1
             if member.done < len(member.micro):
                 continue
-            result = _complete_step(member)
+            try:
+                result = _complete_step(member)
+            except Exception as error:  # its reporter, its checkpoint, ...: this member fails alone
+                running.remove(member)
+                _leave(member, model, done, _raise(error))
+                continue
             if result is not None:
                 running.remove(member)
                 _leave(member, model, done, lambda r=result: r)

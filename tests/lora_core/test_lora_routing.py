@@ -7,7 +7,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lora_core import AdapterNotFoundError, LoraConfig, TokenRoute, adapter_parameters, add_adapter, route_tokens
+from lora_core import (
+    AdapterNotFoundError,
+    LoraConfig,
+    TokenRoute,
+    adapter_parameters,
+    add_adapter,
+    route_tokens,
+    set_active_adapter,
+)
 
 
 class _TwoLayers(nn.Module):
@@ -116,3 +124,27 @@ def test_routing_an_unknown_adapter_names_the_ones_the_model_has():
     with pytest.raises(AdapterNotFoundError, match=r"\['zz'\].*\['a'\]"):
         with route_tokens(model, {"zz": TokenRoute()}):
             pass
+
+
+def test_one_adapter_routed_over_every_token_is_the_plain_forward():
+    """Without dropout, the routed path (one node for the layer's adapters) = the unrouted _LoraDelta path."""
+    config = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["up", "down"])
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+
+    def run(routed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = _model({"a": config})
+        set_active_adapter(model, "a")
+        inputs = x.clone().requires_grad_(True)
+        if routed:
+            with route_tokens(model, {"a": TokenRoute()}):
+                out = model(inputs)
+                out.square().sum().backward()
+        else:
+            out = model(inputs)
+            out.square().sum().backward()
+        return out.detach(), [*_grads(model, "a"), inputs.grad]
+
+    (plain, plain_grads), (routed, routed_grads) = run(False), run(True)
+    torch.testing.assert_close(routed, plain, rtol=0, atol=1e-12)
+    for got, want in zip(routed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

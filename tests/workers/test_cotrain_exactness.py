@@ -1,4 +1,5 @@
-"""Co-training is exact: a job trained in a group of four gives the adapter and events it gives alone (fp32, CPU)."""
+"""Co-training is exact: a job trained in a group of four gives the adapter and events it gives alone (fp32, CPU),
+also when other members of its group are cancelled or preempted, or fail to start."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from workers.loop import TrainingResult, train
 from workers.reporting import ListReporter
 from workers.spec import TrainingSpec
 from workers.synthetic import write_synthetic_dataset
-
-pytestmark = pytest.mark.slow
 
 _CO_TRAINED = "co-trained with"
 
@@ -128,3 +127,99 @@ def test_a_group_of_one_is_train(alone, tmp_path):
     outcome = train_group([GroupMember("a", specs["a"], tmp_path / "a", reporter)])["a"]
     assert_same_adapter(outcome.adapter_dir, runs["a"][0].adapter_dir, atol=1e-6)
     assert_same_events(reporter, runs["a"][1])
+
+
+def test_cancelled_and_paused_members_leave_while_the_others_finish_as_alone(alone, tmp_path):
+    """c is cancelled at its step 2, d paused (preempted) at its step 3; a and b finish. Each member's
+    on_member_done comes when it ends, while the others are still training."""
+    specs, runs = alone
+    reporters = {name: ListReporter() for name in specs}
+    reporters["c"].control_at = {2: "cancel"}
+    reporters["d"].control_at = {3: "pause"}
+    final_rows = {name: len(events.metric_rows) for name, (_, events) in runs.items()}
+    calls: list[tuple[str, Any, dict[str, int]]] = []
+
+    def on_member_done(job_id: str, outcome: Any) -> None:
+        calls.append((job_id, outcome, {name: len(r.metric_rows) for name, r in reporters.items()}))
+        raise RuntimeError("a failing callback is logged; the group goes on")
+
+    members = [GroupMember(job_id=name, spec=spec, output_dir=tmp_path / name, reporter=reporters[name])
+               for name, spec in specs.items()]
+    outcomes = train_group(members, on_member_done=on_member_done)
+
+    # One micro-batch of every member per pass: d pauses after pass 3; c (steps of 2 micro-batches) is
+    # cancelled after pass 4; b, done with its 4 steps, leaves before pass 5 runs; a ends after pass 5.
+    assert [job_id for job_id, _, _ in calls] == ["d", "c", "b", "a"]
+    for job_id, outcome, rows in calls[:-1]:
+        assert outcome is outcomes[job_id]
+        assert rows["a"] < final_rows["a"], (job_id, rows)  # a was still training when this one ended
+    assert [rows["d"] for _, _, rows in calls] == [3, 3, 3, 3]  # d reports nothing after its pause (steps 1-3)
+    assert (outcomes["c"].status, outcomes["c"].step, outcomes["c"].adapter_dir) == ("cancelled", 2, None)
+    assert not (tmp_path / "c" / "adapter").exists()
+    assert [s for s, _ in reporters["c"].metric_rows] == [0, 1, 2]
+    paused = outcomes["d"]
+    assert (paused.status, paused.step) == ("paused", 3)
+    assert paused.checkpoint == tmp_path / "d" / "checkpoints" / "step-00000003"
+    assert reporters["d"].checkpoints == [(3, paused.checkpoint)]
+    for name in ("a", "b"):
+        assert outcomes[name].status == "succeeded"
+        assert_same_adapter(outcomes[name].adapter_dir, runs[name][0].adapter_dir)
+        assert_same_events(reporters[name], runs[name][1])
+
+    # The preempted job's checkpoint, resumed alone, ends where an uninterrupted run ends.
+    resumed = train(specs["d"], output_dir=tmp_path / "d", reporter=ListReporter(), resume_from=paused.checkpoint)
+    assert resumed.status == "succeeded" and resumed.step == runs["d"][0].step
+    assert_same_adapter(resumed.adapter_dir, runs["d"][0].adapter_dir)
+
+
+def test_a_member_whose_setup_fails_gets_its_error_and_the_others_train(alone, tmp_path):
+    specs, runs = alone
+    broken_file = tmp_path / "broken.jsonl"
+    broken_file.write_text("this is not JSON\n")
+    broken = specs["b"].model_copy(update={"training_file": broken_file})
+    outcomes = train_group([
+        GroupMember("broken", broken, tmp_path / "broken", ListReporter()),
+        GroupMember("a", specs["a"], tmp_path / "a", ListReporter()),
+    ])
+    assert isinstance(outcomes["broken"], ValueError) and "broken.jsonl" in str(outcomes["broken"])
+    assert_same_adapter(outcomes["a"].adapter_dir, runs["a"][0].adapter_dir)
+
+
+def test_a_group_on_two_bases_is_refused_naming_both_jobs(alone, tmp_path):
+    specs, _ = alone
+    other_base = specs["b"].model_copy(update={"quantization": "nf4"})
+    with pytest.raises(ValueError, match="quantization: job a has None, job b has nf4"):
+        train_group([GroupMember("a", specs["a"], tmp_path / "a", None),
+                     GroupMember("b", other_base, tmp_path / "b", None)])
+
+
+def test_a_checkpoint_written_alone_resumes_in_a_group(alone, tmp_path):
+    specs, runs = alone
+    paused = train(specs["d"], output_dir=tmp_path / "d", reporter=ListReporter(control_at={3: "pause"}))
+    assert paused.status == "paused"
+    outcomes = train_group([
+        GroupMember("a", specs["a"], tmp_path / "a", ListReporter()),
+        GroupMember("d", specs["d"], tmp_path / "d", ListReporter(), resume_from=paused.checkpoint),
+    ])
+    assert outcomes["d"].step == runs["d"][0].step
+    assert_same_adapter(outcomes["d"].adapter_dir, runs["d"][0].adapter_dir)
+    assert_same_adapter(outcomes["a"].adapter_dir, runs["a"][0].adapter_dir)
+
+
+class _BrokenReporter(ListReporter):
+    """A reporter whose delivery fails at one step, as a lost connection to the service would."""
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        if step == 2:
+            raise ConnectionError("the events stream is gone")
+        super().metrics(step, values)
+
+
+def test_a_member_failing_mid_run_leaves_with_its_error_and_the_others_finish(alone, tmp_path):
+    specs, runs = alone
+    outcomes = train_group([
+        GroupMember("a", specs["a"], tmp_path / "a", ListReporter()),
+        GroupMember("b", specs["b"], tmp_path / "b", _BrokenReporter()),
+    ])
+    assert isinstance(outcomes["b"], ConnectionError)
+    assert_same_adapter(outcomes["a"].adapter_dir, runs["a"][0].adapter_dir)

@@ -36,16 +36,16 @@ rank, init_file, spec_file, out_dir, resume_from, pause_at = sys.argv[1:7]
 rank = int(rank)
 dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
 seen = {"first_seed": None, "masks": []}
-draw = lora_core.layers._seeded_dropout
+draw = lora_core.layers._dropout_mask
 
-def watched(x, p, seed):
-    out = draw(x, p, seed)
+def watched(shape, p, seed, device):
+    mask = draw(shape, p, seed, device)
     if seen["first_seed"] is None:
         seen["first_seed"] = seed
-    seen["masks"].append(hashlib.sha1((out == 0).numpy().tobytes()).hexdigest()[:16])
-    return out
+    seen["masks"].append(hashlib.sha1(mask.numpy().tobytes()).hexdigest()[:16])
+    return mask
 
-lora_core.layers._seeded_dropout = watched
+lora_core.layers._dropout_mask = watched
 spec = TrainingSpec.model_validate_json(Path(spec_file).read_text())
 reporter = ListReporter(control_at={int(pause_at): "pause"} if pause_at != "-" else {})
 result = train(spec, output_dir=Path(out_dir), reporter=reporter,
