@@ -181,3 +181,16 @@ def test_queue_estimates_start_compatible_jobs_together_in_a_group(r):
     assert len(first) == 1, "the four that co-train start together"
     assert grouped[ids[4]].estimated_start_at > first.pop()  # the fifth waits for the group's end
     assert alone[ids[3]].estimated_start_at > grouped[ids[3]].estimated_start_at
+
+
+def test_co_trained_jobs_are_not_preemption_victims_and_a_lone_borrower_still_is(r):
+    c = Cluster(r, 2, owner=TenantQuota(nominal_gpus=2))
+    lone = _submit(c, "x", base="other")
+    leader = _submit(c, "b")
+    _submit(c, "c")
+    assert c.admit(limit=2) == [lone, leader]
+    assert len(_join_all(c, leader)) == 1  # b and c borrow one GPU as a group; x borrows the other alone
+    c.jobs.create_job("owner", model="llama", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert c.admit(at=1 * S) == []
+    # the members were admitted last, so they would be the first victims: stopping one frees no GPU
+    assert c.preempting() == [lone]
