@@ -176,6 +176,9 @@ class GroupRunner:
 
         if not self._reserve(gang, staged, should_stop):
             return
+        for member, _ in staged.values():
+            member.jobs.leases.append_event(member.claim.fence, "info",
+                                            f"Starting training on Ray ({gang.describe()}, co-trained).")
         try:
             outcomes = run_group_on_ray(entries, resources=gang.bundle, train_on_cpu=gang.train_on_cpu,
                                         name=f"{self.group_id}-group", should_stop=should_stop,
