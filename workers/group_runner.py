@@ -132,6 +132,10 @@ class GroupRunner:
             for member in self.members:
                 member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
             raise
+        except Exception as e:  # outside any one member (Redis away, Ray refusing the reservation): each as alone
+            logger.warning("co-training group %s stopped: %s", self.group_id, e)
+            for member in self.members:  # fenced: a member that already ended is left as it is
+                member.end_after_error(e)
         finally:
             for member in self.members:
                 member.join_abandoned()
