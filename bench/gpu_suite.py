@@ -28,6 +28,10 @@ torch.cuda.synchronize() at each step's end):
   peak mem   torch.cuda.max_memory_allocated() of the side's process (rank 0 under DDP)
 DDP scaling: ours in bf16 on 2 GPUs (torchrun, one rank per GPU, --batch rows per rank) vs 1 GPU,
 tokens/s ratio; skipped with a message where fewer than 2 GPUs are visible.
+Co-training (bench/cotrain.py, on the same base, bf16): 4 jobs with LoRA r 8/16/16/32 on their own
+data, --cotrain-batch rows of --seq tokens each per step, --cotrain-steps steps: one process co-training
+them (workers.cotrain.train_group) vs 4 processes sharing the GPU at once vs 4 one after another;
+tokens/s and the sum of the processes' torch.cuda.max_memory_allocated(). --cotrain-steps 0 skips it.
 --cpu-smoke runs the same plumbing on CPU with a tiny model to check the script itself (figures meaningless).
 """
 
@@ -40,6 +44,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cotrain import report as report_cotrain
+from cotrain import run_sides as run_cotrain_sides
+from cotrain import write_jobs as write_cotrain_jobs
 from sides import Setup, data_stats, make_llama, run_side, write_chat_data
 
 _LORA_R = 16  # what bench/sides.py trains
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s, for MFU")
     parser.add_argument("--precisions", nargs="+", choices=["bf16", "nf4"], default=["bf16", "nf4"])
+    parser.add_argument("--cotrain-steps", type=int, default=8, help="co-training comparison: steps per job (0: skip)")
+    parser.add_argument("--cotrain-batch", type=int, default=2, help="co-training comparison: rows per job per step")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script only")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_smoke:
@@ -181,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(_row("ours 2 GPU", r, flops_token, peak * 2 if peak else None))
                 ratio = r["tokens_per_wall_s"] / single_gpu_ours["tokens_per_wall_s"]
                 print(f"DDP scaling 2 GPU / 1 GPU: {ratio:.2f}x (ideal 2.00)")
+        if args.cotrain_steps:
+            print(f"co-training: 4 jobs, LoRA r 8/16/16/32, {args.cotrain_batch} rows of {args.seq} tokens per job "
+                  f"per step, {args.cotrain_steps} steps (the first not timed), bf16:", flush=True)
+            jobs = write_cotrain_jobs(Path(tmp) / "cotrain", scale=scale)
+            figures = run_cotrain_sides(model, jobs, seq=args.seq, batch=args.cotrain_batch, steps=args.cotrain_steps,
+                                        device=device, threads=4)
+            report_cotrain(figures, cuda=not args.cpu_smoke)
         if not math.isfinite(flops_token):
             raise SystemExit("FLOP count failed")
 

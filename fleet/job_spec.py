@@ -96,6 +96,7 @@ class JobSpec(_Strict):
 
     `quantization` None means the base model's catalog default, resolved by the dispatcher (the API
     always resolves it at submit; a job created directly through fleet may leave it open).
+    `co_training` False keeps the job out of co-training groups: it always trains alone.
     """
 
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -103,6 +104,8 @@ class JobSpec(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     resources: Resources = Field(default_factory=Resources)
     priority: PriorityClass = "normal"
+    # May the scheduler train it in one process with other jobs on the same base (docs/scheduling.md)?
+    co_training: bool = True
 
     def lora_block(self) -> dict[str, Any]:
         """The job object's and the adapter manifest's `lora` dict: LoraSpec's fields plus `quantization`."""

@@ -34,6 +34,8 @@ __all__ = [
     "sched_unfit_tenants",
     "sched_running_jobs",
     "sched_running_holders",
+    "sched_co_group",
+    "sched_co_member_of",
     "quota",
     "default_quota",
     "capacity",
@@ -222,6 +224,18 @@ def sched_running_holders() -> str:
     its GPUs (and a preemption under way) go back even if the job's record is gone (an eviction, an
     operator's DEL)."""
     return f"{PREFIX}sched:running_holders"
+
+
+def sched_co_group(group_id: str) -> str:
+    """Hash of one co-training group (fleet.co_training): `gpus` (the gang it holds once, whatever its
+    size), `key` (base|quantization|gpus per worker), `mem_left` (bytes; absent: unchecked) and
+    `m:<job id>` -> "<milli-GPUs> <tenant id>" per member, its share of `gpus` for fair share and quotas."""
+    return f"{PREFIX}sched:co_group:{group_id}"
+
+
+def sched_co_member_of() -> str:
+    """Hash: running job id -> the co-training group it trains in (absent: it trains alone)."""
+    return f"{PREFIX}sched:co_member_of"
 
 
 def sched_running_jobs() -> str:

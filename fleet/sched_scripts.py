@@ -68,6 +68,8 @@ local EVENTS_KEY = '{keys.job_events("%s")}'  -- string.format(EVENTS_KEY, job_i
 local RUNNING_JOBS = '{keys.sched_running_jobs()}'
 local HOLDERS = '{keys.sched_running_holders()}'
 local CAPACITY = '{keys.capacity()}'
+local CO_GROUP_PREFIX = '{keys.sched_co_group("")}'
+local CO_MEMBER_OF = '{keys.sched_co_member_of()}'
 local PRIORITY_SPAN = {PRIORITY_SPAN}
 local DEFAULT_HALF_LIFE_MS = {DEFAULT_HALF_LIFE_MS}
 local DEFAULT_STARVATION_GUARD_MS = {DEFAULT_STARVATION_GUARD_MS}
@@ -224,17 +226,25 @@ local function reindex(tenant, now)
     redis.call('HSET', ST_PREFIX .. tenant, 'slot', slot)
   end
 end
+-- GPUs as stored: whole numbers as integers, a co-training member's share to the milli-GPU.
+local function gpus_str(g)
+  g = math.floor(g * 1000 + 0.5) / 1000
+  if g == math.floor(g) then return int(g) end
+  return string.format('%.3f', g)
+end
 -- The tenant now holds dg more GPUs in dj more running jobs: fold the usage up to now, then re-index.
-local function add_usage(tenant, dg, dj, now)
+-- `pooled`: dg is a change in a co-training member's share of GPUs its group already holds, so the
+-- cluster's allocation does not change (fleet.co_training).
+local function add_usage(tenant, dg, dj, now, pooled)
   local st = tenant_state(tenant)
   local hl = half_life_ms()
-  local gpus = st.gpus + dg
+  local gpus = tonumber(gpus_str(st.gpus + dg))
   local consumed = decayed(st.consumed, st.at, st.gpus, now, hl)
   if hl <= 0 then consumed = gpus end
-  redis.call('HSET', ST_PREFIX .. tenant, 'consumed', float(consumed), 'at_ms', int(now), 'gpus', int(gpus),
+  redis.call('HSET', ST_PREFIX .. tenant, 'consumed', float(consumed), 'at_ms', int(now), 'gpus', gpus_str(gpus),
              'running', int(st.running + dj))
   if redis.call('HINCRBY', RUNNING, tenant, dj) <= 0 then redis.call('HDEL', RUNNING, tenant) end
-  redis.call('HINCRBY', CLUSTER, 'allocated', dg)
+  if not pooled then redis.call('HINCRBY', CLUSTER, 'allocated', dg) end
   if gpus > 0 then redis.call('SADD', HOLDING, tenant) else redis.call('SREM', HOLDING, tenant) end
   reindex(tenant, now)
 end
@@ -261,6 +271,52 @@ end
 local function hold(tenant, job_id, gpus, preempting)
   redis.call('HSET', HOLDERS, job_id, int(gpus) .. ' ' .. int(preempting) .. ' ' .. tenant)
 end
+-- Co-training (fleet.co_training, docs/scheduling.md#co-training). A group holds its first member's
+-- gang once; each member counts an equal share of it (milli-GPUs, `m:<job>` in the group's hash) in its
+-- tenant's usage, for fair share and quotas. Shares are rebalanced whenever a member joins or leaves.
+local function co_rebalance(gid, now)
+  local gk = CO_GROUP_PREFIX .. gid
+  local g = num(redis.call('HGET', gk, 'gpus'), 1)
+  local members = {}
+  local flat = redis.call('HGETALL', gk)
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 2) == 'm:' then
+      local milli, tenant = string.match(flat[i + 1], '^(%d+) (.*)$')
+      members[#members + 1] = {field = flat[i], milli = tonumber(milli), tenant = tenant}
+    end
+  end
+  if #members == 0 then return 0 end
+  table.sort(members, function(a, b) return a.field < b.field end)
+  local total = g * 1000
+  local base = math.floor(total / #members)
+  for i, m in ipairs(members) do
+    local share = base
+    if i <= total - base * #members then share = share + 1 end
+    if share ~= m.milli then
+      add_usage(m.tenant, (share - m.milli) / 1000, 0, now, true)
+      redis.call('HSET', gk, m.field, int(share) .. ' ' .. m.tenant)
+    end
+  end
+  return #members
+end
+-- A member's attempt ended: its share goes back to the others; the last one out returns the gang.
+-- Returns false when the job trains in no group (release accounts it as a job of its own).
+local function co_release(tenant, job_id, now)
+  local gid = redis.call('HGET', CO_MEMBER_OF, job_id)
+  if not gid then return false end
+  redis.call('HDEL', CO_MEMBER_OF, job_id)
+  local gk = CO_GROUP_PREFIX .. gid
+  local mine = redis.call('HGET', gk, 'm:' .. job_id)
+  redis.call('HDEL', gk, 'm:' .. job_id)
+  local milli = 0
+  if mine then milli = tonumber(string.match(mine, '^(%d+) ')) end
+  add_usage(tenant, -milli / 1000, -1, now, true)
+  if co_rebalance(gid, now) == 0 then
+    redis.call('HINCRBY', CLUSTER, 'allocated', -num(redis.call('HGET', gk, 'gpus'), 1))
+    redis.call('DEL', gk)
+  end
+  return true
+end
 -- A running attempt ended (any way): its GPUs go back, with any preemption that was coming, and an
 -- idle dispatcher is woken if anything waits.
 local function release(tenant, job_id, now)
@@ -280,11 +336,40 @@ local function release(tenant, job_id, now)
     redis.call('HINCRBY', ST_PREFIX .. tenant, 'preempting', -tonumber(v[2]))
     redis.call('HDEL', job_key, 'preempting_gpus')
   end
-  add_usage(tenant, -num(v[1], 1), -1, now)
+  if not co_release(tenant, job_id, now) then add_usage(tenant, -num(v[1], 1), -1, now) end
   if redis.call('ZCARD', QUEUE_TENANTS) > 0 then  -- freed GPUs may admit waiting work: wake a dispatcher
     redis.call('LPUSH', WAKEUP, 'released')
     redis.call('LTRIM', WAKEUP, 0, 63)
   end
+end
+-- Start candidate c's queue head (c.tenant, c.head = {id, gpus, qscore}): out of its queue, running
+-- under a fresh attempt and claim token, leased, in the preemption order, holding c.head.gpus. The
+-- caller accounts the usage and announces it. Returns attempt, lease expiry; nil when the index was
+-- stale (re-indexed: decide again).
+local function start_job(c, now, worker_id, lease_ms, token)
+  local job_key = JOB_KEY_PREFIX .. c.head.id
+  if redis.call('ZRANGE', Q_PREFIX .. c.tenant, 0, 0)[1] ~= c.head.id then  -- a stale cache: never, but check
+    reindex(c.tenant, now)
+    return nil
+  end
+  redis.call('ZREM', Q_PREFIX .. c.tenant, c.head.id)
+  if redis.call('ZCARD', Q_PREFIX .. c.tenant) == 0 then redis.call('ZREM', QUEUE_TENANTS, c.tenant) end
+  if redis.call('HGET', job_key, 'status') ~= 'queued' then
+    reindex(c.tenant, now)
+    return nil
+  end
+  local attempt = redis.call('HINCRBY', job_key, 'attempt', 1)
+  local expires = now + tonumber(lease_ms)
+  redis.call('HSET', job_key, 'status', 'running', 'worker_id', worker_id, 'lease_expires_at_ms', int(expires),
+             'claim_token', token, 'updated_at', sec(now))
+  redis.call('HSETNX', job_key, 'started_at', sec(now))
+  redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus', 'queued_at_ms')
+  redis.call('ZADD', LEASES, expires, c.head.id)
+  local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
+  local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
+  redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
+  hold(c.tenant, c.head.id, c.head.gpus, 0)
+  return attempt, expires
 end
 -- State written before the scheduler (list queues, running jobs with no GPUs counted) is brought up
 -- to date by the first script that runs after an upgrade, before it does anything else; afterwards
@@ -454,7 +539,7 @@ local function read_pool()
   for _, jid in ipairs(redis.call('ZRANGE', RUNNING_JOBS, 0, -1)) do
     local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'tenant_id', 'gpus', 'control', 'status')
     local vt = v[1]
-    if vt and not v[3] and v[4] == 'running' then
+    if vt and not v[3] and v[4] == 'running' and not redis.call('HGET', CO_MEMBER_OF, jid) then
       if usage[vt] == nil then
         local st = states[vt] or tenant_state(vt)
         usage[vt], quotas[vt] = st.gpus - st.preempting, st.q
@@ -511,28 +596,8 @@ for _, c in ipairs(cands) do
   local avail = free - reserved
   local g = c.head.gpus
   if g <= avail then
-    local job_key = JOB_KEY_PREFIX .. c.head.id
-    if redis.call('ZRANGE', Q_PREFIX .. c.tenant, 0, 0)[1] ~= c.head.id then  -- a stale cache: never, but check
-      reindex(c.tenant, now)
-      return {'retry', preempted}
-    end
-    redis.call('ZREM', Q_PREFIX .. c.tenant, c.head.id)
-    if redis.call('ZCARD', Q_PREFIX .. c.tenant) == 0 then redis.call('ZREM', QUEUE_TENANTS, c.tenant) end
-    if redis.call('HGET', job_key, 'status') ~= 'queued' then
-      reindex(c.tenant, now)
-      return {'retry', preempted}
-    end
-    local attempt = redis.call('HINCRBY', job_key, 'attempt', 1)
-    local expires = now + tonumber(ARGV[2])
-    redis.call('HSET', job_key, 'status', 'running', 'worker_id', ARGV[1], 'lease_expires_at_ms', int(expires),
-               'claim_token', ARGV[3], 'updated_at', sec(now))
-    redis.call('HSETNX', job_key, 'started_at', sec(now))
-    redis.call('HDEL', job_key, 'control', 'not_before_ms', 'preempting_gpus', 'queued_at_ms')
-    redis.call('ZADD', LEASES, expires, c.head.id)
-    local order = redis.call('HINCRBY', CLUSTER, 'admissions', 1)
-    local prio = 1 - math.floor(c.head.qscore / PRIORITY_SPAN)
-    redis.call('ZADD', RUNNING_JOBS, (prio + 1) * PRIORITY_SPAN + (PRIORITY_SPAN - order), c.head.id)
-    hold(c.tenant, c.head.id, g, 0)
+    local attempt, expires = start_job(c, now, ARGV[1], ARGV[2], ARGV[3])
+    if not attempt then return {'retry', preempted} end
     add_usage(c.tenant, g, 1, now)
     emit_job('running', c.tenant, c.head.id)
     return {'claimed', c.head.id, attempt, int(expires), c.tenant, preempted}
@@ -557,4 +622,115 @@ for _, c in ipairs(cands) do
   if c == guarded then break end  -- nothing backfills past it, and nothing else reclaims
 end
 return {'none', preempted}
+"""
+
+# Co-training (fleet.co_training, docs/scheduling.md#co-training): add one more job to the group the
+# running job ARGV[5] leads, without new GPUs. Run after the prelude.
+# ARGV: worker_id, lease_ms, claim_token (fresh), clock_ms ('' = Redis's), leader job id, leader attempt,
+#       leader claim token, max_members, mem_left (bytes; '' = unchecked), member_fixed_bytes, bytes_per_rank
+# A job may join when it is its tenant's queue head (a tenant's own order holds), co-trainable
+# (co_training not false, one worker) with the leader's base model, quantization and GPUs per worker,
+# its tenant's quota admits its share (gpus / members after it joins) and its memory estimate
+# (member_fixed_bytes + bytes_per_rank × its rank) fits mem_left. Among those, the order is admission's
+# (within nominal first, lower share score, fewer GPUs held per weight, priority, age). Reads the
+# buckets of heads of the group's size (at most CO_JOIN_DEPTH each) and the tenants holding GPUs:
+# never the queued jobs.
+# Returns {'claimed', job_id, attempt, lease_expires_ms, tenant, group_id}, {'none'}, {'fenced'}
+# (the leader's attempt is over) or {'retry'} (a stale index entry, dropped: decide again).
+CO_JOIN = r"""
+local CO_JOIN_DEPTH = 16
+-- The key jobs must share to train in one group, and the job's LoRA rank; nil when it trains alone.
+local function co_key(job_key)
+  local v = redis.call('HMGET', job_key, 'spec', 'base_model', 'model')
+  if not v[1] then return nil end
+  local ok, spec = pcall(cjson.decode, v[1])
+  if not ok or type(spec) ~= 'table' or spec.co_training == false then return nil end
+  local res = spec.resources
+  if type(res) ~= 'table' or tonumber(res.workers) ~= 1 then return nil end
+  local quant = spec.quantization
+  if type(quant) ~= 'string' then quant = '' end
+  local r = 8
+  if type(spec.lora) == 'table' and tonumber(spec.lora.r) then r = tonumber(spec.lora.r) end
+  return (v[2] or v[3] or '') .. '|' .. quant .. '|' .. tostring(tonumber(res.gpus_per_worker) or 1), r
+end
+CLOCK = clock_arg(ARGV[4])
+local now = now_ms()
+local hl = half_life_ms()
+local leader, leader_key = ARGV[5], JOB_KEY_PREFIX .. ARGV[5]
+if fence_check(leader_key, ARGV[6], ARGV[7]) then return {'fenced'} end
+local gid = redis.call('HGET', CO_MEMBER_OF, leader)
+local key, g, members, mem_left
+if gid then
+  local v = redis.call('HMGET', CO_GROUP_PREFIX .. gid, 'gpus', 'key', 'mem_left')
+  g, key, mem_left = tonumber(v[1]), v[2], num(v[3], nil)
+  members = 0
+  for _, f in ipairs(redis.call('HKEYS', CO_GROUP_PREFIX .. gid)) do
+    if string.sub(f, 1, 2) == 'm:' then members = members + 1 end
+  end
+else
+  key = co_key(leader_key)
+  if not key then return {'none'} end
+  g, members, mem_left = num(redis.call('HGET', leader_key, 'gpus'), 1), 1, num(ARGV[9], nil)
+end
+if members >= tonumber(ARGV[8]) then return {'none'} end
+local share = g / (members + 1)
+local fixed, per_rank = tonumber(ARGV[10]), tonumber(ARGV[11])
+local cands = {}
+for _, bucket in ipairs(redis.call('ZRANGEBYSCORE', BUCKETS, g, g)) do
+  local kind = string.match(bucket, ':%d:(%a):%d+$')
+  local m = redis.call('ZRANGE', bucket, 0, CO_JOIN_DEPTH - 1, 'WITHSCORES')
+  for j = 1, #m, 2 do
+    local score = 0
+    if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[j + 1]) - now / hl) end
+    local st = tenant_state(m[j])
+    cands[#cands + 1] = {tenant = m[j], score = score, u = 0, head = st.head, q = st.q}
+  end
+end
+for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
+  local st = tenant_state(t)
+  local q = st.q
+  if st.head and st.head.gpus == g and (q.max_running == nil or st.running < q.max_running) then
+    local score = decayed(st.consumed, st.at, st.gpus, now, hl) / q.weight
+    cands[#cands + 1] = {tenant = t, score = score, u = st.gpus, head = st.head, q = q}
+  end
+end
+local fits = {}
+for _, c in ipairs(cands) do
+  if c.head then
+    c.tier = tier_of(c.q, c.u, share)
+    if c.tier then
+      local k, r = co_key(JOB_KEY_PREFIX .. c.head.id)
+      if k == key then
+        c.cost = fixed + per_rank * r
+        if mem_left == nil or c.cost <= mem_left then fits[#fits + 1] = c end
+      end
+    end
+  end
+end
+if #fits == 0 then return {'none'} end
+table.sort(fits, function(a, b)
+  local ta, tb = math.min(a.tier, 1), math.min(b.tier, 1)
+  if ta ~= tb then return ta < tb end
+  if a.score ~= b.score then return a.score < b.score end
+  local ua, ub = a.u / a.q.weight, b.u / b.q.weight
+  if ua ~= ub then return ua < ub end
+  return a.head.qscore < b.head.qscore
+end)
+local c = fits[1]
+local attempt, expires = start_job(c, now, ARGV[1], ARGV[2], ARGV[3])
+if not attempt then return {'retry'} end
+if not gid then  -- the leader's gang becomes the group's: it holds all of it until the others join
+  gid = leader .. '-a' .. ARGV[6]
+  local lt = redis.call('HGET', leader_key, 'tenant_id')
+  redis.call('HSET', CO_GROUP_PREFIX .. gid, 'gpus', int(g), 'key', key, 'm:' .. leader, int(g * 1000) .. ' ' .. lt)
+  redis.call('HSET', CO_MEMBER_OF, leader, gid)
+end
+local gk = CO_GROUP_PREFIX .. gid
+redis.call('HSET', CO_MEMBER_OF, c.head.id, gid)
+redis.call('HSET', gk, 'm:' .. c.head.id, '0 ' .. c.tenant)
+if mem_left ~= nil then redis.call('HSET', gk, 'mem_left', int(mem_left - c.cost)) end
+add_usage(c.tenant, 0, 1, now, true)
+co_rebalance(gid, now)
+emit_job('running', c.tenant, c.head.id)
+return {'claimed', c.head.id, attempt, int(expires), c.tenant, gid}
 """

@@ -4,6 +4,7 @@ each queued job's position and estimated start under the real policy."""
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ ASSUMED_JOB_S = 3600.0
 # taken to be like the last one read); past that, positions are extrapolated by weight.
 _MAX_SIMULATED_ADMISSIONS = 256
 _READ_AHEAD = 32
+_CO_JOIN_DEPTH = 16  # as fleet.sched_scripts.CO_JOIN: idle tenants read per bucket when a group forms
 
 
 class ClusterTotals(BaseModel):
@@ -46,8 +48,8 @@ class TenantView(BaseModel):
     tenant_id: str
     quota: TenantQuota
     running_jobs: int
-    running_gpus: int
-    borrowed_gpus: int
+    running_gpus: int | float  # a co-trained job counts its share of its group's GPUs (docs/scheduling.md)
+    borrowed_gpus: int | float
     queued_jobs: int
     share_score: float
     waiting_reason: str | None = None  # why its head job waits (None: nothing queued)
@@ -94,6 +96,8 @@ class _State:
     ends: list[tuple[float, str, int]]  # running jobs: (expected end ms, tenant, gpus)
     wanted: dict[str, str]  # queued job id -> tenant, of the job ids asked about
     ranks: dict[str, int]  # queued job id -> index in its tenant's queue
+    co_keys: dict[str, str] = field(default_factory=dict)  # read queued job id -> its co-training key
+    co_max_group: int = 1  # co-training's group size limit (1: off)
 
 
 def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, depth: int | None = None) -> _State:
@@ -151,7 +155,7 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             TenantQuota.from_redis_hash({k: v for k, v in quota_fields.items() if k in QUOTA_FIELDS}),
             consumed=float(state[0] or 0),
             at_ms=float(state[1] or 0),
-            gpus=int(state[2] or 0),
+            gpus=_held_gpus(state[2]),
             preempting=int(state[3] or 0),
             running=int(state[4] or 0),
             queued=int(queued),
@@ -166,10 +170,19 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
     pipe = client.pipeline(transaction=False)
     for tenant in tenants.values():
         for job_id, *_ in tenant.jobs:
-            pipe.hget(keys.job(job_id), "gpus")
-    gpus = iter(pipe.execute())
+            pipe.hmget(keys.job(job_id), "gpus", "spec", "base_model", "model")
+    pipe.hget(keys.sched_config(), "co_training_max_group")
+    *fields, co_max = pipe.execute()
+    read = iter(fields)
+    co_keys: dict[str, str] = {}
     for tenant in tenants.values():
-        tenant.jobs = [(job_id, int(next(gpus) or 1), score) for job_id, _, score in tenant.jobs]
+        jobs = []
+        for job_id, _, score in tenant.jobs:
+            g, spec, base, model = next(read)
+            if (key := _co_training_key(spec, base or model)) is not None:
+                co_keys[job_id] = key
+            jobs.append((job_id, int(g or 1), score))
+        tenant.jobs = jobs
     return _State(
         now_ms=now,
         half_life_ms=float(hl) if hl is not None else DEFAULT_HALF_LIFE_MS,
@@ -180,7 +193,26 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
         ends=ends,
         wanted=wanted,
         ranks=ranks,
+        co_keys=co_keys,
+        co_max_group=int(co_max) if co_max is not None else 1,
     )
+
+
+def _co_training_key(spec_json: str | None, base: str | None) -> str | None:
+    """What a queued job must share with others to be co-trained with them (as the Lua's co_key), or None."""
+    if not spec_json:
+        return None
+    spec = json.loads(spec_json)
+    resources = spec.get("resources") or {}
+    if spec.get("co_training") is False or resources.get("workers", 1) != 1:
+        return None
+    return f"{base}|{spec.get('quantization') or ''}|{resources.get('gpus_per_worker', 1)}"
+
+
+def _held_gpus(stored: str | None) -> int | float:
+    """A tenant's GPUs as the Lua stores them: whole, or with co-trained jobs' shares, to the milli-GPU."""
+    held = float(stored or 0)
+    return int(held) if held.is_integer() else held
 
 
 def _gpus(n: int) -> str:
@@ -273,7 +305,8 @@ def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | Non
     if not state.wanted:
         return {}
     return _simulate(
-        state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks, state.wanted
+        state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks, state.wanted,
+        co_keys=state.co_keys, co_max_group=state.co_max_group,
     )
 
 
@@ -285,6 +318,9 @@ def _simulate(
     hl: float,
     ranks: dict[str, int],
     wanted: dict[str, str],
+    *,
+    co_keys: dict[str, str] | None = None,
+    co_max_group: int = 1,
 ) -> dict[str, QueueEstimate]:
     """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue).
 
@@ -373,7 +409,7 @@ def _simulate(
             t = max(t, ends[0][0])
             while ends and ends[0][0] <= t:
                 _, tid, g = heapq.heappop(ends)
-                used -= g
+                used = round(used - g, 6)  # co-trained jobs' shares are fractions of their group's GPUs
                 if tid in tenants:
                     _fold(tenants[tid], -g, -1, t, hl)
                     if tenants[tid].gpus <= 0:
@@ -381,15 +417,36 @@ def _simulate(
                         place(tenants[tid])
             continue
         tenant, (job_id, g, _) = chosen
-        admitted += 1
-        heads[tenant.tenant_id] += 1
-        if job_id in wanted:
-            out[job_id] = QueueEstimate(position=admitted, estimated_start_at=int(t // 1000))
+        # Co-training (docs/scheduling.md#co-training): compatible heads of the other candidates join
+        # the admitted job at once, in the same order, sharing its g GPUs (each holds g / members).
+        group = [(tenant, job_id)]
+        key = (co_keys or {}).get(job_id)
+        if key is not None and co_max_group > 1:
+            joiners = [c for c in cands if c[1] is not tenant]
+            for (entry_tier, bucket_g), heap in buckets.items():  # idle tenants beyond each bucket's top, as CO_JOIN
+                if bucket_g == g:
+                    for order, tid, valid in heapq.nsmallest(_CO_JOIN_DEPTH, heap):
+                        if valid and tid != tenant.tenant_id and (h := head(tenants[tid])) is not None:
+                            score = 0.0 if order[0] == 0 else 2.0 ** min(order[1] - t / hl, 1000.0)
+                            joiners.append((fair_share.entry_key(entry_tier, score, 0.0, h[2]), tenants[tid], h,
+                                            entry_tier))
+            seen = set()
+            for _, other, h, _ in sorted(joiners, key=lambda c: c[0]):
+                if len(group) >= co_max_group:
+                    break
+                if other.tenant_id not in seen and h[1] == g and (co_keys or {}).get(h[0]) == key:
+                    seen.add(other.tenant_id)
+                    group.append((other, h[0]))
         used += g
-        _fold(tenant, g, 1, t, hl)
-        holding.add(tenant.tenant_id)
-        place(tenant)  # now holding: out of the idle index
-        heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, tenant.tenant_id, g))
+        for member, member_job in group:
+            admitted += 1
+            heads[member.tenant_id] += 1
+            if member_job in wanted:
+                out[member_job] = QueueEstimate(position=admitted, estimated_start_at=int(t // 1000))
+            _fold(member, g / len(group), 1, t, hl)
+            holding.add(member.tenant_id)
+            place(member)  # now holding: out of the idle index
+            heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, member.tenant_id, g / len(group)))
     for job_id, rank in ranks.items():
         if job_id not in out:  # beyond the simulated horizon: the others admit in proportion to weight
             mine = tenants[wanted[job_id]]
@@ -406,7 +463,7 @@ def _simulate(
 def _fold(tenant: _Tenant, dg: int, dj: int, t: float, hl: float) -> None:
     """The tenant now holds dg more GPUs (as the Lua's add_usage)."""
     tenant.consumed = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl)
-    tenant.gpus += dg
+    tenant.gpus = round(tenant.gpus + dg, 6)
     tenant.running += dj
     tenant.at_ms = t
     if hl <= 0:

@@ -137,6 +137,17 @@ class Settings(BaseSettings):
         description="Once the job the policy would admit first has waited this long without fitting, free GPUs "
                     "are held for it (no smaller job backfills past it) until it fits; 0: off.",
     )
+    co_training_max_group: int = Field(
+        default=4, ge=1, le=64,
+        description="Most jobs co-trained in one process on one shared base model (docs/scheduling.md#co-training); "
+                    "1: every job trains alone.",
+    )
+    co_training_memory_gib: float | None = Field(
+        default=None, gt=0,
+        description="Accelerator memory a co-training group may fill (GiB per GPU of the group): members join only "
+                    "while the estimate (workers/co_training_plan.py) fits. Unset: not checked (CPU logical "
+                    "accelerators); set it on GPU clusters.",
+    )
     accelerator_resource: str = Field(
         default="GPU", min_length=1,
         description="Ray resource a job's GPUs are counted in (a custom logical resource on CPU clusters).",

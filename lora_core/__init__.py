@@ -35,11 +35,13 @@ if TYPE_CHECKING:
     )
     from lora_core.inject import (
         active_adapters,
+        adapter_parameters,
         add_adapter,
         apply_lora,
         find_target_modules,
         linear_layer_names,
         lora_layers,
+        route_tokens,
         set_active_adapter,
         trainable_parameters,
     )
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
         save_adapter,
         set_lora_state_dict,
     )
-    from lora_core.layers import LoraLinear
+    from lora_core.layers import LoraLinear, TokenRoute
     from lora_core.quant import (
         dequantize_model,
         export_merged_model,
@@ -76,11 +78,12 @@ _LAZY = {
         "lora_core.compose": ("adapters_disabled", "combine_adapters", "delete_adapter", "disable_adapters",
                               "enable_adapters", "list_adapters", "merge_adapter", "merge_and_unload",
                               "ties_merge", "unmerge_adapter"),
-        "lora_core.inject": ("active_adapters", "add_adapter", "apply_lora", "find_target_modules",
-                             "linear_layer_names", "lora_layers", "set_active_adapter", "trainable_parameters"),
+        "lora_core.inject": ("active_adapters", "adapter_parameters", "add_adapter", "apply_lora",
+                             "find_target_modules", "linear_layer_names", "lora_layers", "route_tokens",
+                             "set_active_adapter", "trainable_parameters"),
         "lora_core.io": ("load_adapter", "lora_state_dict", "read_adapter_config", "save_adapter",
                          "set_lora_state_dict"),
-        "lora_core.layers": ("LoraLinear",),
+        "lora_core.layers": ("LoraLinear", "TokenRoute"),
         "lora_core.quant": ("dequantize_model", "export_merged_model", "is_quantized", "load_base_model",
                             "prepare_for_training"),
         "lora_core.report": ("ModuleRank", "RankReport", "TrainableParameterReport", "adapter_rank_report",
@@ -112,8 +115,10 @@ __all__ = [
     "QuantizedMergeError",
     "RankReport",
     "TargetModulesError",
+    "TokenRoute",
     "TrainableParameterReport",
     "active_adapters",
+    "adapter_parameters",
     "adapter_rank_report",
     "add_adapter",
     "adapters_disabled",
@@ -138,6 +143,7 @@ __all__ = [
     "prepare_for_training",
     "rank_report",
     "read_adapter_config",
+    "route_tokens",
     "save_adapter",
     "set_active_adapter",
     "set_lora_state_dict",

@@ -7,15 +7,18 @@ match the whole path; "all-linear" takes every linear layer except the output he
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
 
 from torch import nn
 
 from lora_core.adapter_config import matching_target
 from lora_core.config import ALL_LINEAR, LoraConfig
 from lora_core.exceptions import AdapterNotFoundError, TargetModulesError
-from lora_core.layers import LoraLinear, is_supported_linear
+from lora_core.layers import LoraLinear, TokenRoute, is_supported_linear
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,54 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     for _, layer in lora_layers(model):
         seen.extend(n for n in layer.active_adapters if n not in seen)
     return tuple(seen)
+
+
+@contextmanager
+def route_tokens(model: nn.Module, routes: Mapping[str, TokenRoute]) -> Iterator[nn.Module]:
+    """Inside the block, adapter `name` applies only to the tokens `routes[name]` of the flattened (B·T) input.
+
+    Adapters not named in `routes` do not apply at all, active or not. Keep the block open over the
+    backward pass too when gradient checkpointing is on: the recomputed forward must route the same way.
+    A route's dropout seed becomes one seed per layer (mixed with the layer's path), so the layers'
+    masks differ from each other but not between two models holding the same adapter at the same paths.
+    """
+    configs = adapter_configs(model)
+    unknown = sorted(set(routes) - set(configs))
+    if unknown:
+        raise AdapterNotFoundError(f"cannot route adapters {unknown}: the model has {sorted(configs)}")
+    layers = list(lora_layers(model))
+    merged = sorted({n for _, layer in layers for n in layer.merged_adapters if n in routes})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the base weights, which every token sees: "
+                         "unmerge_adapter(model) before routing them")
+    previous = [layer.routes for _, layer in layers]
+    for path, layer in layers:
+        layer.routes = {name: _route_for_layer(route, path) for name, route in routes.items() if name in layer.lora_A}
+    try:
+        yield model
+    finally:
+        for (_, layer), routed in zip(layers, previous, strict=True):
+            layer.routes = routed
+
+
+def _route_for_layer(route: TokenRoute, path: str) -> TokenRoute:
+    """The route with its dropout seed mixed with the layer's dotted path (a stable 63-bit hash)."""
+    if route.dropout_seed is None:
+        return route
+    digest = hashlib.blake2b(f"{route.dropout_seed}:{path}".encode(), digest_size=8).digest()
+    return replace(route, dropout_seed=int.from_bytes(digest, "little") >> 1)
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """The parameters of adapter `adapter_name` alone (A, B and DoRA magnitudes), in module order."""
+    if adapter_name not in adapter_configs(model):
+        raise AdapterNotFoundError(f"no adapter named {adapter_name!r}; the model has {sorted(adapter_configs(model))}")
+    return [
+        store[adapter_name]
+        for _, layer in lora_layers(model)
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude)
+        if adapter_name in store
+    ]
 
 
 def freeze_base(model: nn.Module) -> None:

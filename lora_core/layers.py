@@ -18,12 +18,20 @@ DoRA (Liu et al. 2024, arXiv:2402.09353), as PEFT computes it:
     h  = W0·x + (m/n - 1)·(W0·x̃) + (m/n)·s·B·A·x̃    n = ‖W0 + s·B·A‖_row, detached (paper §4.3)
 where x̃ = dropout(x). Merging writes W' (DoRA) or W0 + s·B·A (LoRA) into a dense base weight;
 quantized (bitsandbytes 4-bit / 8-bit) weights refuse to merge rather than silently re-quantize.
+
+Token routing (co-training several adapters on one base in one forward pass): with `routes` set
+(lora_core.inject.route_tokens), adapter a applies only to the tokens start_a:end_a of the flattened
+(B·T) input, h_t = W0·x_t + s_a·B_a·A_a·dropout_a(x_t) for t in a's range and W0·x_t elsewhere, so no
+adapter sees another's tokens. A route may also carry a dropout seed: the mask is then drawn from a
+generator seeded by it alone (not the global RNG), so it is the same however many other adapters share
+the pass, and the same again when gradient checkpointing recomputes the forward in the backward pass.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +94,41 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     return weight.T if is_conv1d(base) else weight
 
 
+@dataclass(frozen=True)
+class TokenRoute:
+    """Where one adapter applies in a routed forward pass: tokens start:end of the flattened (B·T) input.
+
+    `dropout_seed`: seeds this adapter's dropout mask (one generator per layer and forward, see
+    route_tokens), so the mask depends on the seed and the shape of the range only; None: nn.Dropout
+    on the global RNG.
+    """
+
+    start: int = 0
+    end: int | None = None  # None: to the last token
+    dropout_seed: int | None = None
+
+
+def _dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """A bool keep-mask of `shape` ((N, in): drawn over the elements in order), each True with probability 1-p.
+
+    Drawn from a generator seeded by `seed` alone: the same seed and shape give the same mask whatever
+    else runs, which is what makes a checkpointed recomputation, or an adapter trained alone and in a
+    group, see the same dropout.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _add_into(out: torch.Tensor, t: torch.Tensor, B: torch.Tensor) -> None:
+    """out ← out + t·Bᵀ in place (t: N×r, B: out×r, both in the branch dtype), summed in the wider dtype."""
+    if out.dtype == t.dtype:
+        out.addmm_(t, B.T)
+    else:  # e.g. a bf16 base without autocast: sum in fp32 as PEFT does, round once into the output
+        wide = torch.promote_types(out.dtype, t.dtype)
+        out.copy_(torch.addmm(out.to(wide), t.to(wide), B.to(wide).T))
+
+
 class _LoraDelta(torch.autograd.Function):
     """out ← out + ((x·Aᵀ)·s)·Bᵀ in place, saving x in its own dtype. One autograd node.
 
@@ -141,6 +184,81 @@ class _LoraDelta(torch.autograd.Function):
         return grad_out, grad_x, grad_A, grad_B, None
 
 
+class _RoutedLoraDelta(torch.autograd.Function):
+    """For every routed adapter i: out[sᵢ] ← out[sᵢ] + ((dropoutᵢ(x[sᵢ])·Aᵢᵀ)·scaleᵢ)·Bᵢᵀ, in place, one node.
+
+    The math and precision of _LoraDelta, for several adapters on their own row ranges sᵢ of the
+    flattened input at once. One node instead of one per adapter on a view of `out`: in-place updates
+    of views would make autograd copy the whole output gradient once per adapter (CopySlices), and
+    each slice of x would get a zero-filled input gradient of its own. Dropout (the seeded mask,
+    `_dropout_mask`) is applied here too; the mask is saved, and x̃ᵢ recomputed from x in backward.
+    Arguments after x: spans ((start, stop) per adapter), scales, drops ((p, seed) or None), then
+    A₀, B₀, A₁, B₁, ...
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, spans, scales, drops, *weights):
+        device_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else weights[0].dtype  # the branch dtype
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        flat = out.view(-1, out.shape[-1])  # (N, out)
+        ts, masks = [], []
+        with torch.autocast(device_type, enabled=False):
+            for i, ((start, stop), scale, drop) in enumerate(zip(spans, scales, drops, strict=True)):
+                A, B = weights[2 * i], weights[2 * i + 1]
+                x_i = rows[start:stop]  # (Nᵢ, in)
+                if drop is not None:
+                    masks.append(_dropout_mask(x_i.shape, drop[0], drop[1], x_i.device))
+                    x_i = x_i * masks[-1] * (1.0 / (1.0 - drop[0]))  # the base dtype, as nn.Dropout
+                t = (x_i.to(dtype) @ A.to(dtype).T).mul_(scale)  # (Nᵢ, r)
+                _add_into(flat[start:stop], t, B.to(dtype))
+                ts.append(t)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, *weights, *ts, *masks)
+        ctx.spans, ctx.scales, ctx.drops = spans, scales, drops
+        ordered = sorted(spans)
+        ctx.covers_all = ordered[0][0] == 0 and ordered[-1][1] == rows.shape[0] and all(
+            a[1] == b[0] for a, b in zip(ordered, ordered[1:], strict=False))  # each row exactly once
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n = len(ctx.spans)
+        x, *saved = ctx.saved_tensors
+        weights, ts, masks = saved[: 2 * n], saved[2 * n : 3 * n], iter(saved[3 * n :])
+        dtype = ts[0].dtype
+        rows = x.reshape(-1, x.shape[-1])
+        g_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_rows = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = torch.empty_like(rows) if ctx.covers_all else torch.zeros_like(rows)
+        grads: list[torch.Tensor | None] = []
+        with torch.autocast(grad_out.device.type, enabled=False):
+            for i, ((start, stop), scale, drop) in enumerate(zip(ctx.spans, ctx.scales, ctx.drops, strict=True)):
+                A, B, t = weights[2 * i], weights[2 * i + 1], ts[i]
+                mask = next(masks) if drop is not None else None
+                g = g_out[start:stop].to(dtype)  # (Nᵢ, out)
+                grad_t = (g @ B.to(dtype)).mul_(scale)  # (Nᵢ, r)
+                grad_A = grad_B = None
+                if ctx.needs_input_grad[5 + 2 * i]:
+                    x_i = rows[start:stop] if mask is None else rows[start:stop] * mask * (1.0 / (1.0 - drop[0]))
+                    grad_A = (grad_t.T @ x_i.to(dtype)).to(A.dtype)
+                if ctx.needs_input_grad[6 + 2 * i]:
+                    grad_B = (g.T @ t).to(B.dtype)
+                grads += [grad_A, grad_B]
+                if grad_rows is not None:
+                    grad_x = grad_t @ A.to(dtype)  # (Nᵢ, in)
+                    if mask is not None:
+                        grad_x = grad_x * mask * (1.0 / (1.0 - drop[0]))
+                    if ctx.covers_all:
+                        grad_rows[start:stop] = grad_x
+                    else:
+                        grad_rows[start:stop] += grad_x
+        grad_x = grad_rows.view(x.shape) if grad_rows is not None else None
+        return grad_out, grad_x, None, None, None, *grads
+
+
 class LoraLinear(nn.Module):
     """A frozen base linear layer with zero or more named adapters; one or more of them active.
 
@@ -171,6 +289,8 @@ class LoraLinear(nn.Module):
         self.adapters_disabled = False
         self.merged_adapters: list[str] = []
         self._merged_dora_norms: dict[str, torch.Tensor] = {}
+        # Set by lora_core.inject.route_tokens: which adapters apply to which tokens; None: all active, everywhere.
+        self.routes: dict[str, TokenRoute] | None = None
 
     # The wrapped layer still looks like a linear layer to code that inspects it.
     @property
@@ -232,6 +352,8 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.adapters_disabled:
             return out
+        if self.routes is not None:
+            return self._add_routed(out, x)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue  # already inside the base weight
@@ -241,6 +363,44 @@ class LoraLinear(nn.Module):
                 out = self._add_lora(out, x, name)
         return out
 
+    def _add_routed(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out with each routed adapter's branch added on its own tokens only (the rows of the flattened input)."""
+        if not out.is_contiguous():
+            out = out.contiguous()
+        rows = x.reshape(-1, x.shape[-1])  # (N, in), N = B·T
+        # Kept a tensor of its own, never a view: an in-place update of a view makes autograd copy the
+        # whole output gradient in backward.
+        target = out
+        spans, scales, drops, weights = [], [], [], []
+        for name, route in self.routes.items():
+            if name not in self.lora_A:
+                continue  # this adapter does not target this layer
+            start, stop = route.start, rows.shape[0] if route.end is None else route.end
+            dropout = self.lora_dropout[name]
+            active_dropout = isinstance(dropout, nn.Dropout) and dropout.training
+            if name in self.lora_magnitude:  # DoRA is computed out of place: put its rows back between the others
+                flat = target.view(-1, self.out_features)
+                part = self._add_dora(flat[start:stop], rows[start:stop], name, route.dropout_seed)
+                target = torch.cat([flat[:start], part, flat[stop:]])  # (N, out)
+            elif active_dropout and route.dropout_seed is None:  # nn.Dropout on the global RNG: on its own
+                self._add_lora(target.view(-1, self.out_features)[start:stop], rows[start:stop], name)
+            else:  # the usual case: every such adapter of the layer in one node, below
+                spans.append((start, stop))
+                scales.append(self.scale[name])
+                drops.append((dropout.p, route.dropout_seed) if active_dropout else None)
+                weights += [self.lora_A[name], self.lora_B[name]]
+        if spans:
+            target = _RoutedLoraDelta.apply(target, x, tuple(spans), tuple(scales), tuple(drops), *weights)
+        return target.view(out.shape)
+
+    def _dropout(self, x: torch.Tensor, name: str, seed: int | None) -> torch.Tensor:
+        """The adapter's dropout of its branch input: nn.Dropout, or a mask drawn from `seed` (see TokenRoute)."""
+        dropout = self.lora_dropout[name]
+        if seed is None or not isinstance(dropout, nn.Dropout) or not dropout.training:
+            return dropout(x)
+        rows = x.reshape(-1, x.shape[-1])  # (N, in): the mask is drawn over the flattened rows
+        return (rows * _dropout_mask(rows.shape, dropout.p, seed, x.device) * (1.0 / (1.0 - dropout.p))).view(x.shape)
+
     def _add_lora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """out + (dropout(x) @ A.T @ B.T) * scale, computed by _LoraDelta (see there for how)."""
         x_tilde = self.lora_dropout[name](x)  # (..., in), the base dtype: dropout on the branch input only
@@ -248,10 +408,10 @@ class LoraLinear(nn.Module):
             out = out.contiguous()
         return _LoraDelta.apply(out, x_tilde, self.lora_A[name], self.lora_B[name], self.scale[name])
 
-    def _add_dora(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_dora(self, out: torch.Tensor, x: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
         A, B, m, s = self.lora_A[name], self.lora_B[name], self.lora_magnitude[name], self.scale[name]
         dropout = self.lora_dropout[name]
-        x_tilde = dropout(x.to(A.dtype))  # (..., in)
+        x_tilde = self._dropout(x.to(A.dtype), name, seed)  # (..., in)
         weight = dense_weight(self.base_layer).to(A.dtype)  # (out, in)
         with torch.no_grad():  # n is a constant for the gradient (DoRA §4.3)
             norm = torch.linalg.vector_norm(weight + s * (B @ A), dim=1)  # (out,)

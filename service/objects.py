@@ -105,6 +105,7 @@ def job_object(job: Job, *, queue_position: int | None = None) -> dict[str, Any]
         "lora": job.spec.lora_block(),
         "resources": job.resources.model_dump(),
         "priority": job.priority,
+        "co_training": job.spec.co_training,
         "base_model": job.base_model or job.model,
         "init_adapter": job.init_adapter,
         "attempt": job.attempt,

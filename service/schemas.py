@@ -147,6 +147,10 @@ class JobCreateRequest(_Strict):
         default=None, description="Train one child job per LoRA rank (2-8 distinct ranks, e.g. [8, 16, 32]) and "
                                   "publish only the best by validation loss (needs validation_file; omit lora.r).",
     )
+    co_training: bool = Field(
+        default=True, description="Whether the job may be co-trained with other jobs on the same base model, "
+                                  "in one process holding one copy of the base (false: it always trains alone).",
+    )
 
     @field_validator("resources", mode="before")
     @classmethod

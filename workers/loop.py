@@ -190,6 +190,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     autocast: Callable[[], contextlib.AbstractContextManager]
+    adapter_name: str = "default"  # this job's adapter on `model` (a co-trained model holds several)
 
     @property
     def hp(self) -> ResolvedHyperparameters:
@@ -206,6 +207,12 @@ class _Run:
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s random stream (dropout): distinct per rank, a pure function of both."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def micro_batch_dropout_seed(seed: int, rank: int, position: DataPosition) -> int:
+    """The dropout seed of the micro-batch at `position` (lora_core.TokenRoute): a pure function of the job's
+    seed, the rank and the data position, so that a resumed or co-trained run draws the same masks."""
+    return int(np.random.SeedSequence([seed, rank, position.epoch, position.batch_index]).generate_state(1)[0])
 
 
 def _seed_everything(seed: int) -> None:
@@ -311,7 +318,16 @@ def _setup_data(
 def _build_model(
     spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype, attention: str = "varlen"
 ) -> nn.Module:
-    from lora_core import apply_lora, load_base_model, prepare_for_training, read_adapter_config
+    model = load_base(spec, device, compute_dtype, attention)
+    add_job_adapter(model, spec, "default")
+    return model
+
+
+def load_base(
+    spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype, attention: str = "varlen"
+) -> nn.Module:
+    """The frozen base model of `spec` on `device`, prepared for training (no adapter yet)."""
+    from lora_core import load_base_model, prepare_for_training
 
     # Straight onto this rank's device, dense or quantized: no CPU copy first, never spread over GPUs.
     model = load_base_model(
@@ -320,19 +336,28 @@ def _build_model(
     model = prepare_for_training(model, gradient_checkpointing=spec.gradient_checkpointing)
     if attention == "varlen":
         use_varlen_attention(model)
-    if spec.init_adapter is not None:
-        # Continue a published adapter: its own shape wins over spec.lora, its weights are the start.
-        apply_lora(model, read_adapter_config(spec.init_adapter))
-        _load_lora_weights(model, spec.init_adapter)
-    else:
-        apply_lora(model, lora_config(spec.lora))
     return model
 
 
-def _load_lora_weights(model: nn.Module, adapter_dir: Path) -> None:
+def add_job_adapter(model: nn.Module, spec: TrainingSpec, adapter_name: str) -> None:
+    """Add the job's adapter to `model` and make it active: initialised from `spec.seed` alone (the global
+    RNG is seeded right before, so it does not matter what else the model holds), or `spec.init_adapter`."""
+    from lora_core import add_adapter, read_adapter_config, set_active_adapter
+
+    _seed_everything(spec.seed)  # the adapter's initial weights
+    if spec.init_adapter is not None:
+        # Continue a published adapter: its own shape wins over spec.lora, its weights are the start.
+        add_adapter(model, read_adapter_config(spec.init_adapter), adapter_name)
+        _load_lora_weights(model, spec.init_adapter, adapter_name)
+    else:
+        add_adapter(model, lora_config(spec.lora), adapter_name)
+    set_active_adapter(model, adapter_name)
+
+
+def _load_lora_weights(model: nn.Module, adapter_dir: Path, adapter_name: str = "default") -> None:
     from lora_core import set_lora_state_dict
 
-    set_lora_state_dict(model, load_file(str(adapter_dir / _ADAPTER_WEIGHTS)))
+    set_lora_state_dict(model, load_file(str(adapter_dir / _ADAPTER_WEIGHTS)), adapter_name)
 
 
 def _claim_device(runtime: Runtime) -> torch.device:
@@ -367,29 +392,49 @@ def _max_micro_batch_sequences(
     return plan.max_sequences(spec.max_seq_len)
 
 
+def uses_bf16(spec: TrainingSpec, runtime: Runtime, device: torch.device) -> bool:
+    return spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
+
+
 def _setup(
     spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, runtime: Runtime
 ) -> _Run:
     """Data, model (adapters in fp32, DDP-wrapped on several ranks), optimizer and schedule."""
-    from lora_core import trainable_parameters
+    device = _claim_device(runtime)
+    compute_dtype = torch.bfloat16 if uses_bf16(spec, runtime, device) else torch.float32
+    model = _build_model(spec, device, compute_dtype, runtime.attention)
+    return setup_job(spec, output_dir, reporter, runtime, device, model, "default")
+
+
+def setup_job(
+    spec: TrainingSpec,
+    output_dir: Path,
+    reporter: Reporter | None,
+    runtime: Runtime,
+    device: torch.device,
+    model: nn.Module,
+    adapter_name: str,
+    loss_module: TokenLoss | None = None,
+) -> _Run:
+    """A job's run on `model`, which holds its adapter `adapter_name`: data, optimizer and schedule.
+
+    `loss_module` (a TokenLoss over `model`) is shared by the jobs co-trained on one model; None: a new one.
+    """
+    from lora_core import adapter_parameters
 
     say = reporter if (runtime.is_main and reporter is not None) else None
-    device = _claim_device(runtime)
-    use_bf16 = spec.bf16 and (device.type == "cuda" or runtime.bf16_on_cpu)
+    use_bf16 = uses_bf16(spec, runtime, device)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-
-    _seed_everything(spec.seed)  # the adapter's initial weights
-    model = _build_model(spec, device, compute_dtype, runtime.attention)
     max_micro = _max_micro_batch_sequences(spec, model, device, compute_dtype, say)
     data = _setup_data(spec, runtime, say, mask_dtype=compute_dtype, max_micro_batch_sequences=max_micro,
                        base_hidden_size=getattr(model.config, "hidden_size", None))
-    _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own dropout stream
-    params = trainable_parameters(model)
+    _seed_everything(rank_seed(spec.seed, runtime.rank))  # each rank's own stream (dropout has its own seeds)
+    params = adapter_parameters(model, adapter_name)
     for param in params:
         # Adapter weights and their AdamW state stay fp32 under bf16 autocast (as PEFT does by default):
         # bf16 updates of lr * m / sqrt(v) round away at small learning rates.
         param.data = param.data.float()
-    loss_module: nn.Module = TokenLoss(model)
+    loss_module = loss_module if loss_module is not None else TokenLoss(model)
     if runtime.world_size > 1:
         frozen = [n for n, p in loss_module.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in loss_module.named_buffers()]
@@ -424,13 +469,14 @@ def _setup(
         optimizer=optimizer,
         scheduler=scheduler,
         autocast=autocast,
+        adapter_name=adapter_name,
     )
 
 
 def _restore(run: _Run, resume_from: Path, fresh: TrainState) -> TrainState:
     """Load a checkpoint's adapter, optimizer, schedule and RNG into `run`; return its TrainState."""
     ckpt = load_checkpoint(Path(resume_from))
-    _load_lora_weights(run.model, ckpt.adapter_dir)
+    _load_lora_weights(run.model, ckpt.adapter_dir, run.adapter_name)
     run.optimizer.load_state_dict(ckpt.training_state["optimizer"])
     run.scheduler.load_state_dict(ckpt.training_state["scheduler"])
     restore_rng_state(ckpt.rng_state(run.runtime.rank, run.runtime.world_size))
@@ -508,32 +554,68 @@ class _StepRecord:
     device_values: torch.Tensor  # (4,) float64: Σ loss, loss tokens, tokens (all ranks), gradient norm
 
 
+def route(run: _Run, batch: Batch | None, start: int = 0, end: int | None = None):  # -> lora_core.TokenRoute
+    """Where the job's adapter applies in a forward pass, and its dropout seed for training micro-batch `batch`
+    (None: evaluation, no dropout)."""
+    from lora_core import TokenRoute
+
+    seed = None if batch is None else micro_batch_dropout_seed(run.spec.seed, run.runtime.rank, batch.position)
+    return TokenRoute(start, end, dropout_seed=seed)
+
+
+def _routed(run: _Run, batch: Batch | None) -> contextlib.AbstractContextManager:
+    """The job's adapter alone on every token of the pass (forward and, under checkpointing, backward)."""
+    from lora_core import route_tokens
+
+    return route_tokens(run.model, {run.adapter_name: route(run, batch)})
+
+
+@dataclass
+class StepCounts:
+    """A step's token counts (on the device) and the factor its summed loss is multiplied by before backward."""
+
+    counts: torch.Tensor  # (2,) float64: loss tokens, tokens (all ranks)
+    scale: float | torch.Tensor
+
+
+def step_counts(run: _Run, micro: list[Batch]) -> StepCounts:
+    """Normalise by the step's loss tokens on all ranks, so that the gradient is the mean over every
+    target token of the global batch; DDP then averages over ranks, hence * world_size."""
+    runtime = run.runtime
+    n_loss_local = sum(b.n_loss_tokens for b in micro)
+    counts = torch.tensor([float(n_loss_local), float(sum(b.n_tokens for b in micro))], dtype=torch.float64)
+    counts = counts.to(run.device, non_blocking=True)
+    if runtime.world_size == 1:
+        return StepCounts(counts, 1.0 / max(n_loss_local, 1))
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # stays on the device: nobody waits for it here
+    return StepCounts(counts, (runtime.world_size / counts[0].clamp(min=1.0)).float())
+
+
 def _train_step(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord:
     """One optimizer step over the micro-batches `micro`; advances `state`'s step and position.
 
     Nothing is read back from the device here: the loss, token counts and gradient norm stay device
     tensors in the returned record (read with the other steps of the logging interval, `_read_records`).
     """
-    runtime, device, hp = run.runtime, run.device, run.hp
-    # Normalise by the step's loss tokens on all ranks, so that the gradient is the mean over every
-    # target token of the global batch; DDP then averages over ranks, hence * world_size.
-    n_loss_local = sum(b.n_loss_tokens for b in micro)
-    counts = torch.tensor([float(n_loss_local), float(sum(b.n_tokens for b in micro))], dtype=torch.float64)
-    counts = counts.to(device, non_blocking=True)
-    if runtime.world_size == 1:
-        scale: float | torch.Tensor = 1.0 / max(n_loss_local, 1)
-    else:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # stays on the device: nobody waits for it here
-        scale = (runtime.world_size / counts[0].clamp(min=1.0)).float()
-    loss_total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync
+    runtime = run.runtime
+    counts = step_counts(run, micro)
+    loss_total = torch.zeros((), dtype=torch.float64, device=run.device)  # summed on device: no sync
     for i, batch in enumerate(micro):
         _check_token_cap(runtime, batch)
         sync = i == len(micro) - 1 or runtime.world_size == 1
-        with run.loss_module.no_sync() if not sync else contextlib.nullcontext():
+        with run.loss_module.no_sync() if not sync else contextlib.nullcontext(), _routed(run, batch):
             with run.autocast():
                 loss_sum, _ = _batch_loss(run, batch)
-            (loss_sum * scale).backward()
+            (loss_sum * counts.scale).backward()
         loss_total += loss_sum.detach()
+    return end_step(run, state, micro, loss_total, counts)
+
+
+def end_step(
+    run: _Run, state: TrainState, micro: list[Batch], loss_total: torch.Tensor, counts: StepCounts
+) -> _StepRecord:
+    """The optimizer step once the gradients of every micro-batch of `micro` are in; advances `state`."""
+    runtime, hp = run.runtime, run.hp
     if hp.max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, hp.max_grad_norm)
     else:
@@ -549,7 +631,7 @@ def _train_step(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord
     state.position = micro[-1].next_position
     per_epoch = run.data.micro_per_epoch[min(state.position.epoch, hp.n_epochs - 1)]
     epoch_fraction = state.position.batch_index * state.batch_size / (per_epoch * hp.batch_size)
-    values = torch.stack([loss_total, counts[0], counts[1], grad_norm.detach().to(torch.float64)])
+    values = torch.stack([loss_total, counts.counts[0], counts.counts[1], grad_norm.detach().to(torch.float64)])
     return _StepRecord(state.step, state.position.epoch + epoch_fraction, lr, time.perf_counter(), values)
 
 
@@ -626,7 +708,7 @@ def _evaluate(run: _Run, batch_size: int) -> dict[str, float]:
     n_tokens = 0
     run.loss_module.eval()
     try:
-        with torch.no_grad(), run.autocast():
+        with torch.no_grad(), run.autocast(), _routed(run, None):
             batch_args = {**run.data.batch_args, "batch_size": batch_size}  # as training's, after any back-off
             for batch in make_batches(run.data.val_examples, shuffle=False, **batch_args):
                 loss_sum, n_correct = _batch_loss(run, batch)
@@ -662,7 +744,7 @@ def _record_evaluation(run: _Run, state: TrainState, *, track_best: bool = True)
     if evaluation["val_loss"] < best.val_loss:
         best.val_loss, best.step, best.bad_evals = evaluation["val_loss"], state.step, 0
         if patience is not None:
-            best.weights = {k: v.detach().clone() for k, v in lora_state_dict(run.model).items()}
+            best.weights = {k: v.detach().clone() for k, v in lora_state_dict(run.model, run.adapter_name).items()}
     else:
         best.bad_evals += 1
         state.stopped_early = patience is not None and best.bad_evals >= patience
@@ -691,7 +773,9 @@ def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
         path = write_checkpoint(
             run.checkpoints_dir,
             step=state.step,
-            save_adapter_to=lambda d: save_adapter(run.model, d, base_model_name_or_path=str(run.spec.base_model)),
+            save_adapter_to=lambda d: save_adapter(
+                run.model, d, adapter_name=run.adapter_name, base_model_name_or_path=str(run.spec.base_model)
+            ),
             training_state={
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
@@ -726,9 +810,11 @@ def _finish(run: _Run, state: TrainState, status: Status, checkpoint: Path | Non
     adapter_dir = None
     if status == "succeeded" and is_main:
         if state.best.weights is not None:  # early stopping on: publish the best evaluation's adapter
-            set_lora_state_dict(run.model, state.best.weights)
+            set_lora_state_dict(run.model, state.best.weights, run.adapter_name)
         adapter_dir = run.output_dir / "adapter"
-        save_adapter(run.model, adapter_dir, base_model_name_or_path=str(run.spec.base_model))
+        save_adapter(
+            run.model, adapter_dir, adapter_name=run.adapter_name, base_model_name_or_path=str(run.spec.base_model)
+        )
     result = TrainingResult(
         status=status,
         step=state.step,
@@ -793,13 +879,39 @@ def _train(
     spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, resume_from: Path | None, runtime: Runtime
 ) -> TrainingResult:
     run = _setup(spec, output_dir, reporter, runtime)
-    hp, say = run.hp, run.say
-    state = TrainState(batch_size=hp.batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps)
-    if resume_from is not None:
-        state = _restore(run, resume_from, state)
-    every_ckpt = math.ceil(hp.total_steps / spec.n_checkpoints) if spec.n_checkpoints else None
-    log_every = runtime.log_every_steps or (10 if run.device.type == "cuda" else 1)
+    state = initial_state(run, resume_from)
+    progress = begin(run, state)
+    for micro in planned_steps(run, state):
+        record = _train_step_or_back_off(run, state, micro)
+        if record is None:
+            continue  # the micro-batch was split further: planned_steps re-plans from the same step
+        result = after_step(run, state, progress, record)
+        if result is not None:
+            return result
+    return end(run, state, progress)
 
+
+def initial_state(run: _Run, resume_from: Path | None) -> TrainState:
+    """A fresh TrainState, or the one checkpoint `resume_from` holds (adapter, optimizer, RNG restored)."""
+    hp = run.hp
+    state = TrainState(batch_size=hp.batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps)
+    return _restore(run, resume_from, state) if resume_from is not None else state
+
+
+@dataclass
+class Progress:
+    """A running job's bookkeeping between its steps: the intervals, timers and metrics not yet read back."""
+
+    every_checkpoint: int | None  # steps between checkpoints
+    log_every: int
+    started: float
+    tokens_at_start: int
+    records: list[_StepRecord] = field(default_factory=list)  # steps whose metrics are still on the device
+
+
+def begin(run: _Run, state: TrainState) -> Progress:
+    """Before the first step: the output directory, train mode and the untrained adapter's evaluation."""
+    hp, say = run.hp, run.say
     run.output_dir.mkdir(parents=True, exist_ok=True)
     run.loss_module.train()
     if run.data.val_examples and state.step == 0:
@@ -807,49 +919,76 @@ def _train(
         _record_evaluation(run, state, track_best=False)  # the untrained adapter is no candidate
         if say:
             say.metrics(0, state.metrics)
-    started, tokens_at_start = time.perf_counter(), state.tokens_trained
-    records: list[_StepRecord] = []  # steps whose metrics are still on the device
+    return Progress(
+        every_checkpoint=math.ceil(hp.total_steps / run.spec.n_checkpoints) if run.spec.n_checkpoints else None,
+        log_every=run.runtime.log_every_steps or (10 if run.device.type == "cuda" else 1),
+        started=time.perf_counter(),
+        tokens_at_start=state.tokens_trained,
+    )
+
+
+def planned_steps(run: _Run, state: TrainState) -> Iterator[list[Batch]]:
+    """The micro-batches of each next step, planned from `state.position` until the run is done.
+
+    Lazy: each step is planned after the previous one has advanced `state`; a changed split (the
+    out-of-memory back-off) re-plans from the position the back-off left.
+    """
+    hp = run.hp
     while state.step < hp.total_steps and state.position.epoch < hp.n_epochs:
+        split = (state.batch_size, state.gradient_accumulation_steps)
         batch_args = {**run.data.batch_args, "batch_size": state.batch_size}
         batches = make_batches(run.data.train_examples, position=state.position, **batch_args)
         for micro in _grouped(batches, state.gradient_accumulation_steps):
-            record = _train_step_or_back_off(run, state, micro)
-            if record is None:
-                break  # the micro-batch was split further: re-plan from the same step
-            records.append(record)
-            eval_due = _eval_is_due(run, state)
-            # Decided the same way on every rank (only rank 0 gets a path back), so that a pause right
-            # after a checkpoint step does not make the other ranks save and report a second time.
-            saved_this_step = bool(every_ckpt and state.step % every_ckpt == 0 and state.step < hp.total_steps)
-            last = state.step >= hp.total_steps
-            if not (eval_due or saved_this_step or last or state.step % log_every == 0):
-                continue  # the GPU keeps working: metrics and control wait for the end of the interval
-            *earlier, state.metrics = _read_records(run, state, records, started, tokens_at_start)
-            records.clear()
-            if say:
-                for row in earlier:
-                    say.metrics(row["step"], row)
-            if eval_due:
-                _record_evaluation(run, state)
-            if say:
-                say.metrics(state.step, state.metrics)
-            checkpoint = _save_checkpoint(run, state) if saved_this_step else None
-            if state.stopped_early:
-                if say:
-                    say.log(
-                        f"early stopping at step {state.step}: val_loss did not improve for "
-                        f"{spec.early_stopping_patience} evaluations (best at step {state.best.step})"
-                    )
-                return _finish(run, state, "succeeded", None)
-            control = _agreed_control(reporter, runtime, run.device)
-            if control == "cancel":
-                return _finish(run, state, "cancelled", None)
-            if control == "pause":
-                return _finish(run, state, "paused", checkpoint if saved_this_step else _save_checkpoint(run, state))
-            if last:
+            yield micro
+            if state.step >= hp.total_steps or split != (state.batch_size, state.gradient_accumulation_steps):
                 break
-    if records:  # the data ran out before total_steps (it should not): still report those steps
-        *earlier, state.metrics = _read_records(run, state, records, started, tokens_at_start)
+
+
+def after_step(run: _Run, state: TrainState, progress: Progress, record: _StepRecord) -> TrainingResult | None:
+    """After a step: metrics, evaluation, checkpoint, early stopping and control; the result if the run ends."""
+    hp, say, spec = run.hp, run.say, run.spec
+    progress.records.append(record)
+    eval_due = _eval_is_due(run, state)
+    # Decided the same way on every rank (only rank 0 gets a path back), so that a pause right
+    # after a checkpoint step does not make the other ranks save and report a second time.
+    every = progress.every_checkpoint
+    saved_this_step = bool(every and state.step % every == 0 and state.step < hp.total_steps)
+    last = state.step >= hp.total_steps
+    if not (eval_due or saved_this_step or last or state.step % progress.log_every == 0):
+        return None  # the GPU keeps working: metrics and control wait for the end of the interval
+    *earlier, state.metrics = _read_records(run, state, progress.records, progress.started, progress.tokens_at_start)
+    progress.records.clear()
+    if say:
+        for row in earlier:
+            say.metrics(row["step"], row)
+    if eval_due:
+        _record_evaluation(run, state)
+    if say:
+        say.metrics(state.step, state.metrics)
+    checkpoint = _save_checkpoint(run, state) if saved_this_step else None
+    if state.stopped_early:
+        if say:
+            say.log(
+                f"early stopping at step {state.step}: val_loss did not improve for "
+                f"{spec.early_stopping_patience} evaluations (best at step {state.best.step})"
+            )
+        return _finish(run, state, "succeeded", None)
+    control = _agreed_control(say, run.runtime, run.device)
+    if control == "cancel":
+        return _finish(run, state, "cancelled", None)
+    if control == "pause":
+        return _finish(run, state, "paused", checkpoint if saved_this_step else _save_checkpoint(run, state))
+    return None
+
+
+def end(run: _Run, state: TrainState, progress: Progress) -> TrainingResult:
+    """The run is done (total_steps reached, or the data ran out): report what is left and save the adapter."""
+    say = run.say
+    if progress.records:  # the data ran out before total_steps (it should not): still report those steps
+        *earlier, state.metrics = _read_records(
+            run, state, progress.records, progress.started, progress.tokens_at_start
+        )
+        progress.records.clear()
         for row in earlier if say else []:
             say.metrics(row["step"], row)
         if say:

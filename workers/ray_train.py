@@ -28,6 +28,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ from workers.spec import TrainingSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingAborted", "TrainingSetupError", "run_training_on_ray", "setup_error_message"]
+__all__ = ["GroupEntry", "TrainingAborted", "TrainingSetupError", "run_group_on_ray", "run_training_on_ray",
+           "setup_error_message"]
 
 _FINAL_DIR = "final"
 _RESULT_FILE = "training_result.json"
@@ -365,3 +367,121 @@ def _placement_groups_of_this_job() -> set[str]:
     job_id = ray.get_runtime_context().get_job_id()
     return {group_id for group_id, info in ray.util.placement_group_table().items()
             if group_id.endswith(job_id) and info["state"] != "REMOVED"}
+
+
+# ------------------------------------------------------------------------------------ co-training
+@dataclass(frozen=True)
+class GroupEntry:
+    """One member of a co-training group as the group's Ray task gets it (picklable, like the rest).
+
+    `on_done(result)` ends the job where it trained, as soon as its training ends (publishes a
+    succeeded one, records a pause or a cancel: workers.group_runner.MemberEnd); its reporter's
+    checkpoint uploads are waited for first."""
+
+    job_id: str
+    inputs: TrainingInputs
+    reporter_factory: Callable[[], Reporter]
+    on_done: Callable[[TrainingResult], None] | None = None
+
+
+MemberOutcomes = dict[str, "TrainingResult | BaseException"]
+
+
+def run_group_on_ray(
+    entries: list[GroupEntry],
+    *,
+    resources: dict[str, float],
+    train_on_cpu: bool,
+    name: str,
+    should_stop: Callable[[], str | None] | None = None,
+    poll_s: float = 0.25,
+    worker_logging: WorkerLogging | None = None,
+) -> MemberOutcomes:
+    """Co-train `entries` (workers.cotrain.train_group) in ONE Ray task holding `resources` (the group's
+    gang: one worker's bundle), and return each member's outcome: its TrainingResult, or the error that
+    ended it (a spec's own error as TrainingSetupError, as run_training_on_ray raises it).
+
+    `should_stop` is polled every `poll_s`; a reason kills the task and raises TrainingAborted. A
+    member's cancel or pause does not stop the task: its reporter's control() takes it out of the
+    group at its next step, and the others go on."""
+    import ray
+
+    bundle = dict(resources)
+    options = {"num_cpus": bundle.pop("CPU", 1), "num_gpus": bundle.pop("GPU", 0), "resources": bundle,
+               "max_retries": 0, "name": name}
+    task = ray.remote(_train_group_task).options(**options).remote(entries, train_on_cpu, name, worker_logging)
+    finished = False
+    try:
+        while not ray.wait([task], timeout=poll_s)[0]:
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                raise TrainingAborted(f"co-training run {name!r} stopped: {reason}")
+        finished = True
+        returned = ray.get(task)
+    finally:
+        if not finished:
+            ray.cancel(task, force=True)
+            ray.wait([task], timeout=_ABORT_GRACE_S)
+    return {job_id: (TrainingResult.from_dict(o["result"]) if "result" in o else o["error"])
+            for job_id, o in returned.items()}
+
+
+def _portable(error: BaseException) -> BaseException:
+    """`error` as the driver should see it: a spec's own error as TrainingSetupError; anything that
+    cannot travel back through Ray as a RuntimeError with its text."""
+    import pickle
+
+    message = setup_error_message(error)
+    if message is not None:
+        return TrainingSetupError(message)
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _train_group_task(entries: list[GroupEntry], train_on_cpu: bool, name: str,
+                      worker_logging: WorkerLogging | None) -> dict[str, dict[str, Any]]:
+    """Body of a co-training group's Ray task: fetch every member's inputs into its own directory, co-train
+    them on one copy of the base, end each member as soon as it ends (GroupEntry.on_done)."""
+    import torch
+
+    from workers.cotrain import GroupMember, MemberOutcome, train_group
+
+    if worker_logging is not None:
+        worker_logging.apply()
+    root = node_work_dir(name, 0)
+    outcomes: dict[str, dict[str, Any]] = {}
+    reporters: dict[str, Reporter | None] = {}
+    by_id = {e.job_id: e for e in entries}
+    try:
+        members = []
+        for entry in entries:
+            try:
+                spec, resume_from = entry.inputs.fetch(root / entry.job_id)
+                reporters[entry.job_id] = reporter = entry.reporter_factory()
+            except Exception as e:  # this member cannot start; the others go on
+                outcomes[entry.job_id] = {"error": _portable(e)}
+                continue
+            members.append(GroupMember(entry.job_id, spec, root / entry.job_id / "out", reporter, resume_from))
+
+        def member_done(job_id: str, outcome: MemberOutcome) -> None:
+            _close_reporter(reporters.get(job_id))  # a pause's checkpoint is recorded before the job is paused
+            if isinstance(outcome, BaseException):
+                outcomes[job_id] = {"error": _portable(outcome)}
+                return
+            outcomes[job_id] = {"result": outcome.to_dict()}
+            on_done = by_id[job_id].on_done
+            if on_done is not None:
+                try:
+                    on_done(outcome)
+                except Exception as e:  # publishing or recording the end failed: the driver ends the job
+                    logger.exception("%s: ending the co-trained job where it trained failed", job_id)
+                    outcomes[job_id] = {"error": _portable(e)}
+
+        device = torch.device("cpu") if train_on_cpu or not torch.cuda.is_available() else torch.device("cuda")
+        train_group(members, runtime=Runtime(rank=0, world_size=1, device=device), on_member_done=member_done)
+    finally:
+        remove_work_dir(root)
+    return outcomes

@@ -234,7 +234,7 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
     # The one place a request becomes a JobSpec: OpenAI's hyperparameters (method block or top level),
     # our `lora` (resolved against the catalog), `resources` (checked above) and `priority`.
     spec = JobSpec(lora=lora, quantization=quantization, hyperparameters=body.effective_hyperparameters(),
-                   resources=resources, priority=body.priority)
+                   resources=resources, priority=body.priority, co_training=body.co_training)
     return {
         "model": body.model,
         "training_file": body.training_file,

@@ -400,7 +400,7 @@ def test_a_dispatchers_housekeeping_applies_the_retention_policy(redis_server, t
 def test_a_failover_readonly_reply_counts_as_redis_away_not_a_job_failure(redis_server):
     import redis
 
-    from workers.dispatcher import _caused_by_redis_outage
+    from workers.job_runner import _caused_by_redis_outage
 
     replica = redis_server.client()
     replica.execute_command("REPLICAOF", "127.0.0.1", "1")  # a replica of nothing: writes answer READONLY
@@ -527,14 +527,14 @@ def test_only_faults_of_the_machinery_count_as_infrastructure_faults(tmp_path):
 
 
 def test_a_pause_waits_for_the_training_loops_checkpoint_then_ends_the_job(running_job):
-    from workers.dispatcher import _Heartbeat, _TrainingStop
+    from workers.job_runner import Heartbeat, _TrainingStop
 
     settings, jobs, claim = running_job
     settings = settings.model_copy(update={"heartbeat_ms": 100, "pause_grace_s": 30.0})
     reporter = JobReporterFactory(settings, "t1", claim.fence)()
     ended: list[str] = []
     progress_at_start = jobs.load_job(claim.job.id).progress
-    with _Heartbeat(jobs, claim, settings) as heartbeat:
+    with Heartbeat(jobs, claim, settings) as heartbeat:
         stop = _TrainingStop(heartbeat, ended.append,
                              latest_checkpoint=lambda: jobs.latest_checkpoint(claim.job.id),
                              training_started=lambda: jobs.load_job(claim.job.id).progress != progress_at_start,

@@ -34,6 +34,7 @@ class Setup:
 
     def __init__(self, redis_url: str, tmp_path: Path, tiny_model_dir: Path, **overrides: Any) -> None:
         catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
+        overrides.setdefault("co_training_max_group", 1)  # these tests are about jobs that train alone
         self.settings = Settings(redis_url=redis_url, data_dir=tmp_path / "var", catalog=catalog, lease_ms=3000,
                                  heartbeat_ms=250, **overrides)
         self.client = make_redis(self.settings)

@@ -21,14 +21,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
 
-# One rank: train() as rank `rank` of a gloo group. Global forward hooks watch every nn.Dropout
-# (only the adapters' lora_dropout here): the RNG state just before the first mask is drawn, then a
-# fingerprint of each mask drawn in training mode.
+# One rank: train() as rank `rank` of a gloo group. lora_core's seeded dropout is watched: the seed of
+# the first mask drawn, then a fingerprint of each mask drawn in training mode.
 _RANK = """
 import hashlib, json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-from torch import nn
+import lora_core.layers
 from workers.loop import Runtime, train
 from workers.reporting import ListReporter
 from workers.spec import TrainingSpec
@@ -36,18 +35,17 @@ from workers.spec import TrainingSpec
 rank, init_file, spec_file, out_dir, resume_from, pause_at = sys.argv[1:7]
 rank = int(rank)
 dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-seen = {"first_rng": None, "masks": []}
+seen = {"first_seed": None, "masks": []}
+draw = lora_core.layers._dropout_mask
 
-def before(module, inputs):
-    if isinstance(module, nn.Dropout) and module.training and seen["first_rng"] is None:
-        seen["first_rng"] = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
+def watched(shape, p, seed, device):
+    mask = draw(shape, p, seed, device)
+    if seen["first_seed"] is None:
+        seen["first_seed"] = seed
+    seen["masks"].append(hashlib.sha1(mask.numpy().tobytes()).hexdigest()[:16])
+    return mask
 
-def after(module, inputs, output):
-    if isinstance(module, nn.Dropout) and module.training:
-        seen["masks"].append(hashlib.sha1((output == 0).numpy().tobytes()).hexdigest()[:16])
-
-nn.modules.module.register_module_forward_pre_hook(before)
-nn.modules.module.register_module_forward_hook(after)
+lora_core.layers._dropout_mask = watched
 spec = TrainingSpec.model_validate_json(Path(spec_file).read_text())
 reporter = ListReporter(control_at={int(pause_at): "pause"} if pause_at != "-" else {})
 result = train(spec, output_dir=Path(out_dir), reporter=reporter,
@@ -56,7 +54,7 @@ result = train(spec, output_dir=Path(out_dir), reporter=reporter,
 dist.destroy_process_group()
 Path(out_dir, f"rank-{rank}.json").write_text(json.dumps({
     "result": result.to_dict(), "losses": reporter.series("train_loss"),
-    "first_rng": seen["first_rng"], "masks": seen["masks"], "rng_after": torch.rand(4).tolist(),
+    "first_seed": seen["first_seed"], "masks": seen["masks"], "rng_after": torch.rand(4).tolist(),
 }))
 """
 
@@ -111,8 +109,8 @@ def test_two_ranks_with_dropout_draw_their_own_masks_and_resume_bit_for_bit(tiny
     assert sorted(p.name for p in checkpoint.glob("rng-rank-*.pt")) == ["rng-rank-00000.pt", "rng-rank-00001.pt"]
     second = _run_two_ranks(tmp_path, spec, tmp_path / "split", resume_from=checkpoint)
 
-    # Each rank draws from its own stream: different generator states when the first mask is drawn.
-    assert straight[0]["first_rng"] != straight[1]["first_rng"]
+    # Each rank draws from its own stream: different seeds for the first mask.
+    assert straight[0]["first_seed"] is not None and straight[0]["first_seed"] != straight[1]["first_seed"]
     assert straight[0]["masks"][0] != straight[1]["masks"][0]
     for rank in range(WORLD_SIZE):
         # The same masks in the same order: 20 steps straight = 10 steps, then resumed, then 10.

@@ -1,0 +1,196 @@
+"""Co-training admission against a real redis-server: which queued jobs join a running job's group, in
+which order, and how each member's share of the group's GPUs is counted for fair share and quotas."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet import keys
+from fleet.co_training import MemberMemory, group_of, group_shares, join_group
+from fleet.job_spec import JobSpec
+from fleet.jobs import JobStatus
+from fleet.quotas import TenantQuota
+from fleet.resources import Resources
+from fleet.scheduler_view import cluster_view
+from tests.fleet.sched_harness import Cluster
+
+S = 1000  # ms
+
+
+def _submit(c: Cluster, tenant: str, *, base: str = "llama", quantization: str | None = "nf4", workers: int = 1,
+            gpus_per_worker: int = 1, co_training: bool = True, r: int = 8, at: int = 0) -> str:
+    spec = JobSpec(quantization=quantization, co_training=co_training, lora={"r": r})
+    resources = Resources(workers=workers, gpus_per_worker=gpus_per_worker)
+    return c.jobs.create_job(tenant, model=base, training_file="f", spec=spec, resources=resources,
+                             now_ms=at).job.id
+
+
+def _lead(c: Cluster, at: int = 0) -> str:
+    """Admit exactly one job (the leader) and return its id."""
+    (leader,) = c.admit(at=at, limit=1)
+    return leader
+
+
+def _join_all(c: Cluster, leader: str, max_members: int = 4, memory: MemberMemory | None = None,
+              at: int = 0) -> list[str]:
+    joined = []
+    while (j := join_group(c.jobs, c.claims[leader].fence, "w", 60_000, max_members=max_members, memory=memory,
+                           now_ms=at)) is not None:
+        c.claims[j.claim.job.id] = j.claim
+        joined.append(j.claim.job.id)
+    return joined
+
+
+def _held(c: Cluster) -> dict[str, float]:
+    return {t.tenant_id: t.running_gpus for t in cluster_view(c.r, now_ms=0).tenants if t.running_gpus}
+
+
+def test_compatible_heads_of_other_tenants_join_up_to_the_group_limit_sharing_one_gpu(r):
+    c = Cluster(r, 1)
+    ids = [_submit(c, t) for t in "abcde"]
+    leader = _lead(c)
+    assert leader == ids[0]
+    joined = _join_all(c, leader)
+    assert joined == ids[1:4]  # the group limit (4) leaves e queued
+    assert c.jobs.load_job(ids[4]).status == JobStatus.QUEUED
+    group = group_of(r, leader)
+    assert group and all(group_of(r, j) == group for j in joined)
+    assert group_shares(r, group) == {j: 0.25 for j in ids[:4]}
+    assert _held(c) == {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}
+    assert c.allocated() == 1  # the group's GPU, once
+
+
+def test_incompatible_and_opted_out_jobs_never_join(r):
+    c = Cluster(r, 8)
+    leader_id = _submit(c, "a")
+    others = [
+        _submit(c, "b", base="mistral"),  # another base model
+        _submit(c, "c", quantization="int8"),  # another quantization
+        _submit(c, "d", workers=2),  # a gang of two workers
+        _submit(c, "e", gpus_per_worker=2),  # another size
+        _submit(c, "f", co_training=False),  # opted out
+    ]
+    assert _lead(c) == leader_id
+    assert _join_all(c, leader_id) == []
+    assert group_of(r, leader_id) is None
+    # they are still admitted as jobs of their own
+    assert sorted(c.admit()) == sorted(others)
+
+
+def test_a_group_limit_of_two_and_of_one(r):
+    c = Cluster(r, 1)
+    ids = [_submit(c, t) for t in "abc"]
+    leader = _lead(c)
+    assert _join_all(c, leader, max_members=2) == [ids[1]]
+    assert _join_all(c, leader, max_members=1) == []
+
+
+def test_only_a_tenants_queue_head_may_join(r):
+    c = Cluster(r, 1)
+    leader = _submit(c, "a")
+    first_b = _submit(c, "b", base="mistral")  # b's head cannot join; b's next job must not jump it
+    _submit(c, "b")
+    assert _lead(c) == leader
+    assert _join_all(c, leader) == []
+    assert c.jobs.load_job(first_b).status == JobStatus.QUEUED
+
+
+def test_joiners_follow_admission_order_within_nominal_first_and_quotas_bind_their_share(r):
+    c = Cluster(r, 2, nom=TenantQuota(nominal_gpus=1), capped=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=1))
+    _submit(c, "capped", base="mistral", at=0)  # holds the 1 GPU its borrowing limit allows
+    leader = _submit(c, "lead", at=1)
+    assert len(c.admit(at=10 * S, limit=2)) == 2
+    older = _submit(c, "old", at=11 * S)  # nominal 0: would borrow its share
+    within = _submit(c, "nom", at=12 * S)  # its share fits its nominal quota: goes first despite being newer
+    _submit(c, "capped", at=13 * S)  # 1 + a share is over its borrowing limit: never joins
+    assert _join_all(c, leader, at=20 * S) == [within, older]
+
+
+def test_memory_budget_limits_who_joins(r):
+    c = Cluster(r, 1)
+    leader = _submit(c, "a")
+    big = _submit(c, "b", r=64)
+    small = _submit(c, "c", r=8)
+    _submit(c, "d", r=8)
+    assert _lead(c) == leader
+    # each member costs 100 + 10·r bytes; 400 left: the rank-64 job does not fit, one rank-8 (180) does twice
+    memory = MemberMemory(budget_bytes=400, member_fixed_bytes=100, bytes_per_rank=10)
+    joined = _join_all(c, leader, memory=memory)
+    assert big not in joined and joined[0] == small and len(joined) == 2
+    assert int(r.hget(keys.sched_co_group(group_of(r, leader)), "mem_left")) == 400 - 2 * 180
+
+
+def test_shares_grow_back_as_members_leave_and_the_last_returns_the_gpus(r):
+    c = Cluster(r, 2)
+    ids = [_submit(c, t, gpus_per_worker=2) for t in "abc"]
+    leader = _lead(c)
+    _join_all(c, leader)
+    held = _held(c)  # 2000 milli-GPUs in three, summing exactly (which member gets the odd one: by job id)
+    assert set(held) == {"a", "b", "c"} and sorted(held.values()) == [0.666, 0.667, 0.667]
+    c.finish(ids[1], at=1 * S)
+    assert _held(c) == {"a": 1, "c": 1}
+    c.finish(leader, at=2 * S, status=JobStatus.FAILED)  # the leader may leave first: the group goes on
+    assert _held(c) == {"c": 2}
+    assert c.allocated() == 2
+    c.finish(ids[2], at=3 * S)
+    assert _held(c) == {} and c.allocated() == 0
+    assert r.hlen(keys.sched_co_member_of()) == 0 and not r.smembers(keys.sched_holding())
+
+
+def test_an_expired_member_lease_requeues_that_job_and_the_others_keep_training(r):
+    c = Cluster(r, 1)
+    ids = [_submit(c, t) for t in "ab"]
+    leader = _lead(c)
+    _join_all(c, leader)
+    # b's dispatcher stops heartbeating: its lease runs out, the leader's is renewed
+    c.jobs.leases.renew_lease(c.claims[leader].fence, 10 * 60_000)
+    expired = c.jobs.leases.requeue_expired_leases(now_ms=int(r.time()[0]) * 1000 + 120_000)
+    assert [e.job_id for e in expired] == [ids[1]]
+    assert c.jobs.load_job(ids[1]).status == JobStatus.QUEUED
+    assert _held(c) == {"a": 1} and c.allocated() == 1
+    # and it can join again (a new attempt), not twice
+    again = _join_all(c, leader)
+    assert again == [ids[1]] and c.jobs.load_job(ids[1]).attempt == 2
+
+
+@pytest.mark.parametrize("max_members", [2, 4])
+def test_no_job_is_claimed_twice_when_two_leaders_compete(r, max_members):
+    c = Cluster(r, 2)
+    ids = [_submit(c, t) for t in "abcdef"]
+    leaders = c.admit(limit=2)
+    joined = [j for leader in leaders for j in _join_all(c, leader, max_members=max_members)]
+    assert len(set(joined)) == len(joined)
+    assert len(joined) == min(len(ids) - 2, 2 * (max_members - 1))
+
+
+def test_queue_estimates_start_compatible_jobs_together_in_a_group(r):
+    from fleet.co_training import set_max_group
+    from fleet.scheduler_view import estimate_queue
+
+    c = Cluster(r, 1)
+    running = _submit(c, "z", base="other")
+    assert _lead(c) == running  # holds the only GPU for an hour (no ETA reported: assumed half done)
+    ids = [_submit(c, t, at=i) for i, t in enumerate("abcde")]
+    set_max_group(r, 1)
+    alone = estimate_queue(r, ids, now_ms=0)
+    assert [alone[j].position for j in ids] == [1, 2, 3, 4, 5]
+    set_max_group(r, 4)
+    grouped = estimate_queue(r, ids, now_ms=0)
+    assert [grouped[j].position for j in ids] == [1, 2, 3, 4, 5]
+    first = {grouped[j].estimated_start_at for j in ids[:4]}
+    assert len(first) == 1, "the four that co-train start together"
+    assert grouped[ids[4]].estimated_start_at > first.pop()  # the fifth waits for the group's end
+    assert alone[ids[3]].estimated_start_at > grouped[ids[3]].estimated_start_at
+
+
+def test_co_trained_jobs_are_not_preemption_victims_and_a_lone_borrower_still_is(r):
+    c = Cluster(r, 2, owner=TenantQuota(nominal_gpus=2))
+    lone = _submit(c, "x", base="other")
+    leader = _submit(c, "b")
+    _submit(c, "c")
+    assert c.admit(limit=2) == [lone, leader]
+    assert len(_join_all(c, leader)) == 1  # b and c borrow one GPU as a group; x borrows the other alone
+    c.jobs.create_job("owner", model="llama", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert c.admit(at=1 * S) == []
+    # the members were admitted last, so they would be the first victims: stopping one frees no GPU
+    assert c.preempting() == [lone]

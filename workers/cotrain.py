@@ -1,0 +1,331 @@
+"""Co-training: several jobs' adapters trained on one shared base in one process, one forward pass per step.
+
+Each job (a GroupMember) is set up exactly as `workers.loop.train` sets up a job alone — its own data
+plan, hyperparameters, adapter (initialised from its own seed), AdamW and LR schedule — on one model
+that holds every member's adapter under its own name. A group step takes the next micro-batch of each
+member and lays their tokens end to end in one row of N = Σ n_j tokens: the segments (examples and
+padding, workers/attention.py) keep attention within each example, and lora_core.route_tokens applies
+member j's adapter to j's tokens only, with j's own dropout seeds. The base runs once over all of them.
+The summed loss
+
+    L = Σ_j L_j / n_j        L_j: j's summed token cross-entropy, n_j: the loss tokens of j's whole step
+
+is backpropagated once: adapter j touches only j's tokens, so its gradient is ∂L_j/∂θ_j / n_j, the one
+it gets alone. A member's optimizer steps when every micro-batch of its step is in (its own batch size
+and accumulation); what follows a step — metrics, evaluation, checkpoints, early stopping, control — is
+workers.loop's, per member. A member that ends (done, cancelled, paused, failed) leaves the group and
+the others go on. In fp32 each adapter equals the one trained alone up to the rounding of larger matmuls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.loop import (
+    Progress,
+    Runtime,
+    StepCounts,
+    TrainingResult,
+    TrainState,
+    _claim_device,
+    _Run,
+    add_job_adapter,
+    after_step,
+    begin,
+    end,
+    end_step,
+    initial_state,
+    load_base,
+    planned_steps,
+    route,
+    setup_job,
+    step_counts,
+    uses_bf16,
+)
+from workers.packing import Batch
+from workers.reporting import Reporter
+from workers.reporting_thread import ThreadedReporter
+from workers.spec import TrainingSpec
+from workers.token_loss import TokenLoss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GroupMember", "MemberOutcome", "train_group"]
+
+MemberOutcome = TrainingResult | BaseException  # an exception: this member failed, the others went on
+
+
+@dataclass
+class GroupMember:
+    """One job of a group: what `workers.loop.train` would get for it alone."""
+
+    job_id: str
+    spec: TrainingSpec  # every member: the same base_model and quantization
+    output_dir: Path
+    reporter: Reporter | None  # this job's own; its control() steers this job only
+    resume_from: Path | None = None  # a checkpoint this job wrote, alone or in a group (same format)
+
+
+@dataclass
+class _Member:
+    """A member while it trains: its run and state, and where it stands in its current step."""
+
+    job_id: str
+    run: _Run
+    state: TrainState
+    progress: Progress
+    steps: Iterator[list[Batch]]  # the micro-batches of each next step (workers.loop.planned_steps)
+    threaded: ThreadedReporter | None  # to close when the member ends
+    micro: list[Batch] = field(default_factory=list)  # the current step's micro-batches
+    done: int = 0  # how many of them went through forward and backward
+    counts: StepCounts | None = None
+    loss_total: torch.Tensor | None = None
+
+
+def train_group(
+    members: Sequence[GroupMember],
+    *,
+    runtime: Runtime | None = None,
+    on_member_done: Callable[[str, MemberOutcome], None] | None = None,
+) -> dict[str, MemberOutcome]:
+    """Train every member's adapter on one copy of the base; each one's result is what `train` alone gives.
+
+    `on_member_done(job_id, outcome)` is called as soon as a member ends, while the others go on (an
+    exception it raises is logged and swallowed). A member whose setup fails gets its exception as
+    outcome. One process and one device: `runtime.world_size` must be 1.
+    """
+    runtime = runtime or Runtime()
+    _check_group(members, runtime)
+    outcomes: dict[str, MemberOutcome] = {}
+    if not members:
+        return outcomes
+
+    def done(member_id: str, outcome: MemberOutcome) -> None:
+        outcomes[member_id] = outcome
+        if isinstance(outcome, BaseException):
+            logger.error("co-trained job %s failed: %s", member_id, outcome, exc_info=outcome)
+        if on_member_done is not None:
+            try:
+                on_member_done(member_id, outcome)
+            except Exception:
+                logger.exception("on_member_done(%r) raised; the group goes on", member_id)
+
+    device = _claim_device(runtime)
+    first = members[0].spec
+    compute_dtype = torch.bfloat16 if uses_bf16(first, runtime, device) else torch.float32
+    checkpointing = any(m.spec.gradient_checkpointing for m in members)  # memory only: the math is the same
+    model = load_base(first.model_copy(update={"gradient_checkpointing": checkpointing}), device, compute_dtype,
+                      runtime.attention)
+    loss_module = TokenLoss(model)
+    running = [
+        m for m in (_start(member, i, len(members), model, loss_module, device, runtime, done)
+                    for i, member in enumerate(members))
+        if m is not None
+    ]
+    autocast = running[0].run.autocast if running else None
+    while running:
+        for member in list(running):
+            try:
+                has_step = bool(member.micro) or _next_step(member)
+            except Exception as error:  # its own data or plan: this member fails, the others go on
+                running.remove(member)
+                _leave(member, model, done, _raise(error))
+                continue
+            if not has_step:
+                running.remove(member)
+                _leave(member, model, done, lambda m=member: end(m.run, m.state, m.progress))
+        if not running:
+            break
+        try:
+            losses = _forward_backward(model, loss_module, autocast, running)
+        except Exception as error:  # one pass for all: every member still in it fails with it
+            for member in running:
+                _leave(member, model, done, _raise(error))
+            break
+        for member, loss in zip(list(running), losses, strict=True):
+            member.loss_total += loss
+            member.done += 1
+            if member.done < len(member.micro):
+                continue
+            try:
+                result = _complete_step(member)
+            except Exception as error:  # its reporter, its checkpoint, ...: this member fails alone
+                running.remove(member)
+                _leave(member, model, done, _raise(error))
+                continue
+            if result is not None:
+                running.remove(member)
+                _leave(member, model, done, lambda r=result: r)
+    return outcomes
+
+
+def _check_group(members: Sequence[GroupMember], runtime: Runtime) -> None:
+    """Refuse a group that cannot share one base and one forward pass; every problem in one error."""
+    problems = []
+    if runtime.world_size != 1:
+        problems.append(f"runtime.world_size is {runtime.world_size}: co-training runs in one process (1)")
+    if runtime.attention != "varlen":
+        problems.append(f"runtime.attention is {runtime.attention!r}: co-training lays the members' tokens in "
+                        "one row and needs the 'varlen' attention")
+    ids = [m.job_id for m in members]
+    if len(set(ids)) != len(ids):
+        problems.append(f"job ids must be distinct, got {ids}")
+    if members:
+        first = members[0]
+        device = runtime.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for other in members[1:]:
+            for name in ("base_model", "quantization"):
+                if getattr(other.spec, name) != getattr(first.spec, name):
+                    problems.append(f"{name}: job {first.job_id} has {getattr(first.spec, name)}, job "
+                                    f"{other.job_id} has {getattr(other.spec, name)}; co-train only jobs on "
+                                    "the same base")
+            if uses_bf16(other.spec, runtime, device) != uses_bf16(first.spec, runtime, device):
+                problems.append(f"bf16: job {first.job_id} has {first.spec.bf16}, job {other.job_id} has "
+                                f"{other.spec.bf16}; one forward pass has one precision")
+    if problems:
+        raise ValueError("cannot co-train this group: " + "; ".join(problems))
+
+
+def _adapter_name(index: int) -> str:
+    return f"job{index}"  # lora_core names: no dots; the saved files do not carry it
+
+
+def _start(
+    member: GroupMember,
+    index: int,
+    group_size: int,
+    model: nn.Module,
+    loss_module: TokenLoss,
+    device: torch.device,
+    runtime: Runtime,
+    done: Callable[[str, MemberOutcome], None],
+) -> _Member | None:
+    """Add the member's adapter and set its run up as train() would; None (outcome reported) if that fails."""
+    from lora_core import delete_adapter, list_adapters
+
+    background = runtime.report_in_background if runtime.report_in_background is not None else device.type == "cuda"
+    threaded = ThreadedReporter(member.reporter) if background and member.reporter is not None else None
+    reporter = threaded or member.reporter
+    name = _adapter_name(index)
+    try:
+        add_job_adapter(model, member.spec, name)
+        run = setup_job(member.spec, Path(member.output_dir), reporter, runtime, device, model, name, loss_module)
+        if reporter is not None:
+            reporter.log(f"co-trained with {group_size - 1} other jobs on one copy of the base model")
+        state = initial_state(run, member.resume_from)
+        progress = begin(run, state)
+    except Exception as error:
+        if name in list_adapters(model):
+            delete_adapter(model, name)
+        _close(threaded)
+        done(member.job_id, error)
+        return None
+    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded)
+
+
+def _next_step(member: _Member) -> bool:
+    """Take the member's next step's micro-batches; False when its run is done."""
+    micro = next(member.steps, None)
+    if micro is None:
+        return False
+    member.micro, member.done = micro, 0
+    member.counts = step_counts(member.run, micro)
+    member.loss_total = torch.zeros((), dtype=torch.float64, device=member.run.device)
+    return True
+
+
+def _complete_step(member: _Member) -> TrainingResult | None:
+    """The member's optimizer step and what follows it (workers.loop.after_step); its result if it ends."""
+    run, state = member.run, member.state
+    record = end_step(run, state, member.micro, member.loss_total, member.counts)
+    member.micro = []
+    return after_step(run, state, member.progress, record)
+
+
+def _concatenated(batches: list[Batch], device: torch.device) -> tuple[dict[str, Any], list[tuple[int, int]],
+                                                                       list[torch.Tensor], torch.Tensor]:
+    """One row of every batch's tokens end to end: decoder inputs, each batch's token span, its loss
+    positions in the row and the row's labels."""
+    ids, positions, labels, spans, loss_positions = [], [], [], [], []
+    bounds = [0]
+    offset = 0
+    for batch in batches:
+        n = batch.inputs["input_ids"].numel()
+        ids.append(batch.inputs["input_ids"].reshape(-1))
+        positions.append(batch.inputs["position_ids"].reshape(-1))
+        labels.append(batch.inputs["labels"].reshape(-1))
+        bounds += [offset + b for b in batch.inputs["cu_seq_lens_host"][1:]]  # its segments, shifted
+        loss_positions.append((batch.loss_positions + offset).to(device, non_blocking=True))
+        spans.append((offset, offset + n))
+        offset += n
+    inputs = {
+        "input_ids": torch.cat(ids)[None].to(device, non_blocking=True),  # (1, N)
+        "position_ids": torch.cat(positions)[None].to(device, non_blocking=True),
+        "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
+        "max_length_q": max(batch.inputs["max_length_q"] for batch in batches),
+        "cu_seq_lens_host": tuple(bounds),
+    }
+    return inputs, spans, loss_positions, torch.cat(labels).to(device, non_blocking=True)
+
+
+def _forward_backward(
+    model: nn.Module, loss_module: TokenLoss, autocast: Callable, running: list[_Member]
+) -> list[torch.Tensor]:
+    """One forward and one backward over every running member's next micro-batch; each one's summed loss."""
+    from lora_core import route_tokens
+
+    batches = [m.micro[m.done] for m in running]
+    inputs, spans, loss_positions, labels = _concatenated(batches, running[0].run.device)
+    routes = {
+        m.run.adapter_name: route(m.run, batch, start, end)
+        for m, batch, (start, end) in zip(running, batches, spans, strict=True)
+    }
+    with route_tokens(model, routes):  # open over backward: checkpointing recomputes the forward there
+        with autocast():
+            hidden = loss_module.causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (1, N, H)
+            hidden = hidden.flatten(0, 1)  # (N, H)
+            losses = [
+                loss_module.head_loss(hidden.index_select(0, at), labels.index_select(0, at + 1))[0]
+                for at in loss_positions
+            ]
+        total = sum(loss * m.counts.scale for loss, m in zip(losses, running, strict=True))
+        total.backward()
+    return [loss.detach() for loss in losses]
+
+
+def _raise(error: BaseException) -> Callable[[], TrainingResult]:
+    def fail() -> TrainingResult:
+        raise error
+
+    return fail
+
+
+def _leave(
+    member: _Member, model: nn.Module, done: Callable[[str, MemberOutcome], None], outcome: Callable[[], TrainingResult]
+) -> None:
+    """The member's outcome (a result, or the error computing it raised); its adapter leaves the model."""
+    from lora_core import delete_adapter
+
+    try:
+        result: MemberOutcome = outcome()
+    except Exception as error:
+        result = error
+    delete_adapter(model, member.run.adapter_name)  # its optimizer and run go with the member
+    try:
+        _close(member.threaded)
+    except Exception as error:
+        result = result if isinstance(result, BaseException) else error
+    done(member.job_id, result)
+
+
+def _close(threaded: ThreadedReporter | None) -> None:
+    """Deliver what the member's reporter still holds (train() does the same before it returns)."""
+    if threaded is not None:
+        threaded.close()
