@@ -29,16 +29,16 @@ import torch
 from torch import nn
 
 from workers.loop import (
+    JobRun,
     Progress,
     Runtime,
     StepCounts,
     TrainingResult,
     TrainState,
-    _claim_device,
-    _Run,
     add_job_adapter,
     after_step,
     begin,
+    claim_device,
     end,
     end_step,
     initial_state,
@@ -78,7 +78,7 @@ class _Member:
     """A member while it trains: its run and state, and where it stands in its current step."""
 
     job_id: str
-    run: _Run
+    run: JobRun
     state: TrainState
     progress: Progress
     steps: Iterator[list[Batch]]  # the micro-batches of each next step (workers.loop.planned_steps)
@@ -117,7 +117,7 @@ def train_group(
             except Exception:
                 logger.exception("on_member_done(%r) raised; the group goes on", member_id)
 
-    device = _claim_device(runtime)
+    device = claim_device(runtime)
     first = members[0].spec
     compute_dtype = torch.bfloat16 if uses_bf16(first, runtime, device) else torch.float32
     checkpointing = any(m.spec.gradient_checkpointing for m in members)  # memory only: the math is the same
