@@ -245,3 +245,15 @@ def test_the_gpu_precision_path_co_trains_to_finite_losses(alone, tmp_path, quan
         tensors = _tensors(result.adapter_dir)
         assert all(t.dtype == torch.float32 for t in tensors.values())  # adapters stay fp32
         assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B left zero: it trained
+
+
+def test_a_base_that_does_not_load_is_every_members_outcome(alone, tmp_path):
+    specs, _ = alone
+    empty_base = tmp_path / "no-model"
+    empty_base.mkdir()
+    members = [GroupMember(n, specs[n].model_copy(update={"base_model": empty_base}), tmp_path / n, None)
+               for n in ("a", "b")]
+    seen: list[str] = []
+    outcomes = train_group(members, on_member_done=lambda job_id, outcome: seen.append(job_id))
+    assert seen == ["a", "b"]
+    assert all(isinstance(outcomes[n], Exception) for n in ("a", "b"))
