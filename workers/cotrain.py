@@ -29,16 +29,16 @@ import torch
 from torch import nn
 
 from workers.loop import (
+    JobRun,
     Progress,
     Runtime,
     StepCounts,
     TrainingResult,
     TrainState,
-    _claim_device,
-    _Run,
     add_job_adapter,
     after_step,
     begin,
+    claim_device,
     end,
     end_step,
     initial_state,
@@ -78,7 +78,7 @@ class _Member:
     """A member while it trains: its run and state, and where it stands in its current step."""
 
     job_id: str
-    run: _Run
+    run: JobRun
     state: TrainState
     progress: Progress
     steps: Iterator[list[Batch]]  # the micro-batches of each next step (workers.loop.planned_steps)
@@ -99,7 +99,8 @@ def train_group(
 
     `on_member_done(job_id, outcome)` is called as soon as a member ends, while the others go on (an
     exception it raises is logged and swallowed). A member whose setup fails gets its exception as
-    outcome. One process and one device: `runtime.world_size` must be 1.
+    outcome (all of them, when the base itself does not load). One process and one device:
+    `runtime.world_size` must be 1; a group that cannot share one base raises ValueError.
     """
     runtime = runtime or Runtime()
     _check_group(members, runtime)
@@ -117,12 +118,17 @@ def train_group(
             except Exception:
                 logger.exception("on_member_done(%r) raised; the group goes on", member_id)
 
-    device = _claim_device(runtime)
+    device = claim_device(runtime)
     first = members[0].spec
     compute_dtype = torch.bfloat16 if uses_bf16(first, runtime, device) else torch.float32
     checkpointing = any(m.spec.gradient_checkpointing for m in members)  # memory only: the math is the same
-    model = load_base(first.model_copy(update={"gradient_checkpointing": checkpointing}), device, compute_dtype,
-                      runtime.attention)
+    try:
+        model = load_base(first.model_copy(update={"gradient_checkpointing": checkpointing}), device, compute_dtype,
+                          runtime.attention)
+    except Exception as error:  # no base, no member: each one's outcome, as a setup failure of its own would be
+        for member in members:
+            done(member.job_id, error)
+        return outcomes
     loss_module = TokenLoss(model)
     running = [
         m for m in (_start(member, i, len(members), model, loss_module, device, runtime, done)

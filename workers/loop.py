@@ -8,7 +8,9 @@ chunk of positions at a time (workers/token_loss.py): with a large vocabulary th
 logits would be most of the memory and much of the time.
 
 `train()` runs alone, or as one rank of a torch.distributed group (workers/ray_train.py sets that
-up and passes a `Runtime`); only rank 0 writes files and talks to the Reporter.
+up and passes a `Runtime`); only rank 0 writes files and talks to the Reporter. Its pieces (setup_job,
+planned_steps, end_step, after_step, end) are also what workers/cotrain.py runs for each job of a
+group co-trained on one base, so a job behaves the same alone and in a group.
 """
 
 from __future__ import annotations
@@ -52,7 +54,32 @@ from workers.tokenization import TokenizedExample, tokenize_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "TrainState", "TrainingResult", "rank_seed", "train"]
+__all__ = [
+    # one job
+    "Runtime",
+    "TrainState",
+    "TrainingResult",
+    "rank_seed",
+    "train",
+    # the pieces of train() that workers/cotrain.py runs per job of a group
+    "JobRun",
+    "Progress",
+    "StepCounts",
+    "add_job_adapter",
+    "after_step",
+    "begin",
+    "claim_device",
+    "end",
+    "end_step",
+    "initial_state",
+    "load_base",
+    "micro_batch_dropout_seed",
+    "planned_steps",
+    "route",
+    "setup_job",
+    "step_counts",
+    "uses_bf16",
+]
 
 Status = Literal["succeeded", "cancelled", "paused"]
 _CONTROL_CODES: dict[Control, int] = {None: 0, "cancel": 1, "pause": 2}
@@ -175,7 +202,7 @@ class _Data:
 
 
 @dataclass(frozen=True)
-class _Run:
+class JobRun:
     """Everything set up once and only read while training: the spec, data, model and optimizer."""
 
     spec: TrainingSpec
@@ -360,7 +387,7 @@ def _load_lora_weights(model: nn.Module, adapter_dir: Path, adapter_name: str = 
     set_lora_state_dict(model, load_file(str(adapter_dir / _ADAPTER_WEIGHTS)), adapter_name)
 
 
-def _claim_device(runtime: Runtime) -> torch.device:
+def claim_device(runtime: Runtime) -> torch.device:
     """This rank's device (its own GPU under Ray), made current on CUDA, with TF32 allowed there."""
     device = runtime.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -398,9 +425,9 @@ def uses_bf16(spec: TrainingSpec, runtime: Runtime, device: torch.device) -> boo
 
 def _setup(
     spec: TrainingSpec, output_dir: Path, reporter: Reporter | None, runtime: Runtime
-) -> _Run:
+) -> JobRun:
     """Data, model (adapters in fp32, DDP-wrapped on several ranks), optimizer and schedule."""
-    device = _claim_device(runtime)
+    device = claim_device(runtime)
     compute_dtype = torch.bfloat16 if uses_bf16(spec, runtime, device) else torch.float32
     model = _build_model(spec, device, compute_dtype, runtime.attention)
     return setup_job(spec, output_dir, reporter, runtime, device, model, "default")
@@ -415,7 +442,7 @@ def setup_job(
     model: nn.Module,
     adapter_name: str,
     loss_module: TokenLoss | None = None,
-) -> _Run:
+) -> JobRun:
     """A job's run on `model`, which holds its adapter `adapter_name`: data, optimizer and schedule.
 
     `loss_module` (a TokenLoss over `model`) is shared by the jobs co-trained on one model; None: a new one.
@@ -456,7 +483,7 @@ def setup_job(
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    return _Run(
+    return JobRun(
         spec=spec,
         runtime=runtime,
         device=device,
@@ -473,7 +500,7 @@ def setup_job(
     )
 
 
-def _restore(run: _Run, resume_from: Path, fresh: TrainState) -> TrainState:
+def _restore(run: JobRun, resume_from: Path, fresh: TrainState) -> TrainState:
     """Load a checkpoint's adapter, optimizer, schedule and RNG into `run`; return its TrainState."""
     ckpt = load_checkpoint(Path(resume_from))
     _load_lora_weights(run.model, ckpt.adapter_dir, run.adapter_name)
@@ -505,7 +532,7 @@ def _on_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _batch_loss(run: _Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_loss(run: JobRun, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ token loss, n_correct) of one micro-batch on the run's device."""
     positions = batch.loss_positions.to(run.device, non_blocking=True) if batch.loss_positions is not None else None
     return run.loss_module(_on_device(batch.inputs, run.device), positions)
@@ -554,7 +581,7 @@ class _StepRecord:
     device_values: torch.Tensor  # (4,) float64: Σ loss, loss tokens, tokens (all ranks), gradient norm
 
 
-def route(run: _Run, batch: Batch | None, start: int = 0, end: int | None = None):  # -> lora_core.TokenRoute
+def route(run: JobRun, batch: Batch | None, start: int = 0, end: int | None = None):  # -> lora_core.TokenRoute
     """Where the job's adapter applies in a forward pass, and its dropout seed for training micro-batch `batch`
     (None: evaluation, no dropout)."""
     from lora_core import TokenRoute
@@ -563,7 +590,7 @@ def route(run: _Run, batch: Batch | None, start: int = 0, end: int | None = None
     return TokenRoute(start, end, dropout_seed=seed)
 
 
-def _routed(run: _Run, batch: Batch | None) -> contextlib.AbstractContextManager:
+def _routed(run: JobRun, batch: Batch | None) -> contextlib.AbstractContextManager:
     """The job's adapter alone on every token of the pass (forward and, under checkpointing, backward)."""
     from lora_core import route_tokens
 
@@ -578,7 +605,7 @@ class StepCounts:
     scale: float | torch.Tensor
 
 
-def step_counts(run: _Run, micro: list[Batch]) -> StepCounts:
+def step_counts(run: JobRun, micro: list[Batch]) -> StepCounts:
     """Normalise by the step's loss tokens on all ranks, so that the gradient is the mean over every
     target token of the global batch; DDP then averages over ranks, hence * world_size."""
     runtime = run.runtime
@@ -591,7 +618,7 @@ def step_counts(run: _Run, micro: list[Batch]) -> StepCounts:
     return StepCounts(counts, (runtime.world_size / counts[0].clamp(min=1.0)).float())
 
 
-def _train_step(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord:
+def _train_step(run: JobRun, state: TrainState, micro: list[Batch]) -> _StepRecord:
     """One optimizer step over the micro-batches `micro`; advances `state`'s step and position.
 
     Nothing is read back from the device here: the loss, token counts and gradient norm stay device
@@ -612,7 +639,7 @@ def _train_step(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord
 
 
 def end_step(
-    run: _Run, state: TrainState, micro: list[Batch], loss_total: torch.Tensor, counts: StepCounts
+    run: JobRun, state: TrainState, micro: list[Batch], loss_total: torch.Tensor, counts: StepCounts
 ) -> _StepRecord:
     """The optimizer step once the gradients of every micro-batch of `micro` are in; advances `state`."""
     runtime, hp = run.runtime, run.hp
@@ -636,7 +663,7 @@ def end_step(
 
 
 def _read_records(
-    run: _Run, state: TrainState, records: list[_StepRecord], started: float, tokens_at_start: int
+    run: JobRun, state: TrainState, records: list[_StepRecord], started: float, tokens_at_start: int
 ) -> list[dict[str, float]]:
     """The metrics rows of `records`, read back from the device at once; updates state.tokens_trained."""
     rows = []
@@ -665,7 +692,7 @@ def _check_token_cap(runtime: Runtime, batch: Batch) -> None:
         raise torch.OutOfMemoryError(f"micro-batch of {n} tokens > Runtime.max_micro_batch_tokens={cap}")
 
 
-def _train_step_or_back_off(run: _Run, state: TrainState, micro: list[Batch]) -> _StepRecord | None:
+def _train_step_or_back_off(run: JobRun, state: TrainState, micro: list[Batch]) -> _StepRecord | None:
     """`_train_step`; or, when it runs out of memory, split the micro-batch further and return None.
 
     The step is then retried from its first micro-batch by the caller, with micro-batches of
@@ -702,7 +729,7 @@ def _train_step_or_back_off(run: _Run, state: TrainState, micro: list[Batch]) ->
     return None
 
 
-def _evaluate(run: _Run, batch_size: int) -> dict[str, float]:
+def _evaluate(run: JobRun, batch_size: int) -> dict[str, float]:
     """Validation loss and token accuracy over every rank's share of the validation set."""
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss, correct: read once at the end
     n_tokens = 0
@@ -721,7 +748,7 @@ def _evaluate(run: _Run, batch_size: int) -> dict[str, float]:
     return {"val_loss": loss_total / n_total, "val_token_accuracy": correct_total / n_total}
 
 
-def _eval_is_due(run: _Run, state: TrainState) -> bool:
+def _eval_is_due(run: JobRun, state: TrainState) -> bool:
     every = run.spec.eval_every_steps
     end_of_epoch = state.position.batch_index == 0
     return bool(run.data.val_examples) and (
@@ -731,7 +758,7 @@ def _eval_is_due(run: _Run, state: TrainState) -> bool:
     )
 
 
-def _record_evaluation(run: _Run, state: TrainState, *, track_best: bool = True) -> None:
+def _record_evaluation(run: JobRun, state: TrainState, *, track_best: bool = True) -> None:
     """Evaluate, add the row to the history and the metrics, and update the best / early stopping."""
     from lora_core import lora_state_dict
 
@@ -753,7 +780,7 @@ def _record_evaluation(run: _Run, state: TrainState, *, track_best: bool = True)
 # ------------------------------------------------------------------------------------- save, finish
 
 
-def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
+def _gather_rng_states(run: JobRun) -> list[dict[str, Any]]:
     """Every rank's RNG state, in rank order, on rank 0 (empty elsewhere), so each rank's stream resumes."""
     own = capture_rng_state()
     if run.runtime.world_size == 1:
@@ -763,7 +790,7 @@ def _gather_rng_states(run: _Run) -> list[dict[str, Any]]:
     return gathered or []
 
 
-def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
+def _save_checkpoint(run: JobRun, state: TrainState) -> Path | None:
     """Write a checkpoint of `state` (rank 0) and tell `runtime.on_checkpoint` (every rank)."""
     from lora_core import save_adapter
 
@@ -802,7 +829,7 @@ def _save_checkpoint(run: _Run, state: TrainState) -> Path | None:
     return path
 
 
-def _finish(run: _Run, state: TrainState, status: Status, checkpoint: Path | None) -> TrainingResult:
+def _finish(run: JobRun, state: TrainState, status: Status, checkpoint: Path | None) -> TrainingResult:
     """Save the adapter when the run succeeded (rank 0), write training_result.json, return the result."""
     from lora_core import save_adapter, set_lora_state_dict
 
@@ -891,7 +918,7 @@ def _train(
     return end(run, state, progress)
 
 
-def initial_state(run: _Run, resume_from: Path | None) -> TrainState:
+def initial_state(run: JobRun, resume_from: Path | None) -> TrainState:
     """A fresh TrainState, or the one checkpoint `resume_from` holds (adapter, optimizer, RNG restored)."""
     hp = run.hp
     state = TrainState(batch_size=hp.batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps)
@@ -909,7 +936,7 @@ class Progress:
     records: list[_StepRecord] = field(default_factory=list)  # steps whose metrics are still on the device
 
 
-def begin(run: _Run, state: TrainState) -> Progress:
+def begin(run: JobRun, state: TrainState) -> Progress:
     """Before the first step: the output directory, train mode and the untrained adapter's evaluation."""
     hp, say = run.hp, run.say
     run.output_dir.mkdir(parents=True, exist_ok=True)
@@ -927,7 +954,7 @@ def begin(run: _Run, state: TrainState) -> Progress:
     )
 
 
-def planned_steps(run: _Run, state: TrainState) -> Iterator[list[Batch]]:
+def planned_steps(run: JobRun, state: TrainState) -> Iterator[list[Batch]]:
     """The micro-batches of each next step, planned from `state.position` until the run is done.
 
     Lazy: each step is planned after the previous one has advanced `state`; a changed split (the
@@ -944,7 +971,7 @@ def planned_steps(run: _Run, state: TrainState) -> Iterator[list[Batch]]:
                 break
 
 
-def after_step(run: _Run, state: TrainState, progress: Progress, record: _StepRecord) -> TrainingResult | None:
+def after_step(run: JobRun, state: TrainState, progress: Progress, record: _StepRecord) -> TrainingResult | None:
     """After a step: metrics, evaluation, checkpoint, early stopping and control; the result if the run ends."""
     hp, say, spec = run.hp, run.say, run.spec
     progress.records.append(record)
@@ -981,7 +1008,7 @@ def after_step(run: _Run, state: TrainState, progress: Progress, record: _StepRe
     return None
 
 
-def end(run: _Run, state: TrainState, progress: Progress) -> TrainingResult:
+def end(run: JobRun, state: TrainState, progress: Progress) -> TrainingResult:
     """The run is done (total_steps reached, or the data ran out): report what is left and save the adapter."""
     say = run.say
     if progress.records:  # the data ran out before total_steps (it should not): still report those steps

@@ -223,3 +223,37 @@ def test_a_member_failing_mid_run_leaves_with_its_error_and_the_others_finish(al
     ])
     assert isinstance(outcomes["b"], ConnectionError)
     assert_same_adapter(outcomes["a"].adapter_dir, runs["a"][0].adapter_dir)
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_the_gpu_precision_path_co_trains_to_finite_losses(alone, tmp_path, quantization):
+    """bf16 base, bf16 autocast, fp32 adapters (CUDA's path, run on the CPU), dense or NF4, one with dropout."""
+    from workers.loop import Runtime
+
+    specs, _ = alone
+    members = [
+        GroupMember(name, specs[name].model_copy(update={"quantization": quantization, "bf16": True}),
+                    tmp_path / name, ListReporter())
+        for name in ("a", "b")
+    ]
+    outcomes = train_group(members, runtime=Runtime(device=torch.device("cpu"), bf16_on_cpu=True))
+    for member in members:
+        result = outcomes[member.job_id]
+        assert isinstance(result, TrainingResult) and result.status == "succeeded", result
+        losses = [v for _, v in member.reporter.series("train_loss")]
+        assert len(losses) == result.step and all(math.isfinite(v) for v in losses)
+        tensors = _tensors(result.adapter_dir)
+        assert all(t.dtype == torch.float32 for t in tensors.values())  # adapters stay fp32
+        assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B left zero: it trained
+
+
+def test_a_base_that_does_not_load_is_every_members_outcome(alone, tmp_path):
+    specs, _ = alone
+    empty_base = tmp_path / "no-model"
+    empty_base.mkdir()
+    members = [GroupMember(n, specs[n].model_copy(update={"base_model": empty_base}), tmp_path / n, None)
+               for n in ("a", "b")]
+    seen: list[str] = []
+    outcomes = train_group(members, on_member_done=lambda job_id, outcome: seen.append(job_id))
+    assert seen == ["a", "b"]
+    assert all(isinstance(outcomes[n], Exception) for n in ("a", "b"))
