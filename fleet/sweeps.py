@@ -4,9 +4,9 @@ The seeds' advice ("start at r=16; bracket 8/16/32") run for the user. A sweep i
 ordinary child job per rank (queued, fair-shared, cancellable; `Job.parent` names the parent). The
 parent is `running` from its creation, but no worker ever claims it: it is never queued and holds no
 lease. Its life:
-1. create (the API, `create_sweep`): the parent first (CREATE_SWEEP: Idempotency-Key, the parent's
-   record, the sweep hash), then each child through JobStore.create_job; the parent's
-   `rank_sweep.children` lists them as they are made.
+1. create (the API, `create_sweep`): one atomic step (CREATE_SWEEP) writes the Idempotency-Key, the
+   parent's record listing every child, the sweep hash and each child, queued; or, refused by a quota,
+   nothing. An API process dying around it leaves the whole sweep or none of it.
 2. a child that trains to the end uploads its adapter under its own job prefix and records it as its
    candidate (`submit_candidate`, fenced by its claim: a stale attempt records nothing), with its
    validation loss, steps and rank report; then it finishes succeeded and publishes no version.
@@ -39,11 +39,11 @@ import redis
 from pydantic import BaseModel, Field
 
 from fleet import keys
-from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, InvalidRequest, NotFound, QuotaExceeded
 from fleet.fencing import Fence, new_claim_token, raise_for_refusal
 from fleet.job_spec import JobSpec
 from fleet.jobs import TERMINAL_STATUSES, Job, JobError, JobStatus, RankSweep, SweepChild, new_job_id
-from fleet.queue import JobStore, request_sha256
+from fleet.queue import QUEUED_QUOTA_RETRY_AFTER_S, JobStore, request_sha256
 from fleet.queue_scripts import PRELUDE
 from fleet.registry import AdapterRegistry, adapter_name_for_job, sha256_file
 from fleet.retention import job_objects_prefix
@@ -55,11 +55,17 @@ logger = logging.getLogger(__name__)
 MIN_RANKS, MAX_RANKS = 2, 8
 DEFAULT_FINISH_LEASE_MS = 120_000  # publishing one adapter: a download and an upload of its files
 
-# KEYS: parent job, tenant_jobs, idempotency, job_seq, sweep, active_sweeps, job_events
+# KEYS: parent job, tenant_jobs, idempotency, job_seq, sweep, active_sweeps, parent's job_events, then
+#       each child's job key, then each child's job_events
 # ARGV: parent_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, events_max_len, now_s,
-#       n_children, first event's message, field, value, ...
-# Creates the parent, running, with the sweep hash; the Idempotency-Key works as for CREATE (a replay
-# gets {'existing', job_id}, another body {'conflict', job_id}).
+#       n_children, the parent's first event's message, n (the parent's field/value count), field, value, ...,
+#       then per child: child_id, n, field, value, ...
+# The whole sweep in one step: the parent (running, with every child listed), the sweep hash and each child
+# queued, or nothing. A process dying around this call leaves all of it or none (a retry with the same
+# Idempotency-Key finds all of it). The Idempotency-Key works as for CREATE (a replay gets {'existing',
+# job_id}, another body {'conflict', job_id}); the tenant's max_queued_jobs quota must take every child
+# ({'quota', limit, queued now}; {'never', limit} when the sweep alone is larger), and a child over its
+# nominal quota plus borrowing limit gets {'too_large', gpus, nominal, borrowing limit}, as CREATE.
 CREATE_SWEEP = (
     PRELUDE
     + """
@@ -71,18 +77,56 @@ if ARGV[3] == '1' then
     return {'conflict', seen[1]}
   end
 end
+local tenant, n = ARGV[2], tonumber(ARGV[8])
+local pos = 10
+local function fields_at()  -- the field/value list at `pos`, its count first
+  local count = tonumber(ARGV[pos])
+  local out = {}
+  for i = pos + 1, pos + count do out[#out + 1] = ARGV[i] end
+  pos = pos + count + 1
+  return out
+end
+local parent_fields = fields_at()
+local children = {}
+for i = 1, n do
+  local id = ARGV[pos]
+  pos = pos + 1
+  children[i] = {id = id, fields = fields_at()}
+end
+local max_queued = quota_field(tenant, 'max_queued_jobs')
+if max_queued and n > max_queued then return {'never', int(max_queued)} end
+if max_queued and queued_jobs(tenant) + n > max_queued then
+  return {'quota', int(max_queued), int(queued_jobs(tenant))}
+end
+local q = quota_of(tenant)
+for i = 1, #children[1].fields - 1, 2 do
+  if children[1].fields[i] == 'gpus' and never_fits(q, tonumber(children[1].fields[i + 1])) then
+    return {'too_large', children[1].fields[i + 1], int(q.nominal), int(q.borrow)}
+  end
+end
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(10)))
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(parent_fields))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
 end
-redis.call('HSET', KEYS[5], 'tenant_id', ARGV[2], 'expected', ARGV[8], 'state', 'running')
+redis.call('HSET', KEYS[5], 'tenant_id', tenant, 'expected', n, 'state', 'running')
 redis.call('SADD', KEYS[6], ARGV[1])
-emit_job('running', ARGV[2], ARGV[1])
+emit_job('running', tenant, ARGV[1])
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'created_at', ARGV[7], 'level', 'info',
            'message', ARGV[9], 'type', 'message')
+local now = now_ms()
+for i, child in ipairs(children) do
+  local child_seq = redis.call('INCR', KEYS[4])
+  redis.call('HSET', KEYS[7 + i], 'seq', child_seq, 'queue_seq', child_seq, unpack(child.fields))
+  redis.call('ZADD', KEYS[2], child_seq, child.id)
+  enqueue(tenant, child.id, false, now)
+  emit_job('queued', tenant, child.id)
+  redis.call('XADD', KEYS[7 + n + i], 'MAXLEN', '~', ARGV[6], '*', 'created_at', ARGV[7], 'level', 'info',
+             'message', 'Created fine-tuning job: ' .. child.id .. ' (a child of rank sweep ' .. ARGV[1] .. ')',
+             'type', 'message')
+end
 return {'created', ARGV[1], seq}
 """
 )
@@ -206,72 +250,68 @@ class SweepStore:
     # -- creating (the API) -------------------------------------------------------------------------
     def create_sweep(self, tenant_id: str, ranks: list[int], *, fields: dict[str, Any],
                      idempotency_key: str | None = None, request_body: Any = None) -> tuple[Job, bool]:
-        """Create the parent and one queued child per rank; (the parent, whether it was created now).
+        """Create the parent and one queued child per rank in one atomic step (CREATE_SWEEP); (the
+        parent, whether it was created now).
 
         `fields` are JobStore.create_job's keyword arguments as the API validated them (its `spec` holds
         the LoRA shape every child shares but r). With an Idempotency-Key, a replay returns the first
-        parent and creates nothing. A child refused (a quota, say) cancels the children made so far and
-        fails the parent, and the refusal is raised.
+        parent and creates nothing. A sweep the tenant's quotas refuse creates nothing: QuotaExceeded
+        (max_queued_jobs cannot take every child now) or InvalidRequest (it never could).
         """
         now = int(time.time())
         spec: JobSpec = fields["spec"]
+        common = {k: fields.get(k) for k in ("model", "base_model", "init_adapter", "training_file",
+                                              "validation_file", "suffix", "seed")}
+        common["base_model"] = common["base_model"] or common["model"]
+        if common["seed"] is None:  # drawn once: every child trains from the same seed, so only r differs
+            common["seed"] = secrets.randbelow(2**31)
+        parent_id = new_job_id()
+        children = [Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now,
+                        status=JobStatus.QUEUED, metadata=fields.get("metadata") or {}, parent=parent_id,
+                        spec=_with_rank(spec, rank), **common) for rank in ranks]
         # Until it ends, the parent's `lora` shows the first rank; then the chosen one.
-        parent_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": ranks[0]})})
-        parent = Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
-                     status=JobStatus.RUNNING, rank_sweep=RankSweep(ranks=list(ranks)), spec=parent_spec,
-                     idempotency_key=idempotency_key, metadata=fields.get("metadata") or {},
-                     **{k: fields[k] for k in ("model", "base_model", "training_file", "validation_file", "suffix",
-                                               "seed")})
-        if parent.seed is None:  # drawn once: every child trains from the same seed, so only r differs
-            parent.seed = secrets.randbelow(2**31)
+        parent = Job(id=parent_id, tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
+                     status=JobStatus.RUNNING, spec=_with_rank(spec, ranks[0]), idempotency_key=idempotency_key,
+                     metadata=fields.get("metadata") or {},
+                     rank_sweep=RankSweep(ranks=list(ranks), children=[SweepChild(id=c.id, rank=c.spec.lora.r)
+                                                                       for c in children]), **common)
         if idempotency_key is not None:
             parent.request_sha256 = request_sha256(request_body)
-        hash_fields = parent.to_redis_hash()
-        hash_fields.pop("seq", None)
         message = (f"Created rank sweep {parent.id}: one child job per rank r={', '.join(map(str, ranks))}; "
                    "the best by validation loss is published.")
+        self.jobs._prepare()  # the scheduler's state, which CREATE_SWEEP's enqueue updates
         reply = self._create(
             keys=[keys.job(parent.id), keys.tenant_jobs(tenant_id), keys.idempotency(tenant_id, idempotency_key or ""),
-                  keys.job_seq(), keys.sweep(parent.id), keys.active_sweeps(), keys.job_events(parent.id)],
+                  keys.job_seq(), keys.sweep(parent.id), keys.active_sweeps(), keys.job_events(parent.id),
+                  *[keys.job(c.id) for c in children], *[keys.job_events(c.id) for c in children]],
             args=[parent.id, tenant_id, "1" if idempotency_key is not None else "0", parent.request_sha256 or "",
-                  self.jobs.idempotency_ttl_s, self.jobs.events.max_len, now, len(ranks), message,
-                  *[x for pair in hash_fields.items() for x in pair]],
+                  self.jobs.idempotency_ttl_s, self.jobs.events.max_len, now, len(children), message,
+                  *_flat_fields(parent), *[x for c in children for x in (c.id, *_flat_fields(c))]],
         )
-        if reply[0] == "conflict":
+        outcome = reply[0]
+        if outcome == "conflict":
             raise IdempotencyConflict(
                 f"Idempotency-Key {idempotency_key!r} was already used with a different request body (it created "
                 f"job {reply[1]}). Use a new key for a different request.", param="Idempotency-Key")
-        if reply[0] == "existing" and reply[1] != parent.id:
+        if outcome == "never":
+            raise InvalidRequest(
+                f"A rank sweep of {len(ranks)} ranks queues {len(ranks)} jobs, more than tenant {tenant_id}'s "
+                f"max_queued_jobs quota ({reply[1]}) allows: sweep fewer ranks, or ask an admin to raise the quota.",
+                param="rank_sweep")
+        if outcome == "quota":
+            raise QuotaExceeded(
+                f"Tenant {tenant_id} has {reply[2]} queued jobs; the rank sweep's {len(ranks)} child jobs would pass "
+                f"its max_queued_jobs quota ({reply[1]}). Wait for some to start, or cancel some, then submit again.",
+                limit="max_queued_jobs", retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S)
+        if outcome == "too_large":
+            gpus, nominal, borrow = reply[1:4]
+            raise InvalidRequest(
+                f"Each child of the sweep asks for {gpus} GPUs, more than tenant {tenant_id}'s nominal quota "
+                f"({nominal}) plus its borrowing_limit_gpus ({borrow}) allow: it could never start. Ask for fewer "
+                "GPUs, or ask an admin to raise the quota.", param="resources")
+        if outcome == "existing" and reply[1] != parent.id:  # an earlier request with this Idempotency-Key
             return self.jobs.load_job(reply[1]), False
-        children: list[SweepChild] = []
-        for rank in ranks:
-            child_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})
-            try:
-                child = self.jobs.create_job(tenant_id, **{**fields, "spec": child_spec, "seed": parent.seed},
-                                             parent=parent.id).job
-            except Exception as e:
-                self._abandon_creation(parent, children, e)
-                raise
-            children.append(SweepChild(id=child.id, rank=rank))
-            self.redis.hset(keys.job(parent.id), "rank_sweep",
-                            RankSweep(ranks=list(ranks), children=children).model_dump_json())
         return self.jobs.load_job(parent.id), True
-
-    def _abandon_creation(self, parent: Job, children: list[SweepChild], error: Exception) -> None:
-        """A child could not be created: cancel those that were, and fail the parent saying why."""
-        for child in children:
-            self.jobs.request_cancel(parent.tenant_id, child.id)
-        self.redis.hset(keys.sweep(parent.id), "expected", len(children))  # the finish waits for these only
-        token = new_claim_token()
-        reply = self._claim(keys=[keys.sweep(parent.id), keys.job(parent.id), *[keys.job(c.id) for c in children]],
-                            args=[token, self.finish_lease_ms])
-        if reply[0] != "finish":  # a cancelled child whose record says otherwise: housekeeping ends it later
-            return
-        fence = Fence(parent.id, int(reply[1]), token)
-        sweep = RankSweep(ranks=parent.rank_sweep.ranks if parent.rank_sweep else [], children=children)
-        error_obj = JobError(code="rank_sweep_not_created",
-                             message=f"The sweep's child jobs could not all be created: {error}")
-        self._end_parent(fence, JobStatus.FAILED, sweep, error=error_obj)
 
     # -- a child (the dispatcher) -------------------------------------------------------------------
     def submit_candidate(self, job: Job, fence: Fence, adapter_dir: Path, candidate: dict[str, Any]) -> bool:
@@ -415,6 +455,18 @@ class SweepStore:
         self.jobs.append_event(fence.job_id, "error" if status == JobStatus.FAILED else "info",
                                _end_message(status, sweep, fine_tuned_model, error))
         return status
+
+
+def _with_rank(spec: JobSpec, rank: int) -> JobSpec:
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})
+
+
+def _flat_fields(job: Job) -> list[str]:
+    """A job's hash fields as CREATE_SWEEP takes them: their count, then field, value, ..."""
+    fields = job.to_redis_hash()
+    fields.pop("seq", None)
+    flat = [x for pair in fields.items() for x in pair]
+    return [str(len(flat)), *flat]
 
 
 def with_live_children(client: redis.Redis, parent: Job) -> Job:

@@ -220,3 +220,76 @@ def test_a_finisher_that_died_is_taken_over_once_its_claim_expires(r: redis.Redi
     assert s.jobs.load_job(parent_id).fine_tuned_model == "swept:v1"
     with pytest.raises(FencedOut):  # the dead finisher, were it to wake, is fenced out
         s.registry.publish_adapter_version("t1", "swept", write_peft_adapter(tmp_path / "late"), {}, fence=dead)
+
+
+class _ProcessDied(BaseException):
+    """The API process dying at a Redis command: nothing after it runs, no `except Exception` catches it."""
+
+
+class _DyingRedis(redis.Redis):
+    """A real Redis client whose process 'dies' just after its `die_after`-th command reached Redis."""
+
+    def __init__(self, *args: Any, die_after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.die_after, self.sent = die_after, 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = super().execute_command(*args, **options)
+        self.sent += 1
+        if self.sent >= self.die_after:
+            raise _ProcessDied(f"died after command {self.sent}: {args[0]}")
+        return reply
+
+
+def test_an_api_process_dying_at_any_point_of_a_sweep_create_leaves_all_of_it_or_none(r: redis.Redis, tmp_path: Path):
+    ranks = [4, 8, 16]
+    kwargs = r.connection_pool.connection_kwargs
+    # How many commands a whole create sends; then die after each of them in turn.
+    counting = _DyingRedis(host=kwargs["host"], port=kwargs["port"], decode_responses=True, die_after=10**9)
+    counting_sweeps = Sweeps(counting, tmp_path)
+    counting_sweeps.create(ranks, suffix="count")
+    total = counting.sent
+    for k in range(1, total + 1):
+        tenant = f"crash{k}"
+        dying = _DyingRedis(host=kwargs["host"], port=kwargs["port"], decode_responses=True, die_after=k)
+        s = Sweeps(dying, tmp_path)
+        fields = {"model": "tiny-llama", "base_model": "tiny-llama", "init_adapter": None, "training_file": "file-t",
+                  "validation_file": "file-v", "suffix": None, "seed": 5, "metadata": {},
+                  "spec": JobSpec(lora={"r": 8, "target_modules": ["q_proj"]})}
+        try:
+            s.sweeps.create_sweep(tenant, ranks, fields=fields, idempotency_key="k", request_body={"k": k})
+        except _ProcessDied:
+            pass
+        jobs = JobStore(r)
+        listed = r.zrange(keys.tenant_jobs(tenant), 0, -1)
+        if listed:  # the sweep exists: then all of it, its children queued and listed on the parent
+            parents = [j for j in map(jobs.load_job, listed) if j.rank_sweep is not None]
+            assert len(parents) == 1, f"died after command {k}: {len(parents)} parents"
+            children = parents[0].rank_sweep.children
+            assert [c.rank for c in children] == ranks, f"died after command {k}: the parent lists {children}"
+            assert sorted(listed) == sorted([parents[0].id, *(c.id for c in children)]), f"died after command {k}"
+            assert all(jobs.load_job(c.id).status == JobStatus.QUEUED for c in children)
+        # The client retries (same Idempotency-Key): one whole sweep, nothing twice.
+        retry = SweepStore(jobs, AdapterRegistry(r, LocalObjectStore(tmp_path / "objects")))
+        parent, _ = retry.create_sweep(tenant, ranks, fields=fields, idempotency_key="k", request_body={"k": k})
+        assert [c.rank for c in parent.rank_sweep.children] == ranks, f"died after command {k}"
+        assert r.zcard(keys.tenant_jobs(tenant)) == len(ranks) + 1, f"died after command {k}: jobs made twice"
+        assert len(r.zrange(keys.queue(tenant), 0, -1)) == len(ranks), f"died after command {k}"
+        dying.close()
+    counting.close()
+
+
+def test_a_sweep_over_the_queued_jobs_quota_creates_nothing_and_keeps_its_idempotency_key(r: redis.Redis,
+                                                                                         tmp_path: Path):
+    from fleet.exceptions import QuotaExceeded
+    from fleet.quotas import QuotaStore, TenantQuota
+
+    s = Sweeps(r, tmp_path)
+    QuotaStore(r, default=TenantQuota()).set("t1", TenantQuota(max_queued_jobs=2))
+    fields = {"model": "tiny-llama", "base_model": "tiny-llama", "init_adapter": None, "training_file": "file-t",
+              "validation_file": "file-v", "suffix": None, "seed": 5, "metadata": {}, "spec": JobSpec()}
+    s.jobs.create_job("t1", model="tiny-llama", training_file="file-t")  # one queued already: 1 slot left
+    with pytest.raises(QuotaExceeded, match="max_queued_jobs"):
+        s.sweeps.create_sweep("t1", [4, 8], fields=fields, idempotency_key="q", request_body={})
+    assert r.zcard(keys.tenant_jobs("t1")) == 1, "a refused sweep left jobs behind"
+    assert not r.exists(keys.idempotency("t1", "q")), "a refused sweep used up its Idempotency-Key"
