@@ -293,3 +293,29 @@ def test_a_sweep_over_the_queued_jobs_quota_creates_nothing_and_keeps_its_idempo
         s.sweeps.create_sweep("t1", [4, 8], fields=fields, idempotency_key="q", request_body={})
     assert r.zcard(keys.tenant_jobs("t1")) == 1, "a refused sweep left jobs behind"
     assert not r.exists(keys.idempotency("t1", "q")), "a refused sweep used up its Idempotency-Key"
+
+
+def test_retention_keeps_a_finished_childs_candidate_until_its_sweep_ends(r: redis.Redis, tmp_path: Path):
+    from fleet.retention import job_objects_prefix, run_retention
+    from fleet.settings import Settings
+
+    s = Sweeps(r, tmp_path)
+    settings = Settings(data_dir=tmp_path / "var")
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    candidate_prefix = job_objects_prefix("t1", children[4]) + "sweep/"
+    assert s.registry.store.list(candidate_prefix)
+    months_later = time.time() + 400 * 86_400  # past every retention delay (checkpoints, uploads, the job)
+    run_retention(r, s.registry.store, settings, now=months_later)
+    assert s.registry.store.list(candidate_prefix), "retention deleted a candidate its running sweep needs"
+    assert s.jobs.load_job(children[4]).status == JobStatus.SUCCEEDED, "retention expired a child of a running sweep"
+
+    s.succeed(claims[children[8]], val_loss=2.0)
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.SUCCEEDED
+    assert s.jobs.load_job(parent_id).rank_sweep.chosen == children[4]  # r=4's adapter was there to publish
+    # Once the sweep has ended, the child goes as any job does (deferred from the run above).
+    run_retention(r, s.registry.store, settings, now=months_later + 400 * 86_400)
+    assert not s.registry.store.list(candidate_prefix)
+    assert not r.exists(keys.job(children[4]))
+    assert s.registry.list_versions("t1", "swept")[0].ref == "swept:v1"  # the published copy stays
