@@ -10,7 +10,10 @@ lease. Its life:
 2. a child that trains to the end uploads its adapter under its own job prefix and records it as its
    candidate (`submit_candidate`, fenced by its claim: a stale attempt records nothing), with its
    validation loss, steps and rank report; then it finishes succeeded and publishes no version.
-3. whoever sees a child end (its dispatcher, the API's cancel, housekeeping) calls `finish_if_done`.
+3. whoever sees a child end calls `finish_if_done`: its dispatcher, or housekeeping (every minute: children
+   failed by lost leases). The API's cancel of a child only hands the sweep over (`hand_over`): each
+   dispatcher's maintenance tick (every ~lease_ms/3, a few seconds) finishes it, so the API never
+   downloads or uploads an adapter, and a failure there loses nothing.
    CLAIM_FINISH is the one atomic step that decides: when every child is terminal it hands the finish
    to exactly one caller, as a new attempt and claim token of the parent (a `Fence`). Two dispatchers
    ending the last two children at once get one 'finish' between them.
@@ -18,20 +21,25 @@ lease. Its life:
    its adapter as the parent's version through the registry (fenced by the parent's claim, idempotent
    per job) with every child's result in the manifest's `rank_sweep`, and ends the parent (END_PARENT,
    fenced): succeeded; failed when no child succeeded; cancelled when the parent was cancelled.
-A finisher that dies leaves its claim to expire after `finish_lease_ms`; housekeeping then claims the
-finish again under a new attempt, which fences the old finisher out, and the registry's per-job
-publication makes the retry reuse whatever the first one had committed.
+A live finisher renews its claim every finish_lease_ms/3 (30 s by default) however long the publish takes;
+one that dies leaves its claim to expire within finish_lease_ms, and the next maintenance tick of any
+dispatcher (a claimed sweep stays handed over until it ends) claims the finish again under a new attempt,
+which fences the old finisher out; the registry's per-job publication makes the retry reuse whatever
+the first one had committed.
 No torch, no Ray: the API and the dispatchers both import this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import secrets
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +61,9 @@ __all__ = ["MIN_RANKS", "MAX_RANKS", "SweepCandidate", "SweepStore", "rank_sweep
 logger = logging.getLogger(__name__)
 
 MIN_RANKS, MAX_RANKS = 2, 8
-DEFAULT_FINISH_LEASE_MS = 120_000  # publishing one adapter: a download and an upload of its files
+# A finisher renews its claim every third of this while it publishes (a download and an upload of the
+# chosen adapter, however long they take); a dead one's claim expires this long after its last renewal.
+DEFAULT_FINISH_LEASE_MS = 30_000
 
 # KEYS: parent job, tenant_jobs, idempotency, job_seq, sweep, active_sweeps, parent's job_events, then
 #       each child's job key, then each child's job_events
@@ -150,6 +160,7 @@ return {'ok'}
 # the token, so the caller holds its Fence. Otherwise {'waiting', why}, {'busy'} or {'none'} (no sweep).
 CLAIM_FINISH = (
     PRELUDE
+    + f"local HANDED_OVER = '{keys.sweeps_handed_over()}'\n"
     + """
 local v = redis.call('HMGET', KEYS[1], 'state', 'expected', 'finisher_expires_ms')
 if not v[1] then return {'none'} end
@@ -164,7 +175,21 @@ if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return {'none'} end
 local attempt = redis.call('HINCRBY', KEYS[2], 'attempt', 1)
 redis.call('HSET', KEYS[2], 'claim_token', ARGV[1], 'updated_at', sec(now))
 redis.call('HSET', KEYS[1], 'state', 'finishing', 'finisher_expires_ms', int(now + tonumber(ARGV[2])))
+redis.call('SADD', HANDED_OVER, job_id_of(KEYS[2]))  -- should this finisher die, a dispatcher's tick takes over
 return {'finish', attempt}
+"""
+)
+
+# KEYS: sweep, parent job.  ARGV: attempt, token, finish_lease_ms
+# A live finisher extends its claim (its heartbeat while it downloads and uploads the adapter).
+RENEW_FINISH = (
+    PRELUDE
+    + """
+local refused = fence_check(KEYS[2], ARGV[1], ARGV[2])
+if refused then return refused end
+if redis.call('HGET', KEYS[1], 'state') ~= 'finishing' then return {'none'} end
+redis.call('HSET', KEYS[1], 'finisher_expires_ms', int(now_ms() + tonumber(ARGV[3])))
+return {'ok'}
 """
 )
 
@@ -173,6 +198,7 @@ return {'finish', attempt}
 # Ends the parent (fenced by the finisher's claim) and forgets the sweep's coordination state.
 END_PARENT = (
     PRELUDE
+    + f"local HANDED_OVER = '{keys.sweeps_handed_over()}'\n"
     + """
 local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
 if refused then return refused end
@@ -183,6 +209,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now, 'updated_at',
 index_finished(KEYS[4], KEYS[5], KEYS[6], ARGV[1], now)
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', HANDED_OVER, ARGV[1])
 emit_job(ARGV[4], tenant, ARGV[1])
 return {'ok'}
 """
@@ -246,6 +273,7 @@ class SweepStore:
         self._submit = self.redis.register_script(SUBMIT_CANDIDATE)
         self._claim = self.redis.register_script(CLAIM_FINISH)
         self._end = self.redis.register_script(END_PARENT)
+        self._renew = self.redis.register_script(RENEW_FINISH)
 
     # -- creating (the API) -------------------------------------------------------------------------
     def create_sweep(self, tenant_id: str, ranks: list[int], *, fields: dict[str, Any],
@@ -336,23 +364,78 @@ class SweepStore:
     # -- finishing (whoever saw a child end) --------------------------------------------------------
     def finish_if_done(self, parent_id: str) -> JobStatus | None:
         """End the sweep `parent_id` if every child has ended and no one else is ending it; the parent's
-        final status, or None when it is not this caller's to end (yet)."""
+        final status, or None when it is not this caller's to end (yet). Dispatchers call it (it may
+        publish); the API only hands over (`hand_over`)."""
+        return self._try_finish(parent_id)[1]
+
+    def _try_finish(self, parent_id: str) -> tuple[str, JobStatus | None]:
+        """CLAIM_FINISH's outcome ('finish', 'waiting', 'busy', 'none') and, when this caller finished it,
+        the parent's final status."""
         parent = self.jobs.load_job(parent_id)
         if parent.rank_sweep is None or parent.status != JobStatus.RUNNING:
-            return None
+            return "none", None
         token = new_claim_token()
         reply = self._claim(
             keys=[keys.sweep(parent_id), keys.job(parent_id), *[keys.job(c.id) for c in parent.rank_sweep.children]],
             args=[token, self.finish_lease_ms],
         )
         if reply[0] != "finish":
-            return None
+            return str(reply[0]), None
         fence = Fence(parent_id, int(reply[1]), token)
         try:
-            return self._finish(self.jobs.load_job(parent_id), fence)
-        except FencedOut as e:  # a later finisher took over (this one ran past its lease)
+            with self._renewing(fence):
+                return "finish", self._finish(self.jobs.load_job(parent_id), fence)
+        except FencedOut as e:  # a later finisher took over (this one could not renew its claim in time)
             logger.warning("%s", e)
-            return None
+            return "finish", None
+
+    @contextlib.contextmanager
+    def _renewing(self, fence: Fence) -> Iterator[None]:
+        """Renew the finish claim every third of finish_lease_ms while the block runs."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.finish_lease_ms / 3000):
+                try:
+                    if self._renew(keys=[keys.sweep(fence.job_id), keys.job(fence.job_id)],
+                                   args=[fence.attempt, fence.token, self.finish_lease_ms])[0] != "ok":
+                        return  # fenced out or ended: the publish's own fence check says so
+                except redis.RedisError as e:  # retried next beat; the claim outlives a short outage
+                    logger.warning("rank sweep %s: renewing the finish claim failed: %s", fence.job_id, e)
+
+        beat = threading.Thread(target=renew, name=f"finish-{fence.job_id}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beat.join(timeout=10)
+
+    def hand_over(self, parent_id: str) -> None:
+        """The API ended a child (a cancel): leave the finish, which may publish, to a dispatcher's next
+        maintenance tick (`finish_handed_over`), so the API never downloads or uploads an adapter."""
+        self.redis.sadd(keys.sweeps_handed_over(), parent_id)
+
+    def finish_handed_over(self) -> list[str]:
+        """A dispatcher's maintenance tick (every few seconds): finish the sweeps handed over, and take over
+        those whose finisher died once its claim expires. Returns the parents ended now."""
+        ended = []
+        for parent_id in sorted(self.redis.smembers(keys.sweeps_handed_over())):
+            if not self.redis.srem(keys.sweeps_handed_over(), parent_id):
+                continue  # another dispatcher's tick took it
+            try:
+                outcome, status = self._try_finish(parent_id)
+            except NotFound:  # the parent's record is gone: nothing left to end
+                continue
+            except Exception:  # one sweep's trouble (its store unreachable) must not hold up the others
+                logger.exception("rank sweep %s: finishing failed; a later tick retries it", parent_id)
+                self.hand_over(parent_id)
+                continue
+            if outcome == "busy":  # a live finisher holds it; should it die, a later tick takes over
+                self.hand_over(parent_id)
+            if status is not None:
+                ended.append(parent_id)
+        return ended
 
     def finish_ended_sweeps(self) -> list[str]:
         """Housekeeping: try to end every unfinished sweep (children cancelled while queued, failed by

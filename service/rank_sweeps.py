@@ -36,13 +36,16 @@ def create_rank_sweep(body: JobCreateRequest, fields: dict[str, Any], *, tenant_
 
 
 def after_cancel(jobs: JobStore, registry: AdapterRegistry, tenant_id: str, job: Job) -> Job:
-    """After a cancel request: a sweep's parent cancels its children too; a child that ended may end
-    its sweep. Returns the job as it is now."""
+    """After a cancel request: a sweep's parent cancels its children too (and ends cancelled here when
+    none was running: Redis only, nothing is published). A child's cancel may have ended its sweep's last
+    child: the finish, which publishes the best child, is handed to the dispatchers (their next
+    maintenance tick, within seconds), so this request never downloads or uploads an adapter. Returns
+    the job as it is now."""
     sweeps = SweepStore(jobs, registry)
     if job.rank_sweep is not None:
         sweeps.cancel(tenant_id, job)
     elif job.parent is not None:
-        sweeps.after_job_ended(job)
+        sweeps.hand_over(job.parent)
     return jobs.get_job(tenant_id, job.id)
 
 

@@ -319,3 +319,74 @@ def test_retention_keeps_a_finished_childs_candidate_until_its_sweep_ends(r: red
     assert not s.registry.store.list(candidate_prefix)
     assert not r.exists(keys.job(children[4]))
     assert s.registry.list_versions("t1", "swept")[0].ref == "swept:v1"  # the published copy stays
+
+
+def test_the_api_cancelling_the_last_waiting_child_hands_the_publish_to_the_dispatchers(r: redis.Redis,
+                                                                                        tmp_path: Path):
+    from service.rank_sweeps import after_cancel
+
+    s = Sweeps(r, tmp_path)
+    parent_id, children = s.create([4, 8])
+    claim = s.jobs.leases.claim_next_job("w", LEASE_MS)
+    assert claim.job.id == children[4]  # r=8 waits in the queue
+    s.succeed(claim, val_loss=1.0)
+    # The API process cannot reach the object store: cancelling r=8 must not need it.
+    broken = tmp_path / "gone"
+    api_registry = AdapterRegistry(r, LocalObjectStore(broken))
+    broken.rmdir()
+    broken.write_text("")  # its root is now a file: every read and write fails
+    cancelled = after_cancel(s.jobs, api_registry, "t1", s.jobs.request_cancel("t1", children[8]))
+    assert cancelled.status == JobStatus.CANCELLED
+    assert s.jobs.load_job(parent_id).status == JobStatus.RUNNING  # the finish is the dispatchers'
+    assert s.sweeps.finish_handed_over() == [parent_id]  # a dispatcher's next maintenance tick
+    parent = s.jobs.load_job(parent_id)
+    assert parent.status == JobStatus.SUCCEEDED and parent.rank_sweep.chosen == children[4]
+    assert s.sweeps.finish_handed_over() == []
+
+
+class _SlowStore(LocalObjectStore):
+    """A real local store whose downloads take `delay_s` (a large adapter over a slow link)."""
+
+    delay_s = 0.0
+
+    def download_file(self, key: str, path: Path) -> None:
+        time.sleep(self.delay_s)
+        super().download_file(key, path)
+
+
+def test_a_finisher_publishing_for_longer_than_its_lease_keeps_it_and_publishes_once(r: redis.Redis, tmp_path: Path):
+    s = Sweeps(r, tmp_path, finish_lease_ms=600)
+    slow = _SlowStore(tmp_path / "objects")
+    s.registry = AdapterRegistry(r, slow)
+    s.sweeps = SweepStore(s.jobs, s.registry, finish_lease_ms=600)
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    s.succeed(claims[children[8]], val_loss=2.0)
+    slow.delay_s = 0.8  # each of the adapter's two files: 1.6 s in all, more than twice the lease
+    outcome: list[JobStatus | None] = []
+    finisher = threading.Thread(target=lambda: outcome.append(s.sweeps.finish_if_done(parent_id)))
+    finisher.start()
+    others = SweepStore(JobStore(r), AdapterRegistry(r, LocalObjectStore(tmp_path / "objects")), finish_lease_ms=600)
+    while finisher.is_alive():  # every other dispatcher's maintenance tick, meanwhile
+        assert others.finish_handed_over() == [], "a live finisher's sweep was taken over"
+        time.sleep(0.1)
+    finisher.join()
+    assert outcome == [JobStatus.SUCCEEDED]
+    assert s.jobs.load_job(parent_id).attempt == 1, "the finish was claimed more than once"
+    assert [v.ref for v in s.registry.list_versions("t1", "swept")] == ["swept:v1"]
+
+
+def test_a_dead_finisher_is_taken_over_by_the_next_maintenance_tick_after_its_lease(r: redis.Redis, tmp_path: Path):
+    s = Sweeps(r, tmp_path, finish_lease_ms=300)
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    s.succeed(claims[children[8]], val_loss=2.0)
+    reply = s.sweeps._claim(keys=[keys.sweep(parent_id), keys.job(parent_id),
+                                  *[keys.job(c) for c in children.values()]], args=["deadbeef", 300])
+    assert reply[0] == "finish"  # ... and its process dies
+    assert s.sweeps.finish_handed_over() == []  # its claim still holds
+    time.sleep(0.4)
+    assert s.sweeps.finish_handed_over() == [parent_id]  # no housekeeping round needed
+    assert s.jobs.load_job(parent_id).fine_tuned_model == "swept:v1"
