@@ -13,14 +13,12 @@ from fleet.registry import AdapterRegistry
 from fleet.sweeps import SweepStore, rank_sweep_problems
 from service.schemas import JobCreateRequest
 
-__all__ = ["create_rank_sweep", "after_cancel", "refuse_pause_of_parent"]
+__all__ = ["check_rank_sweep", "create_rank_sweep", "after_cancel", "refuse_pause_of_parent"]
 
 
-def create_rank_sweep(body: JobCreateRequest, fields: dict[str, Any], *, tenant_id: str, jobs: JobStore,
-                      registry: AdapterRegistry, catalog: Catalog, idempotency_key: str | None,
-                      request_body: Any) -> tuple[Job, bool]:
-    """Check `rank_sweep` against the rest of the request (one 400 naming every problem), then create the
-    parent and its children; (the parent, whether it was created now)."""
+def check_rank_sweep(body: JobCreateRequest, fields: dict[str, Any], *, catalog: Catalog) -> list[int]:
+    """`rank_sweep` checked against the rest of the request (one 400 naming every problem): its ranks.
+    Create and the estimate both call this, so they refuse the same sweeps the same way."""
     assert body.rank_sweep is not None
     problems = rank_sweep_problems(
         body.rank_sweep, max_rank=catalog.get(fields["base_model"]).max_rank,
@@ -31,7 +29,16 @@ def create_rank_sweep(body: JobCreateRequest, fields: dict[str, Any], *, tenant_
     if problems:
         raise InvalidRequest(f"Invalid rank_sweep: {'; '.join(problems)}.", param="rank_sweep",
                              code="invalid_rank_sweep")
-    return SweepStore(jobs, registry).create_sweep(tenant_id, body.rank_sweep, fields=fields,
+    return list(body.rank_sweep)
+
+
+def create_rank_sweep(body: JobCreateRequest, fields: dict[str, Any], *, tenant_id: str, jobs: JobStore,
+                      registry: AdapterRegistry, catalog: Catalog, idempotency_key: str | None,
+                      request_body: Any) -> tuple[Job, bool]:
+    """Check `rank_sweep` (`check_rank_sweep`), then create the parent and its children; (the parent,
+    whether it was created now)."""
+    ranks = check_rank_sweep(body, fields, catalog=catalog)
+    return SweepStore(jobs, registry).create_sweep(tenant_id, ranks, fields=fields,
                                                    idempotency_key=idempotency_key, request_body=request_body)
 
 
