@@ -33,6 +33,7 @@ from fleet.memory_model import (
     base_weight_bytes,
     dora_activation_bytes,
     dropout_bytes_per_token,
+    int8_kept_input_bytes_per_token,
     loss_logits_bytes,
 )
 from fleet.throughput import MeasuredThroughput
@@ -193,6 +194,8 @@ def peak_memory(shape: BaseModelShape, lora: LoraSpec, quantization: str | None,
     per_token = activation_bytes_per_token(d, a, run.gradient_checkpointing) + dropout_bytes_per_token(
         sum(i for i, _ in adapted), n_layers=d.n_layers, activation_bytes=a, dropout=lora.dropout,
         gradient_checkpointing=run.gradient_checkpointing)
+    if quantization == "int8":
+        per_token += int8_kept_input_bytes_per_token(shape, a, run.gradient_checkpointing)
     activations = micro_batch_tokens * per_token
     if lora.use_dora:
         activations += dora_activation_bytes(micro_batch_tokens, adapted, n_layers=d.n_layers,
@@ -212,6 +215,8 @@ def peak_memory(shape: BaseModelShape, lora: LoraSpec, quantization: str | None,
             f"(max_seq_len {run.max_seq_len}), {dtype} "
             f"activations, {checkpointing} gradient checkpointing"
             + (f", LoRA dropout {lora.dropout} keeping its output and mask" if lora.dropout > 0 else "")
+            + (", every layer's int8 linear inputs (bitsandbytes keeps them past checkpointing)"
+               if quantization == "int8" and run.gradient_checkpointing else "")
             + (", DoRA's dense fp32 weights of a layer" if lora.use_dora else ""))),
         "loss_logits": Figure(
             value=loss_logits_bytes(a, n_positions=micro_batch_tokens, vocab_size=shape.vocab_size),
