@@ -112,6 +112,8 @@ def jobs_create(
             console.print(f"Created job [bold]{job['id']}[/] on {job['model']} "
                           f"({gang.get('workers', 1)} × {gang.get('gpus_per_worker', 1)} GPU, {job.get('priority')} "
                           f"priority): {status_text(job['status'])}.")
+            for child in (job.get("rank_sweep") or {}).get("children", []):  # a rank sweep: its child jobs
+                console.print(f"  r={child['rank']}: child job {child['id']}")
         if follow:
             _follow(client, job["id"])
 

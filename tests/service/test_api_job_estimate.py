@@ -343,5 +343,8 @@ def test_the_cli_creates_and_estimates_a_rank_sweep(server, tenant, tmp_path):
     assert created.exit_code == 0, created.output
     parent = json.loads(created.stdout)
     assert [c["rank"] for c in parent["rank_sweep"]["children"]] == [4, 8]
+    shown = CliRunner().invoke(app, ["jobs", "create", *options], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "r=4: child job ftjob-" in shown.stdout and "r=8: child job ftjob-" in shown.stdout
     bad = CliRunner().invoke(app, ["jobs", "create", *options[:-1], "4,x"], env=env)
     assert bad.exit_code != 0 and "--rank-sweep" in bad.output
