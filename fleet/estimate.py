@@ -33,6 +33,7 @@ from fleet.memory_model import (
     base_weight_bytes,
     dora_activation_bytes,
     dropout_bytes_per_token,
+    int8_kept_input_bytes_per_token,
     loss_logits_bytes,
 )
 from fleet.throughput import MeasuredThroughput
@@ -44,9 +45,11 @@ __all__ = [
     "Figure",
     "JobEstimate",
     "MemoryEstimate",
+    "RankEstimate",
     "RunShape",
     "adapter_tensors",
     "estimate_job",
+    "estimate_sweep",
     "estimated_example_tokens",
     "peak_memory",
     "safetensors_file_bytes",
@@ -79,6 +82,17 @@ class MemoryEstimate(BaseModel):
     reserve: Figure
 
 
+class RankEstimate(BaseModel):
+    """One child of a rank sweep: the figures of the same job trained at that rank."""
+
+    rank: int
+    trainable_parameters: Figure
+    adapter_file_bytes: Figure
+    peak_memory_bytes: MemoryEstimate
+    training_tokens: Figure
+    duration_s: Figure
+
+
 class JobEstimate(BaseModel):
     """`POST /v1/fine_tuning/jobs/estimate`: what the job in the body would cost; nothing is created."""
 
@@ -94,6 +108,10 @@ class JobEstimate(BaseModel):
     peak_memory_bytes: MemoryEstimate
     training_tokens: Figure
     duration_s: Figure
+    rank_sweep: list[RankEstimate] | None = Field(default=None, description=(
+        "For a rank sweep: each child's figures, in the order of the ranks. The figures above are then the "
+        "sweep's: the largest rank's parameters, adapter file and peak memory (what a worker must fit), and "
+        "the training tokens and duration of all the children together."))
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,8 @@ def peak_memory(shape: BaseModelShape, lora: LoraSpec, quantization: str | None,
     per_token = activation_bytes_per_token(d, a, run.gradient_checkpointing) + dropout_bytes_per_token(
         sum(i for i, _ in adapted), n_layers=d.n_layers, activation_bytes=a, dropout=lora.dropout,
         gradient_checkpointing=run.gradient_checkpointing)
+    if quantization == "int8":
+        per_token += int8_kept_input_bytes_per_token(shape, a, run.gradient_checkpointing)
     activations = micro_batch_tokens * per_token
     if lora.use_dora:
         activations += dora_activation_bytes(micro_batch_tokens, adapted, n_layers=d.n_layers,
@@ -195,6 +215,8 @@ def peak_memory(shape: BaseModelShape, lora: LoraSpec, quantization: str | None,
             f"(max_seq_len {run.max_seq_len}), {dtype} "
             f"activations, {checkpointing} gradient checkpointing"
             + (f", LoRA dropout {lora.dropout} keeping its output and mask" if lora.dropout > 0 else "")
+            + (", every layer's int8 linear inputs (bitsandbytes keeps them past checkpointing)"
+               if quantization == "int8" and run.gradient_checkpointing else "")
             + (", DoRA's dense fp32 weights of a layer" if lora.use_dora else ""))),
         "loss_logits": Figure(
             value=loss_logits_bytes(a, n_positions=micro_batch_tokens, vocab_size=shape.vocab_size),
@@ -264,3 +286,33 @@ def estimate_job(*, model: str, base_model: str, lora: LoraSpec, quantization: s
         workers=run.workers, trainable_parameters=params, adapter_file_bytes=file_bytes,
         peak_memory_bytes=memory, training_tokens=trained, duration_s=duration,
     )
+
+
+def estimate_sweep(per_rank: dict[int, JobEstimate]) -> JobEstimate:
+    """A rank sweep's estimate from each child's (rank → the job's estimate at that rank, in the order of
+    the ranks): the largest child's model figures, and the children's tokens and duration summed (each
+    child trains on the whole file; they may run side by side, so the sum is the cluster's work, not the
+    wall-clock time)."""
+    largest = per_rank[max(per_rank)]
+    children = [RankEstimate(rank=r, **e.model_dump(include={"trainable_parameters", "adapter_file_bytes",
+                                                             "peak_memory_bytes", "training_tokens", "duration_s"}))
+                for r, e in per_rank.items()]
+    n = len(children)
+    tokens = [c.training_tokens.value for c in children]
+    durations = [c.duration_s.value for c in children]
+    total_tokens = Figure(value=None if None in tokens else sum(tokens), assumption=(
+        f"{n} child jobs, each: {children[0].training_tokens.assumption}"))
+    total_duration = Figure(value=None if None in durations else round(sum(durations), 1), assumption=(
+        f"the {n} child jobs one after another (they may run side by side), each: {children[0].duration_s.assumption}"
+        if None not in durations else largest.duration_s.assumption))
+    return largest.model_copy(update={
+        "trainable_parameters": _largest(largest.trainable_parameters, n),
+        "adapter_file_bytes": _largest(largest.adapter_file_bytes, n),
+        "peak_memory_bytes": largest.peak_memory_bytes.model_copy(update={"assumption": (
+            f"the largest of the {n} child jobs (r={max(per_rank)}), on each of its workers: "
+            + largest.peak_memory_bytes.assumption)}),
+        "training_tokens": total_tokens, "duration_s": total_duration, "rank_sweep": children})
+
+
+def _largest(figure: Figure, n: int) -> Figure:
+    return figure.model_copy(update={"assumption": f"the largest of the {n} child jobs: {figure.assumption}"})

@@ -10,6 +10,7 @@ __all__ = [
     "job_publication",
     "sweep",
     "active_sweeps",
+    "sweeps_handed_over",
     "job_seq",
     "tenant_jobs",
     "idempotency",
@@ -93,6 +94,12 @@ def sweep(parent_job_id: str) -> str:
 def active_sweeps() -> str:
     """Set: parent job ids of the rank sweeps not yet finished (what housekeeping looks at)."""
     return f"{PREFIX}sweeps:active"
+
+
+def sweeps_handed_over() -> str:
+    """Set: parent job ids of rank sweeps whose last child the API ended (a cancel): a dispatcher's next
+    maintenance tick finishes them, so the API never publishes (fleet.sweeps)."""
+    return f"{PREFIX}sweeps:handed_over"
 
 
 def job_seq() -> str:

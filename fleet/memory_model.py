@@ -26,6 +26,8 @@ positions. Attention is O(n): varlen flash attention on a GPU, per-example SDPA 
 NF4 weights (QLoRA, double quantization, blocks of 64): 4 bits a weight, one 8-bit absmax per block,
 one fp32 absmax per 256 blocks of those, and two small code tables per matrix; int8 (LLM.int8()): a byte a weight and an
 fp32 scale per output row. Embeddings, the output head and the norms stay in the compute dtype.
+An int8 base also keeps every layer's linear inputs through checkpointing (`int8_kept_input_bytes_per_token`:
+bitsandbytes holds them on its autograd context, out of checkpointing's reach).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "base_weight_bytes",
     "dora_activation_bytes",
     "dropout_bytes_per_token",
+    "int8_kept_input_bytes_per_token",
     "loss_logits_bytes",
 ]
 
@@ -172,6 +175,17 @@ def dropout_bytes_per_token(adapted_in_features_per_layer: int, *, n_layers: int
         return 0
     layers = 1 if gradient_checkpointing else n_layers
     return layers * adapted_in_features_per_layer * (activation_bytes + 1)
+
+
+def int8_kept_input_bytes_per_token(shape: BaseModelShape, activation_bytes: int, gradient_checkpointing: bool) -> int:
+    """What an int8 base adds per token: bitsandbytes' int8 matmul keeps its input on its autograd
+    context (not as a saved tensor), so gradient checkpointing cannot drop it, and every layer's inputs
+    of its quantized linears stay until backward: one for q/k/v, one for gate/up, o's and down's.
+    Without checkpointing they are among a layer's saved activations already (0 here)."""
+    if not gradient_checkpointing:
+        return 0
+    d = shape.decoder
+    return d.n_layers * activation_bytes * (2 * d.hidden_size + shape.q_size + d.intermediate_size)
 
 
 def dora_activation_bytes(n_tokens: int, adapted_per_layer: list[tuple[int, int]], *, n_layers: int,

@@ -15,6 +15,10 @@ costs O(jobs due), never a scan of every job:
   publication record, idempotency key and every object under its job prefix. Adapter versions it
   published stay (they belong to the adapter, not the job).
 
+A rank sweep's child (fleet.sweeps) is left alone while its sweep runs, whatever its age: its candidate
+adapter lies under its job prefix until the sweep publishes the best one. It is due again a full delay
+later (each stage re-indexes it at the time of the run).
+
 Several dispatchers may run this at once: each job is handled by one of them, and every step is
 idempotent. A dispatcher killed while handling a job leaves that stage of it undone (a leak, never a loss).
 """
@@ -83,6 +87,9 @@ def run_retention(
         for job_id, score in _due(client, index, cutoff_s, batch):
             if not client.zrem(index, job_id):
                 continue  # another dispatcher took it first
+            if _child_of_running_sweep(client, job_id):
+                client.zadd(index, {job_id: now}, nx=True)  # due again a full delay from now
+                continue
             try:
                 handle(job_id)
             except BaseException:
@@ -99,6 +106,13 @@ def _due(client: redis.Redis, index: str, cutoff_s: float, batch: int) -> list[t
     Every dispatcher runs retention: each job is taken (ZREM) before it is handled, and only by the
     caller whose ZREM removed it, so no two dispatchers handle the same job."""
     return client.zrangebyscore(index, "-inf", cutoff_s, start=0, num=batch, withscores=True)
+
+
+def _child_of_running_sweep(client: redis.Redis, job_id: str) -> bool:
+    """Whether the job is a rank sweep's child whose sweep has not ended (fleet.sweeps): its candidate
+    adapter, under its job prefix, may still be published, and its record tells the sweep how it ended."""
+    parent = client.hget(keys.job(job_id), "parent")
+    return parent is not None and bool(client.sismember(keys.active_sweeps(), parent))
 
 
 def _delete_objects(store: ObjectStore, object_keys: list[str], report: RetentionReport) -> int:

@@ -4,13 +4,16 @@ The seeds' advice ("start at r=16; bracket 8/16/32") run for the user. A sweep i
 ordinary child job per rank (queued, fair-shared, cancellable; `Job.parent` names the parent). The
 parent is `running` from its creation, but no worker ever claims it: it is never queued and holds no
 lease. Its life:
-1. create (the API, `create_sweep`): the parent first (CREATE_SWEEP: Idempotency-Key, the parent's
-   record, the sweep hash), then each child through JobStore.create_job; the parent's
-   `rank_sweep.children` lists them as they are made.
+1. create (the API, `create_sweep`): one atomic step (CREATE_SWEEP) writes the Idempotency-Key, the
+   parent's record listing every child, the sweep hash and each child, queued; or, refused by a quota,
+   nothing. An API process dying around it leaves the whole sweep or none of it.
 2. a child that trains to the end uploads its adapter under its own job prefix and records it as its
    candidate (`submit_candidate`, fenced by its claim: a stale attempt records nothing), with its
    validation loss, steps and rank report; then it finishes succeeded and publishes no version.
-3. whoever sees a child end (its dispatcher, the API's cancel, housekeeping) calls `finish_if_done`.
+3. whoever sees a child end calls `finish_if_done`: its dispatcher, or housekeeping (every minute: children
+   failed by lost leases). The API's cancel of a child only hands the sweep over (`hand_over`): each
+   dispatcher's maintenance tick (every ~lease_ms/3, a few seconds) finishes it, so the API never
+   downloads or uploads an adapter, and a failure there loses nothing.
    CLAIM_FINISH is the one atomic step that decides: when every child is terminal it hands the finish
    to exactly one caller, as a new attempt and claim token of the parent (a `Fence`). Two dispatchers
    ending the last two children at once get one 'finish' between them.
@@ -18,20 +21,25 @@ lease. Its life:
    its adapter as the parent's version through the registry (fenced by the parent's claim, idempotent
    per job) with every child's result in the manifest's `rank_sweep`, and ends the parent (END_PARENT,
    fenced): succeeded; failed when no child succeeded; cancelled when the parent was cancelled.
-A finisher that dies leaves its claim to expire after `finish_lease_ms`; housekeeping then claims the
-finish again under a new attempt, which fences the old finisher out, and the registry's per-job
-publication makes the retry reuse whatever the first one had committed.
+A live finisher renews its claim every finish_lease_ms/3 (30 s by default) however long the publish takes;
+one that dies leaves its claim to expire within finish_lease_ms, and the next maintenance tick of any
+dispatcher (a claimed sweep stays handed over until it ends) claims the finish again under a new attempt,
+which fences the old finisher out; the registry's per-job publication makes the retry reuse whatever
+the first one had committed.
 No torch, no Ray: the API and the dispatchers both import this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import secrets
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,110 +47,23 @@ import redis
 from pydantic import BaseModel, Field
 
 from fleet import keys
-from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, NotFound
+from fleet.exceptions import CancelRequested, FencedOut, IdempotencyConflict, InvalidRequest, NotFound, QuotaExceeded
 from fleet.fencing import Fence, new_claim_token, raise_for_refusal
 from fleet.job_spec import JobSpec
 from fleet.jobs import TERMINAL_STATUSES, Job, JobError, JobStatus, RankSweep, SweepChild, new_job_id
-from fleet.queue import JobStore, request_sha256
-from fleet.queue_scripts import PRELUDE
+from fleet.queue import QUEUED_QUOTA_RETRY_AFTER_S, JobStore, request_sha256
 from fleet.registry import AdapterRegistry, adapter_name_for_job, sha256_file
 from fleet.retention import job_objects_prefix
+from fleet.sweep_scripts import CLAIM_FINISH, CREATE_SWEEP, END_PARENT, RENEW_FINISH, SUBMIT_CANDIDATE
 
 __all__ = ["MIN_RANKS", "MAX_RANKS", "SweepCandidate", "SweepStore", "rank_sweep_problems", "with_live_children"]
 
 logger = logging.getLogger(__name__)
 
 MIN_RANKS, MAX_RANKS = 2, 8
-DEFAULT_FINISH_LEASE_MS = 120_000  # publishing one adapter: a download and an upload of its files
-
-# KEYS: parent job, tenant_jobs, idempotency, job_seq, sweep, active_sweeps, job_events
-# ARGV: parent_id, tenant_id, use_idempotency ('0'|'1'), body_sha256, ttl_s, events_max_len, now_s,
-#       n_children, first event's message, field, value, ...
-# Creates the parent, running, with the sweep hash; the Idempotency-Key works as for CREATE (a replay
-# gets {'existing', job_id}, another body {'conflict', job_id}).
-CREATE_SWEEP = (
-    PRELUDE
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end
-if ARGV[3] == '1' then
-  local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
-  if seen[1] then
-    if seen[2] == ARGV[4] then return {'existing', seen[1]} end
-    return {'conflict', seen[1]}
-  end
-end
-local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(tail(10)))
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
-end
-redis.call('HSET', KEYS[5], 'tenant_id', ARGV[2], 'expected', ARGV[8], 'state', 'running')
-redis.call('SADD', KEYS[6], ARGV[1])
-emit_job('running', ARGV[2], ARGV[1])
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'created_at', ARGV[7], 'level', 'info',
-           'message', ARGV[9], 'type', 'message')
-return {'created', ARGV[1], seq}
-"""
-)
-
-# KEYS: child job, sweep.  ARGV: attempt, token, child_id, candidate_json
-# A child's candidate, recorded only while its claim holds and no cancel is pending (publish_check).
-SUBMIT_CANDIDATE = (
-    PRELUDE
-    + """
-local refused = publish_check(KEYS[1], ARGV[1], ARGV[2])
-if refused then return refused end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'no_sweep'} end
-redis.call('HSET', KEYS[2], 'candidate:' .. ARGV[3], ARGV[4])
-return {'ok'}
-"""
-)
-
-# KEYS: sweep, parent job, every child job.  ARGV: claim_token, finish_lease_ms
-# The exactly-once step. {'finish', attempt} to one caller once every child is terminal (a child whose
-# record is gone counts as ended) and no live finisher holds the sweep; the parent gets that attempt and
-# the token, so the caller holds its Fence. Otherwise {'waiting', why}, {'busy'} or {'none'} (no sweep).
-CLAIM_FINISH = (
-    PRELUDE
-    + """
-local v = redis.call('HMGET', KEYS[1], 'state', 'expected', 'finisher_expires_ms')
-if not v[1] then return {'none'} end
-if #KEYS - 2 ~= tonumber(v[2]) then return {'waiting', 'children still being created'} end
-for i = 3, #KEYS do
-  local st = redis.call('HGET', KEYS[i], 'status')
-  if st and st ~= 'succeeded' and st ~= 'failed' and st ~= 'cancelled' then return {'waiting', job_id_of(KEYS[i])} end
-end
-local now = now_ms()
-if v[1] == 'finishing' and tonumber(v[3]) > now then return {'busy'} end
-if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return {'none'} end
-local attempt = redis.call('HINCRBY', KEYS[2], 'attempt', 1)
-redis.call('HSET', KEYS[2], 'claim_token', ARGV[1], 'updated_at', sec(now))
-redis.call('HSET', KEYS[1], 'state', 'finishing', 'finisher_expires_ms', int(now + tonumber(ARGV[2])))
-return {'finish', attempt}
-"""
-)
-
-# KEYS: parent job, sweep, active_sweeps, retention indexes (3)
-# ARGV: parent_id, attempt, token, status (succeeded|failed|cancelled), field, value, ...
-# Ends the parent (fenced by the finisher's claim) and forgets the sweep's coordination state.
-END_PARENT = (
-    PRELUDE
-    + """
-local refused = fence_check(KEYS[1], ARGV[2], ARGV[3])
-if refused then return refused end
-local now = sec(now_ms())
-local tenant = redis.call('HGET', KEYS[1], 'tenant_id')
-redis.call('HDEL', KEYS[1], 'control', 'claim_token')
-redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', now, 'updated_at', now, unpack(tail(5)))
-index_finished(KEYS[4], KEYS[5], KEYS[6], ARGV[1], now)
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
-emit_job(ARGV[4], tenant, ARGV[1])
-return {'ok'}
-"""
-)
+# A finisher renews its claim every third of this while it publishes (a download and an upload of the
+# chosen adapter, however long they take); a dead one's claim expires this long after its last renewal.
+DEFAULT_FINISH_LEASE_MS = 30_000
 
 
 class CandidateFile(BaseModel):
@@ -202,76 +123,73 @@ class SweepStore:
         self._submit = self.redis.register_script(SUBMIT_CANDIDATE)
         self._claim = self.redis.register_script(CLAIM_FINISH)
         self._end = self.redis.register_script(END_PARENT)
+        self._renew = self.redis.register_script(RENEW_FINISH)
 
     # -- creating (the API) -------------------------------------------------------------------------
     def create_sweep(self, tenant_id: str, ranks: list[int], *, fields: dict[str, Any],
                      idempotency_key: str | None = None, request_body: Any = None) -> tuple[Job, bool]:
-        """Create the parent and one queued child per rank; (the parent, whether it was created now).
+        """Create the parent and one queued child per rank in one atomic step (CREATE_SWEEP); (the
+        parent, whether it was created now).
 
         `fields` are JobStore.create_job's keyword arguments as the API validated them (its `spec` holds
         the LoRA shape every child shares but r). With an Idempotency-Key, a replay returns the first
-        parent and creates nothing. A child refused (a quota, say) cancels the children made so far and
-        fails the parent, and the refusal is raised.
+        parent and creates nothing. A sweep the tenant's quotas refuse creates nothing: QuotaExceeded
+        (max_queued_jobs cannot take every child now) or InvalidRequest (it never could).
         """
         now = int(time.time())
         spec: JobSpec = fields["spec"]
+        common = {k: fields.get(k) for k in ("model", "base_model", "init_adapter", "training_file",
+                                              "validation_file", "suffix", "seed")}
+        common["base_model"] = common["base_model"] or common["model"]
+        if common["seed"] is None:  # drawn once: every child trains from the same seed, so only r differs
+            common["seed"] = secrets.randbelow(2**31)
+        parent_id = new_job_id()
+        children = [Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now,
+                        status=JobStatus.QUEUED, metadata=fields.get("metadata") or {}, parent=parent_id,
+                        spec=_with_rank(spec, rank), **common) for rank in ranks]
         # Until it ends, the parent's `lora` shows the first rank; then the chosen one.
-        parent_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": ranks[0]})})
-        parent = Job(id=new_job_id(), tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
-                     status=JobStatus.RUNNING, rank_sweep=RankSweep(ranks=list(ranks)), spec=parent_spec,
-                     idempotency_key=idempotency_key, metadata=fields.get("metadata") or {},
-                     **{k: fields[k] for k in ("model", "base_model", "training_file", "validation_file", "suffix",
-                                               "seed")})
-        if parent.seed is None:  # drawn once: every child trains from the same seed, so only r differs
-            parent.seed = secrets.randbelow(2**31)
+        parent = Job(id=parent_id, tenant_id=tenant_id, created_at=now, updated_at=now, started_at=now,
+                     status=JobStatus.RUNNING, spec=_with_rank(spec, ranks[0]), idempotency_key=idempotency_key,
+                     metadata=fields.get("metadata") or {},
+                     rank_sweep=RankSweep(ranks=list(ranks), children=[SweepChild(id=c.id, rank=c.spec.lora.r)
+                                                                       for c in children]), **common)
         if idempotency_key is not None:
             parent.request_sha256 = request_sha256(request_body)
-        hash_fields = parent.to_redis_hash()
-        hash_fields.pop("seq", None)
         message = (f"Created rank sweep {parent.id}: one child job per rank r={', '.join(map(str, ranks))}; "
                    "the best by validation loss is published.")
+        self.jobs._prepare()  # the scheduler's state, which CREATE_SWEEP's enqueue updates
         reply = self._create(
             keys=[keys.job(parent.id), keys.tenant_jobs(tenant_id), keys.idempotency(tenant_id, idempotency_key or ""),
-                  keys.job_seq(), keys.sweep(parent.id), keys.active_sweeps(), keys.job_events(parent.id)],
+                  keys.job_seq(), keys.sweep(parent.id), keys.active_sweeps(), keys.job_events(parent.id),
+                  *[keys.job(c.id) for c in children], *[keys.job_events(c.id) for c in children]],
             args=[parent.id, tenant_id, "1" if idempotency_key is not None else "0", parent.request_sha256 or "",
-                  self.jobs.idempotency_ttl_s, self.jobs.events.max_len, now, len(ranks), message,
-                  *[x for pair in hash_fields.items() for x in pair]],
+                  self.jobs.idempotency_ttl_s, self.jobs.events.max_len, now, len(children), message,
+                  *_flat_fields(parent), *[x for c in children for x in (c.id, *_flat_fields(c))]],
         )
-        if reply[0] == "conflict":
+        outcome = reply[0]
+        if outcome == "conflict":
             raise IdempotencyConflict(
                 f"Idempotency-Key {idempotency_key!r} was already used with a different request body (it created "
                 f"job {reply[1]}). Use a new key for a different request.", param="Idempotency-Key")
-        if reply[0] == "existing" and reply[1] != parent.id:
+        if outcome == "never":
+            raise InvalidRequest(
+                f"A rank sweep of {len(ranks)} ranks queues {len(ranks)} jobs, more than tenant {tenant_id}'s "
+                f"max_queued_jobs quota ({reply[1]}) allows: sweep fewer ranks, or ask an admin to raise the quota.",
+                param="rank_sweep")
+        if outcome == "quota":
+            raise QuotaExceeded(
+                f"Tenant {tenant_id} has {reply[2]} queued jobs; the rank sweep's {len(ranks)} child jobs would pass "
+                f"its max_queued_jobs quota ({reply[1]}). Wait for some to start, or cancel some, then submit again.",
+                limit="max_queued_jobs", retry_after_s=QUEUED_QUOTA_RETRY_AFTER_S)
+        if outcome == "too_large":
+            gpus, nominal, borrow = reply[1:4]
+            raise InvalidRequest(
+                f"Each child of the sweep asks for {gpus} GPUs, more than tenant {tenant_id}'s nominal quota "
+                f"({nominal}) plus its borrowing_limit_gpus ({borrow}) allow: it could never start. Ask for fewer "
+                "GPUs, or ask an admin to raise the quota.", param="resources")
+        if outcome == "existing" and reply[1] != parent.id:  # an earlier request with this Idempotency-Key
             return self.jobs.load_job(reply[1]), False
-        children: list[SweepChild] = []
-        for rank in ranks:
-            child_spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})
-            try:
-                child = self.jobs.create_job(tenant_id, **{**fields, "spec": child_spec, "seed": parent.seed},
-                                             parent=parent.id).job
-            except Exception as e:
-                self._abandon_creation(parent, children, e)
-                raise
-            children.append(SweepChild(id=child.id, rank=rank))
-            self.redis.hset(keys.job(parent.id), "rank_sweep",
-                            RankSweep(ranks=list(ranks), children=children).model_dump_json())
         return self.jobs.load_job(parent.id), True
-
-    def _abandon_creation(self, parent: Job, children: list[SweepChild], error: Exception) -> None:
-        """A child could not be created: cancel those that were, and fail the parent saying why."""
-        for child in children:
-            self.jobs.request_cancel(parent.tenant_id, child.id)
-        self.redis.hset(keys.sweep(parent.id), "expected", len(children))  # the finish waits for these only
-        token = new_claim_token()
-        reply = self._claim(keys=[keys.sweep(parent.id), keys.job(parent.id), *[keys.job(c.id) for c in children]],
-                            args=[token, self.finish_lease_ms])
-        if reply[0] != "finish":  # a cancelled child whose record says otherwise: housekeeping ends it later
-            return
-        fence = Fence(parent.id, int(reply[1]), token)
-        sweep = RankSweep(ranks=parent.rank_sweep.ranks if parent.rank_sweep else [], children=children)
-        error_obj = JobError(code="rank_sweep_not_created",
-                             message=f"The sweep's child jobs could not all be created: {error}")
-        self._end_parent(fence, JobStatus.FAILED, sweep, error=error_obj)
 
     # -- a child (the dispatcher) -------------------------------------------------------------------
     def submit_candidate(self, job: Job, fence: Fence, adapter_dir: Path, candidate: dict[str, Any]) -> bool:
@@ -296,23 +214,78 @@ class SweepStore:
     # -- finishing (whoever saw a child end) --------------------------------------------------------
     def finish_if_done(self, parent_id: str) -> JobStatus | None:
         """End the sweep `parent_id` if every child has ended and no one else is ending it; the parent's
-        final status, or None when it is not this caller's to end (yet)."""
+        final status, or None when it is not this caller's to end (yet). Dispatchers call it (it may
+        publish); the API only hands over (`hand_over`)."""
+        return self._try_finish(parent_id)[1]
+
+    def _try_finish(self, parent_id: str) -> tuple[str, JobStatus | None]:
+        """CLAIM_FINISH's outcome ('finish', 'waiting', 'busy', 'none') and, when this caller finished it,
+        the parent's final status."""
         parent = self.jobs.load_job(parent_id)
         if parent.rank_sweep is None or parent.status != JobStatus.RUNNING:
-            return None
+            return "none", None
         token = new_claim_token()
         reply = self._claim(
             keys=[keys.sweep(parent_id), keys.job(parent_id), *[keys.job(c.id) for c in parent.rank_sweep.children]],
             args=[token, self.finish_lease_ms],
         )
         if reply[0] != "finish":
-            return None
+            return str(reply[0]), None
         fence = Fence(parent_id, int(reply[1]), token)
         try:
-            return self._finish(self.jobs.load_job(parent_id), fence)
-        except FencedOut as e:  # a later finisher took over (this one ran past its lease)
+            with self._renewing(fence):
+                return "finish", self._finish(self.jobs.load_job(parent_id), fence)
+        except FencedOut as e:  # a later finisher took over (this one could not renew its claim in time)
             logger.warning("%s", e)
-            return None
+            return "finish", None
+
+    @contextlib.contextmanager
+    def _renewing(self, fence: Fence) -> Iterator[None]:
+        """Renew the finish claim every third of finish_lease_ms while the block runs."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.finish_lease_ms / 3000):
+                try:
+                    if self._renew(keys=[keys.sweep(fence.job_id), keys.job(fence.job_id)],
+                                   args=[fence.attempt, fence.token, self.finish_lease_ms])[0] != "ok":
+                        return  # fenced out or ended: the publish's own fence check says so
+                except redis.RedisError as e:  # retried next beat; the claim outlives a short outage
+                    logger.warning("rank sweep %s: renewing the finish claim failed: %s", fence.job_id, e)
+
+        beat = threading.Thread(target=renew, name=f"finish-{fence.job_id}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beat.join(timeout=10)
+
+    def hand_over(self, parent_id: str) -> None:
+        """The API ended a child (a cancel): leave the finish, which may publish, to a dispatcher's next
+        maintenance tick (`finish_handed_over`), so the API never downloads or uploads an adapter."""
+        self.redis.sadd(keys.sweeps_handed_over(), parent_id)
+
+    def finish_handed_over(self) -> list[str]:
+        """A dispatcher's maintenance tick (every few seconds): finish the sweeps handed over, and take over
+        those whose finisher died once its claim expires. Returns the parents ended now."""
+        ended = []
+        for parent_id in sorted(self.redis.smembers(keys.sweeps_handed_over())):
+            if not self.redis.srem(keys.sweeps_handed_over(), parent_id):
+                continue  # another dispatcher's tick took it
+            try:
+                outcome, status = self._try_finish(parent_id)
+            except NotFound:  # the parent's record is gone: nothing left to end
+                continue
+            except Exception:  # one sweep's trouble (its store unreachable) must not hold up the others
+                logger.exception("rank sweep %s: finishing failed; a later tick retries it", parent_id)
+                self.hand_over(parent_id)
+                continue
+            if outcome == "busy":  # a live finisher holds it; should it die, a later tick takes over
+                self.hand_over(parent_id)
+            if status is not None:
+                ended.append(parent_id)
+        return ended
 
     def finish_ended_sweeps(self) -> list[str]:
         """Housekeeping: try to end every unfinished sweep (children cancelled while queued, failed by
@@ -415,6 +388,18 @@ class SweepStore:
         self.jobs.append_event(fence.job_id, "error" if status == JobStatus.FAILED else "info",
                                _end_message(status, sweep, fine_tuned_model, error))
         return status
+
+
+def _with_rank(spec: JobSpec, rank: int) -> JobSpec:
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"r": rank})})
+
+
+def _flat_fields(job: Job) -> list[str]:
+    """A job's hash fields as CREATE_SWEEP takes them: their count, then field, value, ..."""
+    fields = job.to_redis_hash()
+    fields.pop("seq", None)
+    flat = [x for pair in fields.items() for x in pair]
+    return [str(len(flat)), *flat]
 
 
 def with_live_children(client: redis.Redis, parent: Job) -> Job:

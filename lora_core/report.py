@@ -219,10 +219,9 @@ def _module_verdict(r: int, e90: int, e99: int, max_rank: int) -> tuple[Verdict,
         return "untrained", "ΔW = 0"
     if e99 >= r and r < max_rank:
         return "too_small", f"all {r} directions carry energy; a larger r may help"
-    if e90 <= max(1, r // 4):
-        suggestion = 1 << max(0, (e99 - 1).bit_length())
-        return "larger_than_needed", (f"90% of ΔW lies in {e90} of {r} directions; "
-                                      f"r={min(suggestion, r)} would do")
+    suggestion = 1 << max(0, (e99 - 1).bit_length())  # the smallest power of two holding 99 % of ΔW
+    if e90 <= max(1, r // 4) and suggestion < r:  # only when a smaller rank would really do
+        return "larger_than_needed", f"90% of ΔW lies in {e90} of {r} directions; r={suggestion} would do"
     return "adequate", f"90% of ΔW lies in {e90} of {r} directions"
 
 

@@ -45,6 +45,14 @@ def _parse_metadata(pairs: list[str]) -> dict[str, str]:
     return metadata
 
 
+def _parse_ranks(value: str) -> list[int]:
+    """`--rank-sweep 8,16,32` → [8, 16, 32]; the server checks the ranks themselves (count, range)."""
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--rank-sweep takes comma-separated whole numbers like 8,16,32, got {value!r}")
+
+
 def _number_or_auto(value: str | None, kind: type) -> Any:
     if value is None or value == "auto":
         return value
@@ -71,6 +79,9 @@ def jobs_create(
         str | None, typer.Option(help="Comma-separated module names, or 'all-linear'.")
     ] = None,
     use_rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
+    rank_sweep: Annotated[str | None, typer.Option(
+        help="Comma-separated LoRA ranks, e.g. 8,16,32: one child job per rank, the best by validation loss "
+             "published (needs --validation-file; omit --r).")] = None,
     quantization: Annotated[str | None, typer.Option(help="nf4, int8 or none.")] = None,
     gpus: Annotated[int | None, typer.Option(help="GPUs: that many workers of one GPU each.")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers (with --gpus-per-worker).")] = None,
@@ -90,9 +101,9 @@ def jobs_create(
         body = _job_body(client, model=model, training_file=training_file, validation_file=validation_file,
                          suffix=suffix, seed=seed, n_epochs=n_epochs, batch_size=batch_size,
                          learning_rate_multiplier=learning_rate_multiplier, r=r, alpha=alpha, dropout=dropout,
-                         target_modules=target_modules, use_rslora=use_rslora, quantization=quantization,
-                         gpus=gpus, workers=workers, gpus_per_worker=gpus_per_worker, priority=priority,
-                         metadata=metadata)
+                         target_modules=target_modules, use_rslora=use_rslora, rank_sweep=rank_sweep,
+                         quantization=quantization, gpus=gpus, workers=workers, gpus_per_worker=gpus_per_worker,
+                         priority=priority, metadata=metadata)
         job = call(client.create_job, body, idempotency_key=idempotency_key or f"cli-{uuid.uuid4()}")
         if as_json:
             print_json(job)
@@ -101,13 +112,16 @@ def jobs_create(
             console.print(f"Created job [bold]{job['id']}[/] on {job['model']} "
                           f"({gang.get('workers', 1)} × {gang.get('gpus_per_worker', 1)} GPU, {job.get('priority')} "
                           f"priority): {status_text(job['status'])}.")
+            for child in (job.get("rank_sweep") or {}).get("children", []):  # a rank sweep: its child jobs
+                console.print(f"  r={child['rank']}: child job {child['id']}")
         if follow:
             _follow(client, job["id"])
 
 
 def jobs_estimate(**options: Any) -> None:
     """Estimate a job before running it (the options of `jobs create`): parameters, adapter size, peak
-    memory, tokens and duration, each with its assumption. Creates nothing."""
+    memory, tokens and duration, each with its assumption. Creates nothing. With --rank-sweep: each
+    child's figures too, and the sweep's (the largest child's memory, all children's tokens)."""
     base_url, api_key, as_json = options.pop("base_url"), options.pop("api_key"), options.pop("as_json")
     with connect(base_url, api_key) as client:
         estimate = call(client.estimate_job, _job_body(client, **options))
@@ -129,6 +143,10 @@ def jobs_estimate(**options: Any) -> None:
               estimate["training_tokens"]["assumption"]),
              ("duration", duration(estimate["duration_s"]["value"]) if estimate["duration_s"]["value"] is not None
               else "unknown", estimate["duration_s"]["assumption"])]
+    for child in estimate.get("rank_sweep") or []:  # a rank sweep: each child's own figures
+        rows.append((f"child r={child['rank']}", f"{_count_text(child['trainable_parameters']['value'])} params, "
+                     f"{_bytes_text(child['peak_memory_bytes']['value'])} peak",
+                     f"adapter file {_bytes_text(child['adapter_file_bytes']['value'])}"))
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -158,7 +176,8 @@ def _bytes_text(value: int | None) -> str:
 def _job_body(client: LorafleetClient, *, model: str, training_file: str, validation_file: str | None,
               suffix: str | None, seed: int | None, n_epochs: str | None, batch_size: str | None,
               learning_rate_multiplier: str | None, r: int | None, alpha: float | None, dropout: float | None,
-              target_modules: str | None, use_rslora: bool, quantization: str | None, gpus: int | None,
+              target_modules: str | None, use_rslora: bool, rank_sweep: str | None, quantization: str | None,
+              gpus: int | None,
               workers: int | None, gpus_per_worker: int | None, priority: str | None,
               metadata: list[str] | None) -> dict[str, Any]:
     """The create (and estimate) request body from the command's options, uploading local files first."""
@@ -189,6 +208,8 @@ def _job_body(client: LorafleetClient, *, model: str, training_file: str, valida
     lora = {k: v for k, v in lora.items() if v is not None}
     if lora:
         body["lora"] = lora
+    if rank_sweep is not None:
+        body["rank_sweep"] = _parse_ranks(rank_sweep)
     resources = {k: v for k, v in {"gpus": gpus, "workers": workers, "gpus_per_worker": gpus_per_worker}.items()
                  if v is not None}
     if resources:  # the server says what is wrong with them (e.g. --gpus with --workers)

@@ -13,9 +13,16 @@ from typing import Any
 import redis
 
 from fleet.catalog import Catalog
-from fleet.estimate import DatasetTokens, JobEstimate, RunShape, estimate_job, estimated_example_tokens
+from fleet.estimate import (
+    DatasetTokens,
+    JobEstimate,
+    RunShape,
+    estimate_job,
+    estimate_sweep,
+    estimated_example_tokens,
+)
 from fleet.files import FileStore
-from fleet.job_spec import JobSpec
+from fleet.job_spec import JobSpec, LoraSpec
 from fleet.memory_model import RESERVE_BYTES, BaseModelShape
 from fleet.settings import Settings
 from fleet.throughput import ThroughputStore, accelerator_kind
@@ -65,8 +72,9 @@ def _dataset_tokens(files: FileStore, tenant_id: str, file_id: str, max_seq_len:
 
 
 def estimate_validated_job(fields: dict[str, Any], *, tenant_id: str, files: FileStore, catalog: Catalog,
-                           client: redis.Redis, settings: Settings) -> JobEstimate:
-    """The estimate of a job request that passed create's checks (`fields`: create_job's arguments)."""
+                           client: redis.Redis, settings: Settings, rank_sweep: list[int] | None = None) -> JobEstimate:
+    """The estimate of a job request that passed create's checks (`fields`: create_job's arguments); of a
+    rank sweep's (`rank_sweep`, checked): each child's, and the sweep's (fleet.estimate.estimate_sweep)."""
     spec: JobSpec = fields["spec"]
     base_name: str = fields["base_model"]
     base = catalog.get(base_name)
@@ -92,7 +100,13 @@ def estimate_validated_job(fields: dict[str, Any], *, tenant_id: str, files: Fil
     )
     quantization = spec.quantization or base.quantization
     measured = ThroughputStore(client).get(accelerator, base_name)
-    return estimate_job(model=fields["model"], base_model=base_name, lora=spec.lora, quantization=quantization,
-                        shape=shape, shape_unknown=shape_unknown, tokens=tokens, run=run, throughput=measured,
-                        accelerator=accelerator)
+
+    def at(lora: LoraSpec) -> JobEstimate:
+        return estimate_job(model=fields["model"], base_model=base_name, lora=lora, quantization=quantization,
+                            shape=shape, shape_unknown=shape_unknown, tokens=tokens, run=run, throughput=measured,
+                            accelerator=accelerator)
+
+    if rank_sweep is None:
+        return at(spec.lora)
+    return estimate_sweep({r: at(spec.lora.model_copy(update={"r": r})) for r in rank_sweep})
 

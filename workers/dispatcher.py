@@ -274,15 +274,21 @@ class Dispatcher:
         self._runner_done.clear()
 
     def start_maintenance(self) -> MaintenanceThread:
-        """Claim this dispatcher's work dir and start the thread that reclaims expired leases every
-        ~lease_ms/3 and runs `run_housekeeping` (see workers/maintenance.py); stop it when done."""
+        """Claim this dispatcher's work dir and start the thread that reclaims expired leases (and finishes
+        handed-over rank sweeps) every ~lease_ms/3 and runs `run_housekeeping` (see workers/maintenance.py);
+        stop it when done."""
         claim_work_dir(self.work_root)
         grace_ms = self.settings.lease_ms + self.settings.heartbeat_ms  # after a Redis restart: let leases renew
-        return MaintenanceThread(reclaim=functools.partial(self.jobs.leases.requeue_expired_leases,
-                                                           restart_grace_ms=grace_ms),
+        return MaintenanceThread(reclaim=functools.partial(self._maintenance_tick, grace_ms),
                                  housekeeping=self.run_housekeeping,
                                  interval_s=self.settings.lease_ms / 3000,
                                  name=f"maintenance-{self.worker_id}").start()
+
+    def _maintenance_tick(self, restart_grace_ms: int) -> None:
+        """Every ~lease_ms/3: requeue expired leases, then finish the rank sweeps handed over to the
+        dispatchers (the API cancelled their last child, or their finisher died: fleet.sweeps)."""
+        self.jobs.leases.requeue_expired_leases(restart_grace_ms=restart_grace_ms)
+        self.sweeps.finish_handed_over()
 
     def run_housekeeping(self) -> None:
         """Periodic chores, on the maintenance thread (at most every HOUSEKEEPING_INTERVAL_S): show this

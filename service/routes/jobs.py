@@ -40,9 +40,9 @@ from service.job_resources import checked_resources
 from service.lora_request import resolve_lora
 from service.objects import checkpoint_object, event_object, job_object, list_envelope
 from service.openapi import TENANT_ERRORS, error_responses
-from service.rank_sweeps import after_cancel, create_rank_sweep, refuse_pause_of_parent
+from service.rank_sweeps import after_cancel, check_rank_sweep, create_rank_sweep, refuse_pause_of_parent
 from service.routes.files import MIN_TRAINING_EXAMPLES, examples_in
-from service.schemas import JobCreateRequest
+from service.schemas import JobCreateRequest, LoraRequest
 
 __all__ = ["router", "render_job"]
 
@@ -226,7 +226,12 @@ def _validated_fields(body: JobCreateRequest, *, tenant_id: str, files: FileStor
         _require_file(files, tenant_id, body.validation_file, param="validation_file")
     if continued is None:
         base_model, init_adapter = body.model, None
-        lora, quantization = resolve_lora(body.lora, model=body.model, catalog=catalog)
+        lora_request = body.lora
+        if body.rank_sweep is not None and (lora_request is None or lora_request.r is None):
+            # Each child trains one of the swept ranks (check_rank_sweep checks them against max_rank): check
+            # the rest of the shape at r=1, which every base model allows, not at the default r.
+            lora_request = (lora_request or LoraRequest()).model_copy(update={"r": 1})
+        lora, quantization = resolve_lora(lora_request, model=body.model, catalog=catalog)
     else:
         init_adapter, base_model, lora, quantization = continued
     resources = checked_resources(body.resources, tenant_id=tenant_id, base_model=base_model, catalog=catalog,
@@ -387,10 +392,12 @@ def estimate_job(body: JobCreateRequest, tenant: CurrentTenant, files: FilesDep,
                  settings: SettingsDep) -> JobEstimate:
     """What the job in the body (create's body, checked as create checks it) would cost: trainable
     parameters, adapter file, peak memory per worker, training tokens and, once a job on its base model
-    has finished here, its duration. Each figure states its assumption; nothing is created or queued."""
+    has finished here, its duration. Each figure states its assumption; nothing is created or queued.
+    A rank sweep gets each child's figures (`rank_sweep`) and the sweep's (fleet.estimate.estimate_sweep)."""
     tenant_id = tenant.tenant_id
     assert tenant_id is not None  # CurrentTenant guarantees it
     fields = _validated_fields(body, tenant_id=tenant_id, files=files, catalog=catalog, registry=registry,
                                quotas=quotas, capacity=capacity)
+    ranks = check_rank_sweep(body, fields, catalog=catalog) if body.rank_sweep is not None else None
     return estimate_validated_job(fields, tenant_id=tenant_id, files=files, catalog=catalog, client=client,
-                                  settings=settings)
+                                  settings=settings, rank_sweep=ranks)

@@ -220,3 +220,173 @@ def test_a_finisher_that_died_is_taken_over_once_its_claim_expires(r: redis.Redi
     assert s.jobs.load_job(parent_id).fine_tuned_model == "swept:v1"
     with pytest.raises(FencedOut):  # the dead finisher, were it to wake, is fenced out
         s.registry.publish_adapter_version("t1", "swept", write_peft_adapter(tmp_path / "late"), {}, fence=dead)
+
+
+class _ProcessDied(BaseException):
+    """The API process dying at a Redis command: nothing after it runs, no `except Exception` catches it."""
+
+
+class _DyingRedis(redis.Redis):
+    """A real Redis client whose process 'dies' just after its `die_after`-th command reached Redis."""
+
+    def __init__(self, *args: Any, die_after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.die_after, self.sent = die_after, 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = super().execute_command(*args, **options)
+        self.sent += 1
+        if self.sent >= self.die_after:
+            raise _ProcessDied(f"died after command {self.sent}: {args[0]}")
+        return reply
+
+
+def test_an_api_process_dying_at_any_point_of_a_sweep_create_leaves_all_of_it_or_none(r: redis.Redis, tmp_path: Path):
+    ranks = [4, 8, 16]
+    kwargs = r.connection_pool.connection_kwargs
+    # How many commands a whole create sends; then die after each of them in turn.
+    counting = _DyingRedis(host=kwargs["host"], port=kwargs["port"], decode_responses=True, die_after=10**9)
+    counting_sweeps = Sweeps(counting, tmp_path)
+    counting_sweeps.create(ranks, suffix="count")
+    total = counting.sent
+    for k in range(1, total + 1):
+        tenant = f"crash{k}"
+        dying = _DyingRedis(host=kwargs["host"], port=kwargs["port"], decode_responses=True, die_after=k)
+        s = Sweeps(dying, tmp_path)
+        fields = {"model": "tiny-llama", "base_model": "tiny-llama", "init_adapter": None, "training_file": "file-t",
+                  "validation_file": "file-v", "suffix": None, "seed": 5, "metadata": {},
+                  "spec": JobSpec(lora={"r": 8, "target_modules": ["q_proj"]})}
+        try:
+            s.sweeps.create_sweep(tenant, ranks, fields=fields, idempotency_key="k", request_body={"k": k})
+        except _ProcessDied:
+            pass
+        jobs = JobStore(r)
+        listed = r.zrange(keys.tenant_jobs(tenant), 0, -1)
+        if listed:  # the sweep exists: then all of it, its children queued and listed on the parent
+            parents = [j for j in map(jobs.load_job, listed) if j.rank_sweep is not None]
+            assert len(parents) == 1, f"died after command {k}: {len(parents)} parents"
+            children = parents[0].rank_sweep.children
+            assert [c.rank for c in children] == ranks, f"died after command {k}: the parent lists {children}"
+            assert sorted(listed) == sorted([parents[0].id, *(c.id for c in children)]), f"died after command {k}"
+            assert all(jobs.load_job(c.id).status == JobStatus.QUEUED for c in children)
+        # The client retries (same Idempotency-Key): one whole sweep, nothing twice.
+        retry = SweepStore(jobs, AdapterRegistry(r, LocalObjectStore(tmp_path / "objects")))
+        parent, _ = retry.create_sweep(tenant, ranks, fields=fields, idempotency_key="k", request_body={"k": k})
+        assert [c.rank for c in parent.rank_sweep.children] == ranks, f"died after command {k}"
+        assert r.zcard(keys.tenant_jobs(tenant)) == len(ranks) + 1, f"died after command {k}: jobs made twice"
+        assert len(r.zrange(keys.queue(tenant), 0, -1)) == len(ranks), f"died after command {k}"
+        dying.close()
+    counting.close()
+
+
+def test_a_sweep_over_the_queued_jobs_quota_creates_nothing_and_keeps_its_idempotency_key(r: redis.Redis,
+                                                                                         tmp_path: Path):
+    from fleet.exceptions import QuotaExceeded
+    from fleet.quotas import QuotaStore, TenantQuota
+
+    s = Sweeps(r, tmp_path)
+    QuotaStore(r, default=TenantQuota()).set("t1", TenantQuota(max_queued_jobs=2))
+    fields = {"model": "tiny-llama", "base_model": "tiny-llama", "init_adapter": None, "training_file": "file-t",
+              "validation_file": "file-v", "suffix": None, "seed": 5, "metadata": {}, "spec": JobSpec()}
+    s.jobs.create_job("t1", model="tiny-llama", training_file="file-t")  # one queued already: 1 slot left
+    with pytest.raises(QuotaExceeded, match="max_queued_jobs"):
+        s.sweeps.create_sweep("t1", [4, 8], fields=fields, idempotency_key="q", request_body={})
+    assert r.zcard(keys.tenant_jobs("t1")) == 1, "a refused sweep left jobs behind"
+    assert not r.exists(keys.idempotency("t1", "q")), "a refused sweep used up its Idempotency-Key"
+
+
+def test_retention_keeps_a_finished_childs_candidate_until_its_sweep_ends(r: redis.Redis, tmp_path: Path):
+    from fleet.retention import job_objects_prefix, run_retention
+    from fleet.settings import Settings
+
+    s = Sweeps(r, tmp_path)
+    settings = Settings(data_dir=tmp_path / "var")
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    candidate_prefix = job_objects_prefix("t1", children[4]) + "sweep/"
+    assert s.registry.store.list(candidate_prefix)
+    months_later = time.time() + 400 * 86_400  # past every retention delay (checkpoints, uploads, the job)
+    run_retention(r, s.registry.store, settings, now=months_later)
+    assert s.registry.store.list(candidate_prefix), "retention deleted a candidate its running sweep needs"
+    assert s.jobs.load_job(children[4]).status == JobStatus.SUCCEEDED, "retention expired a child of a running sweep"
+
+    s.succeed(claims[children[8]], val_loss=2.0)
+    assert s.sweeps.finish_if_done(parent_id) == JobStatus.SUCCEEDED
+    assert s.jobs.load_job(parent_id).rank_sweep.chosen == children[4]  # r=4's adapter was there to publish
+    # Once the sweep has ended, the child goes as any job does (deferred from the run above).
+    run_retention(r, s.registry.store, settings, now=months_later + 400 * 86_400)
+    assert not s.registry.store.list(candidate_prefix)
+    assert not r.exists(keys.job(children[4]))
+    assert s.registry.list_versions("t1", "swept")[0].ref == "swept:v1"  # the published copy stays
+
+
+def test_the_api_cancelling_the_last_waiting_child_hands_the_publish_to_the_dispatchers(r: redis.Redis,
+                                                                                        tmp_path: Path):
+    from service.rank_sweeps import after_cancel
+
+    s = Sweeps(r, tmp_path)
+    parent_id, children = s.create([4, 8])
+    claim = s.jobs.leases.claim_next_job("w", LEASE_MS)
+    assert claim.job.id == children[4]  # r=8 waits in the queue
+    s.succeed(claim, val_loss=1.0)
+    # The API process cannot reach the object store: cancelling r=8 must not need it.
+    broken = tmp_path / "gone"
+    api_registry = AdapterRegistry(r, LocalObjectStore(broken))
+    broken.rmdir()
+    broken.write_text("")  # its root is now a file: every read and write fails
+    cancelled = after_cancel(s.jobs, api_registry, "t1", s.jobs.request_cancel("t1", children[8]))
+    assert cancelled.status == JobStatus.CANCELLED
+    assert s.jobs.load_job(parent_id).status == JobStatus.RUNNING  # the finish is the dispatchers'
+    assert s.sweeps.finish_handed_over() == [parent_id]  # a dispatcher's next maintenance tick
+    parent = s.jobs.load_job(parent_id)
+    assert parent.status == JobStatus.SUCCEEDED and parent.rank_sweep.chosen == children[4]
+    assert s.sweeps.finish_handed_over() == []
+
+
+class _SlowStore(LocalObjectStore):
+    """A real local store whose downloads take `delay_s` (a large adapter over a slow link)."""
+
+    delay_s = 0.0
+
+    def download_file(self, key: str, path: Path) -> None:
+        time.sleep(self.delay_s)
+        super().download_file(key, path)
+
+
+def test_a_finisher_publishing_for_longer_than_its_lease_keeps_it_and_publishes_once(r: redis.Redis, tmp_path: Path):
+    s = Sweeps(r, tmp_path, finish_lease_ms=600)
+    slow = _SlowStore(tmp_path / "objects")
+    s.registry = AdapterRegistry(r, slow)
+    s.sweeps = SweepStore(s.jobs, s.registry, finish_lease_ms=600)
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    s.succeed(claims[children[8]], val_loss=2.0)
+    slow.delay_s = 0.8  # each of the adapter's two files: 1.6 s in all, more than twice the lease
+    outcome: list[JobStatus | None] = []
+    finisher = threading.Thread(target=lambda: outcome.append(s.sweeps.finish_if_done(parent_id)))
+    finisher.start()
+    others = SweepStore(JobStore(r), AdapterRegistry(r, LocalObjectStore(tmp_path / "objects")), finish_lease_ms=600)
+    while finisher.is_alive():  # every other dispatcher's maintenance tick, meanwhile
+        assert others.finish_handed_over() == [], "a live finisher's sweep was taken over"
+        time.sleep(0.1)
+    finisher.join()
+    assert outcome == [JobStatus.SUCCEEDED]
+    assert s.jobs.load_job(parent_id).attempt == 1, "the finish was claimed more than once"
+    assert [v.ref for v in s.registry.list_versions("t1", "swept")] == ["swept:v1"]
+
+
+def test_a_dead_finisher_is_taken_over_by_the_next_maintenance_tick_after_its_lease(r: redis.Redis, tmp_path: Path):
+    s = Sweeps(r, tmp_path, finish_lease_ms=300)
+    parent_id, children = s.create([4, 8])
+    claims = s.claim_all()
+    s.succeed(claims[children[4]], val_loss=1.0)
+    s.succeed(claims[children[8]], val_loss=2.0)
+    reply = s.sweeps._claim(keys=[keys.sweep(parent_id), keys.job(parent_id),
+                                  *[keys.job(c) for c in children.values()]], args=["deadbeef", 300])
+    assert reply[0] == "finish"  # ... and its process dies
+    assert s.sweeps.finish_handed_over() == []  # its claim still holds
+    time.sleep(0.4)
+    assert s.sweeps.finish_handed_over() == [parent_id]  # no housekeeping round needed
+    assert s.jobs.load_job(parent_id).fine_tuned_model == "swept:v1"

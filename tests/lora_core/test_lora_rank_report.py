@@ -68,3 +68,24 @@ def test_a_saved_adapters_report_is_the_models_and_serialises_to_json(load_tiny,
     assert {"module", "r", "singular_values", "effective_rank_90", "effective_rank_99", "verdict",
             "note"} <= set(as_json["modules"][0])
     assert len(as_json["modules"][0]["singular_values"]) == 4
+
+
+def test_larger_than_needed_always_names_a_smaller_rank():
+    """90 % of ΔW in a quarter of the directions, but 99 % needs more than half of them: no smaller
+    power-of-two rank would hold it, so the rank is adequate, not 'larger than needed; r=16 would do'."""
+    from lora_core.report import _module_rank
+
+    r = 16
+    q_out, _ = torch.linalg.qr(torch.randn(128, r, dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(128, r, dtype=torch.float64))
+    # 4 strong directions (≈ 91 % of the energy), then 8 weak ones (≈ 9 %): e90 = 4, e99 = 12.
+    sigma = torch.tensor([10.0] * 4 + [5**0.5] * 8 + [0.0] * 4, dtype=torch.float64)
+    entry = _module_rank("m", q_in.T.contiguous(), q_out * sigma, 1.0)
+    assert (entry.effective_rank_90, entry.effective_rank_99) == (4, 12)
+    assert entry.verdict == "adequate", entry.note
+    for r_small, e90, e99 in [(16, 2, 3), (8, 2, 4), (4, 1, 2)]:  # a smaller rank would do: it is named
+        sigma = torch.tensor([10.0] * e90 + [1.0] * (e99 - e90) + [0.0] * (r_small - e99), dtype=torch.float64)
+        entry = _module_rank("m", q_in[:, :r_small].T.contiguous(), q_out[:, :r_small] * sigma, 1.0)
+        assert entry.verdict == "larger_than_needed", (r_small, entry)
+        suggested = int(entry.note.rsplit("r=", 1)[1].split()[0])
+        assert suggested < r_small, entry.note

@@ -201,11 +201,15 @@ def _peak_live_tensor_bytes():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
 def test_the_memory_estimate_is_within_25_percent_of_a_cpu_runs_measured_peak(tmp_path, redis_server,
-                                                                               start_api_server, tiny_model_dir):
+                                                                               start_api_server, tiny_model_dir,
+                                                                               quantization):
     """The API's estimate for a job, against the peak of live tensor bytes of the same job trained on the
     CPU by the engine (model loaded, micro-batches of 2 packed rows of 1024 tokens, 3 steps, adapter saved);
-    the CPU cluster's estimate is fp32 with no CUDA reserve, as the run is. The adapter file is exact."""
+    the CPU cluster's estimate is fp32 with no CUDA reserve, as the run is. The adapter file is exact.
+    int8 keeps every layer's linear inputs past gradient checkpointing (bitsandbytes holds them on its
+    autograd context), which the estimate must count."""
     import torch
 
     from fleet.job_spec import LoraSpec
@@ -215,7 +219,7 @@ def test_the_memory_estimate_is_within_25_percent_of_a_cpu_runs_measured_peak(tm
     from workers.synthetic import write_synthetic_dataset
 
     settings = make_api_settings(tmp_path, redis_server.url, model_dir=tiny_model_dir,
-                                 catalog={"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none"}})
+                                 catalog={"tiny-llama": {"path": str(tiny_model_dir), "quantization": quantization}})
     server = start_api_server(settings)
     tenant = server.create_tenant("team-a")
     data = write_synthetic_dataset(tmp_path / "train.jsonl", 600, seed=0)  # ~17k tokens: rows fill up
@@ -228,7 +232,9 @@ def test_the_memory_estimate_is_within_25_percent_of_a_cpu_runs_measured_peak(tm
     memory = estimate["peak_memory_bytes"]
     assert memory["reserve"]["value"] == 0 and "of 1024 tokens" in memory["activations"]["assumption"]
 
+    assert estimate["quantization"] == quantization
     spec = TrainingSpec(base_model=tiny_model_dir, training_file=data, n_checkpoints=0,
+                        quantization=None if quantization == "none" else quantization,
                         lora=LoraSpec(**{k: estimate["lora"][k] for k in LoraSpec.model_fields}),
                         hyperparameters={**hyperparameters, "max_steps": 3})
     torch.manual_seed(0)
@@ -281,3 +287,64 @@ def test_a_job_that_finishes_gives_its_base_model_a_measured_duration(e2e, synth
     assert after["duration_s"]["value"] == pytest.approx(
         after["training_tokens"]["value"] / measured.tokens_per_s_per_worker, abs=0.1)
     assert "1 finished job(s) on tiny-llama" in after["duration_s"]["assumption"]
+
+
+def _upload(server, tenant, path: Path) -> str:
+    with server.client(tenant.api_key) as http, open(path, "rb") as fh:
+        response = http.post("/v1/files", files={"file": (path.name, fh)}, data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def test_a_rank_sweeps_estimate_has_one_estimate_per_rank_and_the_sweeps_totals(server, tenant, training_file,
+                                                                             tmp_path):
+    validation = _upload(server, tenant, write_chat_dataset(tmp_path / "val.jsonl", 4))
+    body = {"model": "tiny-llama", "training_file": training_file, "validation_file": validation,
+            "lora": {"target_modules": ["q_proj"]}, "rank_sweep": [4, 16, 8]}
+    response = _post(server, tenant, "/v1/fine_tuning/jobs/estimate", body)
+    assert response.status_code == 200, response.text
+    sweep = response.json()
+    singles = {r: _post(server, tenant, "/v1/fine_tuning/jobs/estimate",
+                        {**body, "rank_sweep": None, "lora": {"r": r, "target_modules": ["q_proj"]}}).json()
+               for r in (4, 8, 16)}
+    per_rank = sweep["rank_sweep"]
+    assert [e["rank"] for e in per_rank] == [4, 16, 8]
+    for e in per_rank:  # each child exactly as the same job with that lora.r
+        for figure in ("trainable_parameters", "adapter_file_bytes", "peak_memory_bytes", "training_tokens"):
+            assert e[figure] == singles[e["rank"]][figure], (e["rank"], figure)
+    # The sweep's own figures: the largest child (what a worker must fit), and every child's tokens.
+    assert sweep["lora"]["r"] == 16
+    assert {k: v for k, v in sweep["peak_memory_bytes"].items() if k != "assumption"} == {
+        k: v for k, v in singles[16]["peak_memory_bytes"].items() if k != "assumption"}
+    assert "largest of the 3 child jobs (r=16)" in sweep["peak_memory_bytes"]["assumption"]
+    assert sweep["trainable_parameters"]["value"] == singles[16]["trainable_parameters"]["value"]
+    assert sweep["training_tokens"]["value"] == 3 * singles[4]["training_tokens"]["value"]
+    assert "3 child jobs" in sweep["training_tokens"]["assumption"]
+    # What create refuses, the estimate refuses the same way.
+    for bad in ({**body, "validation_file": None}, {**body, "rank_sweep": [4]}, {**body, "lora": {"r": 4}}):
+        bad = {k: v for k, v in bad.items() if v is not None}
+        estimated, created = (_post(server, tenant, path, bad) for path in
+                              ("/v1/fine_tuning/jobs/estimate", "/v1/fine_tuning/jobs"))
+        assert estimated.status_code == created.status_code == 400, estimated.text
+        assert estimated.json()["error"] == created.json()["error"]
+    with server.client(tenant.api_key) as http:
+        assert http.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_the_cli_creates_and_estimates_a_rank_sweep(server, tenant, tmp_path):
+    train, val = write_chat_dataset(tmp_path / "t.jsonl", 20), write_chat_dataset(tmp_path / "v.jsonl", 4)
+    options = ["--model", "tiny-llama", "--training-file", str(train), "--validation-file", str(val),
+               "--target-modules", "q_proj", "--rank-sweep", "4,8"]
+    table = _cli(server, tenant, *options)
+    assert table.exit_code == 0, table.output
+    assert "r=4" in table.stdout and "r=8" in table.stdout
+    env = {"LORAFLEET_BASE_URL": server.url, "LORAFLEET_API_KEY": tenant.api_key, "COLUMNS": "220"}
+    created = CliRunner().invoke(app, ["jobs", "create", *options, "--json"], env=env)
+    assert created.exit_code == 0, created.output
+    parent = json.loads(created.stdout)
+    assert [c["rank"] for c in parent["rank_sweep"]["children"]] == [4, 8]
+    shown = CliRunner().invoke(app, ["jobs", "create", *options], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "r=4: child job ftjob-" in shown.stdout and "r=8: child job ftjob-" in shown.stdout
+    bad = CliRunner().invoke(app, ["jobs", "create", *options[:-1], "4,x"], env=env)
+    assert bad.exit_code != 0 and "--rank-sweep" in bad.output

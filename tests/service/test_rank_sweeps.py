@@ -94,6 +94,27 @@ def test_a_sweeps_parent_shows_its_children_cannot_be_paused_and_cancels_them(ap
         assert _get(api_server, tenant_a, f"/v1/fine_tuning/jobs/{child['id']}")["status"] == "cancelled"
 
 
+def test_a_sweep_on_a_base_model_whose_max_rank_is_below_the_default_r_is_created(tmp_path, redis_server,
+                                                                                 start_api_server, make_chat_dataset):
+    """Without lora.r a sweep sets no rank of its own: the default r (8) is not checked against max_rank."""
+    from tests.service.conftest import write_tiny_llama_config
+
+    settings = make_api_settings(tmp_path, redis_server.url, catalog={"tiny-llama": {
+        "path": str(write_tiny_llama_config(tmp_path / "m")), "quantization": "nf4", "max_rank": 4}})
+    server = start_api_server(settings)
+    tenant = server.create_tenant("small")
+    files = {"training_file": _upload(server, tenant, make_chat_dataset("train.jsonl", n=12)),
+             "validation_file": _upload(server, tenant, make_chat_dataset("val.jsonl", n=4))}
+    for path in ("/v1/fine_tuning/jobs/estimate", "/v1/fine_tuning/jobs"):
+        with server.client(tenant.api_key) as http:
+            response = http.post(path, json={"model": "tiny-llama", **files, "rank_sweep": [2, 4]})
+        assert response.status_code == 200, (path, response.text)
+    assert [c["rank"] for c in response.json()["rank_sweep"]["children"]] == [2, 4]
+    with server.client(tenant.api_key) as http:  # a rank over max_rank is still named, on rank_sweep
+        refused = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", **files, "rank_sweep": [2, 8]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "rank_sweep", refused.text
+
+
 def test_a_replayed_sweep_create_returns_the_same_parent_and_makes_no_more_children(api_server, tenant_a, dataset):
     body = {"model": "tiny-llama", **dataset, "rank_sweep": [4, 8]}
     with api_server.client(tenant_a.api_key) as http:
