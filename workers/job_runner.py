@@ -128,24 +128,30 @@ def publish_version(registry: AdapterRegistry, jobs: JobStore, job: Job, fence: 
         "rank_report": adapter_rank_report(result.adapter_dir).to_json(),  # what the adapter learned
     }
     used = hyperparameters_used(job.spec.hyperparameters, result.hyperparameters)
-    if alone:
-        record_job_throughput(jobs.redis, settings, staged.base_name,  # for estimates (fleet.throughput)
-                              tokens_per_s=result.metrics.get("tokens_per_s"),
-                              workers=int(result.hyperparameters.get("world_size", 1)))
     if job.parent is not None:  # a rank-sweep child: its sweep publishes the best child (fleet.sweeps)
         SweepStore(jobs, registry).submit_candidate(job, fence, result.adapter_dir, {
             "rank": job.spec.lora.r, "val_loss": result.metrics.get("val_loss"), "steps": result.step,
             "trained_tokens": result.tokens_trained, "hyperparameters_used": used,
             "manifest_fields": manifest_fields})
         jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, trained_tokens=result.tokens_trained, hyperparameters=used)
+        _record_speed(jobs, settings, staged, result, alone)
         logger.info("job %s succeeded: a candidate of rank sweep %s", job.id, job.parent)
         return None
     ref = registry.publish_adapter_version(job.tenant_id, _adapter_name(job, staged.base_name), result.adapter_dir,
                                            manifest_fields, fence=fence)
     jobs.leases.finish_job(fence, JobStatus.SUCCEEDED, fine_tuned_model=ref, trained_tokens=result.tokens_trained,
                            hyperparameters=used)
+    _record_speed(jobs, settings, staged, result, alone)
     logger.info("job %s succeeded: published %s", job.id, ref)
     return ref
+
+
+def _record_speed(jobs: JobStore, settings: Settings, staged: StagedJob, result: TrainingResult, alone: bool) -> None:
+    """Once the job's success is recorded (an attempt fenced out before it records nothing), fold its
+    training speed into its base model's mean for estimates (fleet.throughput); alone only."""
+    if alone:
+        record_job_throughput(jobs.redis, settings, staged.base_name, tokens_per_s=result.metrics.get("tokens_per_s"),
+                              workers=int(result.hyperparameters.get("world_size", 1)))
 
 
 # ------------------------------------------------------------------------------------ heartbeat
