@@ -240,3 +240,34 @@ def test_a_queue_estimate_with_co_training_on_groups_idle_tenants_in_entry_score
     assert estimate[x_head].estimated_start_at > estimate[leader].estimated_start_at  # x waits for the group
     assert _lead(c, at=now) == leader
     assert _join_all(c, leader, max_members=2, at=now) == [y_head]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_queue_estimate_forms_the_group_co_join_forms(r, seed):
+    """Tenants of random weights and nominal quotas, with random usage left (one still holding GPUs), queue
+    co-trainable heads; one GPU is free. The estimate's first group (the jobs that start with the first
+    one) is the leader ADMIT picks and the joiners CO_JOIN then takes, in the same order."""
+    import random
+
+    from fleet.co_training import set_max_group
+
+    rng = random.Random(seed)
+    names = [f"t{i}" for i in range(5)]
+    quotas = {t: TenantQuota(weight=rng.choice([1, 2, 4]), nominal_gpus=rng.choice([0, 1, 2])) for t in names}
+    c = Cluster(r, 16, half_life_s=3600, **quotas)
+    first = {t: c.submit(t, gpus=rng.randint(1, 3))[0] for t in names}
+    assert len(c.admit()) == len(names)
+    stays = rng.choice(names)  # its tenant holds GPUs (scored directly, not from a bucket)
+    for t in names:
+        if t != stays:
+            c.finish(first[t], at=rng.randint(5, 30) * 60 * S)
+    now = 31 * 60 * S
+    queued = [_submit(c, rng.choice(names), at=now + i) for i in range(8)]
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=c.allocated() + 1)])
+    max_group = rng.choice([2, 3, 4])
+    set_max_group(r, max_group)
+    estimate = c.jobs.queue_estimates(queued, now_ms=now + 10)
+    by_position = sorted(queued, key=lambda j: estimate[j].position)
+    group = [j for j in by_position if estimate[j].estimated_start_at == estimate[by_position[0]].estimated_start_at]
+    leader = _lead(c, at=now + 10)
+    assert [leader, *_join_all(c, leader, max_members=max_group, at=now + 10)] == group
