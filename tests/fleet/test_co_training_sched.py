@@ -271,3 +271,22 @@ def test_the_queue_estimate_forms_the_group_co_join_forms(r, seed):
     group = [j for j in by_position if estimate[j].estimated_start_at == estimate[by_position[0]].estimated_start_at]
     leader = _lead(c, at=now + 10)
     assert [leader, *_join_all(c, leader, max_members=max_group, at=now + 10)] == group
+
+
+@pytest.mark.parametrize("guard_s", [300, 0])
+def test_a_head_past_the_starvation_guard_joins_first_among_its_tier_as_admission_would_take_it(r, guard_s):
+    """old's head has waited 10 min (its tenant has usage left); new's fresh tenant has the lower entry
+    score. Admission would move old's head first among the borrowing heads once past the guard; so does
+    CO_JOIN. The leader's tenant is within nominal: the guard moves a head only within its tier."""
+    from fleet.scheduling import set_starvation_guard
+
+    c = Cluster(r, 1, half_life_s=3600, lead=TenantQuota(nominal_gpus=1))
+    set_starvation_guard(r, guard_s)
+    (old_first,) = c.submit("old")
+    assert c.admit() == [old_first]
+    waiting = _submit(c, "old", at=1 * 60 * S)
+    c.finish(old_first, at=10 * 60 * S)
+    leader = _submit(c, "lead", at=11 * 60 * S)
+    fresh = _submit(c, "new", at=11 * 60 * S + 1)
+    assert _lead(c, at=11 * 60 * S + 2) == leader
+    assert _join_all(c, leader, max_members=2, at=11 * 60 * S + 2) == [waiting if guard_s else fresh]
