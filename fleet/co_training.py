@@ -6,8 +6,9 @@ claim of its own (attempt, fence, lease), so ends, requeues and lease expiry wor
 for a job alone. What may join, and in which order, is decided in one Lua step
 (fleet.sched_scripts.CO_JOIN): the tenant's queue head only, same base model + quantization + GPUs
 per worker, one worker, `co_training` not false, its tenant's quota admitting its share, its memory
-estimate fitting what is left, in admission's fair-share order. For fair share and quotas each member
-counts gpus / members (milli-GPUs); when one leaves, the others' shares grow back (docs/scheduling.md).
+estimate fitting what is left, in exactly admission's order (the same Lua sort: tier, entry score,
+ties, starvation guard). For fair share and quotas each member counts gpus / members (milli-GPUs); when
+one leaves, the others' shares grow back (docs/scheduling.md).
 """
 
 from __future__ import annotations

@@ -128,6 +128,56 @@ local function tier_of(q, u, g)
 end
 -- A job of g GPUs can never be admitted under quota q (it exceeds nominal + borrowing limit).
 local function never_fits(q, g) return q.borrow ~= nil and g > q.nominal + q.borrow end
+-- A bucket's tier and kind, from its name as reindex builds it: <prefix><tier>:<kind>:w<weight>:<head GPUs>.
+local function bucket_parts(bucket)
+  local tier, kind = string.match(bucket, ':(%d):(%a):w[^:]+:%d+$')
+  return tonumber(tier), kind
+end
+-- The entry score of a tenant's queue head (state st): an idle tenant's from its bucket's `kind` and
+-- `key` (the order reindex filed it under), a tenant holding GPUs (kind nil) from its usage.
+local function head_score(st, now, hl, kind, key)
+  if kind == nil then
+    return entry_score(decayed(st.consumed, st.at, st.gpus, now, hl), st.gpus, st.head.gpus, st.q.weight, hl)
+  end
+  local consumed = 0
+  if kind == 'k' and hl > 0 then consumed = math.pow(2, key - now / hl) * st.q.weight end
+  return entry_score(consumed, 0, st.head.gpus, st.q.weight, hl)
+end
+-- Admission's order of candidates {tier, score, u, q, head} (fleet.fair_share.entry_key, Kueue's):
+-- within nominal first, then lower entry score, fewer GPUs held per weight, higher priority, older.
+-- ADMIT and CO_JOIN both sort by it, so a co-training join takes heads exactly as admission would.
+local function entry_before(a, b)
+  local ta, tb = math.min(a.tier, 1), math.min(b.tier, 1)
+  if ta ~= tb then return ta < tb end
+  if a.score ~= b.score then return a.score < b.score end
+  local ua, ub = a.u / a.q.weight, b.u / b.q.weight  -- equal scores (same instant, H = 0): fewer GPUs held
+  if ua ~= ub then return ua < ub end
+  return a.head.qscore < b.head.qscore
+end
+-- The starvation guard (Kueue's spirit) on candidates sorted by entry_before: the first head that has
+-- waited longer than guard_ms (starvation_guard_ms()) and could fit `total` GPUs moves to the
+-- front of its tier's (within nominal / borrowing). Returns it (nil: none, or the guard is off). It
+-- must go first: the entry score weighs the head's size, so an idle tenant's small head can keep
+-- coming before a waiting gang of a tenant with the same usage.
+local function starvation_guard_ms()
+  return num(redis.call('HGET', CONFIG, 'starvation_guard_ms'), DEFAULT_STARVATION_GUARD_MS)
+end
+local function starvation_guard(cands, total, now, guard_ms)
+  if guard_ms <= 0 then return nil end
+  for idx, c in ipairs(cands) do
+    if c.head.gpus <= total then
+      local since = num(redis.call('HGET', JOB_KEY_PREFIX .. c.head.id, 'queued_at_ms'), now)
+      if now - since > guard_ms then
+        local first = idx
+        while first > 1 and math.min(cands[first - 1].tier, 1) == math.min(c.tier, 1) do first = first - 1 end
+        table.remove(cands, idx)
+        table.insert(cands, first, c)
+        return c
+      end
+    end
+  end
+  return nil
+end
 local function opt(x) if x == nil then return '' end return float(x) end
 -- The tenant's queued jobs, wherever they wait: its queue and those parked out of it (max_queued_jobs).
 local function queued_jobs(tenant)
@@ -444,13 +494,12 @@ local free = math.max(total - allocated, 0)
 -- may not preempt must not hide one that may; members of a bucket share their head's size, so the
 -- later ones can never be admitted before the minimum, only reclaim), and every tenant holding GPUs
 local RECLAIM_DEPTH = 8
-local guard_ms = num(redis.call('HGET', CONFIG, 'starvation_guard_ms'), DEFAULT_STARVATION_GUARD_MS)
+local guard_ms = starvation_guard_ms()
 local cands = {}
 local buckets = redis.call('ZRANGE', BUCKETS, 0, -1, 'WITHSCORES')
 for i = 1, #buckets, 2 do
   local bucket, g = buckets[i], tonumber(buckets[i + 1])
-  local tier, kind = string.match(bucket, ':(%d):(%a):w[^:]+:%d+$')
-  tier = tonumber(tier)
+  local tier, kind = bucket_parts(bucket)
   if tier < 2 or g <= free or guard_ms > 0 then  -- a head that does not fit may be the one to guard
     local depth = 1
     if tier < 2 and g > free then depth = RECLAIM_DEPTH end
@@ -458,11 +507,7 @@ for i = 1, #buckets, 2 do
     for j = 1, #m, 2 do
       local st = tenant_state(m[j])
       local score = 0
-      if st.head then
-        local consumed = 0
-        if kind == 'k' and hl > 0 then consumed = math.pow(2, tonumber(m[j + 1]) - now / hl) * st.q.weight end
-        score = entry_score(consumed, 0, st.head.gpus, st.q.weight, hl)
-      end
+      if st.head then score = head_score(st, now, hl, kind, tonumber(m[j + 1])) end
       cands[#cands + 1] = {tenant = m[j], tier = tier, score = score, u = 0, head = st.head, q = st.q}
     end
   end
@@ -475,8 +520,7 @@ for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
     local q = st.q
     local tier = tier_of(q, st.gpus, st.head.gpus)
     if tier and (q.max_running == nil or st.running < q.max_running) then
-      local score = entry_score(decayed(st.consumed, st.at, st.gpus, now, hl), st.gpus, st.head.gpus, q.weight, hl)
-      cands[#cands + 1] = {tenant = t, tier = tier, score = score, u = st.gpus, head = st.head, q = q}
+      cands[#cands + 1] = {tenant = t, tier = tier, score = head_score(st, now, hl), u = st.gpus, head = st.head, q = q}
     end
   end
 end
@@ -485,35 +529,9 @@ for _, c in ipairs(cands) do
   if c.head then ready[#ready + 1] = c end
 end
 cands = ready
--- Kueue's order: within nominal first, then lower entry score, higher priority, older (fleet.fair_share)
-table.sort(cands, function(a, b)
-  local ta, tb = math.min(a.tier, 1), math.min(b.tier, 1)
-  if ta ~= tb then return ta < tb end
-  if a.score ~= b.score then return a.score < b.score end
-  local ua, ub = a.u / a.q.weight, b.u / b.q.weight  -- equal scores (same instant, H = 0): fewer GPUs held
-  if ua ~= ub then return ua < ub end
-  return a.head.qscore < b.head.qscore
-end)
--- The starvation guard (Kueue's spirit): the first head in this order that has waited longer than
--- guard_ms and could fit the cluster goes first among its tier's (within nominal / borrowing), and the
--- walk stops at it (step 4). It must go first: the entry score weighs the head's size, so an idle tenant's
--- small head can keep coming before a waiting gang of a tenant with the same usage.
-local guarded = nil
-if guard_ms > 0 then
-  for idx, c in ipairs(cands) do
-    if c.head.gpus <= total then
-      local since = num(redis.call('HGET', JOB_KEY_PREFIX .. c.head.id, 'queued_at_ms'), now)
-      if now - since > guard_ms then
-        guarded = c
-        local first = idx
-        while first > 1 and math.min(cands[first - 1].tier, 1) == math.min(c.tier, 1) do first = first - 1 end
-        table.remove(cands, idx)
-        table.insert(cands, first, c)
-        break
-      end
-    end
-  end
-end
+table.sort(cands, entry_before)
+-- The guarded head (starvation_guard) goes first among its tier's, and the walk stops at it (step 4).
+local guarded = starvation_guard(cands, total, now, guard_ms)
 -- GPUs of the jobs queued behind c's head that fit, in order, within c's nominal quota with it
 -- (read at most MAX_RECLAIM_JOBS of them).
 local MAX_RECLAIM_JOBS = 64
@@ -631,8 +649,9 @@ return {'none', preempted}
 # A job may join when it is its tenant's queue head (a tenant's own order holds), co-trainable
 # (co_training not false, one worker) with the leader's base model, quantization and GPUs per worker,
 # its tenant's quota admits its share (gpus / members after it joins) and its memory estimate
-# (member_fixed_bytes + bytes_per_rank × its rank) fits mem_left. Among those, the order is admission's
-# (within nominal first, lower share score, fewer GPUs held per weight, priority, age). Reads the
+# (member_fixed_bytes + bytes_per_rank × its rank) fits mem_left. Among those, the order is ADMIT's
+# (entry_before: within nominal first, lower entry score, fewer GPUs held per weight, priority, age;
+# then the starvation guard), tier and entry score counting the head's whole GPUs as admission does. Reads the
 # buckets of heads of the group's size (at most CO_JOIN_DEPTH each) and the tenants holding GPUs:
 # never the queued jobs.
 # Returns {'claimed', job_id, attempt, lease_expires_ms, tenant, group_id}, {'none'}, {'fenced'}
@@ -676,47 +695,32 @@ if members >= tonumber(ARGV[8]) then return {'none'} end
 local share = g / (members + 1)
 local fixed, per_rank = tonumber(ARGV[10]), tonumber(ARGV[11])
 local cands = {}
+-- A head joins under admission's own order (entry_before, as ADMIT sorts): its tier and entry score
+-- count its whole g GPUs, as admission does (a head over its tenant's borrowing limit with them is
+-- ordered as borrowing); whether its tenant's quota admits it counts its share.
+local function consider(tenant, st, kind, order_key)
+  local q, head = st.q, st.head
+  if not head or head.gpus ~= g or (q.max_running ~= nil and st.running >= q.max_running) then return end
+  if not tier_of(q, st.gpus, share) then return end
+  local k, r = co_key(JOB_KEY_PREFIX .. head.id)
+  if k ~= key then return end
+  local cost = fixed + per_rank * r
+  if mem_left ~= nil and cost > mem_left then return end
+  local tier = tier_of(q, st.gpus, g)
+  if not tier then tier = 2 end
+  cands[#cands + 1] = {tenant = tenant, tier = tier, score = head_score(st, now, hl, kind, order_key), u = st.gpus,
+                       head = head, q = q, cost = cost}
+end
 for _, bucket in ipairs(redis.call('ZRANGEBYSCORE', BUCKETS, g, g)) do
-  local kind = string.match(bucket, ':%d:(%a):%d+$')
+  local _, kind = bucket_parts(bucket)
   local m = redis.call('ZRANGE', bucket, 0, CO_JOIN_DEPTH - 1, 'WITHSCORES')
-  for j = 1, #m, 2 do
-    local score = 0
-    if kind == 'k' and hl > 0 then score = math.pow(2, tonumber(m[j + 1]) - now / hl) end
-    local st = tenant_state(m[j])
-    cands[#cands + 1] = {tenant = m[j], score = score, u = 0, head = st.head, q = st.q}
-  end
+  for j = 1, #m, 2 do consider(m[j], tenant_state(m[j]), kind, tonumber(m[j + 1])) end
 end
-for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
-  local st = tenant_state(t)
-  local q = st.q
-  if st.head and st.head.gpus == g and (q.max_running == nil or st.running < q.max_running) then
-    local score = decayed(st.consumed, st.at, st.gpus, now, hl) / q.weight
-    cands[#cands + 1] = {tenant = t, score = score, u = st.gpus, head = st.head, q = q}
-  end
-end
-local fits = {}
-for _, c in ipairs(cands) do
-  if c.head then
-    c.tier = tier_of(c.q, c.u, share)
-    if c.tier then
-      local k, r = co_key(JOB_KEY_PREFIX .. c.head.id)
-      if k == key then
-        c.cost = fixed + per_rank * r
-        if mem_left == nil or c.cost <= mem_left then fits[#fits + 1] = c end
-      end
-    end
-  end
-end
-if #fits == 0 then return {'none'} end
-table.sort(fits, function(a, b)
-  local ta, tb = math.min(a.tier, 1), math.min(b.tier, 1)
-  if ta ~= tb then return ta < tb end
-  if a.score ~= b.score then return a.score < b.score end
-  local ua, ub = a.u / a.q.weight, b.u / b.q.weight
-  if ua ~= ub then return ua < ub end
-  return a.head.qscore < b.head.qscore
-end)
-local c = fits[1]
+for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do consider(t, tenant_state(t)) end
+if #cands == 0 then return {'none'} end
+table.sort(cands, entry_before)
+starvation_guard(cands, math.huge, now, starvation_guard_ms())
+local c = cands[1]
 local attempt, expires = start_job(c, now, ARGV[1], ARGV[2], ARGV[3])
 if not attempt then return {'retry'} end
 if not gid then  -- the leader's gang becomes the group's: it holds all of it until the others join

@@ -327,6 +327,7 @@ def _simulate(
     Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs, weight) under their time-invariant
     order, tenants holding GPUs scored directly; a step costs O(buckets + holding tenants + log T).
     """
+    co_keys = co_keys or {}
     capacity = math.inf if total is None else total
     used = sum(g for _, _, g in ends)
     heapq.heapify(ends)
@@ -366,6 +367,50 @@ def _simulate(
         entry = [order, tenant.tenant_id, True]
         heapq.heappush(buckets.setdefault((entry_tier, h[1], q.weight), []), entry)
         entries[tenant.tenant_id] = entry
+
+    def admit(tenant: _Tenant, dg: float) -> None:
+        """The tenant's head starts, holding dg GPUs (as the Lua's start_job and add_usage)."""
+        heads[tenant.tenant_id] += 1
+        _fold(tenant, dg, 1, t, hl)
+        holding.add(tenant.tenant_id)
+        place(tenant)  # now holding: out of the idle index
+
+    def co_join(key: str, g: int, members: int) -> tuple[_Tenant, str] | None:
+        """The head that joins a group of g GPUs as its member number `members`, as CO_JOIN picks it:
+        idle tenants' heads of g GPUs (the first _CO_JOIN_DEPTH of each bucket and kind) and the heads
+        of tenants holding GPUs, compatible (`key`), whose quota admits the share, in admission's order
+        (tier and entry score counting the head's g GPUs)."""
+        share = g / members
+        found = []
+        for (_, bucket_g, weight), heap in buckets.items():
+            if bucket_g != g:
+                continue
+            for kind in (0, 1):  # the Lua's buckets of kinds 'z' and 'k'
+                for order, tid, _ in heapq.nsmallest(_CO_JOIN_DEPTH, [e for e in heap if e[2] and e[0][0] == kind]):
+                    consumed = 0.0 if kind == 0 else 2.0 ** min(order[1] - t / hl, 1000.0) * weight
+                    found.append((tenants[tid], consumed))
+        for tid in holding:
+            tn = tenants[tid]
+            found.append((tn, fair_share.decayed_usage(tn.consumed, tn.at_ms, tn.gpus, t, hl)))
+        best = None
+        for tn, consumed in found:
+            h, q = head(tn), tn.quota
+            if h is None or h[1] != g or co_keys.get(h[0]) != key:
+                continue
+            if (q.max_running_jobs is not None and tn.running >= q.max_running_jobs) or (
+                fair_share.tier(q, tn.gpus, share) is None
+            ):
+                continue
+            entry_tier = fair_share.tier(q, tn.gpus, g)
+            order_key = fair_share.entry_key(
+                fair_share.BORROWING if entry_tier is None else entry_tier,
+                fair_share.entry_score(consumed, tn.gpus, g, q.weight, hl),
+                tn.gpus / q.weight,
+                h[2],
+            )
+            if best is None or order_key < best[0]:
+                best = (order_key, tn, h[0])
+        return None if best is None else (best[1], best[2])
 
     for tenant in tenants.values():
         place(tenant)
@@ -417,35 +462,22 @@ def _simulate(
                         place(tenants[tid])
             continue
         tenant, (job_id, g, _) = chosen
-        # Co-training (docs/scheduling.md#co-training): compatible heads of the other candidates join
-        # the admitted job at once, in the same order, sharing its g GPUs (each holds g / members).
-        group = [(tenant, job_id)]
-        key = (co_keys or {}).get(job_id)
-        if key is not None and co_max_group > 1:
-            joiners = [c for c in cands if c[1] is not tenant]
-            for (entry_tier, bucket_g), heap in buckets.items():  # idle tenants beyond each bucket's top, as CO_JOIN
-                if bucket_g == g:
-                    for order, tid, valid in heapq.nsmallest(_CO_JOIN_DEPTH, heap):
-                        if valid and tid != tenant.tenant_id and (h := head(tenants[tid])) is not None:
-                            score = 0.0 if order[0] == 0 else 2.0 ** min(order[1] - t / hl, 1000.0)
-                            joiners.append((fair_share.entry_key(entry_tier, score, 0.0, h[2]), tenants[tid], h,
-                                            entry_tier))
-            seen = set()
-            for _, other, h, _ in sorted(joiners, key=lambda c: c[0]):
-                if len(group) >= co_max_group:
-                    break
-                if other.tenant_id not in seen and h[1] == g and (co_keys or {}).get(h[0]) == key:
-                    seen.add(other.tenant_id)
-                    group.append((other, h[0]))
         used += g
+        group = [(tenant, job_id)]
+        admit(tenant, g)
+        # Co-training (docs/scheduling.md#co-training): compatible heads join the admitted job at once,
+        # one at a time as CO_JOIN takes them, sharing its g GPUs (each holds g / members).
+        key = co_keys.get(job_id)
+        while key is not None and len(group) < co_max_group and (joiner := co_join(key, g, len(group) + 1)):
+            n = len(group) + 1
+            for member, _ in group:  # the shares rebalance: g / members each
+                _fold(member, g / n - g / (n - 1), 0, t, hl)
+            group.append(joiner)
+            admit(joiner[0], g / n)
         for member, member_job in group:
             admitted += 1
-            heads[member.tenant_id] += 1
             if member_job in wanted:
                 out[member_job] = QueueEstimate(position=admitted, estimated_start_at=int(t // 1000))
-            _fold(member, g / len(group), 1, t, hl)
-            holding.add(member.tenant_id)
-            place(member)  # now holding: out of the idle index
             heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, member.tenant_id, g / len(group)))
     for job_id, rank in ranks.items():
         if job_id not in out:  # beyond the simulated horizon: the others admit in proportion to weight

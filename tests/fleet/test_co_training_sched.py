@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fleet import keys
+from fleet.capacity import CapacityStore, NodeCapacity
 from fleet.co_training import MemberMemory, group_of, group_shares, join_group
 from fleet.job_spec import JobSpec
 from fleet.jobs import JobStatus
@@ -194,3 +195,98 @@ def test_co_trained_jobs_are_not_preemption_victims_and_a_lone_borrower_still_is
     assert c.admit(at=1 * S) == []
     # the members were admitted last, so they would be the first victims: stopping one frees no GPU
     assert c.preempting() == [lone]
+
+
+def _idle_x_and_y_then_a_leader(c: Cluster) -> tuple[str, str, str]:
+    """x (weight 1) used 1 GPU and y (weight 4) 7 GPUs for the same 30 min, then both went idle: x has the
+    lower usage per weight, yet a 1-GPU head lifts x's share by 1 and y's by 1/4, so y's entry score is the
+    lower (as in test_fleet_scheduler's idle tenants of different weights). Their co-trainable heads sit
+    in buckets of different weights (kind 'k': usage left); x's is the older. Then a fresh tenant's job
+    leads a group on 1 GPU. Returns (leader, x's head, y's head)."""
+    (x_first,) = c.submit("x", gpus=1)
+    (y_first,) = c.submit("y", gpus=7)
+    assert sorted(c.admit()) == sorted([x_first, y_first])
+    c.finish(x_first, at=30 * 60 * S)
+    c.finish(y_first, at=30 * 60 * S)
+    x_head = _submit(c, "x", at=31 * 60 * S)
+    y_head = _submit(c, "y", at=31 * 60 * S + 1)
+    leader = _submit(c, "lead", at=31 * 60 * S + 2)
+    return leader, x_head, y_head
+
+
+def test_idle_tenants_of_every_weight_bucket_join_in_admissions_entry_score_order(r):
+    c = Cluster(r, 8, half_life_s=3600, x=TenantQuota(weight=1), y=TenantQuota(weight=4))
+    leader, x_head, y_head = _idle_x_and_y_then_a_leader(c)
+    now = 31 * 60 * S + 3
+    estimate = c.jobs.queue_estimates([leader, x_head, y_head], now_ms=now)  # admission's order, replayed
+    assert [estimate[j].position for j in (leader, y_head, x_head)] == [1, 2, 3]
+    assert _lead(c, at=now) == leader
+    assert _join_all(c, leader, at=now) == [y_head, x_head]
+    held = _held(c)
+    assert set(held) == {"lead", "x", "y"} and sorted(held.values()) == [0.333, 0.333, 0.334]
+
+
+def test_a_queue_estimate_with_co_training_on_groups_idle_tenants_in_entry_score_order(r):
+    from fleet.co_training import set_max_group
+
+    c = Cluster(r, 8, half_life_s=3600, x=TenantQuota(weight=1), y=TenantQuota(weight=4))
+    leader, x_head, y_head = _idle_x_and_y_then_a_leader(c)
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=1)])  # one GPU left: one group at a time
+    set_max_group(r, 2)
+    now = 31 * 60 * S + 3
+    estimate = c.jobs.queue_estimates([leader, x_head, y_head], now_ms=now)
+    assert [estimate[j].position for j in (leader, y_head, x_head)] == [1, 2, 3]
+    assert estimate[leader].estimated_start_at == estimate[y_head].estimated_start_at  # y joins the leader
+    assert estimate[x_head].estimated_start_at > estimate[leader].estimated_start_at  # x waits for the group
+    assert _lead(c, at=now) == leader
+    assert _join_all(c, leader, max_members=2, at=now) == [y_head]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_queue_estimate_forms_the_group_co_join_forms(r, seed):
+    """Tenants of random weights and nominal quotas, with random usage left (one still holding GPUs), queue
+    co-trainable heads; one GPU is free. The estimate's first group (the jobs that start with the first
+    one) is the leader ADMIT picks and the joiners CO_JOIN then takes, in the same order."""
+    import random
+
+    from fleet.co_training import set_max_group
+
+    rng = random.Random(seed)
+    names = [f"t{i}" for i in range(5)]
+    quotas = {t: TenantQuota(weight=rng.choice([1, 2, 4]), nominal_gpus=rng.choice([0, 1, 2])) for t in names}
+    c = Cluster(r, 16, half_life_s=3600, **quotas)
+    first = {t: c.submit(t, gpus=rng.randint(1, 3))[0] for t in names}
+    assert len(c.admit()) == len(names)
+    stays = rng.choice(names)  # its tenant holds GPUs (scored directly, not from a bucket)
+    for t in names:
+        if t != stays:
+            c.finish(first[t], at=rng.randint(5, 30) * 60 * S)
+    now = 31 * 60 * S
+    queued = [_submit(c, rng.choice(names), at=now + i) for i in range(8)]
+    CapacityStore(r).record_nodes([NodeCapacity(node_id="n1", gpus=c.allocated() + 1)])
+    max_group = rng.choice([2, 3, 4])
+    set_max_group(r, max_group)
+    estimate = c.jobs.queue_estimates(queued, now_ms=now + 10)
+    by_position = sorted(queued, key=lambda j: estimate[j].position)
+    group = [j for j in by_position if estimate[j].estimated_start_at == estimate[by_position[0]].estimated_start_at]
+    leader = _lead(c, at=now + 10)
+    assert [leader, *_join_all(c, leader, max_members=max_group, at=now + 10)] == group
+
+
+@pytest.mark.parametrize("guard_s", [300, 0])
+def test_a_head_past_the_starvation_guard_joins_first_among_its_tier_as_admission_would_take_it(r, guard_s):
+    """old's head has waited 10 min (its tenant has usage left); new's fresh tenant has the lower entry
+    score. Admission would move old's head first among the borrowing heads once past the guard; so does
+    CO_JOIN. The leader's tenant is within nominal: the guard moves a head only within its tier."""
+    from fleet.scheduling import set_starvation_guard
+
+    c = Cluster(r, 1, half_life_s=3600, lead=TenantQuota(nominal_gpus=1))
+    set_starvation_guard(r, guard_s)
+    (old_first,) = c.submit("old")
+    assert c.admit() == [old_first]
+    waiting = _submit(c, "old", at=1 * 60 * S)
+    c.finish(old_first, at=10 * 60 * S)
+    leader = _submit(c, "lead", at=11 * 60 * S)
+    fresh = _submit(c, "new", at=11 * 60 * S + 1)
+    assert _lead(c, at=11 * 60 * S + 2) == leader
+    assert _join_all(c, leader, max_members=2, at=11 * 60 * S + 2) == [waiting if guard_s else fresh]
