@@ -87,6 +87,9 @@ def jobs_create(
     workers: Annotated[int | None, typer.Option(help="Ray Train workers (with --gpus-per-worker).")] = None,
     gpus_per_worker: Annotated[int | None, typer.Option(help="GPUs each worker holds.")] = None,
     priority: Annotated[str | None, typer.Option(help="low, normal or high (among your own jobs).")] = None,
+    co_training: Annotated[bool, typer.Option(
+        "--co-training/--no-co-training",
+        help="Whether the job may train in one process with other jobs on the same base model.")] = True,
     metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE; repeatable.")] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe key (default: a fresh one per invocation).")
@@ -103,7 +106,7 @@ def jobs_create(
                          learning_rate_multiplier=learning_rate_multiplier, r=r, alpha=alpha, dropout=dropout,
                          target_modules=target_modules, use_rslora=use_rslora, rank_sweep=rank_sweep,
                          quantization=quantization, gpus=gpus, workers=workers, gpus_per_worker=gpus_per_worker,
-                         priority=priority, metadata=metadata)
+                         priority=priority, co_training=co_training, metadata=metadata)
         job = call(client.create_job, body, idempotency_key=idempotency_key or f"cli-{uuid.uuid4()}")
         if as_json:
             print_json(job)
@@ -179,7 +182,7 @@ def _job_body(client: LorafleetClient, *, model: str, training_file: str, valida
               target_modules: str | None, use_rslora: bool, rank_sweep: str | None, quantization: str | None,
               gpus: int | None,
               workers: int | None, gpus_per_worker: int | None, priority: str | None,
-              metadata: list[str] | None) -> dict[str, Any]:
+              co_training: bool, metadata: list[str] | None) -> dict[str, Any]:
     """The create (and estimate) request body from the command's options, uploading local files first."""
     training_id = _file_id(client, training_file)
     body: dict[str, Any] = {"model": model, "training_file": training_id}
@@ -216,6 +219,8 @@ def _job_body(client: LorafleetClient, *, model: str, training_file: str, valida
         body["resources"] = resources
     if priority:
         body["priority"] = priority
+    if not co_training:
+        body["co_training"] = False
     if metadata:
         body["metadata"] = _parse_metadata(metadata)
     return body

@@ -88,3 +88,12 @@ def test_jobs_create_takes_resources_and_priority(cli, tenant_a, dataset_path):
     refused = cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path), "--gpus", "2",
                   "--workers", "2", api_key=tenant_a.api_key, expect=1)
     assert "HTTP 400" in refused and "not both forms" in refused
+
+
+def test_jobs_create_can_keep_a_job_out_of_co_training(cli, tenant_a, dataset_path):
+    job = json.loads(cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path),
+                         "--no-co-training", "--json", api_key=tenant_a.api_key).split("\n", 1)[1])
+    assert job["co_training"] is False
+    default = json.loads(cli("jobs", "create", "--model", "tiny-llama", "--training-file", str(dataset_path),
+                             "--json", api_key=tenant_a.api_key).split("\n", 1)[1])
+    assert default["co_training"] is True
