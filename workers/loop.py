@@ -42,7 +42,7 @@ from workers.checkpoints import (
     write_checkpoint,
 )
 from workers.datasets import read_examples
-from workers.memory_plan import DecoderShape, plan_micro_batch
+from workers.memory_plan import DecoderShape, plan_micro_batch, query_size
 from workers.packing import Batch, DataPosition, count_batches, make_batches, plan_epoch
 from workers.pretokenized import key_for, read_pretokenized
 from workers.reporting import Control, Reporter
@@ -413,6 +413,8 @@ def _max_micro_batch_sequences(
         shape=DecoderShape.from_config(model.config),
         activation_bytes=torch.finfo(compute_dtype).bits // 8,
         gradient_checkpointing=spec.gradient_checkpointing,
+        quantization=spec.quantization,
+        q_size=query_size(model.config),
     )
     if say:
         say.log(f"memory plan: {plan}; at most {plan.max_sequences(spec.max_seq_len)} sequences per micro-batch")
