@@ -24,13 +24,13 @@ CAP = 160  # tokens a pass may hold: 2 rows of 64 beside 1 row of 32, not 4 rows
 
 
 def _spec(model_dir: Path, data_dir: Path, name: str, *, seed: int, max_seq_len: int, batch_size: int,
-          accumulation: int = 1, steps: int = 3, task: str = "reverse") -> TrainingSpec:
+          accumulation: int = 1, steps: int = 3, task: str = "reverse", dropout: float = 0.1) -> TrainingSpec:
     data_dir.mkdir(parents=True, exist_ok=True)
     data = write_synthetic_dataset(data_dir / f"{name}.jsonl", 48, seed=seed, task=task)
     return TrainingSpec(
         base_model=model_dir, training_file=data,
         max_seq_len=max_seq_len, n_checkpoints=0, seed=seed,
-        lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "v_proj"]},
         hyperparameters={"n_epochs": 1, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
                          "learning_rate": 2e-3, "max_steps": steps},
     )
@@ -128,3 +128,39 @@ def test_members_at_one_sequence_that_do_not_fit_together_train_in_passes_of_the
         assert _infos(reporters[name]) == _infos(want_events)
     moved = [w for r in reporters.values() for w in _warnings(r)]
     assert len(moved) == 1 and "a forward pass of its own" in moved[0], moved
+
+
+def test_a_step_cut_short_by_out_of_memory_is_retried_from_its_first_micro_batch(tiny_model_dir, tmp_path):
+    """steady (one row, 2 micro-batches a step, unpacked rows of 49 then 61 tokens) is half-way through its
+    step 1 when the pass with wide's step 2 (2 rows, 122 tokens) runs out of memory (183 > 180 tokens; the
+    first pass held 177). steady drops its first micro-batch's gradient and retries the step, so it ends as
+    alone; wide, which fits alone, halves its micro-batch in the group and trains the same rows per step."""
+    specs = {
+        # no dropout: its masks follow the micro-batches' positions, which a split renumbers (alone too)
+        "wide": _spec(tiny_model_dir, tmp_path / "data", "wide", seed=6, max_seq_len=64, batch_size=2, dropout=0.0),
+        "steady": _spec(tiny_model_dir, tmp_path / "data", "steady", seed=17, max_seq_len=64, batch_size=1,
+                        accumulation=2, task="sort").model_copy(update={"packing": False}),
+    }
+    runtime = Runtime(max_micro_batch_tokens=180)
+    alone = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter, runtime=runtime),
+                       reporter)
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=runtime)
+
+    [warning] = _warnings(reporters["wide"])
+    assert warning.startswith("out of memory at step 2 (micro-batch of 183 tokens")
+    assert (outcomes["wide"].hyperparameters["batch_size"],
+            outcomes["wide"].hyperparameters["gradient_accumulation_steps"]) == (1, 2)
+    _assert_same_adapter(outcomes["wide"].adapter_dir, alone["wide"][0].adapter_dir)  # same rows, rounding apart
+    _assert_same_metrics(reporters["wide"], alone["wide"][1])
+
+    got, (want, want_events) = outcomes["steady"], alone["steady"]
+    assert isinstance(got, TrainingResult) and got.status == "succeeded", got
+    assert got.hyperparameters == want.hyperparameters and got.tokens_trained == want.tokens_trained
+    _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+    _assert_same_metrics(reporters["steady"], want_events)
+    assert _infos(reporters["steady"]) == _infos(want_events) and _warnings(reporters["steady"]) == []
