@@ -340,7 +340,7 @@ def _concatenated(batches: list[Batch], device: torch.device) -> tuple[dict[str,
 def _forward_backward(
     model: nn.Module, loss_module: TokenLoss, autocast: Callable, running: list[_Member]
 ) -> list[torch.Tensor]:
-    """One forward and one backward over every running member's next micro-batch; each one's summed loss."""
+    """One forward and one backward over the next micro-batch of every member in `running`; each one's summed loss."""
     from lora_core import route_tokens
 
     batches = [m.micro[m.done] for m in running]
