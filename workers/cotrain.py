@@ -14,7 +14,9 @@ is backpropagated once: adapter j touches only j's tokens, so its gradient is �
 it gets alone. A member's optimizer steps when every micro-batch of its step is in (its own batch size
 and accumulation); what follows a step — metrics, evaluation, checkpoints, early stopping, control — is
 workers.loop's, per member. A member that ends (done, cancelled, paused, failed) leaves the group and
-the others go on. In fp32 each adapter equals the one trained alone up to the rounding of larger matmuls.
+the others go on. A pass that runs out of memory is retried after the member with the most tokens in it
+gives way (`_give_way`: it backs off as alone, or takes a pass of its own). In fp32 each adapter equals
+the one trained alone up to the rounding of larger matmuls.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from workers.loop import (
     TrainState,
     add_job_adapter,
     after_step,
+    back_off,
     begin,
     claim_device,
     end,
     end_step,
     initial_state,
     load_base,
+    one_sequence_does_not_fit,
     planned_steps,
     route,
     setup_job,
@@ -87,6 +91,7 @@ class _Member:
     done: int = 0  # how many of them went through forward and backward
     counts: StepCounts | None = None
     loss_total: torch.Tensor | None = None
+    lane: int = 0  # members of one lane share a forward pass (one lane unless memory ran short, _give_way)
 
 
 def train_group(
@@ -147,29 +152,80 @@ def train_group(
             if not has_step:
                 running.remove(member)
                 _leave(member, model, done, lambda m=member: end(m.run, m.state, m.progress))
-        if not running:
-            break
-        try:
-            losses = _forward_backward(model, loss_module, autocast, running)
-        except Exception as error:  # one pass for all: every member still in it fails with it
-            for member in running:
-                _leave(member, model, done, _raise(error))
-            break
-        for member, loss in zip(list(running), losses, strict=True):
-            member.loss_total += loss
-            member.done += 1
-            if member.done < len(member.micro):
-                continue
+        for in_pass in _passes(running):
             try:
-                result = _complete_step(member)
-            except Exception as error:  # its reporter, its checkpoint, ...: this member fails alone
-                running.remove(member)
-                _leave(member, model, done, _raise(error))
+                losses = _forward_backward(model, loss_module, autocast, in_pass)
+            except torch.OutOfMemoryError as error:
+                reason = str(error) or type(error).__name__
+            except Exception as error:  # one pass: every member in it fails with it
+                for member in in_pass:
+                    running.remove(member)
+                    _leave(member, model, done, _raise(error))
                 continue
-            if result is not None:
-                running.remove(member)
-                _leave(member, model, done, lambda r=result: r)
+            else:
+                _after_pass(in_pass, losses, running, model, done)
+                continue
+            # Outside the except block: the traceback, and the activations its frames hold, are released.
+            failed = _give_way(in_pass, running, reason)
+            if failed is not None:
+                running.remove(failed)
+                _leave(failed, model, done, _raise(one_sequence_does_not_fit(failed.run, reason)))
     return outcomes
+
+
+def _passes(running: list[_Member]) -> list[list[_Member]]:
+    """The members of each lane: one forward pass each in this round."""
+    return [[m for m in running if m.lane == lane] for lane in sorted({m.lane for m in running})]
+
+
+def _after_pass(in_pass: list[_Member], losses: list[torch.Tensor], running: list[_Member], model: nn.Module,
+                done: Callable[[str, MemberOutcome], None]) -> None:
+    """Count the pass's micro-batch for each member in it; a member whose step is complete steps its optimizer."""
+    for member, loss in zip(in_pass, losses, strict=True):
+        member.loss_total += loss
+        member.done += 1
+        if member.done < len(member.micro):
+            continue
+        try:
+            result = _complete_step(member)
+        except Exception as error:  # its reporter, its checkpoint, ...: this member fails alone
+            running.remove(member)
+            _leave(member, model, done, _raise(error))
+            continue
+        if result is not None:
+            running.remove(member)
+            _leave(member, model, done, lambda r=result: r)
+
+
+def _give_way(in_pass: list[_Member], running: list[_Member], reason: str) -> _Member | None:
+    """After a pass ran out of memory: the member with the most tokens in it gives way, as it would alone.
+
+    Every member of the pass drops its step's gradients (a backward cut short may have added to them)
+    and retries its step from the first micro-batch. The member with the most tokens in the pass then
+    halves its micro-batch (`workers.loop.back_off`, as alone: the same rows per step); already at one
+    sequence, it moves to a lane of its own (a pass to itself, the others keep theirs); alone in its
+    pass at one sequence, it is returned: it fails with the error it gets alone, the others go on.
+    """
+    largest = max(in_pass, key=lambda m: m.micro[m.done].inputs["input_ids"].numel())  # rows × width
+    for member in in_pass:
+        member.run.optimizer.zero_grad(set_to_none=True)
+        member.done = 0
+        member.loss_total.zero_()
+    if in_pass[0].run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    first_line = reason.splitlines()[0]
+    if largest.state.batch_size > 1:
+        back_off(largest.run, largest.state, first_line)
+        largest.micro = []  # re-planned with the new split (workers.loop.planned_steps)
+        return None
+    if len(in_pass) == 1:
+        return largest
+    largest.lane = max(m.lane for m in running) + 1
+    if largest.run.say:
+        largest.run.say.log(
+            f"out of memory at step {largest.state.step + 1} ({first_line}) with one sequence per micro-batch "
+            f"beside {len(in_pass) - 1} other jobs: retrying it in a forward pass of its own", "warning")
+    return None
 
 
 def _check_group(members: Sequence[GroupMember], runtime: Runtime) -> None:
@@ -284,11 +340,12 @@ def _concatenated(batches: list[Batch], device: torch.device) -> tuple[dict[str,
 def _forward_backward(
     model: nn.Module, loss_module: TokenLoss, autocast: Callable, running: list[_Member]
 ) -> list[torch.Tensor]:
-    """One forward and one backward over every running member's next micro-batch; each one's summed loss."""
+    """One forward and one backward over the next micro-batch of every member in `running`; each one's summed loss."""
     from lora_core import route_tokens
 
     batches = [m.micro[m.done] for m in running]
     inputs, spans, loss_positions, labels = _concatenated(batches, running[0].run.device)
+    _check_token_cap(running[0].run.runtime, inputs["input_ids"].numel())
     routes = {
         m.run.adapter_name: route(m.run, batch, start, end)
         for m, batch, (start, end) in zip(running, batches, spans, strict=True)
@@ -304,6 +361,14 @@ def _forward_backward(
         total = sum(loss * m.counts.scale for loss, m in zip(losses, running, strict=True))
         total.backward()
     return [loss.detach() for loss in losses]
+
+
+def _check_token_cap(runtime: Runtime, n_tokens: int) -> None:
+    """The CPU stand-in for the device's memory (`Runtime.max_micro_batch_tokens`), on the pass's tokens:
+    the group's one micro-batch."""
+    cap = runtime.max_micro_batch_tokens
+    if cap is not None and n_tokens > cap:
+        raise torch.OutOfMemoryError(f"micro-batch of {n_tokens} tokens > Runtime.max_micro_batch_tokens={cap}")
 
 
 def _raise(error: BaseException) -> Callable[[], TrainingResult]:

@@ -42,7 +42,7 @@ from workers.checkpoints import (
     write_checkpoint,
 )
 from workers.datasets import read_examples
-from workers.memory_plan import DecoderShape, plan_micro_batch
+from workers.memory_plan import DecoderShape, plan_micro_batch, query_size
 from workers.packing import Batch, DataPosition, count_batches, make_batches, plan_epoch
 from workers.pretokenized import key_for, read_pretokenized
 from workers.reporting import Control, Reporter
@@ -413,6 +413,8 @@ def _max_micro_batch_sequences(
         shape=DecoderShape.from_config(model.config),
         activation_bytes=torch.finfo(compute_dtype).bits // 8,
         gradient_checkpointing=spec.gradient_checkpointing,
+        quantization=spec.quantization,
+        q_size=query_size(model.config),
     )
     if say:
         say.log(f"memory plan: {plan}; at most {plan.max_sequences(spec.max_seq_len)} sequences per micro-batch")
@@ -706,16 +708,29 @@ def _train_step_or_back_off(run: JobRun, state: TrainState, micro: list[Batch]) 
         if run.runtime.world_size > 1:
             raise
         if state.batch_size == 1:
-            raise torch.OutOfMemoryError(
-                f"{error} — even one sequence of up to max_seq_len={run.spec.max_seq_len} tokens per micro-batch "
-                "does not fit: lower max_seq_len, quantize the base (quantization 'nf4') or keep "
-                "gradient_checkpointing on"
-            ) from error
+            raise one_sequence_does_not_fit(run, error) from error
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     # Outside the except block: the traceback, and the activations its frames hold, are released.
     run.optimizer.zero_grad(set_to_none=True)
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
+    back_off(run, state, reason)
+    return None
+
+
+def one_sequence_does_not_fit(run: JobRun, error: object) -> torch.OutOfMemoryError:
+    """The error of a step that runs out of memory with one sequence per micro-batch: what to change."""
+    return torch.OutOfMemoryError(
+        f"{error} — even one sequence of up to max_seq_len={run.spec.max_seq_len} tokens per micro-batch "
+        "does not fit: lower max_seq_len, quantize the base (quantization 'nf4') or keep "
+        "gradient_checkpointing on"
+    )
+
+
+def back_off(run: JobRun, state: TrainState, reason: str) -> None:
+    """Split the micro-batch (state.batch_size > 1) by its smallest prime factor after an out-of-memory
+    error (`reason`), keeping the rows of a step; the step is to be retried from its first micro-batch
+    (`planned_steps` re-plans it). The caller has dropped the step's gradients."""
     factor = next(f for f in range(2, state.batch_size + 1) if state.batch_size % f == 0)
     state.batch_size //= factor
     state.gradient_accumulation_steps *= factor
@@ -726,7 +741,6 @@ def _train_step_or_back_off(run: JobRun, state: TrainState, micro: list[Batch]) 
             f"{state.batch_size} sequences and {state.gradient_accumulation_steps} accumulation steps",
             "warning",
         )
-    return None
 
 
 def _evaluate(run: JobRun, batch_size: int) -> dict[str, float]:

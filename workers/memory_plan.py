@@ -9,7 +9,9 @@ The terms come from fleet.memory_model (shared with the estimate a user gets bef
 - P_adapter: trainable parameters, fp32 weight + gradient + AdamW's two moments = 16 bytes each.
 - loss_logits: the chunked loss's live logits at a full chunk (about 3 × 64 MiB in bf16).
 - reserve: the CUDA context, cuBLAS/flash workspaces and allocator fragmentation (1 GiB).
-- per_token: the activations a token keeps, with or without gradient checkpointing.
+- per_token: the activations a token keeps, with or without gradient checkpointing; on an int8 base also
+  every layer's inputs of its quantized linears, which bitsandbytes keeps out of checkpointing's reach
+  (`int8_kept_input_bytes_per_token`, the term the estimate before a job runs counts too).
 
 The estimate is deliberately simple; the loop backs off on a real out-of-memory error (halving the
 micro-batch, doubling accumulation), so an optimistic plan costs one retried step, not the job.
@@ -19,16 +21,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from fleet.memory_model import (
     ADAPTER_BYTES_PER_PARAM,
     RESERVE_BYTES,
+    BaseModelShape,
     DecoderShape,
     activation_bytes_per_token,
+    int8_kept_input_bytes_per_token,
     loss_logits_bytes,
 )
 
-__all__ = ["DecoderShape", "MemoryPlan", "plan_micro_batch"]
+__all__ = ["DecoderShape", "MemoryPlan", "plan_micro_batch", "query_size"]
 
 USABLE_FRACTION = 0.9
 
@@ -55,11 +60,27 @@ def plan_micro_batch(
     shape: DecoderShape,
     activation_bytes: int = 2,
     gradient_checkpointing: bool = True,
+    quantization: str | None = None,
+    q_size: int | None = None,
     usable_fraction: float = USABLE_FRACTION,
 ) -> MemoryPlan:
-    """The token budget of one micro-batch on a device of `device_bytes` (see the module docstring)."""
+    """The token budget of one micro-batch on a device of `device_bytes` (see the module docstring).
+
+    `quantization` is the base's ("nf4", "int8" or None); `q_size` (n_attention_heads × head_dim, the
+    hidden size when None) sizes the int8 base's kept o_proj inputs.
+    """
     fixed = (weights_bytes + ADAPTER_BYTES_PER_PARAM * n_adapter_params + loss_logits_bytes(activation_bytes)
              + RESERVE_BYTES)
     per_token = activation_bytes_per_token(shape, activation_bytes, gradient_checkpointing)
+    if quantization == "int8":
+        # vocab_size and tied embeddings do not enter this term
+        base = BaseModelShape(shape, q_size or shape.hidden_size, vocab_size=0, tie_word_embeddings=True)
+        per_token += int8_kept_input_bytes_per_token(base, activation_bytes, gradient_checkpointing)
     budget = math.floor(usable_fraction * device_bytes) - fixed
     return MemoryPlan(device_bytes, fixed, per_token, max(0, budget // per_token))
+
+
+def query_size(config: Any) -> int:
+    """n_attention_heads × head_dim of a transformers config (Llama-style names; head_dim = H / heads if absent)."""
+    heads = config.num_attention_heads
+    return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)

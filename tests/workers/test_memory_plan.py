@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from workers.loop import Runtime, train
-from workers.memory_plan import DecoderShape, plan_micro_batch
+from workers.memory_plan import DecoderShape, plan_micro_batch, query_size
 from workers.reporting import ListReporter
 from workers.spec import TrainingSpec, resolve_hyperparameters
 from workers.synthetic import write_synthetic_dataset
@@ -41,6 +41,20 @@ def test_less_memory_or_no_checkpointing_fits_fewer_tokens_and_never_fewer_than_
     assert _plan(80, activation_bytes=4).max_tokens < big.max_tokens
     hopeless = _plan(3)  # not even the weights and the reserve fit
     assert hopeless.max_tokens == 0 and hopeless.max_sequences(2048) == 1
+
+
+def test_an_int8_base_counts_the_linear_inputs_bitsandbytes_keeps_through_checkpointing():
+    """bitsandbytes' int8 matmul holds its input outside checkpointing: per layer and token, the input of
+    q/k/v (H), of o (q_size), of gate/up (H) and of down (I), as fleet.memory_model's estimate counts."""
+    dense, nf4, int8 = _plan(80), _plan(80, quantization="nf4"), _plan(80, quantization="int8", q_size=2048)
+    assert nf4.bytes_per_token == dense.bytes_per_token
+    assert int8.bytes_per_token == dense.bytes_per_token + 16 * 2 * (2048 + 2048 + 2048 + 8192)
+    assert int8.fixed_bytes == dense.fixed_bytes and int8.max_tokens < dense.max_tokens
+    wide_q = _plan(80, quantization="int8", q_size=4096)  # heads × head_dim wider than H: o's input is wider
+    assert wide_q.bytes_per_token == int8.bytes_per_token + 16 * 2 * (4096 - 2048)
+    # Without checkpointing those inputs are among each layer's saved activations already.
+    assert (_plan(80, quantization="int8", gradient_checkpointing=False).bytes_per_token
+            == _plan(80, gradient_checkpointing=False).bytes_per_token)
 
 
 def test_an_auto_batch_that_does_not_fit_is_accumulated_keeping_the_step_and_learning_rate(tiny_model_dir, tmp_path):
@@ -115,3 +129,5 @@ def test_the_shape_is_read_from_a_transformers_config():
     assert DecoderShape.from_config(llama) == LLAMA_1B
     gpt2 = DecoderShape.from_config(GPT2Config(n_embd=768, n_layer=12, n_head=12))  # no intermediate_size
     assert gpt2 == DecoderShape(n_layers=12, hidden_size=768, intermediate_size=4 * 768, kv_size=768)
+    assert query_size(llama) == 2048
+    assert query_size(LlamaConfig(hidden_size=2048, num_attention_heads=16, head_dim=256)) == 4096

@@ -1,0 +1,166 @@
+"""A co-trained group that runs out of memory backs off as its members would alone (fp32, CPU).
+
+`Runtime.max_micro_batch_tokens` stands in for the device's memory: a forward pass over more tokens
+raises torch.OutOfMemoryError. In a group the pass holds every member's micro-batch, so the cap
+applies to their sum; alone, to the job's own micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.cotrain import GroupMember, train_group
+from workers.loop import Runtime, TrainingResult, train
+from workers.reporting import ListReporter
+from workers.spec import TrainingSpec
+from workers.synthetic import write_synthetic_dataset
+
+CAP = 160  # tokens a pass may hold: 2 rows of 64 beside 1 row of 32, not 4 rows of 64
+
+
+def _spec(model_dir: Path, data_dir: Path, name: str, *, seed: int, max_seq_len: int, batch_size: int,
+          accumulation: int = 1, steps: int = 3, task: str = "reverse", dropout: float = 0.1) -> TrainingSpec:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data = write_synthetic_dataset(data_dir / f"{name}.jsonl", 48, seed=seed, task=task)
+    return TrainingSpec(
+        base_model=model_dir, training_file=data,
+        max_seq_len=max_seq_len, n_checkpoints=0, seed=seed,
+        lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "v_proj"]},
+        hyperparameters={"n_epochs": 1, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
+                         "learning_rate": 2e-3, "max_steps": steps},
+    )
+
+
+def _assert_same_adapter(got: Path, want: Path, atol: float = 1e-4) -> None:
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (got, want))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"max abs difference {worst:.3g} > {atol}"
+
+
+def _assert_same_metrics(got: ListReporter, want: ListReporter) -> None:
+    assert [s for s, _ in got.metric_rows] == [s for s, _ in want.metric_rows]
+    for (step, row), (_, expected) in zip(got.metric_rows, want.metric_rows, strict=True):
+        assert row.keys() == expected.keys()
+        for key, value in row.items():
+            if key != "tokens_per_s":
+                assert math.isclose(value, expected[key], rel_tol=1e-4, abs_tol=1e-5), (step, key, value, expected[key])
+
+
+def _warnings(reporter: ListReporter) -> list[str]:
+    return [message for level, message in reporter.logs if level == "warning"]
+
+
+def _infos(reporter: ListReporter) -> list[str]:
+    return [message for level, message in reporter.logs if level != "warning" and "co-trained with" not in message]
+
+
+def test_a_group_out_of_memory_splits_its_largest_member_as_alone_and_fails_only_one_that_never_fits(
+        tiny_model_dir, tmp_path):
+    """big (4 rows of 64) halves its micro-batch as it does alone under the same cap; small (1 row of 32)
+    is untouched; huge (rows of ~192) fits no pass even with one sequence: it fails with the error it gets
+    alone, and the other two finish with the adapters, metrics and split they get alone."""
+    specs = {
+        "big": _spec(tiny_model_dir, tmp_path / "data", "big", seed=1, max_seq_len=64, batch_size=4),
+        "small": _spec(tiny_model_dir, tmp_path / "data", "small", seed=2, max_seq_len=32, batch_size=1,
+                       accumulation=2, task="sort"),
+        "huge": _spec(tiny_model_dir, tmp_path / "data", "huge", seed=3, max_seq_len=192, batch_size=2),
+    }
+    runtime = Runtime(max_micro_batch_tokens=CAP)
+    alone: dict[str, tuple[TrainingResult, ListReporter]] = {}
+    for name in ("big", "small"):
+        reporter = ListReporter()
+        alone[name] = (train(specs[name], output_dir=tmp_path / "alone" / name, reporter=reporter, runtime=runtime),
+                       reporter)
+    with pytest.raises(torch.OutOfMemoryError) as alone_error:
+        train(specs["huge"], output_dir=tmp_path / "alone" / "huge", reporter=ListReporter(), runtime=runtime)
+
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=runtime)
+
+    assert isinstance(outcomes["huge"], torch.OutOfMemoryError), outcomes["huge"]
+    assert str(outcomes["huge"]) == str(alone_error.value)  # "... even one sequence ...: lower max_seq_len, ..."
+    assert any("a forward pass of its own" in m for m in _warnings(reporters["huge"]))
+    for name in ("big", "small"):
+        got, (want, want_events) = outcomes[name], alone[name]
+        assert isinstance(got, TrainingResult) and got.status == "succeeded", got
+        assert (got.step, got.tokens_trained) == (want.step, want.tokens_trained)
+        assert got.hyperparameters == want.hyperparameters
+        _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        _assert_same_metrics(reporters[name], want_events)
+        assert _infos(reporters[name]) == _infos(want_events)
+    assert (outcomes["big"].hyperparameters["batch_size"],
+            outcomes["big"].hyperparameters["gradient_accumulation_steps"]) == (2, 2)
+    [warning] = _warnings(reporters["big"])  # the same back-off as alone; the pass it was in was larger
+    [alone_warning] = _warnings(alone["big"][1])
+    assert warning.split("): ")[1] == alone_warning.split("): ")[1] == (
+        "retrying it with micro-batches of 2 sequences and 2 accumulation steps")
+    assert "out of memory at step 1" in warning and f"max_micro_batch_tokens={CAP}" in warning
+    assert _warnings(reporters["small"]) == []
+
+
+def test_members_at_one_sequence_that_do_not_fit_together_train_in_passes_of_their_own(tiny_model_dir, tmp_path):
+    """Two jobs of one row of 64 tokens each, a cap of 100: neither needs a back-off alone, together they
+    do not fit; the larger takes a pass of its own and both end as alone."""
+    specs = {name: _spec(tiny_model_dir, tmp_path / "data", name, seed=seed, max_seq_len=64, batch_size=1,
+                         accumulation=2)
+             for name, seed in (("a", 4), ("b", 5))}
+    alone = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter), reporter)
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=100))
+
+    for name, (want, want_events) in alone.items():
+        got = outcomes[name]
+        assert isinstance(got, TrainingResult) and got.status == "succeeded", got
+        assert got.hyperparameters == want.hyperparameters  # nobody's micro-batch was split
+        _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        _assert_same_metrics(reporters[name], want_events)
+        assert _infos(reporters[name]) == _infos(want_events)
+    moved = [w for r in reporters.values() for w in _warnings(r)]
+    assert len(moved) == 1 and "a forward pass of its own" in moved[0], moved
+
+
+def test_a_step_cut_short_by_out_of_memory_is_retried_from_its_first_micro_batch(tiny_model_dir, tmp_path):
+    """steady (one row, 2 micro-batches a step, unpacked rows of 49 then 61 tokens) is half-way through its
+    step 1 when the pass with wide's step 2 (2 rows, 122 tokens) runs out of memory (183 > 180 tokens; the
+    first pass held 177). steady drops its first micro-batch's gradient and retries the step, so it ends as
+    alone; wide, which fits alone, halves its micro-batch in the group and trains the same rows per step."""
+    specs = {
+        # no dropout: its masks follow the micro-batches' positions, which a split renumbers (alone too)
+        "wide": _spec(tiny_model_dir, tmp_path / "data", "wide", seed=6, max_seq_len=64, batch_size=2, dropout=0.0),
+        "steady": _spec(tiny_model_dir, tmp_path / "data", "steady", seed=17, max_seq_len=64, batch_size=1,
+                        accumulation=2, task="sort").model_copy(update={"packing": False}),
+    }
+    runtime = Runtime(max_micro_batch_tokens=180)
+    alone = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter, runtime=runtime),
+                       reporter)
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=runtime)
+
+    [warning] = _warnings(reporters["wide"])
+    assert warning.startswith("out of memory at step 2 (micro-batch of 183 tokens")
+    assert (outcomes["wide"].hyperparameters["batch_size"],
+            outcomes["wide"].hyperparameters["gradient_accumulation_steps"]) == (1, 2)
+    _assert_same_adapter(outcomes["wide"].adapter_dir, alone["wide"][0].adapter_dir)  # same rows, rounding apart
+    _assert_same_metrics(reporters["wide"], alone["wide"][1])
+
+    got, (want, want_events) = outcomes["steady"], alone["steady"]
+    assert isinstance(got, TrainingResult) and got.status == "succeeded", got
+    assert got.hyperparameters == want.hyperparameters and got.tokens_trained == want.tokens_trained
+    _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+    _assert_same_metrics(reporters["steady"], want_events)
+    assert _infos(reporters["steady"]) == _infos(want_events) and _warnings(reporters["steady"]) == []
