@@ -20,7 +20,7 @@ from standardwebhooks.exceptions import WebhookVerificationError
 from fleet import keys
 from fleet.queue import JobStore
 from fleet.settings import make_redis
-from fleet.webhook_delivery import GROUP, Deliverer
+from fleet.webhook_delivery import BATCH, BURST_WAIT_MS, GROUP, MIN_BLOCK_MS, Deliverer
 from fleet.webhook_http import AddressRefused, post, resolve_checked
 from fleet.webhooks import EVENT_TYPES, EndpointStore, sign
 from tests.service.conftest import make_api_settings
@@ -403,3 +403,31 @@ def test_events_of_tenants_without_endpoints_are_acknowledged_without_reading_en
         assert [e["data"]["id"] for e in receiver.verified_events()] == [watched_job]
     finally:
         client.close()
+
+
+def test_under_a_stream_of_events_the_deliverer_reads_the_outbox_at_most_every_burst_wait(tmp_path, redis_server):
+    settings = make_api_settings(tmp_path, redis_server.url, **FAST_RETRIES)
+    client = make_redis(settings)
+    jobs = JobStore(client)
+    client.config_resetstat()
+    deliverer = Deliverer(client, settings)
+    started = time.monotonic()
+    deliverer.start()
+    try:
+        created = 0
+        while time.monotonic() - started < 1.0:  # one event per create, as fast as this machine goes
+            jobs.create_job("t2", model="m", training_file="f")
+            created += 1
+        deadline = time.monotonic() + 20
+        while client.xlen(keys.webhook_outbox()):
+            assert time.monotonic() < deadline, "timed out waiting for the deliverer to acknowledge every event"
+            time.sleep(0.05)
+    finally:
+        deliverer.stop()
+        elapsed_s = time.monotonic() - started
+        reads = int(client.info("commandstats")["cmdstat_xreadgroup"]["calls"])
+        client.close()
+    # Every read follows the previous one by at least BURST_WAIT_MS (after events) or MIN_BLOCK_MS (none),
+    # except after a full batch (a backlog is drained at once).
+    bound = elapsed_s / (min(BURST_WAIT_MS, MIN_BLOCK_MS) / 1000) + 2 + created / BATCH
+    assert reads <= bound, f"{reads} outbox reads for {created} events in {elapsed_s:.2f} s"
