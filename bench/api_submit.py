@@ -6,7 +6,8 @@ Both servers run as separate uvicorn processes with the same uvicorn settings (o
 log), on one throwaway redis-server, and are driven by the same httpx client code. Ours gets the full
 create path: Bearer key lookup, body validation, the training file lookup, LoRA/catalog resolution,
 quota and resource checks, the create Lua (job hash, tenant index, queue, outbox event), the "created"
-event and the rendered job with its queue position. The bare endpoint parses the JSON body into a dict,
+event and the rendered job; its webhook deliverer runs in the same process (the default), fanning out
+the `queued` event of each job it creates. The bare endpoint parses the JSON body into a dict,
 then HSETs it under a fresh id and RPUSHes the id on a list (two commands, no checks).
 
 Rounds alternate ours / bare (ABAB), so a load spike from other work hits both; the script prints each

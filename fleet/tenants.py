@@ -19,6 +19,7 @@ from fleet.settings import check_redis_client
 
 __all__ = [
     "Role",
+    "PRINCIPAL_CACHE_TTL_S",
     "Tenant",
     "ApiKey",
     "Principal",
@@ -32,6 +33,9 @@ KEY_PREFIX = "lf-"
 OPERATOR_KEY_ID = "operator"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_ID_CACHE_SIZE = 10_000
+# How long a process may keep answering for a key it authenticated without asking Redis again: a key
+# revoked elsewhere (another API process) stops working within this bound; in the revoking process at once.
+PRINCIPAL_CACHE_TTL_S = 2.0
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")  # ids end up in key names: no ':' ever
 
 
@@ -88,6 +92,8 @@ class TenantStore:
         self.redis = client
         self._admin_key = admin_key
         self._key_ids: dict[str, str] = {}  # sha256 of a raw key -> its key id (immutable once issued)
+        # sha256 of a raw key -> (its principal, time.monotonic() until which it may be answered unread)
+        self._principals: dict[str, tuple[Principal, float]] = {}
 
     def create_tenant(self, name: str) -> tuple[Tenant, str]:
         """Create a tenant and its first admin key; returns (tenant, raw key). The key is shown only once."""
@@ -166,6 +172,7 @@ class TenantStore:
         if "revoked_at" not in fields:
             pipe.hset(keys.api_key(key_id), "revoked_at", int(time.time()))
         pipe.execute()
+        self._principals.pop(fields["sha256"], None)  # this process refuses it from now on
         return self.get_key(key_id)
 
     def authenticate(self, raw_key: str) -> Principal | None:
@@ -189,5 +196,21 @@ class TenantStore:
             self._key_ids[digest] = key_id
         fields = self.redis.hgetall(keys.api_key(key_id))
         if not fields or "revoked_at" in fields or fields.get("sha256") != digest:
+            self._principals.pop(digest, None)
             return None
-        return Principal(tenant_id=fields["tenant_id"], key_id=key_id, role=fields["role"])  # type: ignore[arg-type]
+        principal = Principal(tenant_id=fields["tenant_id"], key_id=key_id, role=fields["role"])  # type: ignore[arg-type]
+        if len(self._principals) >= _KEY_ID_CACHE_SIZE:
+            self._principals.clear()
+        self._principals[digest] = (principal, time.monotonic() + PRINCIPAL_CACHE_TTL_S)
+        return principal
+
+    def recently_authenticated(self, raw_key: str) -> Principal | None:
+        """The principal for `raw_key` without touching Redis: the operator's key, or a key `authenticate`
+        accepted in this process less than PRINCIPAL_CACHE_TTL_S ago (and this process has not revoked
+        since). None means "ask `authenticate`", not "refused"."""
+        if self._admin_key is not None and hmac.compare_digest(raw_key.encode(), self._admin_key.encode()):
+            return Principal(tenant_id=None, key_id=OPERATOR_KEY_ID, role="operator")
+        cached = self._principals.get(_hash_key(raw_key))
+        if cached is None or time.monotonic() >= cached[1]:
+            return None
+        return cached[0]

@@ -4,11 +4,12 @@ The job scripts (fleet.queue_scripts) append each event to the outbox stream in 
 as the state change. A `Deliverer` reads the outbox through a consumer group (XREADGROUP; XAUTOCLAIM
 takes over what a dead deliverer read but did not finish), turns each event into one delivery per
 matching endpoint (a hash, scheduled in a sorted set by next-attempt time) and acknowledges the entry
-in the same script. Due deliveries are claimed one by one (the claim moves the score ahead, so one
-process sends each attempt; a crashed sender's claim runs out and another retries), POSTed with the
-Standard Webhooks headers, and retried with exponential backoff and jitter until the retry window
-(72 h by default) has passed. Every attempt is logged on its endpoint. Any number of deliverers may
-run at once (the API process starts one; `lorafleet webhooks` runs one on its own).
+in the same script; entries of tenants with no endpoint (usually most) are acknowledged in one script
+call per batch, without reading any endpoint. Due deliveries are claimed one by one (the claim moves
+the score ahead, so one process sends each attempt; a crashed sender's claim runs out and another
+retries), POSTed with the Standard Webhooks headers, and retried with exponential backoff and jitter
+until the retry window (72 h by default) has passed. Every attempt is logged on its endpoint. Any
+number of deliverers may run at once (the API process starts one; `lorafleet webhooks` runs one on its own).
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ logger = logging.getLogger(__name__)
 
 GROUP = "deliverers"
 OUTBOX_CLAIM_IDLE_MS = 60_000  # an outbox entry read but unfinished this long belongs to a dead deliverer
+OUTBOX_RECLAIM_EVERY_MS = 5_000  # how often to look for such entries (at most every half idle time)
 BATCH = 50
 MIN_BLOCK_MS, MAX_BLOCK_MS = 50, 1000  # an idle deliverer makes a few Redis calls a second, no more
+# After fanning out a partial batch, wait this long before reading again: an event that arrives alone is
+# handed on at once, while under a stream of events the deliverer reads (and wakes) ~20 times a second
+# instead of once per event, each read taking what arrived meanwhile (its cost in the API's process).
+BURST_WAIT_MS = 50
 SENDERS = 8  # concurrent POSTs per deliverer, so one slow receiver does not hold up the others
 _USER_AGENT = "lorafleet-webhooks/1"
 
@@ -64,6 +70,23 @@ if ARGV[1] ~= '' then
   redis.call('XDEL', KEYS[1], ARGV[2])
 end
 return #KEYS - 2
+"""
+
+# KEYS: outbox, then the endpoint index (keys.tenant_webhooks) of each entry's tenant.
+# ARGV: group, then one entry id per index key, then the ids of entries that name no tenant.
+# Acknowledges and deletes every entry whose tenant has no endpoint (or that names none); returns the ids
+# of the others, which need a fan-out.
+_ACK_UNWATCHED = """
+local watched = {}
+for i = 2, #ARGV do
+  if i <= #KEYS and redis.call('EXISTS', KEYS[i]) == 1 then
+    watched[#watched + 1] = ARGV[i]
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+  end
+end
+return watched
 """
 
 # KEYS: due.  ARGV: delivery id, claim_ms.  Claims a due delivery by moving its score claim_ms ahead
@@ -132,6 +155,9 @@ class Deliverer:
         # A claim outlives the longest attempt: resolving, connecting and reading, with room to spare.
         self._claim_ms = int((3 * settings.webhook_timeout_s + 30) * 1000)
         self._group_ready = False
+        self._ack_unwatched = client.register_script(_ACK_UNWATCHED)
+        self._reclaim_every_s = min(OUTBOX_RECLAIM_EVERY_MS, outbox_claim_idle_ms // 2) / 1000
+        self._next_reclaim = 0.0  # time.monotonic() of the next XAUTOCLAIM; the first loop runs one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._in_flight: set[str] = set()
@@ -152,7 +178,8 @@ class Deliverer:
         with ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="webhook-send") as senders:
             while not stop.is_set():
                 try:
-                    self.step(senders, block_ms=self._block_ms())
+                    if 0 < self.step(senders) < BATCH:  # events are arriving: let a batch gather
+                        stop.wait(BURST_WAIT_MS / 1000)
                 except ResponseError as e:
                     if "NOGROUP" in str(e):  # the outbox was deleted (e.g. FLUSHALL): make the group again
                         self._group_ready = False
@@ -177,21 +204,17 @@ class Deliverer:
         except RedisError as e:  # its entries (if any) are taken over by another deliverer after the idle time
             logger.info("webhook deliverer %s left its name in the group: %s", self.consumer, e)
 
-    def step(self, senders: ThreadPoolExecutor, *, block_ms: int = 200) -> None:
-        """Fan out new (and abandoned) outbox entries, then hand due deliveries to `senders`."""
+    def step(self, senders: ThreadPoolExecutor, *, block_ms: int | None = None) -> int:
+        """Hand due deliveries to `senders`, then fan out new (and abandoned) outbox entries, waiting for
+        new ones up to `block_ms` (default: until the next delivery is due, within [50 ms, 1 s]). How
+        many outbox entries it fanned out."""
         if not self._group_ready:
             self._ensure_group()
             self._group_ready = True
-        self.fan_out(block_ms=block_ms)
-        for delivery_id in self._claim_due_deliveries():
+        claimed, wait_ms = self._claim_due_deliveries()
+        for delivery_id in claimed:
             senders.submit(self._attempt_logged, delivery_id)
-
-    def _block_ms(self) -> int:
-        """How long to wait for new outbox entries: until the next delivery is due, within [50 ms, 1 s]."""
-        head = self._r.zrange(keys.webhook_due(), 0, 0, withscores=True)
-        if not head:
-            return MAX_BLOCK_MS
-        return max(MIN_BLOCK_MS, min(MAX_BLOCK_MS, int(head[0][1]) - _now_ms()))
+        return self.fan_out(block_ms=wait_ms if block_ms is None else block_ms)
 
     # --- outbox → deliveries -----------------------------------------------------------------------
     def _ensure_group(self) -> None:
@@ -202,17 +225,36 @@ class Deliverer:
                 raise
 
     def fan_out(self, *, block_ms: int) -> int:
-        """Turn outbox entries into deliveries: a dead deliverer's first, then new ones. How many entries."""
-        _, abandoned, *_ = self._r.xautoclaim(
-            keys.webhook_outbox(), GROUP, self.consumer, self._outbox_claim_idle_ms, start_id="0-0", count=BATCH
-        )
-        entries = list(abandoned)
+        """Turn outbox entries into deliveries: a dead deliverer's first (looked for every few seconds),
+        then new ones. How many entries."""
+        entries: list = []
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self._reclaim_every_s
+            _, abandoned, *_ = self._r.xautoclaim(
+                keys.webhook_outbox(), GROUP, self.consumer, self._outbox_claim_idle_ms, start_id="0-0", count=BATCH
+            )
+            entries = list(abandoned)
+            if len(entries) == BATCH:  # more may be waiting: look again on the next loop
+                self._next_reclaim = 0.0
         if not entries:
             read = self._r.xreadgroup(GROUP, self.consumer, {keys.webhook_outbox(): ">"}, count=BATCH, block=block_ms)
             entries = [entry for _, stream_entries in read for entry in stream_entries]
-        for entry_id, fields in entries:
-            self._fan_out_entry(entry_id, fields or {})
+        entries = [(entry_id, fields or {}) for entry_id, fields in entries]
+        for entry_id, fields in self._watched(entries):
+            self._fan_out_entry(entry_id, fields)
         return len(entries)
+
+    def _watched(self, entries: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
+        """The entries whose tenant has an endpoint; the others are acknowledged, in one script call."""
+        if not entries:
+            return []
+        with_tenant = [(entry_id, f["tenant_id"]) for entry_id, f in entries if f.get("tenant_id")]
+        without = [entry_id for entry_id, f in entries if not f.get("tenant_id")]
+        watched = set(self._ack_unwatched(
+            keys=[keys.webhook_outbox(), *(keys.tenant_webhooks(t) for _, t in with_tenant)],
+            args=[GROUP, *(entry_id for entry_id, _ in with_tenant), *without],
+        ))
+        return [(entry_id, fields) for entry_id, fields in entries if entry_id in watched]
 
     def _fan_out_entry(self, entry_id: str, fields: dict[str, str]) -> None:
         event_type, tenant_id = fields.get("type", ""), fields.get("tenant_id", "")
@@ -226,18 +268,29 @@ class Deliverer:
         _schedule(self._fan_out, GROUP, entry_id, event_id, event_type, body, endpoints)
 
     # --- deliveries → POSTs ------------------------------------------------------------------------
-    def _claim_due_deliveries(self) -> list[str]:
-        due = self._r.zrangebyscore(keys.webhook_due(), "-inf", _now_ms(), start=0, num=BATCH)
-        claimed = []
-        for delivery_id in due:
+    def _claim_due_deliveries(self) -> tuple[list[str], int]:
+        """Claim the deliveries due now (one read of the due set's head) and say how long the loop may
+        wait for outbox entries: until the next one is due, within [50 ms, 1 s]."""
+        head = self._r.zrange(keys.webhook_due(), 0, BATCH - 1, withscores=True)
+        now_ms = _now_ms()
+        claimed: list[str] = []
+        wait_ms = MAX_BLOCK_MS
+        for delivery_id, score in head:
+            if score > now_ms:  # the head is in due order: nothing after this one is due
+                wait_ms = int(score) - now_ms
+                break
             with self._lock:
                 if len(self._in_flight) >= 4 * SENDERS:
+                    wait_ms = MIN_BLOCK_MS  # due deliveries left for the next loop
                     break
             if self._claim_due(keys=[keys.webhook_due()], args=[delivery_id, self._claim_ms]) == 1:
                 with self._lock:
                     self._in_flight.add(delivery_id)
                 claimed.append(delivery_id)
-        return claimed
+        else:
+            if len(head) == BATCH:  # a full batch was due: more may be
+                wait_ms = MIN_BLOCK_MS
+        return claimed, max(MIN_BLOCK_MS, min(MAX_BLOCK_MS, wait_ms))
 
     def _attempt_logged(self, delivery_id: str) -> None:
         try:

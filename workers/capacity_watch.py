@@ -4,7 +4,10 @@ Every `interval_s` it reads Ray's node table (`ray.nodes()`: alive and dead node
 resources) and hands it to `fleet.capacity.CapacityStore.record_nodes`, which the scheduler admits
 against: a node that joins adds its accelerators at the next read; a node that dies takes them away
 (its jobs' Ray workers die with it, their runs fail, and the dispatcher hands them back to resume from
-their checkpoints: the infrastructure-fault path). Every dispatcher runs one; they write the same table.
+their checkpoints: the infrastructure-fault path). Every dispatcher runs one. Each report names its
+Ray cluster (the GCS address) and replaces only that cluster's nodes, so dispatchers that each run a
+private Ray cluster add up instead of overwriting each other; a cluster nobody reports for 15 intervals
+leaves the table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = ["CapacityWatch", "node_capacities"]
 logger = logging.getLogger(__name__)
 
 _INTERVAL_S = 2.0
+_EXPIRY_INTERVALS = 15  # a cluster's nodes outlive its last report by this many intervals
 
 
 def node_capacities(ray_nodes: list[dict[str, Any]], accelerator_resource: str) -> list[NodeCapacity]:
@@ -43,6 +47,7 @@ class CapacityWatch:
         self.store = CapacityStore(client)
         self.accelerator_resource = settings.accelerator_resource
         self.interval_s = interval_s
+        self.expiry_ms = int(_EXPIRY_INTERVALS * interval_s * 1000)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capacity-watch", daemon=True)
 
@@ -60,10 +65,10 @@ class CapacityWatch:
         import ray
 
         nodes = node_capacities(ray.nodes(), self.accelerator_resource)
-        gone = self.store.record_nodes(nodes)
+        gone = self.store.record_nodes(nodes, source=ray.get_runtime_context().gcs_address,
+                                       expiry_ms=self.expiry_ms)
         if gone:
-            logger.warning("Ray node(s) gone: %s; capacity now %d", ", ".join(gone),
-                           sum(n.gpus for n in nodes if n.alive))
+            logger.warning("Ray node(s) gone: %s; capacity now %d", ", ".join(gone), self.store.total_gpus())
         return nodes
 
     def _run(self) -> None:

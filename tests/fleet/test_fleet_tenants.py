@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
 from fleet import keys
 from fleet.exceptions import Conflict, InvalidRequest, NotFound
-from fleet.tenants import TenantStore
+from fleet.tenants import PRINCIPAL_CACHE_TTL_S, TenantStore
 
 
 @pytest.fixture
@@ -50,6 +51,26 @@ def test_a_key_revoked_by_another_process_is_refused_at_once_by_one_that_used_it
     other_api.revoke_key(other_api.authenticate(raw).key_id)
     assert tenants.authenticate(raw) is None
 
+
+
+def test_a_key_answered_without_redis_is_refused_within_the_ttl_after_another_process_revokes_it(tenants, r):
+    tenant, raw = tenants.create_tenant("team-a")
+    assert tenants.recently_authenticated(raw) is None  # never authenticated here: ask Redis
+    accepted = tenants.authenticate(raw)
+    assert tenants.recently_authenticated(raw) == accepted
+    assert tenants.recently_authenticated("operator-secret").is_operator
+    other_api = TenantStore(r, admin_key="operator-secret")
+    revoked_at = time.monotonic()
+    other_api.revoke_key(accepted.key_id)
+    time.sleep(max(0.0, revoked_at + PRINCIPAL_CACHE_TTL_S - time.monotonic()))
+    assert tenants.recently_authenticated(raw) is None
+    assert tenants.authenticate(raw) is None
+
+
+def test_the_revoking_process_stops_answering_for_the_key_at_once(tenants):
+    tenant, raw = tenants.create_tenant("team-a")
+    tenants.revoke_key(tenants.authenticate(raw).key_id)
+    assert tenants.recently_authenticated(raw) is None
 
 def test_tenant_admin_cannot_revoke_another_tenants_key(tenants):
     a, raw_a = tenants.create_tenant("team-a")

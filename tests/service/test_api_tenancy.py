@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
+
+from fleet.tenants import PRINCIPAL_CACHE_TTL_S
 
 
 def _upload(api_server, api_key, path):
@@ -90,6 +94,21 @@ def test_a_revoked_key_gets_401_and_other_keys_keep_working(api_server, tenant_a
         client.models.list()
     assert api_server.openai(tenant_a.api_key).models.list().data
 
+
+
+def test_a_key_revoked_through_another_api_process_stops_working_there_within_the_cache_bound(
+        api_server, api_settings, start_api_server, tenant_a):
+    other_api = start_api_server(api_settings)  # a second API process on the same Redis
+    with api_server.admin() as admin:
+        issued = admin.post(f"/v1/admin/tenants/{tenant_a.id}/keys", json={"role": "member"}).json()
+    other_api.openai(issued["api_key"]).models.list()  # authenticated there, so answered from its cache
+    revoked_at = time.monotonic()
+    with api_server.admin() as admin:
+        assert admin.delete(f"/v1/admin/keys/{issued['id']}").status_code == 200
+    time.sleep(max(0.0, revoked_at + PRINCIPAL_CACHE_TTL_S - time.monotonic()))
+    with pytest.raises(openai.AuthenticationError):
+        other_api.openai(issued["api_key"]).models.list()
+    assert other_api.openai(tenant_a.api_key).models.list().data
 
 def test_admin_api_scopes(api_server, tenant_a, tenant_b):
     with api_server.admin() as admin:

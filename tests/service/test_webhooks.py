@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from standardwebhooks.exceptions import WebhookVerificationError
 from fleet import keys
 from fleet.queue import JobStore
 from fleet.settings import make_redis
-from fleet.webhook_delivery import GROUP, Deliverer
+from fleet.webhook_delivery import BATCH, BURST_WAIT_MS, GROUP, MIN_BLOCK_MS, Deliverer
 from fleet.webhook_http import AddressRefused, post, resolve_checked
 from fleet.webhooks import EVENT_TYPES, EndpointStore, sign
 from tests.service.conftest import make_api_settings
@@ -348,3 +349,85 @@ def test_a_deliverer_carries_on_after_the_outbox_and_its_group_are_flushed(tmp_p
     finally:
         deliverer.stop()
         client.close()
+
+
+
+class _Monitor:
+    """Every command Redis runs while open (MONITOR on its own connection), as (client type, command)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.commands: list[tuple[str, str]] = []
+        self._monitor = client.monitor().__enter__()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            command = self._monitor.next_command()
+            if "monitor-end" in command["command"]:
+                return
+            self.commands.append((command["client_type"], command["command"]))
+
+    def close(self) -> list[tuple[str, str]]:
+        self._client.echo("monitor-end")
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "timed out waiting for MONITOR to see its end marker"
+        self._monitor.__exit__(None, None, None)
+        return self.commands
+
+
+def test_events_of_tenants_without_endpoints_are_acknowledged_without_reading_endpoints(
+        tmp_path, redis_server, receiver):
+    settings = make_api_settings(tmp_path, redis_server.url, **FAST_RETRIES)
+    client = make_redis(settings)
+    receiver.secret = EndpointStore(client).create("t1", receiver.url, EVENT_TYPES).secret
+    for _ in range(5):
+        JobStore(client).create_job("t2", model="m", training_file="f")  # t2 has no endpoint
+    watched_job = JobStore(client).create_job("t1", model="m", training_file="f").job.id
+    client.xadd(keys.webhook_outbox(), {"type": "adapter.version.published", "data": "{}"})  # names no tenant
+    deliverer = Deliverer(client, settings)
+    monitor = _Monitor(client)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as senders:
+            for _ in range(5):
+                deliverer.step(senders, block_ms=50)
+            receiver.wait_for("t1's event", lambda ev: len(ev) == 1)
+        commands = monitor.close()
+        sent = [command for client_type, command in commands if client_type != "lua"]
+        reads_of_t2 = [c for c in sent if keys.tenant_webhooks("t2") in c]
+        assert reads_of_t2 and all(c.startswith("EVALSHA") for c in reads_of_t2)  # only the batch's script
+        assert len([c for c in sent if c.startswith("XAUTOCLAIM")]) == 1  # every few seconds, not every loop
+        assert client.xlen(keys.webhook_outbox()) == 0
+        assert client.xpending(keys.webhook_outbox(), GROUP)["pending"] == 0
+        assert [e["data"]["id"] for e in receiver.verified_events()] == [watched_job]
+    finally:
+        client.close()
+
+
+def test_under_a_stream_of_events_the_deliverer_reads_the_outbox_at_most_every_burst_wait(tmp_path, redis_server):
+    settings = make_api_settings(tmp_path, redis_server.url, **FAST_RETRIES)
+    client = make_redis(settings)
+    jobs = JobStore(client)
+    client.config_resetstat()
+    deliverer = Deliverer(client, settings)
+    started = time.monotonic()
+    deliverer.start()
+    try:
+        created = 0
+        while time.monotonic() - started < 1.0:  # one event per create, as fast as this machine goes
+            jobs.create_job("t2", model="m", training_file="f")
+            created += 1
+        deadline = time.monotonic() + 20
+        while client.xlen(keys.webhook_outbox()):
+            assert time.monotonic() < deadline, "timed out waiting for the deliverer to acknowledge every event"
+            time.sleep(0.05)
+    finally:
+        deliverer.stop()
+        elapsed_s = time.monotonic() - started
+        reads = int(client.info("commandstats")["cmdstat_xreadgroup"]["calls"])
+        client.close()
+    # Every read follows the previous one by at least BURST_WAIT_MS (after events) or MIN_BLOCK_MS (none),
+    # except after a full batch (a backlog is drained at once).
+    bound = elapsed_s / (min(BURST_WAIT_MS, MIN_BLOCK_MS) / 1000) + 2 + created / BATCH
+    assert reads <= bound, f"{reads} outbox reads for {created} events in {elapsed_s:.2f} s"
