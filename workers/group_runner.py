@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet.exceptions import PauseWithdrawn
+from fleet.exceptions import FencedOut, PauseWithdrawn
 from fleet.fencing import Fence
 from fleet.jobs import Job, JobStatus
 from fleet.log_format import WorkerLogging
@@ -133,6 +133,10 @@ class GroupRunner:
             for member in self.members:
                 member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
             raise
+        except FencedOut as e:  # one member's attempt ended under the group: not the others' error
+            logger.warning("co-training group %s stopped: %s; handing the members back", self.group_id, e)
+            for member in self.members:  # fenced: a member that already ended is left as it is
+                member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
         except Exception as e:  # outside any one member (Redis away, Ray refusing the reservation): each as alone
             logger.warning("co-training group %s stopped: %s", self.group_id, e)
             for member in self.members:  # fenced: a member that already ended is left as it is
@@ -145,6 +149,14 @@ class GroupRunner:
                 with contextlib.suppress(OSError):
                     work_dir.parent.rmdir()
                 member.end_sweep_if_done()
+
+    def _say(self, member: JobRunner, level: str, message: str) -> None:
+        """One event in `member`'s log, fenced by its claim: a member whose attempt already ended (a
+        cancel, a lost lease) is left as it is; the others go on."""
+        try:
+            member.jobs.leases.append_event(member.claim.fence, level, message)
+        except FencedOut as e:
+            logger.info("co-training group %s: %s: %s", self.group_id, member.claim.job.id, e)
 
     def _run_group(self, beats: dict[str, Heartbeat]) -> None:
         staged: dict[str, tuple[JobRunner, StagedJob]] = {}
@@ -162,9 +174,8 @@ class GroupRunner:
         entries = []
         for job_id, (member, ready) in staged.items():
             claim = member.claim
-            member.jobs.leases.append_event(
-                claim.fence, "info", f"Co-training with {len(staged) - 1} other job(s) on {ready.base_name} "
-                f"(group {self.group_id}): one process holds one copy of the base.")
+            self._say(member, "info", f"Co-training with {len(staged) - 1} other job(s) on {ready.base_name} "
+                      f"(group {self.group_id}): one process holds one copy of the base.")
             entries.append(GroupEntry(job_id, ready.inputs, JobReporterFactory(self.settings, claim.job.tenant_id,
                                                                                claim.fence),
                                       MemberEnd(self.settings, claim.job, claim.fence, ready)))
@@ -175,16 +186,22 @@ class GroupRunner:
             if self._shutdown.is_set():
                 return "shutdown"
             for job_id, (member, _) in staged.items():  # a cancel ends that job now; the others go on
-                if job_id not in ended and beats[job_id].control == "cancel":
+                if job_id in ended:
+                    continue
+                if beats[job_id].lost.is_set():  # requeued (maybe running elsewhere) or ended: no write
+                    ended.add(job_id)
+                elif beats[job_id].control == "cancel":
                     ended.add(job_id)
                     member.finish_quietly(member.claim.fence, JobStatus.CANCELLED)
-            return None
+            # Each member leaves the Ray task at its next step (its reporter is fenced out); once none
+            # is left, the task is stopped so that it does not hold the GPU for nobody.
+            return "every member has ended" if len(ended) == len(staged) else None
 
-        if not self._reserve(gang, staged, should_stop):
+        if not self._reserve(gang, staged, ended, should_stop):
             return
-        for member, _ in staged.values():
-            member.jobs.leases.append_event(member.claim.fence, "info",
-                                            f"Starting training on Ray ({gang.describe()}, co-trained).")
+        for job_id, (member, _) in staged.items():
+            if job_id not in ended:
+                self._say(member, "info", f"Starting training on Ray ({gang.describe()}, co-trained).")
         try:
             outcomes = run_group_on_ray(entries, resources=gang.bundle, train_on_cpu=gang.train_on_cpu,
                                         name=f"{self.group_id}-group", should_stop=should_stop,
@@ -204,27 +221,30 @@ class GroupRunner:
             elif outcome is None:  # never reported: hand it back to resume from its checkpoint
                 member.finish_quietly(member.claim.fence, JobStatus.QUEUED)
 
-    def _reserve(self, gang: Gang, staged: dict[str, tuple[JobRunner, StagedJob]],
+    def _reserve(self, gang: Gang, staged: dict[str, tuple[JobRunner, StagedJob]], ended: set[str],
                  should_stop: Callable[[], str | None]) -> bool:
         """Gang admission on Ray for the group, as for a job alone (JobRunner._reserve_gang): the group's
         gang fits within placement_timeout_s, or every member goes back to the queue, parked for that
-        long. False when the group does not go on (handed back, or the dispatcher stops)."""
+        long. False when the group does not go on (handed back, the dispatcher stops, or every member
+        ended while it waited: `ended`, kept by `should_stop`)."""
         timeout_s = self.settings.placement_timeout_s
         for member, _ in staged.values():
-            member.jobs.leases.append_event(member.claim.fence, "info",
-                                            f"Reserving {gang.describe()} on Ray; waiting for resources.")
+            self._say(member, "info", f"Reserving {gang.describe()} on Ray; waiting for resources.")
 
         def check_stop() -> None:
-            if should_stop() == "shutdown":
-                raise GangNotPlaced("the dispatcher is stopping")
+            reason = should_stop()
+            if reason is not None:
+                raise GangNotPlaced(f"the group stopped waiting: {reason}")
 
         try:
             reserve_gang(gang, timeout_s=timeout_s, check_stop=check_stop, name=f"{self.group_id}-group")
         except GangNotPlaced as e:
             shutting_down = self._shutdown.is_set()
-            for member, _ in staged.values():
+            for job_id, (member, _) in staged.items():
+                if job_id in ended:  # cancelled or lost while the group waited: its attempt is over
+                    continue
                 if not shutting_down:
-                    member.jobs.leases.append_event(member.claim.fence, "warn", f"{e}; requeued.")
+                    self._say(member, "warn", f"{e}; requeued.")
                 retry = {} if shutting_down else {"retry_after_ms": int(timeout_s * 1000)}
                 member.finish_quietly(member.claim.fence, JobStatus.QUEUED, **retry)
             return False
