@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import threading
 from collections.abc import Callable
@@ -84,7 +85,9 @@ class GroupRunner:
 
     def __init__(self, dispatcher: Dispatcher, claims: list[Claim], group_id: str, *,
                  on_exit: Callable[[], object] | None = None) -> None:
-        self.group_id = group_id
+        self.group_id = group_id  # the leader's job id and attempt (fleet.co_training): operators' logs only
+        # What tenants read: the group id names another tenant's job, so their events carry an opaque one.
+        self.public_id = f"cog-{secrets.token_hex(6)}"
         self.settings, self.jobs = dispatcher.settings, dispatcher.jobs
         self.members = [JobRunner(dispatcher, claim) for claim in claims]
         self._on_exit = on_exit
@@ -122,7 +125,8 @@ class GroupRunner:
 
     def run(self) -> None:
         """Run the group to each member's end; never raises for a job's own failure."""
-        logger.info("running co-training group %s: %s", self.group_id, [c.job.id for c in self.claims])
+        logger.info("running co-training group %s (tenants see %s): %s", self.group_id, self.public_id,
+                    [c.job.id for c in self.claims])
         try:
             with contextlib.ExitStack() as stack:
                 beats = {m.claim.job.id: stack.enter_context(Heartbeat(self.jobs, m.claim, self.settings,
@@ -175,7 +179,7 @@ class GroupRunner:
         for job_id, (member, ready) in staged.items():
             claim = member.claim
             self._say(member, "info", f"Co-training with {len(staged) - 1} other job(s) on {ready.base_name} "
-                      f"(group {self.group_id}): one process holds one copy of the base.")
+                      f"(group {self.public_id}): one process holds one copy of the base.")
             entries.append(GroupEntry(job_id, ready.inputs, JobReporterFactory(self.settings, claim.job.tenant_id,
                                                                                claim.fence),
                                       MemberEnd(self.settings, claim.job, claim.fence, ready)))

@@ -1,8 +1,10 @@
 """A co-training group while it waits for Ray (workers.group_runner): one member cancelled or lost does
-not strand the others, a group whose members all ended stops waiting."""
+not strand the others, a group whose members all ended stops waiting, and tenants' events name the
+group by an opaque id, never by another tenant's job id."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,17 @@ def test_a_group_whose_members_all_lost_their_leases_stops_waiting_and_writes_no
     for job_id in group.ids:  # requeued by lease expiry alone: the old group wrote nothing after it
         assert group.status(job_id) == JobStatus.QUEUED
         assert not any(m.endswith("; requeued.") for m in group.messages(job_id))
+
+
+def test_tenants_events_name_the_group_by_an_opaque_id(redis_server, tmp_path, tiny_model_dir, ray_cluster):
+    group = Group(redis_server.url, tmp_path, tiny_model_dir, placement_timeout_s=300)
+    try:
+        for job_id in group.ids:
+            text = "\n".join(group.messages(job_id))
+            assert f"(group {group.runner.public_id})" in text
+            for other in group.ids:
+                assert other == job_id or other not in text, f"{job_id}'s events name another tenant's job {other}"
+    finally:
+        stopper = threading.Thread(target=group.dispatcher.hand_back_running_jobs, daemon=True)
+        stopper.start()
+        stopper.join(timeout=30)
