@@ -647,7 +647,7 @@ return {'none', preempted}
 # ARGV: worker_id, lease_ms, claim_token (fresh), clock_ms ('' = Redis's), leader job id, leader attempt,
 #       leader claim token, max_members, mem_left (bytes; '' = unchecked), member_fixed_bytes, bytes_per_rank
 # A job may join when it is its tenant's queue head (a tenant's own order holds), co-trainable
-# (co_training not false, one worker) with the leader's base model, quantization and GPUs per worker,
+# (co_training not false, one worker holding one GPU) with the leader's base model and quantization,
 # its tenant's quota admits its share (gpus / members after it joins) and its memory estimate
 # (member_fixed_bytes + bytes_per_rank × its rank) fits mem_left. Among those, the order is ADMIT's
 # (entry_before: within nominal first, lower entry score, fewer GPUs held per weight, priority, age;
@@ -665,7 +665,10 @@ local function co_key(job_key)
   local ok, spec = pcall(cjson.decode, v[1])
   if not ok or type(spec) ~= 'table' or spec.co_training == false then return nil end
   local res = spec.resources
-  if type(res) ~= 'table' or tonumber(res.workers) ~= 1 then return nil end
+  -- one worker on one device: a group trains in one process on one device (workers.cotrain)
+  if type(res) ~= 'table' or tonumber(res.workers) ~= 1 or (tonumber(res.gpus_per_worker) or 1) ~= 1 then
+    return nil
+  end
   local quant = spec.quantization
   if type(quant) ~= 'string' then quant = '' end
   local r = 8

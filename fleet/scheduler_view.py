@@ -204,7 +204,7 @@ def _co_training_key(spec_json: str | None, base: str | None) -> str | None:
         return None
     spec = json.loads(spec_json)
     resources = spec.get("resources") or {}
-    if spec.get("co_training") is False or resources.get("workers", 1) != 1:
+    if spec.get("co_training") is False or resources.get("workers", 1) != 1 or resources.get("gpus_per_worker", 1) != 1:
         return None
     return f"{base}|{spec.get('quantization') or ''}|{resources.get('gpus_per_worker', 1)}"
 

@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     )
     co_training_memory_gib: float | None = Field(
         default=None, gt=0,
-        description="Accelerator memory a co-training group may fill (GiB per GPU of the group): members join only "
+        description="Accelerator memory a co-training group may fill (GiB of its one device): members join only "
                     "while the estimate (workers/co_training_plan.py) fits. Unset: not checked (CPU logical "
                     "accelerators); set it on GPU clusters.",
     )

@@ -214,9 +214,10 @@ class Dispatcher:
 
     def _join_co_training_group(self, leader: Claim) -> list[GroupJoin]:
         """Claim the jobs that join the just-claimed `leader` in a co-training group (fleet.co_training;
-        none when co-training is off, the leader opted out or runs a gang of several workers)."""
+        none when co-training is off, the leader opted out or holds more than one GPU: a group trains on
+        one device)."""
         job, most = leader.job, self.settings.co_training_max_group
-        if most < 2 or not job.spec.co_training or job.resources.workers != 1:
+        if most < 2 or not job.spec.co_training or job.resources.total_gpus != 1:  # one process, one device
             return []
         memory = self._co_training_memory(job)
         joined: list[GroupJoin] = []
@@ -242,7 +243,7 @@ class Dispatcher:
             base = self.catalog.get(job.base_model or job.model)
         except InvalidRequest:  # not in the catalog: the job fails on its own; nothing joins it
             return MemberMemory(budget_bytes=0, member_fixed_bytes=1, bytes_per_rank=0)
-        device_bytes = int(gib * 2**30 * job.resources.total_gpus)
+        device_bytes = int(gib * 2**30)  # the group trains on one device (workers.cotrain)
         return group_memory(Path(base.path), job.spec.quantization or base.quantization,
                             device_bytes=device_bytes, leader_rank=job.spec.lora.r)
 

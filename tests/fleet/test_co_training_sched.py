@@ -123,16 +123,16 @@ def test_memory_budget_limits_who_joins(r):
 
 def test_shares_grow_back_as_members_leave_and_the_last_returns_the_gpus(r):
     c = Cluster(r, 2)
-    ids = [_submit(c, t, gpus_per_worker=2) for t in "abc"]
+    ids = [_submit(c, t) for t in "abc"]  # one GPU each: a group trains on one device
     leader = _lead(c)
     _join_all(c, leader)
-    held = _held(c)  # 2000 milli-GPUs in three, summing exactly (which member gets the odd one: by job id)
-    assert set(held) == {"a", "b", "c"} and sorted(held.values()) == [0.666, 0.667, 0.667]
+    held = _held(c)  # 1000 milli-GPUs in three, summing exactly (which member gets the odd one: by job id)
+    assert set(held) == {"a", "b", "c"} and sorted(held.values()) == [0.333, 0.333, 0.334]
     c.finish(ids[1], at=1 * S)
-    assert _held(c) == {"a": 1, "c": 1}
+    assert _held(c) == {"a": 0.5, "c": 0.5}
     c.finish(leader, at=2 * S, status=JobStatus.FAILED)  # the leader may leave first: the group goes on
-    assert _held(c) == {"c": 2}
-    assert c.allocated() == 2
+    assert _held(c) == {"c": 1}
+    assert c.allocated() == 1
     c.finish(ids[2], at=3 * S)
     assert _held(c) == {} and c.allocated() == 0
     assert r.hlen(keys.sched_co_member_of()) == 0 and not r.smembers(keys.sched_holding())
