@@ -15,7 +15,9 @@ it gets alone. A member's optimizer steps when every micro-batch of its step is 
 and accumulation); what follows a step — metrics, evaluation, checkpoints, early stopping, control — is
 workers.loop's, per member. A member that ends (done, cancelled, paused, failed) leaves the group and
 the others go on. A pass that runs out of memory is retried after the member with the most tokens in it
-gives way (`_give_way`: it backs off as alone, or takes a pass of its own). In fp32 each adapter equals
+gives way (`_give_way`: it backs off as alone, or takes a pass of its own); a pass that fails otherwise
+is retried with each of its members in a pass of its own (`_retry_alone`), and only a member whose own
+pass fails gets the error. In fp32 each adapter equals
 the one trained alone up to the rounding of larger matmuls.
 """
 
@@ -157,10 +159,12 @@ def train_group(
                 losses = _forward_backward(model, loss_module, autocast, in_pass)
             except torch.OutOfMemoryError as error:
                 reason = str(error) or type(error).__name__
-            except Exception as error:  # one pass: every member in it fails with it
-                for member in in_pass:
-                    running.remove(member)
-                    _leave(member, model, done, _raise(error))
+            except Exception as error:  # alone in its pass, the member fails; shared, each retries alone
+                if len(in_pass) == 1:
+                    running.remove(in_pass[0])
+                    _leave(in_pass[0], model, done, _raise(error))
+                else:
+                    _retry_alone(in_pass, running, error)
                 continue
             else:
                 _after_pass(in_pass, losses, running, model, done)
@@ -207,12 +211,7 @@ def _give_way(in_pass: list[_Member], running: list[_Member], reason: str) -> _M
     pass at one sequence, it is returned: it fails with the error it gets alone, the others go on.
     """
     largest = max(in_pass, key=lambda m: m.micro[m.done].inputs["input_ids"].numel())  # rows × width
-    for member in in_pass:
-        member.run.optimizer.zero_grad(set_to_none=True)
-        member.done = 0
-        member.loss_total.zero_()
-    if in_pass[0].run.device.type == "cuda":
-        torch.cuda.empty_cache()
+    _reset_step(in_pass)
     first_line = reason.splitlines()[0]
     if largest.state.batch_size > 1:
         back_off(largest.run, largest.state, first_line)
@@ -226,6 +225,33 @@ def _give_way(in_pass: list[_Member], running: list[_Member], reason: str) -> _M
             f"out of memory at step {largest.state.step + 1} ({first_line}) with one sequence per micro-batch "
             f"beside {len(in_pass) - 1} other jobs: retrying it in a forward pass of its own", "warning")
     return None
+
+
+def _retry_alone(in_pass: list[_Member], running: list[_Member], error: Exception) -> None:
+    """After a shared pass failed with an error that is not out-of-memory: nobody can tell whose tokens
+    caused it, so every member of the pass drops its step's gradients (as in `_give_way`) and retries
+    its step in a lane of its own. A member whose own pass fails then gets the error; the others go on."""
+    first_line = (str(error) or type(error).__name__).splitlines()[0]
+    _reset_step(in_pass)
+    lane = max(m.lane for m in running)
+    for member in in_pass:
+        lane += 1
+        member.lane = lane
+        if member.run.say:
+            member.run.say.log(f"a forward pass shared with {len(in_pass) - 1} other jobs failed at step "
+                               f"{member.state.step + 1} ({type(error).__name__}: {first_line}): retrying "
+                               "the step in a pass of its own", "warning")
+
+
+def _reset_step(in_pass: list[_Member]) -> None:
+    """Every member of a failed pass drops its step's gradients (a backward cut short may have added to
+    them) and retries its step from the first micro-batch."""
+    for member in in_pass:
+        member.run.optimizer.zero_grad(set_to_none=True)
+        member.done = 0
+        member.loss_total.zero_()
+    if in_pass[0].run.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _check_group(members: Sequence[GroupMember], runtime: Runtime) -> None:
