@@ -60,6 +60,7 @@ def test_four_tenants_jobs_co_train_as_one_group_and_publish_four_peft_loadable_
         membership = _group_of(client, job.id)
         assert membership is not None, f"{job.id} did not train in a group"
         assert membership[0] == 3
+        assert not any(j.id in membership[1] for _, _, j in submitted), membership  # names no tenant's job
         groups.add(membership[1])
         version_dir = _download_version(server, tenant.api_key, done.fine_tuned_model, tmp_path / f"dl-{job.id}")
         _assert_loads_in_ours_and_peft(version_dir, tiny_model_dir)
