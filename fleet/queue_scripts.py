@@ -98,17 +98,31 @@ end
 # max_queued_jobs quota (its parked jobs count) gets {'quota', 'max_queued_jobs', limit}, and a job over
 # the tenant's nominal quota plus its borrowing limit (it could never start) gets {'too_large', gpus,
 # nominal, borrowing limit}: nothing is created (a replay of an Idempotency-Key still answers with its job).
+# The Idempotency-Key of a create (KEYS[3] when ARGV[3] is '1'; ARGV[4] the body's sha256, ARGV[5] the
+# key's lifetime in seconds, ARGV[1] the job created): CREATE and fleet.sweep_scripts.CREATE_SWEEP both
+# answer a replay with {'existing', job} (the same body) or {'conflict', job} (another body).
+IDEMPOTENCY = """
+local function replayed_key()
+  if ARGV[3] ~= '1' then return nil end
+  local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
+  if not seen[1] then return nil end
+  if seen[2] == ARGV[4] then return {'existing', seen[1]} end
+  return {'conflict', seen[1]}
+end
+local function remember_key()
+  if ARGV[3] ~= '1' then return end
+  redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
+end
+"""
+
 CREATE = (
     PRELUDE
+    + IDEMPOTENCY
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end
-if ARGV[3] == '1' then
-  local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
-  if seen[1] then
-    if seen[2] == ARGV[4] then return {'existing', seen[1]} end
-    return {'conflict', seen[1]}
-  end
-end
+local replay = replayed_key()
+if replay then return replay end
 local max_queued = quota_field(ARGV[2], 'max_queued_jobs')
 if max_queued and queued_jobs(ARGV[2]) >= max_queued then
   return {'quota', 'max_queued_jobs', int(max_queued)}
@@ -123,10 +137,7 @@ CLOCK = clock_arg(ARGV[6])
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'seq', seq, 'queue_seq', seq, unpack(tail(9)))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
-end
+remember_key()
 enqueue(ARGV[2], ARGV[1], false, now_ms())
 emit_job('queued', ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'created_at', ARGV[8], 'level', 'info',

@@ -5,7 +5,7 @@ prelude's fencing, outcomes as the first element of the reply, the Redis server'
 from __future__ import annotations
 
 from fleet import keys
-from fleet.queue_scripts import PRELUDE
+from fleet.queue_scripts import IDEMPOTENCY, PRELUDE
 
 __all__ = ["CREATE_SWEEP", "SUBMIT_CANDIDATE", "CLAIM_FINISH", "RENEW_FINISH", "END_PARENT"]
 
@@ -22,15 +22,11 @@ __all__ = ["CREATE_SWEEP", "SUBMIT_CANDIDATE", "CLAIM_FINISH", "RENEW_FINISH", "
 # nominal quota plus borrowing limit gets {'too_large', gpus, nominal, borrowing limit}, as CREATE.
 CREATE_SWEEP = (
     PRELUDE
+    + IDEMPOTENCY
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'existing', ARGV[1]} end
-if ARGV[3] == '1' then
-  local seen = redis.call('HMGET', KEYS[3], 'job_id', 'body_sha256')
-  if seen[1] then
-    if seen[2] == ARGV[4] then return {'existing', seen[1]} end
-    return {'conflict', seen[1]}
-  end
-end
+local replay = replayed_key()
+if replay then return replay end
 local tenant, n = ARGV[2], tonumber(ARGV[8])
 local pos = 10
 local function fields_at()  -- the field/value list at `pos`, its count first
@@ -61,10 +57,7 @@ end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'seq', seq, unpack(parent_fields))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
-if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[3], 'job_id', ARGV[1], 'body_sha256', ARGV[4])
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
-end
+remember_key()
 redis.call('HSET', KEYS[5], 'tenant_id', tenant, 'expected', n, 'state', 'running')
 redis.call('SADD', KEYS[6], ARGV[1])
 emit_job('running', tenant, ARGV[1])
