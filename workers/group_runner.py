@@ -19,7 +19,6 @@ import contextlib
 import logging
 import secrets
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from workers.job_runner import Heartbeat, JobRunner, StagedJob, publish_version
 from workers.loop import TrainingResult
 from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_train import GroupEntry, TrainingAborted, run_group_on_ray
+from workers.runner_thread import RunnerThread
 
 if TYPE_CHECKING:
     from workers.dispatcher import Dispatcher
@@ -79,7 +79,7 @@ class MemberEnd:
             client.close()
 
 
-class GroupRunner:
+class GroupRunner(RunnerThread):
     """The claimed attempts of one co-training group, on their own thread (`start`) or the caller's
     (`run`); `shut_down()` hands every member back (dispatcher shutdown)."""
 
@@ -90,35 +90,11 @@ class GroupRunner:
         self.public_id = f"cog-{secrets.token_hex(6)}"
         self.settings, self.jobs = dispatcher.settings, dispatcher.jobs
         self.members = [JobRunner(dispatcher, claim) for claim in claims]
-        self._on_exit = on_exit
-        self._shutdown = threading.Event()
-        self._thread = threading.Thread(target=self._run_then_signal, name=f"group-{group_id}", daemon=True)
+        super().__init__(f"group-{group_id}", on_exit)  # shut_down(): every member handed back, its Ray task killed
 
     @property
     def claims(self) -> list[Claim]:
         return [m.claim for m in self.members]
-
-    def start(self) -> GroupRunner:
-        self._thread.start()
-        return self
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        if self._thread.ident is not None:
-            self._thread.join(timeout_s)
-
-    def shut_down(self) -> None:
-        """Hand every member back at once, wherever the group is (its Ray task is killed)."""
-        self._shutdown.set()
-
-    def _run_then_signal(self) -> None:
-        try:
-            self.run()
-        finally:
-            if self._on_exit is not None:
-                self._on_exit()
 
     def _work_dir(self, member: JobRunner) -> Path:
         return member.work_root / member.claim.job.id / f"attempt-{member.claim.attempt}"

@@ -39,6 +39,7 @@ from workers.loop import TrainingResult
 from workers.placement import Gang, GangNotPlaced, gang_for, reserve_gang
 from workers.ray_storage import RayStorage, ray_storage_for
 from workers.ray_train import TrainingAborted, TrainingSetupError, run_training_on_ray
+from workers.runner_thread import RunnerThread
 from workers.spec import AUTO_BASE_LEARNING_RATE, TrainingHyperparameters, TrainingSpec
 
 if TYPE_CHECKING:
@@ -296,7 +297,7 @@ def _caused_by_redis_outage(error: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------ one job
-class JobRunner:
+class JobRunner(RunnerThread):
     """One claimed attempt of one job, from its heartbeat's start to the job's end, on its own thread
     (`start`) or the caller's (`run`). Everything it holds is this attempt's: the claim, its work dir,
     the phases it stopped waiting for. `shut_down()` hands the job back (dispatcher shutdown)."""
@@ -308,32 +309,11 @@ class JobRunner:
         self.sweeps = dispatcher.sweeps
         self.work_root = dispatcher.work_root
         self._abandoned: list[threading.Thread] = []
-        self._shutdown = threading.Event()
-        self._on_exit = on_exit
-        self._thread = threading.Thread(target=self._run_then_signal, name=f"job-{claim.job.id}", daemon=True)
-
-    def start(self) -> JobRunner:
-        self._thread.start()
-        return self
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        if self._thread.ident is not None:
-            self._thread.join(timeout_s)
-
-    def shut_down(self) -> None:
-        """Hand the job back at once, wherever it is (the run on Ray is torn down)."""
-        self._shutdown.set()
+        super().__init__(f"job-{claim.job.id}", on_exit)  # shut_down(): hand the job back, the run on Ray torn down
 
     def _run_then_signal(self) -> None:
         set_job_log_context(self.claim.job.id, self.claim.job.tenant_id)  # this thread's lines name the job
-        try:
-            self.run()
-        finally:
-            if self._on_exit is not None:
-                self._on_exit()
+        super()._run_then_signal()
 
     def run(self) -> None:
         """Run the claimed attempt to its end; never raises for a job's own failure.
