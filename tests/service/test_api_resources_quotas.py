@@ -1,4 +1,4 @@
-"""Resources and priority on job create, the submit-time limits (400s, the 429 with Retry-After), and the
+"""Resources, priority and co_training on job create, the submit-time limits (400s, the 429 with Retry-After), and the
 operator's quota API, over real HTTP on a real redis-server."""
 
 from __future__ import annotations
@@ -235,3 +235,22 @@ def test_a_high_priority_job_is_placed_before_the_tenants_earlier_normal_ones(ap
         in_order = [urgent["id"], *normal, low["id"]]
         positions = [c.get(f"/v1/fine_tuning/jobs/{j}").json()["queue_position"] for j in in_order]
     assert positions == [1, 2, 3, 4]
+
+
+def test_a_job_may_opt_out_of_co_training_and_shows_it(api_server, tenant_a, training_file):
+    default = _create(api_server, tenant_a, training_file)
+    assert default.status_code == 200, default.text
+    assert default.json()["co_training"] is True
+    alone = _create(api_server, tenant_a, training_file, co_training=False)
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["co_training"] is False
+    again = api_server.openai(tenant_a.api_key).fine_tuning.jobs.retrieve(alone.json()["id"])
+    assert again.model_extra["co_training"] is False
+    stored = JobStore(make_redis(api_server.settings)).load_job(alone.json()["id"])
+    assert stored.spec.co_training is False  # what the scheduler reads
+
+
+def test_a_non_boolean_co_training_is_a_400_naming_the_field(api_server, tenant_a, training_file):
+    response = _create(api_server, tenant_a, training_file, co_training="sometimes")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "co_training"
