@@ -14,7 +14,9 @@ is backpropagated once: adapter j touches only j's tokens, so its gradient is �
 it gets alone. A member's optimizer steps when every micro-batch of its step is in (its own batch size
 and accumulation); what follows a step — metrics, evaluation, checkpoints, early stopping, control — is
 workers.loop's, per member. A member that ends (done, cancelled, paused, failed) leaves the group and
-the others go on. A pass that runs out of memory is retried after the member with the most tokens in it
+the others go on. On a device (or under `Runtime.max_micro_batch_tokens`) the members' micro-batches share
+one pass's token budget (`_plan_split`, workers.memory_plan.plan_group_micro_batches), re-planned when a
+member leaves. A pass that runs out of memory is retried after the member with the most tokens in it
 gives way (`_give_way`: it backs off as alone, or takes a pass of its own); a pass that fails otherwise
 is retried with each of its members in a pass of its own (`_retry_alone`), and only a member whose own
 pass fails gets the error. In fp32 each adapter equals
@@ -55,7 +57,8 @@ from workers.loop import (
     step_counts,
     uses_bf16,
 )
-from workers.packing import Batch
+from workers.memory_plan import DecoderShape, MemberSplit, plan_group_micro_batches, plan_micro_batch, query_size
+from workers.packing import Batch, DataPosition
 from workers.reporting import Reporter
 from workers.reporting_thread import ThreadedReporter
 from workers.spec import TrainingSpec
@@ -94,6 +97,8 @@ class _Member:
     counts: StepCounts | None = None
     loss_total: torch.Tensor | None = None
     lane: int = 0  # members of one lane share a forward pass (one lane unless memory ran short, _give_way)
+    most: int = 0  # most sequences per micro-batch: its split as set up alone, lowered by a back-off
+    planned: tuple[int, str] | None = None  # the group plan's micro-batch for its next step, and why
 
 
 def train_group(
@@ -143,9 +148,16 @@ def train_group(
         if m is not None
     ]
     autocast = running[0].run.autocast if running else None
+    budget = _PassBudget(model, device, compute_dtype, checkpointing, first.quantization, runtime)
+    planned_for: set[str] = set()
     while running:
+        if {m.job_id for m in running} != planned_for:  # at the start, and after a member left
+            _plan_split(running, budget(), first_plan=not planned_for)
+            planned_for = {m.job_id for m in running}
         for member in list(running):
             try:
+                if not member.micro:
+                    _take_planned_split(member)
                 has_step = bool(member.micro) or _next_step(member)
             except Exception as error:  # its own data or plan: this member fails, the others go on
                 running.remove(member)
@@ -215,6 +227,7 @@ def _give_way(in_pass: list[_Member], running: list[_Member], reason: str) -> _M
     first_line = reason.splitlines()[0]
     if largest.state.batch_size > 1:
         back_off(largest.run, largest.state, first_line)
+        largest.most, largest.planned = largest.state.batch_size, None  # no plan grows it back past this
         largest.micro = []  # re-planned with the new split (workers.loop.planned_steps)
         return None
     if len(in_pass) == 1:
@@ -315,7 +328,81 @@ def _start(
         _close(threaded)
         done(member.job_id, error)
         return None
-    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded)
+    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded, most=state.batch_size)
+
+
+class _PassBudget:
+    """The tokens one group pass may hold, or None where nothing is planned (a CPU without
+    `Runtime.max_micro_batch_tokens`, as alone). On CUDA: workers.memory_plan.plan_micro_batch with the one
+    base and the adapter state of every member still in the model (16 bytes a parameter), so it grows
+    as members leave; the CPU stand-in's cap as well where set."""
+
+    def __init__(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype, checkpointing: bool,
+                 quantization: str | None, runtime: Runtime) -> None:
+        self.model, self.device, self.cap = model, device, runtime.max_micro_batch_tokens
+        self.plan_args: dict[str, Any] = {}
+        if device.type == "cuda":
+            frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
+            self.plan_args = dict(
+                device_bytes=torch.cuda.get_device_properties(device).total_memory,
+                weights_bytes=sum(t.numel() * t.element_size() for t in frozen),
+                shape=DecoderShape.from_config(model.config),
+                activation_bytes=torch.finfo(compute_dtype).bits // 8,
+                gradient_checkpointing=checkpointing, quantization=quantization, q_size=query_size(model.config))
+
+    def __call__(self) -> int | None:
+        budgets = [] if self.cap is None else [self.cap]
+        if self.plan_args:
+            adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # every member's
+            budgets.append(plan_micro_batch(n_adapter_params=adapters, **self.plan_args).max_tokens)
+        return min(budgets) if budgets else None
+
+
+def _plan_split(running: list[_Member], budget_tokens: int | None, *, first_plan: bool) -> None:
+    """Share one pass's token budget among the members' micro-batches (max-min fair,
+    workers.memory_plan.plan_group_micro_batches); each takes its share at its next step (`_take_planned_split`).
+
+    Only an "auto" batch size is planned, as alone (an explicit one is taken as given). The first plan may
+    shrink it to any divisor of its step's sequences (a job alone on a smaller device would get that
+    split). A later one, after a member left, only grows a member back towards its split as set up
+    alone (`most`), and only one without LoRA dropout: the rows of every step stay the same, so the loss
+    does too, up to rounding, but dropout masks follow the micro-batches' positions, which a new split
+    renumbers (the same reason a run that backed off differs from one that did not).
+    """
+    if budget_tokens is None:
+        return
+    splits = []
+    for m in running:
+        state, spec = m.state, m.run.spec
+        current = m.planned[0] if m.planned else state.batch_size
+        plannable = spec.hyperparameters.batch_size == "auto" and (
+            first_plan or (spec.init_adapter is None and spec.lora.dropout == 0))
+        least = 1 if first_plan and plannable else current
+        most = m.most if plannable else current
+        splits.append(MemberSplit(spec.max_seq_len, state.batch_size * state.gradient_accumulation_steps,
+                                  least=least, most=max(most, least)))
+    for m, micro in zip(running, plan_group_micro_batches(budget_tokens, splits), strict=True):
+        m.planned = (micro, f"{budget_tokens} tokens a forward pass for {len(running)} jobs")
+
+
+def _take_planned_split(member: _Member) -> None:
+    """At a step boundary: the planned micro-batch size with the accumulation that keeps the step's
+    sequences (the loop's back-off renumbers the data position the same way)."""
+    planned, state = member.planned, member.state
+    member.planned = None
+    if planned is None or planned[0] == state.batch_size:
+        return
+    micro, why = planned
+    sequences = state.batch_size * state.gradient_accumulation_steps
+    rows = state.position.batch_index * state.batch_size  # at a step boundary: whole steps of the epoch
+    if sequences % micro or rows % micro:
+        return  # not a split of this step's rows: keep the current one
+    state.batch_size, state.gradient_accumulation_steps = micro, sequences // micro
+    state.position = DataPosition(state.position.epoch, rows // micro)
+    # planned_steps re-plans from this position with the new split (as after a back-off)
+    if member.run.say:
+        member.run.say.log(f"co-training memory plan ({why}): from step {state.step + 1}, micro-batches of "
+                           f"{micro} sequences and {state.gradient_accumulation_steps} accumulation steps")
 
 
 def _next_step(member: _Member) -> bool:

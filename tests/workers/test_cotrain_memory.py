@@ -1,4 +1,5 @@
-"""A co-trained group that runs out of memory backs off as its members would alone (fp32, CPU).
+"""A co-trained group shares the device's memory among its members' micro-batches, and one that runs out of
+memory backs off as its members would alone (fp32, CPU).
 
 `Runtime.max_micro_batch_tokens` stands in for the device's memory: a forward pass over more tokens
 raises torch.OutOfMemoryError. In a group the pass holds every member's micro-batch, so the cap
@@ -164,3 +165,83 @@ def test_a_step_cut_short_by_out_of_memory_is_retried_from_its_first_micro_batch
     _assert_same_adapter(got.adapter_dir, want.adapter_dir)
     _assert_same_metrics(reporters["steady"], want_events)
     assert _infos(reporters["steady"]) == _infos(want_events) and _warnings(reporters["steady"]) == []
+
+
+def _auto_spec(model_dir: Path, data_dir: Path, name: str, *, seed: int, steps: int, dropout: float = 0.0,
+               batch_size: int | str = "auto", accumulation: int = 1) -> TrainingSpec:
+    """2100 unpacked examples: an "auto" batch of 4 sequences (0.2 % of them) of up to 32 tokens."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data = write_synthetic_dataset(data_dir / f"{name}.jsonl", 2100, seed=seed)
+    return TrainingSpec(
+        base_model=model_dir, training_file=data, max_seq_len=32, packing=False, n_checkpoints=0, seed=seed,
+        lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "v_proj"]},
+        hyperparameters={"n_epochs": 1, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
+                         "learning_rate": 2e-3, "max_steps": steps},
+    )
+
+
+def _split(result: TrainingResult) -> tuple[int, int]:
+    return result.hyperparameters["batch_size"], result.hyperparameters["gradient_accumulation_steps"]
+
+
+def test_auto_micro_batches_share_the_pass_instead_of_each_planning_the_whole_device(tiny_model_dir, tmp_path):
+    """Three jobs of an "auto" batch of 4 sequences (≤ 128 tokens: each fits the cap of 192 alone): the
+    group plans one pass of 192 tokens for the three, 2 sequences each with 2 accumulation steps, so no
+    pass runs out of memory (each member planning as if alone put ~3 × 128 tokens in a pass and backed
+    off). The steps' rows are those of alone: without dropout, the same adapters and metrics."""
+    specs = {name: _auto_spec(tiny_model_dir, tmp_path / "data", name, seed=seed, steps=3)
+             for name, seed in (("a", 21), ("b", 22), ("c", 23))}
+    alone = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter), reporter)
+        assert _split(alone[name][0]) == (4, 1)
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=192))
+
+    for name, (want, want_events) in alone.items():
+        got = outcomes[name]
+        assert isinstance(got, TrainingResult) and got.status == "succeeded", got
+        assert _warnings(reporters[name]) == [], _warnings(reporters[name])  # no out-of-memory back-off
+        assert _split(got) == (2, 2)
+        [plan] = [m for m in _infos(reporters[name]) if m.startswith("co-training memory plan")]
+        assert plan == ("co-training memory plan (192 tokens a forward pass for 3 jobs): from step 1, "
+                        "micro-batches of 2 sequences and 2 accumulation steps")
+        assert got.tokens_trained == want.tokens_trained
+        _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        _assert_same_metrics(reporters[name], want_events)
+
+
+def test_when_a_member_leaves_the_others_grow_back_only_where_that_keeps_their_results(tiny_model_dir, tmp_path):
+    """A cap of 192 tokens for three "auto" jobs of 4 sequences: 2 each. After `brief` ends (1 step), the
+    pass has room again: `grows` (no dropout) takes its whole batch of 4 from its next step on and still
+    trains the adapter it gets alone; `keeps` (LoRA dropout, whose masks follow the micro-batches'
+    positions) keeps 2 × 2, so its adapter is the one of a lone run with that split."""
+    specs = {
+        "grows": _auto_spec(tiny_model_dir, tmp_path / "data", "grows", seed=31, steps=4),
+        "keeps": _auto_spec(tiny_model_dir, tmp_path / "data", "keeps", seed=32, steps=4, dropout=0.1),
+        "brief": _auto_spec(tiny_model_dir, tmp_path / "data", "brief", seed=33, steps=1),
+    }
+    want_grows = train(specs["grows"], output_dir=tmp_path / "alone" / "grows", reporter=ListReporter())
+    keeps_alone = _auto_spec(tiny_model_dir, tmp_path / "data", "keeps", seed=32, steps=4, dropout=0.1,
+                             batch_size=2, accumulation=2)
+    want_keeps = train(keeps_alone, output_dir=tmp_path / "alone" / "keeps", reporter=ListReporter())
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=192))
+
+    assert all(isinstance(o, TrainingResult) and o.status == "succeeded" for o in outcomes.values()), outcomes
+    assert all(_warnings(r) == [] for r in reporters.values())
+    plans = [m for m in _infos(reporters["grows"]) if m.startswith("co-training memory plan")]
+    assert plans == [
+        "co-training memory plan (192 tokens a forward pass for 3 jobs): from step 1, micro-batches of 2 "
+        "sequences and 2 accumulation steps",
+        # brief leaves when it finds no next step, after grows has taken its step 2
+        "co-training memory plan (192 tokens a forward pass for 2 jobs): from step 3, micro-batches of 4 "
+        "sequences and 1 accumulation steps",
+    ]
+    assert _split(outcomes["grows"]) == (4, 1) and _split(outcomes["keeps"]) == (2, 2)
+    _assert_same_adapter(outcomes["grows"].adapter_dir, want_grows.adapter_dir)
+    _assert_same_adapter(outcomes["keeps"].adapter_dir, want_keeps.adapter_dir)
+
