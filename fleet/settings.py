@@ -145,8 +145,9 @@ class Settings(BaseSettings):
     co_training_memory_gib: float | None = Field(
         default=None, gt=0,
         description="Accelerator memory a co-training group may fill (GiB of its one device): members join only "
-                    "while the estimate (workers/co_training_plan.py) fits. Unset: not checked (CPU logical "
-                    "accelerators); set it on GPU clusters.",
+                    "while the estimate (workers/co_training_plan.py) fits. Unset: with use_gpu, the smallest GPU "
+                    "the dispatcher's node sees; on CPU logical accelerators (or a dispatcher that sees no GPU) "
+                    "not checked. Set it where dispatchers run apart from the GPUs.",
     )
     accelerator_resource: str = Field(
         default="GPU", min_length=1,

@@ -12,11 +12,17 @@ a block (the worst case of `target_modules`); a member's activations are one seq
 tokens with gradient checkpointing in bf16. A member of rank r joins while member(r) ≤ what is left
 (fleet.co_training.MemberMemory; the Lua does the sum). It is an estimate: the training loop backs off
 on a real out-of-memory error.
+
+The device: `co_training_memory_gib` where set; unset, on real GPUs (`use_gpu`) the smallest GPU the
+dispatcher's process sees (`group_device_bytes`), and on CPU logical accelerators none (not checked).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fleet.co_training import MemberMemory
@@ -31,9 +37,41 @@ from fleet.memory_model import (
 )
 from workers.memory_plan import USABLE_FRACTION
 
-__all__ = ["group_memory"]
+__all__ = ["group_device_bytes", "group_memory", "visible_gpu_bytes"]
+
+logger = logging.getLogger(__name__)
 
 _BF16 = 2
+
+
+@functools.cache
+def visible_gpu_bytes() -> tuple[int, ...]:
+    """The total memory of each CUDA device this process sees (none without CUDA, said once in a warning)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        logger.warning("co-training: this process sees no GPU to size its groups by; set "
+                       "LORAFLEET_CO_TRAINING_MEMORY_GIB to the memory of one GPU (GiB) to check it")
+        return ()
+    return tuple(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+
+def group_device_bytes(memory_gib: float | None, use_gpu: bool,
+                       visible: Callable[[], Sequence[int]] = visible_gpu_bytes) -> int | None:
+    """The accelerator memory of a co-training group's one device, or None for "not checked".
+
+    `memory_gib` (settings `co_training_memory_gib`) where set. Unset, on real GPUs (`use_gpu`) the
+    smallest of the GPUs `visible()` lists (the dispatcher's node: its groups may land on any of them);
+    on CPU logical accelerators, or a dispatcher that sees no GPU, None: the group size limit alone
+    bounds a group, and the engine still shares the device it gets among the members' micro-batches
+    (workers.cotrain). CPU groups train in host memory, which is not planned for a lone job either.
+    """
+    if memory_gib is not None:
+        return int(memory_gib * 2**30)
+    if not use_gpu:
+        return None
+    sizes = list(visible())
+    return min(sizes) if sizes else None
 
 
 def group_memory(base_model: Path, quantization: str | None, *, device_bytes: int, leader_rank: int,

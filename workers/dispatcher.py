@@ -53,7 +53,7 @@ from fleet.registry import AdapterRegistry
 from fleet.retention import run_retention
 from fleet.settings import Settings, load_catalog, make_object_store, make_redis
 from fleet.sweeps import SweepStore
-from workers.co_training_plan import group_memory
+from workers.co_training_plan import group_device_bytes, group_memory
 from workers.group_runner import GroupRunner
 from workers.job_reporter import REDIS_DOWN as _REDIS_DOWN
 from workers.job_reporter import JobReporter, JobReporterFactory
@@ -235,15 +235,14 @@ class Dispatcher:
 
     def _co_training_memory(self, job: Job) -> MemberMemory | None:
         """What the group's device memory leaves for members (workers.co_training_plan), or None when
-        unchecked: CPU logical accelerators without `co_training_memory_gib` set."""
-        gib = self.settings.co_training_memory_gib
-        if gib is None:
+        unchecked: CPU logical accelerators without `co_training_memory_gib` set (group_device_bytes)."""
+        device_bytes = group_device_bytes(self.settings.co_training_memory_gib, self.settings.use_gpu)
+        if device_bytes is None:
             return None
         try:
             base = self.catalog.get(job.base_model or job.model)
         except InvalidRequest:  # not in the catalog: the job fails on its own; nothing joins it
             return MemberMemory(budget_bytes=0, member_fixed_bytes=1, bytes_per_rank=0)
-        device_bytes = int(gib * 2**30)  # the group trains on one device (workers.cotrain)
         return group_memory(Path(base.path), job.spec.quantization or base.quantization,
                             device_bytes=device_bytes, leader_rank=job.spec.lora.r)
 

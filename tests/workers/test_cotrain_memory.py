@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from workers.co_training_plan import group_device_bytes
 from workers.cotrain import GroupMember, train_group
 from workers.loop import Runtime, TrainingResult, train
 from workers.reporting import ListReporter
@@ -245,3 +246,15 @@ def test_when_a_member_leaves_the_others_grow_back_only_where_that_keeps_their_r
     _assert_same_adapter(outcomes["grows"].adapter_dir, want_grows.adapter_dir)
     _assert_same_adapter(outcomes["keeps"].adapter_dir, want_keeps.adapter_dir)
 
+
+def test_the_group_device_is_the_setting_else_the_smallest_gpu_seen_else_unchecked_on_cpu():
+    """`co_training_memory_gib` wins; unset on real GPUs the smallest GPU this node sees sizes the group
+    (an 80 and a 40 GiB GPU: 40), without any configuration; on CPU logical accelerators, or with no GPU
+    in sight, None: memory is not checked (the group size limit bounds the group)."""
+    gib = 2**30
+    gpus = lambda: [80 * gib, 40 * gib]  # noqa: E731  what torch reports on the dispatcher's node
+    assert group_device_bytes(24.0, True, gpus) == 24 * gib
+    assert group_device_bytes(24.0, False, gpus) == 24 * gib
+    assert group_device_bytes(None, True, gpus) == 40 * gib
+    assert group_device_bytes(None, True, list) is None
+    assert group_device_bytes(None, False, gpus) is None
