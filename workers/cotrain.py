@@ -14,10 +14,10 @@ is backpropagated once: adapter j touches only j's tokens, so its gradient is �
 it gets alone. A member's optimizer steps when every micro-batch of its step is in (its own batch size
 and accumulation); what follows a step — metrics, evaluation, checkpoints, early stopping, control — is
 workers.loop's, per member. A member that ends (done, cancelled, paused, failed) leaves the group and
-the others go on. On a device (or under `Runtime.max_micro_batch_tokens`) the members' micro-batches share
-one pass's token budget (`_plan_split`, workers.memory_plan.plan_group_micro_batches), re-planned when a
-member leaves. A pass that runs out of memory is retried after the member with the most tokens in it
-gives way (`_give_way`: it backs off as alone, or takes a pass of its own); a pass that fails otherwise
+the others go on. On a device (or under `Runtime.max_micro_batch_tokens`) the members' micro-batches
+share one pass's token budget (`pass_token_budget`, split by `_plan_split`), re-planned when a member
+leaves. A pass that runs out of memory is retried after the member with the most tokens in it gives way
+(`_give_way`: it backs off as alone, or takes a pass of its own); a pass that fails otherwise
 is retried with each of its members in a pass of its own (`_retry_alone`), and only a member whose own
 pass fails gets the error. In fp32 each adapter equals
 the one trained alone up to the rounding of larger matmuls.
@@ -25,6 +25,7 @@ the one trained alone up to the rounding of larger matmuls.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ from workers.token_loss import TokenLoss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GroupMember", "MemberOutcome", "train_group"]
+__all__ = ["GroupMember", "MemberOutcome", "pass_token_budget", "train_group"]
 
 MemberOutcome = TrainingResult | BaseException  # an exception: this member failed, the others went on
 
@@ -148,7 +149,10 @@ def train_group(
         if m is not None
     ]
     autocast = running[0].run.autocast if running else None
-    budget = _PassBudget(model, device, compute_dtype, checkpointing, first.quantization, runtime)
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    budget = functools.partial(pass_token_budget, model, device_bytes=device_bytes, compute_dtype=compute_dtype,
+                               gradient_checkpointing=checkpointing, quantization=first.quantization,
+                               cap=runtime.max_micro_batch_tokens)
     planned_for: set[str] = set()
     while running:
         if {m.job_id for m in running} != planned_for:  # at the start, and after a member left
@@ -331,31 +335,28 @@ def _start(
     return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded, most=state.batch_size)
 
 
-class _PassBudget:
-    """The tokens one group pass may hold, or None where nothing is planned (a CPU without
-    `Runtime.max_micro_batch_tokens`, as alone). On CUDA: workers.memory_plan.plan_micro_batch with the one
-    base and the adapter state of every member still in the model (16 bytes a parameter), so it grows
-    as members leave; the CPU stand-in's cap as well where set."""
+def pass_token_budget(model: nn.Module, *, device_bytes: int | None, compute_dtype: torch.dtype,
+                      gradient_checkpointing: bool, quantization: str | None, cap: int | None = None) -> int | None:
+    """The tokens one group pass over `model` may hold, or None where nothing is planned (no device size
+    and no `cap`: a CPU without `Runtime.max_micro_batch_tokens`, as alone).
 
-    def __init__(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype, checkpointing: bool,
-                 quantization: str | None, runtime: Runtime) -> None:
-        self.model, self.device, self.cap = model, device, runtime.max_micro_batch_tokens
-        self.plan_args: dict[str, Any] = {}
-        if device.type == "cuda":
-            frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
-            self.plan_args = dict(
-                device_bytes=torch.cuda.get_device_properties(device).total_memory,
-                weights_bytes=sum(t.numel() * t.element_size() for t in frozen),
-                shape=DecoderShape.from_config(model.config),
-                activation_bytes=torch.finfo(compute_dtype).bits // 8,
-                gradient_checkpointing=checkpointing, quantization=quantization, q_size=query_size(model.config))
-
-    def __call__(self) -> int | None:
-        budgets = [] if self.cap is None else [self.cap]
-        if self.plan_args:
-            adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # every member's
-            budgets.append(plan_micro_batch(n_adapter_params=adapters, **self.plan_args).max_tokens)
-        return min(budgets) if budgets else None
+    On a device of `device_bytes`: workers.memory_plan.plan_micro_batch with the one base and the adapter
+    state of every adapter still in the model (16 bytes a parameter), so it grows as members leave;
+    `cap` (the CPU stand-in for the device) bounds it as well.
+    """
+    budgets = [] if cap is None else [cap]
+    if device_bytes is not None:
+        frozen = [t for t in (*model.parameters(), *model.buffers()) if not t.requires_grad]
+        plan = plan_micro_batch(
+            device_bytes=device_bytes,
+            weights_bytes=sum(t.numel() * t.element_size() for t in frozen),
+            n_adapter_params=sum(p.numel() for p in model.parameters() if p.requires_grad),  # every member's
+            shape=DecoderShape.from_config(model.config),
+            activation_bytes=torch.finfo(compute_dtype).bits // 8,
+            gradient_checkpointing=gradient_checkpointing, quantization=quantization,
+            q_size=query_size(model.config))
+        budgets.append(plan.max_tokens)
+    return min(budgets) if budgets else None
 
 
 def _plan_split(running: list[_Member], budget_tokens: int | None, *, first_plan: bool) -> None:

@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_core import delete_adapter
 from workers.co_training_plan import group_device_bytes
-from workers.cotrain import GroupMember, train_group
-from workers.loop import Runtime, TrainingResult, train
+from workers.cotrain import GroupMember, pass_token_budget, train_group
+from workers.loop import Runtime, TrainingResult, add_job_adapter, load_base, train
+from workers.memory_plan import DecoderShape, plan_micro_batch, query_size
 from workers.reporting import ListReporter
 from workers.spec import TrainingSpec
 from workers.synthetic import write_synthetic_dataset
@@ -258,3 +260,35 @@ def test_the_group_device_is_the_setting_else_the_smallest_gpu_seen_else_uncheck
     assert group_device_bytes(None, True, gpus) == 40 * gib
     assert group_device_bytes(None, True, list) is None
     assert group_device_bytes(None, False, gpus) is None
+
+
+def test_the_pass_budget_on_a_device_counts_the_base_once_and_every_adapter_still_in_the_model(
+        tiny_model_dir, tmp_path):
+    """On a device of a given size (passed in: no GPU here), the group's pass may hold the tokens of the
+    memory plan with the base once and both members' adapter states; when a member's adapter leaves the
+    model, the budget grows by the tokens its state held. The CPU stand-in's cap bounds it; neither
+    given: None (nothing planned, as alone on a CPU)."""
+    specs = [_spec(tiny_model_dir, tmp_path / "data", name, seed=seed, max_seq_len=64, batch_size=1)
+             for name, seed in (("a", 1), ("b", 2))]
+    model = load_base(specs[0], torch.device("cpu"), torch.float32)
+    for i, spec in enumerate(specs):
+        add_job_adapter(model, spec, f"job{i}")
+    trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+    base = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if not t.requires_grad)
+    device = 2 * 2**30
+    budget = dict(device_bytes=device, compute_dtype=torch.float32, gradient_checkpointing=True, quantization=None)
+    want = plan_micro_batch(device_bytes=device, weights_bytes=base, n_adapter_params=sum(trainable),
+                            shape=DecoderShape.from_config(model.config), activation_bytes=4,
+                            q_size=query_size(model.config))
+    both = pass_token_budget(model, **budget)
+    assert both == want.max_tokens > 0
+    assert pass_token_budget(model, **budget, cap=100) == 100
+    assert pass_token_budget(model, **{**budget, "device_bytes": None}) is None
+    assert pass_token_budget(model, **{**budget, "device_bytes": None}, cap=100) == 100
+
+    delete_adapter(model, "job1")
+    left = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < left < sum(trainable)
+    assert pass_token_budget(model, **budget) == plan_micro_batch(
+        device_bytes=device, weights_bytes=base, n_adapter_params=left, shape=DecoderShape.from_config(model.config),
+        activation_bytes=4, q_size=query_size(model.config)).max_tokens > both
