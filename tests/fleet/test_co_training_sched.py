@@ -357,3 +357,32 @@ def test_a_head_past_the_starvation_guard_joins_first_among_its_tier_as_admissio
     fresh = _submit(c, "new", at=11 * 60 * S + 1)
     assert _lead(c, at=11 * 60 * S + 2) == leader
     assert _join_all(c, leader, max_members=2, at=11 * 60 * S + 2) == [waiting if guard_s else fresh]
+
+
+def test_a_group_being_preempted_stays_consistent_through_a_withdrawn_pause_a_lost_lease_and_a_cancel(r):
+    c = Cluster(r, 1, owner=TenantQuota(nominal_gpus=1))
+    members = [_submit(c, t) for t in "abc"]
+    assert c.admit(limit=1) == members[:1]
+    assert _join_all(c, members[0]) == members[1:]
+    c.jobs.create_job("owner", model="other", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert c.admit(at=1 * S) == [] and c.preempting() == sorted(members)
+    # a pause replaces the preemption; withdrawn before the member stops, the preemption is back
+    c.jobs.request_pause("a", members[0])
+    assert r.hget(keys.job(members[0]), "control") == "pause"
+    c.jobs.resume("a", members[0])
+    assert r.hget(keys.job(members[0]), "control") == "preempt"
+    # b's lease runs out: requeued by itself; the GPU is still held by a and c, still coming back
+    for job_id in (members[0], members[2]):
+        c.jobs.leases.renew_lease(c.claims[job_id].fence, 10 * 60_000)
+    expired = c.jobs.leases.requeue_expired_leases(now_ms=int(r.time()[0]) * 1000 + 120_000)
+    assert [e.job_id for e in expired] == [members[1]]
+    assert _held(c) == {"a": 0.5, "c": 0.5} and _preempting(c) == {"a": "0.500", "c": "0.500"}
+    assert c.allocated() == 1 and _incoming(c) == 1
+    # c is cancelled, a hands its job back preempted: the last one out returns the GPU, nothing left over
+    c.jobs.request_cancel("c", members[2])
+    c.finish(members[2], at=2 * S, status=JobStatus.CANCELLED)  # as its dispatcher does on seeing the cancel
+    assert _held(c) == {"a": 1} and _preempting(c) == {"a": "1"} and _incoming(c) == 1
+    c.finish(members[0], at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.allocated() == 0 and _incoming(c) == 0 and _preempting(c) == {} and _held(c) == {}
+    assert not r.keys(keys.sched_co_group("*")) and r.hlen(keys.sched_co_member_of()) == 0
+    assert [c.jobs.load_job(j).status for j in members] == [JobStatus.QUEUED, JobStatus.QUEUED, JobStatus.CANCELLED]
