@@ -8,7 +8,8 @@ for a job alone. What may join, and in which order, is decided in one Lua step
 per worker, one worker, `co_training` not false, its tenant's quota admitting its share, its memory
 estimate fitting what is left, in exactly admission's order (the same Lua sort: tier, entry score,
 ties, starvation guard). For fair share and quotas each member counts gpus / members (milli-GPUs); when
-one leaves, the others' shares grow back (docs/scheduling.md).
+one leaves, the others' shares grow back (docs/scheduling.md). A reclaim preempts a group as one victim,
+every member at once (fleet.sched_scripts ADMIT); a group being preempted takes no new member.
 """
 
 from __future__ import annotations

@@ -235,8 +235,10 @@ def sched_running_holders() -> str:
 
 def sched_co_group(group_id: str) -> str:
     """Hash of one co-training group (fleet.co_training): `gpus` (the gang it holds once, whatever its
-    size), `key` (base|quantization|gpus per worker), `mem_left` (bytes; absent: unchecked) and
-    `m:<job id>` -> "<milli-GPUs> <tenant id>" per member, its share of `gpus` for fair share and quotas."""
+    size), `key` (base|quantization|gpus per worker), `mem_left` (bytes; absent: unchecked),
+    `preempting` (its GPUs, while every member is being preempted: they count as incoming until the last
+    is out) and `m:<job id>` -> "<milli-GPUs> <tenant id>" per member, its share of `gpus` for fair share
+    and quotas."""
     return f"{PREFIX}sched:co_group:{group_id}"
 
 

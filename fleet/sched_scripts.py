@@ -321,12 +321,21 @@ end
 local function hold(tenant, job_id, gpus, preempting)
   redis.call('HSET', HOLDERS, job_id, int(gpus) .. ' ' .. int(preempting) .. ' ' .. tenant)
 end
+-- The tenant's GPUs being preempted change by d (whole GPUs, or a co-trained member's share: to the milli-GPU).
+local function add_preempting(tenant, d)
+  if d == 0 then return end
+  local p = num(redis.call('HGET', ST_PREFIX .. tenant, 'preempting'), 0) + d
+  redis.call('HSET', ST_PREFIX .. tenant, 'preempting', gpus_str(math.max(p, 0)))
+end
 -- Co-training (fleet.co_training, docs/scheduling.md#co-training). A group holds its first member's
 -- gang once; each member counts an equal share of it (milli-GPUs, `m:<job>` in the group's hash) in its
--- tenant's usage, for fair share and quotas. Shares are rebalanced whenever a member joins or leaves.
+-- tenant's usage, for fair share and quotas. Shares are rebalanced whenever a member joins or leaves;
+-- in a group being preempted (`preempting`: its GPUs, coming back once the last member is out) each
+-- member's share is being preempted too, so its tenant's `preempting` follows the share.
 local function co_rebalance(gid, now)
   local gk = CO_GROUP_PREFIX .. gid
-  local g = num(redis.call('HGET', gk, 'gpus'), 1)
+  local gv = redis.call('HMGET', gk, 'gpus', 'preempting')
+  local g, preempting = num(gv[1], 1), num(gv[2], 0) > 0
   local members = {}
   local flat = redis.call('HGETALL', gk)
   for i = 1, #flat, 2 do
@@ -344,12 +353,14 @@ local function co_rebalance(gid, now)
     if i <= total - base * #members then share = share + 1 end
     if share ~= m.milli then
       add_usage(m.tenant, (share - m.milli) / 1000, 0, now, true)
+      if preempting then add_preempting(m.tenant, (share - m.milli) / 1000) end
       redis.call('HSET', gk, m.field, int(share) .. ' ' .. m.tenant)
     end
   end
   return #members
 end
--- A member's attempt ended: its share goes back to the others; the last one out returns the gang.
+-- A member's attempt ended: its share goes back to the others; the last one out returns the gang (and,
+-- in a group being preempted, the GPUs counted as incoming until then).
 -- Returns false when the job trains in no group (release accounts it as a job of its own).
 local function co_release(tenant, job_id, now)
   local gid = redis.call('HGET', CO_MEMBER_OF, job_id)
@@ -360,9 +371,12 @@ local function co_release(tenant, job_id, now)
   redis.call('HDEL', gk, 'm:' .. job_id)
   local milli = 0
   if mine then milli = tonumber(string.match(mine, '^(%d+) ')) end
+  local preempting = num(redis.call('HGET', gk, 'preempting'), 0)
+  if preempting > 0 then add_preempting(tenant, -milli / 1000) end
   add_usage(tenant, -milli / 1000, -1, now, true)
   if co_rebalance(gid, now) == 0 then
     redis.call('HINCRBY', CLUSTER, 'allocated', -num(redis.call('HGET', gk, 'gpus'), 1))
+    if preempting > 0 then redis.call('HINCRBY', CLUSTER, 'incoming', -preempting) end
     redis.call('DEL', gk)
   end
   return true
@@ -381,9 +395,11 @@ local function release(tenant, job_id, now)
     if tonumber(p) > 0 then v[2] = p end
   end
   redis.call('HDEL', HOLDERS, job_id)
-  if v[2] then
-    redis.call('HINCRBY', CLUSTER, 'incoming', -tonumber(v[2]))
-    redis.call('HINCRBY', ST_PREFIX .. tenant, 'preempting', -tonumber(v[2]))
+  if v[2] then  -- a co-trained member's is 0: its group's GPUs come back in co_release
+    if tonumber(v[2]) > 0 then
+      redis.call('HINCRBY', CLUSTER, 'incoming', -tonumber(v[2]))
+      add_preempting(tenant, -tonumber(v[2]))
+    end
     redis.call('HDEL', job_key, 'preempting_gpus')
   end
   if not co_release(tenant, job_id, now) then add_usage(tenant, -num(v[1], 1), -1, now) end
@@ -539,33 +555,64 @@ local function within_nominal_after_head(c)
   local budget = c.q.nominal - c.u - c.head.gpus
   if budget <= 0 then return 0 end
   local total = 0
-  for _, jid in ipairs(redis.call('ZRANGE', Q_PREFIX .. c.tenant, 1, math.min(budget, MAX_RECLAIM_JOBS))) do
+  -- each job takes at least one GPU; a co-trained share leaves a fractional budget (ZRANGE wants an integer)
+  for _, jid in ipairs(redis.call('ZRANGE', Q_PREFIX .. c.tenant, 1, math.min(math.floor(budget), MAX_RECLAIM_JOBS))) do
     local g = num(redis.call('HGET', JOB_KEY_PREFIX .. jid, 'gpus'), 1)
     if total + g > budget then break end
     total = total + g
   end
   return total
 end
--- Reclaim for `c` (below nominal, its head does not fit): pick borrowers' running jobs, lowest priority
--- then most recently admitted, while c's share after admission <= the victim tenant's share after the
+-- Reclaim for `c` (below nominal, its head does not fit): pick borrowers' running work, lowest priority
+-- then most recently admitted, while c's share after admission <= each victim tenant's share after the
 -- preemption (share = GPUs above nominal / weight); all or nothing. Returns (jobs asked, GPUs freed).
+-- A victim is a unit that frees GPUs: a job alone, or a whole co-training group (its GPUs free only
+-- when every member is out), whose members are asked to stop together. A group is taken only when the
+-- rule holds for every member's tenant with all of that tenant's members' shares taken away (each
+-- above its nominal quota), none of its members is the reclaiming tenant's or already asked to stop,
+-- and it no longer takes joiners; it sits in the order where its highest-priority, earliest-admitted
+-- member would (a low-priority member does not expose the others).
 -- The running jobs and their tenants' usage are read once per decision (`pool`), so each attempt is
 -- arithmetic over at most one entry per running job.
 local pool = nil
 local function read_pool()
-  local jobs, usage, quotas = {}, {}, {}
+  local units, usage, quotas, groups = {}, {}, {}, {}
   for _, jid in ipairs(redis.call('ZRANGE', RUNNING_JOBS, 0, -1)) do
     local v = redis.call('HMGET', JOB_KEY_PREFIX .. jid, 'tenant_id', 'gpus', 'control', 'status')
     local vt = v[1]
-    if vt and not v[3] and v[4] == 'running' and not redis.call('HGET', CO_MEMBER_OF, jid) then
-      if usage[vt] == nil then
-        local st = states[vt] or tenant_state(vt)
-        usage[vt], quotas[vt] = st.gpus - st.preempting, st.q
+    local ok = vt and not v[3] and v[4] == 'running'
+    if ok and usage[vt] == nil then
+      local st = states[vt] or tenant_state(vt)
+      usage[vt], quotas[vt] = st.gpus - st.preempting, st.q
+    end
+    local gid = redis.call('HGET', CO_MEMBER_OF, jid)
+    if gid then
+      local unit = groups[gid]
+      if unit == nil then  -- the group's GPUs, members and shares, read once
+        local gk = CO_GROUP_PREFIX .. gid
+        unit = {gid = gid, gpus = num(redis.call('HGET', gk, 'gpus'), 1), shares = {}, members = {}, left = 0,
+                ok = num(redis.call('HGET', gk, 'preempting'), 0) == 0, milli = {}}
+        local flat = redis.call('HGETALL', gk)
+        for i = 1, #flat, 2 do
+          if string.sub(flat[i], 1, 2) == 'm:' then
+            unit.left = unit.left + 1
+            unit.milli[string.sub(flat[i], 3)] = tonumber(string.match(flat[i + 1], '^(%d+) '))
+          end
+        end
+        groups[gid] = unit
       end
-      jobs[#jobs + 1] = {id = jid, tenant = vt, gpus = num(v[2], 1)}
+      local share = (unit.milli[jid] or 0) / 1000
+      unit.ok = unit.ok and ok and unit.milli[jid] ~= nil
+      if vt then unit.shares[vt] = (unit.shares[vt] or 0) + share end
+      unit.members[#unit.members + 1] = {id = jid, tenant = vt, share = share}
+      unit.left = unit.left - 1
+      if unit.left == 0 and unit.ok then units[#units + 1] = unit end  -- at its last member in the order
+    elseif ok then
+      local g = num(v[2], 1)
+      units[#units + 1] = {id = jid, tenant = vt, gpus = g, shares = {[vt] = g}}
     end
   end
-  return {jobs = jobs, usage = usage, quotas = quotas}
+  return {jobs = units, usage = usage, quotas = quotas}
 end
 -- Frees at least `need` GPUs or none; goes on toward `goal` (>= need) while victims qualify.
 local function preempt_for(c, need, goal)
@@ -573,11 +620,18 @@ local function preempt_for(c, need, goal)
   local share_after = math.max(c.u + c.head.gpus - c.q.nominal, 0) / c.q.weight
   local usage, picked, freed = {}, {}, 0
   for _, j in ipairs(pool.jobs) do
-    if j.tenant ~= c.tenant and not j.taken then
-      local qv, u = pool.quotas[j.tenant], usage[j.tenant] or pool.usage[j.tenant]
-      if u > qv.nominal and share_after <= math.max(u - j.gpus - qv.nominal, 0) / qv.weight then
+    if not j.shares[c.tenant] and not j.taken then
+      local ok = true
+      for vt, s in pairs(j.shares) do
+        local qv, u = pool.quotas[vt], usage[vt] or pool.usage[vt]
+        if not (u > qv.nominal and share_after <= math.max(u - s - qv.nominal, 0) / qv.weight) then
+          ok = false
+          break
+        end
+      end
+      if ok then
         picked[#picked + 1] = j
-        usage[j.tenant] = u - j.gpus
+        for vt, s in pairs(j.shares) do usage[vt] = (usage[vt] or pool.usage[vt]) - s end
         freed = freed + j.gpus
         if freed >= goal then break end
       end
@@ -585,22 +639,36 @@ local function preempt_for(c, need, goal)
   end
   if freed < need then return 0, 0 end
   -- keep only victims needed (Kueue's fill-back): a later, larger pick may make earlier ones unneeded;
-  -- sparing a victim leaves its tenant more usage, which only raises the others' share after
+  -- sparing a victim leaves its tenants more usage, which only raises the others' share after
   for i = #picked, 1, -1 do
     if freed - picked[i].gpus >= goal then
       freed = freed - picked[i].gpus
       table.remove(picked, i)
     end
   end
+  local asked = 0
   for _, j in ipairs(picked) do
     j.taken = true
-    pool.usage[j.tenant] = pool.usage[j.tenant] - j.gpus
-    redis.call('HSET', JOB_KEY_PREFIX .. j.id, 'control', 'preempt', 'preempting_gpus', int(j.gpus))
-    hold(j.tenant, j.id, j.gpus, j.gpus)
+    for vt, s in pairs(j.shares) do pool.usage[vt] = pool.usage[vt] - s end
+    if j.gid then
+      -- every member stops (each checkpoints and goes back to its place, as a job alone); the group's
+      -- GPUs come back when the last is out (co_release). `preempting_gpus` 0 on a member: it is being
+      -- preempted (a pause then withdrawn restores it) but frees nothing by itself.
+      redis.call('HSET', CO_GROUP_PREFIX .. j.gid, 'preempting', int(j.gpus))
+      for _, m in ipairs(j.members) do
+        redis.call('HSET', JOB_KEY_PREFIX .. m.id, 'control', 'preempt', 'preempting_gpus', 0)
+        add_preempting(m.tenant, m.share)
+      end
+      asked = asked + #j.members
+    else
+      redis.call('HSET', JOB_KEY_PREFIX .. j.id, 'control', 'preempt', 'preempting_gpus', int(j.gpus))
+      hold(j.tenant, j.id, j.gpus, j.gpus)
+      add_preempting(j.tenant, j.gpus)
+      asked = asked + 1
+    end
     redis.call('HINCRBY', CLUSTER, 'incoming', j.gpus)
-    redis.call('HINCRBY', ST_PREFIX .. j.tenant, 'preempting', j.gpus)
   end
-  return #picked, freed
+  return asked, freed
 end
 -- 4. walk in order: admit the first head that fits; a below-nominal head that does not fit (but would
 -- fit the cluster) holds the free capacity and waits for GPUs already being preempted, or preempts for
@@ -654,6 +722,7 @@ return {'none', preempted}
 # then the starvation guard), tier and entry score counting the head's whole GPUs as admission does. Reads the
 # buckets of heads of the group's size (at most CO_JOIN_DEPTH each) and the tenants holding GPUs:
 # never the queued jobs.
+# A leader asked to stop, or a group being preempted (ADMIT's preempt_for), takes no one.
 # Returns {'claimed', job_id, attempt, lease_expires_ms, tenant, group_id}, {'none'}, {'fenced'}
 # (the leader's attempt is over) or {'retry'} (a stale index entry, dropped: decide again).
 CO_JOIN = r"""
@@ -680,10 +749,13 @@ local now = now_ms()
 local hl = half_life_ms()
 local leader, leader_key = ARGV[5], JOB_KEY_PREFIX .. ARGV[5]
 if fence_check(leader_key, ARGV[6], ARGV[7]) then return {'fenced'} end
+-- a leader asked to stop (cancel, pause, preemption) takes no one with it; nor does a group being preempted
+if redis.call('HGET', leader_key, 'control') then return {'none'} end
 local gid = redis.call('HGET', CO_MEMBER_OF, leader)
 local key, g, members, mem_left
 if gid then
-  local v = redis.call('HMGET', CO_GROUP_PREFIX .. gid, 'gpus', 'key', 'mem_left')
+  local v = redis.call('HMGET', CO_GROUP_PREFIX .. gid, 'gpus', 'key', 'mem_left', 'preempting')
+  if v[4] then return {'none'} end
   g, key, mem_left = tonumber(v[1]), v[2], num(v[3], nil)
   members = 0
   for _, f in ipairs(redis.call('HKEYS', CO_GROUP_PREFIX .. gid)) do

@@ -76,7 +76,7 @@ class _Tenant:
     at_ms: float = 0.0
     gpus: int = 0
     running: int = 0
-    preempting: int = 0
+    preempting: int | float = 0
     queued: int = 0
     jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (id, gpus, queue score), head first
     # out of the queue: (id, gpus, until ms), until None for a job set aside as never fitting the quota
@@ -156,7 +156,7 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             consumed=float(state[0] or 0),
             at_ms=float(state[1] or 0),
             gpus=_held_gpus(state[2]),
-            preempting=int(state[3] or 0),
+            preempting=_held_gpus(state[3]),
             running=int(state[4] or 0),
             queued=int(queued),
             jobs=[(job_id, 1, score) for job_id, score in entries],

@@ -8,7 +8,9 @@ with one JobReporter per member, fenced by that member's claim. As soon as a mem
 where it trained (`MemberEnd`: its version published and the job finished `succeeded` exactly as a
 job alone, or paused / handed back preempted / cancelled), while the others go on. A member's
 error ends that member as JobRunner would (end_after_error). A cancel seen by a member's heartbeat
-ends that job at once; its reporter, fenced out, takes it out of the group at the next step. A
+ends that job at once; its reporter, fenced out, takes it out of the group at the next step. While the
+group still waits for its gang, a pause or preemption ends the member at once too (nothing trained
+since its last checkpoint); a group left with no member stops waiting. A
 dispatcher that stops hands every member back; one that dies leaves each member's lease to expire,
 and each job is requeued by itself (fleet.leases), none lost, none run twice (the fences).
 """
@@ -162,22 +164,38 @@ class GroupRunner(RunnerThread):
         gang = gang_for(self.members[0].claim.job.resources, self.settings)
         ended: set[str] = set()
 
-        def should_stop() -> str | None:
+        def members_left(placing: bool) -> str | None:
+            """Ends the members whose control asks it, the others going on; "every member has ended" once
+            none is left. `placing`: the group still waits for its gang, so nothing has trained since the
+            member's last checkpoint and a pause or preemption ends it now, as a job alone waiting for Ray
+            (JobRunner._reserve_gang); once training, the engine takes it out at its next step, checkpoint
+            first, and MemberEnd ends it."""
             if self._shutdown.is_set():
                 return "shutdown"
             for job_id, (member, _) in staged.items():  # a cancel ends that job now; the others go on
                 if job_id in ended:
                     continue
+                control = beats[job_id].control
                 if beats[job_id].lost.is_set():  # requeued (maybe running elsewhere) or ended: no write
                     ended.add(job_id)
-                elif beats[job_id].control == "cancel":
+                elif control == "cancel":
                     ended.add(job_id)
                     member.finish_quietly(member.claim.fence, JobStatus.CANCELLED)
+                elif placing and control in ("pause", "preempt"):
+                    ended.add(job_id)
+                    self._say(member, "info", f"Left the co-training group before it started: {control} requested.")
+                    if control == "preempt":  # back to its place, to resume from its last checkpoint
+                        member.finish_quietly(member.claim.fence, JobStatus.QUEUED, preempted=True)
+                    else:
+                        member.finish_quietly(member.claim.fence, JobStatus.PAUSED)
             # Each member leaves the Ray task at its next step (its reporter is fenced out); once none
             # is left, the task is stopped so that it does not hold the GPU for nobody.
             return "every member has ended" if len(ended) == len(staged) else None
 
-        if not self._reserve(gang, staged, ended, should_stop):
+        def should_stop() -> str | None:
+            return members_left(placing=False)
+
+        if not self._reserve(gang, staged, ended, lambda: members_left(placing=True)):
             return
         for job_id, (member, _) in staged.items():
             if job_id not in ended:
@@ -206,7 +224,8 @@ class GroupRunner(RunnerThread):
         """Gang admission on Ray for the group, as for a job alone (JobRunner._reserve_gang): the group's
         gang fits within placement_timeout_s, or every member goes back to the queue, parked for that
         long. False when the group does not go on (handed back, the dispatcher stops, or every member
-        ended while it waited: `ended`, kept by `should_stop`)."""
+        ended while it waited: `ended`, kept by `should_stop`, which also ends a member cancelled, paused
+        or preempted while the group waits, within a heartbeat)."""
         timeout_s = self.settings.placement_timeout_s
         for member, _ in staged.values():
             self._say(member, "info", f"Reserving {gang.describe()} on Ray; waiting for resources.")

@@ -184,17 +184,84 @@ def test_queue_estimates_start_compatible_jobs_together_in_a_group(r):
     assert alone[ids[3]].estimated_start_at > grouped[ids[3]].estimated_start_at
 
 
-def test_co_trained_jobs_are_not_preemption_victims_and_a_lone_borrower_still_is(r):
+def _preempting(c: Cluster) -> dict[str, str]:
+    """{tenant: GPUs being preempted, as stored} of the tenants with any."""
+    out = {}
+    for key in c.r.keys(keys.sched_tenant("*")):
+        value = c.r.hget(key, "preempting")
+        if value not in (None, "0"):
+            out[key[len(keys.sched_tenant("")):]] = value
+    return out
+
+
+def _incoming(c: Cluster) -> int:
+    return int(c.r.hget(keys.sched_cluster(), "incoming") or 0)
+
+
+def test_a_group_on_borrowed_gpus_is_reclaimed_as_one_unit_whose_gpu_returns_when_its_last_member_leaves(r):
     c = Cluster(r, 2, owner=TenantQuota(nominal_gpus=2))
     lone = _submit(c, "x", base="other")
     leader = _submit(c, "b")
-    _submit(c, "c")
+    members = [leader, _submit(c, "c"), _submit(c, "d")]
+    late = _submit(c, "e")  # compatible, but the group is full (3): it waits
     assert c.admit(limit=2) == [lone, leader]
-    assert len(_join_all(c, leader)) == 1  # b and c borrow one GPU as a group; x borrows the other alone
-    c.jobs.create_job("owner", model="llama", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert _join_all(c, leader, max_members=3) == members[1:]  # b, c and d borrow one GPU in thirds
+    owned = c.jobs.create_job("owner", model="llama", training_file="f", resources=Resources(gpus=1),
+                              now_ms=1 * S).job.id
     assert c.admit(at=1 * S) == []
-    # the members were admitted last, so they would be the first victims: stopping one frees no GPU
-    assert c.preempting() == [lone]
+    # the group sits where its earliest-admitted member would (after x in the order): it is asked first,
+    # every member at once, since its GPU frees only when all are out; one GPU is enough, so x goes on
+    assert c.preempting() == sorted(members)
+    assert _incoming(c) == 1
+    assert _preempting(c) == {t: s for t, s in zip("bcd", _shares(c, members), strict=True)}
+    assert _join_all(c, leader, max_members=4) == []  # a group being preempted takes no one
+    # c checkpoints and goes back to its place; its GPU is still held by b and d, still coming back
+    c.finish(members[1], at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert _held(c) == {"x": 1, "b": 0.5, "d": 0.5} and c.allocated() == 2
+    assert _incoming(c) == 1 and _preempting(c) == {"b": "0.500", "d": "0.500"}
+    assert c.admit(at=2 * S) == [] and c.preempting() == sorted([leader, members[2]])  # no new victim for the same need
+    for job_id in (leader, members[2]):
+        c.finish(job_id, at=3 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.allocated() == 1 and _incoming(c) == 0 and _preempting(c) == {}
+    assert r.hlen(keys.sched_co_member_of()) == 0 and not r.keys(keys.sched_co_group("*"))
+    assert c.admit(at=3 * S, limit=1) == [owned]
+    for job_id in members:  # each back in its queue (its next attempt resumes from its checkpoint)
+        job = c.jobs.load_job(job_id)
+        assert job.status == JobStatus.QUEUED and job.attempt == 1
+    assert c.jobs.load_job(late).status == JobStatus.QUEUED
+
+
+def _shares(c: Cluster, job_ids: list[str]) -> list[str]:
+    shares = group_shares(c.r, group_of(c.r, job_ids[0]))
+    return [f"{shares[j]:.3f}" for j in job_ids]
+
+
+def test_a_group_is_a_victim_only_when_the_rule_holds_for_every_members_tenant(r):
+    """Two groups hold a GPU each. The later-admitted one (first in the order) has a member whose tenant
+    (c) is within its nominal quota: preempting the group would take that tenant's own quota, so the other
+    group is asked instead."""
+    c = Cluster(r, 2, owner=TenantQuota(nominal_gpus=1), c=TenantQuota(nominal_gpus=1))
+    second, first = [_submit(c, "d", base="mistral")], [_submit(c, "b")]
+    assert c.admit(limit=2) == [second[0], first[0]]
+    second.append(_submit(c, "e", base="mistral"))
+    first.append(_submit(c, "c"))
+    assert _join_all(c, second[0]) == second[1:]
+    assert _join_all(c, first[0]) == first[1:]
+    c.jobs.create_job("owner", model="other", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert c.admit(at=1 * S) == []
+    assert c.preempting() == sorted(second)
+    assert _preempting(c) == {"d": "0.500", "e": "0.500"} and _incoming(c) == 1
+
+
+def test_a_group_with_a_member_of_the_reclaiming_tenant_is_not_its_victim(r):
+    """Preempting it would stop one of the tenant's own jobs, to free a GPU the tenant itself shares; Kueue
+    reclaims from other tenants only."""
+    c = Cluster(r, 1, owner=TenantQuota(nominal_gpus=2))
+    group = [_submit(c, "owner"), _submit(c, "x")]
+    assert c.admit(limit=1) == group[:1]
+    assert _join_all(c, group[0]) == group[1:]
+    c.jobs.create_job("owner", model="other", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert c.admit(at=1 * S) == [] and c.preempting() == []
 
 
 def _idle_x_and_y_then_a_leader(c: Cluster) -> tuple[str, str, str]:
@@ -290,3 +357,32 @@ def test_a_head_past_the_starvation_guard_joins_first_among_its_tier_as_admissio
     fresh = _submit(c, "new", at=11 * 60 * S + 1)
     assert _lead(c, at=11 * 60 * S + 2) == leader
     assert _join_all(c, leader, max_members=2, at=11 * 60 * S + 2) == [waiting if guard_s else fresh]
+
+
+def test_a_group_being_preempted_stays_consistent_through_a_withdrawn_pause_a_lost_lease_and_a_cancel(r):
+    c = Cluster(r, 1, owner=TenantQuota(nominal_gpus=1))
+    members = [_submit(c, t) for t in "abc"]
+    assert c.admit(limit=1) == members[:1]
+    assert _join_all(c, members[0]) == members[1:]
+    c.jobs.create_job("owner", model="other", training_file="f", resources=Resources(gpus=1), now_ms=1 * S)
+    assert c.admit(at=1 * S) == [] and c.preempting() == sorted(members)
+    # a pause replaces the preemption; withdrawn before the member stops, the preemption is back
+    c.jobs.request_pause("a", members[0])
+    assert r.hget(keys.job(members[0]), "control") == "pause"
+    c.jobs.resume("a", members[0])
+    assert r.hget(keys.job(members[0]), "control") == "preempt"
+    # b's lease runs out: requeued by itself; the GPU is still held by a and c, still coming back
+    for job_id in (members[0], members[2]):
+        c.jobs.leases.renew_lease(c.claims[job_id].fence, 10 * 60_000)
+    expired = c.jobs.leases.requeue_expired_leases(now_ms=int(r.time()[0]) * 1000 + 120_000)
+    assert [e.job_id for e in expired] == [members[1]]
+    assert _held(c) == {"a": 0.5, "c": 0.5} and _preempting(c) == {"a": "0.500", "c": "0.500"}
+    assert c.allocated() == 1 and _incoming(c) == 1
+    # c is cancelled, a hands its job back preempted: the last one out returns the GPU, nothing left over
+    c.jobs.request_cancel("c", members[2])
+    c.finish(members[2], at=2 * S, status=JobStatus.CANCELLED)  # as its dispatcher does on seeing the cancel
+    assert _held(c) == {"a": 1} and _preempting(c) == {"a": "1"} and _incoming(c) == 1
+    c.finish(members[0], at=2 * S, status=JobStatus.QUEUED, preempted=True)
+    assert c.allocated() == 0 and _incoming(c) == 0 and _preempting(c) == {} and _held(c) == {}
+    assert not r.keys(keys.sched_co_group("*")) and r.hlen(keys.sched_co_member_of()) == 0
+    assert [c.jobs.load_job(j).status for j in members] == [JobStatus.QUEUED, JobStatus.QUEUED, JobStatus.CANCELLED]

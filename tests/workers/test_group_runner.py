@@ -102,6 +102,27 @@ def test_a_group_whose_members_all_lost_their_leases_stops_waiting_and_writes_no
         assert not any(m.endswith("; requeued.") for m in group.messages(job_id))
 
 
+def test_members_paused_or_preempted_while_the_group_waits_leave_at_once_and_then_the_wait_ends(
+        redis_server, tmp_path, tiny_model_dir, ray_cluster):
+    group = Group(redis_server.url, tmp_path, tiny_model_dir, placement_timeout_s=300)
+    paused, preempted, last = group.ids
+    group.jobs.request_pause(group.jobs.load_job(paused).tenant_id, paused)
+    wait_for(lambda: group.status(paused) == JobStatus.PAUSED, "the paused member to leave the waiting group",
+             timeout_s=10)
+    # the scheduler's reclaim asks each member of a group to stop as it does here (fleet.sched_scripts)
+    group.client.hset(keys.job(preempted), mapping={"control": "preempt", "preempting_gpus": 0})
+    wait_for(lambda: group.status(preempted) == JobStatus.QUEUED, "the preempted member to go back to the queue",
+             timeout_s=10)
+    assert group.runner.is_alive() and group.status(last) == JobStatus.RUNNING  # the last one still waits
+    group.jobs.request_pause(group.jobs.load_job(last).tenant_id, last)
+    group.runner.join(timeout_s=15)
+    assert not group.runner.is_alive(), "a group whose members all left kept waiting for Ray"
+    assert [group.status(j) for j in group.ids] == [JobStatus.PAUSED, JobStatus.QUEUED, JobStatus.PAUSED]
+    assert any("preempt" in m.lower() for m in group.messages(preempted)), group.messages(preempted)
+    for job_id in group.ids:  # none was handed back by the placement timeout
+        assert not any(m.endswith("; requeued.") for m in group.messages(job_id)), group.messages(job_id)
+
+
 def test_tenants_events_name_the_group_by_an_opaque_id(redis_server, tmp_path, tiny_model_dir, ray_cluster):
     group = Group(redis_server.url, tmp_path, tiny_model_dir, placement_timeout_s=300)
     try:
