@@ -1,0 +1,68 @@
+"""The queue's replay (fleet.scheduler_view.estimate_queue) against a real redis-server with co-training
+groups: running groups hold their GPUs once and their members' shares, and groups form in the replay
+exactly as CO_JOIN forms them (memory, order, size, compatibility)."""
+
+from __future__ import annotations
+
+import time
+
+from fleet.co_training import MemberMemory, set_max_group
+from fleet.scheduler_view import _read_state, _simulate, estimate_queue
+from tests.fleet.sched_harness import Cluster
+from tests.fleet.test_co_training_sched import _join_all, _lead, _submit
+
+S = 1000  # ms
+
+
+def test_a_running_group_on_one_of_two_gpus_leaves_the_other_to_a_queued_job_at_once(r):
+    c = Cluster(r, 2)
+    for tenant in "abcd":
+        _submit(c, tenant)
+    leader = _lead(c)
+    assert len(_join_all(c, leader)) == 3  # four members on one GPU; one GPU free
+    waiting = _submit(c, "e", base="other")
+    set_max_group(r, 4)
+    assert estimate_queue(r, [waiting], now_ms=0)[waiting].model_dump() == {"position": 1, "estimated_start_at": 0}
+    assert c.admit() == [waiting]  # as the scheduler does
+
+
+def test_members_ending_one_by_one_give_their_shares_back_and_the_last_frees_the_gpu(r):
+    c = Cluster(r, 1)
+    ids = [_submit(c, tenant) for tenant in "abcd"]
+    leader = _lead(c)
+    _join_all(c, leader)
+    for i, job_id in enumerate(ids):  # a ends in 10 min, b in 20, c in 30, d in 40
+        c.jobs.leases.record_progress(c.claims[job_id].fence, step=1, eta_s=(i + 1) * 600)
+    now = int(time.time() * 1000)
+    waiting = _submit(c, "e", base="other")
+    set_max_group(r, 4)
+    state = _read_state(r, [waiting], now)
+    out = _simulate(state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks,
+                    state.wanted, groups=state.groups, co_keys=state.co_keys, co_max_group=state.co_max_group)
+    # the GPU frees when d, the last member, ends (its share grew back to the whole GPU meanwhile)
+    assert out[waiting].position == 1
+    assert out[waiting].estimated_start_at >= now // 1000 + 2400 - 1
+    held = {tid: tenant.gpus for tid, tenant in state.tenants.items()}
+    assert {tid: held[tid] for tid in "abcd"} == {"a": 0, "b": 0, "c": 0, "d": 0}, held  # never negative
+
+
+def test_the_replay_forms_groups_under_the_memory_budget_co_join_applies(r):
+    c = Cluster(r, 1)
+    first = _submit(c, "x", r=8)
+    assert _lead(c) == first
+    # each member costs 100 + 10·r bytes; a rank-8 leader leaves 400: CO_JOIN records these terms
+    memory = MemberMemory(budget_bytes=400, member_fixed_bytes=100, bytes_per_rank=10)
+    assert _join_all(c, first, memory=memory) == []  # nothing else queued yet: x trains alone
+    a, big, small, other = (_submit(c, t, r=rank, at=i) for i, (t, rank) in enumerate([("a", 8), ("b", 64),
+                                                                                         ("c", 8), ("d", 8)]))
+    set_max_group(r, 4)
+    est = estimate_queue(r, [a, big, small, other], now_ms=0)
+    # a leads; the rank-64 job (740 bytes) does not fit what a leaves (400); the two rank-8 jobs (180 each) do
+    assert [est[j].position for j in (a, small, other, big)] == [1, 2, 3, 4]
+    together = est[a].estimated_start_at
+    assert est[small].estimated_start_at == est[other].estimated_start_at == together
+    assert est[big].estimated_start_at > together
+    # as the scheduler does once x ends
+    c.finish(first, at=1 * S)
+    assert _lead(c, at=1 * S) == a
+    assert _join_all(c, a, memory=memory, at=1 * S) == [small, other]
