@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from fleet import fair_share, keys
 from fleet.capacity import NodeCapacity
 from fleet.quotas import QUOTA_FIELDS, TenantQuota
-from fleet.sched_scripts import DEFAULT_HALF_LIFE_MS
+from fleet.sched_scripts import DEFAULT_HALF_LIFE_MS, DEFAULT_STARVATION_GUARD_MS
 
 __all__ = [
     "ClusterTotals",
@@ -128,6 +128,8 @@ class _State:
     co_keys: dict[str, tuple[str, int]] = field(default_factory=dict)  # read queued job id -> (co-training key, rank)
     co_max_group: int = 1  # co-training's group size limit (1: off)
     co_memory: dict[str, _CoMemory] = field(default_factory=dict)  # co-training key -> its memory terms
+    queued_at: dict[str, float] = field(default_factory=dict)  # read queued job id -> since when it waits (ms)
+    guard_ms: float = DEFAULT_STARVATION_GUARD_MS  # the starvation guard (0: off)
 
 
 def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, depth: int | None = None) -> _State:
@@ -198,17 +200,20 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
     pipe = client.pipeline(transaction=False)
     for tenant in tenants.values():
         for job_id, *_ in tenant.jobs:
-            pipe.hmget(keys.job(job_id), "gpus", "spec", "base_model", "model")
+            pipe.hmget(keys.job(job_id), "gpus", "spec", "base_model", "model", "queued_at_ms")
     pipe.hgetall(keys.sched_config())
     *fields, config = pipe.execute()
     read = iter(fields)
     co_keys: dict[str, tuple[str, int]] = {}
+    queued_at: dict[str, float] = {}
     for tenant in tenants.values():
         jobs = []
         for job_id, _, score in tenant.jobs:
-            g, spec, base, model = next(read)
+            g, spec, base, model, since = next(read)
             if (key := _co_training_key(spec, base if base is not None else model)) is not None:
                 co_keys[job_id] = key
+            if since is not None:
+                queued_at[job_id] = float(since)
             jobs.append((job_id, int(g or 1), score))
         tenant.jobs = jobs
     co_max = config.get("co_training_max_group")
@@ -231,6 +236,8 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
         co_keys=co_keys,
         co_max_group=int(co_max) if co_max is not None else 1,
         co_memory=co_memory,
+        queued_at=queued_at,
+        guard_ms=float(config.get("starvation_guard_ms", DEFAULT_STARVATION_GUARD_MS)),
     )
 
 
@@ -370,7 +377,8 @@ def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | Non
     Replays the policy forward (fleet.fair_share's order, quotas, free capacity, back-offs) from the
     current state. Assumptions: running jobs end at their reported ETA (else are half done), queued
     jobs run ASSUMED_JOB_S, no new jobs arrive, nothing is cancelled, and reclaim waits for jobs to
-    end instead of preempting them (so a reclaiming tenant's estimate is an upper bound). Past
+    end instead of preempting them (so a reclaiming tenant's estimate is an upper bound), and admission's
+    starvation guard is not replayed (a co-training join's is, as CO_JOIN applies it). Past
     _MAX_SIMULATED_ADMISSIONS, a job's position is extrapolated (every other waiting tenant admits
     jobs in proportion to its weight meanwhile) and its start is None. A job parked by a placement
     back-off is out of the queue until its time: no estimate.
@@ -381,6 +389,7 @@ def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | Non
     return _simulate(
         state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks, state.wanted,
         groups=state.groups, co_keys=state.co_keys, co_max_group=state.co_max_group, co_memory=state.co_memory,
+        queued_at=state.queued_at, guard_ms=state.guard_ms,
     )
 
 
@@ -397,13 +406,15 @@ def _simulate(
     co_keys: dict[str, tuple[str, int]] | None = None,
     co_max_group: int = 1,
     co_memory: dict[str, _CoMemory] | None = None,
+    queued_at: dict[str, float] | None = None,
+    guard_ms: float = 0,
 ) -> dict[str, QueueEstimate]:
     """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue).
 
     Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs, weight) under their time-invariant
     order, tenants holding GPUs scored directly; a step costs O(buckets + holding tenants + log T).
     """
-    co_keys, co_memory, groups = co_keys or {}, co_memory or {}, dict(groups or {})
+    co_keys, co_memory, groups, queued_at = co_keys or {}, co_memory or {}, dict(groups or {}), queued_at or {}
     capacity = math.inf if total is None else total
     # a group's GPUs count once, held until its last member ends
     used = sum(g for *_, g, gid in ends if not gid) + sum(group.gpus for group in groups.values())
@@ -456,7 +467,8 @@ def _simulate(
         """The head that joins a group of g GPUs as its member number `members`, as CO_JOIN picks it:
         idle tenants' heads of g GPUs (the first _CO_JOIN_DEPTH of each bucket and kind) and the heads
         of tenants holding GPUs, compatible (`key`), whose quota admits the share and whose memory cost
-        fits `mem_left` (bytes), in admission's order (tier and entry score counting the head's g GPUs)."""
+        fits `mem_left` (bytes), in admission's order (tier and entry score counting the head's g GPUs), a
+        head past the starvation guard first within its tier (as the Lua's starvation_guard)."""
         share = g / members
         found = []
         for (_, bucket_g, weight), heap in buckets.items():
@@ -469,7 +481,7 @@ def _simulate(
         for tid in holding:
             tn = tenants[tid]
             found.append((tn, fair_share.decayed_usage(tn.consumed, tn.at_ms, tn.gpus, t, hl)))
-        best = None
+        cands = []
         for tn, consumed in found:
             h, q = head(tn), tn.quota
             if h is None or h[1] != g or (co := co_keys.get(h[0])) is None or co[0] != key:
@@ -487,9 +499,14 @@ def _simulate(
                 tn.gpus / q.weight,
                 h[2],
             )
-            if best is None or order_key < best[0]:
-                best = (order_key, tn, h[0])
-        return None if best is None else (best[1], best[2])
+            cands.append((order_key, tn, h[0]))
+        if not cands:
+            return None
+        cands.sort(key=lambda c: c[0])
+        waited = [c for c in cands if guard_ms > 0 and t - queued_at.get(c[2], t) > guard_ms]
+        if waited and waited[0][0][0] == cands[0][0][0]:  # the guarded head leads its tier
+            return waited[0][1], waited[0][2]
+        return cands[0][1], cands[0][2]
 
     for tenant in tenants.values():
         place(tenant)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 
 from fleet.co_training import MemberMemory, set_max_group
+from fleet.job_spec import JobSpec
+from fleet.resources import Resources
 from fleet.scheduler_view import _read_state, _simulate, estimate_queue
 from tests.fleet.sched_harness import Cluster
 from tests.fleet.test_co_training_sched import _join_all, _lead, _submit
@@ -66,3 +68,23 @@ def test_the_replay_forms_groups_under_the_memory_budget_co_join_applies(r):
     c.finish(first, at=1 * S)
     assert _lead(c, at=1 * S) == a
     assert _join_all(c, a, memory=memory, at=1 * S) == [small, other]
+
+
+def test_the_replay_lets_a_head_past_the_starvation_guard_join_first_as_co_join_does(r):
+    c = Cluster(r, 1)  # the guard: 5 min (its default)
+
+    def submit(tenant: str, priority: str, at: int) -> str:
+        spec = JobSpec(quantization="nf4")
+        return c.jobs.create_job(tenant, model="llama", training_file="f", spec=spec, resources=Resources(workers=1),
+                                 priority=priority, now_ms=at).job.id
+
+    leader = submit("a", "high", 0)
+    old = submit("o", "normal", 0)  # has waited 8 min by then: past the guard, so it goes first
+    new = submit("p", "high", 7 * 60 * S)  # would come first by priority
+    set_max_group(r, 2)
+    est = estimate_queue(r, [leader, old, new], now_ms=8 * 60 * S)
+    assert [est[j].position for j in (leader, old, new)] == [1, 2, 3]
+    assert est[old].estimated_start_at == est[leader].estimated_start_at < est[new].estimated_start_at
+    # as the scheduler does
+    assert _lead(c, at=8 * 60 * S) == leader
+    assert _join_all(c, leader, max_members=2, at=8 * 60 * S) == [old]
