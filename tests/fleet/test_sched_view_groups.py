@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import time
 
-from fleet.co_training import MemberMemory, set_max_group
+from fleet.co_training import MemberMemory, group_of, group_shares, set_max_group
 from fleet.job_spec import JobSpec
 from fleet.resources import Resources
-from fleet.scheduler_view import _read_state, _simulate, estimate_queue
+from fleet.scheduler_view import _fold, _read_state, _rebalance, _simulate, estimate_queue
 from tests.fleet.sched_harness import Cluster
 from tests.fleet.test_co_training_sched import _join_all, _lead, _submit
 
@@ -88,3 +88,22 @@ def test_the_replay_lets_a_head_past_the_starvation_guard_join_first_as_co_join_
     # as the scheduler does
     assert _lead(c, at=8 * 60 * S) == leader
     assert _join_all(c, leader, max_members=2, at=8 * 60 * S) == [old]
+
+
+def test_the_replay_gives_a_leaving_members_share_back_to_the_others_as_the_scheduler_does(r):
+    c = Cluster(r, 1)
+    ids = [_submit(c, tenant) for tenant in "abc"]
+    _join_all(c, _lead(c))
+    state = _read_state(r, [], 0)
+    (group,) = state.groups.values()
+    assert sorted(milli for _, milli in group.members.values()) == [333, 333, 334]
+    # the replay ends b's member ...
+    tenant, milli = group.members.pop(ids[1])
+    _fold(state.tenants[tenant], -milli / 1000, -1, 0, state.half_life_ms)
+    _rebalance(group, state.tenants, 0, state.half_life_ms)
+    # ... and the scheduler ends it
+    c.finish(ids[1], at=0)
+    shares = group_shares(r, group_of(r, ids[0]))
+    assert {job: milli / 1000 for job, (_, milli) in group.members.items()} == shares == {ids[0]: 0.5, ids[2]: 0.5}
+    held = {tid: tn.gpus for tid, tn in state.tenants.items() if tn.gpus}
+    assert held == {"a": 0.5, "c": 0.5} == {tid: tn.gpus for tid, tn in _read_state(r, [], 0).tenants.items()}
