@@ -175,7 +175,8 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
         pipe.zrange(keys.queue(t), 0, depth - 1, withscores=True)
     for job_id in running_ids:
         pipe.hmget(keys.job(job_id), "tenant_id", "gpus", "estimated_finish")
-    pipe.hmget(keys.sched_co_member_of(), running_ids) if running_ids else pipe.echo("")
+    if running_ids:  # which co-training group each runs in (None: alone)
+        pipe.hmget(keys.sched_co_member_of(), running_ids)
     replies = pipe.execute()
     ranks = {j: r for j, r in zip(wanted, replies, strict=False) if r is not None}
     replies = replies[len(wanted) :]
@@ -195,8 +196,9 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             jobs=[(job_id, 1, score) for job_id, score in entries],
             parked=parked_by_tenant.get(t, []),
         )
-    *running, member_of = replies[4 * len(ids) :]
-    ends, groups = _running(client, running_ids, running, member_of or [None] * len(running_ids), now)
+    running = replies[4 * len(ids) : 4 * len(ids) + len(running_ids)]
+    member_of = replies[-1] if running_ids else []
+    ends, groups = _running(client, running_ids, running, member_of, now)
     pipe = client.pipeline(transaction=False)
     for tenant in tenants.values():
         for job_id, *_ in tenant.jobs:
