@@ -107,3 +107,20 @@ def test_the_replay_gives_a_leaving_members_share_back_to_the_others_as_the_sche
     assert {job: milli / 1000 for job, (_, milli) in group.members.items()} == shares == {ids[0]: 0.5, ids[2]: 0.5}
     held = {tid: tn.gpus for tid, tn in state.tenants.items() if tn.gpus}
     assert held == {"a": 0.5, "c": 0.5} == {tid: tn.gpus for tid, tn in _read_state(r, [], 0).tenants.items()}
+
+
+def test_the_replay_groups_only_compatible_jobs_up_to_the_size_limit_as_co_join_does(r):
+    c = Cluster(r, 1)
+    leader = _submit(c, "a", at=0)
+    apart = [
+        _submit(c, "b", base="mistral", at=1),  # another base model
+        _submit(c, "c", quantization="int8", at=2),  # another quantization
+        _submit(c, "d", co_training=False, at=3),  # opted out
+    ]
+    compatible = [_submit(c, t, at=4 + i) for i, t in enumerate("efgh")]
+    set_max_group(r, 4)
+    est = estimate_queue(r, [leader, *apart, *compatible], now_ms=10)
+    starts_now = sorted(j for j, e in est.items() if e.estimated_start_at == 0)
+    assert starts_now == sorted([leader, *compatible[:3]])  # the limit (4) leaves h for later
+    assert _lead(c, at=10) == leader
+    assert _join_all(c, leader, at=10) == compatible[:3]  # as the scheduler does
