@@ -762,9 +762,17 @@ if gid then
     if string.sub(f, 1, 2) == 'm:' then members = members + 1 end
   end
 else
-  key = co_key(leader_key)
+  local leader_r
+  key, leader_r = co_key(leader_key)
   if not key then return {'none'} end
   g, members, mem_left = num(redis.call('HGET', leader_key, 'gpus'), 1), 1, num(ARGV[9], nil)
+  -- the memory terms, where the queue's replay (fleet.scheduler_view) reads them to form groups as this does
+  if mem_left == nil then
+    redis.call('HDEL', CONFIG, 'co_memory:' .. key)
+  else
+    redis.call('HSET', CONFIG, 'co_memory:' .. key, int(mem_left + ARGV[10] + ARGV[11] * leader_r) .. ' '
+               .. int(ARGV[10]) .. ' ' .. int(ARGV[11]))
+  end
 end
 if members >= tonumber(ARGV[8]) then return {'none'} end
 local share = g / (members + 1)

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from fleet import fair_share, keys
 from fleet.capacity import NodeCapacity
 from fleet.quotas import QUOTA_FIELDS, TenantQuota
-from fleet.sched_scripts import DEFAULT_HALF_LIFE_MS
+from fleet.sched_scripts import DEFAULT_HALF_LIFE_MS, DEFAULT_STARVATION_GUARD_MS
 
 __all__ = [
     "ClusterTotals",
@@ -35,6 +35,7 @@ ASSUMED_JOB_S = 3600.0
 _MAX_SIMULATED_ADMISSIONS = 256
 _READ_AHEAD = 32
 _CO_JOIN_DEPTH = 16  # as fleet.sched_scripts.CO_JOIN: idle tenants read per bucket when a group forms
+_CO_MEMORY_PREFIX = "co_memory:"  # sched_config fields CO_JOIN records: "<capacity> <fixed> <per rank>" bytes
 
 
 class ClusterTotals(BaseModel):
@@ -83,6 +84,33 @@ class _Tenant:
     parked: list[tuple[str, int, int | None]] = field(default_factory=list)
 
 
+# A running job as the replay ends it: (expected end ms, job id, tenant, GPUs it counts, its group id or "").
+_End = tuple[float, str, str, float, str]
+
+
+@dataclass
+class _Group:
+    """A co-training group as the replay moves it (as the Lua's co_rebalance and co_release do): it holds
+    its `gpus` until its last member ends; each member counts its share (milli-GPUs) in its tenant's usage,
+    and when one ends the others' shares grow back."""
+
+    gpus: int
+    members: dict[str, list] = field(default_factory=dict)  # job id -> [tenant id, milli-GPUs]
+
+
+@dataclass(frozen=True)
+class _CoMemory:
+    """A co-training key's memory terms as the dispatchers record them (CO_JOIN): a group's budget (bytes)
+    before any member, and each member's cost, fixed + per_rank × its LoRA rank."""
+
+    capacity: int
+    fixed: int
+    per_rank: int
+
+    def cost(self, rank: int) -> int:
+        return self.fixed + self.per_rank * rank
+
+
 @dataclass
 class _State:
     """The scheduler's state as one estimate or view reads it (a few round trips, whatever the size)."""
@@ -93,11 +121,15 @@ class _State:
     allocated: int
     incoming: int
     tenants: dict[str, _Tenant]
-    ends: list[tuple[float, str, int]]  # running jobs: (expected end ms, tenant, gpus)
+    ends: list[_End]  # running jobs
     wanted: dict[str, str]  # queued job id -> tenant, of the job ids asked about
     ranks: dict[str, int]  # queued job id -> index in its tenant's queue
-    co_keys: dict[str, str] = field(default_factory=dict)  # read queued job id -> its co-training key
+    groups: dict[str, _Group] = field(default_factory=dict)  # running co-training groups by id
+    co_keys: dict[str, tuple[str, int]] = field(default_factory=dict)  # read queued job id -> (co-training key, rank)
     co_max_group: int = 1  # co-training's group size limit (1: off)
+    co_memory: dict[str, _CoMemory] = field(default_factory=dict)  # co-training key -> its memory terms
+    queued_at: dict[str, float] = field(default_factory=dict)  # read queued job id -> since when it waits (ms)
+    guard_ms: float = DEFAULT_STARVATION_GUARD_MS  # the starvation guard (0: off)
 
 
 def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, depth: int | None = None) -> _State:
@@ -143,6 +175,8 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
         pipe.zrange(keys.queue(t), 0, depth - 1, withscores=True)
     for job_id in running_ids:
         pipe.hmget(keys.job(job_id), "tenant_id", "gpus", "estimated_finish")
+    if running_ids:  # which co-training group each runs in (None: alone)
+        pipe.hmget(keys.sched_co_member_of(), running_ids)
     replies = pipe.execute()
     ranks = {j: r for j, r in zip(wanted, replies, strict=False) if r is not None}
     replies = replies[len(wanted) :]
@@ -162,27 +196,34 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
             jobs=[(job_id, 1, score) for job_id, score in entries],
             parked=parked_by_tenant.get(t, []),
         )
-    ends = []
-    for tenant, g, finish in replies[4 * len(ids) :]:
-        if tenant is not None:
-            end = float(finish) * 1000 if finish else now + ASSUMED_JOB_S * 500
-            ends.append((max(end, now), tenant, int(g or 1)))
+    running = replies[4 * len(ids) : 4 * len(ids) + len(running_ids)]
+    member_of = replies[-1] if running_ids else []
+    ends, groups = _running(client, running_ids, running, member_of, now)
     pipe = client.pipeline(transaction=False)
     for tenant in tenants.values():
         for job_id, *_ in tenant.jobs:
-            pipe.hmget(keys.job(job_id), "gpus", "spec", "base_model", "model")
-    pipe.hget(keys.sched_config(), "co_training_max_group")
-    *fields, co_max = pipe.execute()
+            pipe.hmget(keys.job(job_id), "gpus", "spec", "base_model", "model", "queued_at_ms")
+    pipe.hgetall(keys.sched_config())
+    *fields, config = pipe.execute()
     read = iter(fields)
-    co_keys: dict[str, str] = {}
+    co_keys: dict[str, tuple[str, int]] = {}
+    queued_at: dict[str, float] = {}
     for tenant in tenants.values():
         jobs = []
         for job_id, _, score in tenant.jobs:
-            g, spec, base, model = next(read)
-            if (key := _co_training_key(spec, base or model)) is not None:
+            g, spec, base, model, since = next(read)
+            if (key := _co_training_key(spec, base if base is not None else model)) is not None:
                 co_keys[job_id] = key
+            if since is not None:
+                queued_at[job_id] = float(since)
             jobs.append((job_id, int(g or 1), score))
         tenant.jobs = jobs
+    co_max = config.get("co_training_max_group")
+    co_memory = {}
+    for name, value in config.items():
+        if name.startswith(_CO_MEMORY_PREFIX):
+            capacity, fixed, per_rank = (int(x) for x in value.split())
+            co_memory[name[len(_CO_MEMORY_PREFIX) :]] = _CoMemory(capacity, fixed, per_rank)
     return _State(
         now_ms=now,
         half_life_ms=float(hl) if hl is not None else DEFAULT_HALF_LIFE_MS,
@@ -193,20 +234,62 @@ def _read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dep
         ends=ends,
         wanted=wanted,
         ranks=ranks,
+        groups=groups,
         co_keys=co_keys,
         co_max_group=int(co_max) if co_max is not None else 1,
+        co_memory=co_memory,
+        queued_at=queued_at,
+        guard_ms=float(config.get("starvation_guard_ms", DEFAULT_STARVATION_GUARD_MS)),
     )
 
 
-def _co_training_key(spec_json: str | None, base: str | None) -> str | None:
-    """What a queued job must share with others to be co-trained with them (as the Lua's co_key), or None."""
+def _running(
+    client: redis.Redis, job_ids: list[str], fields: list, member_of: list[str | None], now: int
+) -> tuple[list[_End], dict[str, _Group]]:
+    """The running jobs' ends and their co-training groups: a member counts its share of its group's GPUs
+    (`m:<job>` milli-GPUs in the group's hash, as the Lua's co_release reads it), not the group's GPUs."""
+    gids = sorted({gid for gid in member_of if gid})
+    pipe = client.pipeline(transaction=False)
+    for gid in gids:
+        pipe.hgetall(keys.sched_co_group(gid))
+    hashes = dict(zip(gids, pipe.execute() if gids else [], strict=True))
+    ends: list[_End] = []
+    groups: dict[str, _Group] = {}
+    for job_id, (tenant, g, finish), gid in zip(job_ids, fields, member_of, strict=True):
+        if tenant is None:
+            continue
+        end = max(float(finish) * 1000 if finish else now + ASSUMED_JOB_S * 500, now)
+        group_hash = hashes.get(gid) if gid else None
+        if not group_hash:  # alone (or its group ended between the reads)
+            ends.append((end, job_id, tenant, int(g or 1), ""))
+            continue
+        group = groups.setdefault(gid, _Group(int(group_hash.get("gpus") or 1)))
+        milli = int((group_hash.get(f"m:{job_id}") or "0").split(" ", 1)[0])
+        group.members[job_id] = [tenant, milli]
+        ends.append((end, job_id, tenant, milli / 1000, gid))
+    return ends, groups
+
+
+def _co_training_key(spec_json: str | None, base: str | None) -> tuple[str, int] | None:
+    """What a queued job must share with others to be co-trained with them, and its LoRA rank (as the
+    Lua's co_key in CO_JOIN reads them), or None: it trains alone."""
     if not spec_json:
         return None
-    spec = json.loads(spec_json)
-    resources = spec.get("resources") or {}
-    if spec.get("co_training") is False or resources.get("workers", 1) != 1 or resources.get("gpus_per_worker", 1) != 1:
+    try:
+        spec = json.loads(spec_json)
+    except ValueError:
         return None
-    return f"{base}|{spec.get('quantization') or ''}|{resources.get('gpus_per_worker', 1)}"
+    if not isinstance(spec, dict) or spec.get("co_training") is False:
+        return None
+    resources = spec.get("resources")
+    if not isinstance(resources, dict) or resources.get("workers") != 1:
+        return None
+    if resources.get("gpus_per_worker", 1) != 1:
+        return None
+    quantization = spec.get("quantization")
+    lora = spec.get("lora")
+    rank = lora.get("r") if isinstance(lora, dict) and isinstance(lora.get("r"), int | float) else 8
+    return f"{base or ''}|{quantization if isinstance(quantization, str) else ''}|1", int(rank)
 
 
 def _held_gpus(stored: str | None) -> int | float:
@@ -296,7 +379,8 @@ def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | Non
     Replays the policy forward (fleet.fair_share's order, quotas, free capacity, back-offs) from the
     current state. Assumptions: running jobs end at their reported ETA (else are half done), queued
     jobs run ASSUMED_JOB_S, no new jobs arrive, nothing is cancelled, and reclaim waits for jobs to
-    end instead of preempting them (so a reclaiming tenant's estimate is an upper bound). Past
+    end instead of preempting them (so a reclaiming tenant's estimate is an upper bound), and admission's
+    starvation guard is not replayed (a co-training join's is, as CO_JOIN applies it). Past
     _MAX_SIMULATED_ADMISSIONS, a job's position is extrapolated (every other waiting tenant admits
     jobs in proportion to its weight meanwhile) and its start is None. A job parked by a placement
     back-off is out of the queue until its time: no estimate.
@@ -306,30 +390,36 @@ def estimate_queue(client: redis.Redis, job_ids: list[str], *, now_ms: int | Non
         return {}
     return _simulate(
         state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks, state.wanted,
-        co_keys=state.co_keys, co_max_group=state.co_max_group,
+        groups=state.groups, co_keys=state.co_keys, co_max_group=state.co_max_group, co_memory=state.co_memory,
+        queued_at=state.queued_at, guard_ms=state.guard_ms,
     )
 
 
 def _simulate(
     tenants: dict[str, _Tenant],
-    ends: list[tuple[float, str, int]],
+    ends: list[_End],
     total: int | None,
     now: int,
     hl: float,
     ranks: dict[str, int],
     wanted: dict[str, str],
     *,
-    co_keys: dict[str, str] | None = None,
+    groups: dict[str, _Group] | None = None,
+    co_keys: dict[str, tuple[str, int]] | None = None,
     co_max_group: int = 1,
+    co_memory: dict[str, _CoMemory] | None = None,
+    queued_at: dict[str, float] | None = None,
+    guard_ms: float = 0,
 ) -> dict[str, QueueEstimate]:
     """Admit in policy order at simulated times until every wanted job is placed (see estimate_queue).
 
     Indexed as the Lua is: idle tenants in heaps per (tier, head GPUs, weight) under their time-invariant
     order, tenants holding GPUs scored directly; a step costs O(buckets + holding tenants + log T).
     """
-    co_keys = co_keys or {}
+    co_keys, co_memory, groups, queued_at = co_keys or {}, co_memory or {}, dict(groups or {}), queued_at or {}
     capacity = math.inf if total is None else total
-    used = sum(g for _, _, g in ends)
+    # a group's GPUs count once, held until its last member ends
+    used = sum(g for *_, g, gid in ends if not gid) + sum(group.gpus for group in groups.values())
     heapq.heapify(ends)
     heads = {t: 0 for t in tenants}  # index of each tenant's next job in its read (or extrapolated) queue
     out: dict[str, QueueEstimate] = {}
@@ -375,11 +465,12 @@ def _simulate(
         holding.add(tenant.tenant_id)
         place(tenant)  # now holding: out of the idle index
 
-    def co_join(key: str, g: int, members: int) -> tuple[_Tenant, str] | None:
+    def co_join(key: str, g: int, members: int, mem_left: float) -> tuple[_Tenant, str] | None:
         """The head that joins a group of g GPUs as its member number `members`, as CO_JOIN picks it:
         idle tenants' heads of g GPUs (the first _CO_JOIN_DEPTH of each bucket and kind) and the heads
-        of tenants holding GPUs, compatible (`key`), whose quota admits the share, in admission's order
-        (tier and entry score counting the head's g GPUs)."""
+        of tenants holding GPUs, compatible (`key`), whose quota admits the share and whose memory cost
+        fits `mem_left` (bytes), in admission's order (tier and entry score counting the head's g GPUs), a
+        head past the starvation guard first within its tier (as the Lua's starvation_guard)."""
         share = g / members
         found = []
         for (_, bucket_g, weight), heap in buckets.items():
@@ -392,10 +483,12 @@ def _simulate(
         for tid in holding:
             tn = tenants[tid]
             found.append((tn, fair_share.decayed_usage(tn.consumed, tn.at_ms, tn.gpus, t, hl)))
-        best = None
+        cands = []
         for tn, consumed in found:
             h, q = head(tn), tn.quota
-            if h is None or h[1] != g or co_keys.get(h[0]) != key:
+            if h is None or h[1] != g or (co := co_keys.get(h[0])) is None or co[0] != key:
+                continue
+            if key in co_memory and co_memory[key].cost(co[1]) > mem_left:
                 continue
             if (q.max_running_jobs is not None and tn.running >= q.max_running_jobs) or (
                 fair_share.tier(q, tn.gpus, share) is None
@@ -408,9 +501,14 @@ def _simulate(
                 tn.gpus / q.weight,
                 h[2],
             )
-            if best is None or order_key < best[0]:
-                best = (order_key, tn, h[0])
-        return None if best is None else (best[1], best[2])
+            cands.append((order_key, tn, h[0]))
+        if not cands:
+            return None
+        cands.sort(key=lambda c: c[0])
+        waited = [c for c in cands if guard_ms > 0 and t - queued_at.get(c[2], t) > guard_ms]
+        if waited and waited[0][0][0] == cands[0][0][0]:  # the guarded head leads its tier
+            return waited[0][1], waited[0][2]
+        return cands[0][1], cands[0][2]
 
     for tenant in tenants.values():
         place(tenant)
@@ -453,32 +551,51 @@ def _simulate(
                 break  # nothing running and nothing admissible: the rest waits on a quota change
             t = max(t, ends[0][0])
             while ends and ends[0][0] <= t:
-                _, tid, g = heapq.heappop(ends)
-                used = round(used - g, 6)  # co-trained jobs' shares are fractions of their group's GPUs
+                _, job_id, tid, g, gid = heapq.heappop(ends)
+                if gid:  # a member: its share goes back to the others; the last one out frees the GPUs
+                    group = groups[gid]
+                    _, g = group.members.pop(job_id)
+                    g /= 1000
+                    if not group.members:
+                        used -= group.gpus
+                        del groups[gid]
+                else:
+                    used -= g
                 if tid in tenants:
                     _fold(tenants[tid], -g, -1, t, hl)
-                    if tenants[tid].gpus <= 0:
-                        holding.discard(tid)
-                        place(tenants[tid])
+                if gid in groups:
+                    _rebalance(groups[gid], tenants, t, hl)
+                if tid in tenants and tenants[tid].gpus <= 0:
+                    holding.discard(tid)
+                    place(tenants[tid])
             continue
         tenant, (job_id, g, _) = chosen
         used += g
-        group = [(tenant, job_id)]
         admit(tenant, g)
         # Co-training (docs/scheduling.md#co-training): compatible heads join the admitted job at once,
-        # one at a time as CO_JOIN takes them, sharing its g GPUs (each holds g / members).
-        key = co_keys.get(job_id)
-        while key is not None and len(group) < co_max_group and (joiner := co_join(key, g, len(group) + 1)):
-            n = len(group) + 1
-            for member, _ in group:  # the shares rebalance: g / members each
-                _fold(member, g / n - g / (n - 1), 0, t, hl)
-            group.append(joiner)
-            admit(joiner[0], g / n)
-        for member, member_job in group:
+        # one at a time as CO_JOIN takes them, sharing its g GPUs (each holds its share, rebalanced).
+        group = _Group(g, {job_id: [tenant.tenant_id, g * 1000]})
+        co = co_keys.get(job_id)
+        mem_left = math.inf  # CO_JOIN checks memory where the dispatchers recorded its terms (co_memory)
+        if co is not None and co[0] in co_memory:
+            mem_left = co_memory[co[0]].capacity - co_memory[co[0]].cost(co[1])
+        while co is not None and len(group.members) < co_max_group and (
+            joiner := co_join(co[0], g, len(group.members) + 1, mem_left)
+        ):
+            member, member_job = joiner
+            if co[0] in co_memory:
+                mem_left -= co_memory[co[0]].cost(co_keys[member_job][1])
+            group.members[member_job] = [member.tenant_id, 0]
+            admit(member, 0)
+            _rebalance(group, tenants, t, hl)
+        gid = f"replay:{job_id}" if len(group.members) > 1 else ""
+        if gid:
+            groups[gid] = group
+        for member_job, (tid, milli) in list(group.members.items()):
             admitted += 1
             if member_job in wanted:
                 out[member_job] = QueueEstimate(position=admitted, estimated_start_at=int(t // 1000))
-            heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, member.tenant_id, g / len(group)))
+            heapq.heappush(ends, (t + ASSUMED_JOB_S * 1000, member_job, tid, milli / 1000 if gid else g, gid))
     for job_id, rank in ranks.items():
         if job_id not in out:  # beyond the simulated horizon: the others admit in proportion to weight
             mine = tenants[wanted[job_id]]
@@ -492,7 +609,21 @@ def _simulate(
     return out
 
 
-def _fold(tenant: _Tenant, dg: int, dj: int, t: float, hl: float) -> None:
+def _rebalance(group: _Group, tenants: dict[str, _Tenant], t: float, hl: float) -> None:
+    """Split the group's GPUs equally among its members again, to the milli-GPU, as the Lua's co_rebalance
+    does (the first members by job id take the remainder), moving each tenant's usage by the change."""
+    total, n = group.gpus * 1000, len(group.members)
+    base = total // n
+    for i, job_id in enumerate(sorted(group.members)):
+        tid, milli = group.members[job_id]
+        share = base + (1 if i < total - base * n else 0)
+        if share != milli:
+            if tid in tenants:
+                _fold(tenants[tid], (share - milli) / 1000, 0, t, hl)
+            group.members[job_id][1] = share
+
+
+def _fold(tenant: _Tenant, dg: float, dj: int, t: float, hl: float) -> None:
     """The tenant now holds dg more GPUs (as the Lua's add_usage)."""
     tenant.consumed = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl)
     tenant.gpus = round(tenant.gpus + dg, 6)
