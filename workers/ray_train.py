@@ -376,7 +376,8 @@ class GroupEntry:
 
     `on_done(result)` ends the job where it trained, as soon as its training ends (publishes a
     succeeded one, records a pause or a cancel: workers.group_runner.MemberEnd); its reporter's
-    checkpoint uploads are waited for first."""
+    checkpoint uploads are waited for first. Both run on a thread of their own (workers.member_ends)
+    while the other members train on."""
 
     job_id: str
     inputs: TrainingInputs
@@ -444,10 +445,15 @@ def _portable(error: BaseException) -> BaseException:
 def _train_group_task(entries: list[GroupEntry], train_on_cpu: bool, name: str,
                       worker_logging: WorkerLogging | None) -> dict[str, dict[str, Any]]:
     """Body of a co-training group's Ray task: fetch every member's inputs into its own directory, co-train
-    them on one copy of the base, end each member as soon as it ends (GroupEntry.on_done)."""
+    them on one copy of the base, end each member as soon as it ends (GroupEntry.on_done).
+
+    A member's end (its checkpoint uploads, then on_done) runs on a thread of its own
+    (workers.member_ends), so the others train on meanwhile; the task returns, releasing the group's
+    GPUs and the driver's heartbeats, only once every member's end is over or timed out."""
     import torch
 
     from workers.cotrain import GroupMember, MemberOutcome, train_group
+    from workers.member_ends import MemberEnds
 
     if worker_logging is not None:
         worker_logging.apply()
@@ -455,6 +461,7 @@ def _train_group_task(entries: list[GroupEntry], train_on_cpu: bool, name: str,
     outcomes: dict[str, dict[str, Any]] = {}
     reporters: dict[str, Reporter | None] = {}
     by_id = {e.job_id: e for e in entries}
+    ends: MemberEnds[dict[str, Any]] = MemberEnds()
     try:
         members = []
         for entry in entries:
@@ -467,21 +474,28 @@ def _train_group_task(entries: list[GroupEntry], train_on_cpu: bool, name: str,
             members.append(GroupMember(entry.job_id, spec, root / entry.job_id / "out", reporter, resume_from))
 
         def member_done(job_id: str, outcome: MemberOutcome) -> None:
-            _close_reporter(reporters.get(job_id))  # a pause's checkpoint is recorded before the job is paused
-            if isinstance(outcome, BaseException):
-                outcomes[job_id] = {"error": _portable(outcome)}
-                return
-            outcomes[job_id] = {"result": outcome.to_dict()}
-            on_done = by_id[job_id].on_done
-            if on_done is not None:
-                try:
-                    on_done(outcome)
-                except Exception as e:  # publishing or recording the end failed: the driver ends the job
-                    logger.exception("%s: ending the co-trained job where it trained failed", job_id)
-                    outcomes[job_id] = {"error": _portable(e)}
+            ends.submit(job_id, lambda: _end_member(job_id, outcome, reporters.get(job_id), by_id[job_id].on_done))
 
         device = torch.device("cpu") if train_on_cpu or not torch.cuda.is_available() else torch.device("cuda")
         train_group(members, runtime=Runtime(rank=0, world_size=1, device=device), on_member_done=member_done)
     finally:
+        for job_id, ended in ends.wait().items():  # the adapters they publish lie under `root`
+            outcomes[job_id] = {"error": _portable(ended)} if isinstance(ended, BaseException) else ended
         remove_work_dir(root)
     return outcomes
+
+
+def _end_member(job_id: str, outcome: TrainingResult | BaseException, reporter: Reporter | None,
+                on_done: Callable[[TrainingResult], None] | None) -> dict[str, Any]:
+    """End one co-trained member where it trained (on its own thread, workers.member_ends): wait for its
+    checkpoint uploads, then `on_done` for a result. Its outcome as the task returns it."""
+    _close_reporter(reporter)  # a pause's checkpoint is recorded before the job is paused
+    if isinstance(outcome, BaseException):
+        return {"error": _portable(outcome)}
+    if on_done is not None:
+        try:
+            on_done(outcome)
+        except Exception as e:  # publishing or recording the end failed: the driver ends the job
+            logger.exception("%s: ending the co-trained job where it trained failed", job_id)
+            return {"error": _portable(e)}
+    return {"result": outcome.to_dict()}
