@@ -1,8 +1,8 @@
 """What a failed attempt's error means: whose fault it is, and what of it a tenant may read.
 
 An infrastructure fault (the object store or a Ray node, worker or object lost; Ray's storage in the
-bucket unreachable) is not the job's doing: the dispatcher hands the job back to resume from its
-checkpoint (`is_infrastructure_fault`).
+bucket unreachable; a co-trained member's end stalled on them) is not the job's doing: the dispatcher
+hands the job back to resume from its checkpoint (`is_infrastructure_fault`).
 
 A tenant sees an error's class and a short first line with paths and URLs removed; Ray's
 worker-group errors embed worker tracebacks, and model or tokenizer errors name the server's files.
@@ -92,7 +92,10 @@ def _infrastructure_types() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rx
     from botocore import exceptions as bx
 
+    from workers.member_ends import MemberEndTimedOut
+
     return (
+        MemberEndTimedOut,  # a co-trained member's end stalled on the object store or Redis
         bx.ConnectionError, bx.HTTPClientError,  # EndpointConnectionError, ConnectionClosedError, timeouts
         rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError, rx.RayActorError,
         rx.ActorUnavailableError, rx.ObjectLostError, rx.ObjectFetchTimedOutError, rx.RaySystemError,

@@ -23,6 +23,7 @@ from fleet.settings import Settings, make_object_store, make_redis
 from tests.conftest import S3Endpoint, free_port, wait_for_port
 from tests.reliability.conftest import wait_for
 from workers.dispatcher import Dispatcher
+from workers.errors import is_infrastructure_fault
 from workers.group_runner import GroupRunner
 from workers.member_ends import MemberEnds
 from workers.synthetic import write_synthetic_splits
@@ -144,3 +145,5 @@ def test_each_members_end_has_its_own_outcome_and_one_that_overruns_is_named():
     stuck = outcomes["job-stuck"]
     assert isinstance(stuck, TimeoutError) and "co-trained job job-stuck" in str(stuck)
     assert "checkpoint uploads" in str(stuck) and "within 0.5 s" in str(stuck)
+    # A stalled store is the machinery's fault, not the job's: the dispatcher hands the job back to resume.
+    assert is_infrastructure_fault(stuck) and not is_infrastructure_fault(outcomes["job-fails"])
