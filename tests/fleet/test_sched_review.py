@@ -326,9 +326,9 @@ def test_counters_and_queues_stay_exact_through_running_pauses_cancels_and_half_
 
 # --- visibility -------------------------------------------------------------------------------------
 def test_an_extrapolated_queue_position_never_exceeds_the_queued_jobs(r, monkeypatch):
-    from fleet import scheduler_view
+    from fleet import queue_replay
 
-    monkeypatch.setattr(scheduler_view, "_MAX_SIMULATED_ADMISSIONS", 20)
+    monkeypatch.setattr(queue_replay, "_MAX_SIMULATED_ADMISSIONS", 20)
     c = Cluster(r, 1)
     made = [job_id for t in range(10) for job_id in c.submit(f"t{t}", 3)]
     assert len(c.admit()) == 1

@@ -8,8 +8,10 @@ import time
 
 from fleet.co_training import MemberMemory, group_of, group_shares, set_max_group
 from fleet.job_spec import JobSpec
+from fleet.queue_replay import fold, rebalance, replay
 from fleet.resources import Resources
-from fleet.scheduler_view import _fold, _read_state, _rebalance, _simulate, estimate_queue
+from fleet.scheduler_state import read_state
+from fleet.scheduler_view import estimate_queue
 from tests.fleet.sched_harness import Cluster
 from tests.fleet.test_co_training_sched import _join_all, _lead, _submit
 
@@ -38,8 +40,8 @@ def test_members_ending_one_by_one_give_their_shares_back_and_the_last_frees_the
     now = int(time.time() * 1000)
     waiting = _submit(c, "e", base="other")
     set_max_group(r, 4)
-    state = _read_state(r, [waiting], now)
-    out = _simulate(state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks,
+    state = read_state(r, [waiting], now)
+    out = replay(state.tenants, state.ends, state.total, state.now_ms, state.half_life_ms, state.ranks,
                     state.wanted, groups=state.groups, co_keys=state.co_keys, co_max_group=state.co_max_group)
     # the GPU frees when d, the last member, ends (its share grew back to the whole GPU meanwhile)
     assert out[waiting].position == 1
@@ -94,19 +96,19 @@ def test_the_replay_gives_a_leaving_members_share_back_to_the_others_as_the_sche
     c = Cluster(r, 1)
     ids = [_submit(c, tenant) for tenant in "abc"]
     _join_all(c, _lead(c))
-    state = _read_state(r, [], 0)
+    state = read_state(r, [], 0)
     (group,) = state.groups.values()
     assert sorted(milli for _, milli in group.members.values()) == [333, 333, 334]
     # the replay ends b's member ...
     tenant, milli = group.members.pop(ids[1])
-    _fold(state.tenants[tenant], -milli / 1000, -1, 0, state.half_life_ms)
-    _rebalance(group, state.tenants, 0, state.half_life_ms)
+    fold(state.tenants[tenant], -milli / 1000, -1, 0, state.half_life_ms)
+    rebalance(group, state.tenants, 0, state.half_life_ms)
     # ... and the scheduler ends it
     c.finish(ids[1], at=0)
     shares = group_shares(r, group_of(r, ids[0]))
     assert {job: milli / 1000 for job, (_, milli) in group.members.items()} == shares == {ids[0]: 0.5, ids[2]: 0.5}
     held = {tid: tn.gpus for tid, tn in state.tenants.items() if tn.gpus}
-    assert held == {"a": 0.5, "c": 0.5} == {tid: tn.gpus for tid, tn in _read_state(r, [], 0).tenants.items()}
+    assert held == {"a": 0.5, "c": 0.5} == {tid: tn.gpus for tid, tn in read_state(r, [], 0).tenants.items()}
 
 
 def test_the_replay_groups_only_compatible_jobs_up_to_the_size_limit_as_co_join_does(r):
