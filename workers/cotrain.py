@@ -17,10 +17,11 @@ workers.loop's, per member. A member that ends (done, cancelled, paused, failed)
 the others go on. On a device (or under `Runtime.max_micro_batch_tokens`) the members' micro-batches
 share one pass's token budget (`pass_token_budget`, split by `_plan_split`), re-planned when a member
 leaves. A pass that runs out of memory is retried after the member with the most tokens in it gives way
-(`_give_way`: it backs off as alone, or takes a pass of its own); a pass that fails otherwise
-is retried with each of its members in a pass of its own (`_retry_alone`), and only a member whose own
-pass fails gets the error. In fp32 each adapter equals
-the one trained alone up to the rounding of larger matmuls.
+(`_give_way`: it backs off as alone, or takes a pass of its own for good); a pass that fails otherwise
+is retried with each of its members in a pass of its own (`_retry_alone`): only a member whose own
+pass fails gets the error, the others rejoin the shared pass after that step. A member's side effects
+there (its reporter's warnings) fail that member only. In fp32 each adapter equals the one trained
+alone up to the rounding of larger matmuls.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class _Member:
     counts: StepCounts | None = None
     loss_total: torch.Tensor | None = None
     lane: int = 0  # members of one lane share a forward pass (one lane unless memory ran short, _give_way)
+    home_lane: int | None = None  # the shared lane it rejoins once its step retried alone is done (_retry_alone)
+    rejoined: bool = False  # it rejoined once: a second failed shared pass keeps it in a lane of its own
     most: int = 0  # most sequences per micro-batch: its split as set up alone, lowered by a back-off
     planned: tuple[int, str] | None = None  # the group plan's micro-batch for its next step, and why
 
@@ -148,6 +151,12 @@ def train_group(
                     for i, member in enumerate(members))
         if m is not None
     ]
+
+    def fail(member: _Member, error: BaseException) -> None:
+        """This member ends with `error`; the others go on."""
+        running.remove(member)
+        _leave(member, model, done, _raise(error))
+
     autocast = running[0].run.autocast if running else None
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     budget = functools.partial(pass_token_budget, model, device_bytes=device_bytes, compute_dtype=compute_dtype,
@@ -164,8 +173,7 @@ def train_group(
                     _take_planned_split(member)
                 has_step = bool(member.micro) or _next_step(member)
             except Exception as error:  # its own data or plan: this member fails, the others go on
-                running.remove(member)
-                _leave(member, model, done, _raise(error))
+                fail(member, error)
                 continue
             if not has_step:
                 running.remove(member)
@@ -177,19 +185,15 @@ def train_group(
                 reason = str(error) or type(error).__name__
             except Exception as error:  # alone in its pass, the member fails; shared, each retries alone
                 if len(in_pass) == 1:
-                    running.remove(in_pass[0])
-                    _leave(in_pass[0], model, done, _raise(error))
+                    fail(in_pass[0], error)
                 else:
-                    _retry_alone(in_pass, running, error)
+                    _retry_alone(in_pass, running, error, fail)
                 continue
             else:
-                _after_pass(in_pass, losses, running, model, done)
+                _after_pass(in_pass, losses, running, model, done, fail)
                 continue
             # Outside the except block: the traceback, and the activations its frames hold, are released.
-            failed = _give_way(in_pass, running, reason)
-            if failed is not None:
-                running.remove(failed)
-                _leave(failed, model, done, _raise(one_sequence_does_not_fit(failed.run, reason)))
+            _give_way(in_pass, running, reason, fail)
     return outcomes
 
 
@@ -199,8 +203,9 @@ def _passes(running: list[_Member]) -> list[list[_Member]]:
 
 
 def _after_pass(in_pass: list[_Member], losses: list[torch.Tensor], running: list[_Member], model: nn.Module,
-                done: Callable[[str, MemberOutcome], None]) -> None:
-    """Count the pass's micro-batch for each member in it; a member whose step is complete steps its optimizer."""
+                done: Callable[[str, MemberOutcome], None], fail: Callable[[_Member, BaseException], None]) -> None:
+    """Count the pass's micro-batch for each member in it; a member whose step is complete steps its
+    optimizer, and one that retried its step alone rejoins its shared lane (`_retry_alone`)."""
     for member, loss in zip(in_pass, losses, strict=True):
         member.loss_total += loss
         member.done += 1
@@ -209,55 +214,77 @@ def _after_pass(in_pass: list[_Member], losses: list[torch.Tensor], running: lis
         try:
             result = _complete_step(member)
         except Exception as error:  # its reporter, its checkpoint, ...: this member fails alone
-            running.remove(member)
-            _leave(member, model, done, _raise(error))
+            fail(member, error)
             continue
         if result is not None:
             running.remove(member)
             _leave(member, model, done, lambda r=result: r)
+        elif member.home_lane is not None:
+            member.lane, member.home_lane, member.rejoined = member.home_lane, None, True
 
 
-def _give_way(in_pass: list[_Member], running: list[_Member], reason: str) -> _Member | None:
+def _safely(member: _Member, fail: Callable[[_Member, BaseException], None], work: Callable[[], None]) -> None:
+    """`work` on behalf of `member` (its reporter, its state); if it raises, this member fails, the others go on."""
+    try:
+        work()
+    except Exception as error:
+        fail(member, error)
+
+
+def _give_way(in_pass: list[_Member], running: list[_Member], reason: str,
+              fail: Callable[[_Member, BaseException], None]) -> None:
     """After a pass ran out of memory: the member with the most tokens in it gives way, as it would alone.
 
     Every member of the pass drops its step's gradients (a backward cut short may have added to them)
     and retries its step from the first micro-batch. The member with the most tokens in the pass then
     halves its micro-batch (`workers.loop.back_off`, as alone: the same rows per step); already at one
-    sequence, it moves to a lane of its own (a pass to itself, the others keep theirs); alone in its
-    pass at one sequence, it is returned: it fails with the error it gets alone, the others go on.
+    sequence, it moves to a lane of its own for good (a pass to itself, the others keep theirs: the
+    sizes that did not fit together stay the same, so rejoining would run out of memory again); alone
+    in its pass at one sequence, it fails with the error it gets alone, the others go on. An error of
+    its reporter while it says so fails that member only.
     """
     largest = max(in_pass, key=lambda m: m.micro[m.done].inputs["input_ids"].numel())  # rows × width
     _reset_step(in_pass)
     first_line = reason.splitlines()[0]
     if largest.state.batch_size > 1:
-        back_off(largest.run, largest.state, first_line)
-        largest.most, largest.planned = largest.state.batch_size, None  # no plan grows it back past this
-        largest.micro = []  # re-planned with the new split (workers.loop.planned_steps)
-        return None
+        largest.planned, largest.micro = None, []  # re-planned with the new split (workers.loop.planned_steps)
+        _safely(largest, fail, functools.partial(back_off, largest.run, largest.state, first_line))
+        largest.most = largest.state.batch_size  # no plan grows it back past this
+        return
     if len(in_pass) == 1:
-        return largest
+        fail(largest, one_sequence_does_not_fit(largest.run, reason))
+        return
     largest.lane = max(m.lane for m in running) + 1
+    largest.home_lane = None  # out of memory beside the others: it does not rejoin them
     if largest.run.say:
-        largest.run.say.log(
+        _safely(largest, fail, functools.partial(
+            largest.run.say.log,
             f"out of memory at step {largest.state.step + 1} ({first_line}) with one sequence per micro-batch "
-            f"beside {len(in_pass) - 1} other jobs: retrying it in a forward pass of its own", "warning")
-    return None
+            f"beside {len(in_pass) - 1} other jobs: retrying it in a forward pass of its own", "warning"))
 
 
-def _retry_alone(in_pass: list[_Member], running: list[_Member], error: Exception) -> None:
+def _retry_alone(in_pass: list[_Member], running: list[_Member], error: Exception,
+                 fail: Callable[[_Member, BaseException], None]) -> None:
     """After a shared pass failed with an error that is not out-of-memory: nobody can tell whose tokens
     caused it, so every member of the pass drops its step's gradients (as in `_give_way`) and retries
-    its step in a lane of its own. A member whose own pass fails then gets the error; the others go on."""
+    its step in a lane of its own. A member whose own pass fails then gets the error; one whose step
+    succeeds rejoins the shared lane (`_after_pass`; only the rounding of the pass's larger matmuls
+    changes), once: after a second failed shared pass it keeps its own lane. An error of a member's
+    reporter while it says so fails that member only."""
     first_line = (str(error) or type(error).__name__).splitlines()[0]
     _reset_step(in_pass)
     lane = max(m.lane for m in running)
     for member in in_pass:
+        member.home_lane = None if member.rejoined else member.lane
         lane += 1
         member.lane = lane
         if member.run.say:
-            member.run.say.log(f"a forward pass shared with {len(in_pass) - 1} other jobs failed at step "
-                               f"{member.state.step + 1} ({type(error).__name__}: {first_line}): retrying "
-                               "the step in a pass of its own", "warning")
+            again = "" if member.home_lane is not None else ", and in passes of its own from then on"
+            _safely(member, fail, functools.partial(
+                member.run.say.log,
+                f"a forward pass shared with {len(in_pass) - 1} other jobs failed at step "
+                f"{member.state.step + 1} ({type(error).__name__}: {first_line}): retrying the step in a pass "
+                f"of its own{again}", "warning"))
 
 
 def _reset_step(in_pass: list[_Member]) -> None:
