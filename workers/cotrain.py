@@ -20,12 +20,15 @@ leaves. A pass that runs out of memory is retried after the member with the most
 (`_give_way`: it backs off as alone, or takes a pass of its own for good); a pass that fails otherwise
 is retried with each of its members in a pass of its own (`_retry_alone`): only a member whose own
 pass fails gets the error, the others rejoin the shared pass after that step. A member's side effects
-there (its reporter's warnings) fail that member only. In fp32 each adapter equals the one trained
+there (its reporter's warnings) fail that member only. A base with dropout of its own (`base_draws`)
+draws from the global RNG: then every member trains in passes of its own with its own RNG stream
+swapped in (`_own_rng`), so it draws what it draws alone. In fp32 each adapter equals the one trained
 alone up to the rounding of larger matmuls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.checkpoints import capture_rng_state, restore_rng_state
 from workers.loop import (
     JobRun,
     Progress,
@@ -68,7 +72,7 @@ from workers.token_loss import TokenLoss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GroupMember", "MemberOutcome", "pass_token_budget", "train_group"]
+__all__ = ["GroupMember", "MemberOutcome", "base_draws", "pass_token_budget", "train_group"]
 
 MemberOutcome = TrainingResult | BaseException  # an exception: this member failed, the others went on
 
@@ -101,6 +105,7 @@ class _Member:
     lane: int = 0  # members of one lane share a forward pass (one lane unless memory ran short, _give_way)
     home_lane: int | None = None  # the shared lane it rejoins once its step retried alone is done (_retry_alone)
     rejoined: bool = False  # it rejoined once: a second failed shared pass keeps it in a lane of its own
+    rng: dict[str, Any] | None = None  # its own RNG stream, swapped in around its passes (a base that draws)
     most: int = 0  # most sequences per micro-batch: its split as set up alone, lowered by a back-off
     planned: tuple[int, str] | None = None  # the group plan's micro-batch for its next step, and why
 
@@ -146,11 +151,15 @@ def train_group(
             done(member.job_id, error)
         return outcomes
     loss_module = TokenLoss(model)
+    draws = base_draws(model)  # the base's own dropout: each member's draws must be its own (_own_rng)
     running = [
-        m for m in (_start(member, i, len(members), model, loss_module, device, runtime, done)
+        m for m in (_start(member, i, len(members), model, loss_module, device, runtime, done, draws)
                     for i, member in enumerate(members))
         if m is not None
     ]
+    if draws:
+        logger.info("co-training %d jobs in passes of their own over one base: the base draws dropout "
+                    "(%s) from the RNG", len(running), ", ".join(draws))
 
     def fail(member: _Member, error: BaseException) -> None:
         """This member ends with `error`; the others go on."""
@@ -179,22 +188,59 @@ def train_group(
                 running.remove(member)
                 _leave(member, model, done, lambda m=member: end(m.run, m.state, m.progress))
         for in_pass in _passes(running):
-            try:
-                losses = _forward_backward(model, loss_module, autocast, in_pass)
-            except torch.OutOfMemoryError as error:
-                reason = str(error) or type(error).__name__
-            except Exception as error:  # alone in its pass, the member fails; shared, each retries alone
-                if len(in_pass) == 1:
-                    fail(in_pass[0], error)
+            with _own_rng(in_pass):
+                try:
+                    losses = _forward_backward(model, loss_module, autocast, in_pass)
+                except torch.OutOfMemoryError as error:
+                    reason = str(error) or type(error).__name__
+                except Exception as error:  # alone in its pass, the member fails; shared, each retries alone
+                    if len(in_pass) == 1:
+                        fail(in_pass[0], error)
+                    else:
+                        _retry_alone(in_pass, running, error, fail)
+                    continue
                 else:
-                    _retry_alone(in_pass, running, error, fail)
-                continue
-            else:
-                _after_pass(in_pass, losses, running, model, done, fail)
-                continue
+                    _after_pass(in_pass, losses, running, model, done, fail)
+                    continue
             # Outside the except block: the traceback, and the activations its frames hold, are released.
             _give_way(in_pass, running, reason, fail)
     return outcomes
+
+
+def base_draws(model: nn.Module) -> list[str]:
+    """What in the base (not the adapters) draws random numbers in a training forward pass: config
+    dropout probabilities above 0 (attention_dropout, hidden_dropout, resid_pdrop, layerdrop, ...) and nn.Dropout
+    modules with p > 0 outside the adapters. Empty for Llama, Qwen, Mistral as shipped (all 0.0)."""
+    from lora_core.layers import LoraLinear
+
+    config = getattr(model, "config", None)
+    values = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    found = [f"{key}={value}" for key, value in sorted(values.items())
+             if any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+             and not isinstance(value, bool) and value > 0]
+    lora_dropouts = {id(d) for module in model.modules() if isinstance(module, LoraLinear)
+                     for d in module.lora_dropout.values()}
+    modules = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Dropout) and module.p > 0 and id(module) not in lora_dropouts]
+    if modules:
+        found.append(f"{len(modules)} nn.Dropout modules such as {modules[0]}")
+    return found
+
+
+@contextlib.contextmanager
+def _own_rng(in_pass: list[_Member]) -> Iterator[None]:
+    """Around a pass of one member that has its own RNG stream (a base that draws, `base_draws`): its
+    stream is the global one (python, numpy, torch CPU and CUDA, what checkpoints hold) while the pass
+    and what follows it (its checkpoint) run, so it draws exactly what it draws alone."""
+    owner = in_pass[0] if len(in_pass) == 1 and in_pass[0].rng is not None else None
+    if owner is None:
+        yield
+        return
+    restore_rng_state(owner.rng)
+    try:
+        yield
+    finally:
+        owner.rng = capture_rng_state()
 
 
 def _passes(running: list[_Member]) -> list[list[_Member]]:
@@ -338,8 +384,12 @@ def _start(
     device: torch.device,
     runtime: Runtime,
     done: Callable[[str, MemberOutcome], None],
+    draws: list[str],
 ) -> _Member | None:
-    """Add the member's adapter and set its run up as train() would; None (outcome reported) if that fails."""
+    """Add the member's adapter and set its run up as train() would; None (outcome reported) if that fails.
+
+    Where the base draws random numbers (`draws`, see `base_draws`) the member gets a lane of its own and
+    keeps its own RNG stream: the global one as its setup (and resume) leaves it, as alone."""
     from lora_core import delete_adapter, list_adapters
 
     background = runtime.report_in_background if runtime.report_in_background is not None else device.type == "cuda"
@@ -350,16 +400,20 @@ def _start(
         add_job_adapter(model, member.spec, name)
         run = setup_job(member.spec, Path(member.output_dir), reporter, runtime, device, model, name, loss_module)
         if reporter is not None:
-            reporter.log(f"co-trained with {group_size - 1} other jobs on one copy of the base model")
+            own = (f", in forward passes of its own: the base draws its own dropout ({', '.join(draws)}) from "
+                   "the RNG, and this job's draws must be the ones it makes alone") if draws else ""
+            reporter.log(f"co-trained with {group_size - 1} other jobs on one copy of the base model{own}")
         state = initial_state(run, member.resume_from)
         progress = begin(run, state)
+        rng = capture_rng_state() if draws else None
     except Exception as error:
         if name in list_adapters(model):
             delete_adapter(model, name)
         _close(threaded)
         done(member.job_id, error)
         return None
-    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded, most=state.batch_size)
+    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded, most=state.batch_size,
+                   lane=index if draws else 0, rng=rng)
 
 
 def pass_token_budget(model: nn.Module, *, device_bytes: int | None, compute_dtype: torch.dtype,
@@ -395,22 +449,28 @@ def _plan_split(running: list[_Member], budget_tokens: int | None, *, first_plan
     split). A later one, after a member left, only grows a member back towards its split as set up
     alone (`most`), and only one without LoRA dropout: the rows of every step stay the same, so the loss
     does too, up to rounding, but dropout masks follow the micro-batches' positions, which a new split
-    renumbers (the same reason a run that backed off differs from one that did not).
+    renumbers (the same reason a run that backed off differs from one that did not). A member with its
+    own RNG stream (a base that draws, `base_draws`) has passes of its own: it is planned alone against
+    the whole budget, and never re-planned (the base's masks follow the micro-batches too).
     """
     if budget_tokens is None:
         return
-    splits = []
-    for m in running:
-        state, spec = m.state, m.run.spec
-        current = m.planned[0] if m.planned else state.batch_size
-        plannable = spec.hyperparameters.batch_size == "auto" and (
-            first_plan or (spec.init_adapter is None and spec.lora.dropout == 0))
-        least = 1 if first_plan and plannable else current
-        most = m.most if plannable else current
-        splits.append(MemberSplit(spec.max_seq_len, state.batch_size * state.gradient_accumulation_steps,
-                                  least=least, most=max(most, least)))
-    for m, micro in zip(running, plan_group_micro_batches(budget_tokens, splits), strict=True):
-        m.planned = (micro, f"{budget_tokens} tokens a forward pass for {len(running)} jobs")
+    shared = [m for m in running if m.rng is None]
+    for sharing in ([shared] if shared else []) + [[m] for m in running if m.rng is not None]:
+        splits = []
+        for m in sharing:
+            state, spec = m.state, m.run.spec
+            current = m.planned[0] if m.planned else state.batch_size
+            plannable = spec.hyperparameters.batch_size == "auto" and (
+                first_plan or (spec.init_adapter is None and spec.lora.dropout == 0 and m.rng is None))
+            least = 1 if first_plan and plannable else current
+            most = m.most if plannable else current
+            splits.append(MemberSplit(spec.max_seq_len, state.batch_size * state.gradient_accumulation_steps,
+                                      least=least, most=max(most, least)))
+        why = f"{budget_tokens} tokens a forward pass for {len(sharing)} jobs" if sharing is shared else (
+            f"{budget_tokens} tokens a forward pass of its own")
+        for m, micro in zip(sharing, plan_group_micro_batches(budget_tokens, splits), strict=True):
+            m.planned = (micro, why)
 
 
 def _take_planned_split(member: _Member) -> None:

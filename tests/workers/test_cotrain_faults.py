@@ -1,20 +1,101 @@
-"""Co-training where something other than the adapters is in play (fp32, CPU): a member's reporter failing
-while the group backs off or retries, and a shared pass that failed once. Each member still ends as it
-ends alone, and only the member at fault fails."""
+"""Co-training where something other than the adapters is in play (fp32, CPU): a base that draws its own
+dropout, a member's reporter failing while the group backs off or retries, and a shared pass that failed
+once. Each member still ends as it ends alone, and only the member at fault fails."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 import workers.cotrain as cotrain
-from tests.workers.test_cotrain_exactness import assert_same_adapter
+from tests.workers.test_cotrain_exactness import _tensors, assert_same_adapter, assert_same_events, assert_same_result
 from tests.workers.test_cotrain_memory import _spec
 from workers.cotrain import GroupMember, train_group
 from workers.loop import Runtime, TrainingResult, train
 from workers.reporting import ListReporter
 from workers.spec import TrainingSpec
+
+
+@pytest.fixture(scope="module")
+def dropout_base(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with the base's own attention dropout on (GPT-2 and OPT ship 0.1 in their configs)."""
+    model = tmp_path_factory.mktemp("dropout-base") / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _dropout_specs(model: Path, data: Path) -> dict[str, TrainingSpec]:
+    a = _spec(model, data, "a", seed=1, max_seq_len=64, batch_size=2, steps=4, dropout=0.1)
+    b = _spec(model, data, "b", seed=2, max_seq_len=48, batch_size=1, accumulation=2, steps=4, task="sort",
+              dropout=0.0)
+    return {"a": a.model_copy(update={"n_checkpoints": 2}), "b": b.model_copy(update={"n_checkpoints": 2})}
+
+
+def test_a_base_with_its_own_dropout_co_trains_each_member_as_alone_and_resumes_both_ways(
+        dropout_base, tiny_model_dir, tmp_path):
+    """The base's dropout draws from the global RNG: each member trains in passes of its own with its own
+    stream swapped in, so it draws what it draws alone, and its checkpoints carry that stream. b pauses
+    at step 2 in the group, a at step 2 alone; both resume in a second group and end where their
+    straight lone runs end."""
+    specs = _dropout_specs(dropout_base, tmp_path / "data")
+    alone = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter), reporter)
+    # Alone, the base's dropout is on as it always was: without it b trains to another adapter.
+    no_dropout = train(specs["b"].model_copy(update={"base_model": tiny_model_dir}),
+                       output_dir=tmp_path / "no-dropout", reporter=None)
+    with_, without = (_tensors(r.adapter_dir) for r in (alone["b"][0], no_dropout))
+    assert max(float((with_[k] - without[k]).abs().max()) for k in with_) > 1e-3
+
+    reporters = {"a": ListReporter(), "b": ListReporter(control_at={2: "pause"})}
+    first = train_group([GroupMember(name, spec, tmp_path / "g1" / name, reporters[name])
+                         for name, spec in specs.items()])
+    want, want_events = alone["a"]
+    assert isinstance(first["a"], TrainingResult) and first["a"].status == "succeeded", first["a"]
+    assert_same_adapter(first["a"].adapter_dir, want.adapter_dir)
+    assert_same_result(first["a"], want)
+    assert_same_events(reporters["a"], want_events)
+    [said] = [m for _, m in reporters["a"].logs if "co-trained with" in m]
+    assert "forward passes of its own: the base draws its own dropout (attention_dropout=0.1)" in said
+    paused_in_group = first["b"]
+    assert (paused_in_group.status, paused_in_group.step) == ("paused", 2)
+
+    paused_alone = train(specs["a"], output_dir=tmp_path / "paused-alone",
+                         reporter=ListReporter(control_at={2: "pause"}))
+    assert paused_alone.status == "paused"
+    second = train_group([
+        GroupMember("a", specs["a"], tmp_path / "g2" / "a", ListReporter(), resume_from=paused_alone.checkpoint),
+        GroupMember("b", specs["b"], tmp_path / "g2" / "b", ListReporter(), resume_from=paused_in_group.checkpoint),
+    ])
+    for name, (want, _) in alone.items():
+        got = second[name]
+        assert isinstance(got, TrainingResult) and got.step == want.step, got
+        assert_same_adapter(got.adapter_dir, want.adapter_dir)
+
+
+def test_what_in_a_base_draws_random_numbers_is_named_and_lora_dropout_is_not():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_core import add_adapter
+    from lora_core.config import LoraConfig
+    from workers.cotrain import base_draws
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    add_adapter(model, LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=["q_proj"]), "job0")
+    assert base_draws(model) == []
+    model.config.attention_dropout = 0.1
+    model.model.layers[0].mlp.dropout = nn.Dropout(0.2)
+    assert base_draws(model) == ["attention_dropout=0.1", "1 nn.Dropout modules such as model.layers.0.mlp.dropout"]
 
 
 class _WarningsFail(ListReporter):
