@@ -17,14 +17,18 @@ workers.loop's, per member. A member that ends (done, cancelled, paused, failed)
 the others go on. On a device (or under `Runtime.max_micro_batch_tokens`) the members' micro-batches
 share one pass's token budget (`pass_token_budget`, split by `_plan_split`), re-planned when a member
 leaves. A pass that runs out of memory is retried after the member with the most tokens in it gives way
-(`_give_way`: it backs off as alone, or takes a pass of its own); a pass that fails otherwise
-is retried with each of its members in a pass of its own (`_retry_alone`), and only a member whose own
-pass fails gets the error. In fp32 each adapter equals
-the one trained alone up to the rounding of larger matmuls.
+(`_give_way`: it backs off as alone, or takes a pass of its own for good); a pass that fails otherwise
+is retried with each of its members in a pass of its own (`_retry_alone`): only a member whose own
+pass fails gets the error, the others rejoin the shared pass after that step. A member's side effects
+there (its reporter's warnings) fail that member only. A base with dropout of its own (`base_draws`)
+draws from the global RNG: then every member trains in passes of its own with its own RNG stream
+swapped in (`_own_rng`), so it draws what it draws alone. In fp32 each adapter equals the one trained
+alone up to the rounding of larger matmuls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.checkpoints import capture_rng_state, restore_rng_state
 from workers.loop import (
     JobRun,
     Progress,
@@ -67,7 +72,7 @@ from workers.token_loss import TokenLoss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GroupMember", "MemberOutcome", "pass_token_budget", "train_group"]
+__all__ = ["GroupMember", "MemberOutcome", "base_draws", "pass_token_budget", "train_group"]
 
 MemberOutcome = TrainingResult | BaseException  # an exception: this member failed, the others went on
 
@@ -98,6 +103,9 @@ class _Member:
     counts: StepCounts | None = None
     loss_total: torch.Tensor | None = None
     lane: int = 0  # members of one lane share a forward pass (one lane unless memory ran short, _give_way)
+    home_lane: int | None = None  # the shared lane it rejoins once its step retried alone is done (_retry_alone)
+    rejoined: bool = False  # it rejoined once: a second failed shared pass keeps it in a lane of its own
+    rng: dict[str, Any] | None = None  # its own RNG stream, swapped in around its passes (a base that draws)
     most: int = 0  # most sequences per micro-batch: its split as set up alone, lowered by a back-off
     planned: tuple[int, str] | None = None  # the group plan's micro-batch for its next step, and why
 
@@ -143,11 +151,21 @@ def train_group(
             done(member.job_id, error)
         return outcomes
     loss_module = TokenLoss(model)
+    draws = base_draws(model)  # the base's own dropout: each member's draws must be its own (_own_rng)
     running = [
-        m for m in (_start(member, i, len(members), model, loss_module, device, runtime, done)
+        m for m in (_start(member, i, len(members), model, loss_module, device, runtime, done, draws)
                     for i, member in enumerate(members))
         if m is not None
     ]
+    if draws:
+        logger.info("co-training %d jobs in passes of their own over one base: the base draws dropout "
+                    "(%s) from the RNG", len(running), ", ".join(draws))
+
+    def fail(member: _Member, error: BaseException) -> None:
+        """This member ends with `error`; the others go on."""
+        running.remove(member)
+        _leave(member, model, done, _raise(error))
+
     autocast = running[0].run.autocast if running else None
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     budget = functools.partial(pass_token_budget, model, device_bytes=device_bytes, compute_dtype=compute_dtype,
@@ -164,33 +182,65 @@ def train_group(
                     _take_planned_split(member)
                 has_step = bool(member.micro) or _next_step(member)
             except Exception as error:  # its own data or plan: this member fails, the others go on
-                running.remove(member)
-                _leave(member, model, done, _raise(error))
+                fail(member, error)
                 continue
             if not has_step:
                 running.remove(member)
                 _leave(member, model, done, lambda m=member: end(m.run, m.state, m.progress))
         for in_pass in _passes(running):
-            try:
-                losses = _forward_backward(model, loss_module, autocast, in_pass)
-            except torch.OutOfMemoryError as error:
-                reason = str(error) or type(error).__name__
-            except Exception as error:  # alone in its pass, the member fails; shared, each retries alone
-                if len(in_pass) == 1:
-                    running.remove(in_pass[0])
-                    _leave(in_pass[0], model, done, _raise(error))
+            with _own_rng(in_pass):
+                try:
+                    losses = _forward_backward(model, loss_module, autocast, in_pass)
+                except torch.OutOfMemoryError as error:
+                    reason = str(error) or type(error).__name__
+                except Exception as error:  # alone in its pass, the member fails; shared, each retries alone
+                    if len(in_pass) == 1:
+                        fail(in_pass[0], error)
+                    else:
+                        _retry_alone(in_pass, running, error, fail)
+                    continue
                 else:
-                    _retry_alone(in_pass, running, error)
-                continue
-            else:
-                _after_pass(in_pass, losses, running, model, done)
-                continue
+                    _after_pass(in_pass, losses, running, model, done, fail)
+                    continue
             # Outside the except block: the traceback, and the activations its frames hold, are released.
-            failed = _give_way(in_pass, running, reason)
-            if failed is not None:
-                running.remove(failed)
-                _leave(failed, model, done, _raise(one_sequence_does_not_fit(failed.run, reason)))
+            _give_way(in_pass, running, reason, fail)
     return outcomes
+
+
+def base_draws(model: nn.Module) -> list[str]:
+    """What in the base (not the adapters) draws random numbers in a training forward pass: config
+    dropout probabilities above 0 (attention_dropout, hidden_dropout, resid_pdrop, layerdrop, ...) and nn.Dropout
+    modules with p > 0 outside the adapters. Empty for Llama, Qwen, Mistral as shipped (all 0.0)."""
+    from lora_core.layers import LoraLinear
+
+    config = getattr(model, "config", None)
+    values = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    found = [f"{key}={value}" for key, value in sorted(values.items())
+             if any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+             and not isinstance(value, bool) and value > 0]
+    lora_dropouts = {id(d) for module in model.modules() if isinstance(module, LoraLinear)
+                     for d in module.lora_dropout.values()}
+    modules = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Dropout) and module.p > 0 and id(module) not in lora_dropouts]
+    if modules:
+        found.append(f"{len(modules)} nn.Dropout modules such as {modules[0]}")
+    return found
+
+
+@contextlib.contextmanager
+def _own_rng(in_pass: list[_Member]) -> Iterator[None]:
+    """Around a pass of one member that has its own RNG stream (a base that draws, `base_draws`): its
+    stream is the global one (python, numpy, torch CPU and CUDA, what checkpoints hold) while the pass
+    and what follows it (its checkpoint) run, so it draws exactly what it draws alone."""
+    owner = in_pass[0] if len(in_pass) == 1 and in_pass[0].rng is not None else None
+    if owner is None:
+        yield
+        return
+    restore_rng_state(owner.rng)
+    try:
+        yield
+    finally:
+        owner.rng = capture_rng_state()
 
 
 def _passes(running: list[_Member]) -> list[list[_Member]]:
@@ -199,8 +249,9 @@ def _passes(running: list[_Member]) -> list[list[_Member]]:
 
 
 def _after_pass(in_pass: list[_Member], losses: list[torch.Tensor], running: list[_Member], model: nn.Module,
-                done: Callable[[str, MemberOutcome], None]) -> None:
-    """Count the pass's micro-batch for each member in it; a member whose step is complete steps its optimizer."""
+                done: Callable[[str, MemberOutcome], None], fail: Callable[[_Member, BaseException], None]) -> None:
+    """Count the pass's micro-batch for each member in it; a member whose step is complete steps its
+    optimizer, and one that retried its step alone rejoins its shared lane (`_retry_alone`)."""
     for member, loss in zip(in_pass, losses, strict=True):
         member.loss_total += loss
         member.done += 1
@@ -209,55 +260,77 @@ def _after_pass(in_pass: list[_Member], losses: list[torch.Tensor], running: lis
         try:
             result = _complete_step(member)
         except Exception as error:  # its reporter, its checkpoint, ...: this member fails alone
-            running.remove(member)
-            _leave(member, model, done, _raise(error))
+            fail(member, error)
             continue
         if result is not None:
             running.remove(member)
             _leave(member, model, done, lambda r=result: r)
+        elif member.home_lane is not None:
+            member.lane, member.home_lane, member.rejoined = member.home_lane, None, True
 
 
-def _give_way(in_pass: list[_Member], running: list[_Member], reason: str) -> _Member | None:
+def _safely(member: _Member, fail: Callable[[_Member, BaseException], None], work: Callable[[], None]) -> None:
+    """`work` on behalf of `member` (its reporter, its state); if it raises, this member fails, the others go on."""
+    try:
+        work()
+    except Exception as error:
+        fail(member, error)
+
+
+def _give_way(in_pass: list[_Member], running: list[_Member], reason: str,
+              fail: Callable[[_Member, BaseException], None]) -> None:
     """After a pass ran out of memory: the member with the most tokens in it gives way, as it would alone.
 
     Every member of the pass drops its step's gradients (a backward cut short may have added to them)
     and retries its step from the first micro-batch. The member with the most tokens in the pass then
     halves its micro-batch (`workers.loop.back_off`, as alone: the same rows per step); already at one
-    sequence, it moves to a lane of its own (a pass to itself, the others keep theirs); alone in its
-    pass at one sequence, it is returned: it fails with the error it gets alone, the others go on.
+    sequence, it moves to a lane of its own for good (a pass to itself, the others keep theirs: the
+    sizes that did not fit together stay the same, so rejoining would run out of memory again); alone
+    in its pass at one sequence, it fails with the error it gets alone, the others go on. An error of
+    its reporter while it says so fails that member only.
     """
     largest = max(in_pass, key=lambda m: m.micro[m.done].inputs["input_ids"].numel())  # rows × width
     _reset_step(in_pass)
     first_line = reason.splitlines()[0]
     if largest.state.batch_size > 1:
-        back_off(largest.run, largest.state, first_line)
-        largest.most, largest.planned = largest.state.batch_size, None  # no plan grows it back past this
-        largest.micro = []  # re-planned with the new split (workers.loop.planned_steps)
-        return None
+        largest.planned, largest.micro = None, []  # re-planned with the new split (workers.loop.planned_steps)
+        _safely(largest, fail, functools.partial(back_off, largest.run, largest.state, first_line))
+        largest.most = largest.state.batch_size  # no plan grows it back past this
+        return
     if len(in_pass) == 1:
-        return largest
+        fail(largest, one_sequence_does_not_fit(largest.run, reason))
+        return
     largest.lane = max(m.lane for m in running) + 1
+    largest.home_lane = None  # out of memory beside the others: it does not rejoin them
     if largest.run.say:
-        largest.run.say.log(
+        _safely(largest, fail, functools.partial(
+            largest.run.say.log,
             f"out of memory at step {largest.state.step + 1} ({first_line}) with one sequence per micro-batch "
-            f"beside {len(in_pass) - 1} other jobs: retrying it in a forward pass of its own", "warning")
-    return None
+            f"beside {len(in_pass) - 1} other jobs: retrying it in a forward pass of its own", "warning"))
 
 
-def _retry_alone(in_pass: list[_Member], running: list[_Member], error: Exception) -> None:
+def _retry_alone(in_pass: list[_Member], running: list[_Member], error: Exception,
+                 fail: Callable[[_Member, BaseException], None]) -> None:
     """After a shared pass failed with an error that is not out-of-memory: nobody can tell whose tokens
     caused it, so every member of the pass drops its step's gradients (as in `_give_way`) and retries
-    its step in a lane of its own. A member whose own pass fails then gets the error; the others go on."""
+    its step in a lane of its own. A member whose own pass fails then gets the error; one whose step
+    succeeds rejoins the shared lane (`_after_pass`; only the rounding of the pass's larger matmuls
+    changes), once: after a second failed shared pass it keeps its own lane. An error of a member's
+    reporter while it says so fails that member only."""
     first_line = (str(error) or type(error).__name__).splitlines()[0]
     _reset_step(in_pass)
     lane = max(m.lane for m in running)
     for member in in_pass:
+        member.home_lane = None if member.rejoined else member.lane
         lane += 1
         member.lane = lane
         if member.run.say:
-            member.run.say.log(f"a forward pass shared with {len(in_pass) - 1} other jobs failed at step "
-                               f"{member.state.step + 1} ({type(error).__name__}: {first_line}): retrying "
-                               "the step in a pass of its own", "warning")
+            again = "" if member.home_lane is not None else ", and in passes of its own from then on"
+            _safely(member, fail, functools.partial(
+                member.run.say.log,
+                f"a forward pass shared with {len(in_pass) - 1} other jobs failed at step "
+                f"{member.state.step + 1} ({type(error).__name__}: {first_line}): retrying the step in a pass "
+                f"of its own{again}", "warning"))
 
 
 def _reset_step(in_pass: list[_Member]) -> None:
@@ -311,8 +384,12 @@ def _start(
     device: torch.device,
     runtime: Runtime,
     done: Callable[[str, MemberOutcome], None],
+    draws: list[str],
 ) -> _Member | None:
-    """Add the member's adapter and set its run up as train() would; None (outcome reported) if that fails."""
+    """Add the member's adapter and set its run up as train() would; None (outcome reported) if that fails.
+
+    Where the base draws random numbers (`draws`, see `base_draws`) the member gets a lane of its own and
+    keeps its own RNG stream: the global one as its setup (and resume) leaves it, as alone."""
     from lora_core import delete_adapter, list_adapters
 
     background = runtime.report_in_background if runtime.report_in_background is not None else device.type == "cuda"
@@ -323,16 +400,20 @@ def _start(
         add_job_adapter(model, member.spec, name)
         run = setup_job(member.spec, Path(member.output_dir), reporter, runtime, device, model, name, loss_module)
         if reporter is not None:
-            reporter.log(f"co-trained with {group_size - 1} other jobs on one copy of the base model")
+            own = (f", in forward passes of its own: the base draws its own dropout ({', '.join(draws)}) from "
+                   "the RNG, and this job's draws must be the ones it makes alone") if draws else ""
+            reporter.log(f"co-trained with {group_size - 1} other jobs on one copy of the base model{own}")
         state = initial_state(run, member.resume_from)
         progress = begin(run, state)
+        rng = capture_rng_state() if draws else None
     except Exception as error:
         if name in list_adapters(model):
             delete_adapter(model, name)
         _close(threaded)
         done(member.job_id, error)
         return None
-    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded, most=state.batch_size)
+    return _Member(member.job_id, run, state, progress, planned_steps(run, state), threaded, most=state.batch_size,
+                   lane=index if draws else 0, rng=rng)
 
 
 def pass_token_budget(model: nn.Module, *, device_bytes: int | None, compute_dtype: torch.dtype,
@@ -368,22 +449,28 @@ def _plan_split(running: list[_Member], budget_tokens: int | None, *, first_plan
     split). A later one, after a member left, only grows a member back towards its split as set up
     alone (`most`), and only one without LoRA dropout: the rows of every step stay the same, so the loss
     does too, up to rounding, but dropout masks follow the micro-batches' positions, which a new split
-    renumbers (the same reason a run that backed off differs from one that did not).
+    renumbers (the same reason a run that backed off differs from one that did not). A member with its
+    own RNG stream (a base that draws, `base_draws`) has passes of its own: it is planned alone against
+    the whole budget, and never re-planned (the base's masks follow the micro-batches too).
     """
     if budget_tokens is None:
         return
-    splits = []
-    for m in running:
-        state, spec = m.state, m.run.spec
-        current = m.planned[0] if m.planned else state.batch_size
-        plannable = spec.hyperparameters.batch_size == "auto" and (
-            first_plan or (spec.init_adapter is None and spec.lora.dropout == 0))
-        least = 1 if first_plan and plannable else current
-        most = m.most if plannable else current
-        splits.append(MemberSplit(spec.max_seq_len, state.batch_size * state.gradient_accumulation_steps,
-                                  least=least, most=max(most, least)))
-    for m, micro in zip(running, plan_group_micro_batches(budget_tokens, splits), strict=True):
-        m.planned = (micro, f"{budget_tokens} tokens a forward pass for {len(running)} jobs")
+    shared = [m for m in running if m.rng is None]
+    for sharing in ([shared] if shared else []) + [[m] for m in running if m.rng is not None]:
+        splits = []
+        for m in sharing:
+            state, spec = m.state, m.run.spec
+            current = m.planned[0] if m.planned else state.batch_size
+            plannable = spec.hyperparameters.batch_size == "auto" and (
+                first_plan or (spec.init_adapter is None and spec.lora.dropout == 0 and m.rng is None))
+            least = 1 if first_plan and plannable else current
+            most = m.most if plannable else current
+            splits.append(MemberSplit(spec.max_seq_len, state.batch_size * state.gradient_accumulation_steps,
+                                      least=least, most=max(most, least)))
+        why = f"{budget_tokens} tokens a forward pass for {len(sharing)} jobs" if sharing is shared else (
+            f"{budget_tokens} tokens a forward pass of its own")
+        for m, micro in zip(sharing, plan_group_micro_batches(budget_tokens, splits), strict=True):
+            m.planned = (micro, why)
 
 
 def _take_planned_split(member: _Member) -> None:
