@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lora_core import delete_adapter
+from tests.workers.test_cotrain_exactness import assert_same_adapter
 from workers.co_training_plan import group_device_bytes
 from workers.cotrain import GroupMember, pass_token_budget, train_group
 from workers.loop import Runtime, TrainingResult, add_job_adapter, load_base, train
@@ -24,7 +24,7 @@ from workers.reporting import ListReporter
 from workers.spec import TrainingSpec
 from workers.synthetic import write_synthetic_dataset
 
-CAP = 160  # tokens a pass may hold: 2 rows of 64 beside 1 row of 32, not 4 rows of 64
+CAP = 176  # tokens a pass may hold: 2 rows of 64 beside 1 row of 48, not 4 rows of 64
 
 
 def _spec(model_dir: Path, data_dir: Path, name: str, *, seed: int, max_seq_len: int, batch_size: int,
@@ -38,13 +38,6 @@ def _spec(model_dir: Path, data_dir: Path, name: str, *, seed: int, max_seq_len:
         hyperparameters={"n_epochs": 1, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
                          "learning_rate": 2e-3, "max_steps": steps},
     )
-
-
-def _assert_same_adapter(got: Path, want: Path, atol: float = 1e-4) -> None:
-    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (got, want))
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= atol, f"max abs difference {worst:.3g} > {atol}"
 
 
 def _assert_same_metrics(got: ListReporter, want: ListReporter) -> None:
@@ -66,12 +59,12 @@ def _infos(reporter: ListReporter) -> list[str]:
 
 def test_a_group_out_of_memory_splits_its_largest_member_as_alone_and_fails_only_one_that_never_fits(
         tiny_model_dir, tmp_path):
-    """big (4 rows of 64) halves its micro-batch as it does alone under the same cap; small (1 row of 32)
+    """big (4 rows of 64) halves its micro-batch as it does alone under the same cap; small (1 row of 48)
     is untouched; huge (rows of ~192) fits no pass even with one sequence: it fails with the error it gets
     alone, and the other two finish with the adapters, metrics and split they get alone."""
     specs = {
         "big": _spec(tiny_model_dir, tmp_path / "data", "big", seed=1, max_seq_len=64, batch_size=4),
-        "small": _spec(tiny_model_dir, tmp_path / "data", "small", seed=2, max_seq_len=32, batch_size=1,
+        "small": _spec(tiny_model_dir, tmp_path / "data", "small", seed=2, max_seq_len=48, batch_size=1,
                        accumulation=2, task="sort"),
         "huge": _spec(tiny_model_dir, tmp_path / "data", "huge", seed=3, max_seq_len=192, batch_size=2),
     }
@@ -96,7 +89,7 @@ def test_a_group_out_of_memory_splits_its_largest_member_as_alone_and_fails_only
         assert isinstance(got, TrainingResult) and got.status == "succeeded", got
         assert (got.step, got.tokens_trained) == (want.step, want.tokens_trained)
         assert got.hyperparameters == want.hyperparameters
-        _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        assert_same_adapter(got.adapter_dir, want.adapter_dir)
         _assert_same_metrics(reporters[name], want_events)
         assert _infos(reporters[name]) == _infos(want_events)
     assert (outcomes["big"].hyperparameters["batch_size"],
@@ -127,7 +120,7 @@ def test_members_at_one_sequence_that_do_not_fit_together_train_in_passes_of_the
         got = outcomes[name]
         assert isinstance(got, TrainingResult) and got.status == "succeeded", got
         assert got.hyperparameters == want.hyperparameters  # nobody's micro-batch was split
-        _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        assert_same_adapter(got.adapter_dir, want.adapter_dir)
         _assert_same_metrics(reporters[name], want_events)
         assert _infos(reporters[name]) == _infos(want_events)
     moved = [w for r in reporters.values() for w in _warnings(r)]
@@ -159,24 +152,24 @@ def test_a_step_cut_short_by_out_of_memory_is_retried_from_its_first_micro_batch
     assert warning.startswith("out of memory at step 2 (micro-batch of 183 tokens")
     assert (outcomes["wide"].hyperparameters["batch_size"],
             outcomes["wide"].hyperparameters["gradient_accumulation_steps"]) == (1, 2)
-    _assert_same_adapter(outcomes["wide"].adapter_dir, alone["wide"][0].adapter_dir)  # same rows, rounding apart
+    assert_same_adapter(outcomes["wide"].adapter_dir, alone["wide"][0].adapter_dir)  # same rows, rounding apart
     _assert_same_metrics(reporters["wide"], alone["wide"][1])
 
     got, (want, want_events) = outcomes["steady"], alone["steady"]
     assert isinstance(got, TrainingResult) and got.status == "succeeded", got
     assert got.hyperparameters == want.hyperparameters and got.tokens_trained == want.tokens_trained
-    _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+    assert_same_adapter(got.adapter_dir, want.adapter_dir)
     _assert_same_metrics(reporters["steady"], want_events)
     assert _infos(reporters["steady"]) == _infos(want_events) and _warnings(reporters["steady"]) == []
 
 
 def _auto_spec(model_dir: Path, data_dir: Path, name: str, *, seed: int, steps: int, dropout: float = 0.0,
                batch_size: int | str = "auto", accumulation: int = 1) -> TrainingSpec:
-    """2100 unpacked examples: an "auto" batch of 4 sequences (0.2 % of them) of up to 32 tokens."""
+    """2100 unpacked examples: an "auto" batch of 4 sequences (0.2 % of them) of up to 64 tokens."""
     data_dir.mkdir(parents=True, exist_ok=True)
     data = write_synthetic_dataset(data_dir / f"{name}.jsonl", 2100, seed=seed)
     return TrainingSpec(
-        base_model=model_dir, training_file=data, max_seq_len=32, packing=False, n_checkpoints=0, seed=seed,
+        base_model=model_dir, training_file=data, max_seq_len=64, packing=False, n_checkpoints=0, seed=seed,
         lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["q_proj", "v_proj"]},
         hyperparameters={"n_epochs": 1, "batch_size": batch_size, "gradient_accumulation_steps": accumulation,
                          "learning_rate": 2e-3, "max_steps": steps},
@@ -188,9 +181,9 @@ def _split(result: TrainingResult) -> tuple[int, int]:
 
 
 def test_auto_micro_batches_share_the_pass_instead_of_each_planning_the_whole_device(tiny_model_dir, tmp_path):
-    """Three jobs of an "auto" batch of 4 sequences (≤ 128 tokens: each fits the cap of 192 alone): the
-    group plans one pass of 192 tokens for the three, 2 sequences each with 2 accumulation steps, so no
-    pass runs out of memory (each member planning as if alone put ~3 × 128 tokens in a pass and backed
+    """Three jobs of an "auto" batch of 4 sequences (≤ 256 tokens: each fits the cap of 384 alone): the
+    group plans one pass of 384 tokens for the three, 2 sequences each with 2 accumulation steps, so no
+    pass runs out of memory (each member planning as if alone put ~3 × 256 tokens in a pass and backed
     off). The steps' rows are those of alone: without dropout, the same adapters and metrics."""
     specs = {name: _auto_spec(tiny_model_dir, tmp_path / "data", name, seed=seed, steps=3)
              for name, seed in (("a", 21), ("b", 22), ("c", 23))}
@@ -201,7 +194,7 @@ def test_auto_micro_batches_share_the_pass_instead_of_each_planning_the_whole_de
         assert _split(alone[name][0]) == (4, 1)
     reporters = {name: ListReporter() for name in specs}
     outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
-                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=192))
+                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=384))
 
     for name, (want, want_events) in alone.items():
         got = outcomes[name]
@@ -209,15 +202,15 @@ def test_auto_micro_batches_share_the_pass_instead_of_each_planning_the_whole_de
         assert _warnings(reporters[name]) == [], _warnings(reporters[name])  # no out-of-memory back-off
         assert _split(got) == (2, 2)
         [plan] = [m for m in _infos(reporters[name]) if m.startswith("co-training memory plan")]
-        assert plan == ("co-training memory plan (192 tokens a forward pass for 3 jobs): from step 1, "
+        assert plan == ("co-training memory plan (384 tokens a forward pass for 3 jobs): from step 1, "
                         "micro-batches of 2 sequences and 2 accumulation steps")
         assert got.tokens_trained == want.tokens_trained
-        _assert_same_adapter(got.adapter_dir, want.adapter_dir)
+        assert_same_adapter(got.adapter_dir, want.adapter_dir)
         _assert_same_metrics(reporters[name], want_events)
 
 
 def test_when_a_member_leaves_the_others_grow_back_only_where_that_keeps_their_results(tiny_model_dir, tmp_path):
-    """A cap of 192 tokens for three "auto" jobs of 4 sequences: 2 each. After `brief` ends (1 step), the
+    """A cap of 384 tokens for three "auto" jobs of 4 sequences: 2 each. After `brief` ends (1 step), the
     pass has room again: `grows` (no dropout) takes its whole batch of 4 from its next step on and still
     trains the adapter it gets alone; `keeps` (LoRA dropout, whose masks follow the micro-batches'
     positions) keeps 2 × 2, so its adapter is the one of a lone run with that split."""
@@ -232,21 +225,21 @@ def test_when_a_member_leaves_the_others_grow_back_only_where_that_keeps_their_r
     want_keeps = train(keeps_alone, output_dir=tmp_path / "alone" / "keeps", reporter=ListReporter())
     reporters = {name: ListReporter() for name in specs}
     outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
-                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=192))
+                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=384))
 
     assert all(isinstance(o, TrainingResult) and o.status == "succeeded" for o in outcomes.values()), outcomes
     assert all(_warnings(r) == [] for r in reporters.values())
     plans = [m for m in _infos(reporters["grows"]) if m.startswith("co-training memory plan")]
     assert plans == [
-        "co-training memory plan (192 tokens a forward pass for 3 jobs): from step 1, micro-batches of 2 "
+        "co-training memory plan (384 tokens a forward pass for 3 jobs): from step 1, micro-batches of 2 "
         "sequences and 2 accumulation steps",
         # brief leaves when it finds no next step, after grows has taken its step 2
-        "co-training memory plan (192 tokens a forward pass for 2 jobs): from step 3, micro-batches of 4 "
+        "co-training memory plan (384 tokens a forward pass for 2 jobs): from step 3, micro-batches of 4 "
         "sequences and 1 accumulation steps",
     ]
     assert _split(outcomes["grows"]) == (4, 1) and _split(outcomes["keeps"]) == (2, 2)
-    _assert_same_adapter(outcomes["grows"].adapter_dir, want_grows.adapter_dir)
-    _assert_same_adapter(outcomes["keeps"].adapter_dir, want_keeps.adapter_dir)
+    assert_same_adapter(outcomes["grows"].adapter_dir, want_grows.adapter_dir)
+    assert_same_adapter(outcomes["keeps"].adapter_dir, want_keeps.adapter_dir)
 
 
 def test_the_group_device_is_the_setting_else_the_smallest_gpu_seen_else_unchecked_on_cpu():

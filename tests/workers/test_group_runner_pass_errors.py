@@ -5,7 +5,8 @@ whose own pass fails gets the error, the others finish as alone (fp32, CPU)."""
 from __future__ import annotations
 
 import workers.cotrain as cotrain
-from tests.workers.test_cotrain_memory import _assert_same_adapter, _spec
+from tests.workers.test_cotrain_exactness import assert_same_adapter
+from tests.workers.test_cotrain_memory import _spec
 from workers.cotrain import GroupMember, train_group
 from workers.loop import TrainingResult, train
 from workers.reporting import ListReporter
@@ -16,7 +17,7 @@ class BadMember(Exception):
 
 
 def test_a_failed_shared_pass_fails_only_the_member_whose_own_pass_fails(tiny_model_dir, tmp_path, monkeypatch):
-    specs = {name: _spec(tiny_model_dir, tmp_path / "data", name, seed=seed, max_seq_len=32, batch_size=2,
+    specs = {name: _spec(tiny_model_dir, tmp_path / "data", name, seed=seed, max_seq_len=64, batch_size=2,
                          dropout=0.0)
              for name, seed in (("good", 1), ("bad", 2))}
     alone = train(specs["good"], output_dir=tmp_path / "alone", reporter=ListReporter())
@@ -38,5 +39,5 @@ def test_a_failed_shared_pass_fails_only_the_member_whose_own_pass_fails(tiny_mo
     assert isinstance(good, TrainingResult) and good.status == "succeeded", good
     assert any("retrying the step in a pass of its own" in m for _, m in reporters["good"].logs)
     assert (good.step, good.tokens_trained) == (alone.step, alone.tokens_trained)
-    _assert_same_adapter(good.adapter_dir, alone.adapter_dir)
+    assert_same_adapter(good.adapter_dir, alone.adapter_dir)
 
