@@ -1,13 +1,14 @@
 """Faults under a co-training group (workers.group_runner): Redis killed and restarted on its AOF, the
-Ray worker running the group killed, a cancel and a pause sent to members of a group whose dispatcher
-then dies, two dispatchers forming groups from the same queue. No member is failed, lost, trained twice
-or published twice; each member that was requeued resumes from its own checkpoint.
+Ray worker running the group killed (a member already published, one being paused), a cancel and a pause
+sent to members of a group whose dispatcher then dies, a dispatcher frozen (SIGSTOP) past its leases
+while another takes its members, two dispatchers forming groups from the same queue. No member is
+failed, lost, trained twice or published twice; each requeued member resumes from its own checkpoint;
+once all have ended the scheduler holds no GPU and no group for any of them.
 
-The SIGKILL of a dispatcher under a running group alone is tests/service/test_co_training_end_to_end.py
-(test_a_killed_dispatcher_requeues_every_member_once_and_each_resumes_from_its_checkpoint); the cancel
-and pause of members of a healthy group are its test_a_cancelled_and_a_paused_member_leave_the_group...
+The SIGKILL of a dispatcher under a healthy group is tests/service/test_co_training_end_to_end.py's
+test_a_killed_dispatcher_requeues_every_member_once_and_each_resumes_from_its_checkpoint; the cancel and
+pause of members of a healthy group its test_a_cancelled_and_a_paused_member_leave_the_group_...
 """
-
 from __future__ import annotations
 
 import re
@@ -194,3 +195,35 @@ def test_two_dispatchers_forming_groups_from_one_queue_never_share_or_repeat_a_j
     assert all(n <= MAX_GROUP for n in sizes.values()), sizes
     assert members, "no group formed: the test proves nothing"
     _assert_no_gpu_held(redis_server)
+
+
+def test_a_frozen_dispatchers_group_is_retrained_elsewhere_and_its_stale_attempts_write_nothing(fleet_stack,
+                                                                                                redis_server):
+    """A dispatcher cut off (SIGSTOP, as a partitioned node) longer than a lease: its group's Ray task
+    trains on, but every member is requeued and trained by another dispatcher; when the frozen one
+    wakes, its stale attempts publish nothing, end nothing, and its group's task is stopped."""
+    stack = _group_stack(fleet_stack)
+    suffixes = [f"frozen-{i}" for i in range(3)]
+    jobs = [stack.create_job(n_epochs=6, suffix=s).id for s in suffixes]
+    frozen = stack.start_dispatcher("dispatcher-frozen")
+    _wait_for_group(stack, jobs)
+    steps_before = {job_id: max(stack.checkpoint_steps(job_id)) for job_id in jobs}
+    stale_task = _ray_worker_running("-group")
+
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        stack.start_dispatcher("dispatcher-rescuer")
+        for job_id in jobs:
+            wait_for(lambda j=job_id: (stack.job(j).model_extra or {}).get("attempt") == 2,
+                     f"{job_id} to be requeued and claimed again while its dispatcher is frozen", timeout_s=60)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    wait_for(lambda: not stale_task.is_running(), "the woken dispatcher to stop its stale group's task",
+             timeout_s=60)
+
+    for job_id, suffix in zip(jobs, suffixes, strict=True):
+        done = _assert_succeeded_once(stack, job_id, suffix, checkpoint_step=steps_before[job_id])
+        assert (done.model_extra or {}).get("attempt") == 2
+    assert frozen.poll() is None, "the woken dispatcher died"
+    _assert_no_gpu_held(redis_server)
+
