@@ -86,15 +86,29 @@ def _assert_no_gpu_held(redis_server: Any) -> None:
     assert all(float(v or 0) == 0 for v in held.values()), held
 
 
-def _ray_worker_running(task_name: str) -> psutil.Process:
-    """The Ray worker process running the task named `task_name` (Ray titles it `ray::<name>`)."""
-    def find() -> psutil.Process | None:
-        for proc in psutil.process_iter(["cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if cmdline.startswith("ray::") and task_name in cmdline:
-                return proc
+def _title(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return ""
+
+
+def _group_task(job_ids: list[str]) -> tuple[psutil.Process, str]:
+    """The Ray worker process running the co-training group task of these jobs, and its title: Ray
+    titles it `ray::<task name>`, and workers.group_runner names the task `<leader>-a<attempt>-group`."""
+    def find() -> tuple[psutil.Process, str] | None:
+        for proc in psutil.process_iter():
+            title = _title(proc)
+            if title.startswith("ray::") and "-group" in title and any(j in title for j in job_ids):
+                return proc, title
         return None
-    return wait_for(find, f"the Ray worker running {task_name}", timeout_s=30, every_s=0.2)
+    return wait_for(find, f"the Ray worker running the group of {job_ids}", timeout_s=30, every_s=0.2)
+
+
+def _still_runs(task: tuple[psutil.Process, str]) -> bool:
+    """Whether that worker still runs that task (an idle worker may be kept, or given another task)."""
+    proc, title = task
+    return _title(proc) == title
 
 
 def test_a_group_survives_a_redis_kill_and_restart_on_its_aof(fleet_stack, redis_server):
@@ -124,7 +138,7 @@ def test_the_ray_worker_of_a_group_dying_hands_back_only_the_members_still_train
     wait_for(lambda: stack.job(jobs["short"]).status == "succeeded", "the short member to publish in the group",
              timeout_s=120)
     steps_before = {s: max(stack.checkpoint_steps(j)) for s, j in jobs.items()}
-    worker = _ray_worker_running("-group")  # the one group's task (workers.ray_train.run_group_on_ray)
+    worker, _ = _group_task(list(jobs.values()))
     assert all(stack.job(jobs[s]).status == "running" for s in suffixes[1:]), "a member ended before the fault"
 
     stack.client.fine_tuning.jobs.pause(jobs["paused-c"])  # its checkpoint may or may not be written in time
@@ -150,12 +164,12 @@ def test_a_cancel_and_a_pause_sent_to_a_group_whose_dispatcher_dies_end_only_tho
     doomed = stack.start_dispatcher("dispatcher-doomed")
     _wait_for_group(stack, list(jobs.values()))
     steps_before = {s: max(stack.checkpoint_steps(j)) for s, j in jobs.items()}
-    orphan = _ray_worker_running("-group")
+    orphan = _group_task(list(jobs.values()))
 
     doomed.send_signal(signal.SIGKILL)  # the cancel and pause reach nobody: no heartbeat reads them
     doomed.wait(timeout=10)
     # Ray ends the task of a dead owner: the group does not train on where nobody will finish it.
-    wait_for(lambda: not orphan.is_running(), "the dead dispatcher's group task to end", timeout_s=30)
+    wait_for(lambda: not _still_runs(orphan), "the dead dispatcher's group task to end", timeout_s=30)
     stack.client.fine_tuning.jobs.cancel(jobs["cancelled-b"])
     stack.client.fine_tuning.jobs.pause(jobs["paused-c"])
     stack.start_dispatcher("dispatcher-rescuer")
@@ -208,7 +222,7 @@ def test_a_frozen_dispatchers_group_is_retrained_elsewhere_and_its_stale_attempt
     frozen = stack.start_dispatcher("dispatcher-frozen")
     _wait_for_group(stack, jobs)
     steps_before = {job_id: max(stack.checkpoint_steps(job_id)) for job_id in jobs}
-    stale_task = _ray_worker_running("-group")
+    stale_task = _group_task(jobs)
 
     frozen.send_signal(signal.SIGSTOP)
     try:
@@ -218,8 +232,8 @@ def test_a_frozen_dispatchers_group_is_retrained_elsewhere_and_its_stale_attempt
                      f"{job_id} to be requeued and claimed again while its dispatcher is frozen", timeout_s=60)
     finally:
         frozen.send_signal(signal.SIGCONT)
-    wait_for(lambda: not stale_task.is_running(), "the woken dispatcher to stop its stale group's task",
-             timeout_s=60)
+    wait_for(lambda: not _still_runs(stale_task), "the stale group's task to end (its members fenced "
+             "out, or stopped by the woken dispatcher)", timeout_s=60)
 
     for job_id, suffix in zip(jobs, suffixes, strict=True):
         done = _assert_succeeded_once(stack, job_id, suffix, checkpoint_step=steps_before[job_id])
