@@ -34,7 +34,10 @@ class Setup:
 
     def __init__(self, redis_url: str, tmp_path: Path, tiny_model_dir: Path, **overrides: Any) -> None:
         catalog = {"tiny-llama": {"path": str(tiny_model_dir), "quantization": "none", "max_rank": 8}}
-        overrides.setdefault("co_training_max_group", 1)  # these tests are about jobs that train alone
+        # Co-training off: these tests are about jobs that train alone (one runner per claimed job, the
+        # preemption of a lone job, its adapter equal to an uninterrupted lone run's). Groups under the
+        # same faults: tests/reliability/test_group_faults.py; a group's preemption: workers.group_runner's.
+        overrides.setdefault("co_training_max_group", 1)
         self.settings = Settings(redis_url=redis_url, data_dir=tmp_path / "var", catalog=catalog, lease_ms=3000,
                                  heartbeat_ms=250, **overrides)
         self.client = make_redis(self.settings)
