@@ -215,13 +215,30 @@ class Heartbeat:
             try:
                 lease = self.jobs.leases.renew_lease(self.claim.fence, self.settings.lease_ms)
             except FencedOut:
-                logger.warning("lost the lease of %s (attempt %d)", self.claim.job.id, self.claim.attempt)
+                self._log_lost()
                 self.lost.set()
                 return
             except Exception:  # Redis away: keep trying until the lease would run out
                 logger.exception("heartbeat for %s failed; retrying", self.claim.job.id)
                 continue
             self.control = lease.control
+
+
+    def _log_lost(self) -> None:
+        """Say why the lease is gone: this attempt ended the job itself (a co-trained member's end is
+        written where it trained, while the group's other members keep the heartbeats going), or the
+        lease was lost (the job handed back, requeued or claimed again)."""
+        job_id, attempt = self.claim.job.id, self.claim.attempt
+        try:
+            ended = self.jobs.load_job(job_id)
+        except Exception:  # Redis away or the job gone: the plain fact is all there is
+            ended = None
+        by_itself = ended is not None and ended.attempt == attempt and (
+            ended.status.is_terminal or ended.status == JobStatus.PAUSED)
+        if by_itself:
+            logger.info("attempt %d of %s ended (%s): its heartbeat stops", attempt, job_id, ended.status.value)
+        else:
+            logger.warning("lost the lease of %s (attempt %d)", job_id, attempt)
 
 
 class _TrainingStop:

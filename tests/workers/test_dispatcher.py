@@ -573,3 +573,21 @@ def test_a_corrupted_checkpoints_decode_errors_are_retried_not_blamed_on_the_spe
     assert setup_error_message(RuntimeError("CUDA out of memory")) is None
     assert setup_error_message(TargetModulesError("matched no linear layer")) == \
         "TargetModulesError: matched no linear layer"
+
+
+def test_a_heartbeat_says_its_attempt_ended_the_job_itself_and_warns_only_of_a_lease_truly_lost(running_job, caplog):
+    """A co-trained member's end is written where it trained while the group keeps every member's heartbeat
+    going: its heartbeat then finds the job ended by its own attempt, which is no lost lease."""
+    import logging
+
+    from fleet.jobs import JobStatus
+    from workers.job_runner import Heartbeat
+
+    settings, jobs, claim = running_job
+    settings = settings.model_copy(update={"heartbeat_ms": 50})
+    with caplog.at_level(logging.INFO, logger="workers.job_runner"), Heartbeat(jobs, claim, settings) as heartbeat:
+        jobs.leases.finish_job(claim.fence, JobStatus.SUCCEEDED, trained_tokens=10)
+        assert heartbeat.lost.wait(10), "the heartbeat never noticed the job's end"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if claim.job.id in r.getMessage()]
+    assert ("INFO", f"attempt {claim.attempt} of {claim.job.id} ended (succeeded): its heartbeat stops") in said
+    assert not [m for level, m in said if level == "WARNING"], said
