@@ -5,11 +5,12 @@ jobs to train in the same process on the same resident base (workers.cotrain). E
 claim of its own (attempt, fence, lease), so ends, requeues and lease expiry work per job exactly as
 for a job alone. What may join, and in which order, is decided in one Lua step
 (fleet.sched_scripts.CO_JOIN): the tenant's queue head only, same base model + quantization + GPUs
-per worker, one worker, `co_training` not false, its tenant's quota admitting its share, its memory
-estimate fitting what is left, in exactly admission's order (the same Lua sort: tier, entry score,
-ties, starvation guard). For fair share and quotas each member counts gpus / members (milli-GPUs); when
-one leaves, the others' shares grow back (docs/scheduling.md). A reclaim preempts a group as one victim,
-every member at once (fleet.sched_scripts ADMIT); a group being preempted takes no new member.
+per worker, one worker, `co_training` not false, its tenant's borrowing limit admitting what its share
+may grow back to (the group's whole GPUs), its memory estimate fitting what is left, in exactly
+admission's order (the same Lua sort: tier, entry score, ties, starvation guard), and never around a
+leader asked to stop. For fair share and the tier each member counts gpus / members (milli-GPUs); when
+one leaves, the others' shares grow back (docs/scheduling.md#co-training). A reclaim preempts a group as
+one victim, every member at once (fleet.sched_scripts ADMIT); a group being preempted takes no new member.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ or a quota re-indexes the tenant in the same atomic step) and runs `ADMIT` as th
 Kueue's admission fair sharing, written out in docs/scheduling.md; fleet.fair_share holds the same
 formulas in Python for the views and estimates.
 
-State (keys in fleet.keys): per tenant `sched_tenant` {consumed, at_ms, gpus, preempting, slot}; the
+State (keys in fleet.keys): per tenant `sched_tenant` {consumed, at_ms, gpus, preempting, slot, co_growth}; the
 cluster's `sched_cluster` {allocated, incoming}; each queued job's hash carries `gpus`,
 `priority_value`, `queue_seq` (its place: the creation seq, or a fresh one when sent to the back) and
 `not_before_ms` (a placement back-off: the job is parked in `sched_backoff`, out of its queue, so the
@@ -96,9 +96,9 @@ end
 -- A tenant's state in one read: usage, its queue head and its quota as `reindex` last cached them.
 local function tenant_state(tenant)
   local v = redis.call('HMGET', ST_PREFIX .. tenant, 'consumed', 'at_ms', 'gpus', 'preempting', 'slot', 'running',
-                       'head', 'head_gpus', 'head_qscore', 'nominal', 'borrow', 'max_running', 'weight')
+                       'head', 'head_gpus', 'head_qscore', 'nominal', 'borrow', 'max_running', 'weight', 'co_growth')
   local st = {consumed = num(v[1], 0), at = num(v[2], 0), gpus = num(v[3], 0), preempting = num(v[4], 0),
-              slot = v[5] or '', running = num(v[6], 0)}
+              slot = v[5] or '', running = num(v[6], 0), growth = num(v[14], 0) / 1000}
   if v[7] and v[7] ~= '' then st.head = {id = v[7], gpus = num(v[8], 1), qscore = num(v[9], 0)} end
   st.q = {nominal = num(v[10], 0), borrow = num(v[11], nil), max_running = num(v[12], nil), weight = num(v[13], 1)}
   return st
@@ -119,10 +119,11 @@ local function head_of(tenant)
   return {id = h[1], qscore = tonumber(h[2]), gpus = num(redis.call('HGET', JOB_KEY_PREFIX .. h[1], 'gpus'), 1)}
 end
 -- Admitting g more GPUs at usage u: 0 within nominal; 1 borrowing from below nominal; 2 borrowing;
--- nil over nominal + borrowing limit.
-local function tier_of(q, u, g)
+-- nil over nominal + borrowing limit. `growth` (st.growth): GPUs the tenant's co-trained shares may still
+-- grow by as other members leave (co_grow); the borrowing limit, a hard one, bounds them too, the tier not.
+local function tier_of(q, u, g, growth)
+  if q.borrow and u + (growth or 0) + g > q.nominal + q.borrow then return nil end
   if u + g <= q.nominal then return 0 end
-  if q.borrow and u + g > q.nominal + q.borrow then return nil end
   if u < q.nominal then return 1 end
   return 2
 end
@@ -329,9 +330,25 @@ local function add_preempting(tenant, d)
 end
 -- Co-training (fleet.co_training, docs/scheduling.md#co-training). A group holds its first member's
 -- gang once; each member counts an equal share of it (milli-GPUs, `m:<job>` in the group's hash) in its
--- tenant's usage, for fair share and quotas. Shares are rebalanced whenever a member joins or leaves;
+-- tenant's usage, for fair share and its tier. Shares are rebalanced whenever a member joins or leaves;
 -- in a group being preempted (`preempting`: its GPUs, coming back once the last member is out) each
 -- member's share is being preempted too, so its tenant's `preempting` follows the share.
+-- A tenant's shares may grow back to all of each of its groups' GPUs as the others leave, so the
+-- borrowing limit (a hard limit: tier_of) counts that too: its `co_growth` (milli-GPUs) is, over the
+-- groups it has members in, the group's GPUs less its members' shares there.
+local function co_grow(tenant, milli)
+  if milli ~= 0 and redis.call('HINCRBY', ST_PREFIX .. tenant, 'co_growth', milli) == 0 then
+    redis.call('HDEL', ST_PREFIX .. tenant, 'co_growth')
+  end
+end
+-- Whether the tenant has a member in the group (hash key gk).
+local function co_has_member(gk, tenant)
+  local flat = redis.call('HGETALL', gk)
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 2) == 'm:' and string.match(flat[i + 1], '^%d+ (.*)$') == tenant then return true end
+  end
+  return false
+end
 local function co_rebalance(gid, now)
   local gk = CO_GROUP_PREFIX .. gid
   local gv = redis.call('HMGET', gk, 'gpus', 'preempting')
@@ -354,6 +371,7 @@ local function co_rebalance(gid, now)
     if share ~= m.milli then
       add_usage(m.tenant, (share - m.milli) / 1000, 0, now, true)
       if preempting then add_preempting(m.tenant, (share - m.milli) / 1000) end
+      co_grow(m.tenant, m.milli - share)
       redis.call('HSET', gk, m.field, int(share) .. ' ' .. m.tenant)
     end
   end
@@ -374,6 +392,9 @@ local function co_release(tenant, job_id, now)
   local preempting = num(redis.call('HGET', gk, 'preempting'), 0)
   if preempting > 0 then add_preempting(tenant, -milli / 1000) end
   add_usage(tenant, -milli / 1000, -1, now, true)
+  local growth = milli  -- its share no longer counts; nor, with its tenant's last member gone, the group
+  if mine and not co_has_member(gk, tenant) then growth = growth - num(redis.call('HGET', gk, 'gpus'), 1) * 1000 end
+  co_grow(tenant, growth)
   if co_rebalance(gid, now) == 0 then
     redis.call('HINCRBY', CLUSTER, 'allocated', -num(redis.call('HGET', gk, 'gpus'), 1))
     if preempting > 0 then redis.call('HINCRBY', CLUSTER, 'incoming', -preempting) end
@@ -534,7 +555,7 @@ for _, t in ipairs(redis.call('SMEMBERS', HOLDING)) do
   states[t] = st
   if st.head then
     local q = st.q
-    local tier = tier_of(q, st.gpus, st.head.gpus)
+    local tier = tier_of(q, st.gpus, st.head.gpus, st.growth)
     if tier and (q.max_running == nil or st.running < q.max_running) then
       cands[#cands + 1] = {tenant = t, tier = tier, score = head_score(st, now, hl), u = st.gpus, head = st.head, q = q}
     end
@@ -716,8 +737,11 @@ return {'none', preempted}
 #       leader claim token, max_members, mem_left (bytes; '' = unchecked), member_fixed_bytes, bytes_per_rank
 # A job may join when it is its tenant's queue head (a tenant's own order holds), co-trainable
 # (co_training not false, one worker holding one GPU) with the leader's base model and quantization,
-# its tenant's quota admits its share (gpus / members after it joins) and its memory estimate
-# (member_fixed_bytes + bytes_per_rank × its rank) fits mem_left. Among those, the order is ADMIT's
+# its tenant's borrowing limit admits what its shares may grow back to (this group's whole gpus, unless
+# the tenant has a member in it already: tier_of's growth) and its memory estimate
+# (member_fixed_bytes + bytes_per_rank × its rank) fits mem_left. A leader with a control request
+# pending (preempt, pause, cancel) is stopping: nothing joins it, so that its GPUs come back when it
+# stops. Among those, the order is ADMIT's
 # (entry_before: within nominal first, lower entry score, fewer GPUs held per weight, priority, age;
 # then the starvation guard), tier and entry score counting the head's whole GPUs as admission does. Reads the
 # buckets of heads of the group's size (at most CO_JOIN_DEPTH each) and the tenants holding GPUs:
@@ -753,44 +777,53 @@ if fence_check(leader_key, ARGV[6], ARGV[7]) then return {'fenced'} end
 if redis.call('HGET', leader_key, 'control') then return {'none'} end
 local gid = redis.call('HGET', CO_MEMBER_OF, leader)
 local key, g, members, mem_left
+local inside = {}  -- tenants with a member in the group
 if gid then
-  local v = redis.call('HMGET', CO_GROUP_PREFIX .. gid, 'gpus', 'key', 'mem_left', 'preempting')
+  local gk = CO_GROUP_PREFIX .. gid
+  local v = redis.call('HMGET', gk, 'gpus', 'key', 'mem_left', 'preempting')
   if v[4] then return {'none'} end
   g, key, mem_left = tonumber(v[1]), v[2], num(v[3], nil)
   members = 0
-  for _, f in ipairs(redis.call('HKEYS', CO_GROUP_PREFIX .. gid)) do
-    if string.sub(f, 1, 2) == 'm:' then members = members + 1 end
+  local flat = redis.call('HGETALL', gk)
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, 2) == 'm:' then
+      members = members + 1
+      inside[string.match(flat[i + 1], '^%d+ (.*)$')] = true
+    end
   end
 else
   local leader_r
   key, leader_r = co_key(leader_key)
   if not key then return {'none'} end
   g, members, mem_left = num(redis.call('HGET', leader_key, 'gpus'), 1), 1, num(ARGV[9], nil)
-  -- the memory terms, where the queue's replay (fleet.scheduler_view) reads them to form groups as this does
+  -- the memory terms, where the queue's replay (fleet.queue_replay) reads them to form groups as this does
   if mem_left == nil then
     redis.call('HDEL', CONFIG, 'co_memory:' .. key)
   else
     redis.call('HSET', CONFIG, 'co_memory:' .. key, int(mem_left + ARGV[10] + ARGV[11] * leader_r) .. ' '
                .. int(ARGV[10]) .. ' ' .. int(ARGV[11]))
   end
+  inside[redis.call('HGET', leader_key, 'tenant_id')] = true
 end
 if members >= tonumber(ARGV[8]) then return {'none'} end
-local share = g / (members + 1)
 local fixed, per_rank = tonumber(ARGV[10]), tonumber(ARGV[11])
 local cands = {}
 -- A head joins under admission's own order (entry_before, as ADMIT sorts): its tier and entry score
--- count its whole g GPUs, as admission does (a head over its tenant's borrowing limit with them is
--- ordered as borrowing); whether its tenant's quota admits it counts its share.
+-- count its whole g GPUs, as admission does. Its tenant's borrowing limit must admit what the tenant's
+-- shares may grow back to as others leave: all of g, as if admitted alone, on top of the growth of its
+-- other groups; a tenant with a member here already may grow to g here however many of its jobs share
+-- it (st.growth counts this group already).
 local function consider(tenant, st, kind, order_key)
   local q, head = st.q, st.head
   if not head or head.gpus ~= g or (q.max_running ~= nil and st.running >= q.max_running) then return end
-  if not tier_of(q, st.gpus, share) then return end
+  local growth = st.growth
+  if inside[tenant] then growth = growth - g end
+  local tier = tier_of(q, st.gpus, g, growth)
+  if not tier then return end
   local k, r = co_key(JOB_KEY_PREFIX .. head.id)
   if k ~= key then return end
   local cost = fixed + per_rank * r
   if mem_left ~= nil and cost > mem_left then return end
-  local tier = tier_of(q, st.gpus, g)
-  if not tier then tier = 2 end
   cands[#cands + 1] = {tenant = tenant, tier = tier, score = head_score(st, now, hl, kind, order_key), u = st.gpus,
                        head = head, q = q, cost = cost}
 end
@@ -815,6 +848,7 @@ end
 local gk = CO_GROUP_PREFIX .. gid
 redis.call('HSET', CO_MEMBER_OF, c.head.id, gid)
 redis.call('HSET', gk, 'm:' .. c.head.id, '0 ' .. c.tenant)
+if not inside[c.tenant] then co_grow(c.tenant, g * 1000) end  -- holds 0 of the g it may grow to (rebalanced next)
 if mem_left ~= nil then redis.call('HSET', gk, 'mem_left', int(mem_left - c.cost)) end
 add_usage(c.tenant, 0, 1, now, true)
 co_rebalance(gid, now)
