@@ -44,12 +44,15 @@ def entry_score(consumed: float, current: float, head_gpus: int, weight: float, 
     return (consumed + 0.5 * alpha * (current + head_gpus - consumed)) / weight
 
 
-def tier(quota: TenantQuota, usage: int, gpus: int) -> int | None:
-    """Tier of admitting `gpus` more at `usage`; None when over nominal + borrowing limit."""
+def tier(quota: TenantQuota, usage: float, gpus: int, growth: float = 0.0) -> int | None:
+    """Tier of admitting `gpus` more at `usage`; None when over nominal + borrowing limit. `growth`: GPUs
+    the tenant's co-trained shares may still grow by as other members leave (its `co_growth`); the
+    borrowing limit, a hard one, bounds them too, the tier not (as the Lua's tier_of)."""
+    limit = quota.borrowing_limit_gpus
+    if limit is not None and usage + growth + gpus > quota.nominal_gpus + limit:
+        return None
     if usage + gpus <= quota.nominal_gpus:
         return WITHIN_NOMINAL
-    if quota.borrowing_limit_gpus is not None and usage + gpus > quota.nominal_gpus + quota.borrowing_limit_gpus:
-        return None
     return RECLAIMING if usage < quota.nominal_gpus else BORROWING
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from fleet import fair_share
 from fleet.scheduler_state import ASSUMED_JOB_S, CoMemory, GroupState, RunningEnd, TenantState
 
-__all__ = ["QueueEstimate", "fold", "rebalance", "replay"]
+__all__ = ["QueueEstimate", "fold", "join", "leave", "rebalance", "replay"]
 
 # An estimate runs on every job read through the API (and every create), so it is bounded: it replays
 # at most this many admissions; past that, positions are extrapolated by weight.
@@ -96,13 +96,15 @@ def replay(
         holding.add(tenant.tenant_id)
         place(tenant)  # now holding: out of the idle index
 
-    def co_join(key: str, g: int, members: int, mem_left: float) -> tuple[TenantState, str] | None:
-        """The head that joins a group of g GPUs as its member number `members`, as CO_JOIN picks it:
-        idle tenants' heads of g GPUs (the first _CO_JOIN_DEPTH of each bucket and kind) and the heads
-        of tenants holding GPUs, compatible (`key`), whose quota admits the share and whose memory cost
-        fits `mem_left` (bytes), in admission's order (tier and entry score counting the head's g GPUs), a
-        head past the starvation guard first within its tier (as the Lua's starvation_guard)."""
-        share = g / members
+    def co_join(key: str, group: GroupState, mem_left: float) -> tuple[TenantState, str] | None:
+        """The head that joins `group` (of g GPUs), as CO_JOIN picks it: idle tenants' heads of g GPUs (the
+        first _CO_JOIN_DEPTH of each bucket and kind) and the heads of tenants holding GPUs, compatible
+        (`key`), whose borrowing limit admits what their shares may grow back to (all of g on top of their
+        growth, nothing more for a tenant with a member in the group: CO_JOIN's consider) and whose memory
+        cost fits `mem_left` (bytes), in admission's order (tier and entry score counting the head's g
+        GPUs), a head past the starvation guard first within its tier (as the Lua's starvation_guard)."""
+        g = group.gpus
+        inside = {tid for tid, _ in group.members.values()}
         found = []
         for (_, bucket_g, weight), heap in buckets.items():
             if bucket_g != g:
@@ -121,13 +123,15 @@ def replay(
                 continue
             if key in co_memory and co_memory[key].cost(co[1]) > mem_left:
                 continue
-            if (q.max_running_jobs is not None and tn.running >= q.max_running_jobs) or (
-                fair_share.tier(q, tn.gpus, share) is None
-            ):
+            if q.max_running_jobs is not None and tn.running >= q.max_running_jobs:
                 continue
-            entry_tier = fair_share.tier(q, tn.gpus, g)
+            growth = tn.growth
+            if tn.tenant_id in inside:
+                growth = growth - g
+            if (entry_tier := fair_share.tier(q, tn.gpus, g, growth)) is None:
+                continue
             order_key = fair_share.entry_key(
-                fair_share.BORROWING if entry_tier is None else entry_tier,
+                entry_tier,
                 fair_share.entry_score(consumed, tn.gpus, g, q.weight, hl),
                 tn.gpus / q.weight,
                 h[2],
@@ -163,7 +167,7 @@ def replay(
             q = tenant.quota
             if h is None or (q.max_running_jobs is not None and tenant.running >= q.max_running_jobs):
                 continue
-            entry_tier = fair_share.tier(q, tenant.gpus, h[1])
+            entry_tier = fair_share.tier(q, tenant.gpus, h[1], tenant.growth)
             if entry_tier is None:
                 continue
             consumed = fair_share.decayed_usage(tenant.consumed, tenant.at_ms, tenant.gpus, t, hl)
@@ -185,17 +189,14 @@ def replay(
                 _, job_id, tid, g, gid = heapq.heappop(ends)
                 if gid:  # a member: its share goes back to the others; the last one out frees the GPUs
                     group = groups[gid]
-                    _, g = group.members.pop(job_id)
-                    g /= 1000
+                    leave(group, job_id, tenants, t, hl)
                     if not group.members:
                         used -= group.gpus
                         del groups[gid]
                 else:
                     used -= g
-                if tid in tenants:
-                    fold(tenants[tid], -g, -1, t, hl)
-                if gid in groups:
-                    rebalance(groups[gid], tenants, t, hl)
+                    if tid in tenants:
+                        fold(tenants[tid], -g, -1, t, hl)
                 if tid in tenants and tenants[tid].gpus <= 0:
                     holding.discard(tid)
                     place(tenants[tid])
@@ -211,14 +212,15 @@ def replay(
         if co is not None and co[0] in co_memory:
             mem_left = co_memory[co[0]].capacity - co_memory[co[0]].cost(co[1])
         while co is not None and len(group.members) < co_max_group and (
-            joiner := co_join(co[0], g, len(group.members) + 1, mem_left)
+            joiner := co_join(co[0], group, mem_left)
         ):
             member, member_job = joiner
             if co[0] in co_memory:
                 mem_left -= co_memory[co[0]].cost(co_keys[member_job][1])
-            group.members[member_job] = [member.tenant_id, 0]
-            admit(member, 0)
-            rebalance(group, tenants, t, hl)
+            heads[member.tenant_id] += 1
+            join(group, member_job, member, tenants, t, hl)
+            holding.add(member.tenant_id)
+            place(member)
         gid = f"replay:{job_id}" if len(group.members) > 1 else ""
         if gid:
             groups[gid] = group
@@ -240,9 +242,35 @@ def replay(
     return out
 
 
+def join(group: GroupState, job_id: str, tenant: TenantState, tenants: dict[str, TenantState], t: float,
+         hl: float) -> None:
+    """`tenant`'s job joins the group, as CO_JOIN adds it: holding 0 of the group's GPUs it may grow back
+    to (co_growth: all of them, unless the tenant has a member in it already), then rebalanced."""
+    if all(tid != tenant.tenant_id for tid, _ in group.members.values()):
+        tenant.co_growth += group.gpus * 1000
+    group.members[job_id] = [tenant.tenant_id, 0]
+    fold(tenant, 0, 1, t, hl)
+    rebalance(group, tenants, t, hl)
+
+
+def leave(group: GroupState, job_id: str, tenants: dict[str, TenantState], t: float, hl: float) -> None:
+    """The member ends, as the Lua's co_release ends it: its share no longer counts (in its tenant's usage
+    nor co_growth), nor, with its tenant's last member here gone, the group's GPUs it might grow back to;
+    the others' shares grow back (rebalanced)."""
+    tid, milli = group.members.pop(job_id)
+    if (tenant := tenants.get(tid)) is not None:
+        fold(tenant, -milli / 1000, -1, t, hl)
+        tenant.co_growth += milli
+        if all(other != tid for other, _ in group.members.values()):
+            tenant.co_growth -= group.gpus * 1000
+    if group.members:
+        rebalance(group, tenants, t, hl)
+
+
 def rebalance(group: GroupState, tenants: dict[str, TenantState], t: float, hl: float) -> None:
     """Split the group's GPUs equally among its members again, to the milli-GPU, as the Lua's co_rebalance
-    does (the first members by job id take the remainder), moving each tenant's usage by the change."""
+    does (the first members by job id take the remainder), moving each tenant's usage, and the growth its
+    shares have left (co_growth), by the change."""
     total, n = group.gpus * 1000, len(group.members)
     base = total // n
     for i, job_id in enumerate(sorted(group.members)):
@@ -251,6 +279,7 @@ def rebalance(group: GroupState, tenants: dict[str, TenantState], t: float, hl: 
         if share != milli:
             if tid in tenants:
                 fold(tenants[tid], (share - milli) / 1000, 0, t, hl)
+                tenants[tid].co_growth += milli - share
             group.members[job_id][1] = share
 
 

@@ -38,9 +38,17 @@ class TenantState:
     running: int = 0
     preempting: int | float = 0
     queued: int = 0
+    # milli-GPUs its co-trained shares may still grow by as other members leave (the Lua's co_growth):
+    # over the groups it has members in, the group's GPUs less its members' shares there
+    co_growth: int = 0
     jobs: list[tuple[str, int, float]] = field(default_factory=list)  # (id, gpus, queue score), head first
     # out of the queue: (id, gpus, until ms), until None for a job set aside as never fitting the quota
     parked: list[tuple[str, int, int | None]] = field(default_factory=list)
+
+    @property
+    def growth(self) -> float:
+        """GPUs its co-trained shares may still grow by (as the Lua's tenant_state reads co_growth)."""
+        return self.co_growth / 1000
 
 
 # A running job as the replay ends it: (expected end ms, job id, tenant, GPUs it counts, its group id or "").
@@ -51,7 +59,7 @@ RunningEnd = tuple[float, str, str, float, str]
 class GroupState:
     """A co-training group as the replay moves it (as the Lua's co_rebalance and co_release do): it holds
     its `gpus` until its last member ends; each member counts its share (milli-GPUs) in its tenant's usage,
-    and when one ends the others' shares grow back."""
+    and when one ends the others' shares grow back (each tenant's co_growth following, as the Lua's)."""
 
     gpus: int
     members: dict[str, list] = field(default_factory=dict)  # job id -> [tenant id, milli-GPUs]
@@ -129,7 +137,7 @@ def read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dept
         pipe.zrank(keys.queue(tenant), job_id)
     for t in ids:
         pipe.hgetall(keys.quota(t))
-        pipe.hmget(keys.sched_tenant(t), "consumed", "at_ms", "gpus", "preempting", "running")
+        pipe.hmget(keys.sched_tenant(t), "consumed", "at_ms", "gpus", "preempting", "running", "co_growth")
         pipe.zcard(keys.queue(t))
         pipe.zrange(keys.queue(t), 0, depth - 1, withscores=True)
     for job_id in running_ids:
@@ -151,6 +159,7 @@ def read_state(client: redis.Redis, job_ids: list[str], now_ms: int | None, dept
             gpus=held_gpus(state[2]),
             preempting=held_gpus(state[3]),
             running=int(state[4] or 0),
+            co_growth=int(state[5] or 0),
             queued=int(queued),
             jobs=[(job_id, 1, score) for job_id, score in entries],
             parked=parked_by_tenant.get(t, []),

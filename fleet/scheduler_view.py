@@ -13,7 +13,7 @@ from fleet import fair_share, keys
 from fleet.capacity import NodeCapacity
 from fleet.queue_replay import QueueEstimate, replay
 from fleet.quotas import TenantQuota
-from fleet.scheduler_state import ASSUMED_JOB_S, TenantState, read_state
+from fleet.scheduler_state import ASSUMED_JOB_S, TenantState, held_gpus, read_state
 
 __all__ = [
     "ClusterTotals",
@@ -81,10 +81,14 @@ def _head_reason(t: TenantState, free: int | None, now_ms: int, backing_off: lis
     q = t.quota
     if q.max_running_jobs is not None and t.running >= q.max_running_jobs:
         return f"tenant at max_running_jobs ({q.max_running_jobs})"
-    if fair_share.tier(q, t.gpus, g) is None:
+    if fair_share.tier(q, t.gpus, g, t.growth) is None:
         limit = q.nominal_gpus + (q.borrowing_limit_gpus or 0)
+        holds = f"tenant holds {t.gpus}"
+        if t.co_growth > 0:  # the limit counts what its co-trained shares may grow back to (docs/scheduling.md)
+            could = held_gpus(str(round(t.gpus + t.growth, 3)))
+            holds += f" (may grow back to {could} as the other members of its co-trained groups leave)"
         return (
-            f"waiting for {_gpus(g)}; tenant holds {t.gpus} of its nominal quota {q.nominal_gpus} "
+            f"waiting for {_gpus(g)}; {holds} of its nominal quota {q.nominal_gpus} "
             f"+ borrowing limit {q.borrowing_limit_gpus} = {limit}"
         )
     free_text = "capacity unknown" if free is None else f"{free} free"

@@ -8,10 +8,11 @@ import time
 
 from fleet.co_training import MemberMemory, group_of, group_shares, set_max_group
 from fleet.job_spec import JobSpec
-from fleet.queue_replay import fold, rebalance, replay
+from fleet.queue_replay import fold, join, leave, rebalance, replay
+from fleet.quotas import TenantQuota
 from fleet.resources import Resources
-from fleet.scheduler_state import read_state
-from fleet.scheduler_view import estimate_queue
+from fleet.scheduler_state import GroupState, read_state
+from fleet.scheduler_view import cluster_view, estimate_queue
 from tests.fleet.sched_harness import Cluster
 from tests.fleet.test_co_training_sched import _join_all, _lead, _submit
 
@@ -126,3 +127,86 @@ def test_the_replay_groups_only_compatible_jobs_up_to_the_size_limit_as_co_join_
     assert starts_now == sorted([leader, *compatible[:3]])  # the limit (4) leaves h for later
     assert _lead(c, at=10) == leader
     assert _join_all(c, leader, at=10) == compatible[:3]  # as the scheduler does
+
+
+def test_the_replay_keeps_a_join_within_what_the_tenants_shares_may_grow_back_to_as_co_join_does(r):
+    """t's quota is 1 GPU (nominal 1, no borrowing); it holds half a GPU beside x's job, 1 once x leaves. y
+    leads a group on another base: t's head there would count 0.5 now but could grow to 1 more, so CO_JOIN
+    takes no one, and the replay must not start t's head with y."""
+    c = Cluster(r, 2, t=TenantQuota(nominal_gpus=1, borrowing_limit_gpus=0))
+    x_job = _submit(c, "x")
+    t_first = _submit(c, "t")
+    assert _lead(c) == t_first and _join_all(c, t_first, max_members=2) == [x_job]
+    y_job = _submit(c, "y", base="other", at=1 * S)
+    t_second = _submit(c, "t", base="other", at=1 * S)
+    set_max_group(r, 2)
+    state = read_state(r, [], 2 * S)
+    assert (state.tenants["t"].gpus, state.tenants["t"].co_growth) == (0.5, 500)
+    est = estimate_queue(r, [y_job, t_second], now_ms=2 * S)
+    assert est[y_job].model_dump() == {"position": 1, "estimated_start_at": 2}
+    assert est[t_second].estimated_start_at > 2  # not with y: once t's group has ended
+    # as the scheduler does
+    assert _lead(c, at=2 * S) == y_job
+    assert _join_all(c, y_job, max_members=2, at=2 * S) == []
+
+
+def test_the_replay_lets_a_tenants_own_jobs_share_one_group_at_its_quota_as_co_join_does(r):
+    """t's quota is 1 GPU: its jobs in one group of 1 GPU can never hold more than that GPU together, so
+    they all join its leader, in the replay as in CO_JOIN."""
+    c = Cluster(r, 2, t=TenantQuota(nominal_gpus=1, borrowing_limit_gpus=0))
+    ids = [_submit(c, "t", at=i) for i in range(3)]
+    set_max_group(r, 4)
+    est = estimate_queue(r, ids, now_ms=10)
+    assert [(est[j].position, est[j].estimated_start_at) for j in ids] == [(1, 0), (2, 0), (3, 0)]
+    assert _lead(c, at=10) == ids[0]
+    assert _join_all(c, ids[0], max_members=4, at=10) == ids[1:]  # as the scheduler does
+
+
+def test_admission_in_the_replay_counts_what_co_trained_shares_may_grow_back_to_and_the_view_says_so(r):
+    """t may hold 2 GPUs (nominal 0, borrowing limit 2) and holds half a GPU in each of two groups: 1 now,
+    2 once the others leave. Its job of its own waits with 2 GPUs free, as ADMIT holds it back; the replay
+    starts z's job first and t's once a group ends, and the view names the growth as the reason."""
+    c = Cluster(r, 4, t=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=2))
+    x_job = _submit(c, "x")
+    t_first = _submit(c, "t")
+    assert _lead(c) == x_job and _join_all(c, x_job, max_members=2) == [t_first]
+    y_job = _submit(c, "y", base="other", at=1 * S)
+    t_second = _submit(c, "t", base="other", at=1 * S)
+    assert _lead(c, at=2 * S) == y_job and _join_all(c, y_job, max_members=2, at=2 * S) == [t_second]
+    t_alone = _submit(c, "t", co_training=False, at=3 * S)
+    z_job = _submit(c, "z", co_training=False, at=4 * S)  # queued after t's: goes first all the same
+    est = estimate_queue(r, [t_alone, z_job], now_ms=5 * S)
+    assert est[z_job].model_dump() == {"position": 1, "estimated_start_at": 5}
+    assert est[t_alone].position == 2 and est[t_alone].estimated_start_at > 5
+    (t_view,) = [tn for tn in cluster_view(r, now_ms=5 * S).tenants if tn.tenant_id == "t"]
+    assert t_view.waiting_reason == (
+        "waiting for 1 GPU; tenant holds 1 (may grow back to 2 as the other members of its co-trained groups "
+        "leave) of its nominal quota 0 + borrowing limit 2 = 2"
+    )
+    assert c.admit(at=5 * S) == [z_job]  # as the scheduler does: t's job waits
+
+
+def test_the_replay_moves_each_tenants_co_growth_as_the_scheduler_does(r):
+    """Joins and leaves in the replay (join, leave) leave every tenant's co_growth where CO_JOIN and
+    co_release leave the scheduler's."""
+    c = Cluster(r, 1)
+    leader = _submit(c, "a")
+    b_job, a_more, c_job = _submit(c, "b", at=1), _submit(c, "a", at=2), _submit(c, "c", at=3)
+    assert _lead(c) == leader
+    state = read_state(r, [], 0)  # a's leader runs alone, holding its GPU
+    group = GroupState(1, {leader: ["a", 1000]})
+    tenant_of = {b_job: "b", a_more: "a", c_job: "c"}
+    for job_id in _join_all(c, leader):
+        join(group, job_id, state.tenants[tenant_of[job_id]], state.tenants, 0, state.half_life_ms)
+
+    def growth() -> dict[str, int]:
+        return {tid: tn.co_growth for tid, tn in read_state(r, [], 0).tenants.items() if tn.co_growth}
+
+    replayed = {tid: tn.co_growth for tid, tn in state.tenants.items() if tn.co_growth}
+    assert replayed == growth() == {"a": 500, "b": 750, "c": 750}
+    for job_id in (leader, b_job, a_more):
+        leave(group, job_id, state.tenants, 0, state.half_life_ms)
+        c.finish(job_id, at=0)
+        replayed = {tid: tn.co_growth for tid, tn in state.tenants.items() if tn.co_growth}
+        assert replayed == growth(), job_id
+    assert growth() == {} and {m: s for m, (_, s) in group.members.items()} == {c_job: 1000}
