@@ -4,8 +4,12 @@ exactly as CO_JOIN forms them (memory, order, size, compatibility)."""
 
 from __future__ import annotations
 
+import random
 import time
 
+import pytest
+
+from fleet import keys
 from fleet.co_training import MemberMemory, group_of, group_shares, set_max_group
 from fleet.job_spec import JobSpec
 from fleet.queue_replay import fold, join, leave, rebalance, replay
@@ -210,3 +214,35 @@ def test_the_replay_moves_each_tenants_co_growth_as_the_scheduler_does(r):
         replayed = {tid: tn.co_growth for tid, tn in state.tenants.items() if tn.co_growth}
         assert replayed == growth(), job_id
     assert growth() == {} and {m: s for m, (_, s) in group.members.items()} == {c_job: 1000}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_replays_starts_now_are_the_scheduler_s_through_random_joins_and_leaves(r, seed):
+    """A seeded random walk of submissions and ends over tenants whose borrowing limits bind (nominal 0,
+    so nothing reclaims): at each check the jobs the replay starts now are exactly those the scheduler
+    admits and groups then (a leader at a time, then whoever joins it, as a dispatcher does)."""
+    rng = random.Random(seed)
+    limits = {"a": 1, "b": 2, "c": 1, "d": 3}
+    c = Cluster(r, 3, **{t: TenantQuota(nominal_gpus=0, borrowing_limit_gpus=b) for t, b in limits.items()})
+    max_group = 3
+    set_max_group(r, max_group)
+    grew = checked = 0
+    for step in range(120):
+        at = step * S
+        action = rng.choice(["submit", "submit", "submit", "finish", "check"])
+        if action == "submit":
+            _submit(c, rng.choice([*limits, "free"]), base=rng.choice(["llama", "qwen"]),
+                    co_training=rng.random() < 0.8, at=at)
+        elif action == "finish" and c.claims:
+            c.finish(rng.choice(sorted(c.claims)), at=at)
+        elif action == "check":
+            queued = [j for t in [*limits, "free"] for j in r.zrange(keys.queue(t), 0, -1)]
+            est = estimate_queue(r, queued, now_ms=at)
+            predicted = {j for j, e in est.items() if e.estimated_start_at == at // 1000}
+            started = []
+            while leaders := c.admit(at=at, limit=1):
+                started += [leaders[0], *_join_all(c, leaders[0], max_members=max_group, at=at)]
+            assert set(started) == predicted, f"step {step}"
+            checked += bool(started)
+            grew += any(int(r.hget(keys.sched_tenant(t), "co_growth") or 0) for t in limits)
+    assert checked and grew, "the walk started jobs and co-trained a limited tenant's job beside others"
