@@ -65,8 +65,9 @@ class MemberEnds(Generic[T]):
         """Start `end()` for `job_id` on a thread of its own and return at once; one end per member."""
         if job_id in self._ends:
             raise ValueError(f"the end of co-trained job {job_id} was already handed over: a member ends once")
-        self._ends[job_id] = started = _End(job_id, end)
-        started.thread.start()
+        started = _End(job_id, end)
+        started.thread.start()  # registered once running: wait() joins only threads that started
+        self._ends[job_id] = started
 
     def wait(self) -> dict[str, T | BaseException]:
         """Each member's outcome once its end is over: its value, or the error it raised, or a MemberEndTimedOut

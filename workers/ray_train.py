@@ -453,7 +453,7 @@ def _train_group_task(entries: list[GroupEntry], train_on_cpu: bool, name: str,
     import torch
 
     from workers.cotrain import GroupMember, MemberOutcome, train_group
-    from workers.member_ends import MemberEnds
+    from workers.member_ends import MemberEnds, MemberEndTimedOut
 
     if worker_logging is not None:
         worker_logging.apply()
@@ -479,10 +479,27 @@ def _train_group_task(entries: list[GroupEntry], train_on_cpu: bool, name: str,
         device = torch.device("cpu") if train_on_cpu or not torch.cuda.is_available() else torch.device("cuda")
         train_group(members, runtime=Runtime(rank=0, world_size=1, device=device), on_member_done=member_done)
     finally:
+        stalled = []
         for job_id, ended in ends.wait().items():  # the adapters they publish lie under `root`
             outcomes[job_id] = {"error": _portable(ended)} if isinstance(ended, BaseException) else ended
-        remove_work_dir(root)
+            if isinstance(ended, MemberEndTimedOut):
+                stalled.append(job_id)
+        remove_group_work_dir(root, stalled)
     return outcomes
+
+
+def remove_group_work_dir(root: Path, stalled: list[str]) -> None:
+    """Remove a group task's work dir (a directory per member), but the directories of the members in
+    `stalled`, whose ends still run past their timeout: a half-deleted checkpoint or adapter must not be
+    what they upload. Their claims end once the driver hands them back; what is left goes with the node's
+    sweep of dead workers' directories (workers.job_inputs.node_work_dir) once this worker process exits."""
+    if not stalled:
+        remove_work_dir(root)
+        return
+    for member_dir in root.iterdir() if root.exists() else ():
+        if member_dir.name not in stalled:
+            remove_work_dir(member_dir)
+    logger.warning("the ends of co-trained jobs %s still run; their files stay under %s", ", ".join(stalled), root)
 
 
 def _end_member(job_id: str, outcome: TrainingResult | BaseException, reporter: Reporter | None,

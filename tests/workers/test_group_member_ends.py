@@ -147,3 +147,18 @@ def test_each_members_end_has_its_own_outcome_and_one_that_overruns_is_named():
     assert "checkpoint uploads" in str(stuck) and "within 0.5 s" in str(stuck)
     # A stalled store is the machinery's fault, not the job's: the dispatcher hands the job back to resume.
     assert is_infrastructure_fault(stuck) and not is_infrastructure_fault(outcomes["job-fails"])
+
+
+def test_a_group_task_leaves_the_files_of_members_whose_ends_still_run(tmp_path):
+    from workers.ray_train import remove_group_work_dir
+
+    root = tmp_path / "group"
+    for job_id in ("job-done", "job-stuck"):
+        (root / job_id / "out" / "adapter").mkdir(parents=True)
+        (root / job_id / "out" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    remove_group_work_dir(root, stalled=["job-stuck"])
+    assert not (root / "job-done").exists()
+    assert (root / "job-stuck" / "out" / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+
+    remove_group_work_dir(root, stalled=[])
+    assert not root.exists()
