@@ -1,15 +1,17 @@
 """Co-training 4 jobs on one base vs the same 4 jobs as concurrent processes vs one after another.
 
 Usage: .venv/bin/python bench/cotrain.py [--steps 6] [--seq 256] [--batch 2] [--hidden 512] [--layers 6]
-                                         [--device cpu|cuda] [--threads 1]
+                                         [--device cpu|cuda] [--threads 1] [--quantization none|nf4]
 
 The 4 jobs are 4 tenants' fine-tunes of one base: LoRA ranks 8, 16, 16, 32 (alpha 2r) on every attention
 and MLP projection, each on its own chat data (bench/sides.py write_chat_data, different seeds), the same
 --batch packed rows of --seq tokens per step and --steps steps each, so that they run about as long.
 Base: a generated Llama (bench/sides.py make_llama), by default hidden 512, 6 layers, 8 heads / 4 KV,
 SwiGLU 1376, vocab 32 000 (the base's matmuls dominate the step, as in a real model), fp32 on CPU,
-bf16 (autocast) on CUDA. Three sides, each in fresh processes of --threads torch threads (default 1: on
-a loaded machine a second thread mostly spins waiting for the first, which inflates both clocks):
+bf16 (autocast) on CUDA; --quantization nf4 loads it in NF4, the catalog's default (bitsandbytes
+dequantizes a weight at each use, forward and backward: once for the group's tokens, not per job). Three sides,
+each in fresh processes of --threads torch threads (default 1: on a loaded machine a second thread
+mostly spins waiting for the first, which inflates both clocks):
   cotrained   one process: workers.cotrain.train_group over the 4 jobs (one copy of the base)
   concurrent  4 processes at once, workers.loop.train one job each; they wait for each other at the end
               of their first step (a file barrier), so the timed steps overlap
@@ -67,6 +69,7 @@ class Child:
     steps: int
     device: str
     threads: int
+    quantization: str | None = None  # the base's: None (dense) or "nf4"
     barrier_dir: str | None = None  # alone, concurrent: wait here for `barrier_count` processes
     barrier_count: int = 0
 
@@ -126,7 +129,7 @@ def _spec(child: Child, job: Job):
         lora={"r": job.rank, "alpha": 2 * job.rank, "dropout": 0.0, "target_modules": TARGETS},
         hyperparameters={"n_epochs": 1, "batch_size": child.batch, "learning_rate": 2e-4, "max_steps": child.steps,
                          "warmup_ratio": 0.0},
-        n_checkpoints=0, bf16=child.device == "cuda",
+        n_checkpoints=0, bf16=child.device == "cuda", quantization=child.quantization,
     )
 
 
@@ -189,9 +192,11 @@ def _result(proc: subprocess.Popen, what: str) -> dict:
 
 
 def run_sides(model: Path, jobs: list[Job], *, seq: int, batch: int, steps: int, device: str, threads: int,
+              quantization: str | None = None,
               sides: tuple[str, ...] = ("cotrained", "concurrent", "sequential")) -> dict[str, dict]:
     """Each side's figures: tokens_per_s, tokens_per_cpu_s, peak_mib, runtime_mib (the part above the baseline)."""
-    common = dict(model=str(model), seq=seq, batch=batch, steps=steps, device=device, threads=threads)
+    common = dict(model=str(model), seq=seq, batch=batch, steps=steps, device=device, threads=threads,
+                  quantization=quantization)
     figures = {}
     for side in sides:
         if side == "cotrained":
@@ -257,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every process")
+    parser.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                        help="the base's: dense (fp32 on CPU, bf16 on CUDA) or NF4 (bitsandbytes), as jobs load it")
     parser.add_argument("--sides", nargs="+", choices=["cotrained", "concurrent", "sequential"],
                         default=["cotrained", "concurrent", "sequential"])
     args = parser.parse_args(argv)
@@ -273,9 +280,11 @@ def main(argv: list[str] | None = None) -> None:
         jobs = write_jobs(Path(tmp))
         print(f"base: hidden {args.hidden}, {args.layers} layers, {heads} heads, vocab {args.vocab}; 4 jobs, LoRA r "
               f"{'/'.join(map(str, RANKS))} on {len(TARGETS)} projections, {args.batch} rows of {args.seq} tokens "
-              f"per job per step, {args.steps} steps; {args.device}, {args.threads} torch thread(s) per process")
+              f"per job per step, {args.steps} steps; {args.device}, {args.threads} torch thread(s) per process, "
+              f"base {'NF4' if args.quantization == 'nf4' else 'dense'}")
         figures = run_sides(model, jobs, seq=args.seq, batch=args.batch, steps=args.steps, device=args.device,
-                            threads=args.threads, sides=tuple(args.sides))
+                            threads=args.threads, quantization=None if args.quantization == "none" else "nf4",
+                            sides=tuple(args.sides))
         report(figures, cuda=args.device == "cuda")
 
 

@@ -28,9 +28,9 @@ torch.cuda.synchronize() at each step's end):
   peak mem   torch.cuda.max_memory_allocated() of the side's process (rank 0 under DDP)
 DDP scaling: ours in bf16 on 2 GPUs (torchrun, one rank per GPU, --batch rows per rank) vs 1 GPU,
 tokens/s ratio; skipped with a message where fewer than 2 GPUs are visible.
-Co-training (bench/cotrain.py, on the same base, bf16): 4 jobs with LoRA r 8/16/16/32 on their own
-data, --cotrain-batch rows of --seq tokens each per step, --cotrain-steps steps: one process co-training
-them (workers.cotrain.train_group) vs 4 processes sharing the GPU at once vs 4 one after another;
+Co-training (bench/cotrain.py, on the same base, in each of --precisions): 4 jobs with LoRA r 8/16/16/32
+on their own data, --cotrain-batch rows of --seq tokens each per step, --cotrain-steps steps: one process
+co-training them (workers.cotrain.train_group) vs 4 processes sharing the GPU at once vs 4 one after another;
 tokens/s and the sum of the processes' torch.cuda.max_memory_allocated(). --cotrain-steps 0 skips it.
 --cpu-smoke runs the same plumbing on CPU with a tiny model to check the script itself (figures meaningless).
 """
@@ -191,12 +191,14 @@ def main(argv: list[str] | None = None) -> None:
                 ratio = r["tokens_per_wall_s"] / single_gpu_ours["tokens_per_wall_s"]
                 print(f"DDP scaling 2 GPU / 1 GPU: {ratio:.2f}x (ideal 2.00)")
         if args.cotrain_steps:
-            print(f"co-training: 4 jobs, LoRA r 8/16/16/32, {args.cotrain_batch} rows of {args.seq} tokens per job "
-                  f"per step, {args.cotrain_steps} steps (the first not timed), bf16:", flush=True)
             jobs = write_cotrain_jobs(Path(tmp) / "cotrain", scale=scale)
-            figures = run_cotrain_sides(model, jobs, seq=args.seq, batch=args.cotrain_batch, steps=args.cotrain_steps,
-                                        device=device, threads=4)
-            report_cotrain(figures, cuda=not args.cpu_smoke)
+            for precision in args.precisions:  # nf4: the catalog's default; its dequantization is shared in a group
+                print(f"co-training: 4 jobs, LoRA r 8/16/16/32, {args.cotrain_batch} rows of {args.seq} tokens per "
+                      f"job per step, {args.cotrain_steps} steps (the first not timed), {precision}:", flush=True)
+                figures = run_cotrain_sides(model, jobs, seq=args.seq, batch=args.cotrain_batch,
+                                            steps=args.cotrain_steps, device=device, threads=4,
+                                            quantization="nf4" if precision == "nf4" else None)
+                report_cotrain(figures, cuda=not args.cpu_smoke)
         if not math.isfinite(flops_token):
             raise SystemExit("FLOP count failed")
 
