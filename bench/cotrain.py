@@ -1,7 +1,8 @@
 """Co-training 4 jobs on one base vs the same 4 jobs as concurrent processes vs one after another.
 
 Usage: .venv/bin/python bench/cotrain.py [--steps 6] [--seq 256] [--batch 2] [--hidden 512] [--layers 6]
-                                         [--device cpu|cuda] [--threads 1] [--quantization none|nf4]
+                                         [--device cpu|cuda] [--threads 1] [--group-threads N]
+                                         [--quantization none|nf4]
 
 The 4 jobs are 4 tenants' fine-tunes of one base: LoRA ranks 8, 16, 16, 32 (alpha 2r) on every attention
 and MLP projection, each on its own chat data (bench/sides.py write_chat_data, different seeds), the same
@@ -11,7 +12,8 @@ SwiGLU 1376, vocab 32 000 (the base's matmuls dominate the step, as in a real mo
 bf16 (autocast) on CUDA; --quantization nf4 loads it in NF4, the catalog's default (bitsandbytes
 dequantizes a weight at each use, forward and backward: once for the group's tokens, not per job). Three sides,
 each in fresh processes of --threads torch threads (default 1: on a loaded machine a second thread
-mostly spins waiting for the first, which inflates both clocks):
+mostly spins waiting for the first, which inflates both clocks; --group-threads gives the co-trained
+process its own count, e.g. the machine's cores, which the 4 concurrent processes share):
   cotrained   one process: workers.cotrain.train_group over the 4 jobs (one copy of the base)
   concurrent  4 processes at once, workers.loop.train one job each; they wait for each other at the end
               of their first step (a file barrier), so the timed steps overlap
@@ -192,7 +194,7 @@ def _result(proc: subprocess.Popen, what: str) -> dict:
 
 
 def run_sides(model: Path, jobs: list[Job], *, seq: int, batch: int, steps: int, device: str, threads: int,
-              quantization: str | None = None,
+              quantization: str | None = None, group_threads: int | None = None,
               sides: tuple[str, ...] = ("cotrained", "concurrent", "sequential")) -> dict[str, dict]:
     """Each side's figures: tokens_per_s, tokens_per_cpu_s, peak_mib, runtime_mib (the part above the baseline)."""
     common = dict(model=str(model), seq=seq, batch=batch, steps=steps, device=device, threads=threads,
@@ -200,7 +202,8 @@ def run_sides(model: Path, jobs: list[Job], *, seq: int, batch: int, steps: int,
     figures = {}
     for side in sides:
         if side == "cotrained":
-            runs = [_result(_start(Child(mode="group", jobs=jobs, **common)), "the co-trained group")]
+            group = {**common, "threads": group_threads or threads}
+            runs = [_result(_start(Child(mode="group", jobs=jobs, **group)), "the co-trained group")]
             span = runs[0]["end_wall"] - runs[0]["start_wall"]
             peak = runs[0]["peak_mib"]
             above = peak - runs[0]["baseline_mib"]
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every process")
+    parser.add_argument("--group-threads", type=int, help="torch threads of the co-trained process (default --threads)")
     parser.add_argument("--quantization", choices=["none", "nf4"], default="none",
                         help="the base's: dense (fp32 on CPU, bf16 on CUDA) or NF4 (bitsandbytes), as jobs load it")
     parser.add_argument("--sides", nargs="+", choices=["cotrained", "concurrent", "sequential"],
@@ -280,10 +284,12 @@ def main(argv: list[str] | None = None) -> None:
         jobs = write_jobs(Path(tmp))
         print(f"base: hidden {args.hidden}, {args.layers} layers, {heads} heads, vocab {args.vocab}; 4 jobs, LoRA r "
               f"{'/'.join(map(str, RANKS))} on {len(TARGETS)} projections, {args.batch} rows of {args.seq} tokens "
-              f"per job per step, {args.steps} steps; {args.device}, {args.threads} torch thread(s) per process, "
+              f"per job per step, {args.steps} steps; {args.device}, {args.threads} torch thread(s) per process "
+              f"({args.group_threads or args.threads} co-trained), "
               f"base {'NF4' if args.quantization == 'nf4' else 'dense'}")
         figures = run_sides(model, jobs, seq=args.seq, batch=args.batch, steps=args.steps, device=args.device,
                             threads=args.threads, quantization=None if args.quantization == "none" else "nf4",
+                            group_threads=args.group_threads,
                             sides=tuple(args.sides))
         report(figures, cuda=args.device == "cuda")
 
