@@ -30,8 +30,9 @@ def test_a_group_on_a_borrowed_gpu_is_preempted_whole_and_its_members_resume_fro
     assert dispatcher.admit() == 0  # the owner reclaims its GPU: the whole group is asked to stop
     checkpoints = {}
     for job_id in members:
-        wait_for(lambda j=job_id: setup.jobs.load_job(j).status == JobStatus.QUEUED,
-                 f"preempted member {job_id} to be requeued", timeout_s=60)
+        # finish_job writes the status, then the event (fleet.leases): wait for both
+        wait_for(lambda j=job_id: setup.jobs.load_job(j).status == JobStatus.QUEUED
+                 and PREEMPTED_MESSAGE in setup.messages(j), f"preempted member {job_id} to be requeued", timeout_s=60)
         checkpoints[job_id] = setup.jobs.latest_checkpoint(job_id)
         assert checkpoints[job_id] is not None and checkpoints[job_id].step < 10, checkpoints[job_id]  # saved now
         messages = setup.messages(job_id)
