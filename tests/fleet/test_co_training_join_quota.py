@@ -18,6 +18,18 @@ from tests.fleet.test_co_training_sched import _held, _join_all, _lead, _submit
 S = 1000  # ms
 
 
+def t_beside_x_and_y(c: Cluster) -> tuple[str, str, str, str]:
+    """x's job leads a group that t's first job joins, then y's (on another base) one that t's second
+    joins: t holds half a GPU in each. Returns (x's job, t's first, y's job, t's second)."""
+    x_job = _submit(c, "x")
+    t_first = _submit(c, "t")
+    assert _lead(c) == x_job and _join_all(c, x_job, max_members=2) == [t_first]
+    y_job = _submit(c, "y", base="other", at=1 * S)
+    t_second = _submit(c, "t", base="other", at=1 * S)
+    assert _lead(c, at=2 * S) == y_job and _join_all(c, y_job, max_members=2, at=2 * S) == [t_second]
+    return x_job, t_first, y_job, t_second
+
+
 def test_a_tenants_shares_never_grow_past_its_borrowing_limit_when_the_others_leave(r):
     """t's quota is 1 GPU (nominal 1, no borrowing). Its job in a group with x's holds 0.5 now and 1 once x
     leaves, so a member in y's group (0.5 now) would take it to 2: that one may not join."""
@@ -44,12 +56,7 @@ def test_admission_counts_what_a_tenants_co_trained_shares_may_grow_back_to(r):
     all, 2 once the others leave): a job of its own on one more GPU would take it to 3, so it waits, even
     with GPUs free, until a group's end gives the room back."""
     c = Cluster(r, 4, t=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=2))
-    x_job = _submit(c, "x")
-    t_first = _submit(c, "t")
-    assert _lead(c) == x_job and _join_all(c, x_job, max_members=2) == [t_first]
-    y_job = _submit(c, "y", base="other", at=1 * S)
-    t_second = _submit(c, "t", base="other", at=1 * S)
-    assert _lead(c, at=2 * S) == y_job and _join_all(c, y_job, max_members=2, at=2 * S) == [t_second]
+    x_job, t_first, y_job, t_second = t_beside_x_and_y(c)
     assert _held(c) == {"t": 1, "x": 0.5, "y": 0.5}
     t_alone = _submit(c, "t", co_training=False, at=3 * S)
     assert c.admit(at=4 * S) == []  # 2 GPUs free, but t's shares may grow back to its whole limit

@@ -18,6 +18,7 @@ from fleet.resources import Resources
 from fleet.scheduler_state import GroupState, read_state
 from fleet.scheduler_view import cluster_view, estimate_queue
 from tests.fleet.sched_harness import Cluster
+from tests.fleet.test_co_training_join_quota import t_beside_x_and_y
 from tests.fleet.test_co_training_sched import _join_all, _lead, _submit
 
 S = 1000  # ms
@@ -171,12 +172,7 @@ def test_admission_in_the_replay_counts_what_co_trained_shares_may_grow_back_to_
     2 once the others leave. Its job of its own waits with 2 GPUs free, as ADMIT holds it back; the replay
     starts z's job first and t's once a group ends, and the view names the growth as the reason."""
     c = Cluster(r, 4, t=TenantQuota(nominal_gpus=0, borrowing_limit_gpus=2))
-    x_job = _submit(c, "x")
-    t_first = _submit(c, "t")
-    assert _lead(c) == x_job and _join_all(c, x_job, max_members=2) == [t_first]
-    y_job = _submit(c, "y", base="other", at=1 * S)
-    t_second = _submit(c, "t", base="other", at=1 * S)
-    assert _lead(c, at=2 * S) == y_job and _join_all(c, y_job, max_members=2, at=2 * S) == [t_second]
+    x_job, t_first, y_job, t_second = t_beside_x_and_y(c)
     t_alone = _submit(c, "t", co_training=False, at=3 * S)
     z_job = _submit(c, "z", co_training=False, at=4 * S)  # queued after t's: goes first all the same
     est = estimate_queue(r, [t_alone, z_job], now_ms=5 * S)

@@ -49,6 +49,19 @@ def _assert_same_metrics(got: ListReporter, want: ListReporter) -> None:
                 assert math.isclose(value, expected[key], rel_tol=1e-4, abs_tol=1e-5), (step, key, value, expected[key])
 
 
+def _alone_then_group(specs: dict[str, TrainingSpec], tmp_path: Path, group_runtime: Runtime):
+    """Each job trained alone (the default runtime), then all of them co-trained under `group_runtime`:
+    ({name: (lone result, its events)}, {name: group events}, {name: group outcome})."""
+    alone = {}
+    for name, spec in specs.items():
+        reporter = ListReporter()
+        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter), reporter)
+    reporters = {name: ListReporter() for name in specs}
+    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
+                            for name, spec in specs.items()], runtime=group_runtime)
+    return alone, reporters, outcomes
+
+
 def _warnings(reporter: ListReporter) -> list[str]:
     return [message for level, message in reporter.logs if level == "warning"]
 
@@ -108,13 +121,7 @@ def test_members_at_one_sequence_that_do_not_fit_together_train_in_passes_of_the
     specs = {name: _spec(tiny_model_dir, tmp_path / "data", name, seed=seed, max_seq_len=64, batch_size=1,
                          accumulation=2)
              for name, seed in (("a", 4), ("b", 5))}
-    alone = {}
-    for name, spec in specs.items():
-        reporter = ListReporter()
-        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter), reporter)
-    reporters = {name: ListReporter() for name in specs}
-    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
-                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=100))
+    alone, reporters, outcomes = _alone_then_group(specs, tmp_path, Runtime(max_micro_batch_tokens=100))
 
     for name, (want, want_events) in alone.items():
         got = outcomes[name]
@@ -187,14 +194,8 @@ def test_auto_micro_batches_share_the_pass_instead_of_each_planning_the_whole_de
     off). The steps' rows are those of alone: without dropout, the same adapters and metrics."""
     specs = {name: _auto_spec(tiny_model_dir, tmp_path / "data", name, seed=seed, steps=3)
              for name, seed in (("a", 21), ("b", 22), ("c", 23))}
-    alone = {}
-    for name, spec in specs.items():
-        reporter = ListReporter()
-        alone[name] = (train(spec, output_dir=tmp_path / "alone" / name, reporter=reporter), reporter)
-        assert _split(alone[name][0]) == (4, 1)
-    reporters = {name: ListReporter() for name in specs}
-    outcomes = train_group([GroupMember(name, spec, tmp_path / "group" / name, reporters[name])
-                            for name, spec in specs.items()], runtime=Runtime(max_micro_batch_tokens=384))
+    alone, reporters, outcomes = _alone_then_group(specs, tmp_path, Runtime(max_micro_batch_tokens=384))
+    assert all(_split(result) == (4, 1) for result, _ in alone.values())
 
     for name, (want, want_events) in alone.items():
         got = outcomes[name]
