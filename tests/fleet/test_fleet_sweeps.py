@@ -203,16 +203,22 @@ def test_cancelling_the_parent_cancels_its_children_and_publishes_nothing(s: Swe
     assert [c.status for c in parent.rank_sweep.children] == [JobStatus.CANCELLED] * 3
 
 
-def test_a_finisher_that_died_is_taken_over_once_its_claim_expires(r: redis.Redis, tmp_path: Path):
-    s = Sweeps(r, tmp_path, finish_lease_ms=300)
+def _finished_children_and_a_dead_finisher(s: Sweeps) -> tuple[str, dict[int, str], list]:
+    """A sweep of ranks 4 and 8 whose children both succeeded, and whose finish a finisher claimed (token
+    "deadbeef", 300 ms) before dying without publishing anything: (parent id, children by rank, the claim's reply)."""
     parent_id, children = s.create([4, 8])
     claims = s.claim_all()
     s.succeed(claims[children[4]], val_loss=1.0)
     s.succeed(claims[children[8]], val_loss=2.0)
-    # A finisher claims the finish, then dies before publishing anything.
     reply = s.sweeps._claim(keys=[keys.sweep(parent_id), keys.job(parent_id),
                                   *[keys.job(c) for c in children.values()]], args=["deadbeef", 300])
     assert reply[0] == "finish"
+    return parent_id, children, reply
+
+
+def test_a_finisher_that_died_is_taken_over_once_its_claim_expires(r: redis.Redis, tmp_path: Path):
+    s = Sweeps(r, tmp_path, finish_lease_ms=300)
+    parent_id, children, reply = _finished_children_and_a_dead_finisher(s)
     dead = Fence(parent_id, int(reply[1]), "deadbeef")
     assert s.sweeps.finish_if_done(parent_id) is None  # its claim still holds
     time.sleep(0.4)
@@ -379,13 +385,7 @@ def test_a_finisher_publishing_for_longer_than_its_lease_keeps_it_and_publishes_
 
 def test_a_dead_finisher_is_taken_over_by_the_next_maintenance_tick_after_its_lease(r: redis.Redis, tmp_path: Path):
     s = Sweeps(r, tmp_path, finish_lease_ms=300)
-    parent_id, children = s.create([4, 8])
-    claims = s.claim_all()
-    s.succeed(claims[children[4]], val_loss=1.0)
-    s.succeed(claims[children[8]], val_loss=2.0)
-    reply = s.sweeps._claim(keys=[keys.sweep(parent_id), keys.job(parent_id),
-                                  *[keys.job(c) for c in children.values()]], args=["deadbeef", 300])
-    assert reply[0] == "finish"  # ... and its process dies
+    parent_id, children, reply = _finished_children_and_a_dead_finisher(s)
     assert s.sweeps.finish_handed_over() == []  # its claim still holds
     time.sleep(0.4)
     assert s.sweeps.finish_handed_over() == [parent_id]  # no housekeeping round needed
