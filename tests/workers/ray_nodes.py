@@ -7,6 +7,7 @@ so no cluster file is left under /tmp/ray, and `stop()` kills every process the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,9 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import free_port, wait_for_port
+
+_START_ATTEMPTS = 3
+_REGISTRATION_TIMED_OUT = "timed out during startup"  # ray start's words when its raylet missed the GCS
 
 
 def _ray_cli() -> str:
@@ -68,14 +72,28 @@ class RayCluster:
     nodes: list[RayNode] = field(default_factory=list)
 
     def add_node(self, name: str, *, gpus: int, cpus: int = 1) -> RayNode:
-        """Start a worker node declaring `gpus` logical GPUs; returns once `ray start` has joined it."""
-        proc = _start(["--address", self.address, f"--num-cpus={cpus}", f"--num-gpus={gpus}",
-                       f"--dashboard-agent-listen-port={free_port()}",
-                       f"--temp-dir={self.temp_dir}"], self.env, self.temp_dir / f"{name}.log")
-        node = RayNode(name, gpus, proc)
-        self.nodes.append(node)
-        _wait_until_joined(node, self.temp_dir / f"{name}.log")
-        return node
+        """Start a worker node declaring `gpus` logical GPUs; returns once `ray start` has joined it.
+
+        `ray start` gives a raylet 30 s (fixed in ray._private.node) to register with the GCS; on a
+        loaded CI machine it can miss that, and exits: what it started is killed and it starts again,
+        up to _START_ATTEMPTS times."""
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            log_path = self.temp_dir / (f"{name}.log" if attempt == 1 else f"{name}-attempt{attempt}.log")
+            proc = _start(["--address", self.address, f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+                           f"--dashboard-agent-listen-port={free_port()}",
+                           f"--temp-dir={self.temp_dir}"], self.env, log_path)
+            node = RayNode(name, gpus, proc)
+            try:
+                _wait_until_joined(node, log_path)
+            except RuntimeError as e:
+                if attempt == _START_ATTEMPTS or _REGISTRATION_TIMED_OUT not in str(e):
+                    raise
+                with contextlib.suppress(ProcessLookupError):  # its raylet, if it outlived `ray start`
+                    os.killpg(proc.pid, signal.SIGKILL)
+                continue
+            self.nodes.append(node)
+            return node
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
